@@ -84,6 +84,7 @@ def unpack(buffer: Tensor, spec: WireSpec) -> list[Tensor]:
     offset = 0
     for shape, dtype in spec:
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out.append(buffer[offset : offset + size].view(dtype).view(shape))
+        # clone: a byte slice at an unaligned offset cannot be re-viewed as a wider dtype
+        out.append(buffer[offset : offset + size].clone().view(dtype).view(shape))
         offset += size
     return out

@@ -1,0 +1,111 @@
+"""Typed, frozen model configurations and the registry of named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+Family = Literal["vit", "bert", "gpt2"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one reference model. Sizes are counts; eps is LayerNorm's epsilon."""
+
+    name: str
+    family: Family
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    layer_norm_eps: float = 1e-12
+    hidden_act: Literal["gelu", "gelu_new", "gelu_tanh"] = "gelu"
+    # --- ViT ---
+    image_size: int = 224
+    """Native input side in pixels; other sides interpolate the position embeddings (must divide by patch)."""
+    patch_size: int = 16
+    num_channels: int = 3
+    layerscale: bool = False
+    """DINOv2-style per-channel scaling of each residual branch."""
+    position_grid: int = 0
+    """Side of the stored position-embedding grid (0 = image_size // patch_size)."""
+    # --- text ---
+    vocab_size: int = 0
+    max_positions: int = 0
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid(self) -> int:
+        return self.position_grid or self.image_size // self.patch_size
+
+    def num_tokens(self, image_size: int | None = None, seq_len: int | None = None) -> int:
+        """Tokens one request row carries: patches + [CLS] for ViT, the sequence length for text."""
+        if self.family == "vit":
+            side = (image_size or self.image_size) // self.patch_size
+            return side * side + 1
+        if seq_len is None:
+            raise ValueError(f"{self.name} is a text model: give seq_len")
+        return seq_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Stable short hash of the architecture (the name excluded), recorded in profiles."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "name"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+_PRESETS: dict[str, ModelConfig] = {}
+
+
+def register(config: ModelConfig) -> ModelConfig:
+    _PRESETS[config.name] = config
+    return config
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_PRESETS))}") from None
+
+
+def list_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+# Tiny configurations for tests: random weights, seconds to run.
+register(ModelConfig("vit-tiny-test", "vit", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                     layer_norm_eps=1e-12, image_size=32, patch_size=8))
+register(ModelConfig("dinov2-tiny-test", "vit", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                     layer_norm_eps=1e-6, image_size=28, patch_size=7, layerscale=True, position_grid=6))
+register(ModelConfig("bert-tiny-test", "bert", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                     vocab_size=1000, max_positions=128))
+register(ModelConfig("gpt2-tiny-test", "gpt2", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                     layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=1000, max_positions=128))
+# Real sizes (Dosovitskiy et al. 2021; Devlin et al. 2019; Radford et al. 2019; Wang et al. 2020; Oquab et al. 2023).
+register(ModelConfig("vit-base-patch16-224", "vit", hidden_size=768, num_layers=12, num_heads=12,
+                     intermediate_size=3072, layer_norm_eps=1e-12))
+register(ModelConfig("vit-small-patch16-224", "vit", hidden_size=384, num_layers=12, num_heads=6,
+                     intermediate_size=1536, layer_norm_eps=1e-6))
+register(ModelConfig("dinov2-s14", "vit", hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536,
+                     layer_norm_eps=1e-6, image_size=224, patch_size=14, layerscale=True, position_grid=37))
+register(ModelConfig("bert-base", "bert", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                     vocab_size=30522, max_positions=512))
+register(ModelConfig("minilm-l6", "bert", hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
+                     vocab_size=30522, max_positions=512))
+register(ModelConfig("gpt2-124m", "gpt2", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                     layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=50257, max_positions=1024))
