@@ -72,6 +72,13 @@ class IdentityCodec:
     def nbytes(self, batch: int, num_tokens: int, hidden_size: int) -> int:
         return spec_nbytes(self.wire_spec(batch, num_tokens, hidden_size))
 
+    def num_vectors(self, num_tokens: int) -> int:
+        """Vectors a receiver attends to for a sender of `num_tokens` tokens: all of them."""
+        return num_tokens
+
+    def __str__(self) -> str:
+        return self.name
+
 
 def pack(wire: list[Tensor]) -> Tensor:
     """Concatenate wire tensors into one flat uint8 tensor (one collective per exchange)."""

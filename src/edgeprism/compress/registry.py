@@ -1,0 +1,179 @@
+"""Codec names: parse "sm4a+int8" into a codec, list the standard family, fingerprint settings.
+
+Grammar (case-insensitive, surrounding spaces ignored)::
+
+    codec   := format | sm | sm "+" format
+    sm      := "sm" N [ "a" [K] ]     N >= 1 tokens per segment; "a": exact anchors, K >= 1 slots
+                                      per row (default 2, DEFAULT_MAX_ANCHORS)
+    format  := fp32 | fp16 | bf16     float wire
+             | int8 | int8c           int8, one scale per token | per channel (fp16 scales)
+             | int4 | int4g<G>        int4 in groups of 32 | G channels (fp16 scales)
+             each int format takes a suffix "s32" for float32 scales (int8s32, int4g64s32)
+
+`fp32`/`fp16`/`bf16` alone are `IdentityCodec`; `sm1` decodes to the same values as `fp32`.
+Segment Means comes first: its means are what the format then quantises; counts stay exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from edgeprism.compress.base import Codec, IdentityCodec
+from edgeprism.compress.codecs import DEFAULT_MAX_ANCHORS, QuantizedCodec, SegmentMeansCodec
+from edgeprism.compress.formats import (FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat,
+                                        ValueFormat)
+
+FINGERPRINT_VERSION = 1
+"""Bumped whenever a codec's wire layout changes, so ranks on different versions refuse each other."""
+
+_STANDARD = ("fp32", "fp16", "bf16", "int8", "int8c", "int4",
+             "sm2", "sm4", "sm8", "sm16", "sm2a", "sm4a", "sm8a", "sm16a",
+             "sm4+fp16", "sm4+int8", "sm8+fp16", "sm8+int8", "sm2a+int8", "sm4a+int8", "sm8a+int8")
+
+_SM = re.compile(r"sm(?P<ratio>[^a+]*)(?P<anchor>a(?P<slots>.*))?")
+_INT_FORMAT = re.compile(r"(?P<kind>int8c|int8|int4)(?:g(?P<group>\d+))?(?P<s32>s32)?")
+_GRAMMAR_HINT = "write [smN[a[K]]+]FORMAT, e.g. fp16, int8, sm4, sm4a, sm4+int8"
+
+
+def list_codecs() -> list[str]:
+    """Names of the standard codec family (what profiling measures unless told otherwise)."""
+    return list(_STANDARD)
+
+
+def list_formats() -> list[str]:
+    return ["fp32", "fp16", "bf16", "int8", "int8c", "int4"]
+
+
+def _parse_positive_int(text: str, what: str, name: str) -> int:
+    if not re.fullmatch(r"\d+", text):
+        raise ValueError(f"codec {name!r}: {what} {text!r} is not a whole number >= 1; {_GRAMMAR_HINT}")
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"codec {name!r}: {what} {value} must be >= 1; {_GRAMMAR_HINT}")
+    return value
+
+
+def _parse_sm(part: str, name: str) -> tuple[int, int] | None:
+    """"sm4a2" -> (ratio 4, anchors 2); None when `part` is not a Segment Means term."""
+    match = _SM.fullmatch(part)
+    if match is None:
+        return None
+    if match["ratio"] == "":
+        raise ValueError(f"codec {name!r}: Segment Means needs a ratio, e.g. sm4")
+    ratio = _parse_positive_int(match["ratio"], "Segment Means ratio", name)
+    if match["anchor"] is None:
+        return ratio, 0
+    if match["slots"] == "":
+        return ratio, DEFAULT_MAX_ANCHORS
+    return ratio, _parse_positive_int(match["slots"], "anchor slot count", name)
+
+
+def _parse_format(part: str, name: str) -> ValueFormat | None:
+    floats = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if part in floats:
+        return FloatFormat(floats[part])
+    match = _INT_FORMAT.fullmatch(part)
+    if match is None:
+        return None
+    scale_dtype = torch.float32 if match["s32"] else torch.float16
+    if match["group"] is not None:
+        if match["kind"] != "int4":
+            raise ValueError(f"codec {name!r}: only int4 takes a group size (int4g64); {match['kind']} has none")
+        return Int4GroupFormat(_parse_positive_int(match["group"], "int4 group size", name), scale_dtype)
+    if match["kind"] == "int4":
+        return Int4GroupFormat(32, scale_dtype)
+    if match["kind"] == "int8c":
+        return Int8ChannelFormat(scale_dtype)
+    return Int8TokenFormat(scale_dtype)
+
+
+def get_codec(name: str) -> Codec:
+    """Parse a codec name (see the module grammar). Raises ValueError naming the problem and the fix."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"codec name {name!r} is empty; {_GRAMMAR_HINT}")
+    text = name.strip().lower()
+    parts = text.split("+")
+    if len(parts) > 2:
+        raise ValueError(f"codec {name!r} has {len(parts)} stages; at most two: Segment Means then one format, "
+                         f"e.g. sm4+int8")
+    if any(not p for p in parts):
+        raise ValueError(f"codec {name!r} has an empty stage around '+'; {_GRAMMAR_HINT}")
+    kinds = [("sm", _parse_sm(p, name)) if p.startswith("sm") else ("format", _parse_format(p, name)) for p in parts]
+    for part, (kind, parsed) in zip(parts, kinds):
+        if parsed is None:
+            raise ValueError(f"unknown codec stage {part!r} in {name!r}; formats: {', '.join(list_formats())}; "
+                             f"Segment Means: smN or smNa[K]; {_GRAMMAR_HINT}")
+
+    if len(kinds) == 1:
+        kind, parsed = kinds[0]
+        if kind == "sm":
+            ratio, slots = parsed
+            return SegmentMeansCodec(ratio=ratio, max_anchors=slots)
+        if isinstance(parsed, FloatFormat):
+            return IdentityCodec(parsed.dtype)
+        return QuantizedCodec(parsed)
+
+    (first_kind, first), (second_kind, second) = kinds
+    if first_kind == "format" and second_kind == "sm":
+        raise ValueError(f"codec {name!r}: Segment Means must come first (it averages, then the format "
+                         f"quantises the means); write {parts[1]}+{parts[0]!s}")
+    if first_kind == "format":
+        raise ValueError(f"codec {name!r} chains two formats ({parts[0]}, {parts[1]}); choose one, "
+                         f"optionally after Segment Means, e.g. sm4+{parts[1]}")
+    if second_kind == "sm":
+        raise ValueError(f"codec {name!r} has two Segment Means stages; use one with the product ratio, "
+                         f"e.g. sm{first[0] * second[0]}")
+    ratio, slots = first
+    return SegmentMeansCodec(ratio=ratio, max_anchors=slots, values=second)
+
+
+def parse_codec_list(text: str) -> list[Codec]:
+    """"fp16,int8,sm4" -> codecs in that order. Duplicates (same canonical name) are an error."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"codec list {text!r} is empty; give comma-separated names, e.g. fp16,int8,sm4")
+    codecs: list[Codec] = []
+    seen: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            raise ValueError(f"codec list {text!r} has an empty entry; remove the extra comma")
+        codec = get_codec(item)
+        if codec.name in seen:
+            raise ValueError(f"codec list {text!r} names {codec.name} twice ({seen[codec.name]!r} and "
+                             f"{item.strip()!r}); list each once")
+        seen[codec.name] = item.strip()
+        codecs.append(codec)
+    return codecs
+
+
+def _settings(value: object) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        inner = ",".join(f"{f.name}={_settings(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return f"{type(value).__name__}({inner})"
+    return repr(value)
+
+
+def codec_fingerprint(codec: Codec) -> str:
+    """Stable string of every setting of a codec (class names, fields, dtypes) plus the wire version.
+
+    Ranks compare fingerprints at start-up; equal fingerprints mean equal wire layouts.
+    e.g. "edgeprism-codec/1:SegmentMeansCodec(ratio=4,max_anchors=2,values=Int8TokenFormat(scale_dtype=float16))".
+    """
+    return f"edgeprism-codec/{FINGERPRINT_VERSION}:{_settings(codec)}"
+
+
+def traffic_ratio(codec: Codec, batch: int, num_tokens: int, hidden_size: int) -> float:
+    """Bytes of `codec`'s message / bytes of the fp32 identity message (same shapes); 1/x is the compression ratio."""
+    return codec.nbytes(batch, num_tokens, hidden_size) / IdentityCodec(torch.float32).nbytes(batch, num_tokens, hidden_size)
+
+
+def num_vectors(codec: Codec, num_tokens: int) -> int:
+    """Vectors a receiver attends to (K/V rows it computes) for a sender holding `num_tokens` tokens."""
+    method = getattr(codec, "num_vectors", None)
+    if method is None:
+        raise ValueError(f"codec {codec} does not say how many vectors it sends; add num_vectors(num_tokens)")
+    return int(method(num_tokens))
