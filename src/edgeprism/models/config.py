@@ -32,6 +32,8 @@ class ModelConfig:
     """DINOv2-style per-channel scaling of each residual branch."""
     position_grid: int = 0
     """Side of the stored position-embedding grid (0 = image_size // patch_size)."""
+    pooler: Literal["dense_tanh", "cls", "none"] = "dense_tanh"
+    """ViT/BERT pooled output: tanh(dense([CLS])) as in ViTModel/BertModel, or [CLS] itself (DINOv2)."""
     # --- text ---
     vocab_size: int = 0
     max_positions: int = 0
@@ -91,21 +93,24 @@ def list_presets() -> list[str]:
 register(ModelConfig("vit-tiny-test", "vit", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                      layer_norm_eps=1e-12, image_size=32, patch_size=8))
 register(ModelConfig("dinov2-tiny-test", "vit", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
-                     layer_norm_eps=1e-6, image_size=28, patch_size=7, layerscale=True, position_grid=6))
+                     layer_norm_eps=1e-6, image_size=28, patch_size=7, layerscale=True, position_grid=6,
+                     pooler="cls"))
 register(ModelConfig("bert-tiny-test", "bert", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                      vocab_size=1000, max_positions=128))
 register(ModelConfig("gpt2-tiny-test", "gpt2", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
-                     layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=1000, max_positions=128))
+                     layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=1000, max_positions=128, pooler="none"))
 # Real sizes (Dosovitskiy et al. 2021; Devlin et al. 2019; Radford et al. 2019; Wang et al. 2020; Oquab et al. 2023).
 register(ModelConfig("vit-base-patch16-224", "vit", hidden_size=768, num_layers=12, num_heads=12,
                      intermediate_size=3072, layer_norm_eps=1e-12))
 register(ModelConfig("vit-small-patch16-224", "vit", hidden_size=384, num_layers=12, num_heads=6,
                      intermediate_size=1536, layer_norm_eps=1e-6))
 register(ModelConfig("dinov2-s14", "vit", hidden_size=384, num_layers=12, num_heads=6, intermediate_size=1536,
-                     layer_norm_eps=1e-6, image_size=224, patch_size=14, layerscale=True, position_grid=37))
+                     layer_norm_eps=1e-6, image_size=224, patch_size=14, layerscale=True, position_grid=37,
+                     pooler="cls"))
 register(ModelConfig("bert-base", "bert", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                      vocab_size=30522, max_positions=512))
 register(ModelConfig("minilm-l6", "bert", hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
                      vocab_size=30522, max_positions=512))
 register(ModelConfig("gpt2-124m", "gpt2", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-                     layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=50257, max_positions=1024))
+                     layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=50257, max_positions=1024,
+                     pooler="none"))

@@ -1,0 +1,47 @@
+"""Reference GPT-2: token + position embeddings, causal pre-LN blocks, final LayerNorm, tied LM head."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+import torch
+
+from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.models.bert import validate_text
+from edgeprism.models.common import PreNormBlock
+from edgeprism.models.config import ModelConfig
+
+
+class GPT2(ReferenceModel):
+    causal = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, d)
+        self.wpe = nn.Embedding(config.max_positions, d)
+        self.blocks = nn.ModuleList(PreNormBlock(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+    def validate_input(self, inputs: Inputs) -> int:
+        return validate_text(self.config, inputs, {"input_ids", "attention_mask"})
+
+    def split_input(self, inputs: Inputs, token_start: int, token_end: int) -> Inputs:
+        part = {"input_ids": inputs["input_ids"][:, token_start:token_end].contiguous()}
+        if "attention_mask" in inputs:
+            part["attention_mask"] = inputs["attention_mask"][:, token_start:token_end].contiguous()
+        return part
+
+    def embed(self, part: Inputs, token_start: int, token_end: int) -> Tensor:
+        ids = part["input_ids"]
+        positions = torch.arange(token_start, token_end, device=ids.device)
+        return self.wte(ids) + self.wpe(positions)  # (B, n_own, d)
+
+    def finish(self, hidden: Tensor) -> Tensor:
+        return self.norm(hidden)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return hidden @ self.wte.weight.T  # tied LM head: (..., vocab)
+
+    def head(self, last_row: Tensor) -> dict[str, Tensor]:
+        return {"last": last_row, "logits_last": self.logits(last_row)}
