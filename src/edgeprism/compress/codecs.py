@@ -148,7 +148,7 @@ class SegmentMeansCodec:
         """-> anchor vectors (B, A, d), their counts (B, A) float32, mask (B, n) of tokens taken as anchors."""
         batch, num_tokens, hidden_size = x.shape
         slots = self.max_anchors
-        if slots == 0 or anchor is None:
+        if slots == 0 or anchor is None or num_tokens == 0:
             return (x.new_zeros(batch, slots, hidden_size), x.new_zeros(batch, slots),
                     torch.zeros(batch, num_tokens, dtype=torch.bool, device=x.device))
         flagged = anchor.to(torch.bool) & valid  # (B, n)
