@@ -37,7 +37,8 @@ def test_cr1_saves_no_communication_and_matches_identity_bytes() -> None:
 def test_flop_convention_by_hand() -> None:
     d, m = 768, 3072
     own, remote = 128, 1
-    by_hand = 2 * (own * d * d + 2 * (own + remote) * d * d + 2 * own * (own + remote) * d + own * d * d + 2 * own * d * m)
+    kv = own + remote
+    by_hand = 2 * (own * d * d + 2 * kv * d * d + 2 * own * kv * d + own * d * d + 2 * own * d * m)
     assert layer_flops(BERT, own, remote) == by_hand
     assert layer_flops(BERT, own, remote, batch=3) == 3 * by_hand
     assert single_device_flops(BERT, 256) == 12 * layer_flops(BERT, 256)
@@ -64,7 +65,8 @@ def test_causal_flow_means_go_only_to_higher_ranks() -> None:
     causal = exchange_cost(GPT2, shares, "sm4", flow="to_higher_ranks")
     sm4 = get_codec("sm4")
     assert causal.message_bytes_per_rank == (sm4.nbytes(1, 100, 768), sm4.nbytes(1, 80, 768), 0)
-    assert causal.received_bytes_per_rank == (0, sm4.nbytes(1, 100, 768), sm4.nbytes(1, 100, 768) + sm4.nbytes(1, 80, 768))
+    first, second = sm4.nbytes(1, 100, 768), sm4.nbytes(1, 80, 768)
+    assert causal.received_bytes_per_rank == (0, first, first + second)
     assert causal.remote_vectors_per_rank == (0, 25, 45)
     assert gather.remote_vectors_per_rank == (50, 55, 45)
     assert causal.bytes_per_request < gather.bytes_per_request

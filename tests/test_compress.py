@@ -273,3 +273,40 @@ def test_input_shape_errors_name_the_shapes() -> None:
         SegmentMeansCodec(0)
     with pytest.raises(ValueError, match="integer >= 1"):
         SegmentMeansCodec(2.0)  # type: ignore[arg-type]
+
+
+# ---- property check: random shapes, padding and anchors (seeded, no extra dependency) --------
+
+
+@pytest.mark.parametrize("case", range(60))
+def test_segment_means_property(case: int) -> None:
+    gen = torch.Generator().manual_seed(1000 + case)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=gen))
+
+    batch, n, d, ratio, slots = draw(1, 3), draw(0, 20), draw(1, 40), draw(1, 9), draw(0, 3)
+    fmt = ["", "+fp16", "+int8", "+int8c", "+int4"][case % 5]
+    hidden = torch.randn(batch, n, d, generator=gen)
+    valid = torch.rand(batch, n, generator=gen) < 0.8
+    anchor = torch.rand(batch, n, generator=gen) < 0.2
+    codec = get_codec(f"sm{ratio}" + (f"a{slots}" if slots else "") + fmt)
+    wire = codec.encode(hidden, valid, anchor)
+    assert [(tuple(t.shape), t.dtype) for t in wire] == [(tuple(s), dt) for s, dt in codec.wire_spec(batch, n, d)]
+    assert codec.nbytes(batch, n, d) == pack(wire).numel()
+    vectors, counts = codec.decode(wire)
+    assert torch.equal(counts.sum(dim=1), valid.sum(dim=1).float())
+    exact = SegmentMeansCodec(ratio, max_anchors=slots)
+    v_exact, c_exact = exact.decode(exact.encode(hidden, valid, anchor))
+    assert torch.equal(counts, c_exact)
+    for b in range(batch):
+        flagged = [i for i in range(n) if anchor[b, i] and valid[b, i]][:slots]
+        if n:
+            ref_means, ref_counts = _reference_means(hidden[b], valid[b], ratio, taken=set(flagged))
+            assert torch.equal(c_exact[b, slots:], ref_counts)
+            torch.testing.assert_close(v_exact[b, slots:], ref_means, rtol=1e-5, atol=1e-5)
+        assert torch.equal(v_exact[b, :len(flagged)], hidden[b, flagged])
+        assert torch.all(c_exact[b, len(flagged):slots] == 0)
+    tol = {"": 0.0, "+fp16": 1e-3, "+int8": 1e-2, "+int8c": 1e-2, "+int4": 0.1}[fmt]
+    scale = v_exact.abs().amax() if v_exact.numel() else torch.tensor(0.0)
+    assert torch.all((vectors - v_exact).abs() <= tol * scale + 1e-6)

@@ -133,7 +133,8 @@ class SegmentMeansCodec:
 
         num_segments = self.num_segments(num_tokens)
         pad = num_segments * self.ratio - num_tokens
-        x_seg = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(batch, num_segments, self.ratio, hidden_size)  # (B, S, c, d)
+        x_pad = torch.nn.functional.pad(x, (0, 0, 0, pad))  # (B, S·c, d)
+        x_seg = x_pad.reshape(batch, num_segments, self.ratio, hidden_size)  # (B, S, c, d)
         w_seg = torch.nn.functional.pad(weight, (0, pad)).reshape(batch, num_segments, self.ratio, 1)  # (B, S, c, 1)
         counts = w_seg.sum(dim=(2, 3))  # (B, S)
         sums = (x_seg * w_seg).sum(dim=2)  # (B, S, d)

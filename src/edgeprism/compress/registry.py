@@ -168,7 +168,8 @@ def codec_fingerprint(codec: Codec) -> str:
 
 def traffic_ratio(codec: Codec, batch: int, num_tokens: int, hidden_size: int) -> float:
     """Bytes of `codec`'s message / bytes of the fp32 identity message (same shapes); 1/x is the compression ratio."""
-    return codec.nbytes(batch, num_tokens, hidden_size) / IdentityCodec(torch.float32).nbytes(batch, num_tokens, hidden_size)
+    fp32_nbytes = IdentityCodec(torch.float32).nbytes(batch, num_tokens, hidden_size)
+    return codec.nbytes(batch, num_tokens, hidden_size) / fp32_nbytes
 
 
 def num_vectors(codec: Codec, num_tokens: int) -> int:
