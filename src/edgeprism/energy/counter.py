@@ -62,6 +62,9 @@ class CounterMeter:
     def source(self) -> Source:
         return "metered"
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.source})"
+
     def begin_window(self, name: str) -> None:
         if name in self._book.names:
             self._book.open(name, 0.0)  # raises: already open

@@ -26,6 +26,9 @@ class FakeMeter:
     def source(self) -> Source:
         return self._source
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.source})"
+
     def begin_window(self, name: str) -> None:
         self._book.open(name, self._book.now())
 

@@ -245,6 +245,9 @@ class ModelledMeter:
     def source(self) -> Source:
         return "modelled"
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.source})"
+
     def begin_window(self, name: str) -> None:
         self._book.open(name, self._book.now(), dict.fromkeys(PHASES[:-1], 0.0))
 

@@ -71,6 +71,9 @@ class SampledMeter:
     def source(self) -> Source:
         return "metered"
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.source})"
+
     def sample(self) -> int:
         """Take one sample now; returns its index. Clock and reading happen under one lock so
         samples from the thread and from the window edges stay in time order."""

@@ -40,6 +40,9 @@ class ZeusMeter:
     def source(self) -> Source:
         return "metered"
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.source})"
+
     def begin_window(self, name: str) -> None:
         if name in self._open:
             raise ValueError(f"measurement window {name!r} is already open; end it before beginning it again")
