@@ -98,12 +98,14 @@ def test_sampled_meter_background_thread_samples_and_stops():
             enough.set()
         return {"in": 5.0}
 
-    meter = SampledMeter("t", read, ("in",), period_s=0.001)
+    syncs = []
+    meter = SampledMeter("t", read, ("in",), period_s=0.001, sync=lambda: syncs.append(1))
     meter.begin_window("w")
     assert enough.wait(timeout=30), "sampling thread took no samples"
     m = meter.end_window("w")
     assert meter._thread is None  # stopped with the last window
     assert meter.num_samples >= 4
+    assert len(syncs) == 2  # the device is synchronized at the window edges only, never by the thread
     assert m.energy_j == pytest.approx(5.0 * m.duration_s)
 
 

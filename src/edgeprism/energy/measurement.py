@@ -107,9 +107,17 @@ class WindowBook:
         self._sync = sync
         self._open: dict[str, tuple[float, object]] = {}
 
-    def now(self) -> float:
+    def sync(self) -> None:
         if self._sync is not None:
             self._sync()
+
+    def clock_s(self) -> float:
+        """The clock without synchronizing (for background samples)."""
+        return self._clock()
+
+    def now(self) -> float:
+        """Synchronize the device, then read the clock (for window edges)."""
+        self.sync()
         return self._clock()
 
     def open(self, name: str, start_s: float, state: object = None) -> None:

@@ -74,11 +74,14 @@ class SampledMeter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.source})"
 
-    def sample(self) -> int:
+    def sample(self, *, at_edge: bool = False) -> int:
         """Take one sample now; returns its index. Clock and reading happen under one lock so
-        samples from the thread and from the window edges stay in time order."""
+        samples from the thread and from the window edges stay in time order. A window edge first
+        synchronizes the device (outside the lock: it may wait); background samples never do."""
+        if at_edge:
+            self._book.sync()
         with self._lock:
-            t_s = self._book.now()
+            t_s = self._book.clock_s()
             powers_w = self._read_power_w()
             self._times_s.append(t_s)
             self._powers_w.append(powers_w)
@@ -92,14 +95,14 @@ class SampledMeter:
                 # no window open: nothing needs the old samples
                 self._times_s.clear()
                 self._powers_w.clear()
-        index = self.sample()
+        index = self.sample(at_edge=True)
         self._book.open(name, self._times_s[index], index)
         if self._background and self._thread is None:
             self._start_thread()
 
     def end_window(self, name: str) -> Measurement:
         start_s, start_index = self._book.peek(name)
-        end_index = self.sample()
+        end_index = self.sample(at_edge=True)
         self._book.close(name)
         if not self._book.names:
             self._stop_thread()
