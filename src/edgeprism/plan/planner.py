@@ -1,0 +1,206 @@
+"""The planner: for one request, run locally or distributed, over which ranks, with which codec.
+
+Pure: the decision is a function of (profile, request, live link estimate, objective, limits) only.
+
+Candidates are local, and for every group size k = 2..healthy ranks and every profiled codec, the
+distributed plan over rank 0 plus the k-1 fastest other healthy ranks. Other subsets of the same size
+are never better under the cost model: with shares proportional to speed the compute term falls as the
+group's total speed rises, and the link terms depend on k and the codec only (one power model per profile).
+Ties keep the earlier candidate: local, then smaller groups, then codecs in profile order.
+
+Speed (< 100 µs a call for a few ranks and codecs): tables that depend on the profile alone (rank order,
+the codecs no other codec dominates, the cost constants) are derived once per profile instance; a rank
+group whose lower bound cannot beat the best so far is skipped whole.
+"""
+
+from __future__ import annotations
+
+from edgeprism.plan.cost import (apportion, codec_terms, distributed_terms, group_terms, local_terms, num_exchanges,
+                                 objective_score, profile_constants, token_shares)
+from edgeprism.plan.types import OBJECTIVES, Candidate, LinkEstimate, Limits, Plan, Prediction, Request
+from edgeprism.profile.schema import CodecFidelity, Profile
+
+_NO_LIMITS = Limits()
+_INF = float("inf")
+
+
+def _check(profile: Profile, request: Request, objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if request.model_name != profile.model.name:
+        raise ValueError(f"request is for model {request.model_name}, the profile for {profile.model.name}")
+
+
+def _rank_order(profile: Profile) -> tuple[int, ...]:
+    """Ranks other than 0, fastest first (lowest rank on ties)."""
+    speeds = profile.device_speeds
+    return tuple(sorted(range(1, profile.world_size), key=lambda r: (-speeds[r], r)))
+
+
+def _groups(profile: Profile, link: LinkEstimate) -> list[tuple[int, ...]]:
+    """Rank groups to consider, one per size >= 2: rank 0 plus the fastest other healthy ranks."""
+    order = profile.derived("plan.rank_order", _rank_order)
+    if link.healthy_ranks is not None:
+        healthy = set(link.healthy_ranks)
+        order = tuple(r for r in order if r in healthy)
+    return [tuple(sorted((0, *order[:size]))) for size in range(1, len(order) + 1)]
+
+
+def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
+    """`a` costs no more than `b` in every term of the cost model (fewer or equal vectors and bytes) and
+    loses no more fidelity, so whenever `b` is admissible `a` is too and predicts no worse."""
+    loss_a = _INF if a.loss is None else a.loss
+    loss_b = _INF if b.loss is None else b.loss
+    return (a.cr >= b.cr and a.extra_vectors_per_row <= b.extra_vectors_per_row
+            and a.wire_bytes_per_token <= b.wire_bytes_per_token and a.wire_bytes_per_row <= b.wire_bytes_per_row
+            and loss_a <= loss_b)
+
+
+def _undominated_codecs(profile: Profile) -> tuple[CodecFidelity, ...]:
+    """Codecs worth evaluating in `choose_plan`, in profile order. A codec dominated by another is
+    dropped; between two that cost and lose the same, the earlier one stays (the tie rule)."""
+    codecs = profile.codecs
+    keep = []
+    for j, b in enumerate(codecs):
+        if not any(_dominates(a, b) and (i < j or not _dominates(b, a)) for i, a in enumerate(codecs) if i != j):
+            keep.append(b)
+    return tuple(keep)
+
+
+def codec_exclusion(codec: CodecFidelity, limits: Limits) -> str | None:
+    """Why `codec` may not be used under `limits`, or None if it may."""
+    budget = limits.max_fidelity_loss
+    if budget is None:
+        return None
+    if codec.loss is None:
+        return f"{codec.codec}: fidelity not measured, and a fidelity budget of {budget:.2%} is set"
+    if codec.loss > budget:
+        return f"{codec.codec}: {codec.metric or 'metric'} loss {codec.loss:.2%} exceeds the budget {budget:.2%}"
+    return None
+
+
+def _plan(profile: Profile, objective: str, ranks: tuple[int, ...], counts: tuple[int, ...],
+          codec: CodecFidelity | None, latency_s: float, energy_j: float, reason: str, within: bool = True) -> Plan:
+    if codec is None:
+        return Plan("local", (0,), (1.0,), counts, "", 1, "", latency_s, energy_j, profile.energy.source,
+                    objective, reason, within, profile.profile_hash())  # type: ignore[arg-type]
+    shares = token_shares([profile.device_speeds[r] for r in ranks])
+    return Plan("distributed", ranks, shares, counts, codec.codec, codec.cr, codec.wire_dtype, latency_s, energy_j,
+                profile.energy.source, objective, reason, within, profile.profile_hash())  # type: ignore[arg-type]
+
+
+def _describe(ranks: tuple[int, ...], codec: CodecFidelity | None) -> str:
+    return "local" if codec is None else f"{codec.codec} over ranks {list(ranks)}"
+
+
+def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEstimate,
+                objective: str = "latency", limits: Limits = _NO_LIMITS) -> Plan:
+    """The best plan for `request` under `objective` within `limits`, with its prediction and reason.
+
+    If no candidate meets `limits.max_latency_s`, the fastest fidelity-admissible one is returned with
+    `within_limits=False` (local is always admissible: it is the exact reference). Tables derived from
+    the profile alone are computed on the first call and kept on the profile instance."""
+    _check(profile, request, objective)
+    batch, num_tokens = request.batch, request.num_tokens
+    bandwidth_bps, link_latency_s = live_link_estimate.bandwidth_bps, live_link_estimate.latency_s
+    ceiling = limits.max_latency_s
+    budget = limits.max_fidelity_loss
+    codecs = profile.derived("plan.undominated_codecs", _undominated_codecs)
+    if budget is not None:
+        codecs = tuple(c for c in codecs if c.loss is not None and c.loss <= budget)
+        num_fidelity_excluded = sum(1 for c in profile.codecs if c.loss is None or c.loss > budget)
+    else:
+        num_fidelity_excluded = 0
+    num_admissible = len(profile.codecs) - num_fidelity_excluded
+
+    local_s, local_j = local_terms(profile, batch, num_tokens)
+    # An option: (score, latency_s, energy_j, ranks, counts, codec or None for local).
+    best = None
+    fastest = (local_s, local_j, (0,), (num_tokens,), None)
+    num_weighed = 1
+    num_over_ceiling = 0
+    if ceiling is None or local_s <= ceiling:
+        best = (objective_score(objective, local_s, local_j), local_s, local_j, (0,), (num_tokens,), None)
+    else:
+        num_over_ceiling += 1
+    speeds_all = profile.device_speeds
+    constants = profile.derived("plan.constants", profile_constants)
+    for ranks in _groups(profile, live_link_estimate):
+        if num_tokens < len(ranks):
+            break
+        num_weighed += num_admissible
+        if not codecs:
+            continue
+        speeds = [speeds_all[r] for r in ranks]
+        counts = apportion(num_tokens, speeds)
+        group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s)
+        if best is not None and objective_score(objective, group[-2], group[-1]) >= best[0]:
+            continue  # no codec can beat the best so far: every term is at least its group lower bound
+        for codec in codecs:
+            compute_s, staging_s, network_s, lat_s, energy_j, _ = codec_terms(constants, group, batch, codec,
+                                                                              bandwidth_bps)
+            total_s = compute_s + staging_s + network_s + lat_s
+            if total_s < fastest[0]:
+                fastest = (total_s, energy_j, ranks, counts, codec)
+            if ceiling is not None and total_s > ceiling:
+                num_over_ceiling += 1
+                continue
+            score = objective_score(objective, total_s, energy_j)
+            if best is None or score < best[0]:
+                best = (score, total_s, energy_j, ranks, counts, codec)
+
+    notes = []
+    if num_fidelity_excluded:
+        notes.append(f"{num_fidelity_excluded} codec(s) over the {budget:.2%} fidelity budget or unmeasured")
+    if num_over_ceiling:
+        notes.append(f"some over the {ceiling * 1e3:.1f} ms ceiling")  # type: ignore[operator]
+    tail = f"; excluded: {', '.join(notes)}" if notes else ""
+    if best is None:
+        latency_s, energy_j, ranks, counts, codec = fastest
+        reason = (f"no candidate meets the {ceiling * 1e3:.1f} ms ceiling; fastest of {num_weighed} taken "  # type: ignore[operator]
+                  f"({_describe(ranks, codec)}){tail}")
+        return _plan(profile, objective, ranks, counts, codec, latency_s, energy_j, reason, within=False)
+    _, latency_s, energy_j, ranks, counts, codec = best
+    versus = "" if codec is None else f" vs local {local_s * 1e3:.1f} ms, {local_j:.2f} J"
+    reason = f"best {objective} of {num_weighed} candidates ({_describe(ranks, codec)}){versus}{tail}"
+    return _plan(profile, objective, ranks, counts, codec, latency_s, energy_j, reason)
+
+
+def enumerate_candidates(profile: Profile, request: Request, live_link_estimate: LinkEstimate,
+                         objective: str = "latency", limits: Limits = _NO_LIMITS) -> list[Candidate]:
+    """Every candidate with its prediction, including excluded ones and why (for `edgeprism plan`).
+    Slower than `choose_plan` (it builds every Plan); the winner is the same."""
+    _check(profile, request, objective)
+    batch, num_tokens = request.batch, request.num_tokens
+    source = profile.energy.source
+    ceiling = limits.max_latency_s
+    out: list[Candidate] = []
+
+    def over_ceiling(latency_s: float) -> str | None:
+        if ceiling is not None and latency_s > ceiling:
+            return f"predicted {latency_s * 1e3:.1f} ms exceeds the {ceiling * 1e3:.1f} ms ceiling"
+        return None
+
+    local_s, local_j = local_terms(profile, batch, num_tokens)
+    local_prediction = Prediction(local_s, 0.0, 0.0, 0.0, local_j, source, 0, 0.0)
+    out.append(Candidate(_plan(profile, objective, (0,), (num_tokens,), None, local_s, local_j, "local reference"),
+                         local_prediction, over_ceiling(local_s)))
+    for ranks in _groups(profile, live_link_estimate):
+        speeds = [profile.device_speeds[r] for r in ranks]
+        if num_tokens < len(ranks):
+            why = f"{num_tokens} tokens cannot give {len(ranks)} ranks one token each"
+            for codec in profile.codecs:
+                out.append(Candidate(_plan(profile, objective, ranks, (), codec, 0.0, 0.0, why), None, why))
+            continue
+        counts = apportion(num_tokens, speeds)
+        for codec in profile.codecs:
+            terms = distributed_terms(profile, batch, speeds, counts, codec, live_link_estimate.bandwidth_bps,
+                                      live_link_estimate.latency_s)
+            prediction = Prediction(*terms[:5], source, num_exchanges(profile), terms[5])  # type: ignore[misc]
+            plan = _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
+                         prediction.explain())
+            out.append(Candidate(plan, prediction, codec_exclusion(codec, limits) or over_ceiling(prediction.total_s)))
+    return out
+
+
+__all__ = ["choose_plan", "enumerate_candidates", "codec_exclusion"]

@@ -1,0 +1,165 @@
+"""The planner's inputs and outputs: plain frozen values, printable and JSON round-trippable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Objective = Literal["latency", "energy", "edp"]
+OBJECTIVES: tuple[str, ...] = ("latency", "energy", "edp")
+Mode = Literal["local", "distributed"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One inference request as the planner sees it: which model, how many rows and tokens per row."""
+
+    model_name: str
+    batch: int
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"request batch must be >= 1, got {self.batch}")
+        if self.num_tokens < 1:
+            raise ValueError(f"request num_tokens must be >= 1, got {self.num_tokens}")
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    """The live state of the group: link bandwidth (bits/s), one-way per-message latency, and which
+    ranks are healthy (None = all). Rank 0, the coordinator, is always taken as healthy."""
+
+    bandwidth_bps: float
+    latency_s: float
+    healthy_ranks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bandwidth_bps) and self.bandwidth_bps > 0):
+            raise ValueError(f"link bandwidth_bps must be > 0, got {self.bandwidth_bps}")
+        if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
+            raise ValueError(f"link latency_s must be >= 0, got {self.latency_s}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Constraints on the choice. `max_fidelity_loss` is the largest normalised metric loss in [0, 1]
+    a codec may have (None: no budget); `max_latency_s` a latency ceiling (None: none)."""
+
+    max_fidelity_loss: float | None = None
+    max_latency_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_fidelity_loss is not None and not (0.0 <= self.max_fidelity_loss <= 1.0):
+            raise ValueError(f"max_fidelity_loss must be in [0, 1] (0.01 = 1 %), got {self.max_fidelity_loss}")
+        if self.max_latency_s is not None and not (self.max_latency_s > 0):
+            raise ValueError(f"max_latency_s must be > 0, got {self.max_latency_s}")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model expects for one candidate, term by term (seconds are on the critical path).
+
+    total_s = compute_s + staging_s + network_s + latency_s, where latency_s is the per-message
+    latency times messages on the critical path and network_s the bytes over the bandwidth."""
+
+    compute_s: float
+    staging_s: float
+    network_s: float
+    latency_s: float
+    energy_j: float
+    energy_source: str
+    exchanges: int
+    """Collective rounds per request (one all-gather per layer, plus scatter and gather)."""
+    wire_bytes: float
+    """Bytes the busiest rank receives over the link per request."""
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.staging_s + self.network_s + self.latency_s
+
+    def explain(self) -> str:
+        return (f"{self.total_s * 1e3:.1f} ms = compute {self.compute_s * 1e3:.1f} + staging {self.staging_s * 1e3:.1f}"
+                f" + network {self.network_s * 1e3:.1f} ({self.wire_bytes / 1e3:.1f} kB) + latency "
+                f"{self.latency_s * 1e3:.1f} ({self.exchanges} exchanges); {self.energy_j:.2f} J {self.energy_source}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total_s": self.total_s}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one request runs: on rank 0 alone, or split by position over `ranks` with `token_counts`
+    tokens each (shares proportional to measured speed), exchanging through `codec`."""
+
+    mode: Mode
+    ranks: tuple[int, ...]
+    token_shares: tuple[float, ...]
+    """Fraction of the tokens per rank in `ranks` (sums to 1)."""
+    token_counts: tuple[int, ...]
+    """Tokens per rank for this request's num_tokens (contiguous, in rank order, each >= 1)."""
+    codec: str
+    """Exchange codec name ("" for local)."""
+    cr: int
+    wire_dtype: str
+    predicted_latency_s: float
+    predicted_energy_j: float
+    energy_source: str
+    objective: Objective
+    reason: str
+    within_limits: bool = True
+    """False when no candidate met the latency ceiling and the fastest was taken instead."""
+    profile_hash: str = ""
+
+    def __str__(self) -> str:
+        if self.mode == "local":
+            how = "local on rank 0"
+        else:
+            how = (f"distributed ranks={list(self.ranks)} tokens={list(self.token_counts)} codec={self.codec} "
+                   f"cr={self.cr} wire={self.wire_dtype}")
+        return (f"Plan[{how}; predicts {self.predicted_latency_s * 1e3:.1f} ms, {self.predicted_energy_j:.2f} J "
+                f"({self.energy_source}); {self.reason}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - names:
+            raise ValueError(f"not a plan: unknown fields {sorted(set(data) - names) if isinstance(data, dict) else data!r}")
+        data = dict(data)
+        for key in ("ranks", "token_shares", "token_counts"):
+            if key in data:
+                data[key] = tuple(data[key])
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"not a plan: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"plan is not valid JSON: {err}") from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One option the planner weighed: its plan, its prediction, and why it was excluded (None if not)."""
+
+    plan: Plan
+    prediction: Prediction | None
+    excluded: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(),
+                "prediction": None if self.prediction is None else self.prediction.to_dict(),
+                "excluded": self.excluded}
