@@ -35,16 +35,16 @@ class ReferenceModel(nn.Module):
         """(B, token_end - token_start, d) embeddings with absolute positions added."""
         raise NotImplementedError
 
-    def valid_mask(self, part: Inputs, num_tokens: int) -> Tensor:
+    def valid_mask(self, part: Inputs, batch: int, num_tokens: int) -> Tensor:
         """(B, n) bool: False for padding."""
-        batch = next(iter(part.values())).shape[0]
         if "attention_mask" in part:
             return part["attention_mask"].bool()
-        return torch.ones(batch, num_tokens, dtype=torch.bool, device=next(iter(part.values())).device)
+        return torch.ones(batch, num_tokens, dtype=torch.bool)
 
     def anchor_mask(self, part: Inputs, token_start: int, token_end: int) -> Tensor:
         """(B, n) bool: attention-sink tokens that anchor codecs keep exact (token 0 by default)."""
-        valid = self.valid_mask(part, token_end - token_start)
+        batch = next(v for k, v in part.items() if k not in ("grid_hw", "lengths")).shape[0]
+        valid = self.valid_mask(part, batch, token_end - token_start)
         anchor = torch.zeros_like(valid)
         if token_start == 0:
             anchor[:, 0] = True
@@ -62,7 +62,7 @@ class ReferenceModel(nn.Module):
     def forward(self, inputs: Inputs) -> dict[str, Tensor]:
         num_tokens = self.validate_input(inputs)
         hidden = self.embed(inputs, 0, num_tokens)  # (B, T, d)
-        valid = self.valid_mask(inputs, num_tokens)
+        valid = self.valid_mask(inputs, hidden.shape[0], num_tokens).to(hidden.device)
         bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, T)
         if self.causal:
             positions = torch.arange(num_tokens, device=hidden.device)

@@ -1,0 +1,116 @@
+"""`edgeprism run`: one batch, locally or position-wise over N local workers (or testbed hosts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from edgeprism.comm.launch import launch_local
+from edgeprism.runtime.batch_worker import BatchSpec
+
+
+def _shares(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shares {text!r} must be comma-separated fractions, e.g. 0.5,0.3,0.2")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run one batch locally or distributed, and report what it cost",
+                              description="Run one synthetic batch through a model, locally or split by token "
+                                          "position over N workers (each pinned to its own core).")
+    p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-tiny-test")
+    p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
+    p.add_argument("--world-size", type=int, default=2, help="number of ranks (emulated devices); default 2")
+    p.add_argument("--shares", type=_shares, help="token share per rank, summing to 1 (default equal)")
+    p.add_argument("--mode", choices=["local", "distributed"], help="default: distributed if world size > 1")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, help="text models: tokens per row (default 64)")
+    p.add_argument("--image-size", type=int, help="ViT: image side in pixels (default the model's native size)")
+    p.add_argument("--padded", action="store_true", help="text models: right-pad rows to random lengths")
+    p.add_argument("--codec", default="fp32", help="what ranks exchange: fp32 (full), fp16, int8, sm4, sm4a+int8 ...")
+    p.add_argument("--size-aware", action="store_true", help="add log(count) to the logits of received means")
+    p.add_argument("--compare-local", action="store_true", help="also run one device and report max_abs_diff")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--cores-per-worker", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before every rank is stopped")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(handler=handle)
+
+
+def validate(args) -> BatchSpec:
+    """Every user mistake is caught here, before any worker starts."""
+    from edgeprism.compress.registry import get_codec
+    from edgeprism.models.loading import build_model, load_checkpoint
+    from edgeprism.models.synthetic import synthetic_inputs
+    from edgeprism.partition.ranges import split_tokens, validate_shares
+
+    if args.world_size < 1:
+        raise ValueError(f"--world-size {args.world_size} must be >= 1")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch} must be >= 1")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats {args.repeats} must be >= 1 and --warmup {args.warmup} >= 0")
+    mode = args.mode or ("distributed" if args.world_size > 1 else "local")
+    get_codec(args.codec)
+    model = build_model(args.model, seed=None)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    config = model.config
+    if config.family == "vit" and args.seq_len:
+        raise ValueError(f"--seq-len is for text models; {config.name} is a ViT: use --image-size")
+    if config.family != "vit" and args.image_size:
+        raise ValueError(f"--image-size is for ViT models; {config.name} is a text model: use --seq-len")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len {args.seq_len} must be >= 1")
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size {args.image_size} must be >= 1")
+    probe = synthetic_inputs(config, 1, seq_len=args.seq_len, image_size=args.image_size, padded=False)
+    if config.family != "vit" and args.seq_len is None:
+        probe = synthetic_inputs(config, 1, seq_len=None)
+    num_tokens = model.validate_input(probe)
+    if mode == "distributed":
+        shares = validate_shares(args.shares, args.world_size) if args.shares else None
+        split_tokens(num_tokens, shares or tuple([1.0 / args.world_size] * args.world_size))
+    return BatchSpec(model=args.model, batch=args.batch, world_size=args.world_size if mode == "distributed" else 1,
+                     mode=mode, shares=args.shares, codec=args.codec, size_aware=args.size_aware,
+                     seq_len=args.seq_len, image_size=args.image_size, padded=args.padded,
+                     checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None, seed=args.seed,
+                     warmup=args.warmup, repeats=args.repeats, compare_local=args.compare_local,
+                     timeout_s=args.timeout)
+
+
+def execute(spec: BatchSpec, cores_per_worker: int = 1, timeout_s: float = 300.0) -> dict:
+    """Launch the workers for `spec` and return rank 0's result."""
+    with tempfile.TemporaryDirectory(prefix="edgeprism-run-") as tmp:
+        result_file = os.path.join(tmp, "result.json")
+        spec = BatchSpec(**{**spec.__dict__, "result_file": result_file})
+        launch_local(spec.world_size, ["-m", "edgeprism.runtime.batch_worker", "--spec", spec.to_json()],
+                     cores_per_worker=cores_per_worker, timeout_s=timeout_s)
+        with open(result_file) as handle:
+            return json.load(handle)
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{result['model']}: {result['mode']} over {result['world_size']} rank(s), batch {result['batch']}, "
+             f"{result['num_tokens']} tokens/row" + (f", codec {result['codec']}" if result.get("codec") else ""),
+             f"  latency        {result['latency_s'] * 1e3:9.2f} ms (median of {len(result['latencies_s'])})",
+             f"  compute        {result['compute_s'] * 1e3:9.2f} ms",
+             f"  staging        {result['staging_s'] * 1e3:9.2f} ms",
+             f"  collective     {result['collective_s'] * 1e3:9.2f} ms  (link: {result['link']})",
+             f"  bytes exchanged {result['bytes_exchanged']:,} B per request (layer exchanges, all ranks)"]
+    if "max_abs_diff" in result:
+        lines.append(f"  max |distributed - single device| = {result['max_abs_diff']:.3g}")
+    return "\n".join(lines)
+
+
+def handle(args) -> int:
+    spec = validate(args)
+    result = execute(spec, cores_per_worker=args.cores_per_worker, timeout_s=args.timeout)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0

@@ -1,0 +1,187 @@
+"""Timed collectives with explicit CPU staging.
+
+GLOO moves CPU tensors only, so on a GPU every exchange is staged: device → reused pinned CPU buffer
+→ collective → device. On a CPU host the staging step is a no-op and measures as zero. Every call
+records what it moved and where the time went.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from edgeprism.comm.context import DistContext
+
+log = logging.getLogger(__name__)
+MAX_CONTROL_BYTES = 1 << 20  # control messages (headers) are JSON and bounded
+
+
+@dataclass
+class ExchangeStats:
+    """Accumulated over a request; seconds are wall-clock, bytes are what this rank put on the wire."""
+
+    exchanges: int = 0
+    nbytes_sent: int = 0
+    nbytes_received: int = 0
+    staging_s: float = 0.0
+    collective_s: float = 0.0
+    emulated_delay_s: float = 0.0
+    per_kind_nbytes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, sent: int, received: int, staging_s: float, collective_s: float, delay_s: float) -> None:
+        self.exchanges += 1
+        self.nbytes_sent += sent
+        self.nbytes_received += received
+        self.staging_s += staging_s
+        self.collective_s += collective_s
+        self.emulated_delay_s += delay_s
+        self.per_kind_nbytes[kind] = self.per_kind_nbytes.get(kind, 0) + sent
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Exchanger:
+    """Staged, timed collectives over the context's group. Reuses its CPU buffers across calls."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.stats = ExchangeStats()
+        self._buffers: dict[tuple[str, int], Tensor] = {}
+        self._pin = ctx.device.type == "cuda"
+
+    def reset_stats(self) -> ExchangeStats:
+        stats, self.stats = self.stats, ExchangeStats()
+        return stats
+
+    # --- staging ---
+    def _cpu_buffer(self, key: str, index: int, nbytes: int) -> Tensor:
+        buffer = self._buffers.get((key, index))
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+            self._buffers[(key, index)] = buffer
+        return buffer[:nbytes]
+
+    def _to_cpu(self, payload: Tensor, key: str, nbytes: int) -> tuple[Tensor, float]:
+        """Copy a flat uint8 payload into a reused CPU buffer of `nbytes` (zero-padded)."""
+        start = time.perf_counter()
+        staged = self._cpu_buffer(key, -1, nbytes)
+        staged[: payload.numel()].copy_(payload, non_blocking=self._pin)
+        if payload.numel() < nbytes:
+            staged[payload.numel():].zero_()
+        _sync(payload.device)
+        return staged, time.perf_counter() - start
+
+    def _to_device(self, tensors: list[Tensor]) -> tuple[list[Tensor], float]:
+        if self.ctx.device.type == "cpu":
+            return [t.clone() for t in tensors], 0.0
+        start = time.perf_counter()
+        out = [t.to(self.ctx.device, non_blocking=True) for t in tensors]
+        _sync(self.ctx.device)
+        return out, time.perf_counter() - start
+
+    def _delay(self, nbytes_sent: int, hops: int) -> float:
+        return self.ctx.link.before_collective(nbytes_sent, hops) if self.ctx.link is not None else 0.0
+
+    # --- collectives ---
+    def all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> list[Tensor]:
+        """Every rank contributes a flat uint8 payload of sizes[rank] bytes; returns all payloads.
+
+        GLOO's all-gather needs equal shapes, so payloads are padded to max(sizes) and cut back.
+        """
+        rank, world = self.ctx.group_rank, self.ctx.world_size
+        assert payload.dtype == torch.uint8 and payload.numel() == sizes[rank], (payload.shape, sizes, rank)
+        max_size = max(sizes)
+        staged, stage_out_s = self._to_cpu(payload, kind, max_size)
+        outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
+        delay_s = self._delay(max_size, world - 1)
+        start = time.perf_counter()
+        dist.all_gather(outputs, staged, group=self.ctx.group)
+        collective_s = time.perf_counter() - start
+        received, stage_in_s = self._to_device([outputs[i][: sizes[i]] for i in range(world)])
+        self.stats.add(kind, sent=max_size, received=max_size * (world - 1), staging_s=stage_out_s + stage_in_s,
+                       collective_s=collective_s, delay_s=delay_s)
+        return received
+
+    def send_forward_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> list[Tensor | None]:
+        """Causal exchange: rank p's payload goes only to ranks q > p; p receives from every q < p.
+
+        Returns a list indexed by source rank (None where nothing was received, i.e. q >= p).
+        """
+        rank, world = self.ctx.group_rank, self.ctx.world_size
+        receivers = list(range(rank + 1, world))
+        staged, stage_out_s = self._to_cpu(payload, kind, sizes[rank])
+        inbox = {q: self._cpu_buffer(kind, q, sizes[q]) for q in range(rank)}
+        delay_s = self._delay(sizes[rank] * len(receivers), 1) if receivers or inbox else 0.0
+        start = time.perf_counter()
+        requests = [dist.isend(staged, dst=q, group=self.ctx.group) for q in receivers]
+        requests += [dist.irecv(inbox[q], src=q, group=self.ctx.group) for q in range(rank)]
+        for request in requests:
+            request.wait()
+        collective_s = time.perf_counter() - start
+        moved, stage_in_s = self._to_device([inbox[q] for q in range(rank)])
+        self.stats.add(kind, sent=sizes[rank] * len(receivers), received=sum(sizes[:rank]),
+                       staging_s=stage_out_s + stage_in_s, collective_s=collective_s, delay_s=delay_s)
+        return [*moved, *([None] * (world - rank))]
+
+    def send_tensor(self, tensor: Tensor, dst: int, kind: str) -> None:
+        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        staged, stage_s = self._to_cpu(flat, f"{kind}-send", flat.numel())
+        delay_s = self._delay(flat.numel(), 1)
+        start = time.perf_counter()
+        dist.send(staged, dst=dst, group=self.ctx.group)
+        self.stats.add(kind, sent=flat.numel(), received=0, staging_s=stage_s,
+                       collective_s=time.perf_counter() - start, delay_s=delay_s)
+
+    def recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, kind: str) -> Tensor:
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        buffer = self._cpu_buffer(f"{kind}-recv", src, nbytes)
+        start = time.perf_counter()
+        dist.recv(buffer, src=src, group=self.ctx.group)
+        collective_s = time.perf_counter() - start
+        (moved,), stage_s = self._to_device([buffer])
+        self.stats.add(kind, sent=0, received=nbytes, staging_s=stage_s, collective_s=collective_s, delay_s=0.0)
+        return moved.view(dtype).view(shape)
+
+    def reduce_sum_to_root(self, tensor: Tensor, kind: str = "output") -> Tensor:
+        """Exact float sum over ranks, result valid on rank 0."""
+        cpu = tensor.detach().to("cpu", copy=True).contiguous()
+        delay_s = self._delay(cpu.numel() * cpu.element_size(), self.ctx.world_size - 1)
+        start = time.perf_counter()
+        dist.reduce(cpu, dst=0, op=dist.ReduceOp.SUM, group=self.ctx.group)
+        self.stats.add(kind, sent=cpu.numel() * cpu.element_size(), received=0, staging_s=0.0,
+                       collective_s=time.perf_counter() - start, delay_s=delay_s)
+        return cpu.to(tensor.device)
+
+    def broadcast_json(self, message: dict | None, kind: str = "control") -> dict:
+        """Rank 0's JSON-able dict to every rank: length first, then UTF-8 bytes. No pickle."""
+        if self.ctx.is_root:
+            data = json.dumps(message, separators=(",", ":")).encode()
+            if len(data) > MAX_CONTROL_BYTES:
+                raise ValueError(f"control message of {len(data)} bytes exceeds the {MAX_CONTROL_BYTES}-byte bound")
+            length = torch.tensor([len(data)], dtype=torch.int64)
+        else:
+            length = torch.zeros(1, dtype=torch.int64)
+        delay_s = self._delay(8, 1)
+        start = time.perf_counter()
+        dist.broadcast(length, src=0, group=self.ctx.group)
+        size = int(length.item())
+        if not 0 < size <= MAX_CONTROL_BYTES:
+            raise RuntimeError(f"control message length {size} is out of bounds; the peer is not an edgeprism rank")
+        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.ctx.is_root
+                  else torch.empty(size, dtype=torch.uint8))
+        dist.broadcast(buffer, src=0, group=self.ctx.group)
+        self.stats.add(kind, sent=size if self.ctx.is_root else 0, received=0 if self.ctx.is_root else size,
+                       staging_s=0.0, collective_s=time.perf_counter() - start, delay_s=delay_s)
+        return message if self.ctx.is_root else json.loads(bytes(buffer.numpy()).decode())

@@ -1,0 +1,216 @@
+"""The position-wise transform: run a reference model with each rank owning a contiguous token range.
+
+Per layer, a rank encodes its own hidden states with a codec (identity = full exchange, Segment
+Means, quantised ...), exchanges them, and runs the block with queries for its own tokens and
+keys/values for [own tokens ; received vectors] only (DESIGN.md, "The algorithm", rules 1-7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from edgeprism.comm.context import DistContext
+from edgeprism.comm.exchange import Exchanger
+from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
+from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
+from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                               torch.uint8, torch.bool)}
+
+
+@dataclass
+class ShardState:
+    """One rank's part of a request after the last block."""
+
+    token_range: TokenRange
+    hidden: Tensor  # (B, n_own, d), after the model's final norm
+    valid: Tensor  # (B, n_own) bool
+    kv_cache: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    """Per layer (k, v) over [own tokens ; received vectors] — kept for decoding (causal models)."""
+    remote_bias: Tensor | None = None  # (B, 1, 1, S_remote) bias of the received vectors
+
+
+def remote_key_bias(counts: Tensor, size_aware: bool, dtype: torch.dtype) -> Tensor:
+    """counts (B, S) of real tokens per received vector → additive bias (B, 1, 1, S).
+
+    A vector standing for 0 tokens is masked; with size-aware weighting a vector standing for k
+    tokens adds log k to its logit (as if its key were repeated k times; DESIGN.md rule 4).
+    """
+    bias = torch.zeros(counts.shape, dtype=dtype, device=counts.device)
+    if size_aware:
+        bias = bias + torch.log(counts.clamp_min(1.0)).to(dtype)
+    return bias.masked_fill(counts <= 0, mask_value(dtype))[:, None, None, :]
+
+
+class PositionWise:
+    """A reference model, split by token position across the ranks of `ctx`.
+
+    Every rank calls `forward` (rank 0 with the request, the others with None): rank 0 broadcasts a
+    small JSON header, sends each rank the raw slice of input it needs, every rank embeds its own
+    tokens, and the outputs come back to rank 0, which returns them (the others return None).
+    """
+
+    def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
+                 size_aware: bool = False, exchanger: Exchanger | None = None) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.codec = codec or IdentityCodec()
+        self.size_aware = size_aware
+        self.exchanger = exchanger or Exchanger(ctx)
+        self._requests = 0
+
+    # --- start-up check ---
+    def settings(self) -> dict:
+        from edgeprism.compress.registry import codec_fingerprint
+
+        return {"model": self.model.config.name, "config_hash": self.model.config.config_hash(),
+                "codec": codec_fingerprint(self.codec), "size_aware": self.size_aware}
+
+    def verify_peers(self) -> None:
+        """All ranks compare settings (model, codec, weighting) before any request; a mismatch raises
+        the same ValueError on every rank instead of hanging in a collective later."""
+        if self.ctx.world_size == 1:
+            return
+        mine = json.dumps(self.settings(), sort_keys=True)
+        digest = torch.frombuffer(bytearray(hashlib.sha256(mine.encode()).digest()), dtype=torch.uint8)
+        gathered = self.exchanger.all_gather_bytes(digest, [32] * self.ctx.world_size, kind="control")
+        differing = [q for q, d in enumerate(gathered) if not torch.equal(d, digest)]
+        if differing:
+            raise ValueError(f"rank {self.ctx.group_rank} settings {mine} differ from rank(s) {differing}: "
+                             f"start every rank with the same --model, --codec and weighting")
+
+    # --- the request path ---
+    def forward(self, inputs: Inputs | None = None, shares: tuple[float, ...] | None = None,
+                gather_hidden: bool = False) -> dict[str, Tensor] | None:
+        ctx, model = self.ctx, self.model
+        if ctx.is_root:
+            if inputs is None:
+                raise ValueError("rank 0 must be given the request's inputs")
+            num_tokens = model.validate_input(inputs)
+            ranges = split_tokens(num_tokens, shares or equal_shares(ctx.world_size))
+            if len(ranges) != ctx.world_size:
+                raise ValueError(f"{len(ranges)} shares for a world of {ctx.world_size} ranks; give one per rank")
+            parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
+            self._requests += 1
+            header = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges],
+                      "codec": self.codec.name, "gather_hidden": gather_hidden,
+                      "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
+        else:
+            header, parts = None, None
+        if ctx.world_size > 1:
+            header = self.exchanger.broadcast_json(header)
+        ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
+        part = self._scatter(parts, header["parts"])
+        state = self.forward_shard(part, ranges)
+        return self._collect(state, ranges, header["gather_hidden"])
+
+    def _scatter(self, parts: list[Inputs] | None, specs: list[dict]) -> Inputs:
+        """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids)."""
+        ctx = self.ctx
+        if ctx.is_root:
+            for q in range(1, ctx.world_size):
+                for key in sorted(parts[q]):
+                    self.exchanger.send_tensor(parts[q][key], dst=q, kind="scatter")
+            return {k: v.to(ctx.device) for k, v in parts[0].items()}
+        spec = specs[ctx.group_rank]
+        return {key: self.exchanger.recv_tensor(tuple(spec[key][0]), _DTYPES[spec[key][1]], src=0, kind="scatter")
+                for key in sorted(spec)}
+
+    def forward_shard(self, part: Inputs, ranges: tuple[TokenRange, ...], keep_cache: bool = False) -> ShardState:
+        """This rank's layers: embed own tokens, then per block exchange and attend."""
+        model, codec = self.model, self.codec
+        own = ranges[self.ctx.group_rank]
+        causal = model.causal
+        with torch.no_grad():
+            hidden = model.embed(part, own.start, own.end)  # (B, n_own, d)
+            batch, num_own, d = hidden.shape
+            valid = model.valid_mask(part, batch, num_own).to(hidden.device)
+            anchor = model.anchor_mask(part, own.start, own.end).to(hidden.device)
+            own_bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, n_own)
+            if causal:
+                positions = torch.arange(own.start, own.end, device=hidden.device)
+                own_bias = own_bias + causal_bias(positions, positions, hidden.dtype)  # (B, 1, n_own, n_own)
+            own_bias = own_bias.expand(batch, 1, num_own, num_own)
+            specs = [codec.wire_spec(batch, r.num_tokens, d) for r in ranges]
+            sizes = [spec_nbytes(s) for s in specs]
+            state = ShardState(own, hidden, valid)
+            for block in model.blocks:
+                remote, counts = self._exchange(hidden, valid, anchor, specs, sizes, causal)
+                remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
+                bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
+                if keep_cache:
+                    kv_in = torch.cat([block.kv_input(hidden), block.kv_input(remote)], dim=1)
+                    kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
+                    state.kv_cache.append(kv)
+                    state.remote_bias = remote_bias
+                    hidden = block(hidden, bias=bias, kv=kv)
+                else:
+                    hidden = block(hidden, context=remote, bias=bias)  # (B, n_own, d)
+            state.hidden = model.finish(hidden)
+        return state
+
+    def _exchange(self, hidden: Tensor, valid: Tensor, anchor: Tensor, specs: list, sizes: list[int],
+                  causal: bool) -> tuple[Tensor, Tensor]:
+        """Encode own states, exchange, decode what this rank may read → (B, S_remote, d), (B, S_remote)."""
+        rank, world = self.ctx.group_rank, self.ctx.world_size
+        batch, _, d = hidden.shape
+        if world == 1:
+            return hidden.new_zeros(batch, 0, d), hidden.new_zeros(batch, 0)
+        payload = pack(self.codec.encode(hidden, valid, anchor))
+        if causal:  # DESIGN rule 5: only ranks q < p are readable, so send only forward
+            received = self.exchanger.send_forward_bytes(payload, sizes)
+        else:
+            received = self.exchanger.all_gather_bytes(payload, sizes)
+        vectors, counts = [], []
+        for q, buffer in enumerate(received):
+            if q == rank or buffer is None:
+                continue
+            v, c = self.codec.decode(unpack(buffer, specs[q]))
+            vectors.append(v.to(hidden.dtype))
+            counts.append(c)
+        if not vectors:  # rank 0 of a causal model reads nobody
+            return hidden.new_zeros(batch, 0, d), hidden.new_zeros(batch, 0)
+        return torch.cat(vectors, dim=1), torch.cat(counts, dim=1)
+
+    def _collect(self, state: ShardState, ranges: tuple[TokenRange, ...], gather_hidden: bool) -> dict | None:
+        """Output rows to rank 0: [CLS] (rank 0 has it), pooled mean by exact sum, or the last position."""
+        ctx, model = self.ctx, self.model
+        hidden, valid = state.hidden, state.valid
+        batch, _, d = hidden.shape
+        last = ctx.world_size - 1
+        outputs: dict[str, Tensor] = {}
+        with torch.no_grad():
+            if model.causal:
+                row = hidden[:, -1]
+                if ctx.world_size > 1 and ctx.group_rank == last:
+                    self.exchanger.send_tensor(row, dst=0, kind="output")
+                elif ctx.world_size > 1 and ctx.is_root:
+                    row = self.exchanger.recv_tensor((batch, d), hidden.dtype, src=last, kind="output")
+            else:
+                row = hidden[:, 0]
+                weights = valid.to(hidden.dtype)[..., None]
+                sums = torch.cat([(hidden * weights).sum(1), weights.sum(1)], dim=-1)  # (B, d + 1)
+                if ctx.world_size > 1:
+                    sums = self.exchanger.reduce_sum_to_root(sums)
+                outputs["mean"] = sums[:, :d] / sums[:, d:].clamp_min(1.0)
+            if ctx.is_root:
+                outputs.update(model.head(row))
+            if gather_hidden:
+                if ctx.is_root:
+                    pieces = [hidden] + [self.exchanger.recv_tensor((batch, r.num_tokens, d), hidden.dtype, src=r.group_rank,
+                                                                    kind="output") for r in ranges[1:]]
+                    outputs["hidden"] = torch.cat(pieces, dim=1)
+                else:
+                    self.exchanger.send_tensor(hidden, dst=0, kind="output")
+        return outputs if ctx.is_root else None

@@ -1,0 +1,181 @@
+"""One batch, run locally or position-wise over the ranks of a torch.distributed job.
+
+Launched per rank by `edgeprism run` (local launcher or testbed) or directly by torchrun:
+
+    torchrun --nproc-per-node 2 -m edgeprism.runtime.batch_worker --spec '{"model": "vit-tiny-test", ...}'
+
+Rank 0 writes one JSON result (to `result_file` if the spec names one, else a stdout line starting
+with RESULT_PREFIX). A failing rank logs its error, exits non-zero, and the launcher stops the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from edgeprism.comm.context import DistContext, init_distributed, shutdown
+from edgeprism.comm.exchange import Exchanger
+from edgeprism.models.loading import load_model
+from edgeprism.models.synthetic import synthetic_inputs
+
+log = logging.getLogger(__name__)
+RESULT_PREFIX = "EDGEPRISM_RESULT "
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What to run. Everything a rank needs travels in this spec (no global state)."""
+
+    model: str
+    batch: int = 1
+    world_size: int = 1
+    mode: str = "distributed"  # "local" | "distributed"
+    shares: tuple[float, ...] | None = None
+    codec: str = "fp32"
+    size_aware: bool = False
+    seq_len: int | None = None
+    image_size: int | None = None
+    padded: bool = False
+    checkpoint: str | None = None
+    seed: int = 0
+    warmup: int = 1
+    repeats: int = 3
+    compare_local: bool = False
+    backend: str = "auto"
+    device: str = "cpu"
+    timeout_s: float = 120.0
+    result_file: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BatchSpec":
+        data = json.loads(text)
+        if data.get("shares") is not None:
+            data["shares"] = tuple(data["shares"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def _max_abs_diff(got: dict, expected: dict) -> tuple[float, dict[str, float]]:
+    per_key = {k: float((got[k].float() - expected[k].float()).abs().max()) for k in got if k in expected}
+    return (max(per_key.values()) if per_key else float("nan")), per_key
+
+
+def _gather_stats(ctx: DistContext, exchanger: Exchanger, stats) -> list[list[float]]:
+    """Per-rank [layer bytes sent, total bytes sent, staging_s, collective_s, emulated_delay_s] to every rank."""
+    row = torch.tensor([float(stats.per_kind_nbytes.get("layer", 0)), float(stats.nbytes_sent), stats.staging_s,
+                        stats.collective_s, stats.emulated_delay_s], dtype=torch.float64)
+    if ctx.world_size == 1:
+        return [row.tolist()]
+    rows = [torch.zeros_like(row) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(rows, row)
+    return [r.tolist() for r in rows]
+
+
+def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
+    from edgeprism.compress.registry import get_codec
+    from edgeprism.partition.transform import PositionWise
+
+    model = load_model(spec.model, spec.checkpoint, seed=spec.seed).to(ctx.device)
+    inputs = None
+    if ctx.is_root:
+        inputs = synthetic_inputs(model.config, spec.batch, seq_len=spec.seq_len, image_size=spec.image_size,
+                                  padded=spec.padded, seed=spec.seed + 1)
+        inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
+    latencies: list[float] = []
+    outputs = None
+    if spec.mode == "local":
+        if not ctx.is_root:
+            return None
+        for i in range(spec.warmup + spec.repeats):
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs = model(inputs)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= spec.warmup:
+                latencies.append(time.perf_counter() - start)
+        stats_rows = [[0.0, 0.0, 0.0, 0.0, 0.0]]
+        ranges = [[0, model.validate_input(inputs)]]
+    else:
+        engine = PositionWise(model, ctx, get_codec(spec.codec), size_aware=spec.size_aware)
+        engine.verify_peers()
+        for i in range(spec.warmup + spec.repeats):
+            engine.exchanger.reset_stats()
+            start = time.perf_counter()
+            outputs = engine.forward(inputs, spec.shares, gather_hidden=False)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= spec.warmup:
+                latencies.append(time.perf_counter() - start)
+        stats_rows = _gather_stats(ctx, engine.exchanger, engine.exchanger.stats)
+        if spec.compare_local:  # untimed: gather every hidden state for a strict comparison
+            outputs = engine.forward(inputs, spec.shares, gather_hidden=True)
+        ranges = None
+        if ctx.is_root:
+            from edgeprism.partition.ranges import equal_shares, split_tokens
+
+            num_tokens = model.validate_input(inputs)
+            ranges = [[r.start, r.end] for r in split_tokens(num_tokens, spec.shares or equal_shares(ctx.world_size))]
+    if not ctx.is_root:
+        return None
+    result = {
+        "mode": spec.mode, "model": spec.model, "world_size": ctx.world_size, "batch": spec.batch,
+        "num_tokens": model.validate_input(inputs), "token_ranges": ranges, "codec": spec.codec if spec.mode != "local" else None,
+        "size_aware": spec.size_aware, "backend": ctx.backend, "device": str(ctx.device),
+        "latency_s": statistics.median(latencies), "latencies_s": latencies,
+        "bytes_exchanged": int(sum(r[0] for r in stats_rows)),
+        "bytes_total_nbytes": int(sum(r[1] for r in stats_rows)),
+        "staging_s": stats_rows[0][2] if spec.mode != "local" else 0.0,
+        "collective_s": stats_rows[0][3] if spec.mode != "local" else 0.0,
+        "emulated_delay_s": stats_rows[0][4] if spec.mode != "local" else 0.0,
+        "per_rank": [{"group_rank": i, "layer_nbytes": int(r[0]), "total_nbytes": int(r[1]), "staging_s": r[2],
+                      "collective_s": r[3], "emulated_delay_s": r[4]} for i, r in enumerate(stats_rows)],
+        "cores": list(ctx.cores), "torch_threads": torch.get_num_threads(),
+        "link": ctx.link.describe() if ctx.link is not None else "loopback (not shaped)",
+    }
+    result["compute_s"] = max(0.0, result["latency_s"] - result["staging_s"] - result["collective_s"])
+    if spec.compare_local:
+        with torch.no_grad():
+            reference = model(inputs)
+        result["max_abs_diff"], result["max_abs_diff_per_output"] = _max_abs_diff(outputs, reference)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, help="BatchSpec as JSON")
+    args = parser.parse_args(argv)
+    spec = BatchSpec.from_json(args.spec)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [rank %(process)d] %(name)s: %(message)s")
+    ctx = init_distributed(spec.backend, spec.device, timeout_s=spec.timeout_s)
+    try:
+        result = run_batch(spec, ctx)
+    except Exception as err:
+        log.error("rank %d failed: %s: %s", ctx.group_rank, type(err).__name__, err)
+        print(f"rank {ctx.group_rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from err
+    finally:
+        shutdown(ctx)
+    if result is not None:
+        text = json.dumps(result)
+        if spec.result_file:
+            with open(spec.result_file, "w") as handle:
+                handle.write(text)
+        else:
+            print(RESULT_PREFIX + text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
