@@ -439,7 +439,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
         return value
     if origin is tuple:
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} must be a list, got {type(value).__name__}")
         return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
