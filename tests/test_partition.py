@@ -67,3 +67,28 @@ def test_bad_shares(shares, message):
 def test_more_ranks_than_tokens():
     with pytest.raises(ValueError, match="5 ranks for a request of 3 tokens"):
         split_tokens(3, (0.2,) * 5)
+
+
+def test_decode_after_distributed_prefill_matches_local_greedy():
+    script = (
+        "import json, torch\n"
+        "from edgeprism.comm.context import init_distributed, shutdown\n"
+        "from edgeprism.compress.registry import get_codec\n"
+        "from edgeprism.models.gpt2 import greedy_generate\n"
+        "from edgeprism.models.loading import build_model\n"
+        "from edgeprism.models.synthetic import synthetic_inputs\n"
+        "from edgeprism.partition.transform import PositionWise\n"
+        "ctx = init_distributed()\n"
+        "model = build_model('gpt2-tiny-test', seed=5)\n"
+        "engine = PositionWise(model, ctx, get_codec('fp32'))\n"
+        "inputs = synthetic_inputs(model.config, 2, seq_len=23, seed=1) if ctx.is_root else None\n"
+        "tokens = engine.generate(inputs, 8, (0.4, 0.35, 0.25))\n"
+        "stats = engine.exchanger.stats\n"
+        "if ctx.is_root:\n"
+        "    ref = greedy_generate(model, inputs, 8)\n"
+        "    print('RESULT', json.dumps({'equal': bool(torch.equal(tokens, ref)), 'shape': list(tokens.shape)}))\n"
+        "shutdown(ctx)\n")
+    results = launch_local(3, ["-c", script], timeout_s=120)
+    line = next(l for l in results[0].stdout.splitlines() if l.startswith("RESULT "))
+    report = json.loads(line.split(" ", 1)[1])
+    assert report == {"equal": True, "shape": [2, 8]}

@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--padded", action="store_true", help="text models: right-pad rows to random lengths")
     p.add_argument("--codec", default="fp32", help="what ranks exchange: fp32 (full), fp16, int8, sm4, sm4a+int8 ...")
     p.add_argument("--size-aware", action="store_true", help="add log(count) to the logits of received means")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="GPT-2: greedily generate N tokens after the prefill; the last rank decodes from its cache")
     p.add_argument("--compare-local", action="store_true", help="also run one device and report max_abs_diff")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1)
@@ -66,6 +68,15 @@ def validate(args) -> BatchSpec:
         raise ValueError(f"--seq-len is for text models; {config.name} is a ViT: use --image-size")
     if config.family != "vit" and args.image_size:
         raise ValueError(f"--image-size is for ViT models; {config.name} is a text model: use --seq-len")
+    if args.generate < 0:
+        raise ValueError(f"--generate {args.generate} must be >= 0")
+    if args.generate and config.family != "gpt2":
+        raise ValueError(f"--generate needs a decoder model; {config.name} is a {config.family} model")
+    if args.generate and args.padded:
+        raise ValueError("--generate needs unpadded prompts; drop --padded")
+    if args.generate and num_tokens_for(config, args) + args.generate > config.max_positions:
+        raise ValueError(f"{num_tokens_for(config, args)} prompt tokens + --generate {args.generate} exceed "
+                         f"{config.name}'s {config.max_positions} positions")
     if args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len {args.seq_len} must be >= 1")
     if args.image_size is not None and args.image_size < 1:
@@ -82,7 +93,11 @@ def validate(args) -> BatchSpec:
                      seq_len=args.seq_len, image_size=args.image_size, padded=args.padded,
                      checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None, seed=args.seed,
                      warmup=args.warmup, repeats=args.repeats, compare_local=args.compare_local,
-                     timeout_s=args.timeout)
+                     timeout_s=args.timeout, generate=args.generate)
+
+
+def num_tokens_for(config, args) -> int:
+    return args.seq_len or min(64, config.max_positions)
 
 
 def execute(spec: BatchSpec, cores_per_worker: int = 1, timeout_s: float = 300.0) -> dict:
@@ -104,6 +119,10 @@ def format_result(result: dict) -> str:
              f"  staging        {result['staging_s'] * 1e3:9.2f} ms",
              f"  collective     {result['collective_s'] * 1e3:9.2f} ms  (link: {result['link']})",
              f"  bytes exchanged {result['bytes_exchanged']:,} B per request (layer exchanges, all ranks)"]
+    if "generated_ids" in result:
+        lines.append(f"  generated {result['generate']} tokens per row; row 0: {result['generated_ids'][0]}")
+        if "generated_match_fraction" in result:
+            lines.append(f"  tokens equal to single-device greedy decoding: {result['generated_match_fraction']:.1%}")
     if "max_abs_diff" in result:
         lines.append(f"  max |distributed - single device| = {result['max_abs_diff']:.3g}")
     return "\n".join(lines)

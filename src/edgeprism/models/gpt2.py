@@ -45,3 +45,15 @@ class GPT2(ReferenceModel):
 
     def head(self, last_row: Tensor) -> dict[str, Tensor]:
         return {"last": last_row, "logits_last": self.logits(last_row)}
+
+
+def greedy_generate(model: GPT2, inputs: Inputs, max_new_tokens: int) -> Tensor:
+    """Single-device greedy decoding by full recomputation (the reference for distributed decode)."""
+    ids = inputs["input_ids"]
+    generated = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = model({"input_ids": ids})["logits_last"].argmax(-1)  # (B,)
+            generated.append(token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+    return torch.stack(generated, dim=1)  # (B, max_new_tokens)

@@ -115,6 +115,72 @@ class PositionWise:
         state = self.forward_shard(part, ranges)
         return self._collect(state, ranges, header["gather_hidden"])
 
+    def generate(self, inputs: Inputs | None, max_new_tokens: int,
+                 shares: tuple[float, ...] | None = None) -> Tensor | None:
+        """Greedy decoding after a distributed prefill (DESIGN rule 6; causal models only).
+
+        Every rank runs the prefill; the last rank keeps its exact K/V plus the K/V of the vectors it
+        received as its cache and decodes with no further exchange. Rank 0 returns (B, max_new_tokens)
+        token ids, the others None.
+        """
+        ctx, model = self.ctx, self.model
+        if not model.causal:
+            raise ValueError(f"{model.config.name} is not a decoder model; --generate needs a GPT-2 preset")
+        if ctx.is_root:
+            num_tokens = model.validate_input(inputs)
+            if max_new_tokens < 1 or num_tokens + max_new_tokens > model.config.max_positions:
+                raise ValueError(f"{num_tokens} prompt tokens + {max_new_tokens} new tokens must fit in "
+                                 f"{model.config.name}'s {model.config.max_positions} positions (and generate >= 1)")
+            if "attention_mask" in inputs and not bool(inputs["attention_mask"].bool().all()):
+                raise ValueError("generation needs unpadded prompts: give rows of equal length")
+            ranges = split_tokens(num_tokens, shares or equal_shares(ctx.world_size))
+            parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
+            header = {"ranges": [[r.start, r.end] for r in ranges], "generate": max_new_tokens,
+                      "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
+        else:
+            header, parts = None, None
+        if ctx.world_size > 1:
+            header = self.exchanger.broadcast_json(header)
+        ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
+        part = self._scatter(parts, header["parts"])
+        last = ctx.world_size - 1
+        is_last = ctx.group_rank == last
+        state = self.forward_shard(part, ranges, keep_cache=is_last)
+        tokens = self._decode(state, header["generate"]) if is_last else None
+        if ctx.world_size == 1:
+            return tokens
+        batch = state.hidden.shape[0]
+        if is_last:
+            self.exchanger.send_tensor(tokens, dst=0, kind="output")
+            return None
+        if ctx.is_root:
+            return self.exchanger.recv_tensor((batch, header["generate"]), torch.int64, src=last, kind="output")
+        return None
+
+    def _decode(self, state: ShardState, steps: int) -> Tensor:
+        """Greedy tokens from the last rank's cache: own exact K/V + received vectors' K/V."""
+        model = self.model
+        with torch.no_grad():
+            batch = state.hidden.shape[0]
+            position = state.token_range.end
+            prefix_bias = torch.cat([key_padding_bias(state.valid, state.hidden.dtype),
+                                     state.remote_bias], dim=-1)  # (B, 1, 1, n_own + S_remote)
+            token = model.logits(state.hidden[:, -1]).argmax(-1)  # (B,)
+            generated = [token]
+            cache = list(state.kv_cache)
+            for step in range(1, steps):
+                x = model.embed({"input_ids": token[:, None]}, position, position + 1)  # (B, 1, d)
+                bias = torch.cat([prefix_bias, prefix_bias.new_zeros(batch, 1, 1, step)], dim=-1)
+                for layer, block in enumerate(model.blocks):
+                    k_new, v_new = block.attn.project_kv(block.kv_input(x))
+                    k, v = (torch.cat([cache[layer][0], k_new], dim=2), torch.cat([cache[layer][1], v_new], dim=2))
+                    cache[layer] = (k, v)  # (B, heads, n_own + S_remote + step, head_dim)
+                    x = block(x, bias=bias, kv=(k, v))
+                token = model.logits(model.finish(x)[:, -1]).argmax(-1)
+                generated.append(token)
+                position += 1
+            return torch.stack(generated, dim=1)  # (B, steps)
+
     def _scatter(self, parts: list[Inputs] | None, specs: list[dict]) -> Inputs:
         """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids)."""
         ctx = self.ctx

@@ -22,6 +22,7 @@ import torch
 
 from edgeprism.comm.context import DistContext, init_distributed, shutdown
 from edgeprism.comm.exchange import Exchanger
+from edgeprism.models.gpt2 import greedy_generate
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 
@@ -51,6 +52,8 @@ class BatchSpec:
     backend: str = "auto"
     device: str = "cpu"
     timeout_s: float = 120.0
+    generate: int = 0
+    """Decoder models: greedy tokens to generate after the (distributed) prefill; 0 = prefill only."""
     result_file: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -99,7 +102,7 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         for i in range(spec.warmup + spec.repeats):
             start = time.perf_counter()
             with torch.no_grad():
-                outputs = model(inputs)
+                outputs = greedy_generate(model, inputs, spec.generate) if spec.generate else model(inputs)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= spec.warmup:
@@ -112,13 +115,16 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         for i in range(spec.warmup + spec.repeats):
             engine.exchanger.reset_stats()
             start = time.perf_counter()
-            outputs = engine.forward(inputs, spec.shares, gather_hidden=False)
+            if spec.generate:
+                outputs = engine.generate(inputs, spec.generate, spec.shares)
+            else:
+                outputs = engine.forward(inputs, spec.shares, gather_hidden=False)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= spec.warmup:
                 latencies.append(time.perf_counter() - start)
         stats_rows = _gather_stats(ctx, engine.exchanger, engine.exchanger.stats)
-        if spec.compare_local:  # untimed: gather every hidden state for a strict comparison
+        if spec.compare_local and not spec.generate:  # untimed: gather every hidden state for a strict comparison
             outputs = engine.forward(inputs, spec.shares, gather_hidden=True)
         ranges = None
         if ctx.is_root:
@@ -144,7 +150,13 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         "link": ctx.link.describe() if ctx.link is not None else "loopback (not shaped)",
     }
     result["compute_s"] = max(0.0, result["latency_s"] - result["staging_s"] - result["collective_s"])
-    if spec.compare_local:
+    if spec.generate:
+        result["generate"] = spec.generate
+        result["generated_ids"] = outputs.tolist()
+        if spec.compare_local:
+            reference_ids = greedy_generate(model, inputs, spec.generate)
+            result["generated_match_fraction"] = float((reference_ids == outputs).float().mean())
+    elif spec.compare_local:
         with torch.no_grad():
             reference = model(inputs)
         result["max_abs_diff"], result["max_abs_diff_per_output"] = _max_abs_diff(outputs, reference)
