@@ -173,3 +173,20 @@ def test_dominated_codecs_do_not_change_the_decision():
     profile = dataclasses.replace(base, codecs=base.codecs + (worse,))
     request, link = Request(MODEL, 16, 197), _link(profile)
     assert choose_plan(profile, request, link).codec == choose_plan(base, request, link).codec
+
+
+@pytest.mark.parametrize("model, tokens", [("gpt2-124m", 300), ("bert-base", 64)])
+def test_pruning_never_loses_the_optimum(model, tokens):
+    # Bounds and dominance only skip what cannot win: the choice matches brute force over all candidates.
+    profile = synthetic_profile(model, world_size=6, device_speeds=(1.0, 0.5, 2.0, 0.9, 1.1, 0.7), medium="shared")
+    for objective, ceiling, batch, bandwidth in itertools.product(
+            ("latency", "energy", "edp"), (None, 0.5), (1, 32), (10e6, 1e9)):
+        request, link = Request(model, batch, tokens), _link(profile, bandwidth_bps=bandwidth)
+        limits = Limits(max_latency_s=ceiling)
+        plan = choose_plan(profile, request, link, objective, limits)
+        allowed = [c for c in enumerate_candidates(profile, request, link, objective, limits) if c.excluded is None]
+        if not allowed:
+            assert not plan.within_limits
+            continue
+        best = min(objective_score(objective, c.prediction.total_s, c.prediction.energy_j) for c in allowed)
+        assert objective_score(objective, plan.predicted_latency_s, plan.predicted_energy_j) == pytest.approx(best)

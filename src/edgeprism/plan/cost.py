@@ -43,7 +43,8 @@ def apportion(num_tokens: int, speeds: Sequence[float]) -> tuple[int, ...]:
     counts = [max(1, int(x)) for x in ideal]
     left = num_tokens - sum(counts)
     if left > 0:  # fewer than k left over: one each to the ranks furthest below their ideal (lowest index on ties)
-        for j in sorted(range(k), key=lambda j: (counts[j] - ideal[j], j))[:left]:
+        above = [c - x for c, x in zip(counts, ideal)]
+        for j in sorted(range(k), key=above.__getitem__)[:left]:  # stable sort: lowest index on ties
             counts[j] += 1
     while left < 0:  # minimum-one bumps overshot: take one from the rank furthest above its ideal
         j = max((j for j in range(k) if counts[j] > 1), key=lambda j: (counts[j] - ideal[j], -j))
@@ -70,17 +71,45 @@ def profile_constants(profile: Profile) -> tuple:
             e.idle_w, e.compute_w, e.staging_w, e.network_w)
 
 
+def group_bound(constants: tuple, batch: int, num_tokens: int, speeds: Sequence[float],
+                link_latency_s: float) -> tuple[float, float]:
+    """Lower bounds of (latency_s, energy_j) of any plan over ranks of these speeds, before splitting tokens.
+
+    The slowest rank's layer time is at least the speed-weighted mean of all ranks' (which the
+    proportional split makes exact up to rounding), kv >= own tokens, and sum n_p² >= N² / k."""
+    (num_layers, _, a, b_tok, b_kv, b_tok_kv, overhead, *_rest) = constants
+    compute_w, network_w = constants[15], constants[17]
+    k = len(speeds)
+    work = k * a + (b_tok + b_kv) * batch * num_tokens + b_tok_kv * batch * num_tokens * num_tokens / k
+    latency_s = (num_layers * (k - 1) + 2) * link_latency_s
+    overhead_s = overhead / speeds[0]
+    min_total_s = num_layers * work / sum(speeds) + overhead_s + latency_s
+    min_energy_j = compute_w * (num_layers * work / max(speeds) + overhead_s) + network_w * k * latency_s
+    return min_total_s, min_energy_j
+
+
 def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: Sequence[int],
-                bandwidth_bps: float, link_latency_s: float) -> tuple:
+                bandwidth_bps: float, link_latency_s: float, max_cr: int = 1 << 30, min_extra: int = 0) -> tuple:
     """What a rank group costs whatever the codec. Per rank, layer seconds = base + slope · kv; plus the
-    codec-independent link terms and lower bounds of time and energy for any codec (planner pruning)."""
-    (num_layers, _, a, b_tok, b_kv, b_tok_kv, overhead, _, _, _, _, _, in_bytes, out_bytes,
+    codec-independent link terms and lower bounds of time and energy over codecs whose ratio is at most
+    `max_cr` and whose anchor slots are at least `min_extra` (for the planner's pruning)."""
+    (num_layers, causal, a, b_tok, b_kv, b_tok_kv, overhead, _, _, _, _, _, in_bytes, out_bytes,
      _, compute_w, _, network_w) = constants
     k = len(counts)
     num_tokens = sum(counts)
-    base = tuple((a + b_tok * batch * n) / s for n, s in zip(counts, speeds))
-    slope = tuple((b_kv * batch + b_tok_kv * batch * n) / s for n, s in zip(counts, speeds))
-    own_layer_s = [b + m * n for b, m, n in zip(base, slope, counts)]  # kv >= own tokens
+    token_s, kv_s, token_kv_s = b_tok * batch, b_kv * batch, b_tok_kv * batch
+    base = []
+    slope = []
+    for n, speed in zip(counts, speeds):
+        base.append((a + token_s * n) / speed)
+        slope.append((kv_s + token_kv_s * n) / speed)
+    fewest = [min_extra - (-n // max_cr) for n in counts]  # fewest vectors any such codec sends per rank
+    all_fewest = sum(fewest)
+    own_layer_s = []  # a lower bound of each rank's layer seconds
+    seen = 0
+    for p in range(k):
+        own_layer_s.append(base[p] + slope[p] * (counts[p] + (seen if causal else all_fewest - fewest[p])))
+        seen += fewest[p]
     overhead_s = overhead / speeds[0]
     scatter_bytes = batch * in_bytes * (num_tokens - counts[0])
     gather_bytes = batch * out_bytes * (k - 1)
@@ -94,34 +123,20 @@ def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: S
             latency_s, setup_wire_bytes, min_total_s, min_energy_j)
 
 
-def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity,
-                bandwidth_bps: float) -> tuple[float, float, float, float, float, float]:
+def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity, bandwidth_bps: float,
+                objective: str | None = None, beat: float = float("inf"),
+                ) -> tuple[float, float, float, float, float, float] | None:
     """-> (compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes) of one group with one codec.
-    The planner's hot loop: one pass over the ranks, everything else in closed form."""
+    The planner's hot loop: link and staging in closed form, then one pass over the ranks for compute.
+    With an `objective`, returns None as soon as a lower bound of its score is >= `beat`."""
     (num_layers, causal, _, _, _, _, _, staged, stage_lat_s, d2h_s_per_byte, h2d_s_per_byte, shared,
      _, _, idle_w, compute_w, staging_w, network_w) = constants
     (counts, base, slope, n_min, n_max, num_tokens, overhead_s, setup_network_s, latency_s,
-     setup_wire_bytes, _, _) = group
+     setup_wire_bytes, min_total_s, min_energy_j) = group
     k = len(counts)
     cr, extra = codec.cr, codec.extra_vectors_per_row
     row_bytes = batch * codec.wire_bytes_per_row
     token_bytes = batch * codec.wire_bytes_per_token
-
-    if cr == 1:
-        segments = [extra + n for n in counts]
-    else:
-        segments = [extra - (-n // cr) for n in counts]  # vectors each rank's message carries per row
-    total_segments = sum(segments)
-    max_layer_s = 0.0
-    sum_layer_s = 0.0
-    seen = 0
-    for p in range(k):
-        kv = counts[p] + (seen if causal else total_segments - segments[p])
-        seen += segments[p]
-        layer_s = base[p] + slope[p] * kv
-        sum_layer_s += layer_s
-        if layer_s > max_layer_s:
-            max_layer_s = layer_s
 
     total_message = k * row_bytes + token_bytes * num_tokens
     max_received = total_message - (row_bytes + token_bytes * n_min)
@@ -138,6 +153,27 @@ def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity
                                       + h2d_s_per_byte * (k - 1) * total_message)
     else:
         layer_staging_s = sum_staging_s = 0.0
+    if objective is not None:
+        bound_s = min_total_s + num_layers * (layer_network_s + layer_staging_s)
+        bound_j = min_energy_j + network_w * k * num_layers * layer_network_s + staging_w * sum_staging_s
+        if objective_score(objective, bound_s, bound_j) >= beat:
+            return None
+
+    if cr == 1:
+        segments = [extra + n for n in counts]
+    else:
+        segments = [extra - (-n // cr) for n in counts]  # vectors each rank's message carries per row
+    total_segments = sum(segments)
+    max_layer_s = 0.0
+    sum_layer_s = 0.0
+    seen = 0
+    for p in range(k):
+        kv = counts[p] + (seen if causal else total_segments - segments[p])
+        seen += segments[p]
+        layer_s = base[p] + slope[p] * kv
+        sum_layer_s += layer_s
+        if layer_s > max_layer_s:
+            max_layer_s = layer_s
 
     compute_s = num_layers * max_layer_s + overhead_s
     staging_s = num_layers * layer_staging_s
@@ -160,7 +196,9 @@ def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], cou
     rank of the plan, rank 0 (the coordinator) first."""
     constants = profile_constants(profile)
     group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s)
-    return codec_terms(constants, group, batch, codec, bandwidth_bps)
+    terms = codec_terms(constants, group, batch, codec, bandwidth_bps)
+    assert terms is not None  # no objective, no pruning
+    return terms
 
 
 def num_exchanges(profile: Profile) -> int:

@@ -6,17 +6,18 @@ Candidates are local, and for every group size k = 2..healthy ranks and every pr
 distributed plan over rank 0 plus the k-1 fastest other healthy ranks. Other subsets of the same size
 are never better under the cost model: with shares proportional to speed the compute term falls as the
 group's total speed rises, and the link terms depend on k and the codec only (one power model per profile).
-Ties keep the earlier candidate: local, then smaller groups, then codecs in profile order.
+Ties keep the earlier candidate: local, then smaller groups, then codecs lightest on the wire first
+(profile order among equals).
 
 Speed (< 100 µs a call for a few ranks and codecs): tables that depend on the profile alone (rank order,
 the codecs no other codec dominates, the cost constants) are derived once per profile instance; a rank
-group whose lower bound cannot beat the best so far is skipped whole.
+group, or a codec within it, whose lower bound cannot beat the best so far is skipped.
 """
 
 from __future__ import annotations
 
-from edgeprism.plan.cost import (apportion, codec_terms, distributed_terms, group_terms, local_terms, num_exchanges,
-                                 objective_score, profile_constants, token_shares)
+from edgeprism.plan.cost import (apportion, codec_terms, distributed_terms, group_bound, group_terms, local_terms,
+                                 num_exchanges, objective_score, profile_constants, token_shares)
 from edgeprism.plan.types import OBJECTIVES, Candidate, LinkEstimate, Limits, Plan, Prediction, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
@@ -57,14 +58,15 @@ def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
 
 
 def _undominated_codecs(profile: Profile) -> tuple[CodecFidelity, ...]:
-    """Codecs worth evaluating in `choose_plan`, in profile order. A codec dominated by another is
-    dropped; between two that cost and lose the same, the earlier one stays (the tie rule)."""
+    """Codecs worth evaluating in `choose_plan`: a codec dominated by another is dropped (between two
+    that cost and lose the same, the one listed first stays). Ordered lightest on the wire first so
+    that the best is found early and the bounds prune the rest (ties: profile order)."""
     codecs = profile.codecs
     keep = []
     for j, b in enumerate(codecs):
         if not any(_dominates(a, b) and (i < j or not _dominates(b, a)) for i, a in enumerate(codecs) if i != j):
-            keep.append(b)
-    return tuple(keep)
+            keep.append((b.wire_bytes_per_token, j, b))
+    return tuple(b for _, _, b in sorted(keep, key=lambda t: t[:2]))
 
 
 def codec_exclusion(codec: CodecFidelity, limits: Limits) -> str | None:
@@ -112,6 +114,8 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     else:
         num_fidelity_excluded = 0
     num_admissible = len(profile.codecs) - num_fidelity_excluded
+    max_cr = max((c.cr for c in codecs), default=1)
+    min_extra = min((c.extra_vectors_per_row for c in codecs), default=0)
 
     local_s, local_j = local_terms(profile, batch, num_tokens)
     # An option: (score, latency_s, energy_j, ranks, counts, codec or None for local).
@@ -132,13 +136,19 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         if not codecs:
             continue
         speeds = [speeds_all[r] for r in ranks]
+        if best is not None and objective_score(
+                objective, *group_bound(constants, batch, num_tokens, speeds, link_latency_s)) >= best[0]:
+            continue  # even a perfect split and a free link could not beat the best so far
         counts = apportion(num_tokens, speeds)
-        group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s)
+        group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s, max_cr, min_extra)
         if best is not None and objective_score(objective, group[-2], group[-1]) >= best[0]:
             continue  # no codec can beat the best so far: every term is at least its group lower bound
         for codec in codecs:
-            compute_s, staging_s, network_s, lat_s, energy_j, _ = codec_terms(constants, group, batch, codec,
-                                                                              bandwidth_bps)
+            terms = codec_terms(constants, group, batch, codec, bandwidth_bps, objective,
+                                _INF if best is None else best[0])
+            if terms is None:
+                continue  # its lower bound cannot beat the best so far
+            compute_s, staging_s, network_s, lat_s, energy_j, _ = terms
             total_s = compute_s + staging_s + network_s + lat_s
             if total_s < fastest[0]:
                 fastest = (total_s, energy_j, ranks, counts, codec)
