@@ -137,3 +137,17 @@ def test_explain_names_every_term():
         assert word in text
     assert pred.to_dict()["total_s"] == pred.total_s
     assert LinkMeasurement(0.003, 5e7).medium == "switched"
+
+
+def test_wire_bytes_agree_with_the_exact_accounting():
+    compress = pytest.importorskip("edgeprism.compress")
+    accounting = pytest.importorskip("edgeprism.plan.accounting")
+    entry = CodecFidelity.from_codec(compress.get_codec("sm4a+int8"), 768)
+    profile = dataclasses.replace(synthetic_profile(world_size=3), codecs=(entry,), input_bytes_per_token=0.0)
+    counts = (100, 96, 64)  # multiples of the ratio: the per-token rate is exact there
+    plan = Plan("distributed", (0, 1, 2), token_shares([1.0] * 3), counts, entry.codec, entry.cr, "", 0, 0, "",
+                "latency", "")
+    pred = predict(profile, Request(MODEL, 2, sum(counts)), plan, _link(profile))
+    exact = accounting.exchange_cost(profile.model, counts, "sm4a+int8", batch=2)
+    assert pred.wire_bytes == pytest.approx(12 * 2 * max(exact.message_bytes_per_rank))
+    assert pred.wire_bytes == pytest.approx(12 * exact.padded_allgather_bytes_per_layer * 2 / 3)

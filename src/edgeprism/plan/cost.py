@@ -9,7 +9,8 @@ Distributed over k ranks owning n_p tokens, codec with segment size cr, per laye
     kv_p     = n_p + sum_{q != p} S_q                 (decoders: q < p only — partition-aware causal mask)
     compute  = max_p t_layer(B, n_p, kv_p) / speed_p
     staging  = max_p d2h(msg_p) + h2d(sum_{q != p} msg_q)      (0 where the profile has no staging)
-    network  = 8 · max_p sum_{q != p} msg_q / bandwidth   (switched; shared medium: 8 · (k-1) · sum_q msg_q / bw)
+    network  = 8 · (k-1) · max_q msg_q / bandwidth        (GLOO all-gather pads every message to the largest;
+                                                          shared medium: k times that, all ranks share the air)
     latency  = (k - 1) · link latency                    (ring all-gather: k - 1 hops)
 and once per request: scatter of raw inputs from rank 0 (B · input_bytes_per_token · (N - n_0)), gather of
 outputs to rank 0 (B · output_bytes_per_row per other rank), one link latency each.
@@ -139,9 +140,10 @@ def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity
     token_bytes = batch * codec.wire_bytes_per_token
 
     total_message = k * row_bytes + token_bytes * num_tokens
-    max_received = total_message - (row_bytes + token_bytes * n_min)
+    # GLOO's all-gather takes equal shapes: every message travels padded to the largest one.
+    max_received = (k - 1) * (row_bytes + token_bytes * n_max)
     if shared:
-        layer_network_s = 8.0 * (k - 1) * total_message / bandwidth_bps
+        layer_network_s = 8.0 * k * max_received / bandwidth_bps
     else:
         layer_network_s = 8.0 * max_received / bandwidth_bps
     if staged:
