@@ -15,6 +15,8 @@ import sys
 # Module names under edgeprism.cli, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "run",
+    "eval",
+    "plan",
 )
 
 

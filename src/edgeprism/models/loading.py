@@ -176,3 +176,42 @@ def load_model(name: str, checkpoint: str | Path | None = None, seed: int = 0) -
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def config_from_hf(hf_config: dict, name: str) -> ModelConfig:
+    """A ModelConfig from a transformers config.json (ViT, Dinov2, BERT, GPT-2)."""
+    kind = hf_config.get("model_type")
+    if kind == "gpt2":
+        d = hf_config["n_embd"]
+        return ModelConfig(name, "gpt2", hidden_size=d, num_layers=hf_config["n_layer"], num_heads=hf_config["n_head"],
+                           intermediate_size=hf_config.get("n_inner") or 4 * d,
+                           layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+                           hidden_act=hf_config.get("activation_function", "gelu_new"),
+                           vocab_size=hf_config["vocab_size"], max_positions=hf_config["n_positions"], pooler="none")
+    common = dict(hidden_size=hf_config["hidden_size"], num_layers=hf_config["num_hidden_layers"],
+                  num_heads=hf_config["num_attention_heads"], hidden_act=hf_config.get("hidden_act", "gelu"))
+    if kind == "bert":
+        return ModelConfig(name, "bert", intermediate_size=hf_config["intermediate_size"],
+                           layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12), vocab_size=hf_config["vocab_size"],
+                           max_positions=hf_config["max_position_embeddings"],
+                           type_vocab_size=hf_config.get("type_vocab_size", 2),
+                           pad_token_id=hf_config.get("pad_token_id", 0), **common)
+    if kind in ("vit", "dinov2"):
+        patch = hf_config["patch_size"]
+        native = hf_config["image_size"]
+        is_dinov2 = kind == "dinov2"
+        inter = (int(common["hidden_size"] * hf_config.get("mlp_ratio", 4)) if is_dinov2
+                 else hf_config["intermediate_size"])
+        return ModelConfig(name, "vit", intermediate_size=inter,
+                           layer_norm_eps=hf_config.get("layer_norm_eps", 1e-6 if is_dinov2 else 1e-12),
+                           image_size=224 if is_dinov2 else native, patch_size=patch,
+                           num_channels=hf_config.get("num_channels", 3), layerscale=is_dinov2,
+                           position_grid=native // patch, pooler="cls" if is_dinov2 else "dense_tanh", **common)
+    raise ValueError(f"config.json has model_type {kind!r}; edgeprism loads vit, dinov2, bert and gpt2 checkpoints")
+
+
+def load_pretrained(directory: str | Path, name: str | None = None) -> ReferenceModel:
+    """A model whose architecture comes from the checkpoint's own config.json."""
+    hf_config, _ = read_checkpoint(directory)
+    config = config_from_hf(hf_config, name or Path(directory).name)
+    return load_checkpoint(build_model(config, seed=None), directory)

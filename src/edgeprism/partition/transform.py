@@ -102,6 +102,7 @@ class PositionWise:
             if len(ranges) != ctx.world_size:
                 raise ValueError(f"{len(ranges)} shares for a world of {ctx.world_size} ranks; give one per rank")
             parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
+            self._warn_if_ratio_exceeds(ranges)
             self._requests += 1
             header = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges],
                       "codec": self.codec.name, "gather_hidden": gather_hidden,
@@ -180,6 +181,15 @@ class PositionWise:
                 generated.append(token)
                 position += 1
             return torch.stack(generated, dim=1)  # (B, steps)
+
+    def _warn_if_ratio_exceeds(self, ranges: tuple[TokenRange, ...]) -> None:
+        """A CR above a rank's token count is clamped (one segment per row), with one warning."""
+        ratio = getattr(self.codec, "ratio", 1)
+        smallest = min(r.num_tokens for r in ranges)
+        if ratio > smallest and not getattr(self, "_warned_ratio", False):
+            self._warned_ratio = True
+            log.warning("CR %d exceeds the smallest partition (%d tokens): such a rank sends one mean per row "
+                        "(as if CR were %d)", ratio, smallest, smallest)
 
     def _scatter(self, parts: list[Inputs] | None, specs: list[dict]) -> Inputs:
         """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids)."""

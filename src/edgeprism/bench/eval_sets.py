@@ -1,0 +1,129 @@
+"""The evaluation sets behind `edgeprism eval`: real weights and data, all offline (docs/DATA.md).
+
+- minilm-l6: all-MiniLM-L6-v2 + the CLINC150 intent head; passages of 128-256 tokens and short queries.
+- dinov2-s14: DINOv2-S/14 + a linear probe fitted on Fashion-MNIST train features (single device).
+- gpt2-shakespeare: the project's byte-level GPT-2 fixture; held-out perplexity.
+- *-test presets: random weights and synthetic inputs (fast; for tests of the harness itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from edgeprism.bench.fidelity import EvalSet, embedding_score, fit_linear_probe, perplexity_score, probe_score
+from edgeprism.models.base import Inputs
+
+log = logging.getLogger(__name__)
+
+EVAL_MODELS = ("minilm-l6", "dinov2-s14", "gpt2-shakespeare")
+
+
+def _pad_batches(encodings: list[list[int]], batch_size: int, pad_id: int = 0) -> list[Inputs]:
+    """Token-id lists → right-padded batches (rows sorted by length to waste little padding)."""
+    order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = [encodings[i] for i in order[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            ids[j, :len(row)] = torch.tensor(row)
+            mask[j, :len(row)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})
+    return batches
+
+
+def minilm_sets(limit: int = 200, query_limit: int = 200, batch_size: int = 1) -> list[EvalSet]:
+    from edgeprism import assets
+    from edgeprism.bench.datasets import short_queries, text_passages
+    from edgeprism.models.loading import load_model
+
+    model = load_model("minilm-l6", assets.minilm_checkpoint_dir())
+    tokenizer = assets.minilm_tokenizer(max_length=512)
+    head = assets.IntentHead.from_cache()
+    passages = text_passages(tokenizer, 128, 256, limit=limit)
+    queries = short_queries("intent", limit=query_limit)
+    sets = []
+    for name, texts in (("passages", passages), ("queries", queries)):
+        encodings = [e.ids for e in tokenizer.encode_batch(texts)]
+        sets.append(EvalSet(f"minilm-{name}", model, _pad_batches(encodings, batch_size),
+                            embedding_score(head), description=f"{len(texts)} {name}"))
+    return sets
+
+
+def dinov2_set(limit: int = 200, train_limit: int = 1000, image_size: int = 224, batch_size: int = 8,
+               progress: Callable[[str], None] | None = None) -> list[EvalSet]:
+    from edgeprism import assets
+    from edgeprism.bench.datasets import fashion_mnist, to_dinov2_input
+    from edgeprism.models.loading import load_model
+
+    model = load_model("dinov2-s14", assets.dinov2_checkpoint_dir())
+    train_images, train_labels = fashion_mnist("train", limit=train_limit)
+    test_images, test_labels = fashion_mnist("test", limit=limit)
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(train_images), batch_size):
+            pixels = to_dinov2_input(train_images[start:start + batch_size], image_size)
+            features.append(model({"pixel_values": pixels})["pooled"])
+            if progress and (start // batch_size) % 25 == 0:
+                progress(f"probe features {start + len(pixels)}/{len(train_images)}")
+    probe = fit_linear_probe(torch.cat(features), torch.from_numpy(train_labels.astype("int64")), 10)
+    batches = [{"pixel_values": to_dinov2_input(test_images[s:s + batch_size], image_size)}
+               for s in range(0, len(test_images), batch_size)]
+    return [EvalSet("dinov2-fashion-mnist", model, batches,
+                    probe_score(probe, torch.from_numpy(test_labels.astype("int64"))),
+                    description=f"{len(test_images)} test images, probe fitted on {len(train_images)}")]
+
+
+def gpt2_set(limit: int = 64, window: int = 256, batch_size: int = 8) -> list[EvalSet]:
+    from edgeprism import assets
+    from edgeprism.bench.datasets import gpt2_heldout_bytes
+    from edgeprism.models.loading import load_pretrained
+
+    model = load_pretrained(assets.gpt2_shakespeare_dir(), "gpt2-shakespeare")
+    window = min(window, model.config.max_positions)
+    data = torch.tensor(list(gpt2_heldout_bytes()), dtype=torch.long)
+    windows = data[: (len(data) // window) * window].view(-1, window)[:limit]
+    batches = [{"input_ids": windows[s:s + batch_size]} for s in range(0, len(windows), batch_size)]
+    return [EvalSet("gpt2-heldout", model, batches, perplexity_score(model, [b["input_ids"] for b in batches]),
+                    gather_hidden=True, description=f"{len(windows)} windows of {window} held-out bytes")]
+
+
+def synthetic_set(model_name: str, batches: int = 4, batch_size: int = 2, seq_len: int = 32) -> list[EvalSet]:
+    """Random weights, random inputs: for testing the harness, not for fidelity claims."""
+    from edgeprism.bench.fidelity import MetricValue
+    from edgeprism.models.loading import build_model
+    from edgeprism.models.synthetic import synthetic_inputs
+
+    model = build_model(model_name, seed=11)
+    inputs = [synthetic_inputs(model.config, batch_size, seq_len=seq_len, padded=model.config.family == "bert",
+                               seed=100 + i) for i in range(batches)]
+    if model.config.family == "gpt2":
+        return [EvalSet(f"{model_name}-synthetic", model, inputs,
+                        perplexity_score(model, [b["input_ids"] for b in inputs]), gather_hidden=True)]
+
+    def cosine(reference, candidate):
+        key = "mean"
+        ref = torch.cat([r[key] for r in reference])
+        got = torch.cat([c[key] for c in candidate])
+        return [MetricValue("embedding_cosine", float(torch.nn.functional.cosine_similarity(ref, got).mean()), 1.0)]
+
+    return [EvalSet(f"{model_name}-synthetic", model, inputs, cosine)]
+
+
+def eval_sets_for(model: str, limit: int | None = None, progress: Callable[[str], None] | None = None,
+                  **kwargs) -> list[EvalSet]:
+    if model == "minilm-l6":
+        return minilm_sets(limit=limit or 200, query_limit=limit or 200, **kwargs)
+    if model == "dinov2-s14":
+        return dinov2_set(limit=limit or 200, progress=progress, **kwargs)
+    if model == "gpt2-shakespeare":
+        return gpt2_set(limit=limit or 64, **kwargs)
+    if model.endswith("-test"):
+        return synthetic_set(model)
+    raise ValueError(f"no evaluation set for {model!r}; choose one of {', '.join(EVAL_MODELS)} "
+                     f"(or a *-test preset for a synthetic smoke run)")

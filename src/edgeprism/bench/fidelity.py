@@ -1,0 +1,206 @@
+"""Measured fidelity of each codec: the distributed model against the single-device model, on real data.
+
+An `EvalSet` is a model, its request batches and a scoring rule. `evaluate` runs the position-wise
+model (through the in-process transport, `comm.loopback`: the same `PositionWise` code as a real
+process group) for each codec and returns one row per (codec, metric), with the bytes it exchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from edgeprism.comm.loopback import LoopbackGroup
+from edgeprism.compress.base import Codec
+from edgeprism.compress.registry import get_codec, traffic_ratio
+from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.partition.transform import PositionWise
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    metric: str
+    value: float
+    reference_value: float
+    higher_is_better: bool = True
+
+    @property
+    def loss(self) -> float:
+        """Relative fidelity loss in [0, ...): how much worse than the reference, as a fraction of it."""
+        if self.reference_value == 0:
+            return 0.0
+        worse = (self.reference_value - self.value) if self.higher_is_better else (self.value - self.reference_value)
+        return max(0.0, worse / abs(self.reference_value))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    model: ReferenceModel
+    batches: list[Inputs]
+    score: Callable[[list[Outputs], list[Outputs]], list[MetricValue]]
+    """(reference outputs per batch, distributed outputs per batch) → metrics."""
+    gather_hidden: bool = False
+    description: str = ""
+
+    @property
+    def num_requests(self) -> int:
+        return sum(next(iter(b.values())).shape[0] for b in self.batches)
+
+    def num_tokens(self) -> float:
+        """Mean tokens per request row (padded length of its batch)."""
+        counts = [self.model.validate_input(b) for b in self.batches]
+        rows = [next(iter(b.values())).shape[0] for b in self.batches]
+        return sum(c * r for c, r in zip(counts, rows)) / max(1, sum(rows))
+
+
+@dataclass(frozen=True)
+class FidelityRow:
+    eval_set: str
+    model: str
+    codec: str
+    cr: int
+    world_size: int
+    size_aware: bool
+    metric: str
+    value: float
+    reference_value: float
+    loss: float
+    bytes_per_request: float
+    traffic_vs_fp32: float
+    num_requests: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def codec_cr(codec: Codec) -> int:
+    """Tokens per segment of a Segment Means codec (1 for codecs that send every token)."""
+    return int(getattr(codec, "ratio", 1))
+
+
+def run_distributed(model: ReferenceModel, batches: Iterable[Inputs], codec: Codec, world_size: int,
+                    shares: tuple[float, ...] | None = None, size_aware: bool = False,
+                    gather_hidden: bool = False) -> tuple[list[Outputs], int]:
+    """Root outputs per batch, and the layer bytes all ranks sent in total."""
+    group = LoopbackGroup(world_size)
+    outputs, nbytes = [], 0
+    for batch in batches:
+        def rank_fn(ctx, exchanger, batch=batch):
+            engine = PositionWise(model, ctx, codec, size_aware=size_aware, exchanger=exchanger)
+            out = engine.forward(batch if ctx.is_root else None, shares, gather_hidden=gather_hidden)
+            return out, exchanger.stats.per_kind_nbytes.get("layer", 0)
+
+        results = group.run(rank_fn)
+        outputs.append(results[0][0])
+        nbytes += sum(r[1] for r in results)
+    return outputs, nbytes
+
+
+def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tuple[float, ...] | None = None,
+             size_aware: bool = False, progress: Callable[[str], None] | None = None) -> list[FidelityRow]:
+    model = eval_set.model
+    with torch.no_grad():
+        reference = [model(batch) for batch in eval_set.batches]
+    rows: list[FidelityRow] = []
+    d = model.config.hidden_size
+    mean_tokens = max(1, round(eval_set.num_tokens()))
+    for i, name in enumerate(codecs):
+        codec = get_codec(name)
+        outputs, nbytes = run_distributed(model, eval_set.batches, codec, world_size, shares, size_aware,
+                                          eval_set.gather_hidden)
+        per_rank_tokens = max(1, mean_tokens // world_size)
+        for metric in eval_set.score(reference, outputs):
+            rows.append(FidelityRow(eval_set.name, model.config.name, str(codec), codec_cr(codec), world_size,
+                                    size_aware, metric.metric, metric.value, metric.reference_value, metric.loss,
+                                    nbytes / eval_set.num_requests, traffic_ratio(codec, 1, per_rank_tokens, d),
+                                    eval_set.num_requests))
+        if progress:
+            summary = ", ".join(f"{r.metric}={r.value:.4g}" for r in rows if r.codec == str(codec))
+            progress(f"[{i + 1}/{len(codecs)}] {eval_set.name} {codec}: {summary}")
+    return rows
+
+
+# --- scoring rules ---
+
+def embedding_score(head=None) -> Callable[[list[Outputs], list[Outputs]], list[MetricValue]]:
+    """Sentence embeddings (mean over valid tokens, L2-normalised): cosine to the reference, and top-1
+    agreement of an intent head applied to both when one is given."""
+
+    def score(reference: list[Outputs], candidate: list[Outputs]) -> list[MetricValue]:
+        ref = F.normalize(torch.cat([r["mean"] for r in reference]), dim=-1)
+        got = F.normalize(torch.cat([c["mean"] for c in candidate]), dim=-1)
+        metrics = [MetricValue("embedding_cosine", float((ref * got).sum(-1).mean()), 1.0)]
+        if head is not None:
+            agree = (head.predict_index(ref.numpy()) == head.predict_index(got.numpy())).mean()
+            metrics.append(MetricValue("intent_agreement", float(agree), 1.0))
+        return metrics
+
+    return score
+
+
+def probe_score(probe: torch.nn.Linear, labels: torch.Tensor) -> Callable[[list[Outputs], list[Outputs]], list[MetricValue]]:
+    """A linear probe on pooled ([CLS]) features: accuracy against labels, and top-1 agreement."""
+
+    def score(reference: list[Outputs], candidate: list[Outputs]) -> list[MetricValue]:
+        with torch.no_grad():
+            ref_pred = probe(torch.cat([r["pooled"] for r in reference])).argmax(-1)
+            got_pred = probe(torch.cat([c["pooled"] for c in candidate])).argmax(-1)
+        return [MetricValue("probe_accuracy", float((got_pred == labels).float().mean()),
+                            float((ref_pred == labels).float().mean())),
+                MetricValue("top1_agreement", float((got_pred == ref_pred).float().mean()), 1.0)]
+
+    return score
+
+
+def perplexity_score(model, targets: list[torch.Tensor]) -> Callable[[list[Outputs], list[Outputs]], list[MetricValue]]:
+    """Next-token perplexity over every position of the (gathered) hidden states; `targets` are the
+    batches' input ids."""
+
+    def nll(outputs: list[Outputs]) -> float:
+        total, count = 0.0, 0
+        for out, ids in zip(outputs, targets):
+            logits = model.logits(out["hidden"][:, :-1])  # (B, T-1, V)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += ids[:, 1:].numel()
+        return total / count
+
+    def score(reference: list[Outputs], candidate: list[Outputs]) -> list[MetricValue]:
+        return [MetricValue("perplexity", math.exp(nll(candidate)), math.exp(nll(reference)),
+                            higher_is_better=False)]
+
+    return score
+
+
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300,
+                     weight_decay: float = 1e-4, seed: int = 0) -> torch.nn.Linear:
+    """Multinomial logistic regression on frozen features (full-batch L-BFGS, deterministic)."""
+    torch.manual_seed(seed)
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    probe = torch.nn.Linear(features.shape[1], num_classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+    x = (features - mean) / std
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(x), labels) + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    # Fold the standardisation into the layer so it applies to raw features.
+    with torch.no_grad():
+        folded = torch.nn.Linear(features.shape[1], num_classes)
+        folded.weight.copy_(probe.weight / std)
+        folded.bias.copy_(probe.bias - (probe.weight * mean / std).sum(1))
+    return folded

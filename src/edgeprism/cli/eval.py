@@ -1,0 +1,84 @@
+"""`edgeprism eval`: fidelity of each codec/CR against the single-device model, on real data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _int_list(text: str) -> list[int]:
+    values = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        try:
+            value = float(piece)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"CR {piece!r} is not a number; give integers >= 1, e.g. 1,2,4,8")
+        if value < 1 or value != int(value):
+            raise argparse.ArgumentTypeError(f"CR {piece} must be a whole number >= 1 (tokens per segment)")
+        values.append(int(value))
+    return values
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="measure each codec's fidelity against the single-device model",
+                              description="Run the distributed model with each codec (or Segment Means CR) on the "
+                                          "model's evaluation set and compare with the single-device model.")
+    p.add_argument("--model", required=True, help="minilm-l6, dinov2-s14, gpt2-shakespeare (or a *-test preset)")
+    p.add_argument("--cr", type=_int_list, help="Segment Means ratios, e.g. 1,2,4,8,16,32 (codec smN)")
+    p.add_argument("--codec", help="codec names, e.g. fp16,int8,int4,sm4,sm4a,sm16a+int8")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--shares", help="token shares per rank (default equal)")
+    p.add_argument("--size-aware", choices=["off", "on", "both"], default="off",
+                   help="log(count) logit bias for received means (both = measure each)")
+    p.add_argument("--limit", type=int, help="requests per evaluation set (default: the set's own)")
+    p.add_argument("--out", help="also append the rows as JSON lines to this file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=handle)
+
+
+def handle(args) -> int:
+    from edgeprism.bench.eval_sets import eval_sets_for
+    from edgeprism.bench.fidelity import evaluate
+    from edgeprism.compress.registry import get_codec, parse_codec_list
+    from edgeprism.partition.ranges import validate_shares
+
+    if args.world_size < 2:
+        raise ValueError(f"--world-size {args.world_size}: fidelity of a split needs at least 2 ranks")
+    codecs = [f"sm{cr}" for cr in (args.cr or [])] + ([str(c) for c in parse_codec_list(args.codec)] if args.codec else [])
+    if not codecs:
+        raise ValueError("give --cr and/or --codec, e.g. --cr 1,2,4,8,16,32 or --codec fp16,int8,sm4a")
+    for name in codecs:
+        get_codec(name)
+    shares = validate_shares([float(x) for x in args.shares.split(",")], args.world_size) if args.shares else None
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit} must be >= 1")
+    progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    sets = eval_sets_for(args.model, args.limit, progress=progress)
+    weightings = {"off": [False], "on": [True], "both": [False, True]}[args.size_aware]
+    rows = []
+    for eval_set in sets:
+        progress(f"{eval_set.name}: {eval_set.description or eval_set.num_requests} requests, "
+                 f"{args.world_size} ranks, {len(codecs)} codecs")
+        for size_aware in weightings:
+            rows += [r.to_dict() for r in evaluate(eval_set, codecs, args.world_size, shares, size_aware, progress)]
+    if args.out:
+        with open(args.out, "a") as handle_:
+            for row in rows:
+                handle_.write(json.dumps(row) + "\n")
+    if args.json:
+        print(json.dumps({"model": args.model, "world_size": args.world_size, "rows": rows}, indent=1))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'set':<22} {'codec':<12} {'aware':<5} {'metric':<17} {'value':>9} {'ref':>9} {'loss':>7} "
+             f"{'bytes/req':>12} {'traffic':>8}"]
+    for r in rows:
+        lines.append(f"{r['eval_set']:<22} {r['codec']:<12} {'yes' if r['size_aware'] else 'no':<5} {r['metric']:<17} "
+                     f"{r['value']:>9.4f} {r['reference_value']:>9.4f} {r['loss']:>7.2%} "
+                     f"{r['bytes_per_request']:>12,.0f} {r['traffic_vs_fp32']:>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""The fidelity harness: full exchange is exact, compression costs bytes and fidelity as measured."""
+
+import json
+
+import pytest
+import torch
+
+from edgeprism.bench.eval_sets import synthetic_set
+from edgeprism.bench.fidelity import evaluate, run_distributed
+from edgeprism.cli.main import main
+from edgeprism.comm.loopback import LoopbackGroup
+from edgeprism.compress.registry import get_codec
+from edgeprism.models.loading import build_model
+from edgeprism.models.synthetic import synthetic_inputs
+
+
+@pytest.mark.parametrize("name", ["vit-tiny-test", "bert-tiny-test", "gpt2-tiny-test"])
+def test_loopback_transport_full_exchange_is_exact(name):
+    model = build_model(name, seed=3)
+    batch = synthetic_inputs(model.config, 3, seq_len=21, padded=name.startswith("bert"), seed=2)
+    (outputs,), _ = run_distributed(model, [batch], get_codec("fp32"), 3, (0.5, 0.3, 0.2), gather_hidden=True)
+    with torch.no_grad():
+        reference = model(batch)
+    assert max(float((outputs[k] - reference[k]).abs().max()) for k in outputs) <= 1e-5
+
+
+def test_segment_means_moves_fewer_bytes_and_changes_the_answer():
+    model = build_model("bert-tiny-test", seed=3)
+    batch = synthetic_inputs(model.config, 2, seq_len=32, seed=2)
+    with torch.no_grad():
+        reference = model(batch)
+    full, full_bytes = run_distributed(model, [batch], get_codec("fp32"), 2)
+    means, means_bytes = run_distributed(model, [batch], get_codec("sm8"), 2)
+    assert means_bytes < full_bytes / 6
+    assert float((means[0]["mean"] - reference["mean"]).abs().max()) > 1e-4  # lossy, and measurably so
+    assert float((full[0]["mean"] - reference["mean"]).abs().max()) <= 1e-5
+
+
+def test_causal_means_flow_only_forward():
+    model = build_model("gpt2-tiny-test", seed=3)
+    batch = synthetic_inputs(model.config, 1, seq_len=30, seed=2)
+
+    def rank_fn(ctx, exchanger):
+        from edgeprism.partition.transform import PositionWise
+
+        PositionWise(model, ctx, get_codec("sm2"), exchanger=exchanger).forward(batch if ctx.is_root else None)
+        return exchanger.stats.per_kind_nbytes.get("layer", 0)
+
+    sent = LoopbackGroup(3).run(rank_fn)
+    assert sent[2] == 0 and sent[0] > 0 and sent[1] > 0  # the last rank's means would reach nobody
+
+
+def test_rank_with_other_settings_is_refused_on_every_rank():
+    model = build_model("bert-tiny-test", seed=3)
+
+    def rank_fn(ctx, exchanger):
+        from edgeprism.partition.transform import PositionWise
+
+        codec = get_codec("sm4" if ctx.group_rank == 1 else "sm8")
+        PositionWise(model, ctx, codec, exchanger=exchanger).verify_peers()
+
+    with pytest.raises(ValueError, match="differ from rank"):
+        LoopbackGroup(2).run(rank_fn)
+
+
+def test_eval_rows_on_a_synthetic_set():
+    (eval_set,) = synthetic_set("gpt2-tiny-test", batches=2)
+    rows = evaluate(eval_set, ["sm1", "sm4", "fp16"], world_size=2)
+    by_codec = {r.codec: r for r in rows}
+    assert by_codec["sm1"].value == pytest.approx(by_codec["sm1"].reference_value, rel=1e-5)
+    assert by_codec["fp16"].bytes_per_request < by_codec["sm1"].bytes_per_request
+    assert by_codec["sm4"].bytes_per_request < by_codec["fp16"].bytes_per_request
+
+
+def test_eval_cli_json_and_bad_cr(capsys):
+    assert main(["eval", "--model", "bert-tiny-test", "--cr", "1,4", "--world-size", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {r["cr"] for r in report["rows"]} == {1, 4}
+    for key in ("cr", "metric", "value", "reference_value", "bytes_per_request", "codec"):
+        assert key in report["rows"][0]
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "bert-tiny-test", "--cr", "0"])
+    assert main(["eval", "--model", "bert-tiny-test", "--codec", "int8+sm4"]) == 2
+    assert "sm4+int8" in capsys.readouterr().err
