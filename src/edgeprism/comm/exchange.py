@@ -53,7 +53,10 @@ def _sync(device: torch.device) -> None:
 
 
 class Exchanger:
-    """Staged, timed collectives over the context's group. Reuses its CPU buffers across calls."""
+    """Staged, timed collectives over the context's group. Reuses its CPU buffers across calls.
+
+    Ranks here are group-relative (`group_dst`/`group_src`), so the same code serves a subgroup.
+    """
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
@@ -125,8 +128,8 @@ class Exchanger:
         inbox = {q: self._cpu_buffer(kind, q, sizes[q]) for q in range(rank)}
         delay_s = self._delay(sizes[rank] * len(receivers), 1) if receivers or inbox else 0.0
         start = time.perf_counter()
-        requests = [dist.isend(staged, dst=q, group=self.ctx.group) for q in receivers]
-        requests += [dist.irecv(inbox[q], src=q, group=self.ctx.group) for q in range(rank)]
+        requests = [dist.isend(staged, group=self.ctx.group, group_dst=q) for q in receivers]
+        requests += [dist.irecv(inbox[q], group=self.ctx.group, group_src=q) for q in range(rank)]
         for request in requests:
             request.wait()
         collective_s = time.perf_counter() - start
@@ -140,7 +143,7 @@ class Exchanger:
         staged, stage_s = self._to_cpu(flat, f"{kind}-send", flat.numel())
         delay_s = self._delay(flat.numel(), 1)
         start = time.perf_counter()
-        dist.send(staged, dst=dst, group=self.ctx.group)
+        dist.send(staged, group=self.ctx.group, group_dst=dst)
         self.stats.add(kind, sent=flat.numel(), received=0, staging_s=stage_s,
                        collective_s=time.perf_counter() - start, delay_s=delay_s)
 
@@ -148,7 +151,7 @@ class Exchanger:
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         buffer = self._cpu_buffer(f"{kind}-recv", src, nbytes)
         start = time.perf_counter()
-        dist.recv(buffer, src=src, group=self.ctx.group)
+        dist.recv(buffer, group=self.ctx.group, group_src=src)
         collective_s = time.perf_counter() - start
         (moved,), stage_s = self._to_device([buffer])
         self.stats.add(kind, sent=0, received=nbytes, staging_s=stage_s, collective_s=collective_s, delay_s=0.0)
@@ -159,7 +162,7 @@ class Exchanger:
         cpu = tensor.detach().to("cpu", copy=True).contiguous()
         delay_s = self._delay(cpu.numel() * cpu.element_size(), self.ctx.world_size - 1)
         start = time.perf_counter()
-        dist.reduce(cpu, dst=0, op=dist.ReduceOp.SUM, group=self.ctx.group)
+        dist.reduce(cpu, op=dist.ReduceOp.SUM, group=self.ctx.group, group_dst=0)
         self.stats.add(kind, sent=cpu.numel() * cpu.element_size(), received=0, staging_s=0.0,
                        collective_s=time.perf_counter() - start, delay_s=delay_s)
         return cpu.to(tensor.device)
@@ -175,13 +178,13 @@ class Exchanger:
             length = torch.zeros(1, dtype=torch.int64)
         delay_s = self._delay(8, 1)
         start = time.perf_counter()
-        dist.broadcast(length, src=0, group=self.ctx.group)
+        dist.broadcast(length, group=self.ctx.group, group_src=0)
         size = int(length.item())
         if not 0 < size <= MAX_CONTROL_BYTES:
             raise RuntimeError(f"control message length {size} is out of bounds; the peer is not an edgeprism rank")
         buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.ctx.is_root
                   else torch.empty(size, dtype=torch.uint8))
-        dist.broadcast(buffer, src=0, group=self.ctx.group)
+        dist.broadcast(buffer, group=self.ctx.group, group_src=0)
         self.stats.add(kind, sent=size if self.ctx.is_root else 0, received=0 if self.ctx.is_root else size,
                        staging_s=0.0, collective_s=time.perf_counter() - start, delay_s=delay_s)
         return message if self.ctx.is_root else json.loads(bytes(buffer.numpy()).decode())
