@@ -38,7 +38,7 @@ def build_model(config: ModelConfig | str, seed: int | None = 0) -> ReferenceMod
     model = FAMILIES[config.family](config)
     if seed is not None:
         _randomize(model, seed)
-    return model.eval()
+    return model.requires_grad_(False).eval()  # an inference library: no autograd graphs
 
 
 def _randomize(model: ReferenceModel, seed: int) -> None:
