@@ -34,7 +34,7 @@ from typing import Any, Literal
 from edgeprism.testbed.emulation import LinkMode, burst_bytes, write_link_file
 from edgeprism.testbed.presets import LinkPreset
 
-__all__ = ["Host", "Testbed", "status", "cleanup_stale", "state_dir", "PREFIX"]
+__all__ = ["Host", "Testbed", "status", "cleanup_stale", "state_dir", "kill_netns_processes", "PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _netns_pids(netns: str) -> list[int]:
     return [int(tok) for tok in out.split() if tok.isdigit()]
 
 
-def _kill_netns_processes(netns: str) -> None:
+def kill_netns_processes(netns: str) -> None:
     """SIGTERM, then SIGKILL, every process still inside `netns`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = _netns_pids(netns)
@@ -110,7 +110,7 @@ def _kill_netns_processes(netns: str) -> None:
 
 
 def _delete_netns(netns: str) -> None:
-    _kill_netns_processes(netns)
+    kill_netns_processes(netns)
     _run(["ip", "netns", "del", netns], check=False)
 
 

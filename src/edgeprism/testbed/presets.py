@@ -12,7 +12,10 @@ import json
 import math
 from typing import Any
 
-__all__ = ["LinkPreset", "LINK_PRESETS", "get_preset", "resolve_link", "format_rate", "format_delay"]
+__all__ = [
+    "LinkPreset", "LINK_PRESETS", "get_preset", "resolve_link", "format_rate", "format_delay", "parse_rate",
+    "parse_delay",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,40 @@ LINK_PRESETS: dict[str, LinkPreset] = {
         ),
     )
 }
+
+
+_RATE_UNITS = {"": 1.0, "bit": 1.0, "k": 1e3, "kbit": 1e3, "m": 1e6, "mbit": 1e6, "g": 1e9, "gbit": 1e9}
+_DELAY_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def _split_number(text: str) -> tuple[float, str]:
+    text = text.strip().lower()
+    i = len(text)
+    while i > 0 and text[i - 1].isalpha():
+        i -= 1
+    return float(text[:i]), text[i:]
+
+
+def parse_rate(text: str | float) -> float:
+    """Bits per second from "50e6", "50M", "50mbit" or "1G"; ValueError naming the value otherwise."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        number, unit = _split_number(text)
+        return number * _RATE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"rate {text!r} is not a rate; give bits per second such as 50e6, 50M or 50mbit") from None
+
+
+def parse_delay(text: str | float) -> float:
+    """Seconds from "0.003", "3ms" or "300us"; ValueError naming the value otherwise."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        number, unit = _split_number(text)
+        return number * _DELAY_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"delay {text!r} is not a delay; give seconds such as 0.003 or 3ms") from None
 
 
 def get_preset(name: str) -> LinkPreset:

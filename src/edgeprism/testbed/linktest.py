@@ -1,0 +1,186 @@
+"""Measure what a link really delivers, through the same GLOO collectives the runtime uses.
+
+Latency: the median time of an all-gather of a tiny tensor, divided by its sequential hops.
+Bandwidth: a broadcast from rank 0 to rank 1 (one link direction) large enough to take ~0.25 s, minus
+the small-message time. The same size is then all-gathered over the whole group: the rate one rank
+pushes through its link while every link carries traffic both ways, which is what the runtime's
+exchange gets (`allgather_bandwidth_bps`; lower than the link rate, see docs/TESTBED.md). Everything
+goes through `EmulatedLink.before_collective` exactly as the runtime's collectives do, so the added
+delay (and, on the loopback fallback, the rate) is part of what is measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from edgeprism.testbed.emulation import EmulatedLink
+
+__all__ = ["LinkMeasurement", "measure_link"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkMeasurement:
+    """One link test, as seen by this rank."""
+
+    latency_s: float
+    """One-way latency of one message hop: median small all-gather time / hops."""
+    latency_min_s: float
+    """The fastest small all-gather / hops: the link without the host's scheduling noise (on a shared
+    machine the median also holds waits for a busy core, which is not the link)."""
+    bandwidth_bps: float
+    """Bits per second from rank 0 to rank 1 in a large broadcast (latency removed): one link direction."""
+    allgather_bandwidth_bps: float
+    """Bits per second one rank pushes through its link in a large all-gather over the whole group."""
+    world_size: int
+    hops: int
+    """Sequential message steps of the ring all-gather (world_size - 1)."""
+    latency_nbytes: int
+    """Per-rank tensor size of the latency test."""
+    bandwidth_nbytes: int
+    """Per-rank tensor size of the bandwidth test."""
+    latency_samples_s: tuple[float, ...]
+    bandwidth_samples_s: tuple[float, ...]
+    allgather_samples_s: tuple[float, ...]
+    emulation: str
+    """How the link is made, as the emulated link describes it ("none" without one)."""
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["latency_samples_s"] = list(self.latency_samples_s)
+        data["bandwidth_samples_s"] = list(self.bandwidth_samples_s)
+        data["allgather_samples_s"] = list(self.allgather_samples_s)
+        return data
+
+    def __str__(self) -> str:
+        return (
+            f"link test over {self.world_size} ranks: latency {self.latency_s * 1e3:.3f} ms/hop, "
+            f"bandwidth {self.bandwidth_bps / 1e6:.2f} Mbit/s one way, "
+            f"{self.allgather_bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather [{self.emulation}]"
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str) -> "LinkMeasurement":
+        if isinstance(data, str):
+            data = json.loads(data)
+        data = dict(data)
+        data["latency_samples_s"] = tuple(data["latency_samples_s"])
+        data["bandwidth_samples_s"] = tuple(data["bandwidth_samples_s"])
+        data["allgather_samples_s"] = tuple(data["allgather_samples_s"])
+        return cls(**data)
+
+
+def _timed_all_gather(
+    nbytes: int, world_size: int, link: EmulatedLink | None, group: dist.ProcessGroup | None
+) -> float:
+    send = torch.zeros(nbytes, dtype=torch.uint8)
+    recv = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(world_size)]
+    hops = world_size - 1
+    start_s = time.perf_counter()
+    if link is not None:
+        # As the runtime: a ring all-gather puts hops x nbytes on this rank's link, in hops steps.
+        link.before_collective(nbytes_sent=hops * nbytes, hops=hops)
+    dist.all_gather(recv, send, group=group)
+    return time.perf_counter() - start_s
+
+
+def _timed_broadcast(
+    nbytes: int, group_rank: int, link: EmulatedLink | None, group: dist.ProcessGroup | None
+) -> float:
+    """Rank 0 of `group` sends `nbytes` to the one other rank of `group`."""
+    tensor = torch.zeros(nbytes, dtype=torch.uint8)
+    start_s = time.perf_counter()
+    if link is not None:
+        link.before_collective(nbytes_sent=nbytes if group_rank == 0 else 0, hops=1)
+    dist.broadcast(tensor, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return time.perf_counter() - start_s
+
+
+def _agree_max(value_s: float, group: dist.ProcessGroup | None) -> float:
+    """The largest of the ranks' values, so every rank takes the same branch (untimed)."""
+    t = torch.tensor([value_s], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def measure_link(
+    group: dist.ProcessGroup | None = None,
+    link: EmulatedLink | None = None,
+    *,
+    latency_nbytes: int = 64,
+    latency_repeats: int = 20,
+    bandwidth_start_nbytes: int = 256 * 1024,
+    bandwidth_max_nbytes: int = 64 * 1024 * 1024,
+    bandwidth_target_s: float = 0.25,
+    bandwidth_repeats: int = 3,
+    warmup: int = 3,
+) -> LinkMeasurement:
+    """Measure latency and bandwidth between the ranks of `group` (collective: every rank calls it).
+
+    The bandwidth size doubles from `bandwidth_start_nbytes` until one all-gather takes at least
+    `bandwidth_target_s` (or `bandwidth_max_nbytes` is reached), so slow and fast links both get a
+    measurement long enough to be accurate and short enough to be cheap.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("measure_link needs torch.distributed initialised (run it under torchrun)")
+    world_size = dist.get_world_size(group)
+    if world_size < 2:
+        raise ValueError(f"a link test needs at least 2 ranks; this group has {world_size}")
+    if latency_repeats < 1 or bandwidth_repeats < 1:
+        raise ValueError(f"repeats must be >= 1 (latency {latency_repeats}, bandwidth {bandwidth_repeats})")
+    hops = world_size - 1
+
+    for _ in range(warmup):
+        _timed_all_gather(latency_nbytes, world_size, link, group)
+    latency_samples = tuple(_timed_all_gather(latency_nbytes, world_size, link, group) for _ in range(latency_repeats))
+    small_s = statistics.median(latency_samples)
+
+    # One link direction: broadcast between the group's first two ranks only.
+    group_rank = dist.get_rank(group)
+    pair = group if world_size == 2 else dist.new_group(
+        [dist.get_global_rank(group, 0) if group is not None else 0,
+         dist.get_global_rank(group, 1) if group is not None else 1]
+    )
+    nbytes = bandwidth_start_nbytes
+    bandwidth_samples: tuple[float, ...] = ()
+    if group_rank < 2:
+        while True:
+            elapsed_s = _agree_max(_timed_broadcast(nbytes, group_rank, link, pair), pair)
+            if elapsed_s >= bandwidth_target_s or nbytes * 2 > bandwidth_max_nbytes:
+                break
+            # Jump close to the target in one step once the time is above the noise.
+            factor = 2 if elapsed_s < 4 * small_s else max(2, min(16, int(bandwidth_target_s / elapsed_s) + 1))
+            nbytes = min(nbytes * factor, bandwidth_max_nbytes)
+        bandwidth_samples = tuple(_timed_broadcast(nbytes, group_rank, link, pair) for _ in range(bandwidth_repeats))
+    # Every rank learns the size rank 0 settled on.
+    size = torch.tensor([nbytes], dtype=torch.int64)
+    dist.broadcast(size, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    nbytes = int(size.item())
+    allgather_samples = tuple(_timed_all_gather(nbytes, world_size, link, group) for _ in range(bandwidth_repeats))
+
+    def rate_bps(bits: float, samples: tuple[float, ...], fixed_s: float) -> float:
+        if not samples:
+            return float("nan")
+        transfer_s = statistics.median(samples) - fixed_s
+        return bits / transfer_s if transfer_s > 0 else float("inf")
+
+    return LinkMeasurement(
+        latency_s=small_s / hops,
+        latency_min_s=min(latency_samples) / hops,
+        bandwidth_bps=rate_bps(nbytes * 8, bandwidth_samples, small_s / hops),
+        allgather_bandwidth_bps=rate_bps(hops * nbytes * 8, allgather_samples, small_s),
+        world_size=world_size,
+        hops=hops,
+        latency_nbytes=latency_nbytes,
+        bandwidth_nbytes=nbytes,
+        latency_samples_s=latency_samples,
+        bandwidth_samples_s=bandwidth_samples,
+        allgather_samples_s=allgather_samples,
+        emulation=link.describe() if link is not None else "none",
+    )
