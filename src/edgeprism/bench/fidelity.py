@@ -71,6 +71,7 @@ class FidelityRow:
     cr: int
     world_size: int
     size_aware: bool
+    average: str
     metric: str
     value: float
     reference_value: float
@@ -90,13 +91,13 @@ def codec_cr(codec: Codec) -> int:
 
 def run_distributed(model: ReferenceModel, batches: Iterable[Inputs], codec: Codec, world_size: int,
                     shares: tuple[float, ...] | None = None, size_aware: bool = False,
-                    gather_hidden: bool = False) -> tuple[list[Outputs], int]:
+                    gather_hidden: bool = False, average: str = "residual") -> tuple[list[Outputs], int]:
     """Root outputs per batch, and the layer bytes all ranks sent in total."""
     group = LoopbackGroup(world_size)
     outputs, nbytes = [], 0
     for batch in batches:
         def rank_fn(ctx, exchanger, batch=batch):
-            engine = PositionWise(model, ctx, codec, size_aware=size_aware, exchanger=exchanger)
+            engine = PositionWise(model, ctx, codec, size_aware=size_aware, exchanger=exchanger, average=average)
             out = engine.forward(batch if ctx.is_root else None, shares, gather_hidden=gather_hidden)
             return out, exchanger.stats.per_kind_nbytes.get("layer", 0)
 
@@ -107,7 +108,8 @@ def run_distributed(model: ReferenceModel, batches: Iterable[Inputs], codec: Cod
 
 
 def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tuple[float, ...] | None = None,
-             size_aware: bool = False, progress: Callable[[str], None] | None = None) -> list[FidelityRow]:
+             size_aware: bool = False, progress: Callable[[str], None] | None = None,
+             average: str = "residual") -> list[FidelityRow]:
     model = eval_set.model
     with torch.no_grad():
         reference = [model(batch) for batch in eval_set.batches]
@@ -117,11 +119,11 @@ def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tupl
     for i, name in enumerate(codecs):
         codec = get_codec(name)
         outputs, nbytes = run_distributed(model, eval_set.batches, codec, world_size, shares, size_aware,
-                                          eval_set.gather_hidden)
+                                          eval_set.gather_hidden, average)
         per_rank_tokens = max(1, mean_tokens // world_size)
         for metric in eval_set.score(reference, outputs):
             rows.append(FidelityRow(eval_set.name, model.config.name, str(codec), codec_cr(codec), world_size,
-                                    size_aware, metric.metric, metric.value, metric.reference_value, metric.loss,
+                                    size_aware, average, metric.metric, metric.value, metric.reference_value, metric.loss,
                                     nbytes / eval_set.num_requests, traffic_ratio(codec, 1, per_rank_tokens, d),
                                     eval_set.num_requests))
         if progress:
@@ -166,6 +168,7 @@ def perplexity_score(model, targets: list[torch.Tensor]) -> Callable[[list[Outpu
     """Next-token perplexity over every position of the (gathered) hidden states; `targets` are the
     batches' input ids."""
 
+    @torch.no_grad()
     def nll(outputs: list[Outputs]) -> float:
         total, count = 0.0, 0
         for out, ids in zip(outputs, targets):

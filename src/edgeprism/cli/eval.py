@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shares", help="token shares per rank (default equal)")
     p.add_argument("--size-aware", choices=["off", "on", "both"], default="off",
                    help="log(count) logit bias for received means (both = measure each)")
+    p.add_argument("--average", choices=["residual", "normed", "both"], default="residual",
+                   help="what Segment Means averages: the residual stream (default) or the normalised K/V input")
     p.add_argument("--limit", type=int, help="requests per evaluation set (default: the set's own)")
     p.add_argument("--out", help="also append the rows as JSON lines to this file")
     p.add_argument("--json", action="store_true")
@@ -61,8 +63,11 @@ def handle(args) -> int:
     for eval_set in sets:
         progress(f"{eval_set.name}: {eval_set.description or eval_set.num_requests} requests, "
                  f"{args.world_size} ranks, {len(codecs)} codecs")
+        averages = ["residual", "normed"] if args.average == "both" else [args.average]
         for size_aware in weightings:
-            rows += [r.to_dict() for r in evaluate(eval_set, codecs, args.world_size, shares, size_aware, progress)]
+            for average in averages:
+                rows += [r.to_dict() for r in evaluate(eval_set, codecs, args.world_size, shares, size_aware,
+                                                       progress, average)]
     if args.out:
         with open(args.out, "a") as handle_:
             for row in rows:
@@ -75,10 +80,11 @@ def handle(args) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'set':<22} {'codec':<12} {'aware':<5} {'metric':<17} {'value':>9} {'ref':>9} {'loss':>7} "
+    lines = [f"{'set':<22} {'codec':<12} {'aware':<5} {'avg':<8} {'metric':<17} {'value':>9} {'ref':>9} {'loss':>7} "
              f"{'bytes/req':>12} {'traffic':>8}"]
     for r in rows:
-        lines.append(f"{r['eval_set']:<22} {r['codec']:<12} {'yes' if r['size_aware'] else 'no':<5} {r['metric']:<17} "
+        lines.append(f"{r['eval_set']:<22} {r['codec']:<12} {'yes' if r['size_aware'] else 'no':<5} {r['average']:<8} "
+                     f"{r['metric']:<17} "
                      f"{r['value']:>9.4f} {r['reference_value']:>9.4f} {r['loss']:>7.2%} "
                      f"{r['bytes_per_request']:>12,.0f} {r['traffic_vs_fp32']:>8.3f}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -62,11 +63,15 @@ class PositionWise:
     """
 
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
-                 size_aware: bool = False, exchanger: Exchanger | None = None) -> None:
+                 size_aware: bool = False, exchanger: Exchanger | None = None,
+                 average: Literal["residual", "normed"] = "residual") -> None:
         self.model = model
         self.ctx = ctx
         self.codec = codec or IdentityCodec()
         self.size_aware = size_aware
+        if average not in ("residual", "normed"):
+            raise ValueError(f"average {average!r} must be 'residual' or 'normed'")
+        self.average = average
         self.exchanger = exchanger or Exchanger(ctx)
         self._requests = 0
 
@@ -75,7 +80,8 @@ class PositionWise:
         from edgeprism.compress.registry import codec_fingerprint
 
         return {"model": self.model.config.name, "config_hash": self.model.config.config_hash(),
-                "codec": codec_fingerprint(self.codec), "size_aware": self.size_aware}
+                "codec": codec_fingerprint(self.codec), "size_aware": self.size_aware,
+                "average": self.average}
 
     def verify_peers(self) -> None:
         """All ranks compare settings (model, codec, weighting) before any request; a mismatch raises
@@ -222,17 +228,19 @@ class PositionWise:
             sizes = [spec_nbytes(s) for s in specs]
             state = ShardState(own, hidden, valid)
             for block in model.blocks:
-                remote, counts = self._exchange(hidden, valid, anchor, specs, sizes, causal)
+                # What is averaged (DESIGN rule 2): the residual stream (default), or — an option kept to
+                # measure it — the block's normalised K/V input ("normed"; identical for post-LN BERT).
+                sent = hidden if self.average == "residual" else block.kv_input(hidden)
+                remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal)
                 remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
                 bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
+                remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
+                kv_in = torch.cat([block.kv_input(hidden), remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
+                kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
                 if keep_cache:
-                    kv_in = torch.cat([block.kv_input(hidden), block.kv_input(remote)], dim=1)
-                    kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
                     state.kv_cache.append(kv)
                     state.remote_bias = remote_bias
-                    hidden = block(hidden, bias=bias, kv=kv)
-                else:
-                    hidden = block(hidden, context=remote, bias=bias)  # (B, n_own, d)
+                hidden = block(hidden, bias=bias, kv=kv)  # (B, n_own, d)
             state.hidden = model.finish(hidden)
         return state
 
