@@ -1,0 +1,150 @@
+"""Process groups the engine creates once at start, and the per-exchange record it learns from.
+
+- One data *lane* per candidate rank subset containing rank 0: a GLOO subgroup with the short
+  timeout, its own DistContext (group-relative ranks) and Exchanger, and one PositionWise per codec.
+- One *control* group over every rank with a long timeout: idle workers wait on it for the next header.
+- The start-up check: every rank all-gathers sha256 digests of the model config, a weights
+  fingerprint and the profile, and raises the same ValueError when any differs from rank 0's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from edgeprism.comm.context import DistContext
+from edgeprism.comm.exchange import Exchanger, ExchangeStats
+from edgeprism.models.base import ReferenceModel
+from edgeprism.profile.schema import Profile
+
+ALL_SUBSETS_UP_TO = 4
+"""Up to this world size a lane is made for every subset with rank 0 (7 for 4 ranks); above it only for
+the subsets the planner can choose (rank 0 plus the k - 1 fastest others: edgeprism.plan.planner)."""
+
+_SAMPLES_PER_TENSOR = 4096
+
+
+@dataclass
+class RecordingStats(ExchangeStats):
+    """ExchangeStats that also keeps every exchange: (kind, bytes sent, link seconds = delay + collective)."""
+
+    events: list[tuple[str, int, float]] = field(default_factory=list)
+
+    def add(self, kind: str, sent: int, received: int, staging_s: float, collective_s: float, delay_s: float) -> None:
+        super().add(kind, sent, received, staging_s, collective_s, delay_s)
+        self.events.append((kind, sent, collective_s + delay_s))
+
+
+def start_recording(exchanger) -> RecordingStats:
+    """Give `exchanger` fresh recording stats (works for Exchanger and the loopback fake alike)."""
+    exchanger.stats = RecordingStats()
+    return exchanger.stats
+
+
+def weights_fingerprint(model: ReferenceModel) -> str:
+    """sha256 over every tensor's name, shape, dtype and an evenly strided sample of its values:
+    different seeds or checkpoints differ in it, and it costs milliseconds even for ViT-B."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu").contiguous()
+        digest.update(bytes(sample.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def start_digests(model: ReferenceModel, profile: Profile) -> dict[str, bytes]:
+    config = json.dumps(model.config.to_dict(), sort_keys=True)
+    return {"model config": hashlib.sha256(config.encode()).digest(),
+            "weights": hashlib.sha256(weights_fingerprint(model).encode()).digest(),
+            "profile": hashlib.sha256(profile.profile_hash().encode()).digest()}
+
+
+def verify_same_start(exchanger, model: ReferenceModel, profile: Profile) -> None:
+    """Collective: raise the same ValueError on every rank when a rank's model or profile differs."""
+    ctx = exchanger.ctx
+    if ctx.world_size == 1:
+        return
+    digests = start_digests(model, profile)
+    mine = b"".join(digests.values())
+    payload = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+    gathered = exchanger.all_gather_bytes(payload, [len(mine)] * ctx.world_size, kind="control")
+    reference = bytes(gathered[0].numpy())
+    problems = []
+    for rank, got in enumerate(gathered[1:], start=1):
+        got = bytes(got.numpy())
+        differing = [name for i, name in enumerate(digests) if got[32 * i:32 * (i + 1)] != reference[32 * i:32 * (i + 1)]]
+        if differing:
+            problems.append(f"rank {rank}: {', '.join(differing)}")
+    if problems:
+        raise ValueError(f"ranks did not start alike ({'; '.join(problems)} differ from rank 0's): start every "
+                         f"rank with the same model, checkpoint (or seed) and profile")
+
+
+def candidate_subsets(profile: Profile) -> list[tuple[int, ...]]:
+    """Rank subsets (sorted, with rank 0, size >= 2) that get a lane; the same list on every rank."""
+    world = profile.world_size
+    if world <= ALL_SUBSETS_UP_TO:
+        return [(0, *rest) for size in range(1, world) for rest in itertools.combinations(range(1, world), size)]
+    speeds = profile.device_speeds
+    order = sorted(range(1, world), key=lambda r: (-speeds[r], r))
+    return [tuple(sorted((0, *order[:size]))) for size in range(1, world)]
+
+
+@dataclass
+class Lane:
+    """A data subgroup: the plan's ranks, this rank's context in it (None if not a member), its exchanger,
+    and one PositionWise per codec (made on first use)."""
+
+    ranks: tuple[int, ...]
+    ctx: DistContext | None
+    exchanger: Exchanger | None
+    transforms: dict = field(default_factory=dict)
+
+    def transform(self, model: ReferenceModel, codec_name: str, size_aware: bool):
+        from edgeprism.compress.registry import get_codec
+        from edgeprism.partition.transform import PositionWise
+
+        key = (codec_name, size_aware)
+        if key not in self.transforms:
+            self.transforms[key] = PositionWise(model, self.ctx, get_codec(codec_name), size_aware=size_aware,
+                                                exchanger=self.exchanger)
+        return self.transforms[key]
+
+
+def make_group(ranks: list[int], timeout_s: float):
+    """A GLOO subgroup (every rank of the default group must call this, in the same order).
+    GLOO always: the exchanger stages tensors to CPU, even on a CUDA device."""
+    return dist.new_group(ranks=ranks, timeout=timedelta(seconds=timeout_s), backend="gloo")
+
+
+def sub_context(ctx: DistContext, ranks: tuple[int, ...], group, timeout_s: float) -> DistContext:
+    return DistContext(group_rank=ranks.index(ctx.group_rank), world_size=len(ranks), backend="gloo",
+                       device=ctx.device, timeout_s=timeout_s, group=group, link=ctx.link, cores=ctx.cores)
+
+
+def make_lanes(ctx: DistContext, profile: Profile) -> dict[tuple[int, ...], Lane]:
+    lanes = {}
+    for ranks in candidate_subsets(profile):
+        group = make_group(list(ranks), ctx.timeout_s)
+        member = ctx.group_rank in ranks
+        sub = sub_context(ctx, ranks, group, ctx.timeout_s) if member else None
+        lanes[ranks] = Lane(ranks, sub, Exchanger(sub) if member else None)
+    return lanes
+
+
+def make_control(ctx: DistContext, idle_timeout_s: float) -> Exchanger:
+    ranks = tuple(range(ctx.world_size))
+    group = make_group(list(ranks), idle_timeout_s)
+    return Exchanger(sub_context(ctx, ranks, group, idle_timeout_s))
+
+
+__all__ = ["RecordingStats", "start_recording", "weights_fingerprint", "verify_same_start", "candidate_subsets",
+           "Lane", "make_lanes", "make_control", "ALL_SUBSETS_UP_TO"]

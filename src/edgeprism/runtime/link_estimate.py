@@ -1,0 +1,149 @@
+"""Online re-estimation of the link from the exchanges the engine actually makes.
+
+Each observed exchange is one equation of the cost model's link terms (edgeprism.plan.cost):
+
+    seconds = latency_s · hops + 8 · nbytes / bandwidth_bps
+
+(a ring all-gather over k ranks: hops = k - 1 and nbytes = (k - 1) · the largest message; a send:
+hops = 1). The estimator keeps a short window of such observations, weights them by age (each request
+halves the weight of everything before it) and by 1 / seconds² (so small and large messages count
+alike), and solves for (latency_s, 1 / bandwidth_bps) by least squares with both non-negative. A weak
+prior pulls towards the previous estimate, so a window that cannot separate the two (all messages of
+one size) moves only the one it can see.
+
+A link change is a step, not a drift: when a request's observations are off the current estimate by
+more than `change_factor` in either direction (median ratio, and by more than `change_floor_s`), the
+window is cleared and refilled from the new observations alone, so the planner follows within a
+request or two instead of averaging the old link in for many requests.
+
+Seeded from the profile's link measurement. Pure bookkeeping: no clock, no I/O (STYLE 9 spirit); the
+engine feeds it measured seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+from edgeprism.plan.types import LinkEstimate
+
+log = logging.getLogger(__name__)
+
+MAX_BANDWIDTH_BPS = 1e12
+"""Ceiling for the estimate (1 Tbit/s): beyond it, transfers are free as far as the planner cares."""
+
+
+@dataclass(frozen=True)
+class LinkObservation:
+    """One measured exchange: `seconds` of link time (emulated delay + collective) for `nbytes` bytes on
+    the critical path over `hops` sequential message steps."""
+
+    nbytes: float
+    hops: float
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if not (self.nbytes >= 0 and self.hops >= 0 and math.isfinite(self.seconds) and self.seconds >= 0):
+            raise ValueError(f"bad link observation {self}")
+
+
+class OnlineLinkEstimator:
+    """Live (bandwidth_bps, latency_s) of the group's link, refitted after every distributed request."""
+
+    def __init__(self, bandwidth_bps: float, latency_s: float, window: int = 64, decay: float = 0.5,
+                 change_factor: float = 2.0, change_floor_s: float = 1e-3, prior_weight: float = 1e-3,
+                 min_seconds: float = 1e-4) -> None:
+        if not (bandwidth_bps > 0 and latency_s >= 0):
+            raise ValueError(f"seed link must have bandwidth_bps > 0 and latency_s >= 0, got "
+                             f"{bandwidth_bps}, {latency_s}")
+        if not (0 < decay <= 1 and change_factor > 1 and window >= 1):
+            raise ValueError(f"need 0 < decay <= 1, change_factor > 1, window >= 1; got {decay}, {change_factor}, "
+                             f"{window}")
+        self.bandwidth_bps = float(min(bandwidth_bps, MAX_BANDWIDTH_BPS))
+        self.latency_s = float(latency_s)
+        self.decay = decay
+        self.change_factor = change_factor
+        self.change_floor_s = change_floor_s
+        self.prior_weight = prior_weight
+        self.min_seconds = min_seconds
+        self.updates = 0
+        self.changes = 0
+        # (request number, observation); the request number gives the age weight
+        self._window: deque[tuple[int, LinkObservation]] = deque(maxlen=window)
+
+    @classmethod
+    def from_profile(cls, profile, **kwargs) -> OnlineLinkEstimator:
+        return cls(profile.link.bandwidth_bps, profile.link.latency_s, **kwargs)
+
+    def estimate(self, healthy_ranks: tuple[int, ...] | None = None) -> LinkEstimate:
+        return LinkEstimate(self.bandwidth_bps, self.latency_s, healthy_ranks)
+
+    def predict_s(self, observation: LinkObservation) -> float:
+        return self.latency_s * observation.hops + 8.0 * observation.nbytes / self.bandwidth_bps
+
+    def update(self, observations: list[LinkObservation]) -> LinkEstimate:
+        """Fold one request's observations in; return the new estimate."""
+        observations = [o for o in observations if o.hops > 0 or o.nbytes > 0]
+        if not observations:
+            return self.estimate()
+        self.updates += 1
+        if self._changed(observations):
+            self.changes += 1
+            log.info("link changed: request's exchanges took %.3g x the estimate (%s); refitting from them alone",
+                     self._median_ratio(observations), self)
+            self._window.clear()
+        for observation in observations:
+            self._window.append((self.updates, observation))
+        self._fit()
+        return self.estimate()
+
+    def _median_ratio(self, observations: list[LinkObservation]) -> float:
+        return statistics.median(max(o.seconds, self.min_seconds) / max(self.predict_s(o), self.min_seconds)
+                                 for o in observations)
+
+    def _changed(self, observations: list[LinkObservation]) -> bool:
+        if not self._window:
+            return False
+        ratio = self._median_ratio(observations)
+        gap_s = abs(statistics.median(o.seconds - self.predict_s(o) for o in observations))
+        return (ratio > self.change_factor or ratio < 1.0 / self.change_factor) and gap_s > self.change_floor_s
+
+    def _fit(self) -> None:
+        """Weighted least squares in (latency_s, g = 1 / bandwidth_bps), both >= 0, with a weak prior."""
+        import numpy as np
+
+        rows, targets = [], []
+        for number, o in self._window:
+            weight = self.decay ** (self.updates - number) / max(o.seconds, self.min_seconds)
+            rows.append([weight * o.hops, weight * 8.0 * o.nbytes])
+            targets.append(weight * o.seconds)
+        scale_latency = max(self.latency_s, self.min_seconds)
+        scale_g = 1.0 / self.bandwidth_bps
+        # prior rows: (latency - latency_0) / scale and (g - g_0) / scale, weighted prior_weight
+        rows += [[self.prior_weight / scale_latency, 0.0], [0.0, self.prior_weight / scale_g]]
+        targets += [self.prior_weight * self.latency_s / scale_latency, self.prior_weight]
+        a, b = np.asarray(rows), np.asarray(targets)
+        col_scale = np.array([1.0 / scale_latency, 1.0 / scale_g])  # solve in units of the current estimate
+        solution, *_ = np.linalg.lstsq(a / col_scale, b, rcond=None)
+        latency_s, g = solution / col_scale
+        if latency_s < 0:  # clamp and refit the other alone
+            latency_s = 0.0
+            g = float(np.linalg.lstsq(a[:, 1:] / col_scale[1], b, rcond=None)[0][0] / col_scale[1])
+        g_floor = 1.0 / MAX_BANDWIDTH_BPS
+        if g < g_floor:
+            g = g_floor
+            residual = b - a[:, 1] * g
+            latency_s = max(0.0, float(np.linalg.lstsq(a[:, :1] / col_scale[0], residual, rcond=None)[0][0]
+                                       / col_scale[0]))
+        self.latency_s = float(latency_s)
+        self.bandwidth_bps = float(min(1.0 / g, MAX_BANDWIDTH_BPS))
+
+    def __str__(self) -> str:
+        return (f"link estimate {self.bandwidth_bps / 1e6:.4g} Mbit/s, {self.latency_s * 1e3:.3g} ms "
+                f"({self.updates} updates, {len(self._window)} observations)")
+
+
+__all__ = ["LinkObservation", "OnlineLinkEstimator", "MAX_BANDWIDTH_BPS"]
