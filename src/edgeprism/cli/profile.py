@@ -1,0 +1,179 @@
+"""`edgeprism profile`: measure compute, staging, link and energy once; write the versioned profile.
+
+    edgeprism profile --model vit-base-patch16-224 --world-size 2 --link wifi4 --out vit.profile.json --validate
+
+With `--validate`, fresh end-to-end runs at points the profile did not sample are compared with the
+cost model's predictions (median and worst relative error). `--check FILE` loads an existing profile
+and checks it against `--model` and `--world-size` instead of measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from edgeprism.profile.profiler import DEFAULT_BATCHES
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated whole numbers, e.g. 1,2,4,8") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="measure this hardware once and write the profile the planner reads",
+                              description="Time one block of the model per grid point (pinned to one core), the "
+                                          "staging copies, the link (through the runtime's collectives) and the "
+                                          "energy per phase; record each codec's wire cost and fidelity.")
+    p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-base, minilm-l6")
+    p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
+    p.add_argument("--world-size", type=int, default=2, help="devices the profile is for (default 2)")
+    p.add_argument("--link", metavar="PRESET", help="emulated link between the devices: wifi5, wifi4, congested, lan "
+                                                    "(default: unshaped loopback)")
+    p.add_argument("--rate", type=float, metavar="BPS", help="link rate in bit/s (overrides the preset's)")
+    p.add_argument("--delay", type=float, metavar="S", help="one-way link delay in seconds (overrides the preset's)")
+    p.add_argument("--link-backend", choices=["auto", "netns", "loopback"], default="auto",
+                   help="testbed: netns + kernel tbf (root), or loopback with the link emulated in the transport")
+    p.add_argument("--batches", type=_int_list, default=DEFAULT_BATCHES,
+                   help="batch sizes to cover (a sparse subset is timed); default 1,2,4,8,16,32")
+    p.add_argument("--batch-points", type=int, default=4, help="batch sizes actually timed (default 4)")
+    p.add_argument("--seq-lens", type=_int_list, help="text models: token counts to time (default 32,128)")
+    p.add_argument("--image-size", type=int, help="ViT: image side in pixels (default the model's)")
+    p.add_argument("--codecs", type=_name_list, help="codecs to record (default the standard family)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (staging is measured on a GPU)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per point (median)")
+    p.add_argument("--fidelity", metavar="FILE", help="import fidelity rows written by `edgeprism eval --out`")
+    p.add_argument("--no-eval", action="store_true", help="do not run the model's evaluation set for fidelity")
+    p.add_argument("--eval-limit", type=int, default=32, help="requests per evaluation set (default 32)")
+    p.add_argument("--meter", default="auto", help="energy meter: auto, ina3221, rapl, nvml, zeus, modelled")
+    p.add_argument("--power-model", help="power model when energy is modelled (default generic-cpu-core)")
+    p.add_argument("--out", metavar="FILE", help="where to write the profile JSON (required unless --check)")
+    p.add_argument("--check", metavar="FILE", help="load FILE and check it against --model/--world-size; measure nothing")
+    p.add_argument("--validate", action="store_true",
+                   help="compare the cost model with fresh runs at held-out points (median/max error)")
+    p.add_argument("--validate-batches", type=_int_list, help="batch sizes for validation (default: held out)")
+    p.add_argument("--validate-codecs", type=_name_list, help="codecs for validation (default: held out)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=handle)
+
+
+class _Bar:
+    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
+
+    def __init__(self, stream=sys.stderr, width: int = 28) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        filled = int(self.width * done / max(1, total))
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {label}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def say(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _options(args):
+    from edgeprism.profile.profiler import ProfileOptions
+    from edgeprism.testbed.presets import resolve_link
+
+    link = None
+    if args.link or args.rate is not None or args.delay is not None:
+        link = resolve_link(args.link, args.rate, args.delay)
+    return ProfileOptions(model=args.model, world_size=args.world_size, checkpoint=args.checkpoint, link=link,
+                          link_backend=args.link_backend, batches=tuple(args.batches),
+                          max_batch_points=args.batch_points, seq_lens=args.seq_lens, image_size=args.image_size,
+                          codecs=tuple(args.codecs or ()), device=args.device, warmup=args.warmup,
+                          repeats=args.repeats, fidelity_file=args.fidelity, evaluate=not args.no_eval,
+                          eval_limit=args.eval_limit, meter=args.meter, power_model=args.power_model)
+
+
+def check(args) -> int:
+    from edgeprism.models.config import get_config
+    from edgeprism.profile.schema import Profile
+
+    profile = Profile.load(args.check, expect_model=get_config(args.model), expect_world_size=args.world_size)
+    if args.json:
+        print(json.dumps({"profile": args.check, "ok": True, "profile_hash": profile.profile_hash(),
+                          "summary": str(profile)}))
+    else:
+        print(f"{args.check}: ok\n{profile}")
+    return 0
+
+
+def handle(args) -> int:
+    from edgeprism.profile.link import LinkSession
+    from edgeprism.profile.profiler import held_out_batches, run_profile, validate_options
+    from edgeprism.profile.validate import held_out_codecs, held_out_token_counts, validate, validation_points
+
+    if args.check:
+        return check(args)
+    if not args.out:
+        raise ValueError("give --out FILE for the profile (or --check FILE to check an existing one)")
+    options = _options(args)
+    validate_options(options)
+    if args.fidelity and args.no_eval:
+        raise ValueError("--fidelity FILE and --no-eval contradict each other; give one")
+    bar = _Bar()
+    started = time.perf_counter()
+    validation = None
+    with LinkSession(options.world_size, options.link, backend=options.link_backend) as session:
+        report = run_profile(options, session, progress=bar, message=bar.say)
+        report.profile.save(args.out)
+        bar.say(f"profile written to {args.out} in {report.profile_seconds:.1f} s")
+        if args.validate:
+            profile = report.profile
+            batches = args.validate_batches or held_out_batches(options.batches, report.sampled_batches)
+            codecs = args.validate_codecs or held_out_codecs(profile)
+            points = validation_points(profile, batches, held_out_token_counts(profile, report.token_counts), codecs)
+            bar.say(f"validation: {len(points)} fresh runs (batches {list(batches)}, codecs {list(codecs)}, and local)")
+            validation = validate(profile, session, points, checkpoint=options.checkpoint, device=options.device,
+                                  progress=bar)
+    out = {"profile": args.out, "model": options.model, "world_size": options.world_size,
+           "profile_seconds": report.profile_seconds, "total_seconds": time.perf_counter() - started,
+           **report.to_dict(), "summary": str(report.profile)}
+    if validation is not None:
+        out.update(validation.to_dict())
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_report(out))
+    return 0
+
+
+def format_report(out: dict) -> str:
+    lines = [out["summary"], f"profile: {out['profile']} ({out['profile_hash']})",
+             f"profile_seconds: {out['profile_seconds']:.1f}  (" + ", ".join(
+                 f"{k[:-2]} {v:.1f}" for k, v in out["phase_seconds"].items()) + ")",
+             f"compute fit on its own samples: median {out['fit_median_rel_error']:.1%}, "
+             f"max {out['fit_max_rel_error']:.1%} over {out['num_compute_points']} points",
+             f"staging: {out['staging']['note']}", f"fidelity: {out['fidelity_note']}"]
+    if "points" in out:
+        lines.append(f"validation over {out['link']} ({out['validation_seconds']:.0f} s):")
+        lines.append(f"  {'mode':<11} {'B':>3} {'N':>4} {'codec':<10} {'measured ms':>11} {'predicted ms':>12} "
+                     f"{'error':>7}  predicted compute/network/latency ms")
+        for r in out["points"]:
+            lines.append(f"  {r['mode']:<11} {r['batch']:>3} {r['num_tokens']:>4} {r['codec'] or '-':<10} "
+                         f"{r['measured_s'] * 1e3:>11.1f} {r['predicted_s'] * 1e3:>12.1f} {r['rel_error']:>7.1%}  "
+                         f"{r['predicted_compute_s'] * 1e3:.0f}/{r['predicted_network_s'] * 1e3:.0f}/"
+                         f"{r['predicted_latency_s'] * 1e3:.0f}")
+        lines.append(f"median_rel_error: {out['median_rel_error']:.1%}  max_rel_error: {out['max_rel_error']:.1%}")
+    return "\n".join(lines)

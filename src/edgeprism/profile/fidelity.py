@@ -1,0 +1,122 @@
+"""The profile's codec section: each codec's exact wire cost, and its fidelity where it was measured.
+
+Fidelity comes from the evaluation (`edgeprism.bench.fidelity.evaluate` on the model's evaluation
+set), run here when the model has one, or imported from the rows `edgeprism eval --out` wrote.
+A codec with no measured row is recorded as unmeasured (loss None); the planner then treats it as
+the user's fidelity budget says.
+
+One codec may have several rows (several evaluation sets and metrics): the profile keeps the worst
+(largest loss) of the rows measured with the runtime's default weighting (size_aware off) — a
+budget must hold on every set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeprism.profile.schema import CodecFidelity
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("codec", "metric", "value", "reference_value")
+
+
+def load_fidelity_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an `edgeprism eval --out` file (JSON lines); ValueError naming the line for anything malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"fidelity file {path} does not exist (write one with `edgeprism eval --out FILE`)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read fidelity file {path}: {err}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON row ({err}); expected lines from `edgeprism eval --out`") from None
+        if not isinstance(row, dict) or any(key not in row for key in _REQUIRED):
+            raise ValueError(f"{path}:{number}: a fidelity row needs the fields {list(_REQUIRED)}, got "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        for key in ("value", "reference_value"):
+            if isinstance(row[key], bool) or not isinstance(row[key], (int, float)):
+                raise ValueError(f"{path}:{number}: {key} must be a number, got {row[key]!r}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"fidelity file {path} has no rows")
+    return rows
+
+
+def select_rows(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: int) -> dict[str, Mapping[str, Any]]:
+    """codec name → its worst row for this model and world size (size_aware off preferred)."""
+    usable = [r for r in rows if r.get("model", model_name) == model_name
+              and int(r.get("world_size", world_size)) == world_size]
+    skipped = len(rows) - len(usable)
+    if skipped:
+        log.warning("%d fidelity row(s) are for another model or world size than %s over %d ranks; ignored",
+                    skipped, model_name, world_size)
+    chosen: dict[str, Mapping[str, Any]] = {}
+    for row in usable:
+        name = str(row["codec"])
+        loss = _row_loss(row)
+        best = chosen.get(name)
+        if best is None:
+            chosen[name] = row
+            continue
+        # Rows with the runtime's default weighting win; among equals, the larger loss.
+        key_new = (not row.get("size_aware", False), loss)
+        key_old = (not best.get("size_aware", False), _row_loss(best))
+        if key_new > key_old:
+            chosen[name] = row
+    return chosen
+
+
+def _row_loss(row: Mapping[str, Any]) -> float:
+    if row.get("loss") is not None:
+        return min(1.0, max(0.0, float(row["loss"])))
+    return CodecFidelity.normalised_loss(float(row["value"]), float(row["reference_value"]))
+
+
+def codec_entries(codecs: Sequence[Any], hidden_size: int, rows: Mapping[str, Mapping[str, Any]] | None = None,
+                  ) -> tuple[CodecFidelity, ...]:
+    """One profile entry per codec: wire bytes from the codec itself, fidelity from `rows` where present."""
+    out = []
+    for codec in codecs:
+        row = (rows or {}).get(codec.name)
+        entry = CodecFidelity.from_codec(codec, hidden_size)
+        if row is not None:
+            entry = CodecFidelity(entry.codec, entry.cr, entry.wire_dtype, entry.wire_bytes_per_token,
+                                  entry.wire_bytes_per_row, entry.extra_vectors_per_row, metric=str(row["metric"]),
+                                  value=float(row["value"]), reference_value=float(row["reference_value"]),
+                                  loss=_row_loss(row))
+        out.append(entry)
+    return tuple(out)
+
+
+def evaluate_fidelity(model_name: str, codec_names: Sequence[str], world_size: int, limit: int | None,
+                      progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Run the model's evaluation set for every codec → (rows, note). No set (or no prepared assets): no
+    rows, and the note says why."""
+    from edgeprism.bench.eval_sets import eval_sets_for
+    from edgeprism.bench.fidelity import evaluate
+
+    try:
+        sets = eval_sets_for(model_name, limit, progress=progress)
+    except (ValueError, OSError, ImportError) as err:
+        return [], f"fidelity not measured: {err}"
+    rows: list[dict[str, Any]] = []
+    for eval_set in sets:
+        rows += [r.to_dict() for r in evaluate(eval_set, list(codec_names), world_size, progress=progress)]
+    names = ", ".join(s.name for s in sets)
+    synthetic = " (random weights: a harness check, not a fidelity claim)" if model_name.endswith("-test") else ""
+    return rows, f"fidelity measured on {names}, {limit or 'all'} requests per set{synthetic}"
+
+
+__all__ = ["load_fidelity_rows", "select_rows", "codec_entries", "evaluate_fidelity"]

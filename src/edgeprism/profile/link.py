@@ -1,0 +1,100 @@
+"""Link profiling, and the place where a profiling run's distributed jobs go.
+
+A `LinkSession` is one group of `world_size` emulated devices for the whole profiling run: testbed
+hosts joined by an emulated link when a link is given (`edgeprism.testbed`: netns + tbf as root,
+else the loopback fallback with the link emulated in the transport), or plain local workers on
+loopback when none is. The link test (`edgeprism.testbed.linktest`) and the validation runs both go
+through it, so validation sees exactly the link the profile measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeprism.profile.schema import LinkMeasurement
+from edgeprism.testbed.presets import LinkPreset
+
+log = logging.getLogger(__name__)
+
+
+class LinkSession:
+    """`world_size` devices over `link` (None: unshaped loopback) — a context manager that cleans up."""
+
+    def __init__(self, world_size: int, link: LinkPreset | None, backend: str = "auto",
+                 cores_per_worker: int = 1, timeout_s: float = 600.0) -> None:
+        if world_size < 2:
+            raise ValueError(f"--world-size {world_size}: a distributed profile needs at least 2 ranks")
+        if backend not in ("auto", "netns", "loopback"):
+            raise ValueError(f"link backend {backend!r}: choose auto, netns or loopback")
+        self.world_size = world_size
+        self.link = link
+        self.backend = backend
+        self.cores_per_worker = cores_per_worker
+        self.timeout_s = timeout_s
+        self.testbed: Any = None
+
+    def __enter__(self) -> LinkSession:
+        if self.link is not None:
+            from edgeprism.testbed.net import Testbed
+
+            self.testbed = Testbed(self.world_size, self.link, cores_per_host=self.cores_per_worker,
+                                   backend=self.backend).up()  # type: ignore[arg-type]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.testbed is not None:
+            self.testbed.down()
+            self.testbed = None
+
+    @property
+    def emulation(self) -> str:
+        """How the link is made: "" for a real (here: unshaped loopback) link."""
+        if self.testbed is None:
+            return ""
+        return f"{self.testbed.emulation}: {self.link}"
+
+    def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Run `python argv...` on every device of the session; raises with rank 0's error on failure."""
+        if self.testbed is not None:
+            from edgeprism.testbed.launch import run_torchrun
+
+            run_torchrun(self.testbed, list(argv), env=env, timeout_s=self.timeout_s)
+        else:
+            from edgeprism.comm.launch import launch_local
+
+            launch_local(self.world_size, list(argv), cores_per_worker=self.cores_per_worker,
+                         timeout_s=self.timeout_s, env=dict(env or {}))
+
+    def measure_link(self) -> tuple[LinkMeasurement, dict[str, Any]]:
+        """The link test through the runtime's own collectives → (the profile's link section, raw result)."""
+        with tempfile.TemporaryDirectory(prefix="edgeprism-linktest-") as tmp:
+            out = os.path.join(tmp, "link.json")
+            self.run(["-m", "edgeprism.testbed.linktest_worker", "--out", out])
+            raw = json.loads(Path(out).read_text())["link_test"]
+        return link_section(raw, self.emulation), raw
+
+
+def link_section(raw: Mapping[str, Any], emulation: str = "") -> LinkMeasurement:
+    """The profile's link from a link test: the per-rank all-gather rate (what every layer's exchange
+    gets, with every link busy both ways) and the one-hop latency of a small all-gather."""
+    allgather_bps = float(raw["allgather_bandwidth_bps"])
+    one_way_bps = float(raw["bandwidth_bps"])
+    if not (allgather_bps > 0 and allgather_bps != float("inf")):
+        raise ValueError(f"the link test measured no usable all-gather rate ({allgather_bps} bit/s); "
+                         "the link is too fast for its sizes — re-run with a slower --link or longer target")
+    method = (f"edgeprism.testbed.linktest over {raw['world_size']} ranks, GLOO: latency = median "
+              f"{raw['latency_nbytes']} B all-gather / {raw['hops']} hop(s); bandwidth = per-rank all-gather rate "
+              f"at {raw['bandwidth_nbytes']} B ({allgather_bps / 1e6:.2f} Mbit/s; one-way broadcast "
+              f"{one_way_bps / 1e6:.2f} Mbit/s)")
+    described = raw.get("emulation", "none")
+    return LinkMeasurement(latency_s=float(raw["latency_s"]), bandwidth_bps=allgather_bps, medium="switched",
+                           method=method, emulation=f"{emulation} [{described}]" if emulation else "")
+
+
+__all__ = ["LinkSession", "link_section"]

@@ -1,0 +1,282 @@
+"""The offline profiler: measure compute, staging, link and energy once, and write the versioned profile.
+
+    options = ProfileOptions(model="vit-base-patch16-224", world_size=2, link=get_preset("wifi4"))
+    with LinkSession(options.world_size, options.link) as session:
+        report = run_profile(options, session, progress=...)
+    report.profile.save("vit.profile.json")
+
+Measures; decides nothing (DESIGN, "Parts and their rooms"). Each phase lives in its own module:
+`compute` (one block per grid point, pinned to one core), `staging`, `link` (the testbed's link test
+through the runtime's collectives), `energy`, `fidelity`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import math
+import platform
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgeprism.compress.registry import get_codec, list_codecs
+from edgeprism.models.base import ReferenceModel
+from edgeprism.models.loading import load_model
+from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
+from edgeprism.profile.energy import measure_energy
+from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
+from edgeprism.profile.link import LinkSession
+from edgeprism.profile.schema import HostFacts, Profile
+from edgeprism.profile.staging import measure_staging
+from edgeprism.testbed.presets import LinkPreset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
+DEFAULT_SEQ_LENS = (32, 128)
+"""Text models: token counts profiled (validation holds out one between them)."""
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What to profile and how hard. Units in names; every choice has a default that fits a 2-minute run."""
+
+    model: str
+    world_size: int = 2
+    checkpoint: str | None = None
+    link: LinkPreset | None = None
+    """The link between the devices (None: unshaped loopback between local workers)."""
+    link_backend: str = "auto"
+    """Testbed backend: "auto", "netns" (kernel tbf, root) or "loopback" (link emulated in the transport)."""
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    """Batch sizes the profile must cover; a sparse subset of them is timed (see `max_batch_points`)."""
+    max_batch_points: int = 4
+    seq_lens: tuple[int, ...] | None = None
+    """Text models: token counts to time (default `DEFAULT_SEQ_LENS`); ViT: its image's tokens."""
+    image_size: int | None = None
+    codecs: tuple[str, ...] = ()
+    """Exchange codecs to record (default: the standard family, `compress.list_codecs()`)."""
+    device: str = "cpu"
+    warmup: int = 1
+    repeats: int = 3
+    fidelity_file: str | None = None
+    """Rows from `edgeprism eval --out` to take fidelity from (instead of evaluating here)."""
+    evaluate: bool = True
+    """Run the model's evaluation set for fidelity when it has one (and no `fidelity_file` is given)."""
+    eval_limit: int | None = 32
+    meter: str = "auto"
+    power_model: str | None = None
+    core: int | None = 0
+    """Core the in-process compute timing is pinned to (one emulated device)."""
+    seed: int = 0
+
+    def codec_names(self) -> tuple[str, ...]:
+        return self.codecs or tuple(list_codecs())
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    """The profile and how it was made (not part of the profile: timings of the profiling itself)."""
+
+    profile: Profile
+    profile_seconds: float
+    phase_seconds: dict[str, float]
+    sampled_batches: tuple[int, ...]
+    token_counts: tuple[int, ...]
+    num_compute_points: int
+    fit_median_rel_error: float
+    fit_max_rel_error: float
+    staging: dict[str, Any]
+    link_test: dict[str, Any]
+    fidelity_note: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile_seconds": self.profile_seconds, "phase_seconds": dict(self.phase_seconds),
+                "sampled_batches": list(self.sampled_batches), "token_counts": list(self.token_counts),
+                "num_compute_points": self.num_compute_points, "fit_median_rel_error": self.fit_median_rel_error,
+                "fit_max_rel_error": self.fit_max_rel_error, "staging": self.staging,
+                "link_test": {k: v for k, v in self.link_test.items() if not k.endswith("_samples_s")},
+                "fidelity_note": self.fidelity_note, "profile_hash": self.profile.profile_hash()}
+
+
+def token_counts_for(model: ReferenceModel, options: ProfileOptions) -> tuple[int, ...]:
+    config = model.config
+    if config.family == "vit":
+        if options.seq_lens:
+            raise ValueError(f"--seq-lens is for text models; {config.name} is a ViT (use --image-size)")
+        return (config.num_tokens(image_size=options.image_size),)
+    if options.image_size:
+        raise ValueError(f"--image-size is for ViT models; {config.name} is a text model (use --seq-lens)")
+    lens = options.seq_lens or tuple(n for n in DEFAULT_SEQ_LENS if n <= config.max_positions)
+    for n in lens:
+        if not 1 <= n <= config.max_positions:
+            raise ValueError(f"sequence length {n} is outside 1..{config.max_positions} for {config.name}")
+    return tuple(sorted(set(lens)))
+
+
+def input_bytes_per_token(model: ReferenceModel, num_tokens: int, world_size: int, image_size: int | None) -> float:
+    """Raw input bytes rank 0 scatters per token: what `split_input` gives a non-root rank."""
+    config = model.config
+    seq_len = None if config.family == "vit" else num_tokens
+    inputs = synthetic_inputs(config, 1, seq_len=seq_len, image_size=image_size)
+    start = math.ceil(num_tokens / world_size)
+    part = model.split_input(inputs, start, num_tokens)
+    nbytes = sum(v.numel() * v.element_size() for v in part.values())
+    return nbytes / max(1, num_tokens - start)
+
+
+def output_bytes_per_row(model: ReferenceModel) -> float:
+    """Bytes per row each other rank sends rank 0 at the end: GPT-2's last position (d floats); encoders'
+    pooled sums by an exact float reduce ((d + 1) floats, see `PositionWise._collect`)."""
+    d = model.config.hidden_size
+    return 4.0 * d if model.causal else 4.0 * (d + 1)
+
+
+def host_facts(device: torch.device, cores_per_device: int = 1) -> HostFacts:
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    kind = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+    return HostFacts(cpu_model=cpu_model, num_cores=cores_per_device, torch_version=torch.__version__,
+                     device_kind=kind, python_version=platform.python_version(),
+                     host_id=hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8])
+
+
+def validate_options(options: ProfileOptions) -> None:
+    """Every user mistake, before anything is measured."""
+    if options.world_size < 2:
+        raise ValueError(f"--world-size {options.world_size}: a distributed profile needs at least 2 ranks")
+    if not options.batches or any(b < 1 for b in options.batches):
+        raise ValueError(f"--batches {list(options.batches)}: give batch sizes >= 1, e.g. 1,2,4,8,16,32")
+    if options.warmup < 0 or options.repeats < 1:
+        raise ValueError(f"--warmup {options.warmup} must be >= 0 and --repeats {options.repeats} >= 1")
+    if options.max_batch_points < 2:
+        raise ValueError(f"max_batch_points {options.max_batch_points} must be >= 2 (the fit needs a spread)")
+    if options.eval_limit is not None and options.eval_limit < 1:
+        raise ValueError(f"--eval-limit {options.eval_limit} must be >= 1")
+    for name in options.codec_names():
+        get_codec(name)
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {options.device}: CUDA is not available on this host")
+
+
+def run_profile(options: ProfileOptions, session: LinkSession, progress: ProgressFn | None = None,
+                message: Callable[[str], None] | None = None) -> ProfileReport:
+    """Measure everything and build the profile. `session` is the group the link test runs on."""
+    validate_options(options)
+    say = message or (lambda text: None)
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    device = torch.device(options.device)
+    model = load_model(options.model, options.checkpoint, seed=options.seed).eval()
+    config = model.config
+    token_counts = token_counts_for(model, options)
+    codecs = [get_codec(name) for name in options.codec_names()]
+    sampled = sparse_batches(options.batches, options.max_batch_points)
+    for n in token_counts:
+        if n < options.world_size:
+            raise ValueError(f"{n} tokens cannot be split over {options.world_size} ranks")
+
+    say(f"compute: {config.name}, batches {list(sampled)} of {sorted(set(options.batches))}, tokens "
+        f"{list(token_counts)}, one block per point on one core")
+    mark = time.perf_counter()
+    table, overhead, shapes = measure_compute(model, token_counts, sampled, options.world_size, codecs, device,
+                                              core=options.core, warmup=options.warmup, repeats=options.repeats,
+                                              progress=progress)
+    fit_median, fit_max = fit_errors(table, overhead.per_token_s, config.num_layers)
+    phases["compute_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    staging = measure_staging(device)
+    phases["staging_s"] = time.perf_counter() - mark
+    say(f"staging: {staging.note}")
+
+    mark = time.perf_counter()
+    say(f"link: link test over {options.world_size} ranks ({session.emulation or 'unshaped loopback'})")
+    link, raw_link = session.measure_link()
+    phases["link_s"] = time.perf_counter() - mark
+    say(f"link: {link.latency_s * 1e3:.2f} ms per hop, {link.bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather")
+
+    mark = time.perf_counter()
+    block = model.blocks[0].to(device)
+    probe = torch.randn(1, token_counts[0], config.hidden_size, device=device)
+
+    def one_block() -> None:
+        with torch.no_grad():
+            block(probe)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    energy = measure_energy(one_block, device, meter_kind=options.meter, power_model=options.power_model)
+    phases["energy_s"] = time.perf_counter() - mark
+    say(f"energy: {energy.source} ({energy.meter})")
+
+    mark = time.perf_counter()
+    if options.fidelity_file:
+        rows = load_fidelity_rows(options.fidelity_file)
+        fidelity_note = f"fidelity imported from {options.fidelity_file}"
+    elif options.evaluate:
+        rows, fidelity_note = evaluate_fidelity(options.model, options.codec_names(), options.world_size,
+                                                options.eval_limit, progress=say)
+    else:
+        rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
+    selected = select_rows(rows, config.name, options.world_size)
+    entries = codec_entries(codecs, config.hidden_size, selected)
+    unmeasured = [e.codec for e in entries if e.loss is None]
+    if rows and unmeasured:
+        fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"
+    phases["fidelity_s"] = time.perf_counter() - mark
+    say(f"fidelity: {fidelity_note}")
+
+    notes = "; ".join([
+        f"compute: {len(shapes)} block timings (batches {list(sampled)}, tokens {list(token_counts)}), "
+        f"{options.warmup} warm-up + {options.repeats} repeats, median, pinned to one core; fit median error "
+        f"{fit_median:.1%}, max {fit_max:.1%}; per_token_s includes embedding + final norm "
+        f"({overhead.per_token_s:.3g} s/token over {config.num_layers} layers)",
+        "device speeds: identical emulated devices (one core each of one host)",
+        staging.note, f"link: {link.method}", fidelity_note,
+    ])
+    profile = Profile(
+        model=config, config_hash=config.config_hash(), world_size=options.world_size,
+        device_speeds=(1.0,) * options.world_size, host=host_facts(device), compute=table, staging=staging.table,
+        link=link, energy=energy, codecs=entries,
+        input_bytes_per_token=input_bytes_per_token(model, token_counts[0], options.world_size, options.image_size),
+        output_bytes_per_row=output_bytes_per_row(model),
+        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), notes=notes)
+    return ProfileReport(profile=profile, profile_seconds=time.perf_counter() - started, phase_seconds=phases,
+                         sampled_batches=sampled, token_counts=token_counts, num_compute_points=len(shapes),
+                         fit_median_rel_error=fit_median, fit_max_rel_error=fit_max, staging=staging.to_dict(),
+                         link_test=raw_link, fidelity_note=fidelity_note)
+
+
+def held_out_batches(batches: Sequence[int], sampled: Sequence[int], count: int = 3) -> tuple[int, ...]:
+    """Batch sizes for validation that the profile did not time: unsampled ones of the range, spread out;
+    if fewer than `count` exist, midpoints between sampled ones."""
+    candidates = sorted(set(batches) - set(sampled))
+    if len(candidates) < count:
+        points = sorted(sampled)
+        mids = {round(math.sqrt(a * b)) for a, b in zip(points, points[1:])}
+        candidates = sorted(set(candidates) | (mids - set(sampled)))
+    if len(candidates) <= count:
+        return tuple(candidates)
+    step = (len(candidates) - 1) / (count - 1)
+    return tuple(sorted({candidates[round(i * step)] for i in range(count)}))
+
+
+__all__ = ["ProfileOptions", "ProfileReport", "run_profile", "validate_options", "token_counts_for",
+           "held_out_batches", "input_bytes_per_token", "output_bytes_per_row", "host_facts", "DEFAULT_BATCHES",
+           "DEFAULT_SEQ_LENS"]

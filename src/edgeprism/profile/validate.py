@@ -1,0 +1,210 @@
+"""Cost-model validation: the profile's predictions against fresh end-to-end runs it did not sample.
+
+Held-out points are batch sizes the compute grid did not time, codecs whose key/value counts the
+grid did not time (anything between CR 1 and the highest CR), and for text models a token count
+between the profiled ones. Each point runs for real — locally on rank 0, or distributed over every
+device of the profile's `LinkSession` (the same link the profile measured) — through
+`runtime.batch_worker.run_batch`, and is compared with `plan.cost.predict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgeprism.plan.cost import predict
+from edgeprism.plan.types import LinkEstimate, Plan, Request
+from edgeprism.profile.compute import ProgressFn
+from edgeprism.profile.link import LinkSession
+from edgeprism.profile.schema import Profile
+from edgeprism.runtime.batch_worker import BatchSpec
+
+PREFERRED_CODECS = ("int8", "sm4a+int8", "sm2", "fp16")
+"""Default held-out codecs, in order of preference: a CR-1 quantiser and a mid-CR Segment Means."""
+
+
+@dataclass(frozen=True)
+class ValidationPoint:
+    mode: str
+    """"local" or "distributed"."""
+    batch: int
+    num_tokens: int
+    codec: str = ""
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    point: ValidationPoint
+    measured_s: float
+    predicted_s: float
+    predicted_compute_s: float
+    predicted_network_s: float
+    predicted_latency_s: float
+    measured_compute_s: float
+    measured_collective_s: float
+    token_counts: tuple[int, ...]
+
+    @property
+    def rel_error(self) -> float:
+        return abs(self.predicted_s - self.measured_s) / self.measured_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.point), "measured_s": self.measured_s, "predicted_s": self.predicted_s,
+                "rel_error": self.rel_error, "predicted_compute_s": self.predicted_compute_s,
+                "predicted_network_s": self.predicted_network_s, "predicted_latency_s": self.predicted_latency_s,
+                "measured_compute_s": self.measured_compute_s, "measured_collective_s": self.measured_collective_s,
+                "token_counts": list(self.token_counts)}
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    rows: tuple[ValidationRow, ...]
+    seconds: float
+    link: str
+
+    @property
+    def median_rel_error(self) -> float:
+        return statistics.median(r.rel_error for r in self.rows)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max(r.rel_error for r in self.rows)
+
+    def worst(self) -> ValidationRow:
+        return max(self.rows, key=lambda r: r.rel_error)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_rel_error": self.median_rel_error, "max_rel_error": self.max_rel_error,
+                "validation_seconds": self.seconds, "link": self.link, "points": [r.to_dict() for r in self.rows]}
+
+
+def held_out_codecs(profile: Profile, count: int = 2) -> tuple[str, ...]:
+    """Codecs the compute grid did not time directly (neither CR 1 at full precision nor the highest CR)."""
+    names = [c.codec for c in profile.codecs]
+    top_cr = max((c.cr for c in profile.codecs), default=1)
+    chosen = [n for n in PREFERRED_CODECS if n in names and n != "fp32"]
+    if len(chosen) < count:
+        chosen += [c.codec for c in profile.codecs if c.codec not in chosen and c.codec != "fp32" and c.cr < top_cr]
+    return tuple(chosen[:count]) or tuple(names[:1])
+
+
+def validation_points(profile: Profile, batches: Sequence[int], token_counts: Sequence[int],
+                      codecs: Sequence[str]) -> list[ValidationPoint]:
+    """Distributed points first (every device busy), then the local ones (rank 0 alone)."""
+    for name in codecs:
+        profile.codec(name)  # ValueError naming the profiled codecs
+    points = [ValidationPoint("distributed", b, n, c) for n in token_counts for b in batches for c in codecs]
+    points += [ValidationPoint("local", b, n) for n in token_counts for b in batches]
+    return points
+
+
+def held_out_token_counts(profile: Profile, profiled: Sequence[int]) -> tuple[int, ...]:
+    """ViT: its one token count. Text: the geometric midpoint of the profiled counts."""
+    if profile.model.family == "vit" or len(profiled) < 2:
+        return (profiled[0],)
+    values = sorted(profiled)
+    return (round(math.sqrt(values[0] * values[-1])),)
+
+
+def plan_for(profile: Profile, point: ValidationPoint, token_counts: Sequence[int]) -> Plan:
+    """The plan a run of `point` executed (token counts as the runtime split them)."""
+    if point.mode == "local":
+        return Plan("local", (0,), (1.0,), (point.num_tokens,), "", 1, "", 0.0, 0.0, profile.energy.source,
+                    "latency", "validation")
+    entry = profile.codec(point.codec)
+    k = len(token_counts)
+    return Plan("distributed", tuple(range(k)), tuple(n / point.num_tokens for n in token_counts),
+                tuple(token_counts), entry.codec, entry.cr, entry.wire_dtype, 0.0, 0.0, profile.energy.source,
+                "latency", "validation")
+
+
+def spec_for(profile: Profile, point: ValidationPoint, checkpoint: str | None, warmup: int, repeats: int,
+             seed: int = 0, device: str = "cpu") -> BatchSpec:
+    text = profile.model.family != "vit"
+    return BatchSpec(model=profile.model.name, batch=point.batch, world_size=profile.world_size,
+                     mode=point.mode, codec=point.codec or "fp32", seq_len=point.num_tokens if text else None,
+                     checkpoint=checkpoint, seed=seed, warmup=warmup, repeats=repeats, device=device,
+                     timeout_s=900.0)
+
+
+def compare(profile: Profile, point: ValidationPoint, result: dict[str, Any]) -> ValidationRow:
+    counts = tuple(e - s for s, e in result["token_ranges"])
+    plan = plan_for(profile, point, counts)
+    request = Request(profile.model.name, point.batch, point.num_tokens)
+    prediction = predict(profile, request, plan, LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s))
+    return ValidationRow(point, float(result["latency_s"]), prediction.total_s, prediction.compute_s,
+                         prediction.network_s, prediction.latency_s, float(result.get("compute_s", 0.0)),
+                         float(result.get("collective_s", 0.0)), counts)
+
+
+def validate(profile: Profile, session: LinkSession, points: Sequence[ValidationPoint],
+             checkpoint: str | None = None, warmup: int = 1, repeats: int = 2, device: str = "cpu",
+             progress: ProgressFn | None = None, poll_s: float = 0.5) -> ValidationReport:
+    """Run every point on `session` (one launch for all) and compare with the profile's predictions."""
+    if not points:
+        raise ValueError("no validation points")
+    started = time.perf_counter()
+    specs = [spec_for(profile, p, checkpoint, warmup, repeats, device=device) for p in points]
+    with tempfile.TemporaryDirectory(prefix="edgeprism-validate-") as tmp:
+        specs_file, out_file = os.path.join(tmp, "specs.json"), os.path.join(tmp, "results.jsonl")
+        with open(specs_file, "w") as handle:
+            json.dump([dataclasses.asdict(s) for s in specs], handle)
+        failure: list[BaseException] = []
+
+        def launch() -> None:
+            try:
+                session.run(["-m", "edgeprism.profile.validate_worker", "--specs", specs_file, "--out", out_file])
+            except BaseException as err:  # re-raised below, in the caller's thread
+                failure.append(err)
+
+        worker = threading.Thread(target=launch, name="edgeprism-validate", daemon=True)
+        worker.start()
+        results = _follow(out_file, worker, len(points), points, progress, poll_s)
+        if failure:
+            raise failure[0]
+    missing = [i for i in range(len(points)) if i not in results]
+    if missing:
+        raise RuntimeError(f"validation returned no result for points {missing}")
+    rows = tuple(compare(profile, points[i], results[i]) for i in range(len(points)))
+    return ValidationReport(rows, time.perf_counter() - started, session.emulation or "unshaped loopback")
+
+
+def _follow(path: str, worker: threading.Thread, total: int, points: Sequence[ValidationPoint],
+            progress: ProgressFn | None, poll_s: float) -> dict[int, dict[str, Any]]:
+    """Read results as the worker appends them, reporting progress, until it exits."""
+    results: dict[int, dict[str, Any]] = {}
+
+    def read() -> None:
+        if not os.path.exists(path):
+            return
+        with open(path) as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    break  # still being written
+                row = json.loads(line)
+                if row["index"] not in results:
+                    results[row["index"]] = row
+                    if progress:
+                        p = points[row["index"]]
+                        what = p.codec or "local"
+                        progress(len(results), total, f"validate B={p.batch} N={p.num_tokens} {what} "
+                                                      f"{row['latency_s'] * 1e3:.0f} ms")
+
+    while worker.is_alive():
+        worker.join(poll_s)
+        read()
+    read()
+    return results
+
+
+__all__ = ["ValidationPoint", "ValidationRow", "ValidationReport", "held_out_codecs", "held_out_token_counts",
+           "validation_points", "validate", "compare", "plan_for", "spec_for", "PREFERRED_CODECS"]
