@@ -225,10 +225,13 @@ class Engine:
         header = {"op": "infer", "request_id": request_id, "plan": plan.to_dict(), "gather_hidden": gather_hidden}
         start = time.perf_counter()
         self._control.broadcast_json(header)
-        outputs = transform.forward(inputs, shares, gather_hidden=gather_hidden)
-        _sync(self.ctx.device)
-        latency_s = time.perf_counter() - start
-        per_rank = _telemetry(lane.exchanger, stats, latency_s, self.model.config.num_layers)
+        try:
+            outputs = transform.forward(inputs, shares, gather_hidden=gather_hidden)
+            _sync(self.ctx.device)
+            latency_s = time.perf_counter() - start
+            per_rank = _telemetry(lane.exchanger, stats, latency_s, self.model.config.num_layers)
+        except ValueError as err:  # the workers are mid-request: this is no longer one bad request
+            raise RuntimeError(f"request {request_id} failed after the workers started it: {err}") from err
         self.estimator.update(_observations(per_rank, stats, len(plan.ranks), self.model.config.num_layers))
         rank0 = per_rank[0]
         bytes_exchanged = int(sum(r[1] for r in per_rank)) + control.nbytes_sent

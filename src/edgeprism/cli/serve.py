@@ -1,0 +1,111 @@
+"""`edgeprism serve`: an engine over N local workers, answering JSON requests from a file, stdin or HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve requests, planning each one (local or distributed) from the profile and the live link",
+        description="Start an engine (this process is rank 0, N-1 workers pinned to their own cores) and answer "
+                    "JSON requests, one per line from --input, or POSTed to /infer with --http. Each answer is one "
+                    "JSON line on stdout; a bad request gets {\"id\": ..., \"error\": ...} and serving goes on. "
+                    "Request format: see edgeprism.runtime.requests.")
+    p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-tiny-test")
+    p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights when there is no checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", metavar="FILE", help="profile JSON written by `edgeprism profile`")
+    source.add_argument("--synthetic-profile", action="store_true",
+                        help="plan from a synthetic profile for --model (realistic numbers, not measured)")
+    p.add_argument("--world-size", type=int, default=2, help="ranks (emulated devices), rank 0 included; default 2")
+    p.add_argument("--objective", choices=["latency", "energy", "edp"], default="latency")
+    p.add_argument("--max-fidelity-loss", type=float, metavar="LOSS",
+                   help="largest normalised metric loss a codec may have, e.g. 0.02 (default: no budget)")
+    p.add_argument("--max-latency", type=float, metavar="SECONDS", help="latency ceiling for the planner")
+    p.add_argument("--max-batch", type=int, default=32, help="refuse requests with more rows (default 32)")
+    inputs = p.add_mutually_exclusive_group()
+    inputs.add_argument("--input", default="-", metavar="FILE",
+                        help="requests, one JSON object per line; '-' (default) reads stdin")
+    inputs.add_argument("--http", action="store_true", help="serve POST /infer and GET /health instead")
+    p.add_argument("--host", default="127.0.0.1", help="--http address (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="--http port (default 8000; 0 picks a free one)")
+    p.add_argument("--outputs", choices=["summary", "full", "none"], default="summary",
+                   help="summary: output shapes and logits argmax; full: every value")
+    p.add_argument("--cores-per-worker", type=int, default=1)
+    p.add_argument("--link-file", metavar="FILE",
+                   help="emulated link file every rank follows (edgeprism.testbed; rewrite it to change the link)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a data exchange may take before failing")
+    p.set_defaults(handler=handle)
+
+
+def _profile(args):
+    from edgeprism.plan.synthetic import synthetic_profile
+    from edgeprism.profile.schema import Profile
+
+    if args.synthetic_profile:
+        log.warning("planning from a synthetic profile for %s: its numbers are not measured on this machine",
+                    args.model)
+        return synthetic_profile(args.model, world_size=args.world_size)
+    return Profile.load(args.profile, expect_world_size=args.world_size)
+
+
+def handle(args) -> int:
+    from edgeprism.runtime.engine import Engine, EngineConfig
+    from edgeprism.runtime.serving import make_http_server, serve_lines
+
+    if args.world_size < 1:
+        raise ValueError(f"--world-size {args.world_size} must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} must be in 0..65535")
+    config = EngineConfig(objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
+                          max_latency_s=args.max_latency, max_batch=args.max_batch)
+    profile = _profile(args)
+    stream = None if args.http else sys.stdin if args.input == "-" else _open(args.input)
+    print(f"edgeprism serve: starting {args.model} over {args.world_size} rank(s) ...", file=sys.stderr, flush=True)
+
+    def write(reply: dict) -> None:
+        print(json.dumps(reply), flush=True)
+        if "error" in reply:
+            print(f"edgeprism serve: request {reply['id']}: error: {reply['error']}", file=sys.stderr, flush=True)
+        else:
+            m = reply["metrics"]
+            how = m["mode"] if m["mode"] == "local" else f"{m['plan']['codec']} over ranks {m['plan']['ranks']}"
+            print(f"edgeprism serve: request {reply['id']}: {how}, {m['latency_s'] * 1e3:.1f} ms (predicted "
+                  f"{m['predicted_latency_s'] * 1e3:.1f})", file=sys.stderr, flush=True)
+
+    with Engine.launch_local(args.world_size, args.model, profile, checkpoint=args.checkpoint, seed=args.seed,
+                             config=config, cores_per_worker=args.cores_per_worker, link_file=args.link_file,
+                             timeout_s=args.timeout) as engine:
+        if args.http:
+            server = make_http_server(engine, args.host, args.port, args.outputs, on_reply=write)
+            host, port = server.server_address[:2]
+            print(f"edgeprism serve: listening on http://{host}:{port}/infer (Ctrl-C stops)", file=sys.stderr,
+                  flush=True)
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.server_close()
+            return 0
+        try:
+            served, refused = serve_lines(engine, stream, write, args.outputs)
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
+    print(f"edgeprism serve: {served} served, {refused} refused", file=sys.stderr, flush=True)
+    return 0
+
+
+def _open(path: str):
+    try:
+        return open(path)
+    except OSError as err:
+        raise ValueError(f"cannot read requests from {path}: {err.strerror}") from None

@@ -1,0 +1,54 @@
+"""The online link estimate: recovers a link, follows a step change quickly, survives one-sized windows."""
+
+import pytest
+
+from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.runtime.link_estimate import LinkObservation, OnlineLinkEstimator
+
+
+def _exchanges(latency_s, bandwidth_bps):
+    shapes = [(64, 1), (100_000, 1), (10_000, 2), (1_000_000, 1)]  # (bytes on the path, hops)
+    return [LinkObservation(n, h, latency_s * h + 8 * n / bandwidth_bps) for n, h in shapes]
+
+
+def test_recovers_link_from_mixed_message_sizes():
+    estimator = OnlineLinkEstimator(bandwidth_bps=50e6, latency_s=3e-3)
+    estimate = estimator.update(_exchanges(1e-3, 100e6))
+    assert estimate.latency_s == pytest.approx(1e-3, rel=1e-2)
+    assert estimate.bandwidth_bps == pytest.approx(100e6, rel=1e-2)
+
+
+@pytest.mark.parametrize("after", [(50e-3, 100e6), (1e-3, 5e6), (1e-4, 1e9)])
+def test_step_change_is_followed_within_one_request(after):
+    estimator = OnlineLinkEstimator(bandwidth_bps=100e6, latency_s=1e-3)
+    for _ in range(5):
+        estimator.update(_exchanges(1e-3, 100e6))
+    estimate = estimator.update(_exchanges(*after))
+    assert estimator.changes == 1
+    assert estimate.latency_s == pytest.approx(after[0], rel=0.05)
+    assert estimate.bandwidth_bps == pytest.approx(after[1], rel=0.05)
+
+
+def test_one_message_size_moves_only_what_it_can_see():
+    estimator = OnlineLinkEstimator(bandwidth_bps=50e6, latency_s=3e-3)
+    estimate = estimator.update([LinkObservation(10, 1, 3e-3)] * 3)  # consistent with the seed: stays put
+    assert estimate.latency_s == pytest.approx(3e-3, rel=1e-3)
+    assert estimate.bandwidth_bps == pytest.approx(50e6, rel=1e-3)
+    estimate = estimator.update([LinkObservation(10, 1, 30e-3)] * 3)  # tiny messages 10x slower: latency
+    assert estimate.latency_s == pytest.approx(30e-3, rel=0.05)
+
+
+def test_seeded_from_profile_and_never_non_positive():
+    profile = synthetic_profile("vit-tiny-test", bandwidth_bps=20e6, latency_s=2e-3)
+    estimator = OnlineLinkEstimator.from_profile(profile)
+    assert estimator.estimate().bandwidth_bps == 20e6 and estimator.estimate().latency_s == 2e-3
+    estimate = estimator.update([LinkObservation(1_000_000, 1, 0.0), LinkObservation(8, 1, 0.0)])  # free link
+    assert estimate.bandwidth_bps > 0 and estimate.latency_s >= 0
+    assert estimator.update([]) == estimate
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        OnlineLinkEstimator(bandwidth_bps=0, latency_s=1e-3)
+    with pytest.raises(ValueError):
+        LinkObservation(10, 1, float("nan"))
