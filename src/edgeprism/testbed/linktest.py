@@ -15,14 +15,17 @@ import dataclasses
 import json
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from edgeprism.testbed.emulation import EmulatedLink
 
-__all__ = ["LinkMeasurement", "measure_link"]
+if TYPE_CHECKING:
+    from edgeprism.testbed.net import Testbed
+
+__all__ = ["LinkMeasurement", "measure_link", "run_link_test"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,9 @@ def _timed_broadcast(
     if link is not None:
         link.before_collective(nbytes_sent=nbytes if group_rank == 0 else 0, hops=1)
     dist.broadcast(tensor, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    # The sender's broadcast returns once its bytes are in the socket buffer, long before they arrive;
+    # a bare barrier (no emulated delay, ~0.3 ms) makes both ranks' clocks stop after the receiver has it.
+    dist.barrier(group=group)
     return time.perf_counter() - start_s
 
 
@@ -184,3 +190,16 @@ def measure_link(
         allgather_samples_s=allgather_samples,
         emulation=link.describe() if link is not None else "none",
     )
+
+
+def run_link_test(testbed: "Testbed", timeout_s: float = 180.0, latency_repeats: int = 20) -> LinkMeasurement:
+    """Launch the link-test worker on every host of `testbed` (through torchrun) and return rank 0's result."""
+    from edgeprism.testbed.launch import LaunchError, run_torchrun
+
+    argv = ["-m", "edgeprism.testbed.linktest_worker", "--latency-repeats", str(latency_repeats)]
+    results = run_torchrun(testbed, argv, timeout_s=timeout_s)
+    prefix = '{"link_test"'
+    lines = [line for line in results[0].stdout.splitlines() if line.startswith(prefix)]
+    if not lines:
+        raise LaunchError(f"link test printed no result; host 0 stdout: {results[0].stdout[-1000:]!r}", results)
+    return LinkMeasurement.from_json(json.loads(lines[-1])["link_test"])
