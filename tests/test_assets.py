@@ -100,7 +100,8 @@ def test_shakespeare_queries_are_short_questions():
 
 
 def test_committed_assets_are_small():
-    total = sum(p.stat().st_size for p in assets.PACKAGE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files = [p for p in assets.PACKAGE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    total = sum(p.stat().st_size for p in files)
     assert total < 5 * 2**20, f"package data is {total / 2**20:.2f} MiB"
 
 
@@ -115,15 +116,24 @@ def test_gpt2_fixture_loads_and_predicts_shakespeare():
     config = json.loads((directory / "config.json").read_text())
     assert config["vocab_size"] == 257 and config["n_positions"] == 256
     model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
-    data = torch.tensor(list(datasets.gpt2_heldout_bytes(limit=513)), dtype=torch.long)
+    data = torch.tensor(list(datasets.gpt2_heldout_bytes()), dtype=torch.long)
+    # Scored as scripts/train_tiny_gpt2.py scores it: non-overlapping windows of n_positions bytes.
+    num_full = (len(data) - 1) // 256
+    full = data[: num_full * 256 + 1].unfold(0, 257, 256)  # (num_full, 257), windows share their edge byte
     with torch.no_grad():
-        nlls = []
-        for start in (0, 256):
-            window = data[start : start + 257]
-            logits = model(window[:-1].unsqueeze(0)).logits[0]  # (256, 257)
-            nlls.append(torch.nn.functional.cross_entropy(logits, window[1:]).item())
-    perplexity = math.exp(sum(nlls) / len(nlls))
-    # Uniform over bytes is 256; unigram English text about 25. The fixture reaches about 5-6 (docs/DATA.md).
+        logits = model(full[:, :-1]).logits  # (num_full, 256, 257)
+        targets = full[:, 1:].reshape(-1)
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 257), targets, reduction="sum").item()
+        count = full[:, 1:].numel()
+        tail = data[num_full * 256 :]
+        if len(tail) > 1:
+            logits = model(tail[:-1].unsqueeze(0)).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits, tail[1:], reduction="sum").item()
+            count += len(tail) - 1
+    perplexity = math.exp(nll / count)
+    recorded = json.loads((directory / "TRAINING.json").read_text())["heldout_perplexity_per_byte"]
+    assert perplexity == pytest.approx(recorded, rel=1e-3)
+    # Uniform over bytes is 256 and a byte-unigram model of English about 25.
     assert perplexity < 10, perplexity
 
 
@@ -193,22 +203,26 @@ def _tiny_dinov2_onnx(hidden=8, heads=2, grid=3, patch=2):
     init("backbone.layernorm.weight", (hidden,))
     cls_pos = init("onnx::Concat_7", (1, 1, hidden))
     grid_pos = init("onnx::Reshape_8", (1, grid * grid, hidden))
-    nodes.append(helper.make_node("Concat", ["onnx::Concat_7", "x"], ["pos"], name="/backbone/embeddings/Concat_6", axis=1))
-    nodes.append(helper.make_node("Reshape", ["onnx::Reshape_8", "s"], ["r"], name="/backbone/embeddings/Reshape_1"))
-    for i, (path, shape) in enumerate([("attention/attention/key", (hidden, hidden)), ("mlp/fc1", (hidden, 4 * hidden))]):
+    emb = "/backbone/embeddings/"
+    nodes.append(helper.make_node("Concat", ["onnx::Concat_7", "x"], ["pos"], name=emb + "Concat_6", axis=1))
+    nodes.append(helper.make_node("Reshape", ["onnx::Reshape_8", "s"], ["r"], name=emb + "Reshape_1"))
+    linears = [("attention/attention/key", (hidden, hidden)), ("mlp/fc1", (hidden, 4 * hidden))]
+    for i, (path, shape) in enumerate(linears):
         name = f"onnx::MatMul_{100 + i}"
         weights[path] = init(name, shape)
-        nodes.append(helper.make_node("MatMul", ["h", name], [f"{path}_out"], name=f"/backbone/encoder/layer.0/{path}/MatMul"))
+        node_name = f"/backbone/encoder/layer.0/{path}/MatMul"
+        nodes.append(helper.make_node("MatMul", ["h", name], [f"{path}_out"], name=node_name))
     # the key reshape to (B, T, heads, head_dim) and the final LayerNorm's epsilon, as the exporter writes them
     key_add = "/backbone/encoder/layer.0/attention/attention/key/Add_output_0"
     const("c_heads", np.array([heads], np.int64))
     const("c_dim", np.array([hidden // heads], np.int64))
     nodes.append(helper.make_node("Concat", ["b", "t", "c_heads", "c_dim"], ["shape4"], axis=0))
-    nodes.append(helper.make_node("Reshape", [key_add, "shape4"], ["k4"], name="/backbone/encoder/layer.0/attention/attention/Reshape"))
+    attention = "/backbone/encoder/layer.0/attention/attention/"
+    nodes.append(helper.make_node("Reshape", [key_add, "shape4"], ["k4"], name=attention + "Reshape"))
     const("c_eps", np.array(9.999999974752427e-07, np.float32))
     nodes.append(helper.make_node("Add", ["var", "c_eps"], ["ve"], name="/backbone/layernorm/Add"))
     # attention scores: a MatMul of two activations must not be taken for a Linear
-    nodes.append(helper.make_node("MatMul", ["q", "k"], ["scores"], name="/backbone/encoder/layer.0/attention/attention/MatMul"))
+    nodes.append(helper.make_node("MatMul", ["q", "k"], ["scores"], name=attention + "MatMul"))
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)], initializer=inits)
     return onnx.helper.make_model(graph), weights, cls_pos, grid_pos
@@ -217,9 +231,11 @@ def _tiny_dinov2_onnx(hidden=8, heads=2, grid=3, patch=2):
 def test_onnx_dinov2_name_mapping_on_a_synthetic_graph():
     model, weights, cls_pos, grid_pos = _tiny_dinov2_onnx()
     state = convert.onnx_dinov2_state_dict(model)
-    np.testing.assert_array_equal(state["encoder.layer.0.attention.attention.key.weight"], weights["attention/attention/key"].T)
+    key = state["encoder.layer.0.attention.attention.key.weight"]
+    np.testing.assert_array_equal(key, weights["attention/attention/key"].T)
     assert state["encoder.layer.0.mlp.fc1.weight"].shape == (32, 8)  # torch Linear: (out, in)
-    np.testing.assert_array_equal(state["embeddings.position_embeddings"], np.concatenate([cls_pos, grid_pos], axis=1))
+    position = state["embeddings.position_embeddings"]
+    np.testing.assert_array_equal(position, np.concatenate([cls_pos, grid_pos], axis=1))
     assert state["embeddings.mask_token"].shape == (1, 8) and not state["embeddings.mask_token"].any()
     assert "layernorm.weight" in state and not any(k.startswith("onnx::") for k in state)
     assert not any("attention.attention.weight" in k for k in state)

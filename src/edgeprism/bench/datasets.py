@@ -120,7 +120,8 @@ def text_passages(
     counts = _count_tokens(tokenizer, interleaved)
     passages = [p for p, n in zip(interleaved, counts) if min_tokens <= n <= max_tokens]
     if limit is not None and len(passages) < limit:
-        log.warning("only %d passages of %d-%d tokens exist; asked for %d", len(passages), min_tokens, max_tokens, limit)
+        log.warning("only %d passages of %d-%d tokens exist; asked for %d",
+                    len(passages), min_tokens, max_tokens, limit)
     return passages[:limit] if limit is not None else passages
 
 

@@ -185,7 +185,8 @@ def intent_example_queries(package_dir: Path) -> list[str]:
         for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
                 if any(isinstance(t, ast.Name) and t.id == "samples" for t in node.targets):
-                    queries += [e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+                    queries += [e.value for e in node.value.elts
+                                if isinstance(e, ast.Constant) and isinstance(e.value, str)]
     for doc in sorted((package_dir / "docs").glob("*.md")):
         queries += re.findall(r'infer_intent\(\s*"([^"]+)"', doc.read_text(encoding="utf-8"))
     seen: set[str] = set()
