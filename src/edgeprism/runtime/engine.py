@@ -20,6 +20,7 @@ staging / collective / compute split; a request slower than `blow_factor` × its
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -259,7 +260,7 @@ class Engine:
     def _row(self, request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
              staging_s, collective_s, delay_s) -> MetricsRow:
         return MetricsRow(
-            request_id=request_id, plan=plan.to_dict(), mode=plan.mode, batch=request.batch,
+            request_id=request_id, plan=json.loads(plan.to_json()), mode=plan.mode, batch=request.batch,
             num_tokens=request.num_tokens, predicted_latency_s=plan.predicted_latency_s, latency_s=latency_s,
             predicted_energy_j=plan.predicted_energy_j, energy_j=energy_j, energy_source=source,
             bytes_exchanged=bytes_exchanged, layer_nbytes=layer_nbytes, staging_s=staging_s,

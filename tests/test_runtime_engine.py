@@ -1,0 +1,134 @@
+"""The engine over real GLOO process groups: this test process is rank 0, workers are processes.
+
+Profiles are synthetic with the compute scaled up (tiny models, big predicted compute), so that on a
+fast link splitting wins and on a slow one local wins; the link is an emulated link file in transport
+mode, rewritten mid-run (no root needed).
+"""
+
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from edgeprism.comm.launch import WorkerError, launch_local
+from edgeprism.models.config import get_config
+from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
+from edgeprism.runtime import Engine, EngineConfig
+from edgeprism.testbed.emulation import write_link_file
+from edgeprism.testbed.presets import LinkPreset
+
+VIT = get_config("vit-tiny-test")
+FAST = LinkPreset("test-fast", rate_bps=1e9, delay_s=0.0, source="test")
+SLOW = LinkPreset("test-slow", rate_bps=1e9, delay_s=0.15, source="test")
+FP32_ONLY = synthetic_codecs(VIT.hidden_size)[:1]
+
+
+def _profile(device_speeds):
+    # Local predicts ~0.4 s for 17 tokens; two ranks ~0.27 s + 4 link latencies: distributed wins below
+    # ~35 ms of link latency, local above.
+    return synthetic_profile("vit-tiny-test", device_speeds=device_speeds, bandwidth_bps=1e9, latency_s=1e-4,
+                             seconds_per_image=3000, codecs=FP32_ONLY)
+
+
+def test_plan_follows_a_mid_run_link_change(tmp_path, caplog):
+    link_file = tmp_path / "link.json"
+    write_link_file(link_file, FAST, "transport")
+    batch = synthetic_inputs(VIT, 2, seed=1)
+    config = EngineConfig(probe_every=2)
+    with caplog.at_level(logging.WARNING, logger="edgeprism.runtime.engine"):
+        with Engine.launch_local(2, "vit-tiny-test", _profile((1.0, 1.0)), link_file=link_file,
+                                 config=config) as engine:
+            modes = [engine.infer(batch).metrics.mode for _ in range(2)]
+            assert modes == ["distributed", "distributed"]
+
+            write_link_file(link_file, SLOW, "transport")
+            after_slow = [engine.infer(batch).metrics for _ in range(5)]
+            first_local = next(i for i, m in enumerate(after_slow) if m.mode == "local")
+            assert first_local < 5
+            assert all(m.mode == "local" for m in after_slow[first_local:])
+            assert after_slow[-1].link_latency_s > 0.05  # the estimate saw the slow link
+
+            write_link_file(link_file, FAST, "transport")  # local plans send nothing: probes must notice
+            after_fast = [engine.infer(batch).metrics.mode for _ in range(5)]
+            assert "distributed" in after_fast, after_fast
+    assert any("over 2.0 x its prediction" in r.getMessage() for r in caplog.records)
+
+
+class _CountCollectives:
+    """Counts torch.distributed calls made by this process (rank 0 takes part in every group)."""
+
+    NAMES = ("broadcast", "all_gather", "send", "recv", "isend", "irecv", "reduce", "gather", "barrier")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            original = getattr(dist, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(dist, name, counted)
+
+
+def test_subsets_exactness_idle_workers_and_bad_requests(monkeypatch):
+    small = synthetic_inputs(VIT, 2, seed=2)  # 17 tokens: the planner takes ranks [0, 1]
+    large = synthetic_inputs(VIT, 2, image_size=64, seed=3)  # 65 tokens: all three ranks, uneven shares
+    with Engine.launch_local(3, "vit-tiny-test", _profile((1.0, 1.0, 0.7)), config=EngineConfig(max_batch=2)) as engine:
+        for inputs, ranks in ((small, [0, 1]), (large, [0, 1, 2]), (small, [0, 1])):
+            result = engine.infer(inputs, gather_hidden=True)
+            assert result.metrics.mode == "distributed" and result.metrics.plan["ranks"] == ranks
+            assert result.metrics.bytes_exchanged > result.metrics.layer_nbytes > 0
+            with torch.no_grad():
+                reference = engine.model(inputs)
+            for key, value in result.outputs.items():
+                assert torch.allclose(value, reference[key], atol=1e-5, rtol=0), key
+
+        # Bad requests: a clear ValueError each, nothing sent, and the next request is served.
+        nan = small["pixel_values"].clone()
+        nan[0, 0, 0, 0] = float("nan")
+        bad = [({"pixel_values": nan}, "NaN"), ({"pixel_values": small["pixel_values"][:, :2]}, "channels"),
+               ({"pixel_values": torch.ones(2, 3, 32, 32, dtype=torch.long)}, "dtype"),
+               ({"pixel_values": torch.rand(3, 3, 32, 32)}, "max batch"),
+               ({"input_ids": torch.ones(2, 5, dtype=torch.long)}, "pixel_values")]
+        counter = _CountCollectives(monkeypatch)
+        for inputs, message in bad:
+            with pytest.raises(ValueError, match=message):
+                engine.infer(inputs)
+        assert counter.calls == []
+
+        # A local plan leaves the workers waiting: rank 0 makes no collective at all.
+        engine.estimator.latency_s = 10.0
+        result = engine.infer(small)
+        assert result.metrics.mode == "local" and result.metrics.bytes_exchanged == 0
+        assert counter.calls == []
+        engine.estimator.latency_s = 1e-4
+        monkeypatch.undo()
+        result = engine.infer(small)
+        assert result.metrics.mode == "distributed"
+        assert result.metrics.energy_source == "modelled" and result.metrics.energy_j > 0
+        assert len(engine.history) == 5
+
+
+_MISMATCH = """
+import sys
+from edgeprism.comm.context import init_distributed, shutdown
+from edgeprism.models.loading import load_model
+from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.runtime import Engine
+ctx = init_distributed("gloo", timeout_s=30)
+try:
+    Engine(load_model("vit-tiny-test", seed=ctx.group_rank), synthetic_profile("vit-tiny-test"), ctx)
+except ValueError as err:
+    print(f"rank {ctx.group_rank}: {err}", file=sys.stderr)
+    sys.exit(3)
+finally:
+    shutdown(ctx)
+"""
+
+
+def test_ranks_that_start_differently_are_refused_on_every_rank():
+    with pytest.raises(WorkerError, match=r"rank 1: weights differ"):
+        launch_local(2, ["-c", _MISMATCH], timeout_s=120)
