@@ -1,0 +1,92 @@
+"""`edgeprism serve` and its serving loop: one JSON line per request, errors per request, HTTP on loopback."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from edgeprism.cli.serve import add_parser, handle
+from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.runtime import Engine
+from edgeprism.runtime.serving import make_http_server
+
+
+def _run_serve(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", *argv])
+    return args.handler(args)
+
+
+def test_serve_file_answers_each_line_and_survives_bad_ones(tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    lines = [
+        json.dumps({"id": "ok1", "synthetic": {"batch": 2, "seq_len": 16}}),
+        '{"id": "broken", "model_input": ',                                            # malformed JSON
+        json.dumps({"id": "floats", "model_input": {"input_ids": [[1.5, 2.0]]}}),     # wrong dtype
+        json.dumps({"id": "ragged", "model_input": {"input_ids": [[1, 2, 3], [4]]}}),  # wrong shape
+        json.dumps({"id": "vocab", "model_input": {"input_ids": [[1, 99999]]}}),      # out of the vocabulary
+        json.dumps({"id": "big", "synthetic": {"batch": 5, "seq_len": 8}}),           # over --max-batch
+        "",
+        json.dumps({"id": "ok2", "model_input": {"input_ids": [[5, 6, 7, 8]], "attention_mask": [[1, 1, 1, 0]]},
+                    "objective": "energy"}),
+    ]
+    requests.write_text("\n".join(lines) + "\n")
+    code = _run_serve(["--model", "bert-tiny-test", "--synthetic-profile", "--world-size", "1",
+                       "--max-batch", "4", "--input", str(requests)])
+    assert code == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # an unparseable line cannot name its id: it is answered by line number
+    assert [r["id"] for r in out] == ["ok1", "line2", "floats", "ragged", "vocab", "big", "ok2"]
+    errors = {r["id"]: r["error"] for r in out if "error" in r}
+    assert set(errors) == {"line2", "floats", "ragged", "vocab", "big"}
+    assert "JSON" in errors["line2"] and "integers" in errors["floats"] and "ragged" in errors["ragged"]
+    assert "vocabulary" in errors["vocab"] and "max batch 4" in errors["big"]
+    served = out[-1]
+    assert served["metrics"]["mode"] == "local" and served["metrics"]["plan"]["objective"] == "energy"
+    assert served["outputs"]["mean"]["shape"] == [1, 64]
+
+
+def test_serve_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="does not exist"):
+        _run_serve(["--model", "bert-tiny-test", "--profile", "/nonexistent/profile.json", "--world-size", "1"])
+    with pytest.raises(ValueError, match="--world-size 0"):
+        _run_serve(["--model", "bert-tiny-test", "--synthetic-profile", "--world-size", "0"])
+
+
+def _post(url, body: bytes):
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_endpoint_on_loopback():
+    profile = synthetic_profile("bert-tiny-test", world_size=1)
+    with Engine.launch_local(1, "bert-tiny-test", profile) as engine:
+        server = make_http_server(engine, port=0)
+        host, port = server.server_address[:2]
+        assert host == "127.0.0.1"
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            base = f"http://{host}:{port}"
+            with urllib.request.urlopen(base + "/health", timeout=30) as response:
+                assert json.loads(response.read())["model"] == "bert-tiny-test"
+            status, reply = _post(base + "/infer", b'{"id": "x", "model_input": {"input_ids": [[1, 2], [3]]}}')
+            assert status == 400 and reply["id"] == "x" and "ragged" in reply["error"]
+            status, reply = _post(base + "/infer", b"not json")
+            assert status == 400 and "JSON" in reply["error"]
+            status, reply = _post(base + "/infer", json.dumps({"id": "y", "synthetic": {"seq_len": 8}}).encode())
+            assert status == 200 and reply["id"] == "y" and reply["metrics"]["num_tokens"] == 8
+            status, reply = _post(base + "/nowhere", b"{}")
+            assert status == 404
+        finally:
+            server.shutdown()
+            server.server_close()
