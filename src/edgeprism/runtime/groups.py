@@ -80,7 +80,8 @@ def verify_same_start(exchanger, model: ReferenceModel, profile: Profile) -> Non
     problems = []
     for rank, got in enumerate(gathered[1:], start=1):
         got = bytes(got.numpy())
-        differing = [name for i, name in enumerate(digests) if got[32 * i:32 * (i + 1)] != reference[32 * i:32 * (i + 1)]]
+        differing = [name for i, name in enumerate(digests)
+                     if got[32 * i:32 * (i + 1)] != reference[32 * i:32 * (i + 1)]]
         if differing:
             problems.append(f"rank {rank}: {', '.join(differing)}")
     if problems:
