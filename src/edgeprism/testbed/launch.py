@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from typing import IO
 
 from edgeprism.testbed.emulation import LINK_FILE_ENV
 from edgeprism.testbed.net import Host, Testbed, kill_netns_processes
@@ -24,7 +25,7 @@ __all__ = ["LaunchError", "run_torchrun", "torchrun_command"]
 
 log = logging.getLogger(__name__)
 
-FAILURE_GRACE_S = 5.0
+FAILURE_GRACE_S = 2.0
 """After one node fails, how long the others get to exit on their own before they are killed."""
 STDERR_TAIL_CHARS = 3000
 
@@ -124,6 +125,21 @@ def _kill_all(procs: list[subprocess.Popen[bytes]], testbed: Testbed) -> None:
             kill_netns_processes(host.netns)
 
 
+FAILURE_MARKER = b"ChildFailedError"
+"""What torchrun's agent raises when a worker failed; the agent itself may then linger on exit (seen
+with the c10d rendezvous), so a node counts as failed as soon as this shows in its stderr."""
+
+
+def _worker_failed(errs: list[IO[bytes]]) -> bool:
+    for err in errs:
+        err.flush()
+        with open(f"/proc/self/fd/{err.fileno()}", "rb") as fh:
+            fh.seek(max(0, os.fstat(err.fileno()).st_size - 8192))
+            if FAILURE_MARKER in fh.read():
+                return True
+    return False
+
+
 def run_torchrun(
     testbed: Testbed,
     argv: list[str],
@@ -155,7 +171,7 @@ def run_torchrun(
         failed_at: float | None = None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
-            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            if failed_at is None and (any(p.returncode not in (None, 0) for p in procs) or _worker_failed(errs)):
                 failed_at = now
             if now > deadline:
                 timed_out = True
@@ -178,10 +194,11 @@ def run_torchrun(
     if check and (timed_out or any(r.returncode != 0 for r in results)):
         codes = ", ".join(f"host {i}: {r.returncode}" for i, r in enumerate(results))
         what = f"timed out after {timeout_s:g} s" if timed_out else "failed"
-        tail = results[0].stderr[-STDERR_TAIL_CHARS:] if results else ""
-        raise LaunchError(
-            f"torchrun on {testbed.num_hosts} testbed hosts ({testbed.emulation}) {what} (exit codes {codes}); "
-            f"rank 0 stderr tail:\n{tail}",
-            results,
-        )
+        message = (f"torchrun on {testbed.num_hosts} testbed hosts ({testbed.emulation}) {what} (exit codes {codes}); "
+                   f"rank 0 stderr tail:\n{results[0].stderr[-STDERR_TAIL_CHARS:]}")
+        # Rank 0 often only shows that it was stopped; add the first host whose worker failed.
+        culprit = next((i for i, r in enumerate(results) if FAILURE_MARKER.decode() in r.stderr), None)
+        if culprit not in (None, 0):
+            message += f"\nhost {culprit} (failed first) stderr tail:\n{results[culprit].stderr[-STDERR_TAIL_CHARS:]}"
+        raise LaunchError(message, results)
     return results

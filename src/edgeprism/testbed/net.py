@@ -187,6 +187,8 @@ class Testbed:
     `cleanup_stale()` may remove it once this process is gone.
     """
 
+    __test__ = False  # not a pytest test class despite the name
+
     def __init__(
         self,
         num_hosts: int,
