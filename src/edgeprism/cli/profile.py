@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -72,10 +73,10 @@ def add_parser(subparsers) -> None:
 class _Bar:
     """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
 
-    def __init__(self, stream=sys.stderr, width: int = 28) -> None:
-        self.stream = stream
+    def __init__(self, stream=None, width: int = 28) -> None:
+        self.stream = stream or sys.stderr
         self.width = width
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def __call__(self, done: int, total: int, label: str) -> None:
         filled = int(self.width * done / max(1, total))
@@ -107,22 +108,48 @@ def _options(args):
 
 
 def check(args) -> int:
+    """Load and check an existing profile; with --validate, validate it against fresh runs on --link."""
     from edgeprism.models.config import get_config
     from edgeprism.profile.schema import Profile
 
     profile = Profile.load(args.check, expect_model=get_config(args.model), expect_world_size=args.world_size)
+    out = {"profile": args.check, "ok": True, "profile_hash": profile.profile_hash(), "summary": str(profile)}
+    if args.validate:
+        options = _options(args)
+        sampled = tuple(sorted({s.batch for s in profile.compute.samples}))
+        profiled_tokens = tuple(sorted({s.num_own_tokens for s in profile.compute.samples
+                                        if s.num_own_tokens == s.num_kv_vectors and s.num_own_tokens > 1}))
+        with _session(options) as session:
+            validation = _validate(args, options, profile, session, sampled, profiled_tokens, _Bar())
+        out.update(validation.to_dict())
     if args.json:
-        print(json.dumps({"profile": args.check, "ok": True, "profile_hash": profile.profile_hash(),
-                          "summary": str(profile)}))
+        print(json.dumps(out, indent=1))
+    elif args.validate:
+        print(f"{args.check}: ok\n{profile}\n" + format_validation(out))
     else:
         print(f"{args.check}: ok\n{profile}")
     return 0
 
 
-def handle(args) -> int:
+def _session(options):
     from edgeprism.profile.link import LinkSession
-    from edgeprism.profile.profiler import held_out_batches, run_profile, validate_options
+
+    return LinkSession(options.world_size, options.link, backend=options.link_backend)
+
+
+def _validate(args, options, profile, session, sampled, token_counts, bar):
+    from edgeprism.profile.profiler import held_out_batches
     from edgeprism.profile.validate import held_out_codecs, held_out_token_counts, validate, validation_points
+
+    batches = args.validate_batches or held_out_batches(options.batches, sampled)
+    codecs = args.validate_codecs or held_out_codecs(profile)
+    points = validation_points(profile, batches, held_out_token_counts(profile, token_counts), codecs)
+    bar.say(f"validation: {len(points)} fresh runs (batches {list(batches)}, codecs {list(codecs)}, and local)")
+    return validate(profile, session, points, checkpoint=options.checkpoint, device=options.device, progress=bar)
+
+
+def handle(args) -> int:
+    from edgeprism.profile.profiler import run_profile, validate_options
 
     if args.check:
         return check(args)
@@ -135,18 +162,13 @@ def handle(args) -> int:
     bar = _Bar()
     started = time.perf_counter()
     validation = None
-    with LinkSession(options.world_size, options.link, backend=options.link_backend) as session:
+    with _session(options) as session:
         report = run_profile(options, session, progress=bar, message=bar.say)
         report.profile.save(args.out)
         bar.say(f"profile written to {args.out} in {report.profile_seconds:.1f} s")
         if args.validate:
-            profile = report.profile
-            batches = args.validate_batches or held_out_batches(options.batches, report.sampled_batches)
-            codecs = args.validate_codecs or held_out_codecs(profile)
-            points = validation_points(profile, batches, held_out_token_counts(profile, report.token_counts), codecs)
-            bar.say(f"validation: {len(points)} fresh runs (batches {list(batches)}, codecs {list(codecs)}, and local)")
-            validation = validate(profile, session, points, checkpoint=options.checkpoint, device=options.device,
-                                  progress=bar)
+            validation = _validate(args, options, report.profile, session, report.sampled_batches,
+                                   report.token_counts, bar)
     out = {"profile": args.out, "model": options.model, "world_size": options.world_size,
            "profile_seconds": report.profile_seconds, "total_seconds": time.perf_counter() - started,
            **report.to_dict(), "summary": str(report.profile)}
@@ -166,14 +188,29 @@ def format_report(out: dict) -> str:
              f"compute fit on its own samples: median {out['fit_median_rel_error']:.1%}, "
              f"max {out['fit_max_rel_error']:.1%} over {out['num_compute_points']} points",
              f"staging: {out['staging']['note']}", f"fidelity: {out['fidelity_note']}"]
+    lines += _load_warning(out.get("load_average", ()), out.get("host_cores"), "profiling")
     if "points" in out:
-        lines.append(f"validation over {out['link']} ({out['validation_seconds']:.0f} s):")
-        lines.append(f"  {'mode':<11} {'B':>3} {'N':>4} {'codec':<10} {'measured ms':>11} {'predicted ms':>12} "
-                     f"{'error':>7}  predicted compute/network/latency ms")
-        for r in out["points"]:
-            lines.append(f"  {r['mode']:<11} {r['batch']:>3} {r['num_tokens']:>4} {r['codec'] or '-':<10} "
-                         f"{r['measured_s'] * 1e3:>11.1f} {r['predicted_s'] * 1e3:>12.1f} {r['rel_error']:>7.1%}  "
-                         f"{r['predicted_compute_s'] * 1e3:.0f}/{r['predicted_network_s'] * 1e3:.0f}/"
-                         f"{r['predicted_latency_s'] * 1e3:.0f}")
-        lines.append(f"median_rel_error: {out['median_rel_error']:.1%}  max_rel_error: {out['max_rel_error']:.1%}")
+        lines.append(format_validation(out))
     return "\n".join(lines)
+
+
+def format_validation(out: dict) -> str:
+    lines = [f"validation over {out['link']} ({out['validation_seconds']:.0f} s):",
+             f"  {'mode':<11} {'B':>3} {'N':>4} {'codec':<10} {'measured ms':>11} {'predicted ms':>12} {'error':>7}"
+             f"  measured compute/collective | predicted compute/network/latency ms"]
+    for r in out["points"]:
+        lines.append(f"  {r['mode']:<11} {r['batch']:>3} {r['num_tokens']:>4} {r['codec'] or '-':<10} "
+                     f"{r['measured_s'] * 1e3:>11.1f} {r['predicted_s'] * 1e3:>12.1f} {r['rel_error']:>7.1%}  "
+                     f"{r['measured_compute_s'] * 1e3:.0f}/{r['measured_collective_s'] * 1e3:.0f} | "
+                     f"{r['predicted_compute_s'] * 1e3:.0f}/{r['predicted_network_s'] * 1e3:.0f}/"
+                     f"{r['predicted_latency_s'] * 1e3:.0f}")
+    lines.append(f"median_rel_error: {out['median_rel_error']:.1%}  max_rel_error: {out['max_rel_error']:.1%}")
+    lines += _load_warning(out.get("validation_load_average", ()), os.cpu_count(), "validation")
+    return "\n".join(lines)
+
+
+def _load_warning(load_average, cores, what: str) -> list[str]:
+    if not load_average or not cores or max(load_average) <= cores:
+        return []
+    return [f"WARNING: host load average {max(load_average):.1f} on {cores} cores during {what}: other work "
+            "shared the emulated devices' cores, so timings (and errors) are noisier than on a quiet host"]

@@ -38,7 +38,7 @@ ProgressFn = Callable[[int, int, str], None]
 """progress(done, total, label): called after each measured point."""
 
 LONG_CALL_S = 0.3
-"""Calls at least this long get one fewer repeat (their noise is relatively smaller)."""
+"""`time_call`: calls at least this long get one fewer repeat (their noise is relatively smaller)."""
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,8 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
     return statistics.median(samples)
 
 
-def time_block(model: ReferenceModel, shape: Shape, device: torch.device, warmup: int = 1,
-               repeats: int = 3, seed: int = 0) -> float:
-    """Seconds of one block for one rank's share, as `forward_shard` runs it (bias shaped likewise)."""
+def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: int = 0) -> Callable[[], None]:
+    """One block for one rank's share, as `forward_shard` runs it (bias shaped likewise), ready to time."""
     d = model.config.hidden_size
     block = model.blocks[0]
     generator = torch.Generator().manual_seed(seed)
@@ -170,12 +169,66 @@ def time_block(model: ReferenceModel, shape: Shape, device: torch.device, warmup
         with torch.no_grad():
             block(hidden, context=context, bias=bias)
 
-    return time_call(run, device, warmup, repeats)
+    return run
 
 
-def time_overhead(model: ReferenceModel, batch: int, num_tokens: int, device: torch.device, warmup: int = 1,
-                  repeats: int = 3) -> float:
-    """Seconds of everything a request runs besides its blocks: embed, final norm, head."""
+def time_block(model: ReferenceModel, shape: Shape, device: torch.device, warmup: int = 1,
+               repeats: int = 3, seed: int = 0) -> float:
+    """Median seconds of one block for one rank's share."""
+    return time_call(block_call(model, shape, device, seed), device, warmup, repeats)
+
+
+def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, warmup: int = 1, repeats: int = 3,
+                     progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """Median seconds of each call, timed round-robin: a warm-up pass over all, then `repeats` passes.
+
+    On a host whose cores other work shares, slow spells then hit every point alike instead of a few
+    points all of their repeats, which keeps the fit consistent."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    for r in range(repeats):
+        for i, call in enumerate(calls):
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            samples[i].append(time.perf_counter() - start)
+            if progress:
+                progress(r * len(calls) + i + 1, samples[i][-1])
+    return [statistics.median(s) for s in samples]
+
+
+def fit_relative(samples: Sequence[ComputeSample], request_overhead_s: float = 0.0) -> ComputeTable:
+    """`ComputeTable.fit`, but minimising relative rather than absolute error: points span two orders of
+    magnitude (batch 1 to 32), and the planner cares about each request's error in proportion.
+    Same model, same non-negativity (a negative coefficient is dropped and the rest refitted)."""
+    import numpy as np
+
+    rows = np.array([[1.0, s.batch * s.num_own_tokens, s.batch * s.num_kv_vectors,
+                      s.batch * s.num_own_tokens * s.num_kv_vectors] for s in samples])
+    target = np.array([s.seconds_per_layer for s in samples])
+    weight = 1.0 / np.maximum(target, 1e-12)
+    rows_w, target_w = rows * weight[:, None], target * weight
+    scale = np.abs(rows_w).max(axis=0)
+    scale[scale == 0] = 1.0
+    active = [0, 1, 2, 3]
+    coef = np.zeros(4)
+    while active:
+        sol, *_ = np.linalg.lstsq(rows_w[:, active] / scale[active], target_w, rcond=None)
+        sol = sol / scale[active]
+        if (sol >= 0).all():
+            coef[:] = 0.0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return ComputeTable(float(coef[0]), float(coef[1]), float(coef[2]), float(coef[3]),
+                        request_overhead_s=request_overhead_s, samples=tuple(samples))
+
+
+def overhead_call(model: ReferenceModel, batch: int, num_tokens: int, device: torch.device) -> Callable[[], None]:
+    """Everything a request runs besides its blocks: embed, final norm, head — ready to time."""
     config = model.config
     seq_len = None if config.family == "vit" else num_tokens
     inputs = {k: v.to(device) for k, v in synthetic_inputs(config, batch, seq_len=seq_len, seed=1).items()}
@@ -186,17 +239,17 @@ def time_overhead(model: ReferenceModel, batch: int, num_tokens: int, device: to
             hidden = model.finish(model.embed(inputs, 0, total))
             model.head(hidden[:, -1] if model.causal else hidden[:, 0])
 
-    return time_call(run, device, warmup, repeats)
+    return run
 
 
 def fit_overhead(samples: Sequence[tuple[int, int, float]]) -> OverheadFit:
-    """Non-negative least squares of seconds = fixed_s + per_token_s · B · N over (B, N, seconds)."""
+    """Least squares (relative error) of seconds = fixed_s + per_token_s · B · N over (B, N, seconds), both >= 0."""
     import numpy as np
 
     x = np.array([b * n for b, n, _ in samples], dtype=float)
     y = np.array([s for _, _, s in samples], dtype=float)
     if len(samples) >= 2 and np.ptp(x) > 0:
-        slope, intercept = np.polyfit(x, y, 1)
+        slope, intercept = np.polyfit(x, y, 1, w=1.0 / np.maximum(y, 1e-12))
         if intercept < 0:
             slope, intercept = float((x @ y) / (x @ x)), 0.0
         if slope < 0:
@@ -217,27 +270,27 @@ def measure_compute(model: ReferenceModel, token_counts: Sequence[int], batches:
     local and distributed plans alike; the rest is `request_overhead_s`."""
     shapes = compute_grid(token_counts, batches, world_size, codecs)
     overhead_points = [(b, n) for n in token_counts for b in batches]
-    total = len(shapes) + len(overhead_points)
-    done = 0
-    samples: list[ComputeSample] = []
-    overhead_samples: list[tuple[int, int, float]] = []
+    total = (len(shapes) + len(overhead_points)) * repeats
     model = model.to(device).eval()
+
+    def report(offset: int, labels: Sequence[str]) -> Callable[[int, float], None]:
+        def step(done: int, seconds: float) -> None:
+            if progress:
+                progress(offset + done, total, f"{labels[(done - 1) % len(labels)]} {seconds * 1e3:.1f} ms")
+        return step
+
     with pinned(core if device.type == "cpu" else None):
-        for shape in shapes:
-            seconds = time_block(model, shape, device, warmup, repeats)
-            samples.append(ComputeSample(shape.batch, shape.num_own_tokens, shape.num_kv_vectors, seconds))
-            done += 1
-            if progress:
-                progress(done, total, f"compute B={shape.batch} n={shape.num_own_tokens} kv={shape.num_kv_vectors} "
-                                      f"{seconds * 1e3:.1f} ms")
-        for batch, num_tokens in overhead_points:
-            seconds = time_overhead(model, batch, num_tokens, device, warmup, repeats)
-            overhead_samples.append((batch, num_tokens, seconds))
-            done += 1
-            if progress:
-                progress(done, total, f"overhead B={batch} N={num_tokens} {seconds * 1e3:.1f} ms")
+        calls = [block_call(model, shape, device) for shape in shapes]
+        labels = [f"block B={s.batch} n={s.num_own_tokens} kv={s.num_kv_vectors}" for s in shapes]
+        block_s = time_interleaved(calls, device, warmup, repeats, report(0, labels))
+        del calls
+        calls = [overhead_call(model, batch, num_tokens, device) for batch, num_tokens in overhead_points]
+        labels = [f"embed+head B={b} N={n}" for b, n in overhead_points]
+        head_s = time_interleaved(calls, device, warmup, repeats, report(len(shapes) * repeats, labels))
+    samples = [ComputeSample(s.batch, s.num_own_tokens, s.num_kv_vectors, t) for s, t in zip(shapes, block_s)]
+    overhead_samples = [(b, n, t) for (b, n), t in zip(overhead_points, head_s)]
     overhead = fit_overhead(overhead_samples)
-    table = ComputeTable.fit(samples, request_overhead_s=overhead.fixed_s)
+    table = fit_relative(samples, request_overhead_s=overhead.fixed_s)
     table = dataclasses.replace(table, per_token_s=table.per_token_s + overhead.per_token_s / model.config.num_layers)
     log.info("compute fit: fixed %.3g s, per token %.3g s, per kv %.3g s, per token·kv %.3g s; overhead %.3g s "
              "+ %.3g s/token", table.fixed_s, table.per_token_s, table.per_kv_s, table.per_token_kv_s,
@@ -257,5 +310,6 @@ def fit_errors(table: ComputeTable, per_token_overhead_s: float, num_layers: int
     return statistics.median(errors), max(errors)
 
 
-__all__ = ["Shape", "OverheadFit", "sparse_batches", "compute_grid", "fewest_remote_vectors", "pinned",
-           "time_call", "time_block", "time_overhead", "fit_overhead", "measure_compute", "fit_errors"]
+__all__ = ["Shape", "OverheadFit", "sparse_batches", "compute_grid", "fewest_remote_vectors", "pinned", "time_call",
+           "block_call", "time_block", "overhead_call", "time_interleaved", "fit_relative", "fit_overhead",
+           "measure_compute", "fit_errors"]

@@ -16,17 +16,19 @@ import datetime
 import hashlib
 import logging
 import math
+import os
 import platform
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from edgeprism.compress.registry import get_codec, list_codecs
 from edgeprism.models.base import ReferenceModel
+from edgeprism.models.config import get_config
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
@@ -96,7 +98,8 @@ class ProfileReport:
     staging: dict[str, Any]
     link_test: dict[str, Any]
     fidelity_note: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    load_average: tuple[float, float] = (0.0, 0.0)
+    """1-minute load average of the host before and after (see `validate.ValidationReport`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile_seconds": self.profile_seconds, "phase_seconds": dict(self.phase_seconds),
@@ -104,7 +107,8 @@ class ProfileReport:
                 "num_compute_points": self.num_compute_points, "fit_median_rel_error": self.fit_median_rel_error,
                 "fit_max_rel_error": self.fit_max_rel_error, "staging": self.staging,
                 "link_test": {k: v for k, v in self.link_test.items() if not k.endswith("_samples_s")},
-                "fidelity_note": self.fidelity_note, "profile_hash": self.profile.profile_hash()}
+                "fidelity_note": self.fidelity_note, "profile_hash": self.profile.profile_hash(),
+                "load_average": list(self.load_average), "host_cores": os.cpu_count()}
 
 
 def token_counts_for(model: ReferenceModel, options: ProfileOptions) -> tuple[int, ...]:
@@ -158,6 +162,7 @@ def host_facts(device: torch.device, cores_per_device: int = 1) -> HostFacts:
 
 def validate_options(options: ProfileOptions) -> None:
     """Every user mistake, before anything is measured."""
+    get_config(options.model)  # unknown model: ValueError listing the known ones
     if options.world_size < 2:
         raise ValueError(f"--world-size {options.world_size}: a distributed profile needs at least 2 ranks")
     if not options.batches or any(b < 1 for b in options.batches):
@@ -170,6 +175,8 @@ def validate_options(options: ProfileOptions) -> None:
         raise ValueError(f"--eval-limit {options.eval_limit} must be >= 1")
     for name in options.codec_names():
         get_codec(name)
+    if options.fidelity_file:
+        load_fidelity_rows(options.fidelity_file)  # malformed rows fail now, not after minutes of measuring
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {options.device}: CUDA is not available on this host")
 
@@ -180,6 +187,7 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     validate_options(options)
     say = message or (lambda text: None)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     phases: dict[str, float] = {}
     device = torch.device(options.device)
     model = load_model(options.model, options.checkpoint, seed=options.seed).eval()
@@ -260,7 +268,8 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     return ProfileReport(profile=profile, profile_seconds=time.perf_counter() - started, phase_seconds=phases,
                          sampled_batches=sampled, token_counts=token_counts, num_compute_points=len(shapes),
                          fit_median_rel_error=fit_median, fit_max_rel_error=fit_max, staging=staging.to_dict(),
-                         link_test=raw_link, fidelity_note=fidelity_note)
+                         link_test=raw_link, fidelity_note=fidelity_note,
+                         load_average=(load_before, os.getloadavg()[0]))
 
 
 def held_out_batches(batches: Sequence[int], sampled: Sequence[int], count: int = 3) -> tuple[int, ...]:

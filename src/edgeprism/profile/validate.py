@@ -28,6 +28,8 @@ from edgeprism.profile.link import LinkSession
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.batch_worker import BatchSpec
 
+LARGE_BATCH = 8
+"""Validation points from this batch size on run without a warm-up (see `validate`)."""
 PREFERRED_CODECS = ("int8", "sm4a+int8", "sm2", "fp16")
 """Default held-out codecs, in order of preference: a CR-1 quantiser and a mid-CR Segment Means."""
 
@@ -70,6 +72,9 @@ class ValidationReport:
     rows: tuple[ValidationRow, ...]
     seconds: float
     link: str
+    load_average: tuple[float, float] = (0.0, 0.0)
+    """1-minute load average of the host before and after: above its core count, other work shared the
+    cores the emulated devices run on, and every timing is noisier for it."""
 
     @property
     def median_rel_error(self) -> float:
@@ -84,7 +89,8 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"median_rel_error": self.median_rel_error, "max_rel_error": self.max_rel_error,
-                "validation_seconds": self.seconds, "link": self.link, "points": [r.to_dict() for r in self.rows]}
+                "validation_seconds": self.seconds, "link": self.link,
+                "validation_load_average": list(self.load_average), "points": [r.to_dict() for r in self.rows]}
 
 
 def held_out_codecs(profile: Profile, count: int = 2) -> tuple[str, ...]:
@@ -102,6 +108,7 @@ def validation_points(profile: Profile, batches: Sequence[int], token_counts: Se
     """Distributed points first (every device busy), then the local ones (rank 0 alone)."""
     for name in codecs:
         profile.codec(name)  # ValueError naming the profiled codecs
+    batches = sorted(set(batches))
     points = [ValidationPoint("distributed", b, n, c) for n in token_counts for b in batches for c in codecs]
     points += [ValidationPoint("local", b, n) for n in token_counts for b in batches]
     return points
@@ -153,7 +160,11 @@ def validate(profile: Profile, session: LinkSession, points: Sequence[Validation
     if not points:
         raise ValueError("no validation points")
     started = time.perf_counter()
-    specs = [spec_for(profile, p, checkpoint, warmup, repeats, device=device) for p in points]
+    load_before = os.getloadavg()[0]
+    # Big batches run for seconds: the process is warm from the points before, and a second repeat is
+    # worth more than a warm-up (points are ordered small to large within each mode).
+    specs = [spec_for(profile, p, checkpoint, warmup if p.batch < LARGE_BATCH else 0, repeats, device=device)
+             for p in points]
     with tempfile.TemporaryDirectory(prefix="edgeprism-validate-") as tmp:
         specs_file, out_file = os.path.join(tmp, "specs.json"), os.path.join(tmp, "results.jsonl")
         with open(specs_file, "w") as handle:
@@ -175,7 +186,8 @@ def validate(profile: Profile, session: LinkSession, points: Sequence[Validation
     if missing:
         raise RuntimeError(f"validation returned no result for points {missing}")
     rows = tuple(compare(profile, points[i], results[i]) for i in range(len(points)))
-    return ValidationReport(rows, time.perf_counter() - started, session.emulation or "unshaped loopback")
+    return ValidationReport(rows, time.perf_counter() - started, session.emulation or "unshaped loopback",
+                            (load_before, os.getloadavg()[0]))
 
 
 def _follow(path: str, worker: threading.Thread, total: int, points: Sequence[ValidationPoint],
@@ -207,4 +219,4 @@ def _follow(path: str, worker: threading.Thread, total: int, points: Sequence[Va
 
 
 __all__ = ["ValidationPoint", "ValidationRow", "ValidationReport", "held_out_codecs", "held_out_token_counts",
-           "validation_points", "validate", "compare", "plan_for", "spec_for", "PREFERRED_CODECS"]
+           "validation_points", "validate", "compare", "plan_for", "spec_for", "PREFERRED_CODECS", "LARGE_BATCH"]
