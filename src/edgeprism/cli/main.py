@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run",
     "eval",
     "plan",
+    "serve",
 )
 
 
