@@ -97,8 +97,9 @@ def init_distributed(backend: Backend = "auto", device: str | torch.device = "cp
         link = EmulatedLink.from_env(env)
     if world_size > 1 and not dist.is_initialized():
         # Rendezvous from the given environment (not necessarily os.environ): torchrun's MASTER_ADDR/PORT.
+        # Under torchrun (os.environ) keep env://, which knows to join the elastic agent's store.
         addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-        init_method = f"tcp://{addr}:{port}" if addr and port else "env://"
+        init_method = f"tcp://{addr}:{port}" if environ is not None and addr and port else "env://"
         dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
     ctx = DistContext(group_rank=rank, world_size=world_size, backend=backend, device=device,
