@@ -214,3 +214,22 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
 
 
 __all__ = ["choose_plan", "enumerate_candidates", "codec_exclusion"]
+
+
+def static_plan(profile: Profile, request: Request, live_link_estimate: LinkEstimate, mode: str,
+                codec: str | None = None, ranks: tuple[int, ...] | None = None, objective: str = "latency") -> Plan:
+    """The plan a *static* strategy would run (local, or distributed with a fixed codec over fixed ranks),
+    with the cost model's prediction — for baselines in the demo and benchmarks, not for serving."""
+    if mode not in ("local", "distributed"):
+        raise ValueError(f"mode {mode!r} must be 'local' or 'distributed'")
+    wanted_ranks = tuple(ranks) if ranks is not None else tuple(range(profile.world_size))
+    for candidate in enumerate_candidates(profile, request, live_link_estimate, objective):
+        plan = candidate.plan
+        if mode == "local" and plan.mode == "local":
+            return plan
+        if mode == "distributed" and plan.mode == "distributed" and plan.codec == codec \
+                and tuple(plan.ranks) == wanted_ranks:
+            return plan
+    known = sorted({c.codec for c in profile.codecs})
+    raise ValueError(f"no {mode} plan with codec {codec!r} over ranks {list(wanted_ranks)} in this profile; "
+                     f"profiled codecs: {', '.join(known)}")

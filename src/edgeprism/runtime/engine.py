@@ -153,9 +153,10 @@ class Engine:
         return self._plan(inputs, objective, limits)[0]
 
     def infer(self, inputs: Inputs, objective: str | None = None, limits: Limits | None = None,
-              request_id: str | None = None, gather_hidden: bool = False) -> Result:
+              request_id: str | None = None, gather_hidden: bool = False, plan: Plan | None = None) -> Result:
         """Run one request (rank 0 only). ValueError for a bad request; the engine serves the next one.
-        `gather_hidden` also returns every token's final hidden state as outputs["hidden"] (B, T, d)."""
+        `gather_hidden` also returns every token's final hidden state as outputs["hidden"] (B, T, d).
+        `plan` forces a plan (static baselines, e.g. from `plan.static_plan`) instead of planning."""
         if not self.ctx.is_root:
             raise RuntimeError("infer is for rank 0; the other ranks call serve_workers()")
         if self._closed:
@@ -166,7 +167,8 @@ class Engine:
             inputs = self._checked(inputs)
             if self._local_streak and self.config.probe_every and self._local_streak % self.config.probe_every == 0:
                 self._probe()
-            plan, request, link = self._plan(inputs, objective, limits)
+            forced = plan
+            plan, request, link = self._plan(inputs, objective, limits, forced)
             if plan.mode == "distributed" and tuple(plan.ranks) not in self._lanes:
                 log.warning("plan over ranks %s has no process group; running locally", list(plan.ranks))
                 plan = replace(plan, mode="local", ranks=(0,), token_shares=(1.0,),
@@ -196,11 +198,13 @@ class Engine:
         self.model.validate_input(inputs)
         return inputs
 
-    def _plan(self, inputs: Inputs, objective: str | None, limits: Limits | None):
+    def _plan(self, inputs: Inputs, objective: str | None, limits: Limits | None, forced: Plan | None = None):
         num_tokens = self.model.validate_input(inputs)
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
         link = self.estimator.estimate()
+        if forced is not None:
+            return forced, request, link
         plan = choose_plan(self.profile, request, link, objective or self.config.objective,
                            limits or self.config.limits)
         return plan, request, link
