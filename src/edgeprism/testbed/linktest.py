@@ -146,6 +146,8 @@ def measure_link(
         _timed_all_gather(latency_nbytes, world_size, link, group)
     latency_samples = tuple(_timed_all_gather(latency_nbytes, world_size, link, group) for _ in range(latency_repeats))
     small_s = statistics.median(latency_samples)
+    # Every rank must take the same sizes below, so they decide on agreed (not local) times.
+    small_agreed_s = _agree_max(small_s, group)
 
     # One link direction: broadcast between the group's first two ranks only.
     group_rank = dist.get_rank(group)
@@ -161,7 +163,7 @@ def measure_link(
             if elapsed_s >= bandwidth_target_s or nbytes * 2 > bandwidth_max_nbytes:
                 break
             # Jump close to the target in one step once the time is above the noise.
-            factor = 2 if elapsed_s < 4 * small_s else max(2, min(16, int(bandwidth_target_s / elapsed_s) + 1))
+            factor = 2 if elapsed_s < 4 * small_agreed_s else max(2, min(16, int(bandwidth_target_s / elapsed_s) + 1))
             nbytes = min(nbytes * factor, bandwidth_max_nbytes)
         bandwidth_samples = tuple(_timed_broadcast(nbytes, group_rank, link, pair) for _ in range(bandwidth_repeats))
     # Every rank learns the size rank 0 settled on.

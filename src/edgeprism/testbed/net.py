@@ -259,7 +259,8 @@ class Testbed:
             warnings.warn(
                 f"{self.num_hosts} hosts x {self.cores_per_host} core(s) need {needed} cores but this machine "
                 f"has {len(available)} ({available}); the emulated devices will share cores, so compute "
-                "timings are not those of separate devices. Use fewer hosts or --cores-per-host 1.",
+                "timings are not those of separate devices. Use at most "
+                f"{max(1, len(available) // self.cores_per_host)} hosts (or fewer --cores-per-host).",
                 stacklevel=3,
             )
         return [
