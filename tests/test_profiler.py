@@ -214,7 +214,8 @@ def test_link_section_uses_the_all_gather_rate_and_names_its_method():
 
 def test_run_profile_builds_a_valid_profile_for_a_vit(tmp_path):
     options = ProfileOptions(model="vit-tiny-test", batches=(1, 2, 3), codecs=("fp32", "int8", "sm4a+int8"),
-                             warmup=0, repeats=1, evaluate=False, meter="modelled")
+                             warmup=0, repeats=1, evaluate=False, meter="modelled",
+                             compute_on="here")
     messages = []
     report = run_profile(options, FakeSession(), message=messages.append)
     profile = report.profile
@@ -239,7 +240,8 @@ def test_run_profile_for_a_text_model_times_each_sequence_length(tmp_path):
     rows = _rows_file(tmp_path, [{"model": "bert-tiny-test", "world_size": 2, "codec": "sm2", "metric": "cos",
                                   "value": 0.95, "reference_value": 1.0}])
     options = ProfileOptions(model="bert-tiny-test", batches=(1, 4), seq_lens=(8, 16), codecs=("fp32", "sm2"),
-                             warmup=0, repeats=1, fidelity_file=str(rows), meter="modelled")
+                             warmup=0, repeats=1, fidelity_file=str(rows), meter="modelled",
+                             compute_on="here")
     report = run_profile(options, FakeSession())
     assert report.token_counts == (8, 16)
     assert {s.num_own_tokens for s in report.profile.compute.samples if s.num_own_tokens == s.num_kv_vectors} == {8, 16}
@@ -265,7 +267,8 @@ def test_bad_options_fail_before_measuring(change, match):
 
 def test_seq_lens_for_a_vit_is_refused():
     with pytest.raises(ValueError, match="--seq-lens is for text models"):
-        run_profile(ProfileOptions(model="vit-tiny-test", seq_lens=(8,), evaluate=False), FakeSession())
+        run_profile(ProfileOptions(model="vit-tiny-test", seq_lens=(8,), evaluate=False, compute_on="here"),
+                    FakeSession())
 
 
 # ---- validation bookkeeping ----
@@ -300,3 +303,33 @@ def test_compare_predicts_the_plan_that_ran():
 
 def test_link_measurement_type_is_the_schema_one():
     assert isinstance(FakeSession().measure_link()[0], LinkMeasurement)
+
+
+class InProcessSession:
+    """A one-device session that runs the worker module's main() in this process (no launcher)."""
+
+    world_size = 1
+    emulation = ""
+
+    def run_following(self, argv, path, on_line, poll_s=0.5):
+        import importlib
+
+        module = importlib.import_module(argv[1])
+        assert module.main(list(argv[2:])) == 0
+        with open(path) as handle:
+            for line in handle.read().splitlines():
+                on_line(line)
+
+
+def test_compute_worker_times_the_grid_and_reports_progress(monkeypatch):
+    from edgeprism.profile.compute_worker import measure_on_session
+
+    for key in ("RANK", "WORLD_SIZE", "EDGEPRISM_CORES", "EDGEPRISM_LINK_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    seen = []
+    table, overhead, shapes, speeds, raw = measure_on_session(
+        InProcessSession(), "bert-tiny-test", None, 0, [8], [1, 2], [get_codec("fp32")], warmup=0, repeats=1,
+        num_layers=2, progress=lambda done, total, label: seen.append((done, total, label)))
+    assert speeds == (1.0,) and len(table.samples) == len(shapes) == 2  # a world of one: local shapes only
+    assert [s.kind for s in shapes] == ["local", "local"] and raw["alone_s"] and raw["overhead_s"]
+    assert seen[-1][0] == seen[-1][1] == 4 and "rank 0 alone" in seen[0][2]

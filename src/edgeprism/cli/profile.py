@@ -53,6 +53,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image-size", type=int, help="ViT: image side in pixels (default the model's)")
     p.add_argument("--codecs", type=_name_list, help="codecs to record (default the standard family)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (staging is measured on a GPU)")
+    p.add_argument("--compute-on", choices=["devices", "here"], default="devices",
+                   help="time compute on every device at once (default, as requests run) or in this process")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per point (median)")
     p.add_argument("--fidelity", metavar="FILE", help="import fidelity rows written by `edgeprism eval --out`")
@@ -102,7 +104,8 @@ def _options(args):
     return ProfileOptions(model=args.model, world_size=args.world_size, checkpoint=args.checkpoint, link=link,
                           link_backend=args.link_backend, batches=tuple(args.batches),
                           max_batch_points=args.batch_points, seq_lens=args.seq_lens, image_size=args.image_size,
-                          codecs=tuple(args.codecs or ()), device=args.device, warmup=args.warmup,
+                          codecs=tuple(args.codecs or ()), device=args.device, compute_on=args.compute_on,
+                          warmup=args.warmup,
                           repeats=args.repeats, fidelity_file=args.fidelity, evaluate=not args.no_eval,
                           eval_limit=args.eval_limit, meter=args.meter, power_model=args.power_model)
 

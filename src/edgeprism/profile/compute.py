@@ -179,17 +179,23 @@ def time_block(model: ReferenceModel, shape: Shape, device: torch.device, warmup
 
 
 def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, warmup: int = 1, repeats: int = 3,
-                     progress: Callable[[int, float], None] | None = None) -> list[float]:
+                     progress: Callable[[int, float], None] | None = None,
+                     before: Callable[[], None] | None = None) -> list[float]:
     """Median seconds of each call, timed round-robin: a warm-up pass over all, then `repeats` passes.
 
     On a host whose cores other work shares, slow spells then hit every point alike instead of a few
-    points all of their repeats, which keeps the fit consistent."""
+    points all of their repeats, which keeps the fit consistent. `before` runs (untimed) before every
+    call: a barrier, so that all ranks time the same point at the same time."""
     for _ in range(warmup):
         for call in calls:
+            if before:
+                before()
             call()
     samples: list[list[float]] = [[] for _ in calls]
     for r in range(repeats):
         for i, call in enumerate(calls):
+            if before:
+                before()
             _sync(device)
             start = time.perf_counter()
             call()
@@ -263,11 +269,10 @@ def measure_compute(model: ReferenceModel, token_counts: Sequence[int], batches:
                     codecs: Sequence, device: torch.device, core: int | None = 0, warmup: int = 1,
                     repeats: int = 3, progress: ProgressFn | None = None,
                     ) -> tuple[ComputeTable, OverheadFit, list[Shape]]:
-    """Time the grid and fit the profile's compute table.
+    """Time the grid in this process, pinned to `core`, and fit the profile's compute table (`fit_compute`).
 
-    The per-token part of the request overhead (embedding and final norm run for own tokens only, on
-    every rank) is spread over the layers into `per_token_s`, so the table's layer term carries it for
-    local and distributed plans alike; the rest is `request_overhead_s`."""
+    One emulated device alone; `compute_worker` times the same grid on every device of a session at
+    once, as distributed requests run."""
     shapes = compute_grid(token_counts, batches, world_size, codecs)
     overhead_points = [(b, n) for n in token_counts for b in batches]
     total = (len(shapes) + len(overhead_points)) * repeats
@@ -287,15 +292,25 @@ def measure_compute(model: ReferenceModel, token_counts: Sequence[int], batches:
         calls = [overhead_call(model, batch, num_tokens, device) for batch, num_tokens in overhead_points]
         labels = [f"embed+head B={b} N={n}" for b, n in overhead_points]
         head_s = time_interleaved(calls, device, warmup, repeats, report(len(shapes) * repeats, labels))
+    table, overhead = fit_compute(shapes, block_s, overhead_points, head_s, model.config.num_layers)
+    return table, overhead, shapes
+
+
+def fit_compute(shapes: Sequence[Shape], block_s: Sequence[float], overhead_points: Sequence[tuple[int, int]],
+                overhead_s: Sequence[float], num_layers: int) -> tuple[ComputeTable, OverheadFit]:
+    """The profile's compute table from block timings (rank 0's) and request-overhead timings.
+
+    The per-token part of the request overhead (embedding and final norm run for own tokens only, on
+    every rank) is spread over the layers into `per_token_s`, so the table's layer term carries it for
+    local and distributed plans alike; the rest is `request_overhead_s`."""
     samples = [ComputeSample(s.batch, s.num_own_tokens, s.num_kv_vectors, t) for s, t in zip(shapes, block_s)]
-    overhead_samples = [(b, n, t) for (b, n), t in zip(overhead_points, head_s)]
-    overhead = fit_overhead(overhead_samples)
+    overhead = fit_overhead([(b, n, t) for (b, n), t in zip(overhead_points, overhead_s)])
     table = fit_relative(samples, request_overhead_s=overhead.fixed_s)
-    table = dataclasses.replace(table, per_token_s=table.per_token_s + overhead.per_token_s / model.config.num_layers)
+    table = dataclasses.replace(table, per_token_s=table.per_token_s + overhead.per_token_s / num_layers)
     log.info("compute fit: fixed %.3g s, per token %.3g s, per kv %.3g s, per token·kv %.3g s; overhead %.3g s "
              "+ %.3g s/token", table.fixed_s, table.per_token_s, table.per_kv_s, table.per_token_kv_s,
              overhead.fixed_s, overhead.per_token_s)
-    return table, overhead, shapes
+    return table, overhead
 
 
 def fit_errors(table: ComputeTable, per_token_overhead_s: float, num_layers: int) -> tuple[float, float]:
@@ -312,4 +327,4 @@ def fit_errors(table: ComputeTable, per_token_overhead_s: float, num_layers: int
 
 __all__ = ["Shape", "OverheadFit", "sparse_batches", "compute_grid", "fewest_remote_vectors", "pinned", "time_call",
            "block_call", "time_block", "overhead_call", "time_interleaved", "fit_relative", "fit_overhead",
-           "measure_compute", "fit_errors"]
+           "fit_compute", "measure_compute", "fit_errors"]

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,35 @@ class LinkSession:
 
             launch_local(self.world_size, list(argv), cores_per_worker=self.cores_per_worker,
                          timeout_s=self.timeout_s, env=dict(env or {}))
+
+    def run_following(self, argv: Sequence[str], path: str, on_line: Callable[[str], None],
+                      poll_s: float = 0.5) -> None:
+        """`run(argv)` while following `path`, a file the job appends lines to: `on_line` gets each
+        complete line as it appears (progress), in this thread. Errors of the job are raised here."""
+        failure: list[BaseException] = []
+
+        def launch() -> None:
+            try:
+                self.run(argv)
+            except BaseException as err:  # re-raised below, in the caller's thread
+                failure.append(err)
+
+        worker = threading.Thread(target=launch, name="edgeprism-session-run", daemon=True)
+        worker.start()
+        seen = 0
+        while True:
+            alive = worker.is_alive()
+            if os.path.exists(path):
+                with open(path) as handle:
+                    lines = handle.read().split("\n")[:-1]  # the last piece is incomplete (or empty)
+                for line in lines[seen:]:
+                    on_line(line)
+                seen = len(lines)
+            if not alive:
+                break
+            worker.join(poll_s)
+        if failure:
+            raise failure[0]
 
     def measure_link(self) -> tuple[LinkMeasurement, dict[str, Any]]:
         """The link test through the runtime's own collectives → (the profile's link section, raw result)."""

@@ -75,8 +75,11 @@ class ProfileOptions:
     eval_limit: int | None = 32
     meter: str = "auto"
     power_model: str | None = None
+    compute_on: str = "devices"
+    """"devices": every device of the session times its share at once (as requests run); "here": this
+    process alone, pinned to `core` (no worker processes; for tests and quick looks)."""
     core: int | None = 0
-    """Core the in-process compute timing is pinned to (one emulated device)."""
+    """Core the in-process ("here") compute timing is pinned to (one emulated device)."""
     seed: int = 0
 
     def codec_names(self) -> tuple[str, ...]:
@@ -169,6 +172,8 @@ def validate_options(options: ProfileOptions) -> None:
         raise ValueError(f"--batches {list(options.batches)}: give batch sizes >= 1, e.g. 1,2,4,8,16,32")
     if options.warmup < 0 or options.repeats < 1:
         raise ValueError(f"--warmup {options.warmup} must be >= 0 and --repeats {options.repeats} >= 1")
+    if options.compute_on not in ("devices", "here"):
+        raise ValueError(f"compute_on {options.compute_on!r}: choose 'devices' or 'here'")
     if options.max_batch_points < 2:
         raise ValueError(f"max_batch_points {options.max_batch_points} must be >= 2 (the fit needs a spread)")
     if options.eval_limit is not None and options.eval_limit < 1:
@@ -199,12 +204,22 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
         if n < options.world_size:
             raise ValueError(f"{n} tokens cannot be split over {options.world_size} ranks")
 
+    where = "every device at once" if options.compute_on == "devices" else "this process, one core"
     say(f"compute: {config.name}, batches {list(sampled)} of {sorted(set(options.batches))}, tokens "
-        f"{list(token_counts)}, one block per point on one core")
+        f"{list(token_counts)}, one block per point, timed on {where}")
     mark = time.perf_counter()
-    table, overhead, shapes = measure_compute(model, token_counts, sampled, options.world_size, codecs, device,
-                                              core=options.core, warmup=options.warmup, repeats=options.repeats,
-                                              progress=progress)
+    speeds = (1.0,) * options.world_size
+    if options.compute_on == "devices":
+        from edgeprism.profile.compute_worker import measure_on_session
+
+        table, overhead, shapes, speeds, _ = measure_on_session(
+            session, options.model, options.checkpoint, options.seed, token_counts, sampled, codecs,
+            device=options.device, warmup=options.warmup, repeats=options.repeats, num_layers=config.num_layers,
+            progress=progress)
+    else:
+        table, overhead, shapes = measure_compute(model, token_counts, sampled, options.world_size, codecs, device,
+                                                  core=options.core, warmup=options.warmup,
+                                                  repeats=options.repeats, progress=progress)
     fit_median, fit_max = fit_errors(table, overhead.per_token_s, config.num_layers)
     phases["compute_s"] = time.perf_counter() - mark
 
@@ -255,12 +270,13 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
         f"{options.warmup} warm-up + {options.repeats} repeats, median, pinned to one core; fit median error "
         f"{fit_median:.1%}, max {fit_max:.1%}; per_token_s includes embedding + final norm "
         f"({overhead.per_token_s:.3g} s/token over {config.num_layers} layers)",
-        "device speeds: identical emulated devices (one core each of one host)",
+        (f"device speeds: measured, median of rank 0's time over each rank's on the shared shapes {speeds}"
+         if options.compute_on == "devices" else "device speeds: not measured (compute timed in one process); 1.0"),
         staging.note, f"link: {link.method}", fidelity_note,
     ])
     profile = Profile(
         model=config, config_hash=config.config_hash(), world_size=options.world_size,
-        device_speeds=(1.0,) * options.world_size, host=host_facts(device), compute=table, staging=staging.table,
+        device_speeds=speeds, host=host_facts(device), compute=table, staging=staging.table,
         link=link, energy=energy, codecs=entries,
         input_bytes_per_token=input_bytes_per_token(model, token_counts[0], options.world_size, options.image_size),
         output_bytes_per_row=output_bytes_per_row(model),

@@ -15,7 +15,6 @@ import math
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -169,53 +168,24 @@ def validate(profile: Profile, session: LinkSession, points: Sequence[Validation
         specs_file, out_file = os.path.join(tmp, "specs.json"), os.path.join(tmp, "results.jsonl")
         with open(specs_file, "w") as handle:
             json.dump([dataclasses.asdict(s) for s in specs], handle)
-        failure: list[BaseException] = []
+        results: dict[int, dict[str, Any]] = {}
 
-        def launch() -> None:
-            try:
-                session.run(["-m", "edgeprism.profile.validate_worker", "--specs", specs_file, "--out", out_file])
-            except BaseException as err:  # re-raised below, in the caller's thread
-                failure.append(err)
+        def on_line(line: str) -> None:
+            row = json.loads(line)
+            results[row["index"]] = row
+            if progress:
+                p = points[row["index"]]
+                progress(len(results), len(points), f"validate B={p.batch} N={p.num_tokens} {p.codec or 'local'} "
+                                                    f"{row['latency_s'] * 1e3:.0f} ms")
 
-        worker = threading.Thread(target=launch, name="edgeprism-validate", daemon=True)
-        worker.start()
-        results = _follow(out_file, worker, len(points), points, progress, poll_s)
-        if failure:
-            raise failure[0]
+        session.run_following(["-m", "edgeprism.profile.validate_worker", "--specs", specs_file, "--out", out_file],
+                              out_file, on_line, poll_s)
     missing = [i for i in range(len(points)) if i not in results]
     if missing:
         raise RuntimeError(f"validation returned no result for points {missing}")
     rows = tuple(compare(profile, points[i], results[i]) for i in range(len(points)))
     return ValidationReport(rows, time.perf_counter() - started, session.emulation or "unshaped loopback",
                             (load_before, os.getloadavg()[0]))
-
-
-def _follow(path: str, worker: threading.Thread, total: int, points: Sequence[ValidationPoint],
-            progress: ProgressFn | None, poll_s: float) -> dict[int, dict[str, Any]]:
-    """Read results as the worker appends them, reporting progress, until it exits."""
-    results: dict[int, dict[str, Any]] = {}
-
-    def read() -> None:
-        if not os.path.exists(path):
-            return
-        with open(path) as handle:
-            for line in handle:
-                if not line.endswith("\n"):
-                    break  # still being written
-                row = json.loads(line)
-                if row["index"] not in results:
-                    results[row["index"]] = row
-                    if progress:
-                        p = points[row["index"]]
-                        what = p.codec or "local"
-                        progress(len(results), total, f"validate B={p.batch} N={p.num_tokens} {what} "
-                                                      f"{row['latency_s'] * 1e3:.0f} ms")
-
-    while worker.is_alive():
-        worker.join(poll_s)
-        read()
-    read()
-    return results
 
 
 __all__ = ["ValidationPoint", "ValidationRow", "ValidationReport", "held_out_codecs", "held_out_token_counts",

@@ -1,0 +1,154 @@
+"""Compute-profiling worker: every device times its share of the grid at the same time, as requests run.
+
+    python -m edgeprism.profile.compute_worker --plan plan.json --out result.json --progress progress.txt
+
+Launched on every device of a `LinkSession` (testbed hosts or local workers, each pinned to its own
+cores). Distributed shapes are timed on all ranks at once, a barrier before every call, so each
+rank's time includes whatever running next to the others costs on this host (shared memory
+bandwidth, and here other work on the same cores). Local shapes and the request overhead are timed on
+rank 0 alone while the others wait, as a local request runs. Rank 0 writes every rank's timings to
+`--out` and one progress line per timed call to `--progress`. A process entry point, like `cli/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from edgeprism.comm.context import init_distributed, shutdown
+from edgeprism.models.loading import load_model
+from edgeprism.profile.compute import (OverheadFit, ProgressFn, Shape, block_call, compute_grid, fit_compute,
+                                       overhead_call, time_interleaved)
+from edgeprism.profile.schema import ComputeTable
+
+log = logging.getLogger(__name__)
+
+
+def measure_on_session(session, model: str, checkpoint: str | None, seed: int, token_counts: Sequence[int],
+                       batches: Sequence[int], codecs: Sequence, device: str = "cpu", warmup: int = 1,
+                       repeats: int = 3, num_layers: int = 1, progress: ProgressFn | None = None,
+                       ) -> tuple[ComputeTable, OverheadFit, list[Shape], tuple[float, ...], dict[str, Any]]:
+    """Time the compute grid on every device of `session` → (table from rank 0's timings, overhead, shapes,
+    relative speed per rank, raw result). Speed of rank p = median over shared shapes of t_0 / t_p."""
+    shapes = compute_grid(token_counts, batches, session.world_size, codecs)
+    overhead_points = [(b, n) for n in token_counts for b in batches]
+    plan = {"model": model, "checkpoint": checkpoint, "seed": seed, "device": device, "warmup": warmup,
+            "repeats": repeats, "shapes": [[s.batch, s.num_own_tokens, s.num_kv_vectors, s.kind] for s in shapes],
+            "overhead": [list(p) for p in overhead_points]}
+    with tempfile.TemporaryDirectory(prefix="edgeprism-compute-") as tmp:
+        plan_file, out_file, progress_file = (os.path.join(tmp, name) for name in ("plan.json", "out.json", "progress"))
+        with open(plan_file, "w") as handle:
+            json.dump(plan, handle)
+
+        def on_line(line: str) -> None:
+            done, total, label = line.split("\t", 2)
+            if progress:
+                progress(int(done), int(total), label)
+
+        session.run_following(["-m", "edgeprism.profile.compute_worker", "--plan", plan_file, "--out", out_file,
+                               "--progress", progress_file], progress_file, on_line)
+        with open(out_file) as handle:
+            raw = json.load(handle)
+    shared = [Shape(**s) for s in raw["shared"]]
+    alone = [Shape(**s) for s in raw["alone"]]
+    rank0 = raw["shared_s_per_rank"][0]
+    timed = dict(zip(shared, rank0)) | dict(zip(alone, raw["alone_s"]))
+    table, overhead = fit_compute(shapes, [timed[s] for s in shapes], overhead_points, raw["overhead_s"], num_layers)
+    speeds = tuple(1.0 if p == 0 or not rank0 else
+                   round(statistics.median(t0 / tp for t0, tp in zip(rank0, times) if tp > 0), 3)
+                   for p, times in enumerate(raw["shared_s_per_rank"]))
+    return table, overhead, shapes, speeds, raw
+
+
+def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: torch.device,
+             progress_path: str | None) -> dict[str, Any] | None:
+    model = load_model(plan["model"], plan.get("checkpoint"), seed=plan.get("seed", 0)).to(device).eval()
+    shapes = [Shape(*s) for s in plan["shapes"]]
+    shared = [s for s in shapes if s.kind != "local"]
+    alone = [s for s in shapes if s.kind == "local"]
+    overhead_points = [tuple(p) for p in plan["overhead"]]
+    warmup, repeats = int(plan["warmup"]), int(plan["repeats"])
+    total = (len(shared) + len(alone) + len(overhead_points)) * repeats
+    is_root = group_rank == 0
+
+    def reporter(offset: int, labels: list[str]):
+        def step(done: int, seconds: float) -> None:
+            if is_root and progress_path:
+                with open(progress_path, "a") as handle:
+                    handle.write(f"{offset + done}\t{total}\t{labels[(done - 1) % len(labels)]} "
+                                 f"{seconds * 1e3:.1f} ms\n")
+        return step
+
+    def barrier() -> None:
+        if world_size > 1:
+            dist.barrier()
+
+    def label(s: Shape) -> str:
+        return f"block B={s.batch} n={s.num_own_tokens} kv={s.num_kv_vectors}"
+
+    calls = [block_call(model, s, device) for s in shared]
+    shared_s = time_interleaved(calls, device, warmup, repeats, reporter(0, [label(s) + " (all ranks)" for s in shared]),
+                                before=barrier)
+    del calls
+    alone_s: list[float] = []
+    overhead_s: list[float] = []
+    if is_root:
+        calls = [block_call(model, s, device) for s in alone]
+        alone_s = time_interleaved(calls, device, warmup, repeats,
+                                   reporter(len(shared) * repeats, [label(s) + " (rank 0 alone)" for s in alone]))
+        calls = [overhead_call(model, b, n, device) for b, n in overhead_points]
+        overhead_s = time_interleaved(calls, device, warmup, repeats,
+                                      reporter((len(shared) + len(alone)) * repeats,
+                                               [f"embed+head B={b} N={n}" for b, n in overhead_points]))
+        del calls
+    barrier()  # the others wait here (blocked, not spinning) while rank 0 runs alone
+    mine = torch.tensor(shared_s, dtype=torch.float64)
+    per_rank = [torch.zeros_like(mine) for _ in range(world_size)]
+    if world_size > 1:
+        dist.all_gather(per_rank, mine)
+    else:
+        per_rank = [mine]
+    if not is_root:
+        return None
+    return {"shared": [s.__dict__ for s in shared], "shared_s_per_rank": [t.tolist() for t in per_rank],
+            "alone": [s.__dict__ for s in alone], "alone_s": alone_s,
+            "overhead": [list(p) for p in overhead_points], "overhead_s": overhead_s,
+            "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgeprism.profile.compute_worker")
+    parser.add_argument("--plan", required=True, help="JSON: model, checkpoint, seed, device, shapes, overhead, "
+                                                      "warmup, repeats")
+    parser.add_argument("--out", required=True, help="rank 0 writes every rank's timings here")
+    parser.add_argument("--progress", help="rank 0 appends 'done<TAB>total<TAB>label' lines here")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="GLOO timeout of each collective")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [rank %(process)d] %(name)s: %(message)s")
+    with open(args.plan) as handle:
+        plan = json.load(handle)
+    ctx = init_distributed("gloo", plan.get("device", "cpu"), timeout_s=args.timeout_s)
+    try:
+        result = run_plan(plan, ctx.group_rank, ctx.world_size, ctx.device, args.progress)
+    finally:
+        shutdown(ctx)
+    if result is not None:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
