@@ -18,6 +18,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "eval",
     "plan",
     "serve",
+    "testbed",
+    "link_test",
 )
 
 

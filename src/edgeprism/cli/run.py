@@ -42,6 +42,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before every rank is stopped")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    from edgeprism.cli.testbed import add_link_arguments
+
+    add_link_arguments(p)
+    p.add_argument("--backend", choices=("auto", "netns", "loopback"), default="auto",
+                   help="with --link: netns (kernel-shaped links, root) or loopback (emulated in the transport)")
     p.set_defaults(handler=handle)
 
 
@@ -100,15 +105,34 @@ def num_tokens_for(config, args) -> int:
     return args.seq_len or min(64, config.max_positions)
 
 
-def execute(spec: BatchSpec, cores_per_worker: int = 1, timeout_s: float = 300.0) -> dict:
-    """Launch the workers for `spec` and return rank 0's result."""
+def execute(spec: BatchSpec, cores_per_worker: int = 1, timeout_s: float = 300.0, link=None,
+            backend: str = "auto") -> dict:
+    """Launch the workers for `spec` and return rank 0's result.
+
+    Without `link`: local worker processes on loopback. With a `LinkPreset`: one testbed host per rank
+    (network namespace + kernel-shaped link when root, else loopback with the link emulated in the
+    transport), each rank launched by torchrun's multi-node rendezvous.
+    """
     with tempfile.TemporaryDirectory(prefix="edgeprism-run-") as tmp:
+        os.chmod(tmp, 0o755)  # ranks in other namespaces run as the same user, but be explicit
         result_file = os.path.join(tmp, "result.json")
         spec = BatchSpec(**{**spec.__dict__, "result_file": result_file})
-        launch_local(spec.world_size, ["-m", "edgeprism.runtime.batch_worker", "--spec", spec.to_json()],
-                     cores_per_worker=cores_per_worker, timeout_s=timeout_s)
+        argv = ["-m", "edgeprism.runtime.batch_worker", "--spec", spec.to_json()]
+        if link is None:
+            launch_local(spec.world_size, argv, cores_per_worker=cores_per_worker, timeout_s=timeout_s)
+        else:
+            from edgeprism.testbed.launch import run_torchrun
+            from edgeprism.testbed.net import Testbed
+
+            with Testbed(spec.world_size, link, cores_per_host=cores_per_worker, backend=backend) as testbed:
+                run_torchrun(testbed, argv, timeout_s=timeout_s)
+                emulation = testbed.emulation
         with open(result_file) as handle:
-            return json.load(handle)
+            result = json.load(handle)
+        if link is not None:
+            result["emulation"] = emulation
+            result["preset"] = link.name
+        return result
 
 
 def format_result(result: dict) -> str:
@@ -118,6 +142,7 @@ def format_result(result: dict) -> str:
              f"  compute        {result['compute_s'] * 1e3:9.2f} ms",
              f"  staging        {result['staging_s'] * 1e3:9.2f} ms",
              f"  collective     {result['collective_s'] * 1e3:9.2f} ms  (link: {result['link']})",
+             f"  emulated delay {result['emulated_delay_s'] * 1e3:9.2f} ms  (one-way latency added per message)",
              f"  bytes exchanged {result['bytes_exchanged']:,} B per request (layer exchanges, all ranks)"]
     if "generated_ids" in result:
         lines.append(f"  generated {result['generate']} tokens per row; row 0: {result['generated_ids'][0]}")
@@ -130,6 +155,12 @@ def format_result(result: dict) -> str:
 
 def handle(args) -> int:
     spec = validate(args)
-    result = execute(spec, cores_per_worker=args.cores_per_worker, timeout_s=args.timeout)
+    link = None
+    if args.link or args.rate or args.delay:
+        from edgeprism.testbed.presets import resolve_link
+
+        link = resolve_link(args.link, args.rate, args.delay)
+    result = execute(spec, cores_per_worker=args.cores_per_worker, timeout_s=args.timeout, link=link,
+                     backend=args.backend)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0

@@ -149,7 +149,8 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         "cores": list(ctx.cores), "torch_threads": torch.get_num_threads(),
         "link": ctx.link.describe() if ctx.link is not None else "loopback (not shaped)",
     }
-    result["compute_s"] = max(0.0, result["latency_s"] - result["staging_s"] - result["collective_s"])
+    result["compute_s"] = max(0.0, result["latency_s"] - result["staging_s"] - result["collective_s"]
+                              - result["emulated_delay_s"])
     if spec.generate:
         result["generate"] = spec.generate
         result["generated_ids"] = outputs.tolist()
