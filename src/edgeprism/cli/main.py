@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve",
     "testbed",
     "link_test",
+    "assets",
 )
 
 

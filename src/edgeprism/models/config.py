@@ -114,3 +114,6 @@ register(ModelConfig("minilm-l6", "bert", hidden_size=384, num_layers=6, num_hea
 register(ModelConfig("gpt2-124m", "gpt2", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                      layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=50257, max_positions=1024,
                      pooler="none"))
+# The project's own byte-level GPT-2 fixture (package data: edgeprism/assets/gpt2-shakespeare; docs/DATA.md).
+register(ModelConfig("gpt2-shakespeare", "gpt2", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
+                     layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=257, max_positions=256, pooler="none"))
