@@ -2,13 +2,19 @@
 
 Grammar (case-insensitive, surrounding spaces ignored)::
 
-    codec   := format | sm | sm "+" format
+    codec   := format | sm | sm "+" format | delta
+    delta   := "delta:" format [":" format]   key frame in the first format at layer 0, then each
+                                      layer's residual against the shared reconstruction in the
+                                      last one (compress/delta.py; stateful per request)
     sm      := "sm" N [ "a" [K] ]     N >= 1 tokens per segment; "a": exact anchors, K >= 1 slots
                                       per row (default 2, DEFAULT_MAX_ANCHORS)
     format  := fp32 | fp16 | bf16     float wire
              | int8 | int8c           int8, one scale per token | per channel (fp16 scales)
              | int4 | int4g<G>        int4 in groups of 32 | G channels (fp16 scales)
              each int format takes a suffix "s32" for float32 scales (int8s32, int4g64s32)
+             | lb<B>[o<K>][r]        B-bit codes (2..8) with one fp16 scale per token, K exact fp16
+                                     outlier channels, "r": fixed rotation (compress/lowbit.py); alone,
+                                     the valid mask travels as bits (PackedMaskCodec)
 
 `fp32`/`fp16`/`bf16` alone are `IdentityCodec`; `sm1` decodes to the same values as `fp32`.
 Segment Means comes first: its means are what the format then quantises; counts stay exact.
@@ -25,6 +31,8 @@ from edgeprism.compress.base import Codec, IdentityCodec
 from edgeprism.compress.codecs import DEFAULT_MAX_ANCHORS, QuantizedCodec, SegmentMeansCodec
 from edgeprism.compress.formats import (FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat,
                                         ValueFormat)
+from edgeprism.compress.delta import DeltaCodec
+from edgeprism.compress.lowbit import LowBitFormat, PackedMaskCodec
 
 FINGERPRINT_VERSION = 1
 """Bumped whenever a codec's wire layout changes, so ranks on different versions refuse each other."""
@@ -35,6 +43,7 @@ _STANDARD = ("fp32", "fp16", "bf16", "int8", "int8c", "int4",
 
 _SM = re.compile(r"sm(?P<ratio>[^a+]*)(?P<anchor>a(?P<slots>.*))?")
 _INT_FORMAT = re.compile(r"(?P<kind>int8c|int8|int4)(?:g(?P<group>\d+))?(?P<s32>s32)?")
+_LOW_BIT = re.compile(r"lb(?P<bits>\d+)(?:o(?P<outliers>\d+))?(?P<rotate>r)?")
 _GRAMMAR_HINT = "write [smN[a[K]]+]FORMAT, e.g. fp16, int8, sm4, sm4a, sm4+int8"
 
 
@@ -75,6 +84,12 @@ def _parse_format(part: str, name: str) -> ValueFormat | None:
     floats = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if part in floats:
         return FloatFormat(floats[part])
+    low_bit = _LOW_BIT.fullmatch(part)
+    if low_bit is not None:
+        bits = int(low_bit["bits"])
+        if not 2 <= bits <= 8:
+            raise ValueError(f"codec {name!r}: low-bit width {bits} must be in 2..8, e.g. lb3o4r")
+        return LowBitFormat(bits, int(low_bit["outliers"] or 0), bool(low_bit["rotate"]))
     match = _INT_FORMAT.fullmatch(part)
     if match is None:
         return None
@@ -95,6 +110,8 @@ def get_codec(name: str) -> Codec:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"codec name {name!r} is empty; {_GRAMMAR_HINT}")
     text = name.strip().lower()
+    if text.startswith("delta:"):
+        return _parse_delta(text, name)
     parts = text.split("+")
     if len(parts) > 2:
         raise ValueError(f"codec {name!r} has {len(parts)} stages; at most two: Segment Means then one format, "
@@ -114,6 +131,8 @@ def get_codec(name: str) -> Codec:
             return SegmentMeansCodec(ratio=ratio, max_anchors=slots)
         if isinstance(parsed, FloatFormat):
             return IdentityCodec(parsed.dtype)
+        if isinstance(parsed, LowBitFormat):
+            return PackedMaskCodec(parsed)
         return QuantizedCodec(parsed)
 
     (first_kind, first), (second_kind, second) = kinds
@@ -128,6 +147,21 @@ def get_codec(name: str) -> Codec:
                          f"e.g. sm{first[0] * second[0]}")
     ratio, slots = first
     return SegmentMeansCodec(ratio=ratio, max_anchors=slots, values=second)
+
+
+def _parse_delta(text: str, name: str) -> DeltaCodec:
+    """"delta:lb8o4:lb3o4r" -> DeltaCodec(key frame lb8o4, residuals lb3o4r); "delta:int8" uses one format."""
+    stages = text.split(":")[1:]
+    if len(stages) not in (1, 2) or any(not s for s in stages):
+        raise ValueError(f"codec {name!r}: write delta:FORMAT or delta:FIRST:REST, e.g. delta:lb8o4:lb3o4r")
+    formats = []
+    for stage in stages:
+        fmt = _parse_format(stage, name)
+        if fmt is None:
+            raise ValueError(f"codec {name!r}: unknown format {stage!r} in a delta codec; formats: "
+                             f"{', '.join(list_formats())}, lbB[oK][r]; e.g. delta:lb8o4:lb3o4r")
+        formats.append(fmt)
+    return DeltaCodec(formats[0], formats[-1])
 
 
 def parse_codec_list(text: str) -> list[Codec]:

@@ -226,12 +226,18 @@ class PositionWise:
             own_bias = own_bias.expand(batch, 1, num_own, num_own)
             specs = [codec.wire_spec(batch, r.num_tokens, d) for r in ranges]
             sizes = [spec_nbytes(s) for s in specs]
+            # A stateful codec (e.g. delta coding across layers) keeps per-request state in a session;
+            # its wire shapes may differ per layer. Stateless codecs have no `session`.
+            session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
-            for block in model.blocks:
+            for layer, block in enumerate(model.blocks):
                 # What is averaged (DESIGN rule 2): the residual stream (default), or — an option kept to
                 # measure it — the block's normalised K/V input ("normed"; identical for post-LN BERT).
                 sent = hidden if self.average == "residual" else block.kv_input(hidden)
-                remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal)
+                if session is not None:
+                    specs = [session.wire_spec(layer, batch, r.num_tokens, d) for r in ranges]
+                    sizes = [spec_nbytes(s) for s in specs]
+                remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
                 remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
                 bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
                 remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
@@ -245,13 +251,19 @@ class PositionWise:
         return state
 
     def _exchange(self, hidden: Tensor, valid: Tensor, anchor: Tensor, specs: list, sizes: list[int],
-                  causal: bool) -> tuple[Tensor, Tensor]:
-        """Encode own states, exchange, decode what this rank may read → (B, S_remote, d), (B, S_remote)."""
+                  causal: bool, session=None, layer: int = 0) -> tuple[Tensor, Tensor]:
+        """Encode own states, exchange, decode what this rank may read → (B, S_remote, d), (B, S_remote).
+
+        With a codec `session` (stateful codecs), encode/decode go through it with the layer index and,
+        for decode, the sender's rank."""
         rank, world = self.ctx.group_rank, self.ctx.world_size
         batch, _, d = hidden.shape
         if world == 1:
             return hidden.new_zeros(batch, 0, d), hidden.new_zeros(batch, 0)
-        payload = pack(self.codec.encode(hidden, valid, anchor))
+        if session is not None:
+            payload = pack(session.encode(layer, hidden, valid, anchor))
+        else:
+            payload = pack(self.codec.encode(hidden, valid, anchor))
         if causal:  # DESIGN rule 5: only ranks q < p are readable, so send only forward
             received = self.exchanger.send_forward_bytes(payload, sizes)
         else:
@@ -260,7 +272,8 @@ class PositionWise:
         for q, buffer in enumerate(received):
             if q == rank or buffer is None:
                 continue
-            v, c = self.codec.decode(unpack(buffer, specs[q]))
+            wire = unpack(buffer, specs[q])
+            v, c = session.decode(layer, q, wire) if session is not None else self.codec.decode(wire)
             vectors.append(v.to(hidden.dtype))
             counts.append(c)
         if not vectors:  # rank 0 of a causal model reads nobody
