@@ -14,6 +14,7 @@ import sys
 
 # Module names under edgeprism.cli, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
+    "demo",
     "run",
     "eval",
     "plan",

@@ -1,0 +1,184 @@
+"""The demo: a mixed workload over emulated devices, static strategies against the adaptive engine.
+
+One run, interleaved (machines here are shared and noisy): for each link phase and batch size, the
+same request is served by every strategy in turn — `local` (one device), `full_exchange` (static
+CR = 1, fp32), `segment_means` (a static Segment Means codec) and `adaptive` (the engine's own plan).
+The `oracle` is derived afterwards: per (phase, batch) the best static strategy in hindsight. Between
+phases the link changes (the testbed reshapes it), and the adaptive plan must follow.
+
+Rank 0 of a `torchrun` job (one rank per testbed host) runs `drive`; the other ranks serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from edgeprism.models.synthetic import synthetic_inputs
+
+log = logging.getLogger(__name__)
+
+STATIC = ("local", "full_exchange", "segment_means")
+STRATEGIES = (*STATIC, "adaptive")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    model: str = "vit-base-patch16-224"
+    profile: str = ""
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    links: tuple[str, ...] = ("wifi4", "congested")
+    """Link preset per phase; the testbed switches between phases."""
+    segment_means_codec: str = "sm16"
+    objective: str = "latency"
+    max_fidelity_loss: float | None = None
+    repeats: int = 1
+    rows_file: str = ""
+    control_dir: str = ""
+    """Rank 0 writes `phase-N.request` here and waits for `phase-N.ack` from the driver (link changed)."""
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "DemoSpec":
+        data = json.loads(text)
+        data["batches"] = tuple(data["batches"])
+        data["links"] = tuple(data["links"])
+        return cls(**data)
+
+
+def wait_for_link_change(spec: DemoSpec, phase: int, timeout_s: float = 120.0) -> None:
+    request = os.path.join(spec.control_dir, f"phase-{phase}.request")
+    ack = os.path.join(spec.control_dir, f"phase-{phase}.ack")
+    with open(request, "w") as handle:
+        handle.write(spec.links[phase])
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(ack):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the driver did not change the link to {spec.links[phase]} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
+    """Rank 0: serve the workload with every strategy; append one JSON row per request to rows_file."""
+    from edgeprism.plan import Request, static_plan
+    from edgeprism.plan.types import Limits
+
+    rows = []
+    config = engine.model.config
+    limits = Limits(spec.max_fidelity_loss, None)
+    total = len(spec.links) * len(spec.batches) * len(STRATEGIES) * spec.repeats
+    done = 0
+    # Warm-up, not recorded: every plan shape once (first calls pay one-off allocation and set-up).
+    warm_inputs = synthetic_inputs(config, min(spec.batches), seed=spec.seed)
+    warm_request = Request(config.name, min(spec.batches), engine.model.validate_input(warm_inputs))
+    for mode, codec in (("local", None), ("distributed", "fp32"), ("distributed", spec.segment_means_codec)):
+        engine.infer(warm_inputs, plan=static_plan(engine.profile, warm_request, engine.link_estimate, mode, codec))
+    engine.infer(warm_inputs, objective=spec.objective, limits=limits)
+    with open(spec.rows_file, "a") as out:
+        for phase, link_name in enumerate(spec.links):
+            if phase > 0:
+                wait_for_link_change(spec, phase)
+            for batch in spec.batches:
+                inputs = synthetic_inputs(config, batch, seed=spec.seed + batch)
+                num_tokens = engine.model.validate_input(inputs)
+                request = Request(config.name, batch, num_tokens)
+                for repeat in range(spec.repeats):
+                    for strategy in STRATEGIES:
+                        link = engine.link_estimate
+                        plan = None
+                        if strategy == "local":
+                            plan = static_plan(engine.profile, request, link, "local")
+                        elif strategy == "full_exchange":
+                            plan = static_plan(engine.profile, request, link, "distributed", "fp32")
+                        elif strategy == "segment_means":
+                            plan = static_plan(engine.profile, request, link, "distributed",
+                                               spec.segment_means_codec)
+                        result = engine.infer(inputs, objective=spec.objective, limits=limits, plan=plan)
+                        m = result.metrics
+                        row = {"phase": phase, "link": link_name, "batch": batch, "repeat": repeat,
+                               "strategy": strategy, "latency_s": m.latency_s, "energy_j": m.energy_j,
+                               "energy_source": m.energy_source, "predicted_latency_s": m.predicted_latency_s,
+                               "predicted_energy_j": m.predicted_energy_j, "mode": m.mode,
+                               "codec": m.plan.get("codec") or "", "plan": _plan_label(m.plan),
+                               "bytes_exchanged": m.bytes_exchanged, "staging_s": m.staging_s,
+                               "collective_s": m.collective_s, "compute_s": m.compute_s,
+                               "link_bandwidth_bps": m.link_bandwidth_bps, "link_latency_s": m.link_latency_s,
+                               "request_id": m.request_id, "time_s": time.time()}
+                        rows.append(row)
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+                        done += 1
+                        if progress:
+                            progress(f"[{done}/{total}] {link_name} batch {batch:>2} {strategy:<13} "
+                                     f"{m.latency_s * 1e3:9.1f} ms  {row['plan']}")
+    return rows
+
+
+def _plan_label(plan: dict) -> str:
+    if plan.get("mode") == "local":
+        return "local"
+    return f"{plan.get('codec')} x{len(plan.get('ranks', []))}"
+
+
+def add_oracle(rows: list[dict]) -> list[dict]:
+    """Per (phase, batch): the best static strategy in hindsight (median latency over repeats)."""
+    out = list(rows)
+    keys = sorted({(r["phase"], r["link"], r["batch"]) for r in rows})
+    for phase, link, batch in keys:
+        best = None
+        for strategy in STATIC:
+            mine = [r for r in rows if (r["phase"], r["batch"], r["strategy"]) == (phase, batch, strategy)]
+            if not mine:
+                continue
+            median = sorted(mine, key=lambda r: r["latency_s"])[len(mine) // 2]
+            if best is None or median["latency_s"] < best["latency_s"]:
+                best = median
+        if best is not None:
+            out.append({**best, "strategy": "oracle", "plan": f"{best['strategy']} ({best['plan']})"})
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (phase, batch, strategy): median latency and energy over repeats."""
+    table = []
+    for key in sorted({(r["phase"], r["link"], r["batch"], r["strategy"]) for r in rows},
+                      key=lambda k: (k[0], k[2], ("local", "full_exchange", "segment_means", "adaptive",
+                                                   "oracle").index(k[3]))):
+        mine = sorted((r for r in rows if (r["phase"], r["link"], r["batch"], r["strategy"]) == key),
+                      key=lambda r: r["latency_s"])
+        median = mine[len(mine) // 2]
+        table.append({"phase": key[0], "link": key[1], "batch": key[2], "strategy": key[3],
+                      "latency_s": median["latency_s"], "energy_j": median["energy_j"],
+                      "energy_source": median["energy_source"], "plan": median["plan"],
+                      "predicted_latency_s": median["predicted_latency_s"]})
+    return table
+
+
+def ratios(table: list[dict]) -> list[dict]:
+    """Per (phase, batch): adaptive vs full exchange (latency and energy reduction) and vs the oracle."""
+    out = []
+    for phase, link, batch in sorted({(r["phase"], r["link"], r["batch"]) for r in table}):
+        get = {r["strategy"]: r for r in table if (r["phase"], r["batch"]) == (phase, batch)}
+        if not {"adaptive", "full_exchange", "oracle", "local"} <= set(get):
+            continue
+        a, f, o, loc = get["adaptive"], get["full_exchange"], get["oracle"], get["local"]
+        out.append({"phase": phase, "link": link, "batch": batch,
+                    "latency_reduction_vs_full": 1 - a["latency_s"] / f["latency_s"],
+                    "energy_reduction_vs_full": 1 - a["energy_j"] / f["energy_j"],
+                    "adaptive_over_oracle": a["latency_s"] / o["latency_s"],
+                    "adaptive_over_local": a["latency_s"] / loc["latency_s"],
+                    "adaptive_plan": a["plan"], "oracle_plan": o["plan"]})
+    return out
+
+
+@dataclass
+class DemoReport:
+    rows: list[dict] = field(default_factory=list)
+    table: list[dict] = field(default_factory=list)
+    ratios: list[dict] = field(default_factory=list)

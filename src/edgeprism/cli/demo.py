@@ -1,0 +1,167 @@
+"""`edgeprism demo`: 2 emulated devices on a WiFi link, profiled, then a mixed workload served by
+every strategy side by side, with a link change in the middle. Prints the table; writes a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="profile, then serve a mixed workload adaptively vs static strategies",
+                              description=__doc__)
+    p.add_argument("--model", default="vit-base-patch16-224")
+    p.add_argument("--batches", type=_ints, default=(1, 2, 4, 8, 16, 32), help="batch sizes (default 1..32)")
+    p.add_argument("--links", default="wifi4,congested", help="link preset per phase (default wifi4,congested)")
+    p.add_argument("--segment-means-codec", default="sm16", help="the static Segment Means strategy's codec")
+    p.add_argument("--objective", choices=["latency", "energy", "edp"], default="latency")
+    p.add_argument("--max-fidelity-loss", type=float, help="fidelity budget for the adaptive plan (0..1)")
+    p.add_argument("--profile", help="use this profile instead of profiling (must match model, 2 ranks, the link)")
+    p.add_argument("--reprofile", action="store_true", help="ignore the cached profile")
+    p.add_argument("--backend", choices=["auto", "netns", "loopback"], default="auto",
+                   help="testbed: netns (kernel-shaped links, root) or loopback (emulated in the transport)")
+    p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
+    p.add_argument("--repeats", type=int, default=1, help="requests per (batch, strategy)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(handler=handle)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _profile(args, session, link) -> str:
+    """A cached profile for (model, 2 ranks, link, emulation), or a fresh one (< 2 min)."""
+    from edgeprism.assets import cache_dir
+    from edgeprism.profile.profiler import ProfileOptions, run_profile
+
+    if args.profile:
+        return args.profile
+    path = cache_dir() / "profiles" / f"{args.model}-w2-{link.name}-{session.testbed.emulation}.json"
+    if path.exists() and not args.reprofile:
+        _say(f"profile: using cached {path} (--reprofile to measure again)")
+        return str(path)
+    _say(f"profile: measuring {args.model} on 2 devices over {link} ({session.emulation}) ...")
+    options = ProfileOptions(model=args.model, world_size=2, link=link, link_backend=args.backend,
+                             batches=tuple(sorted(set(args.batches))), evaluate=False)
+    report = run_profile(options, session, progress=lambda done, total, what: _say(f"  [{done}/{total}] {what}"),
+                         message=lambda text: _say(f"  {text}"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.profile.save(path)
+    _say(f"profile: {report.profile_seconds:.0f} s, saved to {path}")
+    return str(path)
+
+
+def handle(args) -> int:
+    from edgeprism.bench.demo import DemoSpec, add_oracle, ratios, summarize
+    from edgeprism.models.config import get_config
+    from edgeprism.plan.types import Limits
+    from edgeprism.profile.link import LinkSession
+    from edgeprism.testbed.presets import get_preset
+
+    get_config(args.model)
+    links = [get_preset(name.strip()) for name in args.links.split(",")]
+    if any(b < 1 for b in args.batches):
+        raise ValueError(f"--batches {list(args.batches)} must all be >= 1")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats} must be >= 1")
+    Limits(args.max_fidelity_loss, None)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_file = out_dir / "rows.jsonl"
+    rows_file.write_text("")
+    started = time.perf_counter()
+    with LinkSession(2, links[0], backend=args.backend) as session, \
+            tempfile.TemporaryDirectory(prefix="edgeprism-demo-") as control:
+        emulation = session.testbed.emulation
+        _say(f"testbed: 2 devices x 1 core, link {links[0]} ({emulation})")
+        profile = _profile(args, session, links[0])
+        spec = DemoSpec(model=args.model, profile=os.path.abspath(profile), batches=tuple(args.batches),
+                        links=tuple(link.name for link in links), segment_means_codec=args.segment_means_codec,
+                        objective=args.objective, max_fidelity_loss=args.max_fidelity_loss, repeats=args.repeats,
+                        rows_file=str(rows_file.resolve()), control_dir=control)
+        _follow(session, spec, links, rows_file, control)
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    rows = add_oracle(rows)
+    table = summarize(rows)
+    gains = ratios(table)
+    with open(out_dir / "rows.jsonl", "w") as handle_:
+        for row in rows:
+            handle_.write(json.dumps({**row, "emulation": emulation}) + "\n")
+    report = {"model": args.model, "world_size": 2, "emulation": emulation, "links": [str(l) for l in links],
+              "segment_means_codec": args.segment_means_codec, "objective": args.objective,
+              "max_fidelity_loss": args.max_fidelity_loss, "profile": profile,
+              "demo_seconds": time.perf_counter() - started, "rows": table, "ratios": gains,
+              "note": "2 emulated devices = 2 worker processes pinned to one core each on this machine; energy "
+                      "is modelled from measured phase times unless energy_source says metered"}
+    (out_dir / "summary.json").write_text(json.dumps(report, indent=1))
+    from edgeprism.bench.report import write_markdown, write_plots
+
+    write_markdown(out_dir / "summary.md", report)
+    plots = write_plots(out_dir, rows, table)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_table(report))
+        print(f"\nreport: {out_dir}/summary.md, rows.jsonl" + (f", {len(plots)} plots" if plots else ""))
+    return 0
+
+
+def _follow(session, spec, links, rows_file: Path, control: str) -> None:
+    """Run the demo job on the session's devices; print its rows as progress; change the link on request."""
+    failure: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            session.run(["-m", "edgeprism.bench.demo_worker", "--spec", spec.to_json()])
+        except BaseException as err:  # re-raised in the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    seen, changed = 0, set()
+    total = len(spec.links) * len(spec.batches) * 4 * spec.repeats
+    while True:
+        alive = thread.is_alive()
+        lines = [l for l in rows_file.read_text().splitlines() if l.strip()] if rows_file.exists() else []
+        for line in lines[seen:]:
+            row = json.loads(line)
+            seen += 1
+            _say(f"[{seen}/{total}] {row['link']:<9} batch {row['batch']:>2} {row['strategy']:<13} "
+                 f"{row['latency_s'] * 1e3:9.1f} ms  {row['energy_j']:7.2f} J  {row['plan']}")
+        for phase in range(1, len(links)):
+            if phase not in changed and os.path.exists(os.path.join(control, f"phase-{phase}.request")):
+                session.testbed.set_link(links[phase])
+                changed.add(phase)
+                _say(f"link changed to {links[phase]}")
+                Path(control, f"phase-{phase}.ack").write_text("ok")
+        if not alive:
+            break
+        thread.join(0.2)
+    if failure:
+        raise failure[0]
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['model']} on 2 emulated devices ({report['emulation']}); latency (ms) and modelled energy (J)",
+             f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms':>11} {'energy J':>9}  plan"]
+    for r in report["rows"]:
+        lines.append(f"{r['link']:<10} {r['batch']:>5} {r['strategy']:<14} {r['latency_s'] * 1e3:>11.1f} "
+                     f"{r['energy_j']:>9.2f}  {r['plan']}")
+    lines.append("")
+    lines.append(f"{'link':<10} {'batch':>5} {'adaptive vs full exchange':>27} {'energy vs full':>15} "
+                 f"{'adaptive/oracle':>16}  adaptive plan")
+    for g in report["ratios"]:
+        lines.append(f"{g['link']:<10} {g['batch']:>5} {-g['latency_reduction_vs_full']:>+26.1%} "
+                     f"{-g['energy_reduction_vs_full']:>+15.1%} {g['adaptive_over_oracle']:>15.2f}x  "
+                     f"{g['adaptive_plan']}")
+    return "\n".join(lines)
