@@ -333,3 +333,14 @@ def test_compute_worker_times_the_grid_and_reports_progress(monkeypatch):
     assert speeds == (1.0,) and len(table.samples) == len(shapes) == 2  # a world of one: local shapes only
     assert [s.kind for s in shapes] == ["local", "local"] and raw["alone_s"] and raw["overhead_s"]
     assert seen[-1][0] == seen[-1][1] == 4 and "rank 0 alone" in seen[0][2]
+
+
+def test_median_run_merges_passes():
+    from edgeprism.profile.validate import median_run
+
+    runs = [{"latency_s": 1.0, "compute_s": 0.5, "collective_s": 0.4, "token_ranges": [[0, 9], [9, 17]]},
+            {"latency_s": 3.0, "compute_s": 1.5, "collective_s": 0.2, "token_ranges": [[0, 9], [9, 17]]},
+            {"latency_s": 2.0, "compute_s": 1.0, "collective_s": 0.3, "token_ranges": [[0, 9], [9, 17]]}]
+    merged = median_run(runs)
+    assert merged["latency_s"] == 2.0 and merged["compute_s"] == 1.0 and merged["collective_s"] == 0.3
+    assert merged["latencies_s"] == [1.0, 3.0, 2.0] and merged["token_ranges"] == [[0, 9], [9, 17]]

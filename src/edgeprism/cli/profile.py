@@ -68,6 +68,8 @@ def add_parser(subparsers) -> None:
                    help="compare the cost model with fresh runs at held-out points (median/max error)")
     p.add_argument("--validate-batches", type=_int_list, help="batch sizes for validation (default: held out)")
     p.add_argument("--validate-codecs", type=_name_list, help="codecs for validation (default: held out)")
+    p.add_argument("--validate-passes", type=int, default=2,
+                   help="round-robin passes over the validation points (median per point; default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=handle)
 
@@ -148,7 +150,8 @@ def _validate(args, options, profile, session, sampled, token_counts, bar):
     codecs = args.validate_codecs or held_out_codecs(profile)
     points = validation_points(profile, batches, held_out_token_counts(profile, token_counts), codecs)
     bar.say(f"validation: {len(points)} fresh runs (batches {list(batches)}, codecs {list(codecs)}, and local)")
-    return validate(profile, session, points, checkpoint=options.checkpoint, device=options.device, progress=bar)
+    return validate(profile, session, points, checkpoint=options.checkpoint, device=options.device,
+                    passes=args.validate_passes, progress=bar)
 
 
 def handle(args) -> int:

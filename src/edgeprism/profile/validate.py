@@ -28,7 +28,7 @@ from edgeprism.profile.schema import Profile
 from edgeprism.runtime.batch_worker import BatchSpec
 
 LARGE_BATCH = 8
-"""Validation points from this batch size on run without a warm-up (see `validate`)."""
+"""Validation points from this batch size on run without a warm-up in each pass (see `validate`)."""
 PREFERRED_CODECS = ("int8", "sm4a+int8", "sm2", "fp16")
 """Default held-out codecs, in order of preference: a CR-1 quantiser and a mid-CR Segment Means."""
 
@@ -153,40 +153,59 @@ def compare(profile: Profile, point: ValidationPoint, result: dict[str, Any]) ->
 
 
 def validate(profile: Profile, session: LinkSession, points: Sequence[ValidationPoint],
-             checkpoint: str | None = None, warmup: int = 1, repeats: int = 2, device: str = "cpu",
+             checkpoint: str | None = None, warmup: int = 1, passes: int = 2, device: str = "cpu",
              progress: ProgressFn | None = None, poll_s: float = 0.5) -> ValidationReport:
-    """Run every point on `session` (one launch for all) and compare with the profile's predictions."""
+    """Run every point on `session` (one launch for all) and compare with the profile's predictions.
+
+    The points run round-robin, `passes` times, one timed run each (plus a warm-up for small batches;
+    big ones run for seconds in an already warm process), and each point's measurement is the median
+    over passes: as in the compute grid, a slow spell of the host then hits all points alike."""
     if not points:
         raise ValueError("no validation points")
+    if passes < 1:
+        raise ValueError(f"validation passes {passes} must be >= 1")
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    # Big batches run for seconds: the process is warm from the points before, and a second repeat is
-    # worth more than a warm-up (points are ordered small to large within each mode).
-    specs = [spec_for(profile, p, checkpoint, warmup if p.batch < LARGE_BATCH else 0, repeats, device=device)
-             for p in points]
+    specs = [spec_for(profile, p, checkpoint, warmup if p.batch < LARGE_BATCH else 0, 1, device=device)
+             for p in points] * passes
+    total = len(specs)
     with tempfile.TemporaryDirectory(prefix="edgeprism-validate-") as tmp:
         specs_file, out_file = os.path.join(tmp, "specs.json"), os.path.join(tmp, "results.jsonl")
         with open(specs_file, "w") as handle:
             json.dump([dataclasses.asdict(s) for s in specs], handle)
-        results: dict[int, dict[str, Any]] = {}
+        runs: dict[int, list[dict[str, Any]]] = {}
+        done = 0
 
         def on_line(line: str) -> None:
+            nonlocal done
             row = json.loads(line)
-            results[row["index"]] = row
+            index = row["index"] % len(points)
+            runs.setdefault(index, []).append(row)
+            done += 1
             if progress:
-                p = points[row["index"]]
-                progress(len(results), len(points), f"validate B={p.batch} N={p.num_tokens} {p.codec or 'local'} "
-                                                    f"{row['latency_s'] * 1e3:.0f} ms")
+                p = points[index]
+                progress(done, total, f"validate B={p.batch} N={p.num_tokens} {p.codec or 'local'} "
+                                      f"{row['latency_s'] * 1e3:.0f} ms")
 
         session.run_following(["-m", "edgeprism.profile.validate_worker", "--specs", specs_file, "--out", out_file],
                               out_file, on_line, poll_s)
-    missing = [i for i in range(len(points)) if i not in results]
+    missing = [i for i in range(len(points)) if len(runs.get(i, ())) != passes]
     if missing:
         raise RuntimeError(f"validation returned no result for points {missing}")
-    rows = tuple(compare(profile, points[i], results[i]) for i in range(len(points)))
+    rows = tuple(compare(profile, points[i], median_run(runs[i])) for i in range(len(points)))
     return ValidationReport(rows, time.perf_counter() - started, session.emulation or "unshaped loopback",
                             (load_before, os.getloadavg()[0]))
 
 
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs of a point: the median of each timing, the rest from the first."""
+    merged = dict(runs[0])
+    for key in ("latency_s", "compute_s", "collective_s", "staging_s"):
+        if key in merged:
+            merged[key] = statistics.median(float(r[key]) for r in runs)
+    merged["latencies_s"] = [float(r["latency_s"]) for r in runs]
+    return merged
+
+
 __all__ = ["ValidationPoint", "ValidationRow", "ValidationReport", "held_out_codecs", "held_out_token_counts",
-           "validation_points", "validate", "compare", "plan_for", "spec_for", "PREFERRED_CODECS", "LARGE_BATCH"]
+           "validation_points", "validate", "median_run", "compare", "plan_for", "spec_for", "PREFERRED_CODECS", "LARGE_BATCH"]
