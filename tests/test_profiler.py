@@ -265,10 +265,15 @@ def test_bad_options_fail_before_measuring(change, match):
         validate_options(options)
 
 
-def test_seq_lens_for_a_vit_is_refused():
-    with pytest.raises(ValueError, match="--seq-lens is for text models"):
-        run_profile(ProfileOptions(model="vit-tiny-test", seq_lens=(8,), evaluate=False, compute_on="here"),
-                    FakeSession())
+@pytest.mark.parametrize("change, match", [
+    ({"model": "vit-tiny-test", "seq_lens": (8,)}, "--seq-lens is for text models"),
+    ({"model": "bert-tiny-test", "image_size": 32}, "--image-size is for ViT models"),
+    ({"model": "bert-tiny-test", "seq_lens": (8, 4096)}, "outside 1..128"),
+    ({"model": "bert-tiny-test", "seq_lens": (1,)}, "1 tokens cannot be split over 2 ranks"),
+])
+def test_token_counts_that_do_not_fit_the_model_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        validate_options(ProfileOptions(**change))
 
 
 # ---- validation bookkeeping ----

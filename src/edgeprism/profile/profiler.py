@@ -28,7 +28,7 @@ import torch
 
 from edgeprism.compress.registry import get_codec, list_codecs
 from edgeprism.models.base import ReferenceModel
-from edgeprism.models.config import get_config
+from edgeprism.models.config import ModelConfig, get_config
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
@@ -114,8 +114,8 @@ class ProfileReport:
                 "load_average": list(self.load_average), "host_cores": os.cpu_count()}
 
 
-def token_counts_for(model: ReferenceModel, options: ProfileOptions) -> tuple[int, ...]:
-    config = model.config
+def token_counts_for(config: ModelConfig, options: ProfileOptions) -> tuple[int, ...]:
+    """The token counts the compute grid covers: the ViT's image, or the text model's sequence lengths."""
     if config.family == "vit":
         if options.seq_lens:
             raise ValueError(f"--seq-lens is for text models; {config.name} is a ViT (use --image-size)")
@@ -165,7 +165,10 @@ def host_facts(device: torch.device, cores_per_device: int = 1) -> HostFacts:
 
 def validate_options(options: ProfileOptions) -> None:
     """Every user mistake, before anything is measured."""
-    get_config(options.model)  # unknown model: ValueError listing the known ones
+    config = get_config(options.model)  # unknown model: ValueError listing the known ones
+    for n in token_counts_for(config, options):
+        if n < options.world_size:
+            raise ValueError(f"{n} tokens cannot be split over {options.world_size} ranks")
     if options.world_size < 2:
         raise ValueError(f"--world-size {options.world_size}: a distributed profile needs at least 2 ranks")
     if not options.batches or any(b < 1 for b in options.batches):
@@ -197,12 +200,9 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     device = torch.device(options.device)
     model = load_model(options.model, options.checkpoint, seed=options.seed).eval()
     config = model.config
-    token_counts = token_counts_for(model, options)
+    token_counts = token_counts_for(config, options)
     codecs = [get_codec(name) for name in options.codec_names()]
     sampled = sparse_batches(options.batches, options.max_batch_points)
-    for n in token_counts:
-        if n < options.world_size:
-            raise ValueError(f"{n} tokens cannot be split over {options.world_size} ranks")
 
     where = "every device at once" if options.compute_on == "devices" else "this process, one core"
     say(f"compute: {config.name}, batches {list(sampled)} of {sorted(set(options.batches))}, tokens "
