@@ -349,3 +349,16 @@ def test_median_run_merges_passes():
     merged = median_run(runs)
     assert merged["latency_s"] == 2.0 and merged["compute_s"] == 1.0 and merged["collective_s"] == 0.3
     assert merged["latencies_s"] == [1.0, 3.0, 2.0] and merged["token_ranges"] == [[0, 9], [9, 17]]
+
+
+def test_critical_path_takes_the_slowest_rank_per_call_and_leaves_steady_differences_to_speeds():
+    from edgeprism.profile.compute_worker import critical_path
+
+    # rank 1 is steadily 2x slower; in pass 2 rank 0 has a hiccup on shape 0
+    rank0 = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
+    rank1 = [[2.0, 2.0, 2.0], [4.0, 4.0, 4.0]]
+    rank0_hiccup = [[1.0, 1.5, 1.0], [2.0, 2.0, 2.0]]
+    speeds, shape_s = critical_path([rank0, rank1])
+    assert speeds == (1.0, 0.5) and shape_s == [1.0, 2.0]
+    speeds, shape_s = critical_path([rank0_hiccup, [[1.0, 1.0, 1.2], [2.0, 2.0, 2.0]]])
+    assert speeds == (1.0, 1.0) and shape_s == [1.2, 2.0]  # per pass: max(1,1), max(1.5,1), max(1,1.2)

@@ -180,12 +180,14 @@ def time_block(model: ReferenceModel, shape: Shape, device: torch.device, warmup
 
 def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, warmup: int = 1, repeats: int = 3,
                      progress: Callable[[int, float], None] | None = None,
-                     before: Callable[[], None] | None = None) -> list[float]:
+                     before: Callable[[], None] | None = None,
+                     samples_out: list[list[float]] | None = None) -> list[float]:
     """Median seconds of each call, timed round-robin: a warm-up pass over all, then `repeats` passes.
 
     On a host whose cores other work shares, slow spells then hit every point alike instead of a few
     points all of their repeats, which keeps the fit consistent. `before` runs (untimed) before every
-    call: a barrier, so that all ranks time the same point at the same time."""
+    call: a barrier, so that all ranks time the same point at the same time. `samples_out`, if given,
+    receives every timed sample (one list per call, in pass order)."""
     for _ in range(warmup):
         for call in calls:
             if before:
@@ -203,6 +205,8 @@ def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, 
             samples[i].append(time.perf_counter() - start)
             if progress:
                 progress(r * len(calls) + i + 1, samples[i][-1])
+    if samples_out is not None:
+        samples_out.extend(samples)
     return [statistics.median(s) for s in samples]
 
 

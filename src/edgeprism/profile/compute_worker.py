@@ -38,8 +38,8 @@ def measure_on_session(session, model: str, checkpoint: str | None, seed: int, t
                        batches: Sequence[int], codecs: Sequence, device: str = "cpu", warmup: int = 1,
                        repeats: int = 3, num_layers: int = 1, progress: ProgressFn | None = None,
                        ) -> tuple[ComputeTable, OverheadFit, list[Shape], tuple[float, ...], dict[str, Any]]:
-    """Time the compute grid on every device of `session` → (table from rank 0's timings, overhead, shapes,
-    relative speed per rank, raw result). Speed of rank p = median over shared shapes of t_0 / t_p."""
+    """Time the compute grid on every device of `session` → (table, overhead, shapes, relative speed per
+    rank, raw result). Shared shapes: see `critical_path`; local shapes and overhead: rank 0 alone."""
     shapes = compute_grid(token_counts, batches, session.world_size, codecs)
     overhead_points = [(b, n) for n in token_counts for b in batches]
     plan = {"model": model, "checkpoint": checkpoint, "seed": seed, "device": device, "warmup": warmup,
@@ -61,13 +61,30 @@ def measure_on_session(session, model: str, checkpoint: str | None, seed: int, t
             raw = json.load(handle)
     shared = [Shape(**s) for s in raw["shared"]]
     alone = [Shape(**s) for s in raw["alone"]]
-    rank0 = raw["shared_s_per_rank"][0]
-    timed = dict(zip(shared, rank0)) | dict(zip(alone, raw["alone_s"]))
+    speeds, shared_s = critical_path(raw["shared_samples_s"])
+    timed = dict(zip(shared, shared_s)) | dict(zip(alone, raw["alone_s"]))
     table, overhead = fit_compute(shapes, [timed[s] for s in shapes], overhead_points, raw["overhead_s"], num_layers)
-    speeds = tuple(1.0 if p == 0 or not rank0 else
-                   round(statistics.median(t0 / tp for t0, tp in zip(rank0, times) if tp > 0), 3)
-                   for p, times in enumerate(raw["shared_s_per_rank"]))
     return table, overhead, shapes, speeds, raw
+
+
+def critical_path(samples_per_rank: Sequence[Sequence[Sequence[float]]]) -> tuple[tuple[float, ...], list[float]]:
+    """(relative speed per rank, seconds per shared shape) from every rank's samples [rank][shape][pass].
+
+    Speed of rank p: median over shapes of rank 0's median time / rank p's. A distributed layer takes
+    as long as its slowest rank, call by call, so each shape's time is the median over passes of the
+    largest speed-normalised time over ranks: the jitter of running side by side is in it, the steady
+    difference between devices is left to the speeds (the cost model divides by them)."""
+    ranks = len(samples_per_rank)
+    medians = [[statistics.median(passes) for passes in rank] for rank in samples_per_rank]
+    speeds = tuple(1.0 if p == 0 or not medians[0] else
+                   round(statistics.median(t0 / tp for t0, tp in zip(medians[0], medians[p]) if tp > 0), 3)
+                   for p in range(ranks))
+    shape_s = []
+    for c in range(len(medians[0])):
+        passes = len(samples_per_rank[0][c])
+        slowest = [max(samples_per_rank[p][c][r] * speeds[p] for p in range(ranks)) for r in range(passes)]
+        shape_s.append(statistics.median(slowest))
+    return speeds, shape_s
 
 
 def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: torch.device,
@@ -97,8 +114,9 @@ def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: tor
         return f"block B={s.batch} n={s.num_own_tokens} kv={s.num_kv_vectors}"
 
     calls = [block_call(model, s, device) for s in shared]
-    shared_s = time_interleaved(calls, device, warmup, repeats, reporter(0, [label(s) + " (all ranks)" for s in shared]),
-                                before=barrier)
+    raw: list[list[float]] = []
+    time_interleaved(calls, device, warmup, repeats, reporter(0, [label(s) + " (all ranks)" for s in shared]),
+                     before=barrier, samples_out=raw)
     del calls
     alone_s: list[float] = []
     overhead_s: list[float] = []
@@ -112,7 +130,7 @@ def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: tor
                                                [f"embed+head B={b} N={n}" for b, n in overhead_points]))
         del calls
     barrier()  # the others wait here (blocked, not spinning) while rank 0 runs alone
-    mine = torch.tensor(shared_s, dtype=torch.float64)
+    mine = torch.tensor(raw, dtype=torch.float64).reshape(len(shared), repeats)  # (calls, repeats)
     per_rank = [torch.zeros_like(mine) for _ in range(world_size)]
     if world_size > 1:
         dist.all_gather(per_rank, mine)
@@ -120,7 +138,7 @@ def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: tor
         per_rank = [mine]
     if not is_root:
         return None
-    return {"shared": [s.__dict__ for s in shared], "shared_s_per_rank": [t.tolist() for t in per_rank],
+    return {"shared": [s.__dict__ for s in shared], "shared_samples_s": [t.tolist() for t in per_rank],
             "alone": [s.__dict__ for s in alone], "alone_s": alone_s,
             "overhead": [list(p) for p in overhead_points], "overhead_s": overhead_s,
             "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
