@@ -1,0 +1,270 @@
+"""Tables and plots from raw benchmark rows only (rows.jsonl → summary, oracle, ratios, goals, markdown).
+
+A *point* is (model case, world size, link, batch). Per point and strategy the summary holds the median
+and spread (25th-75th percentile, min, max) of the timed requests. The *oracle* is, per point, the
+static edgeprism strategy (local, full exchange, each fixed Segment Means codec) with the lowest median
+latency in hindsight. *Peers* are the other ways to run the model: one device (edgeprism's local path
+and plain transformers), static full exchange (Voltage-style), pipeline and tensor parallelism.
+Definitions: docs/METHODOLOGY.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PEERS = ("local", "transformers", "full_exchange", "pipeline", "tensor_parallel")
+GOAL_ORACLE = 1.05
+GOAL_BEST_PEER = 1.00
+GOAL_REDUCTION_VS_FULL = 0.77
+GOAL_LOCAL_OVER_TRANSFORMERS = 1.03
+
+
+def _is_static(strategy: str) -> bool:
+    return strategy in ("local", "full_exchange") or strategy.startswith("segment_means:")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), q in [0, 1]."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def _point(row: dict) -> tuple:
+    return (row["model_case"], row["world_size"], row["link"], row["batch"])
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (point, strategy): median and spread of latency, median energy, the usual plan."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((*_point(row), row["strategy"]), []).append(row)
+    out = []
+    for key, mine in groups.items():
+        base = {"model_case": key[0], "world_size": key[1], "link": key[2], "batch": key[3], "strategy": key[4],
+                "emulation": mine[0].get("emulation", ""), "profile_hash": mine[0].get("profile_hash", "")}
+        timed = [r for r in mine if not r.get("skipped")]
+        if not timed:
+            out.append({**base, "skipped": True, "n": 0, "latency_lower_bound_s": mine[0]["latency_lower_bound_s"],
+                        "reason": mine[0].get("reason", "")})
+            continue
+        latencies = sorted(r["latency_s"] for r in timed)
+        energies = sorted(r["energy_j"] for r in timed)
+        diffs = [r["max_abs_diff_vs_local"] for r in timed if r.get("max_abs_diff_vs_local") is not None]
+        out.append({**base, "skipped": False, "n": len(timed),
+                    "latency_median_s": percentile(latencies, 0.5), "latency_p25_s": percentile(latencies, 0.25),
+                    "latency_p75_s": percentile(latencies, 0.75), "latency_min_s": latencies[0],
+                    "latency_max_s": latencies[-1], "energy_median_j": percentile(energies, 0.5),
+                    "energy_source": Counter(r["energy_source"] for r in timed).most_common(1)[0][0],
+                    "plan": Counter(r["plan"] for r in timed).most_common(1)[0][0],
+                    "bytes_exchanged": int(percentile(sorted(r.get("bytes_exchanged") or 0 for r in timed), 0.5)),
+                    "max_abs_diff_vs_local": max(diffs) if diffs else None})
+    return sorted(out, key=lambda r: (r["model_case"], r["world_size"], r["link"], r["batch"], r["strategy"]))
+
+
+def add_oracle(summary: list[dict]) -> list[dict]:
+    """Append per point the hindsight oracle: the static strategy with the lowest median latency."""
+    out = [r for r in summary if r["strategy"] != "oracle"]
+    points: dict[tuple, list[dict]] = {}
+    for r in out:
+        points.setdefault(_point(r), []).append(r)
+    for mine in points.values():
+        static = [r for r in mine if _is_static(r["strategy"]) and not r["skipped"]]
+        if static:
+            best = min(static, key=lambda r: r["latency_median_s"])
+            best_energy = min(static, key=lambda r: r["energy_median_j"])
+            out.append({**best, "strategy": "oracle", "plan": f"{best['strategy']} ({best['plan']})",
+                        "oracle_of": best["strategy"], "oracle_energy_j": best_energy["energy_median_j"],
+                        "oracle_energy_of": best_energy["strategy"]})
+    return out
+
+
+def ratios(summary: list[dict]) -> list[dict]:
+    """Per point: adaptive vs the oracle and vs each peer (latency and modelled energy); local vs
+    transformers. A skipped peer's latency is at least its lower bound, so its ratio is an upper bound
+    (`ratio_is_upper_bound`)."""
+    points: dict[tuple, dict[str, dict]] = {}
+    for r in summary:
+        points.setdefault(_point(r), {})[r["strategy"]] = r
+    out = []
+    for point, get in sorted(points.items()):
+        entry: dict = {"model_case": point[0], "world_size": point[1], "link": point[2], "batch": point[3]}
+        adaptive, oracle = get.get("adaptive"), get.get("oracle")
+        if adaptive is None or adaptive["skipped"]:
+            continue
+        a = adaptive["latency_median_s"]
+        entry["adaptive_plan"] = adaptive["plan"]
+        entry["adaptive_latency_s"] = a
+        entry["adaptive_spread"] = (adaptive["latency_p75_s"] - adaptive["latency_p25_s"]) / a
+        if oracle is not None:
+            entry["adaptive_over_oracle"] = a / oracle["latency_median_s"]
+            entry["oracle_plan"] = oracle["plan"]
+            entry["adaptive_energy_over_oracle"] = adaptive["energy_median_j"] / oracle["oracle_energy_j"]
+        best_peer, best_latency, bounds = None, float("inf"), []
+        for peer in PEERS:
+            r = get.get(peer)
+            if r is None:
+                continue
+            latency = r["latency_lower_bound_s"] if r["skipped"] else r["latency_median_s"]
+            entry[f"adaptive_over_{peer}"] = a / latency
+            if r["skipped"]:
+                bounds.append(peer)
+            else:
+                entry[f"adaptive_energy_over_{peer}"] = adaptive["energy_median_j"] / r["energy_median_j"]
+            if latency < best_latency:
+                best_peer, best_latency = peer, latency
+        entry["ratio_is_upper_bound"] = bounds
+        if best_peer is not None:
+            entry["best_peer"] = best_peer
+            entry["adaptive_over_best_peer"] = a / best_latency
+        full = get.get("full_exchange")
+        if full is not None and not full["skipped"]:
+            entry["latency_reduction_vs_full"] = 1 - a / full["latency_median_s"]
+            entry["energy_reduction_vs_full"] = 1 - adaptive["energy_median_j"] / full["energy_median_j"]
+        local, plain = get.get("local"), get.get("transformers")
+        if local is not None and plain is not None and not local["skipped"] and not plain["skipped"]:
+            entry["local_over_transformers"] = local["latency_median_s"] / plain["latency_median_s"]
+        out.append(entry)
+    return out
+
+
+def goals(table: list[dict]) -> list[dict]:
+    """Each goal of the benchmark issue, checked at every point: [{goal, met, misses: [where, value]}]."""
+    def where(r: dict) -> str:
+        return f"{r['model_case']} x{r['world_size']} {r['link']} batch {r['batch']}"
+
+    checks = [
+        ("adaptive <= 1.05 x oracle", "adaptive_over_oracle", lambda v: v <= GOAL_ORACLE, lambda r: True),
+        ("adaptive <= 1.00 x best peer", "adaptive_over_best_peer", lambda v: v <= GOAL_BEST_PEER, lambda r: True),
+        (">= 77 % less latency than full exchange (ViT-B/16, wifi4)", "latency_reduction_vs_full",
+         lambda v: v >= GOAL_REDUCTION_VS_FULL,
+         lambda r: r["model_case"] == "vit-base-patch16-224" and r["link"] == "wifi4"),
+        ("local path <= 1.03 x plain transformers", "local_over_transformers",
+         lambda v: v <= GOAL_LOCAL_OVER_TRANSFORMERS, lambda r: True),
+    ]
+    out = []
+    for name, key, ok, applies in checks:
+        relevant = [r for r in table if key in r and applies(r)]
+        misses = [(where(r), r[key]) for r in relevant if not ok(r[key])]
+        out.append({"goal": name, "points": len(relevant), "met": bool(relevant) and not misses, "misses": misses})
+    return out
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def _x(value: float | None, upper_bound: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{'≤' if upper_bound else ''}{value:.2f}×"
+
+
+def markdown(summary: list[dict], table: list[dict], checks: list[dict], command: str, facts: dict) -> str:
+    """The report: how it was made, the ratio tables, energy, goals with every miss, raw medians."""
+    lines = [f"# Benchmark: {facts.get('scenario', '')}", "",
+             f"Command: `{command}`", "",
+             f"Machine: {facts.get('cpu_model', '?')}, {facts.get('num_cores', '?')} cores, one core per emulated "
+             f"device; torch {facts.get('torch_version', '?')}, transformers {facts.get('transformers_version', '?')}, "
+             f"git {facts.get('git_sha', '') or 'unknown'}. Load average at start "
+             f"{facts.get('load_avg_1m_at_start', '?')}. Definitions: docs/METHODOLOGY.md.", ""]
+    emulations = sorted({r["emulation"] for r in summary if r.get("emulation")})
+    if emulations:
+        lines += ["Links: " + "; ".join(emulations), ""]
+    lines += ["## Latency ratios (median of repeats; < 1 means adaptive is faster)", "",
+              "| model | devices | link | batch | adaptive plan | adaptive ms (IQR %) | vs oracle | oracle | "
+              "vs best peer | best peer | vs local | vs transformers | vs full exchange | vs pipeline | "
+              "vs tensor parallel | less latency than full |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        bound = r.get("ratio_is_upper_bound", [])
+        cells = [_x(r.get(f"adaptive_over_{p}"), p in bound) for p in PEERS]
+        reduction = r.get("latency_reduction_vs_full")
+        lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['adaptive_plan']} | "
+                     f"{_ms(r['adaptive_latency_s'])} ({r['adaptive_spread']:.0%}) | "
+                     f"{_x(r.get('adaptive_over_oracle'))} | {r.get('oracle_plan', '—')} | "
+                     f"{_x(r.get('adaptive_over_best_peer'), r.get('best_peer') in bound)} | {r.get('best_peer', '—')} | "
+                     + " | ".join(cells) + f" | {'—' if reduction is None else f'{reduction:.1%}'} |")
+    lines += ["", "≤ marks a peer that was not run at that point because its wire time alone exceeded the "
+              "scenario's limit: the ratio uses that lower bound, so the true ratio is smaller.", "",
+              "## Modelled energy (median J per request; ratio adaptive / strategy)", "",
+              "| model | devices | link | batch | adaptive J | vs oracle (energy) | vs local | vs transformers | "
+              "vs full exchange | vs pipeline | vs tensor parallel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    medians = {(*_point(r), r["strategy"]): r for r in summary}
+    for r in table:
+        adaptive = medians[(r["model_case"], r["world_size"], r["link"], r["batch"], "adaptive")]
+        cells = [_x(r.get(f"adaptive_energy_over_{p}")) for p in PEERS]
+        lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | "
+                     f"{adaptive['energy_median_j']:.2f} ({adaptive['energy_source']}) | "
+                     f"{_x(r.get('adaptive_energy_over_oracle'))} | " + " | ".join(cells) + " |")
+    lines += ["", "## Goals", ""]
+    for check in checks:
+        state = "met" if check["met"] else ("no data" if not check["points"] else "MISSED")
+        lines.append(f"- **{check['goal']}**: {state} ({check['points']} points)")
+        for where, value in check["misses"]:
+            lines.append(f"  - missed at {where}: {value:.3f}")
+    lines += ["", "## Per strategy: median latency ms [25th–75th percentile] (n), plan, max |diff| vs local", "",
+              "| model | devices | link | batch | strategy | latency ms | n | energy J | plan | max abs diff |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        if r["skipped"]:
+            lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
+                         f"> {_ms(r['latency_lower_bound_s'])} (skipped) | 0 | — | {r.get('reason', '')} | — |")
+            continue
+        diff = r.get("max_abs_diff_vs_local")
+        lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
+                     f"{_ms(r['latency_median_s'])} [{_ms(r['latency_p25_s'])}–{_ms(r['latency_p75_s'])}] | {r['n']} | "
+                     f"{r['energy_median_j']:.2f} | {r['plan']} | {'—' if diff is None else f'{diff:.1e}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(summary: list[dict], out_dir: str | Path) -> list[Path]:
+    """Median latency (with its 25th–75th percentile) per strategy against batch, one figure per
+    (model, devices, link). Needs matplotlib; without it, warns once and draws nothing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("no plots: matplotlib is not installed (pip install 'edgeprism[plot]')")
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in summary:
+        if not r["skipped"]:
+            groups.setdefault((r["model_case"], r["world_size"], r["link"]), []).append(r)
+    for (model, world, link), mine in sorted(groups.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for strategy in sorted({r["strategy"] for r in mine}):
+            points = sorted((r for r in mine if r["strategy"] == strategy), key=lambda r: r["batch"])
+            batches = [r["batch"] for r in points]
+            median = [r["latency_median_s"] * 1e3 for r in points]
+            low = [m - r["latency_p25_s"] * 1e3 for m, r in zip(median, points)]
+            high = [r["latency_p75_s"] * 1e3 - m for m, r in zip(median, points)]
+            style = "-" if strategy in ("adaptive", "oracle") else "--"
+            ax.errorbar(batches, median, yerr=[low, high], label=strategy, linestyle=style, marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("latency (ms, median; bars: 25th–75th pct)")
+        ax.set_title(f"{model}, {world} devices, {link}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"latency-{model.replace('@', '-')}-w{world}-{link}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+__all__ = ["summarize", "add_oracle", "ratios", "goals", "markdown", "write_plots", "percentile", "PEERS"]
