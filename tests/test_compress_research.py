@@ -78,6 +78,16 @@ def test_outliers_help_and_bytes_are_as_documented() -> None:
     assert codec.nbytes(1, 64, 384) == 64 * (144 + 2 + 16) + 2 + 8
 
 
+def test_fingerprint_ignores_the_rotation_cache() -> None:
+    from edgeprism.compress import codec_fingerprint
+
+    codec = get_codec("delta:lb8o4:lb3o4r")
+    before = codec_fingerprint(codec)
+    codec.encode(torch.randn(1, 4, 16), torch.ones(1, 4, dtype=torch.bool))
+    codec.rest.decode(codec.rest.encode(torch.randn(1, 4, 16)))  # fills the rotation cache
+    assert codec_fingerprint(codec) == before and "LowBitFormat(bits=3,outliers=4,rotate=True)" in before
+
+
 def test_bad_names_raise() -> None:
     with pytest.raises(ValueError, match="2..8"):
         get_codec("lb9")

@@ -186,7 +186,9 @@ def _settings(value: object) -> str:
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        inner = ",".join(f"{f.name}={_settings(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        # compare=False fields are caches, not settings (e.g. LowBitFormat's rotation matrix)
+        inner = ",".join(f"{f.name}={_settings(getattr(value, f.name))}" for f in dataclasses.fields(value)
+                         if f.compare)
         return f"{type(value).__name__}({inner})"
     return repr(value)
 
