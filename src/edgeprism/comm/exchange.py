@@ -3,6 +3,11 @@
 GLOO moves CPU tensors only, so on a GPU every exchange is staged: device → reused pinned CPU buffer
 → collective → device. On a CPU host the staging step is a no-op and measures as zero. Every call
 records what it moved and where the time went.
+
+Collectives are issued on the group's backend object directly (its ranks are group-relative), which
+works alike for the default group, `dist.new_group` groups and the engine's own `ProcessGroupGloo`
+epoch groups. With `deadline` set (a `time.monotonic()` value), every wait is bounded by it: a peer that
+died, hangs or sits behind a cut link raises `PeerError` by then instead of after the group's timeout.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,6 +26,10 @@ from edgeprism.comm.context import DistContext
 
 log = logging.getLogger(__name__)
 MAX_CONTROL_BYTES = 1 << 20  # control messages (headers) are JSON and bounded
+
+
+class PeerError(RuntimeError):
+    """A collective failed because a peer died, hung, left or sent garbage; the group is no longer usable."""
 
 
 @dataclass
@@ -61,8 +71,31 @@ class Exchanger:
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
         self.stats = ExchangeStats()
+        self.deadline: float | None = None
+        """time.monotonic() by which every collective must be done (None: the group's own timeout)."""
         self._buffers: dict[tuple[str, int], Tensor] = {}
         self._pin = ctx.device.type == "cuda"
+
+    # --- the group and bounded waits ---
+    @property
+    def _pg(self):
+        group = self.ctx.group
+        return group if group is not None else dist.distributed_c10d._get_default_group()
+
+    def _wait(self, works, what: str) -> None:
+        """Wait for `works`, within the deadline when one is set; any failure is a PeerError."""
+        try:
+            for work in works:
+                if self.deadline is None:
+                    work.wait()
+                    continue
+                remaining_s = self.deadline - time.monotonic()
+                if remaining_s <= 0 and not work.is_completed():
+                    raise TimeoutError("the request's deadline had already passed")
+                work.wait(timedelta(seconds=max(remaining_s, 1e-3)))
+        except (RuntimeError, TimeoutError) as err:
+            raise PeerError(f"{what} over {self.ctx.world_size} ranks failed on rank {self.ctx.group_rank}: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
     def reset_stats(self) -> ExchangeStats:
         stats, self.stats = self.stats, ExchangeStats()
@@ -110,7 +143,7 @@ class Exchanger:
         outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
         delay_s = self._delay(max_size, world - 1)
         start = time.perf_counter()
-        dist.all_gather(outputs, staged, group=self.ctx.group)
+        self._wait([self._pg.allgather([outputs], [staged])], f"all-gather of {kind}")
         collective_s = time.perf_counter() - start
         received, stage_in_s = self._to_device([outputs[i][: sizes[i]] for i in range(world)])
         self.stats.add(kind, sent=max_size, received=max_size * (world - 1), staging_s=stage_out_s + stage_in_s,
@@ -128,10 +161,10 @@ class Exchanger:
         inbox = {q: self._cpu_buffer(kind, q, sizes[q]) for q in range(rank)}
         delay_s = self._delay(sizes[rank] * len(receivers), 1) if receivers or inbox else 0.0
         start = time.perf_counter()
-        requests = [dist.isend(staged, group=self.ctx.group, group_dst=q) for q in receivers]
-        requests += [dist.irecv(inbox[q], group=self.ctx.group, group_src=q) for q in range(rank)]
-        for request in requests:
-            request.wait()
+        pg = self._pg
+        requests = [pg.send([staged], q, 0) for q in receivers]
+        requests += [pg.recv([inbox[q]], q, 0) for q in range(rank)]
+        self._wait(requests, f"forward send of {kind}")
         collective_s = time.perf_counter() - start
         moved, stage_in_s = self._to_device([inbox[q] for q in range(rank)])
         self.stats.add(kind, sent=sizes[rank] * len(receivers), received=sum(sizes[:rank]),
@@ -143,7 +176,7 @@ class Exchanger:
         staged, stage_s = self._to_cpu(flat, f"{kind}-send", flat.numel())
         delay_s = self._delay(flat.numel(), 1)
         start = time.perf_counter()
-        dist.send(staged, group=self.ctx.group, group_dst=dst)
+        self._wait([self._pg.send([staged], dst, 0)], f"send of {kind} to rank {dst}")
         self.stats.add(kind, sent=flat.numel(), received=0, staging_s=stage_s,
                        collective_s=time.perf_counter() - start, delay_s=delay_s)
 
@@ -151,7 +184,7 @@ class Exchanger:
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         buffer = self._cpu_buffer(f"{kind}-recv", src, nbytes)
         start = time.perf_counter()
-        dist.recv(buffer, group=self.ctx.group, group_src=src)
+        self._wait([self._pg.recv([buffer], src, 0)], f"receive of {kind} from rank {src}")
         collective_s = time.perf_counter() - start
         (moved,), stage_s = self._to_device([buffer])
         self.stats.add(kind, sent=0, received=nbytes, staging_s=stage_s, collective_s=collective_s, delay_s=0.0)
@@ -162,7 +195,7 @@ class Exchanger:
         cpu = tensor.detach().to("cpu", copy=True).contiguous()
         delay_s = self._delay(cpu.numel() * cpu.element_size(), self.ctx.world_size - 1)
         start = time.perf_counter()
-        dist.reduce(cpu, op=dist.ReduceOp.SUM, group=self.ctx.group, group_dst=0)
+        self._wait([self._pg.reduce(cpu, 0, dist.ReduceOp.SUM)], f"reduce of {kind}")
         self.stats.add(kind, sent=cpu.numel() * cpu.element_size(), received=0, staging_s=0.0,
                        collective_s=time.perf_counter() - start, delay_s=delay_s)
         return cpu.to(tensor.device)
@@ -178,13 +211,21 @@ class Exchanger:
             length = torch.zeros(1, dtype=torch.int64)
         delay_s = self._delay(8, 1)
         start = time.perf_counter()
-        dist.broadcast(length, group=self.ctx.group, group_src=0)
+        self._wait([self._pg.broadcast(length, 0)], f"broadcast of a {kind} length")
         size = int(length.item())
         if not 0 < size <= MAX_CONTROL_BYTES:
-            raise RuntimeError(f"control message length {size} is out of bounds; the peer is not an edgeprism rank")
+            raise PeerError(f"control message length {size} is out of bounds; the peer is not an edgeprism rank")
         buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.ctx.is_root
                   else torch.empty(size, dtype=torch.uint8))
-        dist.broadcast(buffer, group=self.ctx.group, group_src=0)
+        self._wait([self._pg.broadcast(buffer, 0)], f"broadcast of a {kind} message")
         self.stats.add(kind, sent=size if self.ctx.is_root else 0, received=0 if self.ctx.is_root else size,
                        staging_s=0.0, collective_s=time.perf_counter() - start, delay_s=delay_s)
-        return message if self.ctx.is_root else json.loads(bytes(buffer.numpy()).decode())
+        if self.ctx.is_root:
+            return message
+        try:
+            decoded = json.loads(bytes(buffer.numpy()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise PeerError(f"control message of {size} bytes from rank 0 is not JSON: {err}") from None
+        if decoded is not None and not isinstance(decoded, dict):
+            raise PeerError(f"control message from rank 0 is a {type(decoded).__name__}, not an object")
+        return decoded
