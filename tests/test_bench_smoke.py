@@ -42,3 +42,14 @@ def test_smoke_scenario_writes_rows_tables_and_plots(tmp_path, capsys):
     # Tables redraw from rows alone.
     assert _bench(["--from-rows", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "again"), "--no-plots"]) == 0
     assert (tmp_path / "again" / "tables.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(24 * 3600)
+@pytest.mark.parametrize("scenario", ["vit-s-wifi4", "full"])
+def test_measured_scenarios(scenario, tmp_path, capsys):
+    """The measured scenarios (about 15 min and 15 h here): they run to the end and every goal is checked."""
+    pytest.importorskip("transformers")
+    assert _bench(["--scenario", str(BENCHMARKS / f"{scenario}.toml"), "--out", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ratios"] and all(goal["points"] for goal in report["goals"][:2])
