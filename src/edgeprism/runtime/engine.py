@@ -7,13 +7,21 @@ or, under any launcher, `Engine.from_profile(model, profile)` on every rank, the
 and `serve_workers()` on the others.
 
 Per request on rank 0: check the input at the edge → `choose_plan(profile, request, live link
-estimate, objective, limits)` →
+estimate with the healthy ranks, objective, limits)` →
 - local: rank 0 runs the reference model; nothing is sent, the workers stay waiting;
-- distributed: a bounded JSON header `{"op": "infer", "request_id", "plan"}` over the control group;
+- distributed: a sealed JSON header `{"op": "infer", ...}` to the plan's workers (edgeprism.runtime.control);
   the plan's ranks run `PositionWise.forward` on their lane (rank 0 scatters raw input slices and
-  gathers the outputs); ranks outside the plan go back to waiting. After the outputs are in, the
-  plan's ranks all-gather a few numbers per rank (bytes, staging, collective, per-layer link
-  seconds): they fill the metrics row and feed the online link estimate.
+  gathers the outputs). After the outputs are in, the plan's ranks all-gather a few numbers per rank
+  (bytes, staging, collective, per-layer link seconds): they fill the metrics row and feed the online
+  link estimate.
+
+Failures (docs/RELIABILITY.md). Every rank of a distributed request gives up on it after
+`max(min_stall_s, stall_factor × predicted latency)`; a dead peer usually fails it at once. Rank 0 then
+reruns the request locally (the same weights: the exact answer), marks the row with `fallback`, ends
+the epoch (its lanes), and asks every worker to answer a ping within `regroup_timeout_s`; until the
+round ends requests are planned local, and the next epoch's lanes are built over the workers that
+answered. A worker that comes back, or a restarted process, joins again through the store and is
+taken into a new epoch between two requests, without restarting rank 0.
 Metrics rows carry predicted vs measured latency and energy (with its source), bytes and the
 staging / collective / compute split; a request slower than `blow_factor` × its prediction is logged.
 """
@@ -30,20 +38,25 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
+from edgeprism.comm.auth import load_secret
 from edgeprism.comm.context import DistContext
-from edgeprism.comm.exchange import Exchanger
+from edgeprism.comm.exchange import PeerError
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.plan import Limits, Plan, Request, choose_plan
 from edgeprism.profile.schema import Profile
-from edgeprism.runtime.groups import make_control, make_lanes, start_recording, verify_same_start
+from edgeprism.runtime.control import ControlChannel, ControlError, Mailbox
+from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
 from edgeprism.runtime.link_estimate import LinkObservation, OnlineLinkEstimator
+from edgeprism.runtime.membership import Membership, acknowledge, join_cluster
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.requests import check_inputs
+from edgeprism.runtime.telemetry import observations, probe_exchanges, sync, telemetry
 
 log = logging.getLogger(__name__)
 
-_TELEMETRY_HEAD = 6  # wall_s, nbytes_sent, layer_nbytes, staging_s, collective_s, emulated_delay_s
+_FROM_ENV = object()
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,19 @@ class EngineConfig:
     """How long idle workers wait for the next control message."""
     history: int = 1000
     """Metrics rows kept in `Engine.history`."""
+    stall_factor: float = 5.0
+    min_stall_s: float = 2.0
+    """A distributed request is given up (and rerun locally) after max(min_stall_s, stall_factor ×
+    its predicted latency): the bound on the stall a lost peer causes."""
+    regroup_timeout_s: float = 5.0
+    """How long a liveness round waits for workers to answer (plus the failed request's stall), and how
+    long connecting an epoch's groups may take."""
+    group_timeout_s: float = 30.0
+    """GLOO's own timeout on the lanes: only the backstop behind the per-request deadline."""
+    join_check_s: float = 1.0
+    """How often rank 0 looks, between requests, for workers (re)joining."""
+    start_timeout_s: float = 300.0
+    """How long rank 0 waits for every worker to join at start."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -75,19 +101,38 @@ class EngineConfig:
             raise ValueError(f"blow_factor {self.blow_factor} must be > 1")
         if self.probe_every < 0 or self.probe_nbytes < 1:
             raise ValueError(f"probe_every {self.probe_every} must be >= 0 and probe_nbytes {self.probe_nbytes} >= 1")
+        if self.stall_factor < 1 or self.min_stall_s <= 0:
+            raise ValueError(f"stall_factor {self.stall_factor} must be >= 1 and min_stall_s {self.min_stall_s} > 0")
+        for name in ("regroup_timeout_s", "group_timeout_s", "join_check_s", "start_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be > 0")
         Limits(self.max_fidelity_loss, self.max_latency_s)  # validates both
 
     @property
     def limits(self) -> Limits:
         return Limits(self.max_fidelity_loss, self.max_latency_s)
 
+    def stall_s(self, predicted_latency_s: float) -> float:
+        return max(self.min_stall_s, self.stall_factor * predicted_latency_s)
+
+
+def default_store(ctx: DistContext):
+    """The launcher's rendezvous store (torchrun's, or the default group's), under `edgeprism/`."""
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return dist.PrefixStore("edgeprism/", store)
+
 
 class Engine:
     """Serves requests per plan over the ranks of `ctx` (see the module docstring). Collective to build:
-    every rank constructs one with the same model, weights and profile."""
+    every rank constructs one with the same model, weights and profile. `store` is the rendezvous store
+    (default: the launcher's), `secret` the cluster secret (default: EDGEPRISM_SECRET_FILE /
+    EDGEPRISM_SECRET), `bind_addr` the address the data lanes listen on (default: as torch picks)."""
 
     def __init__(self, model: ReferenceModel, profile: Profile, ctx: DistContext,
-                 config: EngineConfig = EngineConfig(), meter=None, owns_ctx: bool = False) -> None:
+                 config: EngineConfig = EngineConfig(), meter=None, owns_ctx: bool = False, store=None,
+                 secret=_FROM_ENV, bind_addr: str | None = None) -> None:
         self.model = model.to(ctx.device).eval()
         self.profile = profile
         self.ctx = ctx
@@ -102,13 +147,38 @@ class Engine:
         self._seen_plans: set = set()
         self.history: deque[MetricsRow] = deque(maxlen=config.history)
         self.estimator = OnlineLinkEstimator.from_profile(profile)
-        # Collective from here on: every rank runs the same steps in the same order.
-        verify_same_start(Exchanger(ctx), self.model, profile)
-        profile.check(self.model.config, ctx.world_size, where="profile")  # identical on every rank now
-        self._control = make_control(ctx, config.idle_timeout_s) if ctx.world_size > 1 else None
-        self._lanes = make_lanes(ctx, profile) if ctx.world_size > 1 else {}
         self._dtype = next(self.model.parameters()).dtype
-        log.info("engine ready on %s: %s, %d lanes", ctx, profile, len(self._lanes))
+        self._lanes: dict = {}
+        self._epoch = 0
+        self._members: tuple[int, ...] = (0,)
+        self._bind_addr = bind_addr
+        self._control = self._membership = self._mailbox = None
+        self.failures = 0
+        """Distributed requests and probes that failed (and were answered locally)."""
+        profile.check(self.model.config, ctx.world_size, where="profile")
+        if ctx.world_size == 1:
+            log.info("engine ready on %s: %s (one rank)", ctx, profile)
+            return
+        self._store = store if store is not None else default_store(ctx)
+        secret = load_secret() if secret is _FROM_ENV else secret
+        self._secret = secret
+        if secret is None:
+            log.warning("no cluster secret (EDGEPRISM_SECRET_FILE): any process that reaches the store can join "
+                        "this cluster; edgeprism serve / Engine.launch_local make one for you")
+        digests = start_digests(self.model, profile)
+        if ctx.is_root:
+            self._control = ControlChannel(self._store, ctx.link)
+            self._membership = Membership(self._store, secret, ctx.world_size, digests, self._control)
+            self._membership.wait_for_all(config.start_timeout_s)
+            self._next_join_check = time.monotonic() + config.join_check_s
+            self._form_epoch()
+            if len(self._members) < ctx.world_size:
+                raise RuntimeError(f"only ranks {list(self._members)} of {ctx.world_size} connected at start")
+        else:
+            session = join_cluster(self._store, secret, ctx.group_rank, digests, config.start_timeout_s)
+            self._mailbox = Mailbox(self._store, session)
+            self._serve(until_epoch=True)
+        log.info("engine ready on %s: %s, epoch %d, %d lanes", ctx, profile, self._epoch, len(self._lanes))
 
     # --- construction helpers ---
     @classmethod
@@ -146,6 +216,11 @@ class Engine:
     def link_estimate(self):
         return self.estimator.estimate()
 
+    @property
+    def healthy_ranks(self) -> tuple[int, ...]:
+        """Rank 0 and the workers the current epoch's lanes connect (rank 0 only)."""
+        return self._members
+
     # --- rank 0 ---
     def plan_for(self, inputs: Inputs, objective: str | None = None, limits: Limits | None = None) -> Plan:
         """Check `inputs` at the edge and return the plan `infer` would run now (nothing is sent)."""
@@ -156,7 +231,8 @@ class Engine:
               request_id: str | None = None, gather_hidden: bool = False, plan: Plan | None = None) -> Result:
         """Run one request (rank 0 only). ValueError for a bad request; the engine serves the next one.
         `gather_hidden` also returns every token's final hidden state as outputs["hidden"] (B, T, d).
-        `plan` forces a plan (static baselines, e.g. from `plan.static_plan`) instead of planning."""
+        `plan` forces a plan (static baselines, e.g. from `plan.static_plan`) instead of planning; a
+        forced plan over ranks that are not healthy runs locally."""
         if not self.ctx.is_root:
             raise RuntimeError("infer is for rank 0; the other ranks call serve_workers()")
         if self._closed:
@@ -165,14 +241,15 @@ class Engine:
             self._requests += 1
             request_id = str(request_id) if request_id is not None else str(self._requests)
             inputs = self._checked(inputs)
+            self.maintain()
             if self._local_streak and self.config.probe_every and self._local_streak % self.config.probe_every == 0:
                 self._probe()
             forced = plan
             plan, request, link = self._plan(inputs, objective, limits, forced)
             if plan.mode == "distributed" and tuple(plan.ranks) not in self._lanes:
-                log.warning("plan over ranks %s has no process group; running locally", list(plan.ranks))
-                plan = replace(plan, mode="local", ranks=(0,), token_shares=(1.0,),
-                               token_counts=(request.num_tokens,), codec="", cr=1, wire_dtype="")
+                log.warning("plan over ranks %s has no process group (healthy: %s); running locally",
+                            list(plan.ranks), list(self._members))
+                plan = _local_plan(plan, request)
             if self.meter is not None:
                 self.meter.begin_window(request_id)
             if plan.mode == "local":
@@ -180,11 +257,16 @@ class Engine:
                 outputs, row = self._run_local(inputs, plan, request, link, request_id, gather_hidden)
             else:
                 self._local_streak = 0
-                outputs, row = self._run_distributed(inputs, plan, request, link, request_id, gather_hidden)
+                start = time.perf_counter()
+                try:
+                    outputs, row = self._run_distributed(inputs, plan, request, link, request_id, gather_hidden)
+                except PeerError as err:
+                    outputs, row = self._fall_back(err, inputs, plan, request, link, request_id, gather_hidden,
+                                                   time.perf_counter() - start)
             shape = (plan.mode, tuple(plan.ranks), plan.codec)
             warm = shape in self._seen_plans  # the first request of a plan shape also pays one-off set-up
             self._seen_plans.add(shape)
-            if row.blew_prediction:
+            if row.blew_prediction and not row.fallback:
                 (log.warning if warm else log.info)(
                     "request %s took %.1f ms, over %.1f x its prediction of %.1f ms (%s; %s)", request_id,
                     row.latency_s * 1e3, self.config.blow_factor, row.predicted_latency_s * 1e3, plan, self.estimator)
@@ -203,22 +285,25 @@ class Engine:
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
         link = self.estimator.estimate()
+        if len(self._members) < self.ctx.world_size:
+            link = replace(link, healthy_ranks=self._members)
         if forced is not None:
             return forced, request, link
         plan = choose_plan(self.profile, request, link, objective or self.config.objective,
                            limits or self.config.limits)
         return plan, request, link
 
-    def _run_local(self, inputs, plan, request, link, request_id, gather_hidden):
+    def _run_local(self, inputs, plan, request, link, request_id, gather_hidden, fallback: str = "",
+                   spent_s: float = 0.0):
         start = time.perf_counter()
         with torch.no_grad():
             outputs = self.model(inputs)
-        _sync(self.ctx.device)
-        latency_s = time.perf_counter() - start
+        sync(self.ctx.device)
+        latency_s = time.perf_counter() - start + spent_s
         if not gather_hidden:
             outputs.pop("hidden", None)
         energy_j, source = self._energy(request_id, [(latency_s, 0.0, 0.0, 0.0)])
-        row = self._row(request_id, plan, request, link, latency_s, energy_j, source, 0, 0, 0.0, 0.0, 0.0)
+        row = self._row(request_id, plan, request, link, latency_s, energy_j, source, 0, 0, 0.0, 0.0, 0.0, fallback)
         return outputs, row
 
     def _run_distributed(self, inputs, plan, request, link, request_id, gather_hidden):
@@ -228,20 +313,32 @@ class Engine:
         shares = tuple(c / request.num_tokens for c in plan.token_counts)
         ranges = split_tokens(request.num_tokens, shares)
         assert tuple(r.num_tokens for r in ranges) == tuple(plan.token_counts), (ranges, plan.token_counts)
-        transform = lane.transform(self.model, plan.codec, self.config.size_aware)
+        stall_s = self.config.stall_s(plan.predicted_latency_s)
         control = start_recording(self._control)
         stats = start_recording(lane.exchanger)
-        header = {"op": "infer", "request_id": request_id, "plan": plan.to_dict(), "gather_hidden": gather_hidden}
+        header = {"op": "infer", "request_id": request_id, "epoch": self._epoch, "plan": plan.to_dict(),
+                  "gather_hidden": gather_hidden, "stall_s": stall_s}
         start = time.perf_counter()
-        self._control.broadcast_json(header)
+        lane.exchanger.deadline = time.monotonic() + stall_s
         try:
-            outputs = transform.forward(inputs, shares, gather_hidden=gather_hidden)
-            _sync(self.ctx.device)
+            self._control.broadcast_json(header, ranks=plan.ranks[1:])
+            transform = lane.transform(self.model, plan.codec, self.config.size_aware)
+            try:
+                outputs = transform.forward(inputs, shares, gather_hidden=gather_hidden)
+            except ValueError as err:  # the workers are mid-request: this is no longer one bad request
+                raise RuntimeError(f"request {request_id} failed after the workers started it: {err}") from err
+            sync(self.ctx.device)
             latency_s = time.perf_counter() - start
-            per_rank = _telemetry(lane.exchanger, stats, latency_s, self.model.config.num_layers)
-        except ValueError as err:  # the workers are mid-request: this is no longer one bad request
-            raise RuntimeError(f"request {request_id} failed after the workers started it: {err}") from err
-        self.estimator.update(_observations(per_rank, stats, len(plan.ranks), self.model.config.num_layers))
+            try:
+                per_rank = telemetry(lane.exchanger, stats, latency_s, self.model.config.num_layers)
+            except PeerError as err:  # the answer is in: keep it, but this epoch is over
+                self._end_epoch(f"telemetry of request {request_id} failed: {err}", stall_s)
+                per_rank = [[latency_s, stats.nbytes_sent, stats.per_kind_nbytes.get("layer", 0), stats.staging_s,
+                             stats.collective_s, stats.emulated_delay_s]]
+        finally:
+            lane.exchanger.deadline = None
+        if len(per_rank) == len(plan.ranks):
+            self.estimator.update(observations(per_rank, stats, len(plan.ranks), self.model.config.num_layers))
         rank0 = per_rank[0]
         bytes_exchanged = int(sum(r[1] for r in per_rank)) + control.nbytes_sent
         layer_nbytes = int(sum(r[2] for r in per_rank))
@@ -250,6 +347,19 @@ class Engine:
         row = self._row(request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
                         rank0[3], rank0[4] + control.collective_s, rank0[5] + control.emulated_delay_s)
         return outputs, row
+
+    def _fall_back(self, err: PeerError, inputs, plan, request, link, request_id, gather_hidden, spent_s: float):
+        """A distributed request failed: end the epoch, rerun it locally (the exact answer), say so in the row."""
+        self.failures += 1
+        reason = (f"distributed over ranks {list(plan.ranks)} failed after {spent_s:.2f} s "
+                  f"({err}); rerun on rank 0")
+        log.warning("request %s: %s", request_id, reason)
+        self._end_epoch(f"request {request_id} failed", self.config.stall_s(plan.predicted_latency_s))
+        if self.meter is not None:  # the window restarts with the rerun; the failed part is in latency_s only
+            self.meter.end_window(request_id)
+            self.meter.begin_window(request_id)
+        return self._run_local(inputs, _local_plan(plan, request), request, link, request_id, gather_hidden,
+                               fallback=reason, spent_s=spent_s)
 
     def _energy(self, request_id: str, phases: list[tuple[float, float, float, float]]) -> tuple[float, str]:
         """Measured energy of the plan's ranks. Modelled from each rank's (wall, staging, link) seconds with
@@ -266,7 +376,7 @@ class Engine:
         return measurement.energy_j + sum(modelled[1:]), f"{measurement.source} rank 0 + modelled others"
 
     def _row(self, request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
-             staging_s, collective_s, delay_s) -> MetricsRow:
+             staging_s, collective_s, delay_s, fallback: str = "") -> MetricsRow:
         return MetricsRow(
             request_id=request_id, plan=json.loads(plan.to_json()), mode=plan.mode, batch=request.batch,
             num_tokens=request.num_tokens, predicted_latency_s=plan.predicted_latency_s, latency_s=latency_s,
@@ -274,20 +384,76 @@ class Engine:
             bytes_exchanged=bytes_exchanged, layer_nbytes=layer_nbytes, staging_s=staging_s,
             collective_s=collective_s, compute_s=max(0.0, latency_s - staging_s - collective_s),
             emulated_delay_s=delay_s, link_bandwidth_bps=link.bandwidth_bps, link_latency_s=link.latency_s,
-            blew_prediction=latency_s > self.config.blow_factor * plan.predicted_latency_s)
+            blew_prediction=latency_s > self.config.blow_factor * plan.predicted_latency_s, fallback=fallback)
 
     def _probe(self) -> None:
         """Measure the link over the largest lane: a synchronising exchange, then a small and a large one."""
         if not self._lanes:
             return
         ranks = max(self._lanes, key=len)
-        self._control.broadcast_json({"op": "probe", "ranks": list(ranks), "nbytes": self.config.probe_nbytes})
-        stats = start_recording(self._lanes[ranks].exchanger)
-        _probe_exchanges(self._lanes[ranks].exchanger, self.config.probe_nbytes)
+        exchanger = self._lanes[ranks].exchanger
+        stall_s = self.config.min_stall_s
+        stats = start_recording(exchanger)
+        exchanger.deadline = time.monotonic() + stall_s
+        try:
+            self._control.broadcast_json({"op": "probe", "epoch": self._epoch, "ranks": list(ranks),
+                                          "nbytes": self.config.probe_nbytes, "stall_s": stall_s},
+                                         ranks=ranks[1:])
+            probe_exchanges(exchanger, self.config.probe_nbytes)
+        except PeerError as err:
+            self.failures += 1
+            self._end_epoch(f"link probe failed: {err}", stall_s)
+            return
+        finally:
+            exchanger.deadline = None
         k = len(ranks)
-        observations = [LinkObservation((k - 1) * sent, k - 1, seconds)
-                        for kind, sent, seconds in stats.events if kind == "probe"]
-        log.info("link probe over ranks %s: %s", list(ranks), self.estimator.update(observations))
+        found = [LinkObservation((k - 1) * sent, k - 1, seconds) for kind, sent, seconds in stats.events
+                 if kind == "probe"]
+        log.info("link probe over ranks %s: %s", list(ranks), self.estimator.update(found))
+
+    # --- rank 0: membership ---
+    def maintain(self) -> None:
+        """Rank 0, between requests (`infer` calls it): close a liveness round that is due, take in workers
+        that joined, and build a new epoch when either changed who is there. Never waits for a peer
+        longer than `regroup_timeout_s` (building groups)."""
+        if self._membership is None or self._closed:
+            return
+        membership = self._membership
+        if membership.round is not None:
+            if membership.poll_round() is None:
+                return
+            self._form_epoch()
+        now = time.monotonic()
+        if now >= self._next_join_check:
+            self._next_join_check = now + self.config.join_check_s
+            if membership.admit_waiting() and membership.round is None:
+                self._form_epoch()
+
+    def _form_epoch(self) -> None:
+        self._epoch += 1
+        members = tuple(sorted({0, *self._control.sessions}))
+        config = self.config
+        self._control.broadcast_json({"op": "epoch", "epoch": self._epoch, "members": list(members),
+                                      "timeout_s": config.group_timeout_s,
+                                      "build_timeout_s": config.regroup_timeout_s})
+        try:
+            self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
+                                            config.group_timeout_s, config.regroup_timeout_s, self._bind_addr)
+        except RuntimeError as err:  # a member left between answering and connecting
+            log.warning("epoch %d over ranks %s did not connect: %s", self._epoch, list(members), err)
+            self._end_epoch(f"epoch {self._epoch} did not connect", 0.0)
+            return
+        self._members = members
+        self._membership.joined.clear()
+        log.info("epoch %d: lanes over ranks %s", self._epoch, list(members))
+
+    def _end_epoch(self, why: str, stall_s: float) -> None:
+        """Stop using the current lanes and ask who is still there (answers due within the round)."""
+        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
+        self._members = (0,)
+        self._epoch += 1
+        log.warning("%s: epoch over; asking ranks %s who is still there", why, sorted(self._control.sessions))
+        self._membership.start_round(self._epoch, self.config.regroup_timeout_s + stall_s)
 
     def close(self) -> None:
         """Rank 0: tell the workers to stop, stop a local cluster, leave the process group if ours."""
@@ -298,6 +464,7 @@ class Engine:
             if self.ctx.is_root and self._control is not None:
                 self._control.broadcast_json({"op": "shutdown"})
         finally:
+            retire_lanes(self._lanes)
             if self._cluster is not None:
                 self._cluster.stop()
             if self._owns_ctx:
@@ -307,75 +474,96 @@ class Engine:
 
     # --- the other ranks ---
     def serve_workers(self) -> int:
-        """Worker loop: wait for a header, run our part of the plan or nothing, until shutdown.
-        Returns the number of distributed requests this rank took part in."""
+        """Worker loop: wait for rank 0's next message and do it (our part of a plan, a probe, a ping, a
+        new epoch), until shutdown. Returns the number of distributed requests this rank took part in."""
         if self.ctx.is_root:
             raise RuntimeError("serve_workers is for ranks other than 0")
-        if self._control is None:
+        if self._mailbox is None:
             return 0
+        return self._serve(until_epoch=False)
+
+    def _serve(self, until_epoch: bool) -> int:
         served = 0
         while True:
-            header = self._control.broadcast_json(None)
-            op = header.get("op")
+            message = self._mailbox.receive(self.config.idle_timeout_s)
+            op = message["op"]
             if op == "shutdown":
                 log.info("rank %d: shutdown after %d requests", self.ctx.group_rank, served)
                 return served
-            if op == "probe":
-                lane = self._lanes[tuple(header["ranks"])]
-                if lane.exchanger is not None:
-                    _probe_exchanges(lane.exchanger, int(header["nbytes"]))
-                continue
-            if op != "infer":
-                raise RuntimeError(f"unknown control op {op!r} from rank 0")
-            plan = Plan.from_dict(header["plan"])
-            lane = self._lanes[tuple(plan.ranks)]
-            if lane.exchanger is None:
-                continue  # not in this plan: straight back to waiting
-            stats = start_recording(lane.exchanger)
+            if op == "ping":
+                acknowledge(self._store, self._mailbox.session, message["epoch"])
+            elif op == "epoch":
+                self._join_epoch(message)
+                if until_epoch and self._lanes:
+                    return served
+            elif op == "evicted":
+                retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
+                if not message["rejoin"]:
+                    raise RuntimeError(f"rank 0 dropped rank {self.ctx.group_rank}: {message['reason']}")
+                log.warning("rank %d: rank 0 dropped us (%s); joining again", self.ctx.group_rank, message["reason"])
+                self._mailbox = Mailbox(self._store, join_cluster(self._store, self._secret,
+                                                                  self.ctx.group_rank,
+                                                                  start_digests(self.model, self.profile),
+                                                                  self.config.start_timeout_s))
+            elif op in ("infer", "probe"):
+                served += self._take_part(message)
+            else:
+                raise ControlError(f"rank 0 sent {op!r} where a worker's message was expected")
+
+    def _join_epoch(self, message: dict) -> None:
+        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
+        members = tuple(message["members"])
+        self._epoch = message["epoch"]
+        if self.ctx.group_rank not in members:
+            return
+        try:
+            self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
+                                            float(message["timeout_s"]), float(message["build_timeout_s"]),
+                                            self._bind_addr)
+            self._members = members
+        except RuntimeError as err:
+            log.warning("rank %d: epoch %d did not connect: %s", self.ctx.group_rank, self._epoch, err)
+
+    def _take_part(self, message: dict) -> int:
+        """Our part of a distributed request or probe; 1 if a request was served. A failure drops the lanes
+        (rank 0 asks who is left next)."""
+        if message["epoch"] != self._epoch:
+            return 0  # from an epoch that has ended
+        if message["op"] == "probe":
+            lane = self._lanes.get(tuple(message["ranks"]))
+        else:
+            try:
+                plan = Plan.from_dict(message["plan"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ControlError(f"rank 0 sent a malformed plan: {err}") from None
+            lane = self._lanes.get(tuple(plan.ranks))
+        if lane is None or lane.exchanger is None:
+            return 0  # not in this plan: straight back to waiting
+        exchanger = lane.exchanger
+        exchanger.deadline = time.monotonic() + float(message["stall_s"])
+        try:
+            if message["op"] == "probe":
+                probe_exchanges(exchanger, message["nbytes"])
+                return 0
+            stats = start_recording(exchanger)
             start = time.perf_counter()
             lane.transform(self.model, plan.codec, self.config.size_aware).forward(
-                None, gather_hidden=bool(header.get("gather_hidden")))
-            _sync(self.ctx.device)
-            _telemetry(lane.exchanger, stats, time.perf_counter() - start, self.model.config.num_layers)
-            served += 1
+                None, gather_hidden=message["gather_hidden"])
+            sync(self.ctx.device)
+            telemetry(exchanger, stats, time.perf_counter() - start, self.model.config.num_layers)
+            return 1
+        except PeerError as err:
+            log.warning("rank %d: request of epoch %d failed (%s); waiting for rank 0", self.ctx.group_rank,
+                        self._epoch, err)
+            retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
+            return 0
+        finally:
+            exchanger.deadline = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _local_plan(plan: Plan, request: Request) -> Plan:
+    return replace(plan, mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(request.num_tokens,), codec="",
+                   cr=1, wire_dtype="")
 
 
-def _probe_exchanges(exchanger, nbytes: int) -> None:
-    world = exchanger.ctx.world_size
-    for size, kind in ((8, "probe-sync"), (8, "probe"), (nbytes, "probe")):
-        exchanger.all_gather_bytes(torch.zeros(size, dtype=torch.uint8), [size] * world, kind=kind)
-
-
-def _telemetry(exchanger, stats, wall_s: float, num_layers: int) -> list[list[float]]:
-    """All-gather each plan rank's numbers for the request just served (after it, so untimed):
-    [wall_s, nbytes_sent, layer_nbytes, staging_s, collective_s, delay_s, (layer bytes, layer link s) x L]."""
-    layer = [(sent, seconds) for kind, sent, seconds in stats.events if kind == "layer"][:num_layers]
-    layer += [(0, 0.0)] * (num_layers - len(layer))
-    values = [wall_s, float(stats.nbytes_sent), float(stats.per_kind_nbytes.get("layer", 0)), stats.staging_s,
-              stats.collective_s, stats.emulated_delay_s] + [x for pair in layer for x in pair]
-    mine = torch.tensor(values, dtype=torch.float64)
-    payload = mine.view(torch.uint8)
-    world = exchanger.ctx.world_size
-    gathered = exchanger.all_gather_bytes(payload, [payload.numel()] * world, kind="telemetry")
-    return [g.clone().view(torch.float64).tolist() for g in gathered]
-
-
-def _observations(per_rank: list[list[float]], stats, k: int, num_layers: int) -> list[LinkObservation]:
-    """Link observations of one request: each layer exchange, timed by the rank that waited least for it
-    (the last to arrive waits only for the wire, not for slower peers' compute), and rank 0's sends."""
-    out = []
-    for i in range(num_layers):
-        sent = max(r[_TELEMETRY_HEAD + 2 * i] for r in per_rank)
-        seconds = min(r[_TELEMETRY_HEAD + 2 * i + 1] for r in per_rank)
-        if sent > 0:
-            out.append(LinkObservation((k - 1) * sent, k - 1, seconds))
-    out += [LinkObservation(sent, 1, seconds) for kind, sent, seconds in stats.events if kind == "scatter"]
-    return out
-
-
-__all__ = ["Engine", "EngineConfig"]
+__all__ = ["Engine", "EngineConfig", "default_store"]

@@ -1,10 +1,17 @@
-"""Process groups the engine creates once at start, and the per-exchange record it learns from.
+"""Process groups of the engine, and the per-exchange record it learns from.
 
-- One data *lane* per candidate rank subset containing rank 0: a GLOO subgroup with the short
-  timeout, its own DistContext (group-relative ranks) and Exchanger, and one PositionWise per codec.
-- One *control* group over every rank with a long timeout: idle workers wait on it for the next header.
-- The start-up check: every rank all-gathers sha256 digests of the model config, a weights
-  fingerprint and the profile, and raises the same ValueError when any differs from rank 0's.
+- One data *lane* per candidate rank subset containing rank 0: a GLOO group, its own DistContext
+  (group-relative ranks) and Exchanger, and one PositionWise per codec. The engine builds the lanes of
+  an *epoch* (`build_epoch_lanes`) as `ProcessGroupGloo` objects over a `PrefixStore("epoch{n}/...")` of
+  the rendezvous store, over the members alive at the time, so that they can be rebuilt without the
+  dead rank, or with a returning one, while rank 0 keeps running; torch's default group cannot shrink
+  or grow. A broken epoch's groups are aborted and dropped on a background thread (`retire_lanes`):
+  a group whose peer hangs blocks its destructor until the group's own timeout.
+- `make_lanes` / `make_control` build the same over the default group (`dist.new_group`), for callers
+  that run under one fixed process group.
+- The start-up check: sha256 digests of the model config, a weights fingerprint and the profile
+  (`start_digests`), compared with rank 0's at admission (edgeprism.runtime.membership) or, over the
+  default group, by `verify_same_start`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -28,6 +38,7 @@ ALL_SUBSETS_UP_TO = 4
 the subsets the planner can choose (rank 0 plus the k - 1 fastest others: edgeprism.plan.planner)."""
 
 _SAMPLES_PER_TENSOR = 4096
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,14 +100,16 @@ def verify_same_start(exchanger, model: ReferenceModel, profile: Profile) -> Non
                          f"rank with the same model, checkpoint (or seed) and profile")
 
 
-def candidate_subsets(profile: Profile) -> list[tuple[int, ...]]:
-    """Rank subsets (sorted, with rank 0, size >= 2) that get a lane; the same list on every rank."""
+def candidate_subsets(profile: Profile, members: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+    """Rank subsets (sorted, with rank 0, size >= 2) of `members` (default: every rank) that get a lane;
+    the same list on every rank."""
     world = profile.world_size
+    others = [r for r in range(1, world) if members is None or r in members]
     if world <= ALL_SUBSETS_UP_TO:
-        return [(0, *rest) for size in range(1, world) for rest in itertools.combinations(range(1, world), size)]
+        return [(0, *rest) for size in range(1, len(others) + 1) for rest in itertools.combinations(others, size)]
     speeds = profile.device_speeds
-    order = sorted(range(1, world), key=lambda r: (-speeds[r], r))
-    return [tuple(sorted((0, *order[:size]))) for size in range(1, world)]
+    order = sorted(others, key=lambda r: (-speeds[r], r))
+    return [tuple(sorted((0, *order[:size]))) for size in range(1, len(others) + 1)]
 
 
 @dataclass
@@ -147,5 +160,60 @@ def make_control(ctx: DistContext, idle_timeout_s: float) -> Exchanger:
     return Exchanger(sub_context(ctx, ranks, group, idle_timeout_s))
 
 
-__all__ = ["RecordingStats", "start_recording", "weights_fingerprint", "verify_same_start", "candidate_subsets",
+def gloo_group(store, group_rank: int, size: int, timeout_s: float, bind_addr: str | None):
+    """A ProcessGroupGloo over `store`. `bind_addr` pins its listening socket to that address (e.g.
+    127.0.0.1); None picks the interface as torch does (GLOO_SOCKET_IFNAME, else the hostname)."""
+    gloo = dist.ProcessGroupGloo
+    if bind_addr is None:
+        return gloo(store, group_rank, size, timedelta(seconds=timeout_s))
+    options = gloo._Options()
+    options._timeout = timedelta(seconds=timeout_s)
+    options._devices = [gloo.create_device(hostname=bind_addr)]
+    return gloo(store, group_rank, size, options)
+
+
+def build_epoch_lanes(ctx: DistContext, store, epoch: int, profile: Profile, members: tuple[int, ...],
+                      timeout_s: float, build_timeout_s: float, bind_addr: str | None) -> dict[tuple[int, ...], Lane]:
+    """Collective over `members` (every member calls it with the same arguments): this epoch's lanes.
+    Connecting must finish within `build_timeout_s`; collectives later time out after `timeout_s`."""
+    lanes: dict[tuple[int, ...], Lane] = {}
+    try:
+        for ranks in candidate_subsets(profile, members):
+            if ctx.group_rank not in ranks:
+                lanes[ranks] = Lane(ranks, None, None)
+                continue
+            prefix = dist.PrefixStore(f"epoch{epoch}/lane{'-'.join(map(str, ranks))}/", store)
+            group = gloo_group(prefix, ranks.index(ctx.group_rank), len(ranks), build_timeout_s, bind_addr)
+            group.set_timeout(timedelta(seconds=timeout_s))
+            sub = sub_context(ctx, ranks, group, timeout_s)
+            lanes[ranks] = Lane(ranks, sub, Exchanger(sub))
+    except BaseException:
+        retire_lanes(lanes, timeout_s)
+        raise
+    return lanes
+
+
+def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0) -> None:
+    """Abort the lanes' groups and keep them on a daemon thread for `linger_s` (the groups' timeout): a
+    group's destructor waits for an operation stuck on a hung peer, and that wait must not fall on the
+    thread that serves requests. After the timeout the stuck operation has failed and dropping is quick."""
+    groups = [lane.ctx.group for lane in lanes.values() if lane.ctx is not None]
+    lanes.clear()
+    if not groups:
+        return
+    for group in groups:
+        try:
+            group.abort()
+        except RuntimeError as err:  # already broken: dropping it is all that is left to do
+            log.debug("abort of a retired group: %s", err)
+
+    def drop(held=groups) -> None:
+        time.sleep(linger_s)
+        held.clear()
+
+    threading.Thread(target=drop, name="edgeprism-retire-groups", daemon=True).start()
+    groups = []
+
+
+__all__ = ["gloo_group", "build_epoch_lanes", "retire_lanes", "RecordingStats", "start_recording", "weights_fingerprint", "verify_same_start", "candidate_subsets",
            "Lane", "make_lanes", "make_control", "ALL_SUBSETS_UP_TO"]

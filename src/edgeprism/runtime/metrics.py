@@ -42,6 +42,9 @@ class MetricsRow:
     link_latency_s: float
     blew_prediction: bool
     """latency_s exceeded the prediction by more than the engine's `blow_factor`."""
+    fallback: str = ""
+    """Why a distributed plan was rerun on rank 0 (a peer died, hung or was cut off); "" when it was not.
+    latency_s then includes the failed attempt; `plan` and `mode` say what answered (local)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,6 +54,8 @@ class MetricsRow:
 
     def __str__(self) -> str:
         how = self.mode if self.mode == "local" else f"{self.plan.get('codec')} over ranks {self.plan.get('ranks')}"
+        if self.fallback:
+            how += f" (fallback: {self.fallback})"
         return (f"request {self.request_id}: {how}; {self.latency_s * 1e3:.1f} ms (predicted "
                 f"{self.predicted_latency_s * 1e3:.1f}), {self.energy_j:.3g} J {self.energy_source}, "
                 f"{self.bytes_exchanged:,} B; staging {self.staging_s * 1e3:.1f} ms, collective "

@@ -1,0 +1,153 @@
+"""Control messages from rank 0 to the workers: over the rendezvous store, sealed, bounded and validated.
+
+Each admitted worker has a session (edgeprism.comm.auth) and a mailbox in the store: rank 0 writes
+message i to `ctl/{slot}/{i}` as `seal(session key, "ctl/{slot}", i, JSON)`; the worker waits for that
+key, checks the size and the MAC, parses the JSON, checks it against `SCHEMA`, deletes the key and
+moves to i + 1. Posting is one store write: unlike a collective it never waits for a dead, hung or
+cut-off worker, so rank 0's control path survives any of them. Message bodies are at most
+`MAX_CONTROL_BYTES`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from edgeprism.comm.auth import AuthError, open_sealed, seal
+from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats, PeerError
+
+log = logging.getLogger(__name__)
+
+_NUMBER = (int, float)
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "infer": {"request_id": str, "epoch": int, "plan": dict, "gather_hidden": bool, "stall_s": _NUMBER},
+    "probe": {"epoch": int, "ranks": list, "nbytes": int, "stall_s": _NUMBER},
+    "ping": {"epoch": int},
+    "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER},
+    "shutdown": {},
+    "evicted": {"reason": str, "rejoin": bool},
+    "admitted": {"rank": int},
+    "refused": {"reason": str},
+}
+"""Every control op and its required fields with their JSON types (extra fields are refused)."""
+
+MAX_PROBE_BYTES = 64 << 20
+
+
+class ControlError(PeerError):
+    """A control message that is unauthenticated, oversized, not JSON or not of the schema."""
+
+
+def validate_control(message: object) -> dict:
+    """The message if it is one of `SCHEMA`'s ops with exactly its fields, of their types; else ControlError."""
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ControlError(f"a control message is an object with a string 'op', got {str(message)[:80]!r}")
+    op = message["op"]
+    if op not in SCHEMA:
+        raise ControlError(f"unknown control op {op[:40]!r}; known: {', '.join(SCHEMA)}")
+    fields = SCHEMA[op]
+    extra = set(message) - set(fields) - {"op"}
+    missing = set(fields) - set(message)
+    if extra or missing:
+        raise ControlError(f"control op {op!r}: missing {sorted(missing)}, unexpected {sorted(extra)[:5]}")
+    for name, kind in fields.items():
+        value = message[name]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ControlError(f"control op {op!r}: {name} must be {getattr(kind, '__name__', 'a number')}, "
+                               f"got {type(value).__name__}")
+    for name in ("ranks", "members"):
+        if name in message and not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 16
+                                       for r in message[name]):
+            raise ControlError(f"control op {op!r}: {name} must be rank numbers, got {message[name][:8]!r}")
+    if op == "probe" and not 0 < message["nbytes"] <= MAX_PROBE_BYTES:
+        raise ControlError(f"probe of {message['nbytes']} bytes is outside 1..{MAX_PROBE_BYTES}")
+    return message
+
+
+def encode_control(message: dict) -> bytes:
+    body = json.dumps(validate_control(message), separators=(",", ":")).encode()
+    if len(body) > MAX_CONTROL_BYTES:
+        raise ValueError(f"control message of {len(body)} bytes exceeds the {MAX_CONTROL_BYTES}-byte bound")
+    return body
+
+
+def decode_control(key: bytes, channel: bytes, sequence: int, blob: bytes) -> dict:
+    """Check size and MAC first, then parse and validate."""
+    try:
+        body = open_sealed(key, channel, sequence, blob, MAX_CONTROL_BYTES)
+    except AuthError as err:
+        raise ControlError(str(err)) from None
+    try:
+        message = json.loads(body.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ControlError(f"control message {sequence} is not JSON: {err}") from None
+    return validate_control(message)
+
+
+@dataclass
+class Session:
+    """One admitted worker process: its rank, its join slot (names its mailbox) and its session key."""
+
+    rank: int
+    slot: int
+    key: bytes
+    sequence: int = 0
+
+    @property
+    def channel(self) -> bytes:
+        return f"ctl/{self.slot}".encode()
+
+    def key_of(self, sequence: int) -> str:
+        return f"ctl/{self.slot}/{sequence}"
+
+
+class ControlChannel:
+    """Rank 0's side: post sealed messages to the admitted workers' mailboxes."""
+
+    def __init__(self, store, link=None) -> None:
+        self.store = store
+        self.link = link
+        self.sessions: dict[int, Session] = {}
+        self.stats = ExchangeStats()
+
+    def post(self, rank: int, message: dict) -> None:
+        session = self.sessions[rank]
+        body = encode_control(message)
+        delay_s = self.link.before_collective(len(body), 1) if self.link is not None else 0.0
+        start = time.perf_counter()
+        self.store.set(session.key_of(session.sequence), seal(session.key, session.channel, session.sequence, body))
+        session.sequence += 1
+        self.stats.add("control", sent=len(body), received=0, staging_s=0.0,
+                       collective_s=time.perf_counter() - start, delay_s=delay_s)
+
+    def broadcast_json(self, message: dict, ranks=None) -> dict:
+        """Post `message` to every admitted worker (or to `ranks`); returns it (the Exchanger's shape)."""
+        for rank in sorted(self.sessions if ranks is None else ranks):
+            if rank in self.sessions:
+                self.post(rank, message)
+        return message
+
+
+class Mailbox:
+    """A worker's side: the next message from rank 0, authenticated and validated."""
+
+    def __init__(self, store, session: Session) -> None:
+        self.store = store
+        self.session = session
+
+    def receive(self, timeout_s: float) -> dict:
+        session = self.session
+        key = session.key_of(session.sequence)
+        self.store.wait([key], timedelta(seconds=timeout_s))
+        blob = self.store.get(key)
+        self.store.delete_key(key)
+        message = decode_control(session.key, session.channel, session.sequence, blob)
+        session.sequence += 1
+        return message
+
+
+__all__ = ["SCHEMA", "ControlError", "validate_control", "encode_control", "decode_control", "Session",
+           "ControlChannel", "Mailbox"]

@@ -1,0 +1,221 @@
+"""Who is in the cluster: authenticated admission of worker processes, liveness rounds and epochs.
+
+Everything goes through the rendezvous store (a TCPStore rank 0 hosts, or torchrun's), under the
+prefix `edgeprism/`:
+
+- `auth/boot`: rank 0's random boot nonce.
+- `join/slots`: a counter; a joining worker takes the next slot n and writes `join/{n}`, a fixed-size
+  binary request MAC'd with the cluster secret (edgeprism.comm.auth). Rank 0 checks it before reading
+  any field, compares the worker's start digests (model config, weights, profile) with its own, and
+  writes `join/{n}/reply`: a sealed `admitted` or `refused` message, or the bare marker
+  `UNAUTHENTICATED` (the requester holds no key to check a sealed reply with).
+- `ctl/{n}/{i}`: the worker's mailbox (edgeprism.runtime.control).
+- `ack/{epoch}/{rank}`: a worker's sealed answer to a `ping` of a liveness round.
+
+An *epoch* is one set of data lanes (GLOO groups) over the members rank 0 last found alive. A failed
+request ends the epoch; a ping round (bounded by `regroup_timeout_s`) finds who is still there, and
+the next epoch is built over them. A worker that comes back, or a restarted process, joins again
+through `join/` and rank 0 builds a new epoch that includes it, between two requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from edgeprism.comm.auth import NONCE_BYTES, AuthError, decode_join, encode_join, seal, session_key
+from edgeprism.runtime.control import ControlChannel, ControlError, Session, decode_control, encode_control
+
+log = logging.getLogger(__name__)
+
+UNAUTHENTICATED = b"UNAUTHENTICATED"
+_NO_SECRET = b"edgeprism-no-secret"  # the key when no secret is configured (a warning says so)
+
+
+def admission_key(secret: bytes | None) -> bytes:
+    return secret if secret else _NO_SECRET
+
+
+@dataclass
+class LivenessRound:
+    """A ping round: the epoch it will build, whom it asked, by when they must answer."""
+
+    epoch: int
+    asked: set[int]
+    deadline: float
+    acked: set[int] = field(default_factory=set)
+
+
+class Membership:
+    """Rank 0's view: admitted sessions (in `control.sessions`), the current members, pending rounds."""
+
+    def __init__(self, store, secret: bytes | None, world_size: int, digests: dict[str, bytes],
+                 control: ControlChannel) -> None:
+        self.store = store
+        self.key = admission_key(secret)
+        self.world_size = world_size
+        self.digests = digests
+        self.control = control
+        self.boot_nonce = os.urandom(NONCE_BYTES)
+        self.store.set("auth/boot", self.boot_nonce)
+        self._next_slot = 1
+        self.round: LivenessRound | None = None
+        self.joined: set[int] = set()
+        """Ranks admitted since the current epoch was built (they wait for the next one)."""
+        self.refusals: list[str] = []
+
+    # --- admission ---
+    def admit_waiting(self) -> list[int]:
+        """Handle every complete join request in the store; returns the ranks admitted now."""
+        admitted = []
+        slots = self.store.add("join/slots", 0)
+        while self._next_slot <= slots:
+            slot = self._next_slot
+            if not self.store.check([f"join/{slot}"]):
+                break  # taken but not written yet: next time
+            self._next_slot += 1
+            blob = self.store.get(f"join/{slot}")
+            self.store.delete_key(f"join/{slot}")
+            try:
+                rank, nonce, digests = decode_join(self.key, self.boot_nonce, slot, blob)
+            except AuthError as err:
+                log.warning("refused a join: %s", err)
+                self.refusals.append(str(err))
+                self.store.set(f"join/{slot}/reply", UNAUTHENTICATED)
+                continue
+            session = Session(rank, slot, session_key(self.key, self.boot_nonce, slot, nonce))
+            problem = self._problem(rank, digests)
+            if problem:
+                log.warning("refused rank %d's join: %s", rank, problem)
+                self.refusals.append(problem)
+                self._reply(session, {"op": "refused", "reason": problem})
+                continue
+            old = self.control.sessions.get(rank)
+            if old is not None:
+                log.warning("rank %d joined again (slot %d); its old process (slot %d) is dropped", rank, slot,
+                            old.slot)
+                self.evict(rank, "a newer process joined as this rank", rejoin=False)
+            self._reply(session, {"op": "admitted", "rank": rank})
+            self.control.sessions[rank] = session
+            self.joined.add(rank)
+            admitted.append(rank)
+            log.info("admitted rank %d (slot %d)", rank, slot)
+        return admitted
+
+    def _problem(self, rank: int, digests: bytes) -> str:
+        if not 1 <= rank < self.world_size:
+            return f"rank {rank} is outside 1..{self.world_size - 1} for a world of {self.world_size}"
+        mine = b"".join(self.digests.values())
+        differing = [name for i, name in enumerate(self.digests) if digests[32 * i:32 * (i + 1)] != mine[32 * i:32 * (i + 1)]]
+        if differing:
+            return (f"ranks did not start alike (rank {rank}: {', '.join(differing)} differ from rank 0's): start "
+                    f"every rank with the same model, checkpoint (or seed) and profile")
+        return ""
+
+    def _reply(self, session: Session, message: dict) -> None:
+        self.store.set(f"join/{session.slot}/reply", seal(session.key, b"admit", session.slot, encode_control(message)))
+
+    def wait_for_all(self, timeout_s: float, alive=None) -> None:
+        """At start: admit ranks 1..world-1. ValueError (the same text the refused worker gets) when a rank
+        starts differently; RuntimeError on a failed authentication or when `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        wanted = set(range(1, self.world_size))
+        while not wanted <= set(self.control.sessions):
+            self.admit_waiting()
+            if self.refusals:
+                problem = self.refusals[0]
+                for rank in list(self.control.sessions):
+                    self.evict(rank, f"the cluster did not start: {problem}", rejoin=False)
+                if problem.startswith("join request"):
+                    raise AuthError(problem)
+                raise ValueError(problem)
+            if alive is not None:
+                alive()
+            if time.monotonic() > deadline:
+                missing = sorted(wanted - set(self.control.sessions))
+                raise RuntimeError(f"ranks {missing} did not join within {timeout_s:.0f} s")
+            time.sleep(0.01)
+        self.joined.clear()
+
+    # --- liveness ---
+    def evict(self, rank: int, reason: str, rejoin: bool = True) -> None:
+        """Drop rank's session; tell its process why, and whether to join again."""
+        session = self.control.sessions.get(rank)
+        if session is None:
+            return
+        try:
+            self.control.post(rank, {"op": "evicted", "reason": reason, "rejoin": rejoin})
+        finally:
+            del self.control.sessions[rank]
+            self.joined.discard(rank)
+
+    def start_round(self, epoch: int, timeout_s: float) -> None:
+        """Ask every admitted worker to answer by `timeout_s`; `finish_round` builds on who did."""
+        asked = set(self.control.sessions)
+        self.round = LivenessRound(epoch, asked, time.monotonic() + timeout_s)
+        for rank in sorted(asked):
+            self.control.post(rank, {"op": "ping", "epoch": epoch})
+
+    def poll_round(self) -> set[int] | None:
+        """None while the round is open; else the ranks that answered (the others are evicted)."""
+        round_ = self.round
+        if round_ is None:
+            return None
+        for rank in sorted(round_.asked - round_.acked):
+            session = self.control.sessions.get(rank)
+            key = f"ack/{round_.epoch}/{rank}"
+            if session is None or not self.store.check([key]):
+                continue
+            blob = self.store.get(key)
+            self.store.delete_key(key)
+            try:
+                decode_control(session.key, b"ack", round_.epoch, blob)
+                round_.acked.add(rank)
+            except ControlError as err:
+                log.warning("rank %d's answer to ping %d was refused: %s", rank, round_.epoch, err)
+        if round_.acked != round_.asked and time.monotonic() < round_.deadline:
+            return None
+        for rank in sorted(round_.asked - round_.acked):
+            log.warning("rank %d did not answer within the liveness round; planning without it", rank)
+            self.evict(rank, f"no answer to ping {round_.epoch}")
+        self.round = None
+        return set(round_.acked)
+
+
+# --- the worker's side ---
+def join_cluster(store, secret: bytes | None, rank: int, digests: dict[str, bytes], timeout_s: float) -> Session:
+    """Ask rank 0 to admit this process as `rank`; returns the session. AuthError when rank 0 (or this
+    process) fails authentication; ValueError with rank 0's reason when it refuses us."""
+    key = admission_key(secret)
+    store.wait(["auth/boot"], timedelta(seconds=timeout_s))
+    boot_nonce = store.get("auth/boot")
+    slot = store.add("join/slots", 1)
+    nonce = os.urandom(NONCE_BYTES)
+    store.set(f"join/{slot}", encode_join(key, boot_nonce, slot, rank, nonce, b"".join(digests.values())))
+    store.wait([f"join/{slot}/reply"], timedelta(seconds=timeout_s))
+    blob = store.get(f"join/{slot}/reply")
+    store.delete_key(f"join/{slot}/reply")
+    if blob == UNAUTHENTICATED:
+        raise AuthError(f"rank 0 refused rank {rank}'s join: this process does not hold the cluster's secret")
+    session = Session(rank, slot, session_key(key, boot_nonce, slot, nonce))
+    try:
+        message = decode_control(session.key, b"admit", slot, blob)
+    except ControlError as err:
+        raise AuthError(f"the admission reply failed authentication; the process hosting the store is not this "
+                        f"cluster's rank 0 ({err})") from None
+    if message["op"] == "refused":
+        raise ValueError(message["reason"])
+    if message != {"op": "admitted", "rank": rank}:
+        raise ControlError(f"unexpected admission reply {message}")
+    return session
+
+
+def acknowledge(store, session: Session, epoch: int) -> None:
+    store.set(f"ack/{epoch}/{session.rank}", seal(session.key, b"ack", epoch, encode_control({"op": "ping",
+                                                                                           "epoch": epoch})))
+
+
+__all__ = ["Membership", "LivenessRound", "join_cluster", "acknowledge", "UNAUTHENTICATED", "admission_key"]
