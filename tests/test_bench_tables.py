@@ -62,3 +62,13 @@ def test_goals_list_every_miss_and_markdown_says_so():
     text = tables.markdown(summary, table, checks, "edgeprism bench --scenario x.toml", {"scenario": "x"})
     assert "MISSED" in text and "missed at vit-base-patch16-224 x2 wifi4 batch 1" in text
     assert "≤" in text and "(skipped)" in text and "edgeprism bench --scenario x.toml" in text
+
+
+def test_unsupported_peer_is_left_out_of_ratios():
+    rows = [r for r in _rows() if r["strategy"] != "tensor_parallel"]
+    rows.append({**_row("tensor_parallel", 0.0), "skipped": True, "latency_s": None, "energy_j": None,
+                 "latency_lower_bound_s": None, "reason": "unsupported for this model and world size"})
+    summary = tables.add_oracle(tables.summarize(rows))
+    (entry,) = tables.ratios(summary)
+    assert "adaptive_over_tensor_parallel" not in entry and entry["ratio_is_upper_bound"] == []
+    assert "not run" in tables.markdown(summary, [entry], tables.goals([entry]), "cmd", {})

@@ -102,10 +102,12 @@ def drive(spec, engine, peers: dict, hf, control) -> None:
                     skipped[strategy] = plan.predicted_latency_s
             skipped = {s: v for s, v in skipped.items() if v > job.skip_slower_than_s or s in peers and peers[s] is None}
             for strategy in skipped:
+                unsupported = strategy in peers and peers[strategy] is None
                 out.write(json.dumps({**spec.facts, **_point(job, batch, num_tokens), "strategy": strategy,
                                       "repeat": None, "skipped": True, "latency_s": None,
-                                      "latency_lower_bound_s": skipped[strategy], "energy_j": None,
-                                      "reason": "unsupported" if strategy in peers and peers[strategy] is None
+                                      "latency_lower_bound_s": None if unsupported else skipped[strategy],
+                                      "energy_j": None,
+                                      "reason": "unsupported for this model and world size" if unsupported
                                       else f"wire time alone > skip_slower_than_s = {job.skip_slower_than_s} s"})
                           + "\n")
             active = [s for s in strategies if s not in skipped]

@@ -110,8 +110,8 @@ def ratios(summary: list[dict]) -> list[dict]:
         best_peer, best_latency, bounds = None, float("inf"), []
         for peer in PEERS:
             r = get.get(peer)
-            if r is None:
-                continue
+            if r is None or (r["skipped"] and r.get("latency_lower_bound_s") is None):
+                continue  # not run, or cannot run this model on this many ranks
             latency = r["latency_lower_bound_s"] if r["skipped"] else r["latency_median_s"]
             entry[f"adaptive_over_{peer}"] = a / latency
             if r["skipped"]:
@@ -215,8 +215,10 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         if r["skipped"]:
+            bound = r.get("latency_lower_bound_s")
+            latency = "not run" if bound is None else f"> {_ms(bound)} (skipped)"
             lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
-                         f"> {_ms(r['latency_lower_bound_s'])} (skipped) | 0 | — | {r.get('reason', '')} | — |")
+                         f"{latency} | 0 | — | {r.get('reason', '')} | — |")
             continue
         diff = r.get("max_abs_diff_vs_local")
         lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
