@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.base import Codec
-from edgeprism.compress.registry import get_codec, traffic_ratio
+from edgeprism.compress.registry import get_codec
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.partition.transform import PositionWise
 
@@ -78,6 +78,7 @@ class FidelityRow:
     loss: float
     bytes_per_request: float
     traffic_vs_fp32: float
+    """Measured layer bytes over what full fp32 exchange sends for the same requests."""
     num_requests: int
 
     def to_dict(self) -> dict:
@@ -107,6 +108,26 @@ def run_distributed(model: ReferenceModel, batches: Iterable[Inputs], codec: Cod
     return outputs, nbytes
 
 
+def fp32_exchange_bytes(model: ReferenceModel, batches: Iterable[Inputs], world_size: int,
+                        shares: tuple[float, ...] | None = None) -> int:
+    """Layer bytes full fp32 exchange would send for `batches`, counted as the exchanger counts them
+    (all-gather: every rank sends the largest message; causal: each message once per later rank)."""
+    from edgeprism.compress.base import IdentityCodec
+    from edgeprism.partition.ranges import equal_shares, split_tokens
+
+    codec, d, total = IdentityCodec(), model.config.hidden_size, 0
+    for batch in batches:
+        rows = next(iter(batch.values())).shape[0]
+        ranges = split_tokens(model.validate_input(batch), shares or equal_shares(world_size))
+        sizes = [codec.nbytes(rows, r.num_tokens, d) for r in ranges]
+        if model.causal:
+            per_layer = sum(size * (world_size - 1 - p) for p, size in enumerate(sizes))
+        else:
+            per_layer = max(sizes) * world_size
+        total += per_layer * model.config.num_layers
+    return total
+
+
 def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tuple[float, ...] | None = None,
              size_aware: bool = False, progress: Callable[[str], None] | None = None,
              average: str = "residual") -> list[FidelityRow]:
@@ -114,17 +135,15 @@ def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tupl
     with torch.no_grad():
         reference = [model(batch) for batch in eval_set.batches]
     rows: list[FidelityRow] = []
-    d = model.config.hidden_size
-    mean_tokens = max(1, round(eval_set.num_tokens()))
+    full_bytes = fp32_exchange_bytes(model, eval_set.batches, world_size, shares)
     for i, name in enumerate(codecs):
         codec = get_codec(name)
         outputs, nbytes = run_distributed(model, eval_set.batches, codec, world_size, shares, size_aware,
                                           eval_set.gather_hidden, average)
-        per_rank_tokens = max(1, mean_tokens // world_size)
         for metric in eval_set.score(reference, outputs):
             rows.append(FidelityRow(eval_set.name, model.config.name, str(codec), codec_cr(codec), world_size,
                                     size_aware, average, metric.metric, metric.value, metric.reference_value, metric.loss,
-                                    nbytes / eval_set.num_requests, traffic_ratio(codec, 1, per_rank_tokens, d),
+                                    nbytes / eval_set.num_requests, nbytes / full_bytes,
                                     eval_set.num_requests))
         if progress:
             summary = ", ".join(f"{r.metric}={r.value:.4g}" for r in rows if r.codec == str(codec))
