@@ -229,7 +229,7 @@ def run_job(spec_json: str) -> None:
     job = spec.job
     ctx = init_distributed("gloo", timeout_s=900.0)
     try:
-        config = EngineConfig(max_batch=max(job.batches), probe_every=0)
+        config = EngineConfig(max_batch=max(job.batches), probe_every=0, max_fidelity_loss=job.max_fidelity_loss)
         engine = Engine.from_profile(job.model.name, spec.profile, seed=job.seed, ctx=ctx, config=config)
         peers = _build_peers(engine.model, ctx, job.strategies)
         control = make_control(ctx, CONTROL_TIMEOUT_S)

@@ -57,6 +57,7 @@ class Job:
     warmup: int
     seed: int
     skip_slower_than_s: float
+    max_fidelity_loss: float | None = None
 
     @property
     def label(self) -> str:
@@ -83,6 +84,9 @@ class Scenario:
     skip_slower_than_s: float = 120.0
     """A multi-device strategy whose wire time alone (bytes / link rate) exceeds this is not run; its row
     says `skipped` and carries that lower bound as `latency_lower_bound_s`."""
+    max_fidelity_loss: float | None = None
+    """The adaptive engine's fidelity budget (EngineConfig.max_fidelity_loss; None: any profiled codec).
+    Static strategies ignore it; every row's `max_abs_diff_vs_local` shows what each plan lost."""
     expected_minutes: float | None = None
     """Documentation: how long the whole scenario took on this project's machine."""
     description: str = ""
@@ -112,6 +116,8 @@ class Scenario:
             raise ValueError(f"repeats {self.repeats} must be >= 1 and warmup {self.warmup} >= 0")
         if self.profile not in ("measure", "synthetic"):
             raise ValueError(f"profile {self.profile!r}: choose 'measure' or 'synthetic'")
+        if self.max_fidelity_loss is not None and not 0 <= self.max_fidelity_loss <= 1:
+            raise ValueError(f"max_fidelity_loss {self.max_fidelity_loss} must be in 0..1 (a normalised loss)")
         if "segment_means" in self.strategies and not self.segment_means_codecs:
             raise ValueError("strategy segment_means needs segment_means_codecs, e.g. [\"sm4\", \"sm16\"]")
 
@@ -127,7 +133,7 @@ class Scenario:
     def jobs(self) -> list[Job]:
         """One job per (model case, world size, link), in that nesting order."""
         return [Job(self.name, case, world, link, tuple(self.batches), self.expanded_strategies(), self.repeats,
-                    self.warmup, self.seed, self.skip_slower_than_s)
+                    self.warmup, self.seed, self.skip_slower_than_s, self.max_fidelity_loss)
                 for case in self.models for world in self.world_sizes for link in self.links]
 
     def to_dict(self) -> dict:
