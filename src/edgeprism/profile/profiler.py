@@ -273,6 +273,8 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
         (f"device speeds: measured, median of rank 0's time over each rank's on the shared shapes {speeds}"
          if options.compute_on == "devices" else "device speeds: not measured (compute timed in one process); 1.0"),
         staging.note, f"link: {link.method}", fidelity_note,
+        f"host load average {load_before:.1f} at the start on {os.cpu_count()} cores"
+        + (" (other work shared the cores: timings are noisier)" if load_before > (os.cpu_count() or 1) else ""),
     ])
     profile = Profile(
         model=config, config_hash=config.config_hash(), world_size=options.world_size,
