@@ -100,14 +100,17 @@ def drive(spec, engine, peers: dict, hf, control) -> None:
                 plan = _static(strategy, profile, request, engine)
                 if plan is not None and plan.predicted_latency_s > job.skip_slower_than_s:
                     skipped[strategy] = plan.predicted_latency_s
-            skipped = {s: v for s, v in skipped.items() if v > job.skip_slower_than_s or s in peers and peers[s] is None}
+            unsupported_here = {s for s in strategies
+                                if (s in peers and peers[s] is None) or (s == "transformers" and hf is None)}
+            skipped = {s: v for s, v in skipped.items() if v > job.skip_slower_than_s or s in unsupported_here}
             for strategy in skipped:
-                unsupported = strategy in peers and peers[strategy] is None
+                unsupported = strategy in unsupported_here
                 out.write(json.dumps({**spec.facts, **_point(job, batch, num_tokens), "strategy": strategy,
                                       "repeat": None, "skipped": True, "latency_s": None,
                                       "latency_lower_bound_s": None if unsupported else skipped[strategy],
                                       "energy_j": None,
-                                      "reason": "unsupported for this model and world size" if unsupported
+                                      "reason": "unsupported here (model, world size or missing package)"
+                                      if unsupported
                                       else f"wire time alone > skip_slower_than_s = {job.skip_slower_than_s} s"})
                           + "\n")
             active = [s for s in strategies if s not in skipped]
@@ -236,13 +239,17 @@ def run_job(spec_json: str) -> None:
         if ctx.is_root:
             hf = None
             if "transformers" in job.strategies:
-                import transformers
+                try:
+                    import transformers
+                except ImportError:
+                    log.warning("strategy transformers not run: transformers is not installed "
+                                "(pip install transformers)")
+                else:
+                    transformers.logging.set_verbosity_error()
+                    transformers.utils.logging.disable_progress_bar()
+                    from edgeprism.bench.transformers_twin import transformers_twin
 
-                transformers.logging.set_verbosity_error()
-                transformers.utils.logging.disable_progress_bar()
-                from edgeprism.bench.transformers_twin import transformers_twin
-
-                hf = transformers_twin(engine.model)
+                    hf = transformers_twin(engine.model)
             drive(spec, engine, peers, hf, control)
         else:
             follow(ctx, engine, peers, control)

@@ -190,7 +190,8 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
         lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['adaptive_plan']} | "
                      f"{_ms(r['adaptive_latency_s'])} ({r['adaptive_spread']:.0%}) | "
                      f"{_x(r.get('adaptive_over_oracle'))} | {r.get('oracle_plan', '—')} | "
-                     f"{_x(r.get('adaptive_over_best_peer'), r.get('best_peer') in bound)} | {r.get('best_peer', '—')} | "
+                     f"{_x(r.get('adaptive_over_best_peer'), r.get('best_peer') in bound)} | "
+                     f"{r.get('best_peer', '—')} | "
                      + " | ".join(cells) + f" | {'—' if reduction is None else f'{reduction:.1%}'} |")
     lines += ["", "≤ marks a peer that was not run at that point because its wire time alone exceeded the "
               "scenario's limit: the ratio uses that lower bound, so the true ratio is smaller.", "",
@@ -222,7 +223,8 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
             continue
         diff = r.get("max_abs_diff_vs_local")
         lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
-                     f"{_ms(r['latency_median_s'])} [{_ms(r['latency_p25_s'])}–{_ms(r['latency_p75_s'])}] | {r['n']} | "
+                     f"{_ms(r['latency_median_s'])} [{_ms(r['latency_p25_s'])}–{_ms(r['latency_p75_s'])}] | "
+                     f"{r['n']} | "
                      f"{r['energy_median_j']:.2f} | {r['plan']} | {'—' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines) + "\n"
 

@@ -70,10 +70,12 @@ def handle(args) -> int:
             print(f"{entry['model_case']:<24} x{entry['world_size']} {entry['link']:<9} batch {entry['batch']:>2}  "
                   f"adaptive {entry['adaptive_latency_s'] * 1e3:9.1f} ms  "
                   f"vs oracle {entry.get('adaptive_over_oracle', float('nan')):5.2f}x  "
-                  f"vs best peer ({entry.get('best_peer', '-')}) {entry.get('adaptive_over_best_peer', float('nan')):5.2f}x"
+                  f"vs best peer ({entry.get('best_peer', '-')}) "
+                  f"{entry.get('adaptive_over_best_peer', float('nan')):5.2f}x"
                   f"  {entry['adaptive_plan']}")
         for check in checks:
-            state = "met" if check["met"] else ("no data" if not check["points"] else f"MISSED at {len(check['misses'])}")
+            missed = f"MISSED at {len(check['misses'])} points"
+            state = "met" if check["met"] else ("no data" if not check["points"] else missed)
             print(f"goal: {check['goal']}: {state}")
         print(f"\nrows: {rows_path}; tables: {out_dir / 'tables.md'}" + (f"; {len(plots)} plots" if plots else ""))
     return 0
