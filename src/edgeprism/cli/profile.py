@@ -34,9 +34,10 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure this hardware once and write the profile the planner reads",
-                              description="Time one block of the model per grid point (pinned to one core), the "
-                                          "staging copies, the link (through the runtime's collectives) and the "
-                                          "energy per phase; record each codec's wire cost and fidelity.")
+                              description="Time one block of the model per grid point on every device at once (each "
+                                          "pinned to its own core), the staging copies, the link (through the "
+                                          "runtime's collectives) and the energy per phase; record each codec's "
+                                          "wire cost and fidelity.")
     p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-base, minilm-l6")
     p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
     p.add_argument("--world-size", type=int, default=2, help="devices the profile is for (default 2)")
