@@ -91,23 +91,27 @@ class PipelinePeer:
         self.layers = stage_layers(model.config.num_layers, ctx.world_size)
         start, end = self.layers[ctx.group_rank]
         self.stage_module = _Stage(model, start, end, ctx.group_rank == 0, ctx.group_rank == ctx.world_size - 1, ctx)
-        self._schedules: dict[int, object] = {}
+        self._schedules: dict[tuple[int, int], object] = {}
 
-    def _schedule(self, num_microbatches: int):
+    def _schedule(self, batch: int):
+        """One stage and schedule per batch size: a stage infers its micro-batch shapes on first use and
+        keeps them (a batch of 32 in 4 micro-batches must not reuse the stage of a batch of 8 in 4)."""
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-        if num_microbatches not in self._schedules:
+        num_microbatches = microbatches(batch, self.max_microbatches)
+        key = (batch, num_microbatches)
+        if key not in self._schedules:
             stage = PipelineStage(self.stage_module, self.ctx.group_rank, self.ctx.world_size, self.ctx.device,
                                   group=self.ctx.group)
-            self._schedules[num_microbatches] = ScheduleGPipe(stage, n_microbatches=num_microbatches)
-        return self._schedules[num_microbatches]
+            self._schedules[key] = ScheduleGPipe(stage, n_microbatches=num_microbatches)
+        return self._schedules[key]
 
     def run(self, inputs: dict[str, Tensor] | None, batch: int) -> PeerRun | None:
         """One request of `batch` rows (`inputs` on rank 0 only). Rank 0 gets the PeerRun, others None."""
         ctx, model = self.ctx, self.model
         last = ctx.world_size - 1
         clock = self.stage_module.clock = PeerClock()
-        schedule = self._schedule(microbatches(batch, self.max_microbatches))
+        schedule = self._schedule(batch)
         start = time.perf_counter()
         with torch.no_grad():
             if ctx.is_root:
