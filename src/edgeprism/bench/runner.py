@@ -135,10 +135,12 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, say: Callable[[str], N
                 say(f"  {job.link:<9} x{job.world_size} batch {row['batch']:>2} {row['strategy']:<22} {latency}  "
                     f"{row.get('plan', '')}")
 
-            session.run_following(["-m", "edgeprism.bench.bench_worker", "--spec", spec.to_json()], str(job_rows),
-                                  progress)
-        with open(rows_path, "a") as out:
-            out.write(job_rows.read_text())
+            try:
+                session.run_following(["-m", "edgeprism.bench.bench_worker", "--spec", spec.to_json()],
+                                      str(job_rows), progress)
+            finally:  # a failed job's finished rows still count (`--from-rows` draws them)
+                with open(rows_path, "a") as out:
+                    out.write(job_rows.read_text())
         say(f"job {index + 1}/{len(jobs)} done in {time.perf_counter() - started:.0f} s")
     return rows_path
 
