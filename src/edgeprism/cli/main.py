@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run",
     "eval",
     "plan",
+    "profile",
     "serve",
     "testbed",
     "link_test",
