@@ -62,8 +62,35 @@ def dinov2_set(limit: int = 200, train_limit: int = 1000, image_size: int = 224,
     from edgeprism.models.loading import load_model
 
     model = load_model("dinov2-s14", assets.dinov2_checkpoint_dir())
-    train_images, train_labels = fashion_mnist("train", limit=train_limit)
     test_images, test_labels = fashion_mnist("test", limit=limit)
+    probe = _cached_probe(model, train_limit, image_size, batch_size, progress)
+    batches = [{"pixel_values": to_dinov2_input(test_images[s:s + batch_size], image_size)}
+               for s in range(0, len(test_images), batch_size)]
+    return [EvalSet("dinov2-fashion-mnist", model, batches,
+                    probe_score(probe, torch.from_numpy(test_labels.astype("int64"))),
+                    description=f"{len(test_images)} test images, probe fitted on {train_limit} training images")]
+
+
+def _cached_probe(model, train_limit: int, image_size: int, batch_size: int,
+                  progress: Callable[[str], None] | None) -> torch.nn.Linear:
+    """The Fashion-MNIST linear probe on single-device [CLS] features, fitted once and kept in the cache
+    (keyed by the weights' fingerprint, the training-set size and the image size)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from edgeprism import assets
+    from edgeprism.bench.datasets import fashion_mnist, to_dinov2_input
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items())[:8]:
+        digest.update(name.encode() + tensor.numpy().tobytes()[:4096])
+    path = assets.cache_dir() / "probes" / f"fmnist-{digest.hexdigest()[:12]}-{train_limit}-{image_size}.safetensors"
+    probe = torch.nn.Linear(model.config.hidden_size, 10)
+    if path.exists():
+        probe.load_state_dict(load_file(str(path)))
+        return probe
+    train_images, train_labels = fashion_mnist("train", limit=train_limit)
     features = []
     with torch.no_grad():
         for start in range(0, len(train_images), batch_size):
@@ -72,11 +99,9 @@ def dinov2_set(limit: int = 200, train_limit: int = 1000, image_size: int = 224,
             if progress and (start // batch_size) % 25 == 0:
                 progress(f"probe features {start + len(pixels)}/{len(train_images)}")
     probe = fit_linear_probe(torch.cat(features), torch.from_numpy(train_labels.astype("int64")), 10)
-    batches = [{"pixel_values": to_dinov2_input(test_images[s:s + batch_size], image_size)}
-               for s in range(0, len(test_images), batch_size)]
-    return [EvalSet("dinov2-fashion-mnist", model, batches,
-                    probe_score(probe, torch.from_numpy(test_labels.astype("int64"))),
-                    description=f"{len(test_images)} test images, probe fitted on {len(train_images)}")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(path))
+    return probe
 
 
 def gpt2_set(limit: int = 64, window: int = 256, batch_size: int = 8) -> list[EvalSet]:
