@@ -137,16 +137,26 @@ class Mailbox:
     def __init__(self, store, session: Session) -> None:
         self.store = store
         self.session = session
+        self.refused = 0
 
     def receive(self, timeout_s: float) -> dict:
+        """The next message. One that fails authentication is logged, dropped and waited past (someone
+        who reaches the store can delay this worker, but not drive it)."""
         session = self.session
         key = session.key_of(session.sequence)
-        self.store.wait([key], timedelta(seconds=timeout_s))
-        blob = self.store.get(key)
-        self.store.delete_key(key)
-        message = decode_control(session.key, session.channel, session.sequence, blob)
-        session.sequence += 1
-        return message
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.store.wait([key], timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+            blob = self.store.get(key)
+            self.store.delete_key(key)
+            try:
+                message = decode_control(session.key, session.channel, session.sequence, blob)
+            except ControlError as err:
+                log.warning("rank %d: dropped control message %d: %s", session.rank, session.sequence, err)
+                self.refused += 1
+                continue
+            session.sequence += 1
+            return message
 
 
 __all__ = ["SCHEMA", "ControlError", "validate_control", "encode_control", "decode_control", "Session",
