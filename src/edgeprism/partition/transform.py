@@ -198,16 +198,17 @@ class PositionWise:
                         "(as if CR were %d)", ratio, smallest, smallest)
 
     def _scatter(self, parts: list[Inputs] | None, specs: list[dict]) -> Inputs:
-        """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids)."""
+        """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids) as one message."""
         ctx = self.ctx
         if ctx.is_root:
             for q in range(1, ctx.world_size):
-                for key in sorted(parts[q]):
-                    self.exchanger.send_tensor(parts[q][key], dst=q, kind="scatter")
+                payload = pack([parts[q][key].contiguous() for key in sorted(parts[q])])
+                self.exchanger.send_tensor(payload, dst=q, kind="scatter")
             return {k: v.to(ctx.device) for k, v in parts[0].items()}
         spec = specs[ctx.group_rank]
-        return {key: self.exchanger.recv_tensor(tuple(spec[key][0]), _DTYPES[spec[key][1]], src=0, kind="scatter")
-                for key in sorted(spec)}
+        wire_spec = [(tuple(spec[key][0]), _DTYPES[spec[key][1]]) for key in sorted(spec)]
+        payload = self.exchanger.recv_tensor((spec_nbytes(wire_spec),), torch.uint8, src=0, kind="scatter")
+        return {key: tensor.to(ctx.device) for key, tensor in zip(sorted(spec), unpack(payload, wire_spec))}
 
     def forward_shard(self, part: Inputs, ranges: tuple[TokenRange, ...], keep_cache: bool = False) -> ShardState:
         """This rank's layers: embed own tokens, then per block exchange and attend."""

@@ -11,9 +11,10 @@ Distributed over k ranks owning n_p tokens, codec with segment size cr, per laye
     staging  = max_p d2h(msg_p) + h2d(sum_{q != p} msg_q)      (0 where the profile has no staging)
     network  = 8 · (k-1) · max_q msg_q / bandwidth        (GLOO all-gather pads every message to the largest;
                                                           shared medium: k times that, all ranks share the air)
-    latency  = (k - 1) · link latency                    (ring all-gather: k - 1 hops)
-and once per request: scatter of raw inputs from rank 0 (B · input_bytes_per_token · (N - n_0)), gather of
-outputs to rank 0 (B · output_bytes_per_row per other rank), one link latency each.
+    latency  = (k - 1) · link latency                    (ring all-gather: k - 1 hops; decoders: 1 forward hop)
+and once per request: a control header (one hop), the scatter of raw inputs from rank 0 (one message per
+other rank, B · input_bytes_per_token · (N - n_0) bytes), and the outputs to rank 0 (a sum-reduce of
+k - 1 hops; decoders: one message), B · output_bytes_per_row per other rank — see `message_rounds`.
 The terms add up (the per-layer maxima are taken term by term, a slight over-estimate when the slowest
 computer is not the slowest stager). Energy sums over the plan's ranks: compute_w, staging_w and
 network_w over each phase and idle_w while waiting for the slowest rank; devices outside the plan are
@@ -72,17 +73,27 @@ def profile_constants(profile: Profile) -> tuple:
             e.idle_w, e.compute_w, e.staging_w, e.network_w)
 
 
+def message_rounds(num_layers: int, k: int, causal: bool) -> int:
+    """Sequential link latencies a distributed request pays, as the runtime sends them: the header
+    broadcast, one scatter message per other rank, the per-layer exchanges and the output collection."""
+    if k <= 1:
+        return 0
+    layer_hops = 1 if causal else k - 1  # decoders send forward in parallel; all-gather rings k - 1 hops
+    output_hops = 1 if causal else k - 1  # the last rank's row / a reduce to rank 0
+    return 1 + (k - 1) + num_layers * layer_hops + output_hops
+
+
 def group_bound(constants: tuple, batch: int, num_tokens: int, speeds: Sequence[float],
                 link_latency_s: float) -> tuple[float, float]:
     """Lower bounds of (latency_s, energy_j) of any plan over ranks of these speeds, before splitting tokens.
 
     The slowest rank's layer time is at least the speed-weighted mean of all ranks' (which the
     proportional split makes exact up to rounding), kv >= own tokens, and sum n_p² >= N² / k."""
-    (num_layers, _, a, b_tok, b_kv, b_tok_kv, overhead, *_rest) = constants
+    (num_layers, causal, a, b_tok, b_kv, b_tok_kv, overhead, *_rest) = constants
     compute_w, network_w = constants[15], constants[17]
     k = len(speeds)
     work = k * a + (b_tok + b_kv) * batch * num_tokens + b_tok_kv * batch * num_tokens * num_tokens / k
-    latency_s = (num_layers * (k - 1) + 2) * link_latency_s
+    latency_s = message_rounds(num_layers, k, causal) * link_latency_s
     overhead_s = overhead / speeds[0]
     min_total_s = num_layers * work / sum(speeds) + overhead_s + latency_s
     min_energy_j = compute_w * (num_layers * work / max(speeds) + overhead_s) + network_w * k * latency_s
@@ -115,7 +126,7 @@ def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: S
     scatter_bytes = batch * in_bytes * (num_tokens - counts[0])
     gather_bytes = batch * out_bytes * (k - 1)
     setup_network_s = 8.0 * (scatter_bytes + gather_bytes) / bandwidth_bps
-    latency_s = (num_layers * (k - 1) + 2) * link_latency_s
+    latency_s = message_rounds(num_layers, k, causal) * link_latency_s
     min_total_s = num_layers * max(own_layer_s) + overhead_s + setup_network_s + latency_s
     min_energy_j = (compute_w * (num_layers * sum(own_layer_s) + overhead_s)
                     + network_w * k * (setup_network_s + latency_s))
@@ -204,8 +215,9 @@ def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], cou
 
 
 def num_exchanges(profile: Profile) -> int:
-    """Collective rounds of a distributed request: one all-gather per layer, the scatter and the gather."""
-    return profile.model.num_layers + 2
+    """Collective rounds of a distributed request: the header, the scatter, one exchange per layer and
+    the output collection."""
+    return profile.model.num_layers + 3
 
 
 def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) -> Prediction:
