@@ -41,7 +41,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cores-per-worker", type=int, default=1)
     p.add_argument("--link-file", metavar="FILE",
                    help="emulated link file every rank follows (edgeprism.testbed; rewrite it to change the link)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a data exchange may take before failing")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds the workers have to connect to the store")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="cluster secret (>= 16 bytes, mode 600) the workers must prove they hold; default: a fresh "
+                        "random one. Give one to start replacement workers by hand (docs/RELIABILITY.md)")
+    p.add_argument("--stall-factor", type=float, default=5.0,
+                   help="a distributed request is rerun on rank 0 after max(--min-stall, this x its predicted "
+                        "latency) (default 5)")
+    p.add_argument("--min-stall", type=float, default=2.0, metavar="SECONDS",
+                   help="the shortest such stall (default 2 s)")
     p.set_defaults(handler=handle)
 
 
@@ -65,7 +73,12 @@ def handle(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} must be in 0..65535")
     config = EngineConfig(objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
-                          max_latency_s=args.max_latency, max_batch=args.max_batch)
+                          max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
+                          min_stall_s=args.min_stall)
+    if args.secret_file:
+        from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
+
+        load_secret({SECRET_FILE_ENV: args.secret_file})  # a bad secret file is the user's error, named now
     profile = _profile(args)
     stream = None if args.http else sys.stdin if args.input == "-" else _open(args.input)
     print(f"edgeprism serve: starting {args.model} over {args.world_size} rank(s) ...", file=sys.stderr, flush=True)
@@ -82,7 +95,7 @@ def handle(args) -> int:
 
     with Engine.launch_local(args.world_size, args.model, profile, checkpoint=args.checkpoint, seed=args.seed,
                              config=config, cores_per_worker=args.cores_per_worker, link_file=args.link_file,
-                             timeout_s=args.timeout) as engine:
+                             timeout_s=args.timeout, secret_file=args.secret_file) as engine:
         if args.http:
             server = make_http_server(engine, args.host, args.port, args.outputs, on_reply=write)
             host, port = server.server_address[:2]
@@ -100,7 +113,9 @@ def handle(args) -> int:
         finally:
             if stream is not sys.stdin:
                 stream.close()
-    print(f"edgeprism serve: {served} served, {refused} refused", file=sys.stderr, flush=True)
+        failures = engine.failures
+    print(f"edgeprism serve: {served} served, {refused} refused"
+          + (f", {failures} rerun on rank 0 after a lost peer" if failures else ""), file=sys.stderr, flush=True)
     return 0
 
 
