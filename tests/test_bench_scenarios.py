@@ -59,3 +59,13 @@ def test_pipeline_stages_and_microbatches():
         stage_layers(2, 3)
     assert [microbatches(b, 4) for b in (1, 2, 3, 8, 32)] == [1, 2, 3, 4, 4]
     assert microbatches(6, 4) == 3
+
+
+def test_host_facts_carry_versions_but_no_host_name():
+    import platform
+
+    from edgeprism.bench.runner import host_facts
+
+    facts = host_facts()
+    assert facts["torch_version"] and facts["num_cores"] >= 1 and "git_sha" in facts
+    assert platform.node() not in {str(v) for v in facts.values()}
