@@ -42,12 +42,15 @@ class LocalCluster:
     """The worker processes of a local engine (ranks 1..N-1)."""
 
     def __init__(self, world_size: int, spec: dict, cores_per_worker: int | None = 1,
-                 env: dict[str, str] | None = None, port: int = 0, bind_addr: str = "127.0.0.1") -> None:
+                 env: dict[str, str] | None = None, port: int = 0, bind_addr: str = "127.0.0.1",
+                 worker_hosts: dict[int, tuple[list[str], str]] | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world size {world_size} must be >= 1")
         self.world_size = world_size
         self.spec = spec
         self.port = port
+        self.worker_hosts = worker_hosts or {}
+        """rank → (command prefix, bind address): a worker on another host (testbed: `ip netns exec ns`)."""
         self.env = {"MASTER_ADDR": bind_addr, "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
                     "LOCAL_WORLD_SIZE": str(world_size), **(env or {})}
         # Rank 0 (this process) is not pinned; workers take the cores after rank 0's share.
@@ -60,8 +63,10 @@ class LocalCluster:
         cores = self.assignment[rank]
         worker_env = {**os.environ, **self.env, "RANK": str(rank), "LOCAL_RANK": str(rank),
                       "EDGEPRISM_CORES": ",".join(map(str, cores)), "OMP_NUM_THREADS": str(len(cores) or 1)}
+        prefix, bind_addr = self.worker_hosts.get(rank, ([], self.spec.get("bind_addr")))
+        spec = {**self.spec, "bind_addr": bind_addr}
         err = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen([sys.executable, "-m", "edgeprism.runtime.worker", "--spec", json.dumps(self.spec)],
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "edgeprism.runtime.worker", "--spec", json.dumps(spec)],
                                 env=worker_env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         return proc, err
 
@@ -146,11 +151,13 @@ def listening_socket(bind_addr: str) -> socket.socket:
 def launch_engine(world_size: int, model: str, profile, checkpoint: str | None = None, seed: int = 0,
                   config=None, cores_per_worker: int | None = 1, link_file: str | os.PathLike | None = None,
                   timeout_s: float = 60.0, start_timeout_s: float = 120.0, meter=None,
-                  bind_addr: str = "127.0.0.1", secret_file: str | os.PathLike | None = None):
+                  bind_addr: str = "127.0.0.1", secret_file: str | os.PathLike | None = None,
+                  worker_hosts: dict[int, tuple[list[str], str]] | None = None):
     """Start a local engine of `world_size` ranks; this process is rank 0. `profile` is a Profile or a
     path; `link_file` an emulated link file (edgeprism.testbed.emulation) every rank follows;
     `bind_addr` the address the store and the lanes listen on; `secret_file` the cluster secret
-    (default: a fresh one)."""
+    (default: a fresh one); `worker_hosts` rank → (command prefix, bind address) for workers on other
+    hosts (the testbed's network namespaces)."""
     from edgeprism.comm.context import DistContext
     from edgeprism.models.loading import load_model
     from edgeprism.profile.schema import Profile
@@ -185,7 +192,7 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
             "profile": str(profile_path), "config": config.__dict__, "timeout_s": timeout_s,
             "store": f"{bind_addr}:{port}", "bind_addr": bind_addr}
     cluster = LocalCluster(world_size, spec, cores_per_worker, {**env, SECRET_FILE_ENV: os.fspath(secret_file)},
-                           port=port, bind_addr=bind_addr)
+                           port=port, bind_addr=bind_addr, worker_hosts=worker_hosts)
     box: dict = {}
 
     def join() -> None:  # rank 0 admits the workers while the main thread watches them
