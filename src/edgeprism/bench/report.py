@@ -117,3 +117,39 @@ def _crossover(table: list[dict], phase: int) -> int | None:
         if "local" in get and distributed and min(distributed) < get["local"]:
             return batch
     return None
+
+
+def write_frontier_plot(path: Path, rows: list[dict]) -> Path | None:
+    """Fidelity vs traffic per codec (one panel per evaluation set and metric), from `edgeprism eval` rows."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'edgeprism[plot]'): no frontier plot drawn")
+        return None
+    panels = sorted({(r["eval_set"], r["metric"]) for r in rows})
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (eval_set, metric) in zip(axes[0], panels):
+        mine = [r for r in rows if (r["eval_set"], r["metric"]) == (eval_set, metric)]
+        for variant in sorted({(r.get("size_aware", False), r.get("average", "residual")) for r in mine}):
+            pts = sorted((r["traffic_vs_fp32"], r["value"], r["codec"]) for r in mine
+                         if (r.get("size_aware", False), r.get("average", "residual")) == variant)
+            label = f"size-aware={'on' if variant[0] else 'off'}, {variant[1]}"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=22, label=label)
+            for x, y, codec in pts:
+                ax.annotate(codec, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        reference = mine[0]["reference_value"]
+        ax.axhline(reference, color="#999999", linestyle=":", label="single device")
+        ax.set_xscale("log")
+        ax.set_xlabel("traffic vs full fp32 exchange")
+        ax.set_ylabel(metric)
+        ax.set_title(eval_set, fontsize=10)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -36,11 +36,16 @@ def add_parser(subparsers) -> None:
                    help="what Segment Means averages: the residual stream (default) or the normalised K/V input")
     p.add_argument("--limit", type=int, help="requests per evaluation set (default: the set's own)")
     p.add_argument("--out", help="also append the rows as JSON lines to this file")
+    p.add_argument("--plot", metavar="PNG", help="draw the fidelity-traffic frontier of the rows to this file")
+    p.add_argument("--from-rows", metavar="JSONL", help="do not evaluate: read rows written by --out (with --plot)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=handle)
 
 
 def handle(args) -> int:
+    if args.from_rows:
+        rows = [json.loads(line) for line in open(args.from_rows) if line.strip()]
+        return _emit(args, rows)
     from edgeprism.bench.eval_sets import eval_sets_for
     from edgeprism.bench.fidelity import evaluate
     from edgeprism.compress.registry import get_codec, parse_codec_list
@@ -72,6 +77,16 @@ def handle(args) -> int:
         with open(args.out, "a") as handle_:
             for row in rows:
                 handle_.write(json.dumps(row) + "\n")
+    return _emit(args, rows)
+
+
+def _emit(args, rows: list[dict]) -> int:
+    if args.plot:
+        from pathlib import Path
+
+        from edgeprism.bench.report import write_frontier_plot
+
+        write_frontier_plot(Path(args.plot), rows)
     if args.json:
         print(json.dumps({"model": args.model, "world_size": args.world_size, "rows": rows}, indent=1))
     else:
