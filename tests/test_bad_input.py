@@ -6,7 +6,6 @@ case; the planner sends long requests over both ranks, so the workers are exerci
 """
 
 import json
-import math
 
 import pytest
 import torch
@@ -65,7 +64,8 @@ REQUESTS = [
     ("empty rows", json.dumps({"model_input": _ids([[]])}), "input_ids"),
     ("mask shape mismatch", json.dumps({"model_input": {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]}}),
      "attention_mask"),
-    ("mask not 0/1", json.dumps({"model_input": {"input_ids": [[1, 2]], "attention_mask": [[1, 7]]}}), "attention_mask"),
+    ("mask not 0/1", json.dumps({"model_input": {"input_ids": [[1, 2]], "attention_mask": [[1, 7]]}}),
+     "attention_mask"),
     ("pixels to a text model", json.dumps({"model_input": {"pixel_values": [[[[0.1]]]]}}), "input_ids"),
     ("nan pixels", '{"model_input": {"pixel_values": [[[[NaN]]]]}}', "NaN"),
     ("synthetic not object", json.dumps({"synthetic": 3}), "synthetic takes an object"),

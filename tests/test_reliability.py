@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 
-import pytest
 import torch
 
 from edgeprism.models.config import get_config

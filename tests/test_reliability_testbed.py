@@ -77,8 +77,8 @@ DRIVER = textwrap.dedent('''
 def test_lost_rank_on_the_testbed(case):
     with Testbed(3, LinkPreset("lan", rate_bps=200e6, delay_s=0.0005, source="test"), backend="netns") as testbed:
         hosts = [[h.netns, h.address, h.ifname] for h in testbed.hosts]
-        proc = subprocess.run(["ip", "netns", "exec", hosts[0][0], sys.executable, "-c", DRIVER, json.dumps(hosts), case],
-                              capture_output=True, text=True, timeout=300)
+        argv = ["ip", "netns", "exec", hosts[0][0], sys.executable, "-c", DRIVER, json.dumps(hosts), case]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         print(case, out)

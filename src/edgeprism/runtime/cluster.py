@@ -66,8 +66,8 @@ class LocalCluster:
         prefix, bind_addr = self.worker_hosts.get(rank, ([], self.spec.get("bind_addr")))
         spec = {**self.spec, "bind_addr": bind_addr}
         err = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "edgeprism.runtime.worker", "--spec", json.dumps(spec)],
-                                env=worker_env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        argv = [*prefix, sys.executable, "-m", "edgeprism.runtime.worker", "--spec", json.dumps(spec)]
+        proc = subprocess.Popen(argv, env=worker_env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         return proc, err
 
     def pid(self, rank: int) -> int:
@@ -174,8 +174,8 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
         from edgeprism.testbed.emulation import EmulatedLink  # optional seam: only when a link file is given
 
         link = EmulatedLink.from_env(env)
-    ctx = DistContext(group_rank=0, world_size=world_size, backend="gloo", device=torch.device("cpu"), timeout_s=timeout_s,
-                      link=link)
+    ctx = DistContext(group_rank=0, world_size=world_size, backend="gloo", device=torch.device("cpu"),
+                      timeout_s=timeout_s, link=link)
     if world_size == 1:
         return Engine(model_obj, profile, ctx, config, meter=meter)
     tmp = tempfile.TemporaryDirectory(prefix="edgeprism-engine-")

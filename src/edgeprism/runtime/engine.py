@@ -430,6 +430,7 @@ class Engine:
                 self._form_epoch()
 
     def _form_epoch(self) -> None:
+        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
         self._epoch += 1
         members = tuple(sorted({0, *self._control.sessions}))
         config = self.config

@@ -212,8 +212,7 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0) -> N
         held.clear()
 
     threading.Thread(target=drop, name="edgeprism-retire-groups", daemon=True).start()
-    groups = []
 
 
-__all__ = ["gloo_group", "build_epoch_lanes", "retire_lanes", "RecordingStats", "start_recording", "weights_fingerprint", "verify_same_start", "candidate_subsets",
-           "Lane", "make_lanes", "make_control", "ALL_SUBSETS_UP_TO"]
+__all__ = ["gloo_group", "build_epoch_lanes", "retire_lanes", "start_digests", "RecordingStats", "start_recording",
+           "weights_fingerprint", "verify_same_start", "candidate_subsets", "Lane", "make_lanes", "make_control", "ALL_SUBSETS_UP_TO"]

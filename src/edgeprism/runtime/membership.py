@@ -109,7 +109,8 @@ class Membership:
         if not 1 <= rank < self.world_size:
             return f"rank {rank} is outside 1..{self.world_size - 1} for a world of {self.world_size}"
         mine = b"".join(self.digests.values())
-        differing = [name for i, name in enumerate(self.digests) if digests[32 * i:32 * (i + 1)] != mine[32 * i:32 * (i + 1)]]
+        differing = [name for i, name in enumerate(self.digests)
+                     if digests[32 * i:32 * (i + 1)] != mine[32 * i:32 * (i + 1)]]
         if differing:
             return (f"ranks did not start alike (rank {rank}: {', '.join(differing)} differ from rank 0's): start "
                     f"every rank with the same model, checkpoint (or seed) and profile")

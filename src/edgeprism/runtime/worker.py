@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec.get("store"):
         ctx, store = _store_context(spec)
     else:
-        ctx, store = init_distributed("gloo", spec.get("device", "cpu"), timeout_s=float(spec.get("timeout_s", 60.0))), None
+        timeout_s = float(spec.get("timeout_s", 60.0))
+        ctx, store = init_distributed("gloo", spec.get("device", "cpu"), timeout_s=timeout_s), None
     try:
         model = load_model(spec["model"], spec.get("checkpoint"), seed=int(spec.get("seed", 0)))
         profile = Profile.load(spec["profile"])
