@@ -117,11 +117,16 @@ class EngineConfig:
 
 
 def default_store(ctx: DistContext):
-    """The launcher's rendezvous store (torchrun's, or the default group's), under `edgeprism/`."""
+    """The launcher's rendezvous store (torchrun's, or the default group's), under `edgeprism/`, and under
+    torchrun's restart count as well: the elastic agent's store outlives a restart, and keys of the
+    previous attempt (boot nonce, join slots) must not be read by the next."""
+    import os
+
     store = dist.distributed_c10d._get_default_store()
     while isinstance(store, dist.PrefixStore):
         store = store.underlying_store
-    return dist.PrefixStore("edgeprism/", store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+    return dist.PrefixStore(f"edgeprism/{attempt}/" if attempt else "edgeprism/", store)
 
 
 class Engine:
