@@ -1,0 +1,27 @@
+"""The demo end to end on a tiny model: every strategy per batch, the oracle, the report files."""
+
+import json
+
+from edgeprism.cli.main import main
+
+
+def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EDGEPRISM_HOME", str(tmp_path / "home"))
+    out = tmp_path / "report"
+    code = main(["demo", "--model", "vit-tiny-test", "--batches", "1,2", "--links", "wifi4,lan",
+                 "--backend", "loopback", "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    strategies = {(r["link"], r["batch"], r["strategy"]) for r in report["rows"]}
+    for link in ("wifi4", "lan"):
+        for batch in (1, 2):
+            for strategy in ("local", "full_exchange", "segment_means", "adaptive", "oracle"):
+                assert (link, batch, strategy) in strategies
+    row = report["rows"][0]
+    for key in ("batch", "strategy", "latency_s", "energy_j", "energy_source", "plan"):
+        assert key in row
+    assert {r["energy_source"] for r in report["rows"]} == {"modelled"}
+    assert report["emulation"] == "loopback-transport"
+    full = [r for r in report["rows"] if r["strategy"] == "full_exchange"]
+    assert all(r["plan"] == "fp32 x2" for r in full)
+    assert (out / "summary.md").exists() and (out / "rows.jsonl").exists()
