@@ -15,8 +15,10 @@ def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
     strategies = {(r["link"], r["batch"], r["strategy"]) for r in report["rows"]}
     for link in ("wifi4", "lan"):
         for batch in (1, 2):
-            for strategy in ("local", "full_exchange", "segment_means", "adaptive", "oracle"):
+            for strategy in ("local", "segment_means", "adaptive", "oracle"):
                 assert (link, batch, strategy) in strategies
+            # static full exchange runs on the first link only (on a sagging link it takes minutes)
+            assert ((link, batch, "full_exchange") in strategies) == (link == "wifi4")
     row = report["rows"][0]
     for key in ("batch", "strategy", "latency_s", "energy_j", "energy_source", "plan"):
         assert key in row

@@ -25,8 +25,9 @@ def write_markdown(path: Path, report: dict) -> None:
     lines += ["", "| link | batch | adaptive latency vs full exchange | energy vs full exchange | adaptive / oracle "
                   "| adaptive / local | adaptive plan |", "|---|---|---|---|---|---|---|"]
     for g in report["ratios"]:
-        lines.append(f"| {g['link']} | {g['batch']} | {-g['latency_reduction_vs_full']:+.1%} | "
-                     f"{-g['energy_reduction_vs_full']:+.1%} | {g['adaptive_over_oracle']:.2f}x | "
+        vs_full = "—" if g["latency_reduction_vs_full"] is None else f"{-g['latency_reduction_vs_full']:+.1%}"
+        energy = "—" if g["energy_reduction_vs_full"] is None else f"{-g['energy_reduction_vs_full']:+.1%}"
+        lines.append(f"| {g['link']} | {g['batch']} | {vs_full} | {energy} | {g['adaptive_over_oracle']:.2f}x | "
                      f"{g['adaptive_over_local']:.2f}x | {g['adaptive_plan']} |")
     path.write_text("\n".join(lines) + "\n")
 

@@ -31,6 +31,7 @@ def add_parser(subparsers) -> None:
                    help="testbed: netns (kernel-shaped links, root) or loopback (emulated in the transport)")
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
     p.add_argument("--repeats", type=int, default=1, help="requests per (batch, strategy)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the demo job is stopped")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=handle)
 
@@ -80,7 +81,7 @@ def handle(args) -> int:
     rows_file = out_dir / "rows.jsonl"
     rows_file.write_text("")
     started = time.perf_counter()
-    with LinkSession(2, links[0], backend=args.backend) as session, \
+    with LinkSession(2, links[0], backend=args.backend, timeout_s=args.timeout) as session, \
             tempfile.TemporaryDirectory(prefix="edgeprism-demo-") as control:
         emulation = session.testbed.emulation
         _say(f"testbed: 2 devices x 1 core, link {links[0]} ({emulation})")
@@ -135,7 +136,9 @@ def _follow(session, spec, links, rows_file: Path, control: str) -> None:
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
     seen, changed = 0, set()
-    total = len(spec.links) * len(spec.batches) * 4 * spec.repeats
+    from edgeprism.bench.demo import phase_strategies
+
+    total = sum(len(phase_strategies(spec, p)) for p in range(len(spec.links))) * len(spec.batches) * spec.repeats
     while True:
         alive = thread.is_alive()
         lines = [l for l in rows_file.read_text().splitlines() if l.strip()] if rows_file.exists() else []
@@ -167,7 +170,8 @@ def format_table(report: dict) -> str:
     lines.append(f"{'link':<10} {'batch':>5} {'adaptive vs full exchange':>27} {'energy vs full':>15} "
                  f"{'adaptive/oracle':>16}  adaptive plan")
     for g in report["ratios"]:
-        lines.append(f"{g['link']:<10} {g['batch']:>5} {-g['latency_reduction_vs_full']:>+26.1%} "
-                     f"{-g['energy_reduction_vs_full']:>+15.1%} {g['adaptive_over_oracle']:>15.2f}x  "
-                     f"{g['adaptive_plan']}")
+        vs_full = "-" if g["latency_reduction_vs_full"] is None else f"{-g['latency_reduction_vs_full']:+.1%}"
+        energy = "-" if g["energy_reduction_vs_full"] is None else f"{-g['energy_reduction_vs_full']:+.1%}"
+        lines.append(f"{g['link']:<10} {g['batch']:>5} {vs_full:>26} {energy:>15} "
+                     f"{g['adaptive_over_oracle']:>15.2f}x  {g['adaptive_plan']}")
     return "\n".join(lines)
