@@ -72,3 +72,15 @@ def test_unsupported_peer_is_left_out_of_ratios():
     (entry,) = tables.ratios(summary)
     assert "adaptive_over_tensor_parallel" not in entry and entry["ratio_is_upper_bound"] == []
     assert "not run" in tables.markdown(summary, [entry], tables.goals([entry]), "cmd", {})
+
+
+def test_local_over_transformers_is_a_median_of_paired_rounds():
+    rows = []
+    for repeat, (local, plain) in enumerate([(1.0, 1.0), (3.0, 2.9), (2.0, 2.1)]):  # the machine drifts
+        rows += [{**_row("local", local), "repeat": repeat}, {**_row("transformers", plain), "repeat": repeat}]
+    summary = tables.add_oracle(tables.summarize(rows))
+    (entry,) = tables.ratios(summary, rows)
+    assert entry["local_over_transformers"] == pytest.approx(1.0)
+    assert entry["local_over_transformers_p75"] == pytest.approx((1.0 + 3.0 / 2.9) / 2)
+    assert "adaptive_over_oracle" not in entry
+    assert "| 1.000 |" in tables.markdown(summary, [entry], tables.goals([entry]), "cmd", {})

@@ -86,18 +86,44 @@ def add_oracle(summary: list[dict]) -> list[dict]:
     return out
 
 
-def ratios(summary: list[dict]) -> list[dict]:
-    """Per point: adaptive vs the oracle and vs each peer (latency and modelled energy); local vs
-    transformers. A skipped peer's latency is at least its lower bound, so its ratio is an upper bound
-    (`ratio_is_upper_bound`)."""
+def paired_ratios(rows: list[dict], numerator: str, denominator: str) -> dict[tuple, list[float]]:
+    """Per point, the ratio numerator / denominator of each repeat (the two ran in the same round, next to
+    each other), sorted: robust to the machine's drift between rounds."""
+    by_round: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["strategy"] in (numerator, denominator) and not r.get("skipped") and r.get("repeat") is not None:
+            by_round.setdefault((*_point(r), r["repeat"]), {})[r["strategy"]] = r["latency_s"]
+    out: dict[tuple, list[float]] = {}
+    for key, pair in by_round.items():
+        if len(pair) == 2:
+            out.setdefault(key[:4], []).append(pair[numerator] / pair[denominator])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def ratios(summary: list[dict], rows: list[dict] | None = None) -> list[dict]:
+    """Per point: adaptive vs the oracle and vs each peer (latency and modelled energy), and local vs
+    transformers (from `rows`: the median of per-round paired ratios, with their 25th-75th percentile;
+    else median / median). A skipped peer's latency is at least its lower bound, so its ratio is an upper
+    bound (`ratio_is_upper_bound`)."""
     points: dict[tuple, dict[str, dict]] = {}
     for r in summary:
         points.setdefault(_point(r), {})[r["strategy"]] = r
+    paired = paired_ratios(rows, "local", "transformers") if rows else {}
     out = []
     for point, get in sorted(points.items()):
         entry: dict = {"model_case": point[0], "world_size": point[1], "link": point[2], "batch": point[3]}
+        local, plain = get.get("local"), get.get("transformers")
+        if point in paired:
+            values = paired[point]
+            entry["local_over_transformers"] = percentile(values, 0.5)
+            entry["local_over_transformers_p25"] = percentile(values, 0.25)
+            entry["local_over_transformers_p75"] = percentile(values, 0.75)
+        elif local is not None and plain is not None and not local["skipped"] and not plain["skipped"]:
+            entry["local_over_transformers"] = local["latency_median_s"] / plain["latency_median_s"]
         adaptive, oracle = get.get("adaptive"), get.get("oracle")
         if adaptive is None or adaptive["skipped"]:
+            if "local_over_transformers" in entry:
+                out.append(entry)
             continue
         a = adaptive["latency_median_s"]
         entry["adaptive_plan"] = adaptive["plan"]
@@ -128,9 +154,6 @@ def ratios(summary: list[dict]) -> list[dict]:
         if full is not None and not full["skipped"]:
             entry["latency_reduction_vs_full"] = 1 - a / full["latency_median_s"]
             entry["energy_reduction_vs_full"] = 1 - adaptive["energy_median_j"] / full["energy_median_j"]
-        local, plain = get.get("local"), get.get("transformers")
-        if local is not None and plain is not None and not local["skipped"] and not plain["skipped"]:
-            entry["local_over_transformers"] = local["latency_median_s"] / plain["latency_median_s"]
         out.append(entry)
     return out
 
@@ -183,7 +206,8 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
               "vs best peer | best peer | vs local | vs transformers | vs full exchange | vs pipeline | "
               "vs tensor parallel | less latency than full |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in table:
+    adaptive_table = [r for r in table if "adaptive_latency_s" in r]
+    for r in adaptive_table:
         bound = r.get("ratio_is_upper_bound", [])
         cells = [_x(r.get(f"adaptive_over_{p}"), p in bound) for p in PEERS]
         reduction = r.get("latency_reduction_vs_full")
@@ -199,12 +223,21 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
               "| model | devices | link | batch | adaptive J | vs oracle (energy) | vs local | vs transformers | "
               "vs full exchange | vs pipeline | vs tensor parallel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     medians = {(*_point(r), r["strategy"]): r for r in summary}
-    for r in table:
+    for r in adaptive_table:
         adaptive = medians[(r["model_case"], r["world_size"], r["link"], r["batch"], "adaptive")]
         cells = [_x(r.get(f"adaptive_energy_over_{p}")) for p in PEERS]
         lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | "
                      f"{adaptive['energy_median_j']:.2f} ({adaptive['energy_source']}) | "
                      f"{_x(r.get('adaptive_energy_over_oracle'))} | " + " | ".join(cells) + " |")
+    lines += ["", "## Local path vs plain transformers (same weights, threads, input; per-round paired ratio)", "",
+              "| model | devices | link | batch | local / transformers | 25th–75th percentile |",
+              "|---|---|---|---|---|---|"]
+    for r in table:
+        if "local_over_transformers" in r:
+            low, high = r.get("local_over_transformers_p25"), r.get("local_over_transformers_p75")
+            spread = "—" if low is None else f"{low:.2f}–{high:.2f}"
+            lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | "
+                         f"{r['local_over_transformers']:.3f} | {spread} |")
     lines += ["", "## Goals", ""]
     for check in checks:
         state = "met" if check["met"] else ("no data" if not check["points"] else "MISSED")
@@ -271,4 +304,5 @@ def write_plots(summary: list[dict], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-__all__ = ["summarize", "add_oracle", "ratios", "goals", "markdown", "write_plots", "percentile", "PEERS"]
+__all__ = ["summarize", "add_oracle", "ratios", "paired_ratios", "goals", "markdown", "write_plots", "percentile",
+           "PEERS"]

@@ -51,7 +51,7 @@ def handle(args) -> int:
     if not rows:
         raise ValueError(f"{rows_path} holds no rows")
     summary = tables.add_oracle(tables.summarize(rows))
-    table = tables.ratios(summary)
+    table = tables.ratios(summary, rows)
     checks = tables.goals(table)
     command = "edgeprism " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
         f"edgeprism bench --scenario {args.scenario} --out {args.out}"
@@ -67,6 +67,10 @@ def handle(args) -> int:
         print(json.dumps({"rows": str(rows_path), "ratios": table, "goals": checks}))
     else:
         for entry in table:
+            if "adaptive_latency_s" not in entry:
+                print(f"{entry['model_case']:<24} x{entry['world_size']} {entry['link']:<9} batch {entry['batch']:>2}  "
+                      f"local / transformers {entry['local_over_transformers']:.3f}")
+                continue
             print(f"{entry['model_case']:<24} x{entry['world_size']} {entry['link']:<9} batch {entry['batch']:>2}  "
                   f"adaptive {entry['adaptive_latency_s'] * 1e3:9.1f} ms  "
                   f"vs oracle {entry.get('adaptive_over_oracle', float('nan')):5.2f}x  "
