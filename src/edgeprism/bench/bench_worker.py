@@ -186,7 +186,8 @@ def _serve(strategy, inputs, request, batch, engine, peers, hf, followers, energ
             "energy_source": m.energy_source, "mode": m.mode,
             "plan": label, "codec": m.plan.get("codec") or "", "bytes_exchanged": m.bytes_exchanged,
             "predicted_latency_s": m.predicted_latency_s, "staging_s": m.staging_s, "collective_s": m.collective_s,
-            "compute_s": m.compute_s, "answer": _answer_row(engine.model, result.outputs)}
+            "compute_s": m.compute_s, "fallback": getattr(m, "fallback", ""),
+            "answer": _answer_row(engine.model, result.outputs)}
 
 
 def follow(ctx, engine, peers: dict, control) -> None:
