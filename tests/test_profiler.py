@@ -161,12 +161,14 @@ def _rows_file(tmp_path, rows):
 
 def test_fidelity_rows_keep_the_worst_with_default_weighting(tmp_path):
     rows = [
-        {"model": "vit-tiny-test", "world_size": 2, "codec": "sm4", "size_aware": False, "metric": "a",
-         "value": 0.9, "reference_value": 1.0, "loss": 0.1},
-        {"model": "vit-tiny-test", "world_size": 2, "codec": "sm4", "size_aware": False, "metric": "b",
-         "value": 0.7, "reference_value": 1.0, "loss": 0.3},
-        {"model": "vit-tiny-test", "world_size": 2, "codec": "sm4", "size_aware": True, "metric": "c",
-         "value": 0.1, "reference_value": 1.0, "loss": 0.9},
+        # the runtime's default weighting (size-aware, normalised input averaged): these two compete
+        {"model": "vit-tiny-test", "world_size": 2, "codec": "sm4", "size_aware": True, "average": "normed",
+         "metric": "a", "value": 0.9, "reference_value": 1.0, "loss": 0.1},
+        {"model": "vit-tiny-test", "world_size": 2, "codec": "sm4", "size_aware": True, "average": "normed",
+         "metric": "b", "value": 0.7, "reference_value": 1.0, "loss": 0.3},
+        # another weighting: ignored while a default-weighting row exists, however bad it is
+        {"model": "vit-tiny-test", "world_size": 2, "codec": "sm4", "size_aware": False, "average": "residual",
+         "metric": "c", "value": 0.1, "reference_value": 1.0, "loss": 0.9},
         {"model": "other", "world_size": 2, "codec": "int8", "metric": "a", "value": 0.0, "reference_value": 1.0},
         {"model": "vit-tiny-test", "world_size": 3, "codec": "fp16", "metric": "a", "value": 0.5,
          "reference_value": 1.0},

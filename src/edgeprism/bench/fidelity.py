@@ -19,7 +19,7 @@ from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.base import Codec
 from edgeprism.compress.registry import get_codec
 from edgeprism.models.base import Inputs, ReferenceModel
-from edgeprism.partition.transform import PositionWise
+from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE, PositionWise
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def codec_cr(codec: Codec) -> int:
 
 
 def run_distributed(model: ReferenceModel, batches: Iterable[Inputs], codec: Codec, world_size: int,
-                    shares: tuple[float, ...] | None = None, size_aware: bool = False,
-                    gather_hidden: bool = False, average: str = "residual") -> tuple[list[Outputs], int]:
+                    shares: tuple[float, ...] | None = None, size_aware: bool = DEFAULT_SIZE_AWARE,
+                    gather_hidden: bool = False, average: str = DEFAULT_AVERAGE) -> tuple[list[Outputs], int]:
     """Root outputs per batch, and the layer bytes all ranks sent in total."""
     group = LoopbackGroup(world_size)
     outputs, nbytes = [], 0
@@ -129,8 +129,8 @@ def fp32_exchange_bytes(model: ReferenceModel, batches: Iterable[Inputs], world_
 
 
 def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tuple[float, ...] | None = None,
-             size_aware: bool = False, progress: Callable[[str], None] | None = None,
-             average: str = "residual") -> list[FidelityRow]:
+             size_aware: bool = DEFAULT_SIZE_AWARE, progress: Callable[[str], None] | None = None,
+             average: str = DEFAULT_AVERAGE) -> list[FidelityRow]:
     model = eval_set.model
     with torch.no_grad():
         reference = [model(batch) for batch in eval_set.batches]

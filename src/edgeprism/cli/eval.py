@@ -30,10 +30,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--codec", help="codec names, e.g. fp16,int8,int4,sm4,sm4a,sm16a+int8")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--shares", help="token shares per rank (default equal)")
-    p.add_argument("--size-aware", choices=["off", "on", "both"], default="off",
+    p.add_argument("--size-aware", choices=["off", "on", "both"], default="on",
                    help="log(count) logit bias for received means (both = measure each)")
-    p.add_argument("--average", choices=["residual", "normed", "both"], default="residual",
-                   help="what Segment Means averages: the residual stream (default) or the normalised K/V input")
+    p.add_argument("--average", choices=["residual", "normed", "both"], default="normed",
+                   help="what Segment Means averages: the normalised K/V input (default) or the residual stream")
     p.add_argument("--limit", type=int, help="requests per evaluation set (default: the set's own)")
     p.add_argument("--out", help="also append the rows as JSON lines to this file")
     p.add_argument("--plot", metavar="PNG", help="draw the fidelity-traffic frontier of the rows to this file")

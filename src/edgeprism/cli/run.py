@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image-size", type=int, help="ViT: image side in pixels (default the model's native size)")
     p.add_argument("--padded", action="store_true", help="text models: right-pad rows to random lengths")
     p.add_argument("--codec", default="fp32", help="what ranks exchange: fp32 (full), fp16, int8, sm4, sm4a+int8 ...")
-    p.add_argument("--size-aware", action="store_true", help="add log(count) to the logits of received means")
+    p.add_argument("--uniform-weighting", dest="size_aware", action="store_false",
+                   help="no log(count) logit bias for received means (default: size-aware, as measured best)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="GPT-2: greedily generate N tokens after the prefill; the last rank decodes from its cache")
     p.add_argument("--compare-local", action="store_true", help="also run one device and report max_abs_diff")

@@ -6,8 +6,8 @@ A codec with no measured row is recorded as unmeasured (loss None); the planner 
 the user's fidelity budget says.
 
 One codec may have several rows (several evaluation sets and metrics): the profile keeps the worst
-(largest loss) of the rows measured with the runtime's default weighting (size_aware off) — a
-budget must hold on every set.
+(largest loss) of the rows measured with the runtime's defaults (`partition.transform.DEFAULT_SIZE_AWARE`
+and `DEFAULT_AVERAGE`) — a budget must hold on every set.
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ def load_fidelity_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def select_rows(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: int) -> dict[str, Mapping[str, Any]]:
-    """codec name → its worst row for this model and world size (size_aware off preferred)."""
+    """codec name → its worst row for this model and world size (rows with the runtime's defaults preferred)."""
+    from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE
+
+    def runtime_default(row: Mapping[str, Any]) -> bool:
+        return (bool(row.get("size_aware", False)) == DEFAULT_SIZE_AWARE
+                and row.get("average", "residual") == DEFAULT_AVERAGE)
+
     usable = [r for r in rows if r.get("model", model_name) == model_name
               and int(r.get("world_size", world_size)) == world_size]
     skipped = len(rows) - len(usable)
@@ -71,8 +77,8 @@ def select_rows(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: 
             chosen[name] = row
             continue
         # Rows with the runtime's default weighting win; among equals, the larger loss.
-        key_new = (not row.get("size_aware", False), loss)
-        key_old = (not best.get("size_aware", False), _row_loss(best))
+        key_new = (runtime_default(row), loss)
+        key_old = (runtime_default(best), _row_loss(best))
         if key_new > key_old:
             chosen[name] = row
     return chosen

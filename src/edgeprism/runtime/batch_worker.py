@@ -40,7 +40,7 @@ class BatchSpec:
     mode: str = "distributed"  # "local" | "distributed"
     shares: tuple[float, ...] | None = None
     codec: str = "fp32"
-    size_aware: bool = False
+    size_aware: bool = True  # partition.transform.DEFAULT_SIZE_AWARE (not imported: this module loads light)
     seq_len: int | None = None
     image_size: int | None = None
     padded: bool = False

@@ -45,6 +45,7 @@ from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import PeerError
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.plan import Limits, Plan, Request, choose_plan
+from edgeprism.partition.transform import DEFAULT_SIZE_AWARE
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.control import ControlChannel, ControlError, Mailbox
 from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
@@ -69,7 +70,8 @@ class EngineConfig:
     max_latency_s: float | None = None
     max_batch: int = 32
     """Requests with more rows are refused (ValueError for that request)."""
-    size_aware: bool = False
+    size_aware: bool = DEFAULT_SIZE_AWARE
+    """log(count) logit bias for received means (the measured default; see partition.transform)."""
     blow_factor: float = 2.0
     """A request whose latency exceeds this × its prediction is logged as a warning."""
     probe_every: int = 8
