@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Defaults chosen from measurements (README "Fidelity"; `edgeprism eval --size-aware both --average both`,
 # 2 ranks, Segment Means). Size-aware weighting (DESIGN rule 4) helps MiniLM (CR 16: intent agreement
-# 0.72 -> 0.85) and DINOv2 (CR 4: probe accuracy 0.60 -> 0.68), and helps the GPT-2 fixture when the
+# 0.72 -> 0.85) and DINOv2 (CR 4: probe accuracy 0.61 -> 0.68), and helps the GPT-2 fixture when the
 # normalised K/V input is averaged (CR 16: +2.35 % -> +1.24 % perplexity) while hurting it when the raw
 # residual stream is (+5.4 %). Departure from DESIGN rule 2, measured: what is averaged is the block's
 # normalised K/V input (LN1 of the residual stream) rather than the residual stream itself; for post-LN
