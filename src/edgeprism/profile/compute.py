@@ -212,29 +212,8 @@ def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, 
 
 def fit_relative(samples: Sequence[ComputeSample], request_overhead_s: float = 0.0) -> ComputeTable:
     """`ComputeTable.fit`, but minimising relative rather than absolute error: points span two orders of
-    magnitude (batch 1 to 32), and the planner cares about each request's error in proportion.
-    Same model, same non-negativity (a negative coefficient is dropped and the rest refitted)."""
-    import numpy as np
-
-    rows = np.array([[1.0, s.batch * s.num_own_tokens, s.batch * s.num_kv_vectors,
-                      s.batch * s.num_own_tokens * s.num_kv_vectors] for s in samples])
-    target = np.array([s.seconds_per_layer for s in samples])
-    weight = 1.0 / np.maximum(target, 1e-12)
-    rows_w, target_w = rows * weight[:, None], target * weight
-    scale = np.abs(rows_w).max(axis=0)
-    scale[scale == 0] = 1.0
-    active = [0, 1, 2, 3]
-    coef = np.zeros(4)
-    while active:
-        sol, *_ = np.linalg.lstsq(rows_w[:, active] / scale[active], target_w, rcond=None)
-        sol = sol / scale[active]
-        if (sol >= 0).all():
-            coef[:] = 0.0
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))
-    return ComputeTable(float(coef[0]), float(coef[1]), float(coef[2]), float(coef[3]),
-                        request_overhead_s=request_overhead_s, samples=tuple(samples))
+    magnitude (batch 1 to 32), and the planner cares about each request's error in proportion."""
+    return ComputeTable.fit(samples, request_overhead_s, relative=True)
 
 
 def overhead_call(model: ReferenceModel, batch: int, num_tokens: int, device: torch.device) -> Callable[[], None]:

@@ -112,8 +112,10 @@ class ComputeTable:
                 + self.per_token_kv_s * rows_tokens * num_kv_vectors)
 
     @classmethod
-    def fit(cls, samples: typing.Sequence[ComputeSample], request_overhead_s: float = 0.0) -> ComputeTable:
+    def fit(cls, samples: typing.Sequence[ComputeSample], request_overhead_s: float = 0.0,
+            relative: bool = False) -> ComputeTable:
         """Least squares with coefficients clamped at zero (a negative one is dropped and the rest refitted).
+        `relative` minimises relative rather than absolute error (points spanning orders of magnitude).
         Samples where n == kv everywhere cannot separate per_token_s from per_kv_s; the fit then splits
         them (minimum norm), which predicts local runs well and distributed ones less so."""
         import numpy as np
@@ -123,7 +125,11 @@ class ComputeTable:
         rows = np.array([[1.0, s.batch * s.num_own_tokens, s.batch * s.num_kv_vectors,
                           s.batch * s.num_own_tokens * s.num_kv_vectors] for s in samples])
         target = np.array([s.seconds_per_layer for s in samples])
+        if relative:
+            weight = 1.0 / np.maximum(target, 1e-12)
+            rows, target = rows * weight[:, None], target * weight
         scale = np.abs(rows).max(axis=0)
+        scale[scale == 0] = 1.0
         active = [0, 1, 2, 3]
         coef = np.zeros(4)
         while active:
