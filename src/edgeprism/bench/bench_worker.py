@@ -266,6 +266,7 @@ def check_peers(models: list[str], out: str, batch: int = 8) -> None:
     absolute difference from the local model's answer row (and its head outputs)."""
     from edgeprism.bench.peers import head_row, input_layout
     from edgeprism.comm.context import init_distributed, shutdown
+    from edgeprism.comm.exchange import Exchanger
     from edgeprism.models.loading import build_model
     from edgeprism.models.synthetic import synthetic_inputs
 
@@ -278,9 +279,10 @@ def check_peers(models: list[str], out: str, batch: int = 8) -> None:
             inputs = synthetic_inputs(model.config, batch, seed=1) if ctx.is_root else None
             with torch.no_grad():
                 reference = model(inputs) if ctx.is_root else None
-            layout = input_layout(inputs) if ctx.is_root else None
-            box = [layout]
-            torch.distributed.broadcast_object_list(box, src=0)  # test helper only: trusted local ranks
+            # JSON, not pickle, even between trusted local ranks (nothing is unpickled at run time)
+            message = {"layout": input_layout(inputs)} if ctx.is_root else None
+            layout = Exchanger(ctx).broadcast_json(message)["layout"]
+            box = [[(key, shape, dtype) for key, shape, dtype in layout]]
             for peer_name, peer in peers.items():
                 if peer is None:
                     continue

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "testbed",
     "link_test",
     "assets",
+    "bench",
 )
 
 
