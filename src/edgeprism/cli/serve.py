@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
                    help="largest normalised metric loss a codec may have, e.g. 0.02 (default: no budget)")
     p.add_argument("--max-latency", type=float, metavar="SECONDS", help="latency ceiling for the planner")
     p.add_argument("--max-batch", type=int, default=32, help="refuse requests with more rows (default 32)")
+    p.add_argument("--profile-compute-only", dest="learn_compute", action="store_false",
+                   help="plan by the profile's compute alone (default: re-estimate compute online)")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--input", default="-", metavar="FILE",
                         help="requests, one JSON object per line; '-' (default) reads stdin")
@@ -73,7 +75,7 @@ def handle(args) -> int:
         raise ValueError(f"--port {args.port} must be in 0..65535")
     config = EngineConfig(objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
                           max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
-                          min_stall_s=args.min_stall)
+                          min_stall_s=args.min_stall, learn_compute=args.learn_compute)
     if args.secret_file:
         from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
 

@@ -225,7 +225,8 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
     if request.model_name != profile.model.name:
         raise ValueError(f"request is for model {request.model_name}, the profile for {profile.model.name}")
     if plan.mode == "local":
-        compute_s, energy_j = local_terms(profile, request.batch, request.num_tokens)
+        compute_s, energy_j = (x * link.local_compute_scale for x in local_terms(profile, request.batch,
+                                                                                  request.num_tokens))
         return Prediction(compute_s, 0.0, 0.0, 0.0, energy_j, profile.energy.source, 0, 0.0)
     if not plan.ranks or plan.ranks[0] != 0 or len(set(plan.ranks)) != len(plan.ranks):
         raise ValueError(f"plan ranks {plan.ranks} must be distinct and start with the coordinator, rank 0")

@@ -36,8 +36,14 @@ class LinkEstimate:
     bandwidth_bps: float
     latency_s: float
     healthy_ranks: tuple[int, ...] | None = None
+    local_compute_scale: float = 1.0
+    """How much slower (> 1) or faster (< 1) local compute runs than the profile predicts, relative to
+    distributed compute — estimated online from measured requests (1.0: trust the profile). Load that
+    changed since profiling hits one device and a pinned group differently."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.local_compute_scale) and self.local_compute_scale > 0):
+            raise ValueError(f"local_compute_scale must be > 0, got {self.local_compute_scale}")
         if not (math.isfinite(self.bandwidth_bps) and self.bandwidth_bps > 0):
             raise ValueError(f"link bandwidth_bps must be > 0, got {self.bandwidth_bps}")
         if not (math.isfinite(self.latency_s) and self.latency_s >= 0):

@@ -49,7 +49,7 @@ from edgeprism.partition.transform import DEFAULT_SIZE_AWARE
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.control import ControlChannel, ControlError, Mailbox
 from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
-from edgeprism.runtime.link_estimate import LinkObservation, OnlineLinkEstimator
+from edgeprism.runtime.link_estimate import ComputeBiasEstimator, LinkObservation, OnlineLinkEstimator
 from edgeprism.runtime.membership import Membership, acknowledge, join_cluster
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.requests import check_inputs
@@ -70,6 +70,9 @@ class EngineConfig:
     max_latency_s: float | None = None
     max_batch: int = 32
     """Requests with more rows are refused (ValueError for that request)."""
+    learn_compute: bool = True
+    """Re-estimate online how far local vs distributed compute runs from the profile's prediction
+    (`LinkEstimate.local_compute_scale`); off = plan by the profile's compute alone."""
     size_aware: bool = DEFAULT_SIZE_AWARE
     """log(count) logit bias for received means (the measured default; see partition.transform)."""
     blow_factor: float = 2.0
@@ -154,6 +157,7 @@ class Engine:
         self._seen_plans: set = set()
         self.history: deque[MetricsRow] = deque(maxlen=config.history)
         self.estimator = OnlineLinkEstimator.from_profile(profile)
+        self.compute_bias = ComputeBiasEstimator()
         self._dtype = next(self.model.parameters()).dtype
         self._lanes: dict = {}
         self._epoch = 0
@@ -272,6 +276,8 @@ class Engine:
                                                    time.perf_counter() - start)
             shape = (plan.mode, tuple(plan.ranks), plan.codec)
             warm = shape in self._seen_plans  # the first request of a plan shape also pays one-off set-up
+            if warm and not row.fallback and self.config.learn_compute:
+                self._learn_compute(plan, request, row)
             self._seen_plans.add(shape)
             if row.blew_prediction and not row.fallback:
                 (log.warning if warm else log.info)(
@@ -280,6 +286,14 @@ class Engine:
             self.history.append(row)
             log.info("%s", row)
             return Result(request_id, outputs, row)
+
+    def _learn_compute(self, plan: Plan, request: Request, row) -> None:
+        """Fold measured vs predicted compute into the online compute bias (local vs distributed)."""
+        from edgeprism.plan.cost import predict
+
+        link = replace(self.estimator.estimate(), local_compute_scale=1.0)  # the profile's own prediction
+        predicted = predict(self.profile, request, plan, link).compute_s
+        self.compute_bias.update(plan.mode, row.compute_s, predicted)
 
     def _checked(self, inputs: Inputs) -> Inputs:
         check_inputs(inputs, self.config.max_batch)
@@ -291,7 +305,7 @@ class Engine:
         num_tokens = self.model.validate_input(inputs)
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
-        link = self.estimator.estimate()
+        link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale)
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:

@@ -147,3 +147,36 @@ class OnlineLinkEstimator:
 
 
 __all__ = ["LinkObservation", "OnlineLinkEstimator", "MAX_BANDWIDTH_BPS"]
+
+
+class ComputeBiasEstimator:
+    """How far measured compute is from the profile's prediction, for local and for distributed plans
+    (EWMA of log(measured / predicted)); their ratio is `LinkEstimate.local_compute_scale`.
+
+    Load that changed since profiling (other processes on a board, thermal throttling) slows one device
+    running alone and a pinned group differently; without this the planner keeps choosing by stale
+    numbers. Needs both kinds of observations before it moves off 1.0 (static baselines, probes or
+    earlier plans provide them)."""
+
+    def __init__(self, alpha: float = 0.3, bounds: tuple[float, float] = (0.2, 5.0)) -> None:
+        self.alpha = alpha
+        self.bounds = bounds
+        self.log_bias: dict[str, float] = {}
+
+    def update(self, mode: str, measured_s: float, predicted_s: float) -> None:
+        if measured_s <= 0 or predicted_s <= 0:
+            return
+        import math
+
+        value = math.log(measured_s / predicted_s)
+        old = self.log_bias.get(mode)
+        self.log_bias[mode] = value if old is None else (1 - self.alpha) * old + self.alpha * value
+
+    @property
+    def local_compute_scale(self) -> float:
+        import math
+
+        if "local" not in self.log_bias or "distributed" not in self.log_bias:
+            return 1.0
+        scale = math.exp(self.log_bias["local"] - self.log_bias["distributed"])
+        return min(max(scale, self.bounds[0]), self.bounds[1])
