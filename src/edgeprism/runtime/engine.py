@@ -486,7 +486,7 @@ class Engine:
             if self.ctx.is_root and self._control is not None:
                 self._control.broadcast_json({"op": "shutdown"})
         finally:
-            retire_lanes(self._lanes)
+            retire_lanes(self._lanes, background=False)
             if self._cluster is not None:
                 self._cluster.stop()
             if self._owns_ctx:
@@ -511,6 +511,7 @@ class Engine:
             op = message["op"]
             if op == "shutdown":
                 log.info("rank %d: shutdown after %d requests", self.ctx.group_rank, served)
+                retire_lanes(self._lanes, background=False)  # not at interpreter exit (see retire_lanes)
                 return served
             if op == "ping":
                 acknowledge(self._store, self._mailbox.session, message["epoch"])

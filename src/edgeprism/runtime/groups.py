@@ -193,10 +193,12 @@ def build_epoch_lanes(ctx: DistContext, store, epoch: int, profile: Profile, mem
     return lanes
 
 
-def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0) -> None:
+def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, background: bool = True) -> None:
     """Abort the lanes' groups and keep them on a daemon thread for `linger_s` (the groups' timeout): a
     group's destructor waits for an operation stuck on a hung peer, and that wait must not fall on the
-    thread that serves requests. After the timeout the stuck operation has failed and dropping is quick."""
+    thread that serves requests. After the timeout the stuck operation has failed and dropping is quick.
+    `background=False` drops them here and now (closing with no request in flight): a group still alive
+    on a daemon thread when the interpreter exits aborts the process in its C++ destructor."""
     groups = [lane.ctx.group for lane in lanes.values() if lane.ctx is not None]
     lanes.clear()
     if not groups:
@@ -211,6 +213,9 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0) -> N
         time.sleep(linger_s)
         held.clear()
 
+    if not background:
+        drop()
+        return
     threading.Thread(target=drop, name="edgeprism-retire-groups", daemon=True).start()
 
 
