@@ -258,6 +258,10 @@ def run_job(spec_json: str) -> None:
         print(f"rank {ctx.group_rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
     finally:
+        peers = engine = control = None  # noqa: F841  (free their groups before the process group: see check_peers)
+        import gc
+
+        gc.collect()
         shutdown(ctx)
 
 
@@ -299,6 +303,12 @@ def check_peers(models: list[str], out: str, batch: int = 8) -> None:
             with open(out, "w") as handle:
                 json.dump(results, handle)
     finally:
+        # Free the peers' groups and stages before the process group goes: freed later, at interpreter
+        # exit, a GLOO group's C++ destructor can abort the process ("terminate called ...").
+        peers = None  # noqa: F841
+        import gc
+
+        gc.collect()
         shutdown(ctx)
 
 
