@@ -203,11 +203,10 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, back
     lanes.clear()
     if not groups:
         return
-    for group in groups:
-        try:
-            group.abort()
-        except RuntimeError as err:  # already broken: dropping it is all that is left to do
-            log.debug("abort of a retired group: %s", err)
+    # No `group.abort()` here: GLOO's abort closes the group's sockets and its destructor closes them again
+    # later — by then the descriptor numbers may belong to other files of this process (seen as "Bad file
+    # descriptor" on an unrelated pipe). The destructor alone waits out a stuck operation (the group's
+    # timeout) on the daemon thread below and closes each socket once.
 
     def drop(held=groups) -> None:
         time.sleep(linger_s)
