@@ -29,8 +29,8 @@ def add_parser(subparsers) -> None:
                    help="largest normalised metric loss a codec may have, e.g. 0.02 (default: no budget)")
     p.add_argument("--max-latency", type=float, metavar="SECONDS", help="latency ceiling for the planner")
     p.add_argument("--max-batch", type=int, default=32, help="refuse requests with more rows (default 32)")
-    p.add_argument("--profile-compute-only", dest="learn_compute", action="store_false",
-                   help="plan by the profile's compute alone (default: re-estimate compute online)")
+    p.add_argument("--learn-compute", action="store_true",
+                   help="re-estimate local vs distributed compute online (default: plan by the profile's compute)")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--input", default="-", metavar="FILE",
                         help="requests, one JSON object per line; '-' (default) reads stdin")

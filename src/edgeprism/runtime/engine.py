@@ -70,9 +70,11 @@ class EngineConfig:
     max_latency_s: float | None = None
     max_batch: int = 32
     """Requests with more rows are refused (ValueError for that request)."""
-    learn_compute: bool = True
+    learn_compute: bool = False
     """Re-estimate online how far local vs distributed compute runs from the profile's prediction
-    (`LinkEstimate.local_compute_scale`); off = plan by the profile's compute alone."""
+    (`LinkEstimate.local_compute_scale`). Off by default: it corrects local relative to distributed
+    compute only, and when the distributed prediction is stale too (network terms included) it tipped
+    plans to local where Segment Means was 15-30 % faster (benchmarks, README). On = opt in."""
     size_aware: bool = DEFAULT_SIZE_AWARE
     """log(count) logit bias for received means (the measured default; see partition.transform)."""
     blow_factor: float = 2.0
