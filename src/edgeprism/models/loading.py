@@ -151,9 +151,12 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return hf_config, state
 
 
-def load_checkpoint(model: ReferenceModel, directory: str | Path) -> ReferenceModel:
-    """Load HF weights into `model`, refusing any missing tensor or shape mismatch, naming them."""
-    _, hf_state = read_checkpoint(directory)
+def load_checkpoint(model: ReferenceModel, directory: str | Path,
+                    hf_state: dict[str, Tensor] | None = None) -> ReferenceModel:
+    """Load HF weights into `model`, refusing any missing tensor or shape mismatch, naming them.
+    `hf_state`: the checkpoint's tensors if the caller has read them already (`read_checkpoint`)."""
+    if hf_state is None:
+        _, hf_state = read_checkpoint(directory)
     state = convert_hf_state_dict(model.config, hf_state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -212,6 +215,6 @@ def config_from_hf(hf_config: dict, name: str) -> ModelConfig:
 
 def load_pretrained(directory: str | Path, name: str | None = None) -> ReferenceModel:
     """A model whose architecture comes from the checkpoint's own config.json."""
-    hf_config, _ = read_checkpoint(directory)
+    hf_config, hf_state = read_checkpoint(directory)  # read once: config and weights
     config = config_from_hf(hf_config, name or Path(directory).name)
-    return load_checkpoint(build_model(config, seed=None), directory)
+    return load_checkpoint(build_model(config, seed=None), directory, hf_state)
