@@ -145,3 +145,26 @@ def test_delta_runs_through_the_transform_close_to_reference(model_name: str, wo
     err_plain = float((keyframe_hidden - reference).pow(2).mean())
     assert err_delta < err_plain
     assert delta_bytes > keyframe_bytes  # the 8-bit key frame costs more than one 3-bit layer
+
+
+@pytest.mark.parametrize("name", ["delta:lb8o4:lb3o4r", "delta:int8", "lb3o4r", "sm4a+int8"])
+@pytest.mark.parametrize("size", [(1, 16, 64), (2, 13, 70)])
+def test_request_nbytes_is_the_sum_of_what_a_session_sends(name: str, size) -> None:
+    """request_nbytes / mean_nbytes count every layer's wire exactly (delta: key frame, then residuals)."""
+    from edgeprism.compress import mean_nbytes, request_nbytes
+
+    codec, num_layers = get_codec(name), 5
+    hidden, valid = _inputs(*size)
+    session = codec.session() if hasattr(codec, "session") else None
+    sent = 0
+    for layer in range(num_layers):
+        wire = session.encode(layer, hidden, valid) if session else codec.encode(hidden, valid)
+        sent += sum(t.numel() * t.element_size() for t in wire)
+        hidden = hidden + 0.3 * torch.randn_like(hidden)
+    assert request_nbytes(codec, num_layers, *size) == sent
+    assert mean_nbytes(codec, num_layers, *size) == sent / num_layers
+    if session is not None:
+        assert codec.mean_nbytes(num_layers, *size) == sent / num_layers
+        assert sent < num_layers * codec.nbytes(*size)  # nbytes is the key frame alone
+    with pytest.raises(ValueError, match="num_layers"):
+        request_nbytes(codec, 0, *size)

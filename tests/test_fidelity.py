@@ -82,3 +82,60 @@ def test_eval_cli_json_and_bad_cr(capsys):
         main(["eval", "--model", "bert-tiny-test", "--cr", "0"])
     assert main(["eval", "--model", "bert-tiny-test", "--codec", "int8+sm4"]) == 2
     assert "sm4+int8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["delta:lb8o4:lb3o4r", "delta:lb4o4r:lb3o2r", "lb3o4r", "int8"])
+def test_profile_entry_and_plan_bytes_equal_what_a_request_sends(name):
+    """Profile entry bytes × layers, `exchange_cost` and the planner's wire bytes all equal the layer bytes
+    the loopback transport counts — for delta codecs too (key frame at layer 0, residuals after)."""
+    from edgeprism.plan.accounting import exchange_cost
+    from edgeprism.plan.cost import distributed_terms
+    from edgeprism.plan.synthetic import synthetic_profile
+    from edgeprism.profile.fidelity import codec_entries
+
+    model = build_model("bert-tiny-test", seed=3)
+    # One row: a low-bit format's 2-byte width field is per message, which the entry charges per row.
+    config, world, tokens_per_rank, rows = model.config, 2, 16, 1
+    batch = synthetic_inputs(config, rows, seq_len=world * tokens_per_rank, seed=2)
+    codec = get_codec(name)
+    _, measured = run_distributed(model, [batch], codec, world)  # all ranks' layer bytes of one request
+
+    (entry,) = codec_entries([codec], config.hidden_size, num_layers=config.num_layers)
+    per_layer = rows * (entry.wire_bytes_per_row + tokens_per_rank * entry.wire_bytes_per_token)
+    assert world * per_layer * config.num_layers == pytest.approx(measured, abs=1e-6)
+    assert exchange_cost(config, (tokens_per_rank,) * world, codec, batch=rows).bytes_per_request == measured
+
+    # The planner charges the same bytes: fp32 and this codec differ by exactly the measured difference.
+    (fp32,) = codec_entries([get_codec("fp32")], config.hidden_size, num_layers=config.num_layers)
+    _, fp32_measured = run_distributed(model, [batch], get_codec("fp32"), world)
+    profile = synthetic_profile("bert-tiny-test", world_size=world)
+    wire = [distributed_terms(profile, rows, (1.0, 1.0), (tokens_per_rank,) * world, e, 50e6, 3e-3)[5]
+            for e in (entry, fp32)]
+    # 2 ranks: the busiest receiver gets the other rank's messages, i.e. half of what both send
+    assert wire[0] - wire[1] == pytest.approx((measured - fp32_measured) / world, abs=1e-6)
+    if name.startswith("delta:"):  # the key frame alone would over-charge: the fix is visible
+        assert world * codec.nbytes(rows, tokens_per_rank, config.hidden_size) * config.num_layers > measured
+
+
+def test_stateful_codec_entry_needs_the_layer_count():
+    from edgeprism.profile.schema import CodecFidelity
+
+    with pytest.raises(ValueError, match="num_layers"):
+        CodecFidelity.from_codec(get_codec("delta:lb4o4r:lb3o4r"), 384)
+    plain = CodecFidelity.from_codec(get_codec("int8"), 384)
+    assert CodecFidelity.from_codec(get_codec("int8"), 384, num_layers=6) == plain
+
+
+def test_eval_bytes_per_request_are_measured_bytes():
+    """`edgeprism eval` rows carry the bytes the transport counted (delta: key frame + residuals), not nbytes."""
+    from edgeprism.plan.accounting import exchange_cost
+
+    (eval_set,) = synthetic_set("bert-tiny-test", batches=2)  # 2 batches of 2 rows, 32 tokens: 16 per rank
+    config = eval_set.model.config
+    rows = {r.codec: r for r in evaluate(eval_set, ["delta:lb4o4r:lb3o4r", "fp32"], world_size=2)}
+    for name, row in rows.items():
+        expected = exchange_cost(config, (16, 16), name, batch=2).bytes_per_request / 2  # per request row
+        assert row.bytes_per_request == expected
+    assert rows["fp32"].traffic_vs_fp32 == 1.0
+    assert rows["delta:lb4o4r:lb3o4r"].traffic_vs_fp32 == pytest.approx(
+        rows["delta:lb4o4r:lb3o4r"].bytes_per_request / rows["fp32"].bytes_per_request)

@@ -202,10 +202,32 @@ def codec_fingerprint(codec: Codec) -> str:
     return f"edgeprism-codec/{FINGERPRINT_VERSION}:{_settings(codec)}"
 
 
-def traffic_ratio(codec: Codec, batch: int, num_tokens: int, hidden_size: int) -> float:
-    """Bytes of `codec`'s message / bytes of the fp32 identity message (same shapes); 1/x is the compression ratio."""
+def traffic_ratio(codec: Codec, batch: int, num_tokens: int, hidden_size: int, num_layers: int = 1) -> float:
+    """Bytes of `codec`'s messages / bytes of the fp32 identity messages (same shapes) over `num_layers`
+    exchanges; 1/x is the compression ratio. Give the model's `num_layers` for stateful codecs (delta):
+    with the default 1 they are charged their key frame alone."""
     fp32_nbytes = IdentityCodec(torch.float32).nbytes(batch, num_tokens, hidden_size)
-    return codec.nbytes(batch, num_tokens, hidden_size) / fp32_nbytes
+    return mean_nbytes(codec, num_layers, batch, num_tokens, hidden_size) / fp32_nbytes
+
+
+def request_nbytes(codec: Codec, num_layers: int, batch: int, num_tokens: int, hidden_size: int) -> int:
+    """Bytes one rank's messages take over a request's `num_layers` exchanges (one per block), exact.
+
+    A stateful codec whose message changes by layer (`layer_nbytes`: delta coding sends a key frame at
+    layer 0, then smaller residuals) is summed layer by layer; any other codec is `num_layers × nbytes`.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers {num_layers!r} must be an integer >= 1 (the model's block count)")
+    layer_nbytes = getattr(codec, "layer_nbytes", None)
+    if layer_nbytes is None:
+        return num_layers * codec.nbytes(batch, num_tokens, hidden_size)
+    return sum(int(layer_nbytes(layer, batch, num_tokens, hidden_size)) for layer in range(num_layers))
+
+
+def mean_nbytes(codec: Codec, num_layers: int, batch: int, num_tokens: int, hidden_size: int) -> float:
+    """Bytes of one rank's message per exchange, averaged over a model of `num_layers` blocks
+    (`request_nbytes / num_layers`; equal to `nbytes` for codecs whose message is the same every layer)."""
+    return request_nbytes(codec, num_layers, batch, num_tokens, hidden_size) / num_layers
 
 
 def num_vectors(codec: Codec, num_tokens: int) -> int:

@@ -40,7 +40,7 @@ import torch
 
 from edgeprism.compress.base import Codec, IdentityCodec
 from edgeprism.compress.codecs import SegmentMeansCodec
-from edgeprism.compress.registry import get_codec, num_vectors
+from edgeprism.compress.registry import get_codec, num_vectors, request_nbytes
 from edgeprism.models.config import ModelConfig
 
 Flow = Literal["all_gather", "to_higher_ranks"]
@@ -76,13 +76,15 @@ class ExchangeCost:
     remote_vectors_per_rank: tuple[int, ...]
     """Key/value rows each rank receives from other ranks per row of the batch (per layer)."""
     message_bytes_per_rank: tuple[int, ...]
-    """Bytes rank p sends per layer (0 for the last rank under "to_higher_ranks")."""
+    """Bytes rank p sends per layer (0 for the last rank under "to_higher_ranks"). For a codec whose
+    message changes by layer (delta coding) the per-layer fields are layer 0's (the key frame)."""
     received_bytes_per_rank: tuple[int, ...]
     """Bytes rank p receives per layer."""
     bytes_per_layer: int
     """Sum of the messages sent in one exchange, each counted once (sum_p S_p·d·bytes + counts, scales)."""
     bytes_per_request: int
-    """bytes_per_layer × num_layers."""
+    """Every layer's messages summed: bytes_per_layer × num_layers, except for codecs whose message
+    changes by layer (`compress.request_nbytes`)."""
     padded_allgather_bytes_per_layer: int
     """What one GLOO all-gather with equal buffers moves: ranks × largest message."""
     full_exchange_bytes_per_request: int
@@ -161,6 +163,9 @@ def exchange_cost(config: ModelConfig, token_shares: tuple[int, ...] | list[int]
         return [c.nbytes(batch, n, d) if send else 0 for n, send in zip(shares, sends)]
 
     messages = message_bytes(codec)
+    # A stateful codec's message changes by layer (delta: key frame, then residuals): sum every layer.
+    request_messages = [request_nbytes(codec, config.num_layers, batch, n, d) if m else 0
+                        for n, m in zip(shares, messages)]
     vectors = [num_vectors(codec, n) for n in shares]
     remote = [sum(vectors[q] for q in senders_to(p) if q != p) for p in range(ranks)]
     received = [sum(messages[q] for q in senders_to(p) if q != p) for p in range(ranks)]
@@ -173,7 +178,7 @@ def exchange_cost(config: ModelConfig, token_shares: tuple[int, ...] | list[int]
         message_bytes_per_rank=tuple(messages),
         received_bytes_per_rank=tuple(received),
         bytes_per_layer=sum(messages),
-        bytes_per_request=sum(messages) * config.num_layers,
+        bytes_per_request=sum(request_messages),
         padded_allgather_bytes_per_layer=ranks * max(messages) if ranks > 1 else 0,
         full_exchange_bytes_per_request=sum(full) * config.num_layers,
         flops_per_layer_per_rank=tuple(layer),

@@ -91,12 +91,13 @@ def _row_loss(row: Mapping[str, Any]) -> float:
 
 
 def codec_entries(codecs: Sequence[Any], hidden_size: int, rows: Mapping[str, Mapping[str, Any]] | None = None,
-                  ) -> tuple[CodecFidelity, ...]:
-    """One profile entry per codec: wire bytes from the codec itself, fidelity from `rows` where present."""
+                  num_layers: int | None = None) -> tuple[CodecFidelity, ...]:
+    """One profile entry per codec: wire bytes from the codec itself (per layer, the mean over the model's
+    `num_layers` exchanges: needed for stateful codecs such as delta), fidelity from `rows` where present."""
     out = []
     for codec in codecs:
         row = (rows or {}).get(codec.name)
-        entry = CodecFidelity.from_codec(codec, hidden_size)
+        entry = CodecFidelity.from_codec(codec, hidden_size, num_layers=num_layers)
         if row is not None:
             entry = CodecFidelity(entry.codec, entry.cr, entry.wire_dtype, entry.wire_bytes_per_token,
                                   entry.wire_bytes_per_row, entry.extra_vectors_per_row, metric=str(row["metric"]),

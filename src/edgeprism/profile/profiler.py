@@ -258,7 +258,7 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     else:
         rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
     selected = select_rows(rows, config.name, options.world_size)
-    entries = codec_entries(codecs, config.hidden_size, selected)
+    entries = codec_entries(codecs, config.hidden_size, selected, num_layers=config.num_layers)
     unmeasured = [e.codec for e in entries if e.loss is None]
     if rows and unmeasured:
         fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"

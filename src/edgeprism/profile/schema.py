@@ -218,7 +218,7 @@ class CodecFidelity:
     """One exchange codec as profiled for this model: what it costs on the wire and what it loses.
 
     `wire_bytes_per_token` is bytes per own token per layer (codec.nbytes / (B·n) at the profiled
-    size); `wire_bytes_per_row` is a fixed part per batch row (anchors, scales). `loss` is
+    size; for codecs whose message changes by layer, the mean over the model's layers); `wire_bytes_per_row` is a fixed part per batch row (anchors, scales). `loss` is
     (reference_value - value) / reference_value clamped to [0, 1]; None when fidelity was not measured."""
 
     codec: str
@@ -243,15 +243,28 @@ class CodecFidelity:
 
     @classmethod
     def from_codec(cls, codec: Any, hidden_size: int, metric: str | None = None, value: float | None = None,
-                   reference_value: float | None = None) -> CodecFidelity:
-        """The entry for an `edgeprism.compress` codec: wire costs from its exact `nbytes`, fidelity as given.
+                   reference_value: float | None = None, num_layers: int | None = None) -> CodecFidelity:
+        """The entry for an `edgeprism.compress` codec: wire costs from its exact byte counts, fidelity as given.
 
-        nbytes(1, n, d) is affine in n over whole segments, so two probes at multiples of the ratio
-        give the per-token slope and the per-row intercept exactly."""
+        Bytes are the mean over the model's `num_layers` exchanges (`compress.mean_nbytes`), so
+        entry bytes × num_layers is what a request sends. That matters for stateful codecs whose
+        message changes by layer (delta coding: a key frame at layer 0, smaller residuals after), which
+        need `num_layers`; for every other codec the mean is `nbytes` and `num_layers` changes nothing.
+        The byte count is affine in n over whole segments (and whole bytes of a bit-packed mask), so two
+        probes at multiples of 8·ratio give the per-token slope and the per-row intercept exactly. A
+        constant per message (the 2-byte width of a low-bit format) lands in the per-row part: exact for
+        one row, 2 bytes per extra row and message over."""
+        from edgeprism.compress.registry import mean_nbytes
+
+        if num_layers is None:
+            if hasattr(codec, "layer_nbytes"):
+                raise ValueError(f"codec {codec.name}: its message changes by layer (key frame, then residuals); "
+                                 f"give num_layers (the model's block count) to charge the mean per layer")
+            num_layers = 1
         cr = int(getattr(codec, "ratio", 1))
         probe = 64 * cr
-        small = codec.nbytes(1, probe, hidden_size)
-        per_token = (codec.nbytes(1, 2 * probe, hidden_size) - small) / probe
+        small = mean_nbytes(codec, num_layers, 1, probe, hidden_size)
+        per_token = (mean_nbytes(codec, num_layers, 1, 2 * probe, hidden_size) - small) / probe
         values = getattr(codec, "values", None)
         loss = None
         if value is not None and reference_value is not None:
