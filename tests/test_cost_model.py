@@ -152,3 +152,32 @@ def test_wire_bytes_agree_with_the_exact_accounting():
     exact = accounting.exchange_cost(profile.model, counts, "sm4a+int8", batch=2)
     assert pred.wire_bytes == pytest.approx(12 * 2 * max(exact.message_bytes_per_rank))
     assert pred.wire_bytes == pytest.approx(12 * exact.padded_allgather_bytes_per_layer * 2 / 3)
+
+
+def test_token_bucket_credit_lets_small_messages_through_free():
+    # fp32, 2 equal ranks of 100 tokens: each receives 100 x 3073 B = 307 300 B per layer.
+    fp32 = CodecFidelity("fp32", 1, "fp32", 3073.0, loss=0.0)
+    base = dataclasses.replace(synthetic_profile(), codecs=(fp32,),
+                               compute=ComputeTable(fixed_s=0.01, per_token_s=0.0, per_kv_s=0.0, per_token_kv_s=0.0))
+    link = LinkEstimate(bandwidth_bps=8e6, latency_s=0.002)  # 1 MB/s: a 10 ms layer refills 10 000 B
+    request, plan = Request(MODEL, 1, 200), _plan((0, 1), (100, 100), "fp32")
+    scatter = 100 * base.input_bytes_per_token
+
+    def network_s(burst):
+        profile = dataclasses.replace(base, link=dataclasses.replace(base.link, burst_bytes=burst))
+        return predict(profile, request, plan, link).network_s
+
+    assert network_s(0.0) == pytest.approx((12 * 100 * 3073 + scatter) / 1e6)
+    # a 5 000 B bucket refills within the layer: every message and the scatter get 5 000 B free
+    assert network_s(5000.0) == pytest.approx((12 * (100 * 3073 - 5000) + scatter - 5000) / 1e6)
+    # a 50 000 B bucket refills only 10 000 B per 10 ms layer; the scatter (after idle) gets all of it
+    assert network_s(50_000.0) == pytest.approx((12 * (100 * 3073 - 10_000) + scatter - 50_000) / 1e6)
+    # a message within the credit costs no transfer time at all
+    small = dataclasses.replace(base, link=dataclasses.replace(base.link, burst_bytes=1e9))
+    assert predict(small, Request(MODEL, 1, 4), _plan((0, 1), (2, 2), "fp32"),
+                   LinkEstimate(bandwidth_bps=8e12, latency_s=0.002)).network_s == 0.0
+
+
+def test_negative_burst_is_refused():
+    with pytest.raises(ValueError, match="burst_bytes"):
+        LinkMeasurement(latency_s=0.001, bandwidth_bps=1e6, burst_bytes=-1.0)

@@ -212,6 +212,24 @@ def test_link_section_uses_the_all_gather_rate_and_names_its_method():
         link_section({**RAW_LINK, "allgather_bandwidth_bps": float("inf")})
 
 
+def test_link_section_takes_the_lower_quartile_latency_and_the_burst():
+    link = link_section({**RAW_LINK, "latency_low_s": 0.003, "burst_bytes": 32768.0})
+    assert link.latency_s == 0.003 and link.burst_bytes == 32768.0
+    assert "lower quartile" in link.method and "32.0 KiB" in link.method
+    assert link_section(RAW_LINK).burst_bytes == 0.0  # an older link test: no burst measured
+
+
+def test_burst_estimate_from_an_idle_probe():
+    from edgeprism.testbed.linktest import burst_estimate, lower_quartile
+
+    # 512 KiB at 8 Mbit/s (1 MB/s) with 3 ms latency: 32 KiB free means (524288 - 32768) / 1e6 s of waiting
+    t = 0.003 + (524288 - 32768) / 1e6
+    assert burst_estimate(524288, (t, t + 1e-4, t - 1e-4), 0.003, 8e6) == pytest.approx(32768, abs=1)
+    assert burst_estimate(524288, (10.0,), 0.003, 8e6) == 0.0  # slower than the rate: no credit
+    assert burst_estimate(524288, (), 0.003, 8e6) == 0.0
+    assert lower_quartile((5.0, 1.0, 9.0, 2.0, 3.0)) == 2.0
+
+
 # ---- the whole profile, with a fake link ----
 
 def test_run_profile_builds_a_valid_profile_for_a_vit(tmp_path):

@@ -52,3 +52,16 @@ def test_bad_inputs():
         OnlineLinkEstimator(bandwidth_bps=0, latency_s=1e-3)
     with pytest.raises(ValueError):
         LinkObservation(10, 1, float("nan"))
+
+
+def test_burst_is_not_read_as_a_faster_link():
+    burst = 32_768.0
+    shapes = [(64, 1), (100_000, 1), (10_000, 2), (1_000_000, 1), (300_000, 1)]
+    observed = [LinkObservation(n, h, 3e-3 * h + 8 * max(0.0, n - burst) / 50e6) for n, h in shapes]
+    estimate = OnlineLinkEstimator(bandwidth_bps=20e6, latency_s=1e-3, burst_bytes=burst).update(observed)
+    assert estimate.latency_s == pytest.approx(3e-3, rel=1e-2)
+    assert estimate.bandwidth_bps == pytest.approx(50e6, rel=1e-2)
+    profile = synthetic_profile()
+    assert OnlineLinkEstimator.from_profile(profile).burst_bytes == profile.link.burst_bytes
+    with pytest.raises(ValueError, match="burst_bytes"):
+        OnlineLinkEstimator(bandwidth_bps=1e6, latency_s=0.0, burst_bytes=-1.0)

@@ -9,12 +9,16 @@ Distributed over k ranks owning n_p tokens, codec with segment size cr, per laye
     kv_p     = n_p + sum_{q != p} S_q                 (decoders: q < p only — partition-aware causal mask)
     compute  = max_p t_layer(B, n_p, kv_p) / speed_p
     staging  = max_p d2h(msg_p) + h2d(sum_{q != p} msg_q)      (0 where the profile has no staging)
-    network  = 8 · (k-1) · max_q msg_q / bandwidth        (GLOO all-gather pads every message to the largest;
-                                                          shared medium: k times that, all ranks share the air)
+    network  = 8 · max(0, (k-1) · max_q msg_q - credit) / bandwidth
+                                                         (GLOO all-gather pads every message to the largest;
+                                                          shared medium: k times that, all ranks share the air;
+                                                          credit = min(burst, bandwidth/8 · layer compute): a
+                                                          token-bucket link refills while the layer computes)
     latency  = (k - 1) · link latency                    (ring all-gather: k - 1 hops; decoders: 1 forward hop)
 and once per request: a control header (one hop), the scatter of raw inputs from rank 0 (one message per
 other rank, B · input_bytes_per_token · (N - n_0) bytes), and the outputs to rank 0 (a sum-reduce of
-k - 1 hops; decoders: one message), B · output_bytes_per_row per other rank — see `message_rounds`.
+k - 1 hops; decoders: one message), B · output_bytes_per_row per other rank — see `message_rounds`;
+each of the two after an idle link, so less a full burst.
 The terms add up (the per-layer maxima are taken term by term, a slight over-estimate when the slowest
 computer is not the slowest stager). Energy sums over the plan's ranks: compute_w, staging_w and
 network_w over each phase and idle_w while waiting for the slowest rank; devices outside the plan are
@@ -70,7 +74,7 @@ def profile_constants(profile: Profile) -> tuple:
             c.per_token_kv_s, c.request_overhead_s, st.present, st.d2h_latency_s + st.h2d_latency_s,
             8.0 / st.d2h_bandwidth_bps if st.present else 0.0, 8.0 / st.h2d_bandwidth_bps if st.present else 0.0,
             profile.link.medium == "shared", profile.input_bytes_per_token, profile.output_bytes_per_row,
-            e.idle_w, e.compute_w, e.staging_w, e.network_w)
+            e.idle_w, e.compute_w, e.staging_w, e.network_w, profile.link.burst_bytes)
 
 
 def message_rounds(num_layers: int, k: int, causal: bool) -> int:
@@ -106,7 +110,7 @@ def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: S
     codec-independent link terms and lower bounds of time and energy over codecs whose ratio is at most
     `max_cr` and whose anchor slots are at least `min_extra` (for the planner's pruning)."""
     (num_layers, causal, a, b_tok, b_kv, b_tok_kv, overhead, _, _, _, _, _, in_bytes, out_bytes,
-     _, compute_w, _, network_w) = constants
+     _, compute_w, _, network_w, burst) = constants
     k = len(counts)
     num_tokens = sum(counts)
     token_s, kv_s, token_kv_s = b_tok * batch, b_kv * batch, b_tok_kv * batch
@@ -125,7 +129,7 @@ def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: S
     overhead_s = overhead / speeds[0]
     scatter_bytes = batch * in_bytes * (num_tokens - counts[0])
     gather_bytes = batch * out_bytes * (k - 1)
-    setup_network_s = 8.0 * (scatter_bytes + gather_bytes) / bandwidth_bps
+    setup_network_s = 8.0 * (max(0.0, scatter_bytes - burst) + max(0.0, gather_bytes - burst)) / bandwidth_bps
     latency_s = message_rounds(num_layers, k, causal) * link_latency_s
     min_total_s = num_layers * max(own_layer_s) + overhead_s + setup_network_s + latency_s
     min_energy_j = (compute_w * (num_layers * sum(own_layer_s) + overhead_s)
@@ -142,7 +146,7 @@ def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity
     The planner's hot loop: link and staging in closed form, then one pass over the ranks for compute.
     With an `objective`, returns None as soon as a lower bound of its score is >= `beat`."""
     (num_layers, causal, _, _, _, _, _, staged, stage_lat_s, d2h_s_per_byte, h2d_s_per_byte, shared,
-     _, _, idle_w, compute_w, staging_w, network_w) = constants
+     _, _, idle_w, compute_w, staging_w, network_w, burst) = constants
     (counts, base, slope, n_min, n_max, num_tokens, overhead_s, setup_network_s, latency_s,
      setup_wire_bytes, min_total_s, min_energy_j) = group
     k = len(counts)
@@ -153,10 +157,9 @@ def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity
     total_message = k * row_bytes + token_bytes * num_tokens
     # GLOO's all-gather takes equal shapes: every message travels padded to the largest one.
     max_received = (k - 1) * (row_bytes + token_bytes * n_max)
-    if shared:
-        layer_network_s = 8.0 * k * max_received / bandwidth_bps
-    else:
-        layer_network_s = 8.0 * max_received / bandwidth_bps
+    air = k if shared else 1
+    # with the whole burst as credit: a lower bound, refined below once the layer's compute is known
+    layer_network_s = 8.0 * air * max(0.0, max_received - burst) / bandwidth_bps
     if staged:
         # d2h(msg_p) + h2d(total - msg_p) is linear in msg_p: its maximum is at the smallest or largest message
         small, large = row_bytes + token_bytes * n_min, row_bytes + token_bytes * n_max
@@ -188,6 +191,9 @@ def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity
         if layer_s > max_layer_s:
             max_layer_s = layer_s
 
+    if burst > 0.0:  # the bucket refills at the link rate while the layer computes
+        credit = min(burst, bandwidth_bps / 8.0 * max_layer_s)
+        layer_network_s = 8.0 * air * max(0.0, max_received - credit) / bandwidth_bps
     compute_s = num_layers * max_layer_s + overhead_s
     staging_s = num_layers * layer_staging_s
     network_s = num_layers * layer_network_s + setup_network_s

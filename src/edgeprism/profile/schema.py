@@ -189,9 +189,12 @@ class LinkMeasurement:
     """How it was measured, e.g. "all_gather sweep 1 KiB..4 MiB, 2 ranks, GLOO"."""
     emulation: str = ""
     """Emulated link, e.g. "tc netem rate 50mbit delay 3ms"; empty for a real link."""
+    burst_bytes: float = 0.0
+    """Bytes a message sends at line rate after an idle gap (a token bucket's depth; 0: no credit)."""
 
     def __post_init__(self) -> None:
-        _check_nonneg("link", latency_s=self.latency_s, bandwidth_bps=self.bandwidth_bps)
+        _check_nonneg("link", latency_s=self.latency_s, bandwidth_bps=self.bandwidth_bps,
+                      burst_bytes=self.burst_bytes)
         if self.bandwidth_bps <= 0:
             raise ValueError(f"link.bandwidth_bps must be > 0, got {self.bandwidth_bps}")
 

@@ -2,7 +2,7 @@
 
 Each observed exchange is one equation of the cost model's link terms (edgeprism.plan.cost):
 
-    seconds = latency_s · hops + 8 · nbytes / bandwidth_bps
+    seconds = latency_s · hops + 8 · max(0, nbytes - burst_bytes) / bandwidth_bps
 
 (a ring all-gather over k ranks: hops = k - 1 and nbytes = (k - 1) · the largest message; a send:
 hops = 1). The estimator keeps a short window of such observations, weights them by age (each request
@@ -15,6 +15,9 @@ A link change is a step, not a drift: when a request's observations are off the 
 more than `change_factor` in either direction (median ratio, and by more than `change_floor_s`), the
 window is cleared and refilled from the new observations alone, so the planner follows within a
 request or two instead of averaging the old link in for many requests.
+
+`burst_bytes` (a token-bucket link's depth, from the profile) is fixed: the bytes a message sends at
+line rate after the compute gap before it, which would otherwise read as a faster link.
 
 Seeded from the profile's link measurement. Pure bookkeeping: no clock, no I/O (STYLE 9 spirit); the
 engine feeds it measured seconds.
@@ -55,7 +58,7 @@ class OnlineLinkEstimator:
 
     def __init__(self, bandwidth_bps: float, latency_s: float, window: int = 64, decay: float = 0.5,
                  change_factor: float = 2.0, change_floor_s: float = 1e-3, prior_weight: float = 1e-3,
-                 min_seconds: float = 1e-4) -> None:
+                 min_seconds: float = 1e-4, burst_bytes: float = 0.0) -> None:
         if not (bandwidth_bps > 0 and latency_s >= 0):
             raise ValueError(f"seed link must have bandwidth_bps > 0 and latency_s >= 0, got "
                              f"{bandwidth_bps}, {latency_s}")
@@ -69,6 +72,9 @@ class OnlineLinkEstimator:
         self.change_floor_s = change_floor_s
         self.prior_weight = prior_weight
         self.min_seconds = min_seconds
+        if burst_bytes < 0:
+            raise ValueError(f"burst_bytes must be >= 0, got {burst_bytes}")
+        self.burst_bytes = float(burst_bytes)
         self.updates = 0
         self.changes = 0
         # (request number, observation); the request number gives the age weight
@@ -76,13 +82,17 @@ class OnlineLinkEstimator:
 
     @classmethod
     def from_profile(cls, profile, **kwargs) -> OnlineLinkEstimator:
+        kwargs.setdefault("burst_bytes", profile.link.burst_bytes)
         return cls(profile.link.bandwidth_bps, profile.link.latency_s, **kwargs)
 
     def estimate(self, healthy_ranks: tuple[int, ...] | None = None) -> LinkEstimate:
         return LinkEstimate(self.bandwidth_bps, self.latency_s, healthy_ranks)
 
     def predict_s(self, observation: LinkObservation) -> float:
-        return self.latency_s * observation.hops + 8.0 * observation.nbytes / self.bandwidth_bps
+        return self.latency_s * observation.hops + 8.0 * self._waited_bytes(observation) / self.bandwidth_bps
+
+    def _waited_bytes(self, observation: LinkObservation) -> float:
+        return max(0.0, observation.nbytes - self.burst_bytes)
 
     def update(self, observations: list[LinkObservation]) -> LinkEstimate:
         """Fold one request's observations in; return the new estimate."""
@@ -118,7 +128,7 @@ class OnlineLinkEstimator:
         rows, targets = [], []
         for number, o in self._window:
             weight = self.decay ** (self.updates - number) / max(o.seconds, self.min_seconds)
-            rows.append([weight * o.hops, weight * 8.0 * o.nbytes])
+            rows.append([weight * o.hops, weight * 8.0 * self._waited_bytes(o)])
             targets.append(weight * o.seconds)
         scale_latency = max(self.latency_s, self.min_seconds)
         scale_g = 1.0 / self.bandwidth_bps

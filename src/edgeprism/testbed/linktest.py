@@ -1,18 +1,25 @@
 """Measure what a link really delivers, through the same GLOO collectives the runtime uses.
 
-Latency: the median time of an all-gather of a tiny tensor, divided by its sequential hops.
+Latency: the time of an all-gather of a tiny tensor, divided by its sequential hops (median, and the
+lower quartile: on a shared host the upper samples hold waits for a busy core, which is not the link).
 Bandwidth: a broadcast from rank 0 to rank 1 (one link direction) large enough to take ~0.25 s, minus
 the small-message time. The same size is then all-gathered over the whole group: the rate one rank
 pushes through its link while every link carries traffic both ways, which is what the runtime's
 exchange gets (`allgather_bandwidth_bps`; lower than the link rate, see docs/TESTBED.md). Everything
 goes through `EmulatedLink.before_collective` exactly as the runtime's collectives do, so the added
 delay (and, on the loopback fallback, the rate) is part of what is measured.
+
+Burst: a token-bucket link (the testbed's tbf, many shapers) lets a message that follows an idle gap
+through at line rate up to its bucket depth. After an idle gap, a broadcast of `burst_probe_nbytes`
+that takes t seconds reveals it: burst = probe - (t - latency) · rate (0 on a link without credit).
+The runtime's per-layer messages follow compute gaps, so the cost model needs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
@@ -53,12 +60,18 @@ class LinkMeasurement:
     allgather_samples_s: tuple[float, ...]
     emulation: str
     """How the link is made, as the emulated link describes it ("none" without one)."""
+    latency_low_s: float = float("nan")
+    """Lower quartile of the small all-gathers / hops: what the profile uses (robust to a busy host)."""
+    burst_bytes: float = 0.0
+    """Bytes a message sends at line rate after an idle gap (token-bucket depth), median of the probes."""
+    burst_samples_s: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["latency_samples_s"] = list(self.latency_samples_s)
         data["bandwidth_samples_s"] = list(self.bandwidth_samples_s)
         data["allgather_samples_s"] = list(self.allgather_samples_s)
+        data["burst_samples_s"] = list(self.burst_samples_s)
         return data
 
     def __str__(self) -> str:
@@ -76,6 +89,7 @@ class LinkMeasurement:
         data["latency_samples_s"] = tuple(data["latency_samples_s"])
         data["bandwidth_samples_s"] = tuple(data["bandwidth_samples_s"])
         data["allgather_samples_s"] = tuple(data["allgather_samples_s"])
+        data["burst_samples_s"] = tuple(data.get("burst_samples_s", ()))
         return cls(**data)
 
 
@@ -108,6 +122,14 @@ def _timed_broadcast(
     return time.perf_counter() - start_s
 
 
+def _idle_broadcast(nbytes: int, group_rank: int, link: EmulatedLink | None, group: dist.ProcessGroup | None,
+                    idle_s: float) -> float:
+    """A timed broadcast after both ranks left the link idle for `idle_s` (a token bucket refills)."""
+    dist.barrier(group=group)
+    time.sleep(idle_s)
+    return _agree_max(_timed_broadcast(nbytes, group_rank, link, group), group)
+
+
 def _agree_max(value_s: float, group: dist.ProcessGroup | None) -> float:
     """The largest of the ranks' values, so every rank takes the same branch (untimed)."""
     t = torch.tensor([value_s], dtype=torch.float64)
@@ -126,6 +148,9 @@ def measure_link(
     bandwidth_target_s: float = 0.25,
     bandwidth_repeats: int = 3,
     warmup: int = 3,
+    burst_probe_nbytes: int = 512 * 1024,
+    burst_idle_s: float = 0.1,
+    burst_repeats: int = 3,
 ) -> LinkMeasurement:
     """Measure latency and bandwidth between the ranks of `group` (collective: every rank calls it).
 
@@ -146,6 +171,7 @@ def measure_link(
         _timed_all_gather(latency_nbytes, world_size, link, group)
     latency_samples = tuple(_timed_all_gather(latency_nbytes, world_size, link, group) for _ in range(latency_repeats))
     small_s = statistics.median(latency_samples)
+    low_s = lower_quartile(latency_samples)
     # Every rank must take the same sizes below, so they decide on agreed (not local) times.
     small_agreed_s = _agree_max(small_s, group)
 
@@ -166,6 +192,11 @@ def measure_link(
             factor = 2 if elapsed_s < 4 * small_agreed_s else max(2, min(16, int(bandwidth_target_s / elapsed_s) + 1))
             nbytes = min(nbytes * factor, bandwidth_max_nbytes)
         bandwidth_samples = tuple(_timed_broadcast(nbytes, group_rank, link, pair) for _ in range(bandwidth_repeats))
+        burst_probe_nbytes = min(burst_probe_nbytes, nbytes)  # at most the ~0.25 s bandwidth size
+        burst_samples = tuple(_idle_broadcast(burst_probe_nbytes, group_rank, link, pair, burst_idle_s)
+                              for _ in range(burst_repeats))
+    else:
+        burst_samples = ()
     # Every rank learns the size rank 0 settled on.
     size = torch.tensor([nbytes], dtype=torch.int64)
     dist.broadcast(size, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
@@ -178,11 +209,12 @@ def measure_link(
         transfer_s = statistics.median(samples) - fixed_s
         return bits / transfer_s if transfer_s > 0 else float("inf")
 
+    one_way_bps = rate_bps(nbytes * 8, bandwidth_samples, low_s / hops)
     return LinkMeasurement(
         latency_s=small_s / hops,
         latency_min_s=min(latency_samples) / hops,
-        bandwidth_bps=rate_bps(nbytes * 8, bandwidth_samples, small_s / hops),
-        allgather_bandwidth_bps=rate_bps(hops * nbytes * 8, allgather_samples, small_s),
+        bandwidth_bps=one_way_bps,
+        allgather_bandwidth_bps=rate_bps(hops * nbytes * 8, allgather_samples, low_s),
         world_size=world_size,
         hops=hops,
         latency_nbytes=latency_nbytes,
@@ -191,7 +223,23 @@ def measure_link(
         bandwidth_samples_s=bandwidth_samples,
         allgather_samples_s=allgather_samples,
         emulation=link.describe() if link is not None else "none",
+        latency_low_s=low_s / hops,
+        burst_bytes=burst_estimate(burst_probe_nbytes, burst_samples, low_s / hops, one_way_bps),
+        burst_samples_s=burst_samples,
     )
+
+
+def lower_quartile(samples: tuple[float, ...]) -> float:
+    ordered = sorted(samples)
+    return ordered[(len(ordered) - 1) // 4]
+
+
+def burst_estimate(probe_nbytes: int, samples: tuple[float, ...], latency_s: float, rate_bps: float) -> float:
+    """Bytes that went through without waiting on the rate: probe - (t - latency) · rate, in [0, probe]."""
+    if not samples or not (rate_bps > 0 and math.isfinite(rate_bps)):
+        return 0.0
+    waited_bytes = (statistics.median(samples) - latency_s) * rate_bps / 8.0
+    return float(min(probe_nbytes, max(0.0, probe_nbytes - waited_bytes)))
 
 
 def run_link_test(testbed: "Testbed", timeout_s: float = 180.0, latency_repeats: int = 20) -> LinkMeasurement:
