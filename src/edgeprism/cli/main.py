@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "run",
     "eval",
+    "calibrate",
     "plan",
     "profile",
     "serve",

@@ -117,3 +117,7 @@ register(ModelConfig("gpt2-124m", "gpt2", hidden_size=768, num_layers=12, num_he
 # The project's own byte-level GPT-2 fixture (package data: edgeprism/assets/gpt2-shakespeare; docs/DATA.md).
 register(ModelConfig("gpt2-shakespeare", "gpt2", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
                      layer_norm_eps=1e-5, hidden_act="gelu_new", vocab_size=257, max_positions=256, pooler="none"))
+# A tiny ViT for Fashion-MNIST (28 x 28 grey, patch 4: 49 patches + [CLS]), trained here from scratch by
+# `edgeprism.calibrate.tasks.train_fashion_vit` into the cache (docs/CALIBRATION.md); pooled = final-normed [CLS].
+register(ModelConfig("vit-fmnist-tiny", "vit", hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256,
+                     layer_norm_eps=1e-6, image_size=28, patch_size=4, num_channels=1, pooler="cls"))

@@ -63,6 +63,44 @@ def remote_key_bias(counts: Tensor, size_aware: bool, dtype: torch.dtype) -> Ten
     return bias.masked_fill(counts <= 0, mask_value(dtype))[:, None, None, :]
 
 
+def own_key_bias(valid: Tensor, token_start: int, token_end: int, causal: bool, dtype: torch.dtype) -> Tensor:
+    """A rank's bias over its own keys: padding masked, and (decoders) the causal mask over absolute
+    positions [token_start, token_end) → (B, 1, n_own, n_own)."""
+    batch, num_own = valid.shape
+    bias = key_padding_bias(valid, dtype)  # (B, 1, 1, n_own)
+    if causal:
+        positions = torch.arange(token_start, token_end, device=valid.device)
+        bias = bias + causal_bias(positions, positions, dtype)  # (B, 1, n_own, n_own)
+    return bias.expand(batch, 1, num_own, num_own)
+
+
+def exchanged_states(block, hidden: Tensor, average: Literal["residual", "normed"]) -> Tensor:
+    """What a rank encodes and sends of its own tokens at `block` (DESIGN rule 2, or its measured
+    departure): the residual stream, or the block's normalised K/V input ("normed")."""
+    return hidden if average == "residual" else block.kv_input(hidden)
+
+
+def block_with_remote(block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
+                      size_aware: bool, average: Literal["residual", "normed"],
+                      sent: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+    """One block of the restructured attention (DESIGN rules 3-5) for one rank.
+
+    hidden (B, n_own, d) own residual stream; own_bias (B, 1, n_own, n_own) from `own_key_bias`;
+    remote (B, S_remote, d) the decoded vectors this rank may read and counts (B, S_remote) the
+    tokens each stands for; `sent`: this rank's own `exchanged_states` if already computed.
+    Returns (new hidden (B, n_own, d), (k, v) over [own ; remote], remote bias (B, 1, 1, S_remote)).
+    The distributed transform and the single-process emulation (`edgeprism.calibrate`) both call it.
+    """
+    batch, num_own, _ = hidden.shape
+    remote_bias = remote_key_bias(counts, size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
+    bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
+    own_kv_in = sent if (sent is not None and average == "normed") else block.kv_input(hidden)
+    remote_kv_in = block.kv_input(remote) if average == "residual" else remote
+    kv_in = torch.cat([own_kv_in, remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
+    kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
+    return block(hidden, bias=bias, kv=kv), kv, remote_bias  # hidden: (B, n_own, d)
+
+
 class PositionWise:
     """A reference model, split by token position across the ranks of `ctx`.
 
@@ -229,11 +267,7 @@ class PositionWise:
             batch, num_own, d = hidden.shape
             valid = model.valid_mask(part, batch, num_own).to(hidden.device)
             anchor = model.anchor_mask(part, own.start, own.end).to(hidden.device)
-            own_bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, n_own)
-            if causal:
-                positions = torch.arange(own.start, own.end, device=hidden.device)
-                own_bias = own_bias + causal_bias(positions, positions, hidden.dtype)  # (B, 1, n_own, n_own)
-            own_bias = own_bias.expand(batch, 1, num_own, num_own)
+            own_bias = own_key_bias(valid, own.start, own.end, causal, hidden.dtype)  # (B, 1, n_own, n_own)
             specs = [codec.wire_spec(batch, r.num_tokens, d) for r in ranges]
             sizes = [spec_nbytes(s) for s in specs]
             # A stateful codec (e.g. delta coding across layers) keeps per-request state in a session;
@@ -241,22 +275,18 @@ class PositionWise:
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
             for layer, block in enumerate(model.blocks):
-                # What is averaged (DESIGN rule 2): the residual stream (default), or — an option kept to
-                # measure it — the block's normalised K/V input ("normed"; identical for post-LN BERT).
-                sent = hidden if self.average == "residual" else block.kv_input(hidden)
+                # What is sent (DESIGN rule 2 and its measured departure, see DEFAULT_AVERAGE): the block's
+                # normalised K/V input ("normed", default; identical for post-LN BERT) or the residual stream.
+                sent = exchanged_states(block, hidden, self.average)
                 if session is not None:
                     specs = [session.wire_spec(layer, batch, r.num_tokens, d) for r in ranges]
                     sizes = [spec_nbytes(s) for s in specs]
                 remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
-                remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
-                bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
-                remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
-                kv_in = torch.cat([block.kv_input(hidden), remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
-                kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
+                hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
+                                                            self.size_aware, self.average, sent)
                 if keep_cache:
                     state.kv_cache.append(kv)
                     state.remote_bias = remote_bias
-                hidden = block(hidden, bias=bias, kv=kv)  # (B, n_own, d)
             state.hidden = model.finish(hidden)
         return state
 
