@@ -65,3 +65,20 @@ def test_burst_is_not_read_as_a_faster_link():
     assert OnlineLinkEstimator.from_profile(profile).burst_bytes == profile.link.burst_bytes
     with pytest.raises(ValueError, match="burst_bytes"):
         OnlineLinkEstimator(bandwidth_bps=1e6, latency_s=0.0, burst_bytes=-1.0)
+
+
+def test_layer_observations_pair_the_least_and_greatest_wait():
+    from edgeprism.runtime.telemetry import TELEMETRY_HEAD, observations
+
+    delay, transfer, skew = 3e-3, 40e-3, 10e-3  # rank 1 arrives 10 ms late and waits only 30 ms
+    # three layers with the skew below the transfer; one where rank 1 came 60 ms late and waited for nothing
+    early = [0.0] * TELEMETRY_HEAD + [100_000, delay, skew + transfer] * 3 + [100_000, delay, 60e-3 + transfer]
+    late = [0.0] * TELEMETRY_HEAD + [100_000, delay, transfer - skew] * 3 + [100_000, delay, 0.0]
+    found = observations([early, late], k=2, num_layers=4)
+    assert [(o.nbytes, o.hops) for o in found] == [(100_000, 1)]  # one message size: one observation
+    assert found[0].seconds == pytest.approx(delay + transfer)
+    # the uninformative layer alone gives no observation (the late rank alone would say: no transfer time)
+    assert observations([early[:TELEMETRY_HEAD] + early[-3:], late[:TELEMETRY_HEAD] + late[-3:]], 2, 1) == []
+    # from these the estimator learns the link (latency from the prior, bandwidth from the bytes)
+    estimate = OnlineLinkEstimator(bandwidth_bps=50e6, latency_s=delay).update(found)
+    assert estimate.bandwidth_bps == pytest.approx(8 * 100_000 / transfer, rel=0.05)

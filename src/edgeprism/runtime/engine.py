@@ -75,6 +75,9 @@ class EngineConfig:
     (`LinkEstimate.local_compute_scale`). Off by default: it corrects local relative to distributed
     compute only, and when the distributed prediction is stale too (network terms included) it tipped
     plans to local where Segment Means was 15-30 % faster (benchmarks, README). On = opt in."""
+    learn_link: bool = True
+    """Re-estimate the link from every distributed request's exchanges and from probes (off: plan by the
+    profile's link alone, e.g. a fixed wired link or a test that must not depend on this host's noise)."""
     size_aware: bool = DEFAULT_SIZE_AWARE
     """log(count) logit bias for received means (the measured default; see partition.transform)."""
     blow_factor: float = 2.0
@@ -255,7 +258,7 @@ class Engine:
             request_id = str(request_id) if request_id is not None else str(self._requests)
             inputs = self._checked(inputs)
             self.maintain()
-            if self._local_streak and self.config.probe_every and self._local_streak % self.config.probe_every == 0:
+            if self._local_streak and self.config.learn_link and self.config.probe_every and self._local_streak % self.config.probe_every == 0:
                 self._probe()
             forced = plan
             plan, request, link = self._plan(inputs, objective, limits, forced)
@@ -360,8 +363,8 @@ class Engine:
                              stats.collective_s, stats.emulated_delay_s]]
         finally:
             lane.exchanger.deadline = None
-        if len(per_rank) == len(plan.ranks):
-            self.estimator.update(observations(per_rank, stats, len(plan.ranks), self.model.config.num_layers))
+        if len(per_rank) == len(plan.ranks) and self.config.learn_link:
+            self.estimator.update(observations(per_rank, len(plan.ranks), self.model.config.num_layers))
         rank0 = per_rank[0]
         bytes_exchanged = int(sum(r[1] for r in per_rank)) + control.nbytes_sent
         layer_nbytes = int(sum(r[2] for r in per_rank))
@@ -430,7 +433,7 @@ class Engine:
         finally:
             exchanger.deadline = None
         k = len(ranks)
-        found = [LinkObservation((k - 1) * sent, k - 1, seconds) for kind, sent, seconds in stats.events
+        found = [LinkObservation((k - 1) * sent, k - 1, delay_s + wait_s) for kind, sent, delay_s, wait_s in stats.events
                  if kind == "probe"]
         log.info("link probe over ranks %s: %s", list(ranks), self.estimator.update(found))
 

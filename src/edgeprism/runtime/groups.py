@@ -43,13 +43,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RecordingStats(ExchangeStats):
-    """ExchangeStats that also keeps every exchange: (kind, bytes sent, link seconds = delay + collective)."""
+    """ExchangeStats that also keeps every exchange: (kind, bytes sent, emulated delay s, collective s)."""
 
-    events: list[tuple[str, int, float]] = field(default_factory=list)
+    events: list[tuple[str, int, float, float]] = field(default_factory=list)
 
     def add(self, kind: str, sent: int, received: int, staging_s: float, collective_s: float, delay_s: float) -> None:
         super().add(kind, sent, received, staging_s, collective_s, delay_s)
-        self.events.append((kind, sent, collective_s + delay_s))
+        self.events.append((kind, sent, delay_s, collective_s))
 
 
 def start_recording(exchanger) -> RecordingStats:
