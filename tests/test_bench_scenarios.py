@@ -19,6 +19,12 @@ def test_shipped_scenarios_parse():
     assert "segment_means:sm16" in full.jobs()[0].strategies and "segment_means" not in full.jobs()[0].strategies
 
 
+@pytest.mark.parametrize("path", sorted(BENCHMARKS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_scenario_expands_into_jobs(path):
+    jobs = load_scenario(path).jobs()
+    assert jobs and all(job.batches and job.strategies for job in jobs)
+
+
 def test_job_spec_round_trip():
     job = load_scenario(BENCHMARKS / "smoke.toml").jobs()[0]
     spec = JobSpec(job, "/p.json", "/rows.jsonl", {"git_sha": "abc"}, 50e6)
