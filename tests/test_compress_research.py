@@ -147,7 +147,7 @@ def test_delta_runs_through_the_transform_close_to_reference(model_name: str, wo
     assert delta_bytes > keyframe_bytes  # the 8-bit key frame costs more than one 3-bit layer
 
 
-@pytest.mark.parametrize("name", ["delta:lb8o4:lb3o4r", "delta:int8", "lb3o4r", "sm4a+int8"])
+@pytest.mark.parametrize("name", ["delta:lb8o4:lb3o4r", "delta:int8:lb3*2:int4", "lb3o4r", "sm4a+int8"])
 @pytest.mark.parametrize("size", [(1, 16, 64), (2, 13, 70)])
 def test_request_nbytes_is_the_sum_of_what_a_session_sends(name: str, size) -> None:
     """request_nbytes / mean_nbytes count every layer's wire exactly (delta: key frame, then residuals)."""
@@ -168,3 +168,34 @@ def test_request_nbytes_is_the_sum_of_what_a_session_sends(name: str, size) -> N
         assert sent < num_layers * codec.nbytes(*size)  # nbytes is the key frame alone
     with pytest.raises(ValueError, match="num_layers"):
         request_nbytes(codec, 0, *size)
+
+
+def test_delta_schedule_names_and_per_layer_formats() -> None:
+    codec = get_codec("delta:lb4o4r:lb3o4r*4:lb4o4r")
+    assert isinstance(codec, DeltaCodec) and codec.name == "delta:lb4o4r:lb3o4r*4:lb4o4r"
+    assert [codec.layer_format(layer).name for layer in range(8)] == ["lb4o4r"] + ["lb3o4r"] * 4 + ["lb4o4r"] * 3
+    assert get_codec("delta:lb4o4r:lb3o4r*2:lb3o4r") == get_codec("delta:lb4o4r:lb3o4r")  # trailing = rest
+    assert get_codec("delta:lb4o4r:lb3o4r").name == "delta:lb4o4r:lb3o4r"
+    # d = 384, one row of 64 tokens over 6 layers: key frame lb4o4r (+ mask), four lb3o4r, one lb4o4r
+    lb4, lb3 = 64 * (192 + 2 + 16), 64 * (144 + 2 + 16)
+    assert [codec.layer_nbytes(layer, 1, 64, 384) for layer in range(6)] == [lb4 + 2 + 8] + [lb3 + 2] * 4 + [lb4 + 2]
+    for bad in ("delta:lb4*2:lb3", "delta:lb4:lb3*2", "delta:lb4:lb3*0:lb4", "delta:lb4::lb3"):
+        with pytest.raises(ValueError, match="delta"):
+            get_codec(bad)
+
+
+def test_delta_schedule_session_uses_each_layers_format() -> None:
+    """The layer the schedule gives 8 bits is reconstructed far better than its 2-bit neighbours."""
+    gen = torch.Generator().manual_seed(4)
+    codec = get_codec("delta:lb8o4:lb2r:lb8r:lb2r")
+    sender, receiver = codec.session(), codec.session()
+    hidden, valid = torch.randn(1, 32, 64, generator=gen), torch.ones(1, 32, dtype=torch.bool)
+    errors = []
+    for layer in range(4):
+        step = hidden + torch.randn(1, 32, 64, generator=gen)  # a residual as large as the state
+        wire = sender.encode(layer, step, valid)
+        assert [(tuple(t.shape), t.dtype) for t in wire] == sender.wire_spec(layer, 1, 32, 64)
+        vectors, _ = receiver.decode(layer, 1, unpack(pack(wire), sender.wire_spec(layer, 1, 32, 64)))
+        errors.append(float((vectors - step).pow(2).mean() / step.pow(2).mean()))
+        hidden = step
+    assert errors[2] < errors[1] / 20 and errors[2] < errors[3] / 20

@@ -3,9 +3,11 @@
 Grammar (case-insensitive, surrounding spaces ignored)::
 
     codec   := format | sm | sm "+" format | delta
-    delta   := "delta:" format [":" format]   key frame in the first format at layer 0, then each
-                                      layer's residual against the shared reconstruction in the
-                                      last one (compress/delta.py; stateful per request)
+    delta   := "delta:" format { ":" format ["*" N] } ":" format | "delta:" format
+                                      key frame in the first format at layer 0, then each layer's
+                                      residual against the shared reconstruction: the middle formats
+                                      for layers 1, 2, ... in order ("*N": N layers), the last one
+                                      for every later layer (compress/delta.py; stateful per request)
     sm      := "sm" N [ "a" [K] ]     N >= 1 tokens per segment; "a": exact anchors, K >= 1 slots
                                       per row (default 2, DEFAULT_MAX_ANCHORS)
     format  := fp32 | fp16 | bf16     float wire
@@ -150,18 +152,27 @@ def get_codec(name: str) -> Codec:
 
 
 def _parse_delta(text: str, name: str) -> DeltaCodec:
-    """"delta:lb8o4:lb3o4r" -> DeltaCodec(key frame lb8o4, residuals lb3o4r); "delta:int8" uses one format."""
+    """"delta:lb8o4:lb3o4r" -> DeltaCodec(key frame lb8o4, residuals lb3o4r); "delta:int8" uses one format;
+    "delta:lb4o4r:lb3o4r*4:lb4o4r": layers 1-4 in lb3o4r, layer 5 and later in lb4o4r."""
     stages = text.split(":")[1:]
-    if len(stages) not in (1, 2) or any(not s for s in stages):
-        raise ValueError(f"codec {name!r}: write delta:FORMAT or delta:FIRST:REST, e.g. delta:lb8o4:lb3o4r")
-    formats = []
-    for stage in stages:
-        fmt = _parse_format(stage, name)
+    hint = "write delta:FORMAT, delta:FIRST:REST or delta:FIRST:MIDDLE[*N]:...:REST, e.g. delta:lb4o4r:lb3o4r*4:lb4o4r"
+    if not stages or any(not s for s in stages):
+        raise ValueError(f"codec {name!r}: {hint}")
+    formats: list[ValueFormat] = []
+    for position, stage in enumerate(stages):
+        part, star, count_text = stage.partition("*")
+        count = 1
+        if star:
+            if position in (0, len(stages) - 1):
+                raise ValueError(f"codec {name!r}: only a middle format takes *N (the key frame is one layer, the "
+                                 f"last format repeats for every later layer); {hint}")
+            count = _parse_positive_int(count_text, "layer count", name)
+        fmt = _parse_format(part, name)
         if fmt is None:
-            raise ValueError(f"codec {name!r}: unknown format {stage!r} in a delta codec; formats: "
+            raise ValueError(f"codec {name!r}: unknown format {part!r} in a delta codec; formats: "
                              f"{', '.join(list_formats())}, lbB[oK][r]; e.g. delta:lb8o4:lb3o4r")
-        formats.append(fmt)
-    return DeltaCodec(formats[0], formats[-1])
+        formats += [fmt] * count
+    return DeltaCodec(formats[0], formats[-1], tuple(formats[1:-1]))
 
 
 def parse_codec_list(text: str) -> list[Codec]:
