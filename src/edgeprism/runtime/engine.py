@@ -33,9 +33,8 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -45,85 +44,20 @@ from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import PeerError
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.plan import Limits, Plan, Request, choose_plan
-from edgeprism.partition.transform import DEFAULT_SIZE_AWARE
 from edgeprism.profile.schema import Profile
-from edgeprism.runtime.control import ControlChannel, ControlError, Mailbox
+from edgeprism.runtime.config import EngineConfig
+from edgeprism.runtime.control import ControlChannel, Mailbox
 from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
 from edgeprism.runtime.link_estimate import ComputeBiasEstimator, LinkObservation, OnlineLinkEstimator
-from edgeprism.runtime.membership import Membership, acknowledge, join_cluster
+from edgeprism.runtime.membership import Membership, join_cluster
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.requests import check_inputs
 from edgeprism.runtime.telemetry import observations, probe_exchanges, sync, telemetry
+from edgeprism.runtime.worker_side import WorkerSide
 
 log = logging.getLogger(__name__)
 
 _FROM_ENV = object()
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine plans and protects itself. Times in seconds."""
-
-    objective: Literal["latency", "energy", "edp"] = "latency"
-    max_fidelity_loss: float | None = None
-    """Largest normalised metric loss a codec may have (None: any profiled codec)."""
-    max_latency_s: float | None = None
-    max_batch: int = 32
-    """Requests with more rows are refused (ValueError for that request)."""
-    learn_compute: bool = False
-    """Re-estimate online how far local vs distributed compute runs from the profile's prediction
-    (`LinkEstimate.local_compute_scale`). Off by default: it corrects local relative to distributed
-    compute only, and when the distributed prediction is stale too (network terms included) it tipped
-    plans to local where Segment Means was 15-30 % faster (benchmarks, README). On = opt in."""
-    learn_link: bool = True
-    """Re-estimate the link from every distributed request's exchanges and from probes (off: plan by the
-    profile's link alone, e.g. a fixed wired link or a test that must not depend on this host's noise)."""
-    size_aware: bool = DEFAULT_SIZE_AWARE
-    """log(count) logit bias for received means (the measured default; see partition.transform)."""
-    blow_factor: float = 2.0
-    """A request whose latency exceeds this × its prediction is logged as a warning."""
-    probe_every: int = 8
-    """After this many local plans in a row, measure the link with a small probe (0: never), so that a
-    link that got faster can win back distributed plans."""
-    probe_nbytes: int = 64 * 1024
-    idle_timeout_s: float = 7 * 24 * 3600.0
-    """How long idle workers wait for the next control message."""
-    history: int = 1000
-    """Metrics rows kept in `Engine.history`."""
-    stall_factor: float = 5.0
-    min_stall_s: float = 2.0
-    """A distributed request is given up (and rerun locally) after max(min_stall_s, stall_factor ×
-    its predicted latency): the bound on the stall a lost peer causes."""
-    regroup_timeout_s: float = 5.0
-    """How long a liveness round waits for workers to answer (plus the failed request's stall), and how
-    long connecting an epoch's groups may take."""
-    group_timeout_s: float = 30.0
-    """GLOO's own timeout on the lanes: only the backstop behind the per-request deadline."""
-    join_check_s: float = 1.0
-    """How often rank 0 looks, between requests, for workers (re)joining."""
-    start_timeout_s: float = 300.0
-    """How long rank 0 waits for every worker to join at start."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch {self.max_batch} must be >= 1")
-        if self.blow_factor <= 1:
-            raise ValueError(f"blow_factor {self.blow_factor} must be > 1")
-        if self.probe_every < 0 or self.probe_nbytes < 1:
-            raise ValueError(f"probe_every {self.probe_every} must be >= 0 and probe_nbytes {self.probe_nbytes} >= 1")
-        if self.stall_factor < 1 or self.min_stall_s <= 0:
-            raise ValueError(f"stall_factor {self.stall_factor} must be >= 1 and min_stall_s {self.min_stall_s} > 0")
-        for name in ("regroup_timeout_s", "group_timeout_s", "join_check_s", "start_timeout_s", "idle_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} {getattr(self, name)} must be > 0")
-        Limits(self.max_fidelity_loss, self.max_latency_s)  # validates both
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(self.max_fidelity_loss, self.max_latency_s)
-
-    def stall_s(self, predicted_latency_s: float) -> float:
-        return max(self.min_stall_s, self.stall_factor * predicted_latency_s)
 
 
 def default_store(ctx: DistContext):
@@ -139,7 +73,7 @@ def default_store(ctx: DistContext):
     return dist.PrefixStore(f"edgeprism/{attempt}/" if attempt else "edgeprism/", store)
 
 
-class Engine:
+class Engine(WorkerSide):
     """Serves requests per plan over the ranks of `ctx` (see the module docstring). Collective to build:
     every rank constructs one with the same model, weights and profile. `store` is the rendezvous store
     (default: the launcher's), `secret` the cluster secret (default: EDGEPRISM_SECRET_FILE /
@@ -498,95 +432,6 @@ class Engine:
                 from edgeprism.comm.context import shutdown
 
                 shutdown(self.ctx)
-
-    # --- the other ranks ---
-    def serve_workers(self) -> int:
-        """Worker loop: wait for rank 0's next message and do it (our part of a plan, a probe, a ping, a
-        new epoch), until shutdown. Returns the number of distributed requests this rank took part in."""
-        if self.ctx.is_root:
-            raise RuntimeError("serve_workers is for ranks other than 0")
-        if self._mailbox is None:
-            return 0
-        return self._serve(until_epoch=False)
-
-    def _serve(self, until_epoch: bool) -> int:
-        served = 0
-        while True:
-            message = self._mailbox.receive(self.config.idle_timeout_s)
-            op = message["op"]
-            if op == "shutdown":
-                log.info("rank %d: shutdown after %d requests", self.ctx.group_rank, served)
-                retire_lanes(self._lanes, background=False)  # not at interpreter exit (see retire_lanes)
-                return served
-            if op == "ping":
-                acknowledge(self._store, self._mailbox.session, message["epoch"])
-            elif op == "epoch":
-                self._join_epoch(message)
-                if until_epoch and self._lanes:
-                    return served
-            elif op == "evicted":
-                retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
-                if not message["rejoin"]:
-                    raise RuntimeError(f"rank 0 dropped rank {self.ctx.group_rank}: {message['reason']}")
-                log.warning("rank %d: rank 0 dropped us (%s); joining again", self.ctx.group_rank, message["reason"])
-                self._mailbox = Mailbox(self._store, join_cluster(self._store, self._secret,
-                                                                  self.ctx.group_rank,
-                                                                  start_digests(self.model, self.profile),
-                                                                  self.config.start_timeout_s))
-            elif op in ("infer", "probe"):
-                served += self._take_part(message)
-            else:
-                raise ControlError(f"rank 0 sent {op!r} where a worker's message was expected")
-
-    def _join_epoch(self, message: dict) -> None:
-        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
-        members = tuple(message["members"])
-        self._epoch = message["epoch"]
-        if self.ctx.group_rank not in members:
-            return
-        try:
-            self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
-                                            float(message["timeout_s"]), float(message["build_timeout_s"]),
-                                            self._bind_addr)
-            self._members = members
-        except RuntimeError as err:
-            log.warning("rank %d: epoch %d did not connect: %s", self.ctx.group_rank, self._epoch, err)
-
-    def _take_part(self, message: dict) -> int:
-        """Our part of a distributed request or probe; 1 if a request was served. A failure drops the lanes
-        (rank 0 asks who is left next)."""
-        if message["epoch"] != self._epoch:
-            return 0  # from an epoch that has ended
-        if message["op"] == "probe":
-            lane = self._lanes.get(tuple(message["ranks"]))
-        else:
-            try:
-                plan = Plan.from_dict(message["plan"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise ControlError(f"rank 0 sent a malformed plan: {err}") from None
-            lane = self._lanes.get(tuple(plan.ranks))
-        if lane is None or lane.exchanger is None:
-            return 0  # not in this plan: straight back to waiting
-        exchanger = lane.exchanger
-        exchanger.deadline = time.monotonic() + float(message["stall_s"])
-        try:
-            if message["op"] == "probe":
-                probe_exchanges(exchanger, message["nbytes"])
-                return 0
-            stats = start_recording(exchanger)
-            start = time.perf_counter()
-            lane.transform(self.model, plan.codec, self.config.size_aware).forward(
-                None, gather_hidden=message["gather_hidden"])
-            sync(self.ctx.device)
-            telemetry(exchanger, stats, time.perf_counter() - start, self.model.config.num_layers)
-            return 1
-        except PeerError as err:
-            log.warning("rank %d: request of epoch %d failed (%s); waiting for rank 0", self.ctx.group_rank,
-                        self._epoch, err)
-            retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
-            return 0
-        finally:
-            exchanger.deadline = None
 
 
 def _local_plan(plan: Plan, request: Request) -> Plan:

@@ -1,0 +1,78 @@
+"""How the engine plans and protects itself: `EngineConfig` (times in seconds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from edgeprism.partition.transform import DEFAULT_SIZE_AWARE
+from edgeprism.plan import Limits
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine plans and protects itself. Times in seconds."""
+
+    objective: Literal["latency", "energy", "edp"] = "latency"
+    max_fidelity_loss: float | None = None
+    """Largest normalised metric loss a codec may have (None: any profiled codec)."""
+    max_latency_s: float | None = None
+    max_batch: int = 32
+    """Requests with more rows are refused (ValueError for that request)."""
+    learn_compute: bool = False
+    """Re-estimate online how far local vs distributed compute runs from the profile's prediction
+    (`LinkEstimate.local_compute_scale`). Off by default: it corrects local relative to distributed
+    compute only, and when the distributed prediction is stale too (network terms included) it tipped
+    plans to local where Segment Means was 15-30 % faster (benchmarks, README). On = opt in."""
+    learn_link: bool = True
+    """Re-estimate the link from every distributed request's exchanges and from probes (off: plan by the
+    profile's link alone, e.g. a fixed wired link or a test that must not depend on this host's noise)."""
+    size_aware: bool = DEFAULT_SIZE_AWARE
+    """log(count) logit bias for received means (the measured default; see partition.transform)."""
+    blow_factor: float = 2.0
+    """A request whose latency exceeds this × its prediction is logged as a warning."""
+    probe_every: int = 8
+    """After this many local plans in a row, measure the link with a small probe (0: never), so that a
+    link that got faster can win back distributed plans."""
+    probe_nbytes: int = 64 * 1024
+    idle_timeout_s: float = 7 * 24 * 3600.0
+    """How long idle workers wait for the next control message."""
+    history: int = 1000
+    """Metrics rows kept in `Engine.history`."""
+    stall_factor: float = 5.0
+    min_stall_s: float = 2.0
+    """A distributed request is given up (and rerun locally) after max(min_stall_s, stall_factor ×
+    its predicted latency): the bound on the stall a lost peer causes."""
+    regroup_timeout_s: float = 5.0
+    """How long a liveness round waits for workers to answer (plus the failed request's stall), and how
+    long connecting an epoch's groups may take."""
+    group_timeout_s: float = 30.0
+    """GLOO's own timeout on the lanes: only the backstop behind the per-request deadline."""
+    join_check_s: float = 1.0
+    """How often rank 0 looks, between requests, for workers (re)joining."""
+    start_timeout_s: float = 300.0
+    """How long rank 0 waits for every worker to join at start."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch {self.max_batch} must be >= 1")
+        if self.blow_factor <= 1:
+            raise ValueError(f"blow_factor {self.blow_factor} must be > 1")
+        if self.probe_every < 0 or self.probe_nbytes < 1:
+            raise ValueError(f"probe_every {self.probe_every} must be >= 0 and probe_nbytes {self.probe_nbytes} >= 1")
+        if self.stall_factor < 1 or self.min_stall_s <= 0:
+            raise ValueError(f"stall_factor {self.stall_factor} must be >= 1 and min_stall_s {self.min_stall_s} > 0")
+        for name in ("regroup_timeout_s", "group_timeout_s", "join_check_s", "start_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be > 0")
+        Limits(self.max_fidelity_loss, self.max_latency_s)  # validates both
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_fidelity_loss, self.max_latency_s)
+
+    def stall_s(self, predicted_latency_s: float) -> float:
+        return max(self.min_stall_s, self.stall_factor * predicted_latency_s)
+
+
+__all__ = ["EngineConfig"]
