@@ -138,7 +138,7 @@ def fashion_vit_dir() -> Path:
     return cache_dir() / FASHION_VIT_DIRNAME
 
 
-def train_fashion_vit(steps: int = 1200, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+def train_fashion_vit(steps: int = 500, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                       progress: Callable[[str], None] | None = None) -> tuple[ReferenceModel, nn.Module, dict]:
     """Train vit-fmnist-tiny and its linear head from scratch on Fashion-MNIST train, on one device."""
     from edgeprism.models.loading import build_model
@@ -213,7 +213,7 @@ class CalibrationSetup:
 
 
 def setup_for(model_name: str, eval_limit: int | None = None, checkpoint: str | Path | None = None,
-              base_steps: int = 1200, progress: Callable[[str], None] | None = None) -> CalibrationSetup:
+              base_steps: int = 500, progress: Callable[[str], None] | None = None) -> CalibrationSetup:
     """Load (or, for vit-fmnist-tiny, train once into the cache) the model and its data."""
     if model_name == "gpt2-shakespeare":
         if checkpoint is not None:
