@@ -5,6 +5,7 @@ Tiny models only, no timing assertions: the numbers are checked for shape, sign 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -71,6 +72,21 @@ def test_fit_relative_recovers_a_known_table():
     for b, n, kv in shapes:
         assert fitted.layer_seconds(b, n, kv) == pytest.approx(truth.layer_seconds(b, n, kv), rel=1e-6)
     assert fitted.request_overhead_s == 0.01 and fitted.samples == tuple(samples)
+
+
+def test_fit_relative_sets_aside_a_point_timed_in_a_slow_spell():
+    truth = ComputeTable(fixed_s=2e-4, per_token_s=3e-5, per_kv_s=1e-5, per_token_kv_s=4e-8)
+    shapes = [(b, n, kv) for b in (1, 4, 8, 32) for n, kv in ((197, 197), (99, 197), (99, 106), (49, 197))]
+    wobble = [1.02, 0.98, 1.01, 0.99]  # the grid's ordinary noise
+    samples = [ComputeSample(b, n, kv, truth.layer_seconds(b, n, kv) * wobble[i % 4]) for i, (b, n, kv) in enumerate(shapes)]
+    slow = shapes.index((32, 99, 106))
+    samples[slow] = dataclasses.replace(samples[slow], seconds_per_layer=1.5 * samples[slow].seconds_per_layer)
+    fitted = fit_relative(samples)
+    for b, n, kv in shapes:
+        assert fitted.layer_seconds(b, n, kv) == pytest.approx(truth.layer_seconds(b, n, kv), rel=0.03)
+    assert fitted.samples == tuple(samples)  # every sample stays in the profile
+    plain = ComputeTable.fit(samples, relative=True)
+    assert abs(plain.layer_seconds(32, 99, 106) / truth.layer_seconds(32, 99, 106) - 1) > 0.03
 
 
 def test_fit_overhead_is_affine_and_non_negative():

@@ -210,10 +210,32 @@ def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, 
     return [statistics.median(s) for s in samples]
 
 
+OUTLIER_FACTOR = 4.0
+"""`fit_relative` refits without points whose relative residual exceeds this many times the median one."""
+
+
 def fit_relative(samples: Sequence[ComputeSample], request_overhead_s: float = 0.0) -> ComputeTable:
     """`ComputeTable.fit`, but minimising relative rather than absolute error: points span two orders of
-    magnitude (batch 1 to 32), and the planner cares about each request's error in proportion."""
-    return ComputeTable.fit(samples, request_overhead_s, relative=True)
+    magnitude (batch 1 to 32), and the planner cares about each request's error in proportion.
+
+    Then once more without the outliers — points off the first fit by more than `OUTLIER_FACTOR` x the
+    median relative residual, at most a tenth of the grid: on a shared host a point timed during a slow
+    spell (e.g. 0.48 s where a larger kv took 0.40 s) would otherwise pull every prediction. The
+    profile keeps every sample, the dropped ones included."""
+    table = ComputeTable.fit(samples, request_overhead_s, relative=True)
+    if len(samples) < 8:
+        return table
+    residuals = [abs(table.layer_seconds(s.batch, s.num_own_tokens, s.num_kv_vectors) / s.seconds_per_layer - 1)
+                 for s in samples]
+    bound = max(OUTLIER_FACTOR * statistics.median(residuals), 0.05)  # a few % is the model's own error
+    worst_first = sorted(range(len(samples)), key=residuals.__getitem__, reverse=True)
+    dropped = {i for i in worst_first[:len(samples) // 10] if residuals[i] > bound}
+    if not dropped:
+        return table
+    log.info("compute fit: refitting without %d outlier point(s) (relative residual > %.3g)", len(dropped), bound)
+    kept = [s for i, s in enumerate(samples) if i not in dropped]
+    refit = ComputeTable.fit(kept, request_overhead_s, relative=True)
+    return dataclasses.replace(refit, samples=tuple(samples))
 
 
 def overhead_call(model: ReferenceModel, batch: int, num_tokens: int, device: torch.device) -> Callable[[], None]:
