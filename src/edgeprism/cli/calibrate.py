@@ -17,10 +17,10 @@ def add_parser(subparsers) -> None:
                                                    "on first use)")
     p.add_argument("--codec", required=True, help="codec to calibrate for, e.g. sm16, sm4a, sm4+int8")
     p.add_argument("--world-size", type=int, default=2, help="ranks the split is calibrated for (>= 2)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--params", choices=["full", "light"], default="full",
                    help="full fine-tune, or light: LayerNorm affines and biases only")
-    p.add_argument("--lr", type=float, help="learning rate (default 5e-5 full, 5e-4 light)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4 full, 5e-3 light)")
     p.add_argument("--batch-size", type=int, help="rows per step (default 8 for GPT-2, 64 for the ViT)")
     p.add_argument("--distill", type=float, default=1.0,
                    help="weight of KL to the uncompressed model's outputs (0 = task loss only; default 1)")
