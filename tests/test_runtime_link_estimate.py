@@ -79,6 +79,25 @@ def test_layer_observations_pair_the_least_and_greatest_wait():
     assert found[0].seconds == pytest.approx(delay + transfer)
     # the uninformative layer alone gives no observation (the late rank alone would say: no transfer time)
     assert observations([early[:TELEMETRY_HEAD] + early[-3:], late[:TELEMETRY_HEAD] + late[-3:]], 2, 1) == []
-    # from these the estimator learns the link (latency from the prior, bandwidth from the bytes)
-    estimate = OnlineLinkEstimator(bandwidth_bps=50e6, latency_s=delay).update(found)
-    assert estimate.bandwidth_bps == pytest.approx(8 * 100_000 / transfer, rel=0.05)
+    # from one message size the estimator learns that size's time (the late rank alone would say 33 ms)
+    estimator = OnlineLinkEstimator(bandwidth_bps=50e6, latency_s=delay)
+    estimator.update(found)
+    assert estimator.predict_s(found[0]) == pytest.approx(delay + transfer, rel=1e-6)
+
+
+def test_one_size_after_a_sag_scales_both_terms_and_never_reaches_the_ceiling():
+    # a 50 -> 15 Mbit/s sag seen through requests of one message size each, growing: the estimate must
+    # follow each size's time and not explain it all by latency with an infinitely fast link
+    estimator = OnlineLinkEstimator(bandwidth_bps=37.8e6, latency_s=3.5e-3, burst_bytes=20_000)
+    sizes = [21_500 * b for b in (1, 2, 4, 8, 16)]
+    for n in sizes:
+        observed = LinkObservation(n, 1, 8e-3 + 8 * max(0, n - 20_000) / 9e6)
+        estimate = estimator.update([observed])
+        assert estimate.bandwidth_bps < 50e6 and estimate.latency_s < 0.1, estimate
+    assert estimate.bandwidth_bps == pytest.approx(9e6, rel=0.1) and estimate.latency_s == pytest.approx(8e-3, rel=0.25)
+
+
+def test_no_rate_bound_bytes_move_only_the_latency():
+    estimator = OnlineLinkEstimator(bandwidth_bps=50e6, latency_s=3e-3, burst_bytes=32_768)
+    estimate = estimator.update([LinkObservation(10_000, 1, 9e-3)] * 2)  # under the burst: all latency
+    assert estimate.latency_s == pytest.approx(9e-3, rel=1e-3) and estimate.bandwidth_bps == 50e6

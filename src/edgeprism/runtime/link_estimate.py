@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MAX_BANDWIDTH_BPS = 1e12
 """Ceiling for the estimate (1 Tbit/s): beyond it, transfers are free as far as the planner cares."""
+SEPARABLE_SPREAD = 1.5
+"""A window separates latency from bandwidth when its rate-bound bytes per hop span at least this ratio."""
 
 
 @dataclass(frozen=True)
@@ -122,34 +124,55 @@ class OnlineLinkEstimator:
         return (ratio > self.change_factor or ratio < 1.0 / self.change_factor) and gap_s > self.change_floor_s
 
     def _fit(self) -> None:
-        """Weighted least squares in (latency_s, g = 1 / bandwidth_bps), both >= 0, with a weak prior."""
+        """Weighted least squares in (latency_s, g = 1 / bandwidth_bps), both >= 0, with a weak prior —
+        when the window can tell the two apart. It cannot when every observation has about the same
+        rate-bound bytes per hop (one message size: each request's layers are alike): such a window
+        fixes only the time at that size, and the fit would put all of a change into whichever term
+        is cheaper in the prior's units (a latency of 600 ms with an infinitely fast link, seen after a
+        sag to a 15 Mbit/s link). Then both terms are scaled by the one factor the window does show
+        (observed / predicted); with no rate-bound bytes at all, only the latency is refitted. A fit
+        that finds larger messages no slower (g < 0) keeps the bandwidth it had."""
         import numpy as np
 
         rows, targets = [], []
+        per_hop = []
         for number, o in self._window:
             weight = self.decay ** (self.updates - number) / max(o.seconds, self.min_seconds)
             rows.append([weight * o.hops, weight * 8.0 * self._waited_bytes(o)])
             targets.append(weight * o.seconds)
-        scale_latency = max(self.latency_s, self.min_seconds)
-        scale_g = 1.0 / self.bandwidth_bps
-        # prior rows: (latency - latency_0) / scale and (g - g_0) / scale, weighted prior_weight
-        rows += [[self.prior_weight / scale_latency, 0.0], [0.0, self.prior_weight / scale_g]]
-        targets += [self.prior_weight * self.latency_s / scale_latency, self.prior_weight]
+            per_hop.append(self._waited_bytes(o) / max(o.hops, 1.0))
         a, b = np.asarray(rows), np.asarray(targets)
-        col_scale = np.array([1.0 / scale_latency, 1.0 / scale_g])  # solve in units of the current estimate
+        g = 1.0 / self.bandwidth_bps
+        if max(per_hop) <= 0.0:  # nothing waited on the rate: the latency is all the window shows
+            self.latency_s = self._latency_alone(a, b, g)
+            return
+        if max(per_hop) < SEPARABLE_SPREAD * min(per_hop):
+            factor = float(b.sum() / (a @ np.array([self.latency_s, g])).sum())
+            self.latency_s *= factor
+            self.bandwidth_bps = float(min(self.bandwidth_bps / factor, MAX_BANDWIDTH_BPS))
+            return
+        scale_latency = max(self.latency_s, self.min_seconds)
+        # prior rows: (latency - latency_0) / scale and (g - g_0) / scale, weighted prior_weight
+        a = np.vstack([a, [[self.prior_weight / scale_latency, 0.0], [0.0, self.prior_weight / g]]])
+        b = np.concatenate([b, [self.prior_weight * self.latency_s / scale_latency, self.prior_weight]])
+        col_scale = np.array([1.0 / scale_latency, 1.0 / g])  # solve in units of the current estimate
         solution, *_ = np.linalg.lstsq(a / col_scale, b, rcond=None)
-        latency_s, g = solution / col_scale
+        latency_s, new_g = solution / col_scale
         if latency_s < 0:  # clamp and refit the other alone
             latency_s = 0.0
-            g = float(np.linalg.lstsq(a[:, 1:] / col_scale[1], b, rcond=None)[0][0] / col_scale[1])
-        g_floor = 1.0 / MAX_BANDWIDTH_BPS
-        if g < g_floor:
-            g = g_floor
-            residual = b - a[:, 1] * g
-            latency_s = max(0.0, float(np.linalg.lstsq(a[:, :1] / col_scale[0], residual, rcond=None)[0][0]
-                                       / col_scale[0]))
+            new_g = float(np.linalg.lstsq(a[:, 1:] / col_scale[1], b, rcond=None)[0][0] / col_scale[1])
+        if new_g <= 0:
+            new_g, latency_s = g, self._latency_alone(a, b, g)
         self.latency_s = float(latency_s)
-        self.bandwidth_bps = float(min(1.0 / g, MAX_BANDWIDTH_BPS))
+        self.bandwidth_bps = float(min(1.0 / max(new_g, 1.0 / MAX_BANDWIDTH_BPS), MAX_BANDWIDTH_BPS))
+
+    @staticmethod
+    def _latency_alone(a, b, g: float) -> float:
+        """Least squares of the latency with g held, >= 0."""
+        import numpy as np
+
+        residual = b - a[:, 1] * g
+        return max(0.0, float(np.linalg.lstsq(a[:, :1], residual, rcond=None)[0][0]))
 
     def __str__(self) -> str:
         return (f"link estimate {self.bandwidth_bps / 1e6:.4g} Mbit/s, {self.latency_s * 1e3:.3g} ms "
