@@ -36,6 +36,11 @@ def test_smoke_scenario_writes_rows_tables_and_plots(tmp_path, capsys):
         assert row["latency_s"] > 0 and row["energy_source"] == "modelled"
         if row["strategy"] in EXACT:
             assert row["max_abs_diff_vs_local"] <= 1e-4, row
+        # every engine request ran as planned: none failed over to a local rerun (switching to and from a
+        # peer strategy must keep the engine's lanes)
+        assert not row.get("fallback"), row
+    static = [r for r in rows if r["strategy"] in ("full_exchange", "segment_means:sm4")]
+    assert static and all(r["mode"] == "distributed" for r in static)
     assert {r["batch"] for r in report["ratios"]} == {1, 2}
     assert "adaptive_over_oracle" in report["ratios"][0] and "adaptive_over_pipeline" in report["ratios"][0]
     assert (tmp_path / "tables.md").read_text().startswith("# Benchmark: smoke")

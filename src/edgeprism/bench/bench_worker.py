@@ -44,10 +44,10 @@ class _Followers:
         self.control.broadcast_json(message)
 
     def release_engine(self) -> None:
-        # The engine has no public "return to the caller" for idle workers: its own control message
-        # `shutdown` ends `serve_workers()` without closing anything, so the engine serves again later.
+        # `release` returns the workers from serve_workers() with the engine's lanes kept (a `shutdown`
+        # would close them: the next engine request would then fail and be rerun locally).
         if self.in_engine:
-            self.engine._control.broadcast_json({"op": "shutdown"})
+            self.engine.release_workers()
             self.in_engine = False
 
     def finish(self) -> None:

@@ -28,6 +28,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "ping": {"epoch": int},
     "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER},
     "shutdown": {},
+    "release": {},
     "evicted": {"reason": str, "rejoin": bool},
     "admitted": {"rank": int},
     "refused": {"reason": str},

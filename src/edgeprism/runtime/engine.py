@@ -416,6 +416,15 @@ class Engine(WorkerSide):
         log.warning("%s: epoch over; asking ranks %s who is still there", why, sorted(self._control.sessions))
         self._membership.start_round(self._epoch, self.config.regroup_timeout_s + stall_s)
 
+    def release_workers(self) -> None:
+        """Rank 0: return the workers from `serve_workers()` with every lane kept, so that the caller can
+        use the ranks for something else and call `serve_workers()` again (the benchmark's peers).
+        Requests sent meanwhile would wait: only call it between requests, and resume the workers first."""
+        if not self.ctx.is_root:
+            raise RuntimeError("release_workers is for rank 0")
+        if self._control is not None:
+            self._control.broadcast_json({"op": "release"})
+
     def close(self) -> None:
         """Rank 0: tell the workers to stop, stop a local cluster, leave the process group if ours."""
         if self._closed:

@@ -36,6 +36,8 @@ class WorkerSide:
         while True:
             message = self._mailbox.receive(self.config.idle_timeout_s)
             op = message["op"]
+            if op == "release":  # back to the caller with the lanes kept: rank 0 will serve again
+                return served
             if op == "shutdown":
                 log.info("rank %d: shutdown after %d requests", self.ctx.group_rank, served)
                 retire_lanes(self._lanes, background=False)  # not at interpreter exit (see retire_lanes)
