@@ -182,3 +182,20 @@ def test_calibration_recovers_held_out_perplexity_under_sm16():
     summary = run_calibration("gpt2-shakespeare", settings, eval_codecs=["sm16"], eval_limit=16)
     value = {r["variant"]: r["value"] for r in summary["rows"]}
     assert value["calibrated"] < value["as-shipped"]
+
+
+def test_eval_reads_a_calibrated_checkpoint(tmp_path):
+    from edgeprism import assets
+    from edgeprism.bench.eval_sets import eval_sets_for
+    from edgeprism.models.loading import load_pretrained
+
+    model = load_pretrained(assets.gpt2_shakespeare_dir(), "gpt2-shakespeare")
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)  # stands in for calibrated weights
+    save_checkpoint(model, tmp_path / "calibrated")
+    (eval_set,) = eval_sets_for("gpt2-shakespeare", 2, checkpoint=str(tmp_path / "calibrated"))
+    assert torch.equal(eval_set.model.norm.weight, model.norm.weight)
+    (shipped,) = eval_sets_for("gpt2-shakespeare", 2)
+    assert not torch.equal(shipped.model.norm.weight, model.norm.weight)
+    with pytest.raises(ValueError, match="synthetic smoke preset"):
+        eval_sets_for("gpt2-tiny-test", 2, checkpoint=str(tmp_path / "calibrated"))

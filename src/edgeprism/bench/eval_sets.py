@@ -37,12 +37,13 @@ def _pad_batches(encodings: list[list[int]], batch_size: int, pad_id: int = 0) -
     return batches
 
 
-def minilm_sets(limit: int = 200, query_limit: int = 200, batch_size: int = 1) -> list[EvalSet]:
+def minilm_sets(limit: int = 200, query_limit: int = 200, batch_size: int = 1,
+                checkpoint: str | None = None) -> list[EvalSet]:
     from edgeprism import assets
     from edgeprism.bench.datasets import short_queries, text_passages
     from edgeprism.models.loading import load_model
 
-    model = load_model("minilm-l6", assets.minilm_checkpoint_dir())
+    model = load_model("minilm-l6", checkpoint or assets.minilm_checkpoint_dir())
     tokenizer = assets.minilm_tokenizer(max_length=512)
     head = assets.IntentHead.from_cache()
     passages = text_passages(tokenizer, 128, 256, limit=limit)
@@ -56,12 +57,12 @@ def minilm_sets(limit: int = 200, query_limit: int = 200, batch_size: int = 1) -
 
 
 def dinov2_set(limit: int = 200, train_limit: int = 1000, image_size: int = 224, batch_size: int = 8,
-               progress: Callable[[str], None] | None = None) -> list[EvalSet]:
+               progress: Callable[[str], None] | None = None, checkpoint: str | None = None) -> list[EvalSet]:
     from edgeprism import assets
     from edgeprism.bench.datasets import fashion_mnist, to_dinov2_input
     from edgeprism.models.loading import load_model
 
-    model = load_model("dinov2-s14", assets.dinov2_checkpoint_dir())
+    model = load_model("dinov2-s14", checkpoint or assets.dinov2_checkpoint_dir())
     test_images, test_labels = fashion_mnist("test", limit=limit)
     probe = _cached_probe(model, train_limit, image_size, batch_size, progress)
     batches = [{"pixel_values": to_dinov2_input(test_images[s:s + batch_size], image_size)}
@@ -104,12 +105,12 @@ def _cached_probe(model, train_limit: int, image_size: int, batch_size: int,
     return probe
 
 
-def gpt2_set(limit: int = 64, window: int = 256, batch_size: int = 8) -> list[EvalSet]:
+def gpt2_set(limit: int = 64, window: int = 256, batch_size: int = 8, checkpoint: str | None = None) -> list[EvalSet]:
     from edgeprism import assets
     from edgeprism.bench.datasets import gpt2_heldout_bytes
     from edgeprism.models.loading import load_pretrained
 
-    model = load_pretrained(assets.gpt2_shakespeare_dir(), "gpt2-shakespeare")
+    model = load_pretrained(checkpoint or assets.gpt2_shakespeare_dir(), "gpt2-shakespeare")
     window = min(window, model.config.max_positions)
     data = torch.tensor(list(gpt2_heldout_bytes()), dtype=torch.long)
     windows = data[: (len(data) // window) * window].view(-1, window)[:limit]
@@ -149,6 +150,8 @@ def eval_sets_for(model: str, limit: int | None = None, progress: Callable[[str]
     if model == "gpt2-shakespeare":
         return gpt2_set(limit=limit or 64, **kwargs)
     if model.endswith("-test"):
+        if kwargs.get("checkpoint"):
+            raise ValueError(f"--checkpoint: {model} is a synthetic smoke preset with random weights")
         return synthetic_set(model)
     raise ValueError(f"no evaluation set for {model!r}; choose one of {', '.join(EVAL_MODELS)} "
                      f"(or a *-test preset for a synthetic smoke run)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -35,6 +36,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--average", choices=["residual", "normed", "both"], default="normed",
                    help="what Segment Means averages: the normalised K/V input (default) or the residual stream")
     p.add_argument("--limit", type=int, help="requests per evaluation set (default: the set's own)")
+    p.add_argument("--checkpoint", help="evaluate these weights (e.g. `edgeprism calibrate --out DIR`) instead of "
+                                        "the model's shipped ones; the data are the same")
     p.add_argument("--out", help="also append the rows as JSON lines to this file")
     p.add_argument("--plot", metavar="PNG", help="draw the fidelity-traffic frontier of the rows to this file")
     p.add_argument("--from-rows", metavar="JSONL", help="do not evaluate: read rows written by --out (with --plot)")
@@ -62,7 +65,9 @@ def handle(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
     progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    sets = eval_sets_for(args.model, args.limit, progress=progress)
+    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such directory")
+    sets = eval_sets_for(args.model, args.limit, progress=progress, checkpoint=args.checkpoint)
     weightings = {"off": [False], "on": [True], "both": [False, True]}[args.size_aware]
     rows = []
     for eval_set in sets:
