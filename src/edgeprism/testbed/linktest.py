@@ -76,9 +76,11 @@ class LinkMeasurement:
 
     def __str__(self) -> str:
         return (
-            f"link test over {self.world_size} ranks: latency {self.latency_s * 1e3:.3f} ms/hop, "
+            f"link test over {self.world_size} ranks: latency {self.latency_s * 1e3:.3f} ms/hop "
+            f"(lower quartile {self.latency_low_s * 1e3:.3f} ms), "
             f"bandwidth {self.bandwidth_bps / 1e6:.2f} Mbit/s one way, "
-            f"{self.allgather_bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather [{self.emulation}]"
+            f"{self.allgather_bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather, "
+            f"burst {self.burst_bytes / 1024:.1f} KiB [{self.emulation}]"
         )
 
     @classmethod
