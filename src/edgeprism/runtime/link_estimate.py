@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MAX_BANDWIDTH_BPS = 1e12
 """Ceiling for the estimate (1 Tbit/s): beyond it, transfers are free as far as the planner cares."""
+PRIOR_BANDWIDTH_BPS = 1e9
+"""The prior on 1 / bandwidth is relative to the current estimate, or to this rate if the estimate is faster."""
 SEPARABLE_SPREAD = 1.5
 """A window separates latency from bandwidth when its rate-bound bytes per hop span at least this ratio."""
 
@@ -131,7 +133,8 @@ class OnlineLinkEstimator:
         is cheaper in the prior's units (a latency of 600 ms with an infinitely fast link, seen after a
         sag to a 15 Mbit/s link). Then both terms are scaled by the one factor the window does show
         (observed / predicted); with no rate-bound bytes at all, only the latency is refitted. A fit
-        that finds larger messages no slower (g < 0) keeps the bandwidth it had."""
+        that finds larger messages no slower (g < 0) goes to the ceiling (the non-negative solution); the
+        prior's unit for g is capped (`PRIOR_BANDWIDTH_BPS`) so that later data can move it back."""
         import numpy as np
 
         rows, targets = [], []
@@ -152,17 +155,21 @@ class OnlineLinkEstimator:
             self.bandwidth_bps = float(min(self.bandwidth_bps / factor, MAX_BANDWIDTH_BPS))
             return
         scale_latency = max(self.latency_s, self.min_seconds)
+        # The prior's unit for g: the current g, but never below 1/PRIOR_BANDWIDTH_BPS — relative to an
+        # estimate near the 1 Tbit/s ceiling the prior would pin g there whatever the data say.
+        scale_g = max(g, 1.0 / PRIOR_BANDWIDTH_BPS)
         # prior rows: (latency - latency_0) / scale and (g - g_0) / scale, weighted prior_weight
-        a = np.vstack([a, [[self.prior_weight / scale_latency, 0.0], [0.0, self.prior_weight / g]]])
-        b = np.concatenate([b, [self.prior_weight * self.latency_s / scale_latency, self.prior_weight]])
-        col_scale = np.array([1.0 / scale_latency, 1.0 / g])  # solve in units of the current estimate
+        a = np.vstack([a, [[self.prior_weight / scale_latency, 0.0], [0.0, self.prior_weight / scale_g]]])
+        b = np.concatenate([b, [self.prior_weight * self.latency_s / scale_latency, self.prior_weight * g / scale_g]])
+        col_scale = np.array([1.0 / scale_latency, 1.0 / scale_g])  # solve in units of the current estimate
         solution, *_ = np.linalg.lstsq(a / col_scale, b, rcond=None)
         latency_s, new_g = solution / col_scale
         if latency_s < 0:  # clamp and refit the other alone
             latency_s = 0.0
             new_g = float(np.linalg.lstsq(a[:, 1:] / col_scale[1], b, rcond=None)[0][0] / col_scale[1])
-        if new_g <= 0:
-            new_g, latency_s = g, self._latency_alone(a, b, g)
+        if new_g <= 0:  # larger messages no slower: transfers are free as far as the window shows
+            new_g = 1.0 / MAX_BANDWIDTH_BPS
+            latency_s = self._latency_alone(a, b, new_g)
         self.latency_s = float(latency_s)
         self.bandwidth_bps = float(min(1.0 / max(new_g, 1.0 / MAX_BANDWIDTH_BPS), MAX_BANDWIDTH_BPS))
 

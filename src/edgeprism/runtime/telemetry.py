@@ -54,7 +54,8 @@ def observations(per_rank: list[list[float]], k: int, num_layers: int) -> list[L
     layer says only that the transfer is below s and is left out (the times then measure the other
     rank's compute, not the link: the soonest alone reads as a link with no transfer time, the mean
     as a slower link than it is). So a layer counts when the soonest rank's wait is at least
-    `BALANCED` x the longest one's (skew below ~0.8 x the transfer), or when no wait exceeds
+    `BALANCED` x the longest one's (skew below ~0.8 x the transfer), or when the two times differ by
+    at most `BALANCED` x the longer (their difference is twice the skew), or when no wait exceeds
     `SKEW_FLOOR_S`. Delays are compared in the times, not the waits: the loopback fallback's rate is a
     sleep before sending, counted with the delay. For k > 2 ranks (a ring) the same pairing is an
     approximation. Rank 0's sends (the scatter) are never observations: a send returns once the
@@ -67,7 +68,8 @@ def observations(per_rank: list[list[float]], k: int, num_layers: int) -> list[L
             continue
         times = [(r[at + 1] + r[at + 2], r[at + 2]) for r in per_rank]  # (delay + wait, wait)
         (soonest, soonest_wait), (longest, longest_wait) = min(times), max(times)
-        if longest_wait <= SKEW_FLOOR_S or soonest_wait >= BALANCED * longest_wait:
+        if (longest_wait <= SKEW_FLOOR_S or soonest_wait >= BALANCED * longest_wait
+                or longest - soonest <= BALANCED * longest):
             by_size.setdefault(sent, []).append((soonest + longest) / 2)
     return [LinkObservation((k - 1) * sent, k - 1, statistics.median(t)) for sent, t in by_size.items()]
 
