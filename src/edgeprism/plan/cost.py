@@ -59,11 +59,12 @@ def apportion(num_tokens: int, speeds: Sequence[float]) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def local_terms(profile: Profile, batch: int, num_tokens: int) -> tuple[float, float]:
-    """-> (compute_s, energy_j) of rank 0 running the reference model alone."""
+def local_terms(profile: Profile, batch: int, num_tokens: int, compute_scale: float = 1.0) -> tuple[float, float]:
+    """-> (compute_s, energy_j) of rank 0 running the reference model alone; `compute_scale` is the live
+    correction `LinkEstimate.local_compute_scale`."""
     c = profile.compute
     layer_s = c.layer_seconds(batch, num_tokens, num_tokens)
-    compute_s = (profile.model.num_layers * layer_s + c.request_overhead_s) / profile.device_speeds[0]
+    compute_s = compute_scale * (profile.model.num_layers * layer_s + c.request_overhead_s) / profile.device_speeds[0]
     return compute_s, profile.energy.compute_w * compute_s
 
 
@@ -231,8 +232,7 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
     if request.model_name != profile.model.name:
         raise ValueError(f"request is for model {request.model_name}, the profile for {profile.model.name}")
     if plan.mode == "local":
-        compute_s, energy_j = (x * link.local_compute_scale for x in local_terms(profile, request.batch,
-                                                                                  request.num_tokens))
+        compute_s, energy_j = local_terms(profile, request.batch, request.num_tokens, link.local_compute_scale)
         return Prediction(compute_s, 0.0, 0.0, 0.0, energy_j, profile.energy.source, 0, 0.0)
     if not plan.ranks or plan.ranks[0] != 0 or len(set(plan.ranks)) != len(plan.ranks):
         raise ValueError(f"plan ranks {plan.ranks} must be distinct and start with the coordinator, rank 0")

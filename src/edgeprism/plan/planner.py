@@ -117,7 +117,7 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     max_cr = max((c.cr for c in codecs), default=1)
     min_extra = min((c.extra_vectors_per_row for c in codecs), default=0)
 
-    local_s, local_j = (x * live_link_estimate.local_compute_scale for x in local_terms(profile, batch, num_tokens))
+    local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
     # An option: (score, latency_s, energy_j, ranks, counts, codec or None for local).
     best = None
     fastest = (local_s, local_j, (0,), (num_tokens,), None)
@@ -191,7 +191,7 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
             return f"predicted {latency_s * 1e3:.1f} ms exceeds the {ceiling * 1e3:.1f} ms ceiling"
         return None
 
-    local_s, local_j = (x * live_link_estimate.local_compute_scale for x in local_terms(profile, batch, num_tokens))
+    local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
     local_prediction = Prediction(local_s, 0.0, 0.0, 0.0, local_j, source, 0, 0.0)
     out.append(Candidate(_plan(profile, objective, (0,), (num_tokens,), None, local_s, local_j, "local reference"),
                          local_prediction, over_ceiling(local_s)))

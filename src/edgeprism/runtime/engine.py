@@ -192,7 +192,8 @@ class Engine(WorkerSide):
             request_id = str(request_id) if request_id is not None else str(self._requests)
             inputs = self._checked(inputs)
             self.maintain()
-            if self._local_streak and self.config.learn_link and self.config.probe_every and self._local_streak % self.config.probe_every == 0:
+            every = self.config.probe_every if self.config.learn_link else 0
+            if self._local_streak and every and self._local_streak % every == 0:
                 self._probe()
             forced = plan
             plan, request, link = self._plan(inputs, objective, limits, forced)

@@ -141,9 +141,10 @@ class OnlineLinkEstimator:
         per_hop = []
         for number, o in self._window:
             weight = self.decay ** (self.updates - number) / max(o.seconds, self.min_seconds)
-            rows.append([weight * o.hops, weight * 8.0 * self._waited_bytes(o)])
+            waited = self._waited_bytes(o)
+            rows.append([weight * o.hops, weight * 8.0 * waited])
             targets.append(weight * o.seconds)
-            per_hop.append(self._waited_bytes(o) / max(o.hops, 1.0))
+            per_hop.append(waited / max(o.hops, 1.0))
         a, b = np.asarray(rows), np.asarray(targets)
         g = 1.0 / self.bandwidth_bps
         if max(per_hop) <= 0.0:  # nothing waited on the rate: the latency is all the window shows
@@ -171,7 +172,7 @@ class OnlineLinkEstimator:
             new_g = 1.0 / MAX_BANDWIDTH_BPS
             latency_s = self._latency_alone(a, b, new_g)
         self.latency_s = float(latency_s)
-        self.bandwidth_bps = float(min(1.0 / max(new_g, 1.0 / MAX_BANDWIDTH_BPS), MAX_BANDWIDTH_BPS))
+        self.bandwidth_bps = float(1.0 / max(new_g, 1.0 / MAX_BANDWIDTH_BPS))
 
     @staticmethod
     def _latency_alone(a, b, g: float) -> float:
@@ -206,16 +207,12 @@ class ComputeBiasEstimator:
     def update(self, mode: str, measured_s: float, predicted_s: float) -> None:
         if measured_s <= 0 or predicted_s <= 0:
             return
-        import math
-
         value = math.log(measured_s / predicted_s)
         old = self.log_bias.get(mode)
         self.log_bias[mode] = value if old is None else (1 - self.alpha) * old + self.alpha * value
 
     @property
     def local_compute_scale(self) -> float:
-        import math
-
         if "local" not in self.log_bias or "distributed" not in self.log_bias:
             return 1.0
         scale = math.exp(self.log_bias["local"] - self.log_bias["distributed"])
