@@ -9,7 +9,7 @@ import pytest
 
 from edgeprism.cli.serve import add_parser, handle
 from edgeprism.plan.synthetic import synthetic_profile
-from edgeprism.runtime import Engine
+from edgeprism.runtime import Engine, launch_local
 from edgeprism.runtime.serving import make_http_server
 
 
@@ -69,7 +69,7 @@ def _post(url, body: bytes):
 
 def test_http_endpoint_on_loopback():
     profile = synthetic_profile("bert-tiny-test", world_size=1)
-    with Engine.launch_local(1, "bert-tiny-test", profile) as engine:
+    with launch_local(1, "bert-tiny-test", profile) as engine:
         server = make_http_server(engine, port=0)
         host, port = server.server_address[:2]
         assert host == "127.0.0.1"
