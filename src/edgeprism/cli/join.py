@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 
 from edgeprism.comm.auth import SECRET_FILE_ENV, AuthError, load_secret
 from edgeprism.comm.context import parse_cores
-from edgeprism.runtime.coordinator import DeviceOptions, DeviceStopped, read_status, run_device
+from edgeprism.runtime.coordinator import Device, DeviceOptions, parse_address, read_status
 from edgeprism.testbed.emulation import EmulatedLink
 
 
@@ -63,6 +65,7 @@ def handle(args) -> int:
         raise ValueError(f"--rank {args.rank} must be >= 0 (0: any free rank)")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint} is not a folder")
+    parse_address(args.address)  # a malformed address is named before anything else
     secret = _secret(args.secret_file)
     options = DeviceOptions(address=args.address, checkpoint=args.checkpoint, device=args.device,
                             cores=parse_cores(args.cores), rank=args.rank, bind_addr=args.bind,
@@ -74,14 +77,33 @@ def handle(args) -> int:
             print(f"edgeprism join: {text}", file=sys.stderr, flush=True)
 
     say(f"connecting to {args.address} ...")
+    device = Device(options, secret, link=link, on_event=say)
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            outcome["served"] = device.run()
+        except BaseException as err:  # re-raised on the main thread, which alone receives Ctrl-C
+            outcome["error"] = err
+
+    # SIGTERM (systemd stop) leaves as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
+    thread = threading.Thread(target=serve, name="edgeprism-device", daemon=True)
+    thread.start()
     try:
-        served = run_device(options, secret, link=link, on_event=say)
-    except (DeviceStopped, KeyboardInterrupt):
-        return 0
-    except AuthError as err:
-        print(f"edgeprism join: refused: {err}", file=sys.stderr, flush=True)
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        device.leave()
+        sys.stderr.flush()
+        os._exit(0)  # the serving thread may sit in a C++ wait; nothing of it needs finishing
+    error = outcome.get("error")
+    if isinstance(error, AuthError):
+        print(f"edgeprism join: refused: {error}", file=sys.stderr, flush=True)
         return 3
-    say(f"done after {served} distributed requests")
+    if error is not None:
+        raise error
+    say(f"done after {outcome['served']} distributed requests")
     return 0
 
 

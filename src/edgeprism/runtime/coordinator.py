@@ -216,43 +216,94 @@ class DeviceOptions:
     max_backoff_s: float = 30.0
 
 
-class DeviceStopped(Exception):
-    """The device was asked to stop (Ctrl-C) and left the cluster cleanly."""
+class Device:
+    """A device's life in a cluster: join the coordinator and serve its plans; join again (with backoff)
+    after losing it, when `options.retry`. `run()` blocks (call it on a thread of its own); `leave()`,
+    from any other thread (the CLI's Ctrl-C), tells the coordinator over a connection of its own that
+    this device is leaving — the serving thread may be blocked inside the store's C++ wait, where no
+    Python signal handler runs. `on_event` gets one line per step (the CLI prints them)."""
 
+    def __init__(self, options: DeviceOptions, secret: bytes | None, link=None,
+                 on_event: Callable[[str], None] = lambda text: None) -> None:
+        self.options, self.secret, self.link, self.on_event = options, secret, link, on_event
+        self.host, self.port = parse_address(options.address)
+        self.session = None
+        """The current admission (None while not admitted)."""
+        self.served = 0
+        self._loaded: dict[tuple, ReferenceModel] = {}
 
-def run_device(options: DeviceOptions, secret: bytes | None, link=None,
-               on_event: Callable[[str], None] = lambda text: None) -> int:
-    """Join the coordinator and serve its plans until stopped; rejoin after losing it (with backoff) when
-    `options.retry`. Returns the number of distributed requests served. ValueError when the coordinator
-    refuses this device for a reason retrying cannot fix (different model, weights or profile; the
-    cluster is full); AuthError for a wrong secret. `on_event` gets one line per step (the CLI prints it)."""
-    host, port = parse_address(options.address)
-    if options.cores:
-        pin_cpu(options.cores)
-    bind_addr = options.bind_addr or local_address_towards(host, port)
-    loaded: dict[tuple, ReferenceModel] = {}
-    served, backoff_s = 0, 1.0
-    while True:
-        try:
-            served += _serve_once(options, host, port, bind_addr, secret, link, loaded, on_event)
-            backoff_s = 1.0
-        except (DistStoreError, RuntimeError, ConnectionError, TimeoutError) as err:
-            if isinstance(err, AuthError):
+    def run(self) -> int:
+        """Serve until the coordinator ends the session (no retry) or forever (retry). Returns the number of
+        distributed requests served. ValueError when the coordinator refuses this device for a reason retrying
+        cannot fix (different model, weights or profile; the cluster is full); AuthError for a wrong secret."""
+        options = self.options
+        if options.cores:
+            pin_cpu(options.cores)
+        bind_addr = options.bind_addr or local_address_towards(self.host, self.port)
+        backoff_s = 1.0
+        while True:
+            try:
+                self.served += self._serve_once(bind_addr)
+                backoff_s = 1.0
+                if not options.retry:
+                    return self.served
+                self.on_event("the coordinator ended the session; waiting for it to serve again")
+            except AuthError:
                 raise
-            on_event(f"lost the coordinator at {host}:{port}: {_short(err)}")
-            if not options.retry:
-                return served
-            on_event(f"joining again in {backoff_s:.0f} s")
+            except (RuntimeError, ConnectionError, TimeoutError) as err:  # DistStoreError is a RuntimeError
+                self.on_event(f"lost the coordinator at {self.host}:{self.port}: {_short(err)}")
+                if not options.retry:
+                    return self.served
+                self.on_event(f"joining again in {backoff_s:.0f} s")
+            finally:
+                self.session = None
             time.sleep(backoff_s)
             backoff_s = min(options.max_backoff_s, backoff_s * 2)
-            continue
-        if not options.retry:
-            return served
-        on_event("the coordinator stopped serving; waiting for it to come back")
-        time.sleep(backoff_s)
 
+    def leave(self) -> bool:
+        """Tell the coordinator this device leaves (it plans without it from its next tick). False when
+        not admitted, or the coordinator cannot be reached."""
+        session = self.session
+        if session is None:
+            return False
+        try:
+            store = dist.TCPStore(self.host, self.port, None, False, timedelta(seconds=5))
+            announce_leave(dist.PrefixStore(PREFIX, store), session)
+        except (RuntimeError, ConnectionError) as err:
+            self.on_event(f"could not say goodbye to the coordinator: {_short(err)}")
+            return False
+        self.on_event(f"left the cluster (rank {session.rank})")
+        return True
 
-DistStoreError = getattr(dist, "DistStoreError", RuntimeError)
+    def _serve_once(self, bind_addr: str) -> int:
+        options, secret = self.options, self.secret
+        store = dist.TCPStore(self.host, self.port, None, False, timedelta(seconds=options.connect_timeout_s))
+        prefixed = dist.PrefixStore(PREFIX, store)
+        spec = read_spec(prefixed, secret, options.connect_timeout_s)
+        if spec.checkpoint and options.checkpoint is None:
+            raise ValueError(f"the coordinator serves {spec.model} with weights from a checkpoint; give this device "
+                             f"its copy of the same checkpoint folder with --checkpoint DIR")
+        key = (spec.model, options.checkpoint, spec.seed)
+        if key not in self._loaded:
+            self.on_event(f"loading {spec.model}" + (f" from {options.checkpoint}" if options.checkpoint else
+                                                    f" (seeded random weights, seed {spec.seed})"))
+            self._loaded = {key: load_model(spec.model, options.checkpoint, seed=spec.seed)}
+        model = self._loaded[key]
+        profile = Profile.from_dict(spec.profile)
+        config = EngineConfig(**spec.config)
+        session = join_cluster(prefixed, secret, options.rank, start_digests(model, profile),
+                               options.connect_timeout_s)
+        self.session = session
+        self.on_event(f"admitted as rank {session.rank} of {spec.world_size} by {self.host}:{self.port}; lanes on "
+                      f"{bind_addr}")
+        ctx = DistContext(group_rank=session.rank, world_size=spec.world_size, backend="gloo",
+                          device=torch.device(options.device), timeout_s=spec.timeout_s, link=self.link,
+                          cores=options.cores)
+        engine = Engine(model, profile, ctx, config, store=prefixed, secret=secret, bind_addr=bind_addr,
+                        session=session, self_info=self_description(options.device, options.cores))
+        served = engine.serve_workers()
+        self.on_event(f"rank {session.rank}: the coordinator ended the session after {served} distributed requests")
+        return served
 
 
 def _short(err: BaseException) -> str:
@@ -260,39 +311,6 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _serve_once(options: DeviceOptions, host: str, port: int, bind_addr: str, secret: bytes | None, link,
-                loaded: dict, on_event: Callable[[str], None]) -> int:
-    store = dist.TCPStore(host, port, None, False, timedelta(seconds=options.connect_timeout_s))
-    prefixed = dist.PrefixStore(PREFIX, store)
-    spec = read_spec(prefixed, secret, options.connect_timeout_s)
-    if spec.checkpoint and options.checkpoint is None:
-        raise ValueError(f"the coordinator serves {spec.model} with weights from a checkpoint; give this device "
-                         f"its copy of the same checkpoint folder with --checkpoint DIR")
-    key = (spec.model, options.checkpoint, spec.seed)
-    if key not in loaded:
-        on_event(f"loading {spec.model}" + (f" from {options.checkpoint}" if options.checkpoint else
-                                           f" (seeded random weights, seed {spec.seed})"))
-        loaded.clear()
-        loaded[key] = load_model(spec.model, options.checkpoint, seed=spec.seed)
-    model = loaded[key]
-    profile = Profile.from_dict(spec.profile)
-    config = EngineConfig(**spec.config)
-    session = join_cluster(prefixed, secret, options.rank, start_digests(model, profile), options.connect_timeout_s)
-    on_event(f"admitted as rank {session.rank} of {spec.world_size} by {host}:{port}; lanes on {bind_addr}")
-    ctx = DistContext(group_rank=session.rank, world_size=spec.world_size, backend="gloo",
-                      device=torch.device(options.device), timeout_s=spec.timeout_s, link=link, cores=options.cores)
-    try:
-        engine = Engine(model, profile, ctx, config, store=prefixed, secret=secret, bind_addr=bind_addr,
-                        session=session, self_info=self_description(options.device, options.cores))
-        served = engine.serve_workers()
-    except KeyboardInterrupt:
-        announce_leave(prefixed, session)
-        on_event(f"left the cluster (rank {session.rank})")
-        raise DeviceStopped() from None
-    on_event(f"rank {session.rank}: the coordinator ended the session after {served} distributed requests")
-    return served
-
-
-__all__ = ["ClusterSpec", "DeviceOptions", "DeviceStopped", "Ticker", "coordinator_spec", "local_address_towards",
-           "parse_address", "publish_spec", "publish_status", "read_spec", "read_status", "run_device",
-           "self_description", "start_store"]
+__all__ = ["ClusterSpec", "Device", "DeviceOptions", "Ticker", "coordinator_spec", "local_address_towards",
+           "parse_address", "publish_spec", "publish_status", "read_spec", "read_status", "self_description",
+           "start_store"]
