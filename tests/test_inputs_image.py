@@ -116,7 +116,7 @@ def test_bad_image_bytes_raise_value_errors(tmp_path):
         model_io.encode_images([good, good[: len(good) // 2]])
     with pytest.raises(ValueError, match="image 1 is empty \\(0 bytes\\)"):
         model_io.encode_images([good, b""])
-    with pytest.raises(ValueError, match="image 0 is a str, not bytes of an image file"):
+    with pytest.raises(ValueError, match="image 0 is of type str, not bytes of an image file"):
         model_io.encode_images(["cat.png"])
     with pytest.raises(ValueError, match="give a non-empty list of images"):
         model_io.encode_images([])
@@ -151,7 +151,7 @@ def test_preprocessor_config_value_errors(tmp_path):
     with pytest.raises(ValueError, match="images come out in 2 sizes"):
         ImagePreprocessor.from_config({**VIT_PREPROCESSOR, "do_resize": False}).batch(list(_images().values())[:2])
     model_io = load_io(get_config("dinov2-tiny-test"), None)
-    with pytest.raises(ValueError, match="dinov2-tiny-test is a image-encoder; encode_texts needs a text model"):
+    with pytest.raises(ValueError, match="dinov2-tiny-test is an image-encoder; encode_texts needs a text model"):
         model_io.encode_texts(["a cat"])
 
 

@@ -174,7 +174,7 @@ def test_text_value_errors(bert_folder):
     assert io.encode_texts([too_long], max_tokens=5, truncate=True)["input_ids"].shape == (1, 5)
     with pytest.raises(ValueError, match="text 2 is empty: it has no tokens besides the special ones"):
         io.encode_texts(["hot", "a", "   "])
-    with pytest.raises(ValueError, match="text 1 is a int, not a string"):
+    with pytest.raises(ValueError, match="text 1 is of type int, not a string"):
         io.encode_texts(["hot", 3])
     with pytest.raises(ValueError, match="no texts given: the list is empty"):
         io.encode_texts([])

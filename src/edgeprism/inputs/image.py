@@ -129,7 +129,7 @@ class ImagePreprocessor:
         """A loaded PIL image from PNG/JPEG/... bytes, or a ValueError naming image `index` and the reason."""
         Image = _require_pillow()
         if not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise ValueError(f"image {index} is a {type(blob).__name__}, not bytes of an image file")
+            raise ValueError(f"image {index} is of type {type(blob).__name__}, not bytes of an image file")
         if len(blob) == 0:
             raise ValueError(f"image {index} is empty (0 bytes)")
         try:

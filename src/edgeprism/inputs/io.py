@@ -119,7 +119,7 @@ class ModelIO:
     def encode_images(self, blobs: Sequence[bytes]) -> dict[str, Tensor]:
         """``pixel_values`` (B, C, H, W) float32 from PNG/JPEG/... file bytes."""
         if self.image is None:
-            raise ValueError(f"{self.model_name} is a {self.task}; encode_images needs an image model")
+            raise ValueError(f"{self.model_name} is {_a(self.task)}; encode_images needs an image model")
         return {"pixel_values": self.image.batch(blobs)}
 
     # --- outputs ---
@@ -148,7 +148,7 @@ class ModelIO:
     def _tokenizer(self, what: str, decoder: bool = False) -> TextTokenizer:
         if self.tokenizer is None or (decoder and self.task != "text-decoder"):
             kind = "a text-decoder" if decoder else "a text model"
-            raise ValueError(f"{self.model_name} is a {self.task}; {what} needs {kind}")
+            raise ValueError(f"{self.model_name} is {_a(self.task)}; {what} needs {kind}")
         return self.tokenizer
 
     def _token_limit(self, max_tokens: int | None) -> int:
@@ -168,8 +168,12 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
         raise ValueError(f"no {what}s given: the list is empty")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"{what} {i} is a {type(text).__name__}, not a string")
+            raise ValueError(f"{what} {i} is of type {type(text).__name__}, not a string")
     return texts
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
 def _first_id(value) -> int | None:
