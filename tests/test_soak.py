@@ -51,11 +51,10 @@ def _ranks(serve_pid: int) -> dict[str, int]:
         for child in children.get(pid, []):
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"edgeprism.runtime.worker" in cmdline:
-                rank = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), "?")
+            if b"join" in cmdline and b"--rank" in cmdline:  # a local worker: `edgeprism join ADDR --rank R`
+                rank = cmdline[cmdline.index(b"--rank") + 1].decode()
                 pids[f"rank {rank}"] = child
             todo.append(child)
     return {"rank 0": serve_pid, **dict(sorted(pids.items()))}
