@@ -140,3 +140,33 @@ finally:
 def test_ranks_that_start_differently_are_refused_on_every_rank():
     with pytest.raises(WorkerError, match=r"rank 1: weights differ"):
         comm_launch.launch_local(2, ["-c", _MISMATCH], timeout_s=120)
+
+
+def test_generate_after_a_distributed_prefill_equals_single_device_greedy_decoding():
+    from edgeprism.models.gpt2 import greedy_generate
+
+    config = get_config("gpt2-tiny-test")
+    profile = synthetic_profile("gpt2-tiny-test", device_speeds=(1.0, 1.0), bandwidth_bps=1e9, latency_s=1e-4,
+                                seconds_per_image=3000, codecs=synthetic_codecs(config.hidden_size)[:1])
+    prompt = {"input_ids": torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))}
+    with launch_local(2, "gpt2-tiny-test", profile, config=EngineConfig(learn_compute=False)) as engine:
+        reference = greedy_generate(engine.model, prompt, 6)
+        split = engine.generate(prompt, 6)
+        assert split.metrics.mode == "distributed" and split.metrics.plan["ranks"] == [0, 1]
+        assert torch.equal(split.outputs["tokens"], reference)
+        local = engine.infer(prompt, generate=6, plan=_local_plan_of(engine, prompt))
+        assert local.metrics.mode == "local" and torch.equal(local.outputs["tokens"], reference)
+        with pytest.raises(ValueError, match="positions"):
+            engine.generate(prompt, config.max_positions)
+    bert = launch_local(1, "bert-tiny-test", synthetic_profile("bert-tiny-test", world_size=1))
+    with bert, pytest.raises(ValueError, match="encoder"):
+        bert.generate({"input_ids": torch.ones(1, 4, dtype=torch.long)}, 3)
+
+
+def _local_plan_of(engine, inputs):
+    from dataclasses import replace
+
+    plan = engine.plan_for(inputs)
+    tokens = engine.model.validate_input(inputs)
+    return replace(plan, mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(tokens,), codec="", cr=1,
+                   wire_dtype="")
