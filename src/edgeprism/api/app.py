@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -140,10 +141,11 @@ async def cluster(service: ApiService, request: Request, request_id: str):
 # --- running it ---
 def serve_http(engine, io: ModelIOLike | None, host: str = "127.0.0.1", port: int = 8000,
                config: ApiConfig = ApiConfig(), on_reply: Callable[[dict], None] | None = None,
-               on_ready: Callable[[str, int], None] | None = None) -> None:
-    """Serve the API with uvicorn on host:port until Ctrl-C (SIGINT) or SIGTERM, then return. Prints
-    nothing itself (uvicorn's log goes to the `uvicorn` loggers); `on_ready(host, port)` is called once
-    it listens (the bound port when `port` is 0), `on_reply` after every answer (see ApiService)."""
+               on_ready: Callable[[str, int], None] | None = None, stop: threading.Event | None = None) -> None:
+    """Serve the API with uvicorn on host:port until Ctrl-C (SIGINT), SIGTERM or `stop` is set, then
+    return (after the requests in progress are answered). Prints nothing itself (uvicorn's log goes to
+    the `uvicorn` loggers); `on_ready(host, port)` is called once it listens (the bound port when `port`
+    is 0), `on_reply` after every answer (see ApiService). Signals are caught only on the main thread."""
     try:
         import uvicorn
     except ImportError as err:
@@ -164,6 +166,11 @@ def serve_http(engine, io: ModelIOLike | None, host: str = "127.0.0.1", port: in
         if server.started and on_ready is not None:
             bound = server.servers[0].sockets[0].getsockname()
             on_ready(bound[0], bound[1])
+        while stop is not None and not task.done():
+            if stop.is_set():
+                server.should_exit = True
+                break
+            await asyncio.sleep(0.05)
         await task
 
     try:
