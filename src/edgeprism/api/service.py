@@ -22,6 +22,8 @@ from edgeprism.api.prometheus import BATCH_BUCKETS, LATENCY_BUCKETS_S, ApiMetric
 log = logging.getLogger(__name__)
 
 PLAN_HEADER = "X-Edgeprism-Plan"
+ENGINE_ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/v1/classify", "/infer")
+"""Endpoints whose answers (served or refused) `on_reply` hears of; status endpoints are not reported."""
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 Handler = Callable[[Request, str], Awaitable[tuple[dict[str, Any], list[JobResult]]]]
@@ -30,7 +32,8 @@ Handler = Callable[[Request, str], Awaitable[tuple[dict[str, Any], list[JobResul
 class ApiService:
     """One served model: `engine` (rank 0), `io` (None: only /infer and the status endpoints), `config`
     (resolved against the engine), the batcher and the metrics. `on_reply` gets a compact record of
-    every answer: `{"id", "endpoint", "status", "metrics"}` or `{"id", "endpoint", "status", "error"}`."""
+    every answer of an engine endpoint (ENGINE_ENDPOINTS): `{"id", "endpoint", "status", "metrics"}`
+    (the first engine call's MetricsRow as a dict) or `{"id", "endpoint", "status", "error"}` (a string)."""
 
     def __init__(self, engine, io: ModelIOLike | None, config: ApiConfig,
                  on_reply: Callable[[dict], None] | None = None) -> None:
@@ -132,7 +135,7 @@ class ApiService:
         if results:
             self.metrics.observe("edgeprism_request_latency_seconds", time.monotonic() - start, LATENCY_BUCKETS_S,
                                  mode=results[0].metrics.mode)
-        if self.on_reply is not None and endpoint != "/metrics":
+        if self.on_reply is not None and endpoint in ENGINE_ENDPOINTS:
             try:
                 self.on_reply({"id": request_id, "endpoint": endpoint, "status": response.status_code, **record})
             except Exception:
