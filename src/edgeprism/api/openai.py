@@ -197,7 +197,8 @@ async def classify(service: ApiService, request: Request, request_id: str):
     try:
         top_k = int(fields.get("top_k", config.top_k))
     except ValueError:
-        raise bad_request(f"'top_k' must be an integer, got {fields['top_k']!r}", "invalid_type", param="top_k") from None
+        raise bad_request(f"'top_k' must be an integer, got {fields['top_k']!r}", "invalid_type",
+                          param="top_k") from None
     if not 1 <= top_k <= 100:
         raise bad_request(f"'top_k' {top_k} must be between 1 and 100", "invalid_value", param="top_k")
     if len(blobs) > config.max_texts:
