@@ -132,26 +132,3 @@ def png_bytes(seed: int, size: int = 40, kind: str = "PNG") -> bytes:
     out = io.BytesIO()
     Image.frombytes("RGB", (size, size), bytes(pixels.flatten().tolist())).save(out, format=kind)
     return out.getvalue()
-
-
-class GenerateShim:
-    """Until Engine.generate lands on main: a real engine plus greedy decoding on rank 0
-    (models.gpt2.greedy_generate), with the metrics row of the prompt's prefill."""
-
-    def __init__(self, engine) -> None:
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def generate(self, inputs, max_new_tokens, request_id=None):
-        from edgeprism.models.gpt2 import greedy_generate
-        from edgeprism.runtime.metrics import Result
-
-        prefill = self._engine.infer(inputs, request_id=request_id)
-        tokens = greedy_generate(self._engine.model, inputs, max_new_tokens)  # (B, N)
-        return Result(prefill.request_id, {"tokens": tokens}, prefill.metrics)
-
-
-def with_generate(engine):
-    return engine if hasattr(engine, "generate") else GenerateShim(engine)

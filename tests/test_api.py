@@ -15,14 +15,14 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from edgeprism.api import ApiConfig, make_app  # noqa: E402
 from edgeprism.plan.synthetic import synthetic_profile  # noqa: E402
-from edgeprism.runtime import Engine  # noqa: E402
+from edgeprism.runtime import launch_local  # noqa: E402
 
 MODEL = "bert-tiny-test"
 
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine.launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
+    with launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
         yield engine
 
 
@@ -172,16 +172,14 @@ def test_metrics_and_on_reply(client, replies):
     assert served and served[-1]["metrics"]["mode"] == "local" and refused and "gpt-4" in refused[-1]["error"]
 
 
-def test_cluster_endpoint(client, engine):
-    reply = client.get("/v1/cluster")
-    if hasattr(engine, "cluster_status"):
-        assert reply.status_code == 200 and isinstance(reply.json(), dict)
-    else:
-        assert reply.status_code == 501 and reply.json()["error"]["code"] == "not_implemented"
+def test_cluster_endpoint(client):
+    status = client.get("/v1/cluster").json()
+    assert status["model"] == MODEL and status["members"] == [0] and status["ranks"][0]["state"] == "serving"
+    assert status["link"]["bandwidth_bps"] > 0
 
 
 def test_an_engine_failure_is_a_counted_500(io):
-    with Engine.launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
+    with launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
         app = make_app(engine, io)
         with TestClient(app) as client:
             assert _embed(client, {"model": MODEL, "input": "fine"}).status_code == 200

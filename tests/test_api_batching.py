@@ -18,7 +18,7 @@ from edgeprism.api import ApiConfig, serve_http  # noqa: E402
 from edgeprism.api.batching import Batcher, Job  # noqa: E402
 from edgeprism.api.load import LoadConfig, run_load  # noqa: E402
 from edgeprism.plan.synthetic import synthetic_profile  # noqa: E402
-from edgeprism.runtime import Engine  # noqa: E402
+from edgeprism.runtime import launch_local  # noqa: E402
 
 MODEL = "bert-tiny-test"
 TEXTS = ["the fox", "a cat sat on the mat", "each rank owns positions while codecs compress what crosses the link",
@@ -27,7 +27,7 @@ TEXTS = ["the fox", "a cat sat on the mat", "each rank owns positions while code
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine.launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
+    with launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
         yield engine
 
 
@@ -91,7 +91,7 @@ def test_batches_respect_max_batch_kinds_and_the_off_switch(engine, io):
 @pytest.fixture(scope="module")
 def server(io):
     """Real uvicorn on 127.0.0.1 (a free port) over a two-rank engine, in a thread; stopped by an event."""
-    with Engine.launch_local(2, MODEL, synthetic_profile(MODEL, world_size=2)) as engine:
+    with launch_local(2, MODEL, synthetic_profile(MODEL, world_size=2)) as engine:
         ready, stop, replies = threading.Event(), threading.Event(), []
         bound = {}
 

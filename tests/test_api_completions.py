@@ -9,22 +9,22 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("tokenizers")
 
-from api_adapters import WordIO, with_generate  # noqa: E402
+from api_adapters import WordIO  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from edgeprism.api import ApiConfig, make_app  # noqa: E402
 from edgeprism.api.batching import Batcher, Job  # noqa: E402
 from edgeprism.models.gpt2 import greedy_generate  # noqa: E402
 from edgeprism.plan.synthetic import synthetic_profile  # noqa: E402
-from edgeprism.runtime import Engine  # noqa: E402
+from edgeprism.runtime import launch_local  # noqa: E402
 
 MODEL = "gpt2-tiny-test"
 
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine.launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
-        yield with_generate(engine)  # Engine.generate when main has it; else greedy decoding on rank 0
+    with launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

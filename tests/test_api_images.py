@@ -12,7 +12,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from edgeprism.api import ApiConfig, make_app  # noqa: E402
 from edgeprism.plan.synthetic import synthetic_profile  # noqa: E402
-from edgeprism.runtime import Engine  # noqa: E402
+from edgeprism.runtime import launch_local  # noqa: E402
 
 MODEL = "vit-tiny-test"
 LABELS = ["cat", "dog", "ship", "truck"]
@@ -20,7 +20,7 @@ LABELS = ["cat", "dog", "ship", "truck"]
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine.launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
+    with launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
         yield engine
 
 

@@ -16,7 +16,7 @@ from edgeprism.models.config import get_config
 from edgeprism.models.loading import load_model
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.profile.schema import Profile
-from edgeprism.runtime import Engine, EngineConfig
+from edgeprism.runtime import Engine, EngineConfig, launch_local
 from edgeprism.runtime.requests import MAX_REQUEST_BYTES, load_request_json, parse_request
 from edgeprism.runtime.serving import answer
 
@@ -28,7 +28,7 @@ GOOD = json.dumps({"id": "good", "synthetic": {"batch": 2, "seq_len": 96}})
 def engine():
     profile = synthetic_profile("bert-tiny-test", device_speeds=(1.0, 1.0), bandwidth_bps=1e9, latency_s=1e-4,
                                 seconds_per_image=3000, codecs=synthetic_codecs(BERT.hidden_size)[:1])
-    with Engine.launch_local(2, "bert-tiny-test", profile, config=EngineConfig(max_batch=4, learn_compute=False)) as engine:
+    with launch_local(2, "bert-tiny-test", profile, config=EngineConfig(max_batch=4, learn_compute=False)) as engine:
         yield engine
 
 
@@ -90,7 +90,7 @@ def test_bad_request_is_answered_with_a_clear_error_and_serving_goes_on(engine, 
     reply = answer(engine, line, fallback_id="fallback")
     assert "error" in reply, reply
     assert words.lower() in reply["error"].lower(), reply["error"]
-    assert engine._cluster.failed() is None  # the worker is alive
+    assert engine.workers.failed() is None  # the worker is alive
     good = answer(engine, GOOD, fallback_id="good")
     assert "error" not in good and good["metrics"]["mode"] == "distributed", good
     assert not good["metrics"]["fallback"]
@@ -156,10 +156,10 @@ def test_profile_for_another_model_or_world_size_is_refused(tmp_path):
     path = tmp_path / "profile.json"
     synthetic_profile("vit-tiny-test", world_size=2).save(path)
     with pytest.raises(ValueError, match="vit-tiny-test"):
-        Engine.launch_local(2, "bert-tiny-test", str(path))
+        launch_local(2, "bert-tiny-test", str(path))
     synthetic_profile("bert-tiny-test", world_size=3).save(path)
     with pytest.raises(ValueError, match="3"):
-        Engine.launch_local(2, "bert-tiny-test", str(path))
+        launch_local(2, "bert-tiny-test", str(path))
 
 
 CONFIGS = [

@@ -1,6 +1,6 @@
 """Peer loss on real GLOO groups: a worker killed, hung or restarted mid-run never loses a request.
 
-The test process is rank 0; workers are processes (`Engine.launch_local`). Timeouts are shortened so
+The test process is rank 0; workers are processes (`launch_local`). Timeouts are shortened so
 each case takes seconds; the emulated link (transport mode, no root) stretches a request so that a
 kill lands in the middle of it. The netns/veth variant is in test_reliability_testbed.py.
 """
@@ -14,7 +14,7 @@ import torch
 from edgeprism.models.config import get_config
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-from edgeprism.runtime import Engine, EngineConfig
+from edgeprism.runtime import Engine, EngineConfig, launch_local
 from edgeprism.testbed.emulation import write_link_file
 from edgeprism.testbed.presets import LinkPreset
 
@@ -53,13 +53,13 @@ def _until(engine, inputs, predicate, timeout_s=30.0):
 def test_killed_rank_mid_request_is_answered_then_planned_around_then_rejoins(tmp_path):
     link_file = tmp_path / "link.json"
     write_link_file(link_file, LinkPreset("fast", rate_bps=1e9, delay_s=0.0, source="test"), "transport")
-    with Engine.launch_local(3, "vit-tiny-test", _profile(), config=CONFIG, link_file=link_file) as engine:
+    with launch_local(3, "vit-tiny-test", _profile(), config=CONFIG, link_file=link_file) as engine:
         first = engine.infer(LARGE)
         assert first.metrics.plan["ranks"] == [0, 1, 2]
         plan = engine.plan_for(LARGE)
         # Stretch the next request (0.2 s per message) and kill rank 2 while it runs.
         write_link_file(link_file, LinkPreset("slow", rate_bps=1e9, delay_s=0.2, source="test"), "transport")
-        killer = threading.Timer(0.5, engine._cluster.signal, (2, signal.SIGKILL))
+        killer = threading.Timer(0.5, engine.workers.signal, (2, signal.SIGKILL))
         killer.start()
         result = engine.infer(LARGE, plan=plan)
         killer.join()
@@ -76,16 +76,16 @@ def test_killed_rank_mid_request_is_answered_then_planned_around_then_rejoins(tm
         assert engine.failures == 1
 
         # A fresh process for rank 2 joins the running engine (rank 0 is not restarted).
-        engine._cluster.restart(2)
+        engine.workers.restart(2)
         back = _until(engine, LARGE, lambda m: m.mode == "distributed" and m.plan["ranks"] == [0, 1, 2])
         assert back.bytes_exchanged > 0 and engine.healthy_ranks == (0, 1, 2)
 
 
 def test_hung_rank_costs_a_bounded_stall_and_comes_back_when_it_resumes():
-    with Engine.launch_local(3, "vit-tiny-test", _profile(), config=CONFIG) as engine:
+    with launch_local(3, "vit-tiny-test", _profile(), config=CONFIG) as engine:
         assert engine.infer(LARGE).metrics.plan["ranks"] == [0, 1, 2]
         plan = engine.plan_for(LARGE)
-        engine._cluster.signal(2, signal.SIGSTOP)  # alive but silent: what a cut link looks like
+        engine.workers.signal(2, signal.SIGSTOP)  # alive but silent: what a cut link looks like
         try:
             start = time.monotonic()
             result = engine.infer(LARGE)
@@ -97,7 +97,7 @@ def test_hung_rank_costs_a_bounded_stall_and_comes_back_when_it_resumes():
             without = _until(engine, LARGE, lambda m: m.mode == "distributed")
             assert without.plan["ranks"] == [0, 1]
         finally:
-            engine._cluster.signal(2, signal.SIGCONT)
+            engine.workers.signal(2, signal.SIGCONT)
         # It resumes, finds it was dropped, joins again, and plans use it again.
         _until(engine, LARGE, lambda m: m.mode == "distributed" and m.plan["ranks"] == [0, 1, 2])
 
@@ -114,7 +114,7 @@ def test_link_sag_tenfold_fails_no_request_and_the_estimate_follows(tmp_path):
     # Two ranks, one core each: with three on this host's two cores the waits would measure the cores.
     profile = synthetic_profile("vit-tiny-test", device_speeds=(1.0, 1.0), bandwidth_bps=1e9, latency_s=1e-4,
                                 seconds_per_image=3000, codecs=FP32_ONLY)
-    with Engine.launch_local(2, "vit-tiny-test", profile, link_file=link_file,
+    with launch_local(2, "vit-tiny-test", profile, link_file=link_file,
                              config=EngineConfig(probe_every=2, learn_compute=False)) as engine:
         before = [engine.infer(batch).metrics for _ in range(4)]
         write_link_file(link_file, slow, "transport")

@@ -22,7 +22,7 @@ DRIVER = textwrap.dedent('''
     from edgeprism.models.config import get_config
     from edgeprism.models.synthetic import synthetic_inputs
     from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-    from edgeprism.runtime import Engine, EngineConfig
+    from edgeprism.runtime import Engine, EngineConfig, launch_local
 
     hosts = json.loads(sys.argv[1])          # [[netns, address, ifname], ...]
     case = sys.argv[2]
@@ -45,13 +45,13 @@ DRIVER = textwrap.dedent('''
             time.sleep(0.1)
         raise AssertionError(f"not met; healthy {engine.healthy_ranks}")
 
-    with Engine.launch_local(3, "vit-tiny-test", profile, config=config, bind_addr=hosts[0][1],
+    with launch_local(3, "vit-tiny-test", profile, config=config, bind_addr=hosts[0][1],
                              worker_hosts=workers) as engine:
         out["first"] = engine.infer(batch).metrics.plan["ranks"]
         plan = engine.plan_for(batch)
         out["stall_s"] = config.stall_s(plan.predicted_latency_s)
         if case == "kill":
-            engine._cluster.signal(2, signal.SIGKILL)
+            engine.workers.signal(2, signal.SIGKILL)
         else:
             subprocess.run(["ip", "netns", "exec", hosts[2][0], "ip", "link", "set", hosts[2][2], "down"], check=True)
         start = time.monotonic()
@@ -63,7 +63,7 @@ DRIVER = textwrap.dedent('''
         out["exact"] = all(bool((result.outputs[k] - ref[k]).abs().max() < 1e-5) for k in result.outputs)
         out["without"] = until(lambda m: m.mode == "distributed").plan["ranks"]
         if case == "kill":
-            engine._cluster.restart(2)
+            engine.workers.restart(2)
         else:
             subprocess.run(["ip", "netns", "exec", hosts[2][0], "ip", "link", "set", hosts[2][2], "up"], check=True)
         out["back"] = until(lambda m: m.mode == "distributed" and m.plan["ranks"] == [0, 1, 2]).plan["ranks"]

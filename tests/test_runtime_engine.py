@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from edgeprism.comm.launch import WorkerError, launch_local
+from edgeprism.comm import launch as comm_launch
+from edgeprism.comm.launch import WorkerError
 from edgeprism.models.config import get_config
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-from edgeprism.runtime import Engine, EngineConfig
+from edgeprism.runtime import Engine, EngineConfig, launch_local
 from edgeprism.testbed.emulation import write_link_file
 from edgeprism.testbed.presets import LinkPreset
 
@@ -40,7 +41,7 @@ def test_plan_follows_a_mid_run_link_change(tmp_path, caplog):
     # is far from a tiny model's, which online compute re-estimation would otherwise correct).
     config = EngineConfig(probe_every=2, learn_compute=False)
     with caplog.at_level(logging.WARNING, logger="edgeprism.runtime.engine"):
-        with Engine.launch_local(2, "vit-tiny-test", _profile((1.0, 1.0)), link_file=link_file,
+        with launch_local(2, "vit-tiny-test", _profile((1.0, 1.0)), link_file=link_file,
                                  config=config) as engine:
             modes = [engine.infer(batch).metrics.mode for _ in range(2)]
             assert modes == ["distributed", "distributed"]
@@ -83,7 +84,7 @@ def test_subsets_exactness_idle_workers_and_bad_requests(monkeypatch):
     large = synthetic_inputs(VIT, 2, image_size=64, seed=3)  # 65 tokens: all three ranks, uneven shares
     # The plans below follow from the profile: no online link estimate (3 ranks on 2 cores make a noisy link).
     config = EngineConfig(max_batch=2, learn_compute=False, learn_link=False)
-    with Engine.launch_local(3, "vit-tiny-test", _profile((1.0, 1.0, 0.7)), config=config) as engine:
+    with launch_local(3, "vit-tiny-test", _profile((1.0, 1.0, 0.7)), config=config) as engine:
         for inputs, ranks in ((small, [0, 1]), (large, [0, 1, 2]), (small, [0, 1])):
             result = engine.infer(inputs, gather_hidden=True)
             assert result.metrics.mode == "distributed" and result.metrics.plan["ranks"] == ranks
@@ -138,4 +139,4 @@ finally:
 
 def test_ranks_that_start_differently_are_refused_on_every_rank():
     with pytest.raises(WorkerError, match=r"rank 1: weights differ"):
-        launch_local(2, ["-c", _MISMATCH], timeout_s=120)
+        comm_launch.launch_local(2, ["-c", _MISMATCH], timeout_s=120)

@@ -15,7 +15,7 @@ from edgeprism.comm.auth import (JOIN_BYTES, AuthError, decode_join, encode_join
 from edgeprism.models.config import get_config
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-from edgeprism.runtime import Engine, EngineConfig
+from edgeprism.runtime import Engine, EngineConfig, launch_local
 from edgeprism.runtime.control import MAX_CONTROL_BYTES, ControlError, decode_control, encode_control, validate_control
 from edgeprism.runtime.groups import start_digests
 from edgeprism.runtime.membership import join_cluster
@@ -31,7 +31,7 @@ def _profile():
 
 
 def _client(engine):
-    host, _, port = engine._cluster.spec["store"].rpartition(":")
+    host, _, port = engine.address.rpartition(":")
     return dist.PrefixStore("edgeprism/", dist.TCPStore(host, int(port), None, False, timedelta(seconds=10)))
 
 
@@ -47,7 +47,7 @@ def _listening(pids):
 
 def test_intruders_cannot_join_or_drive_and_every_socket_is_on_loopback():
     batch = synthetic_inputs(VIT, 2, seed=1)
-    with Engine.launch_local(2, "vit-tiny-test", _profile(), config=EngineConfig(join_check_s=0.05, learn_compute=False)) as engine:
+    with launch_local(2, "vit-tiny-test", _profile(), config=EngineConfig(join_check_s=0.05, learn_compute=False)) as engine:
         assert engine.infer(batch).metrics.mode == "distributed"
         store = _client(engine)
         digests = start_digests(engine.model, engine.profile)
@@ -67,10 +67,10 @@ def test_intruders_cannot_join_or_drive_and_every_socket_is_on_loopback():
         time.sleep(0.5)
         result = engine.infer(batch)
         assert result.metrics.mode == "distributed" and not result.metrics.fallback
-        assert "failed authentication" in engine._cluster.stderr_tail(1)
+        assert "failed authentication" in engine.workers.stderr_tail(1)
 
         # 3. Every socket the engine's processes listen on is bound to 127.0.0.1.
-        pids = [__import__("os").getpid(), engine._cluster.pid(1)]
+        pids = [__import__("os").getpid(), engine.workers.pid(1)]
         listening = _listening(pids)
         assert listening and all(addr.startswith("127.0.0.1:") for addr in listening), listening
 

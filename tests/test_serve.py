@@ -10,7 +10,7 @@ import pytest
 
 from edgeprism.cli.serve import add_parser, handle
 from edgeprism.plan.synthetic import synthetic_profile
-from edgeprism.runtime import Engine
+from edgeprism.runtime import Engine, launch_local
 from edgeprism.runtime.serving import make_http_server
 
 
@@ -73,7 +73,7 @@ def test_http_endpoint_on_loopback():
     app on uvicorn; the API itself is tested in tests/test_api*.py)."""
     pytest.importorskip("uvicorn")
     profile = synthetic_profile("bert-tiny-test", world_size=1)
-    with Engine.launch_local(1, "bert-tiny-test", profile) as engine:
+    with launch_local(1, "bert-tiny-test", profile) as engine:
         replies = []
         server = make_http_server(engine, port=0, on_reply=replies.append)
         host, port = server.server_address[:2]

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 _LAZY = {"Engine": "edgeprism.runtime", "EngineConfig": "edgeprism.runtime", "Result": "edgeprism.runtime",
-         "MetricsRow": "edgeprism.runtime"}
+         "MetricsRow": "edgeprism.runtime", "launch_local": "edgeprism.runtime"}
 
 
 def __getattr__(name: str):

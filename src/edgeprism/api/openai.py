@@ -131,9 +131,7 @@ async def completions(service: ApiService, request: Request, request_id: str):
         if body.get(key) is not None and body[key] != wanted:
             raise bad_request(f"'{key}' must be {str(wanted).lower()} here (got {body[key]!r})", "unsupported_value",
                               param=key)
-    generate = getattr(service.engine, "generate", None)
-    if generate is None:
-        raise ApiError(501, "this engine cannot generate (no Engine.generate)", "not_implemented", type="server_error")
+    generate = service.engine.generate
     groups = await run_in_threadpool(_encode_prompts, service, prompts, max_new_tokens)
     jobs = [Job(("generate", length, max_new_tokens), {"input_ids": ids},
                 lambda x, rid: generate(x, max_new_tokens, request_id=rid),

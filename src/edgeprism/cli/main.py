@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "plan",
     "profile",
     "serve",
+    "join",
     "testbed",
     "link_test",
     "assets",

@@ -23,7 +23,11 @@ def add_parser(subparsers) -> None:
     source.add_argument("--profile", metavar="FILE", help="profile JSON written by `edgeprism profile`")
     source.add_argument("--synthetic-profile", action="store_true",
                         help="plan from a synthetic profile for --model (realistic numbers, not measured)")
-    p.add_argument("--world-size", type=int, default=2, help="ranks (emulated devices), rank 0 included; default 2")
+    p.add_argument("--world-size", type=int, default=2, help="ranks (devices), rank 0 included; default 2")
+    p.add_argument("--listen", metavar="ADDR:PORT",
+                   help="be the coordinator of real devices: serve the rendezvous store on ADDR:PORT and let devices "
+                        "join it (`edgeprism join ADDR:PORT`); no local workers are started. Needs --secret-file "
+                        "off-loopback. docs/DEPLOY.md")
     p.add_argument("--objective", choices=["latency", "energy", "edp"], default="latency")
     p.add_argument("--max-fidelity-loss", type=float, metavar="LOSS",
                    help="largest normalised metric loss a codec may have, e.g. 0.02 (default: no budget)")
@@ -66,7 +70,8 @@ def _profile(args):
 
 
 def handle(args) -> int:
-    from edgeprism.runtime.engine import Engine, EngineConfig
+    from edgeprism.runtime.cluster import launch_engine
+    from edgeprism.runtime.engine import EngineConfig
     from edgeprism.runtime.serving import make_http_server, serve_lines
 
     if args.world_size < 1:
@@ -80,9 +85,15 @@ def handle(args) -> int:
         from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
 
         load_secret({SECRET_FILE_ENV: args.secret_file})  # a bad secret file is the user's error, named now
+    listen = _listen(args)
     profile = _profile(args)
     stream = None if args.http else sys.stdin if args.input == "-" else _open(args.input)
-    print(f"edgeprism serve: starting {args.model} over {args.world_size} rank(s) ...", file=sys.stderr, flush=True)
+    if listen:
+        print(f"edgeprism serve: coordinator of {args.model} for {args.world_size - 1} device(s); devices join with "
+              f"`edgeprism join {args.listen} --secret-file {args.secret_file or 'FILE'}`", file=sys.stderr, flush=True)
+    else:
+        print(f"edgeprism serve: starting {args.model} over {args.world_size} rank(s) ...", file=sys.stderr,
+              flush=True)
 
     def write(reply: dict) -> None:
         print(json.dumps(reply), flush=True)
@@ -94,9 +105,10 @@ def handle(args) -> int:
             print(f"edgeprism serve: request {reply['id']}: {how}, {m['latency_s'] * 1e3:.1f} ms (predicted "
                   f"{m['predicted_latency_s'] * 1e3:.1f})", file=sys.stderr, flush=True)
 
-    with Engine.launch_local(args.world_size, args.model, profile, checkpoint=args.checkpoint, seed=args.seed,
-                             config=config, cores_per_worker=args.cores_per_worker, link_file=args.link_file,
-                             timeout_s=args.timeout, secret_file=args.secret_file) as engine:
+    where = dict(bind_addr=listen[0], port=listen[1], local_workers=False) if listen else {}
+    with launch_engine(args.world_size, args.model, profile, checkpoint=args.checkpoint, seed=args.seed,
+                       config=config, cores_per_worker=args.cores_per_worker, link_file=args.link_file,
+                       timeout_s=args.timeout, secret_file=args.secret_file, **where) as engine:
         if args.http:
             server = make_http_server(engine, args.host, args.port, args.outputs, on_reply=write)
             host, port = server.server_address[:2]
@@ -118,6 +130,23 @@ def handle(args) -> int:
     print(f"edgeprism serve: {served} served, {refused} refused"
           + (f", {failures} rerun on rank 0 after a lost peer" if failures else ""), file=sys.stderr, flush=True)
     return 0
+
+
+def _listen(args) -> tuple[str, int] | None:
+    """(host, port) of --listen, checked: the devices prove they hold the secret file (on loopback too: they
+    read the same file); every interface only if the address says so."""
+    from edgeprism.runtime.coordinator import parse_address
+
+    if not args.listen:
+        return None
+    host, port = parse_address(args.listen)
+    if not args.secret_file:
+        raise ValueError(f"--listen {args.listen} needs --secret-file FILE, the secret every device proves it holds "
+                         f"(at least 16 random bytes, mode 600: `head -c 32 /dev/urandom > cluster.secret && chmod 600 "
+                         f"cluster.secret`; copy it to every device)")
+    if host in ("0.0.0.0", "::"):
+        log.warning("--listen %s binds every interface of this machine", args.listen)
+    return host, port
 
 
 def _open(path: str):

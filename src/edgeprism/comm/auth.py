@@ -1,7 +1,7 @@
 """Cluster authentication: one shared secret, an HMAC-SHA256 join handshake, and sealed control messages.
 
 Every rank of a cluster holds the same secret (`EDGEPRISM_SECRET_FILE`, a file of at least 16 bytes
-readable by its owner only, or `EDGEPRISM_SECRET`; `Engine.launch_local` makes a fresh one per cluster).
+readable by its owner only, or `EDGEPRISM_SECRET`; `launch_local` makes a fresh one per cluster).
 
 Join (over the rendezvous store, see `edgeprism.runtime.membership`): rank 0 publishes a random boot
 nonce; a joining worker takes a fresh slot number and writes a fixed-size binary request

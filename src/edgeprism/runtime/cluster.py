@@ -1,39 +1,49 @@
-"""A local cluster for applications and the demo: this process is rank 0, N - 1 workers are started.
+"""Starting an engine's ranks: a local cluster for applications, the demo and the tests, and the
+coordinator that devices join over the network. Both are the same path (edgeprism.runtime.coordinator):
 
-    with Engine.launch_local(3, "vit-tiny-test", profile, cores_per_worker=1) as engine:
+    with launch_engine(3, "vit-tiny-test", profile, cores_per_worker=1) as engine:  # local: 2 workers
         engine.infer(batch)
 
-Workers run `python -m edgeprism.runtime.worker --spec ...` with the environment torchrun would give
-them (as `edgeprism.comm.launch` does), each pinned to its own cores; this process is not pinned (it is
-the application). If a worker dies at start, its stderr tail is in the error raised here; after the
-start the engine outlives its workers (docs/RELIABILITY.md), and `restart(rank)` starts a fresh process
-that joins the running engine.
+    engine = launch_engine(3, "vit-tiny-test", profile, listen=("192.168.1.10", 29400),
+                           local_workers=False, secret_file="cluster.secret")        # devices join
 
-Rank 0 hosts the rendezvous store on a socket bound to 127.0.0.1 (`bind_addr`), the data lanes listen on
-the same address, and the cluster's secret is a fresh random one in a file only this user can read,
-handed to the workers by path (EDGEPRISM_SECRET_FILE), or the caller's `secret_file`.
+This process is rank 0: it serves the rendezvous store on the given address (127.0.0.1 for a local
+cluster), publishes the sealed cluster spec there, and builds the engine. A local cluster's workers are
+`edgeprism join 127.0.0.1:PORT --rank R --no-retry` processes (exactly what a device runs, asking for
+their own rank), each pinned to its own cores; this process is not pinned (it is the application). If a
+worker dies at start, its stderr tail is in the error raised here; after the start the engine outlives
+its workers (docs/RELIABILITY.md), and `restart(rank)` starts a fresh process that joins the running
+engine. For devices joining over the network rank 0 does not wait: it serves locally until they come,
+and a ticker takes them in between requests and publishes the cluster status.
+
+The cluster's secret is a fresh random one in a file only this user can read, handed to local workers
+by path (EDGEPRISM_SECRET_FILE), or the caller's `secret_file`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret, new_secret, write_secret_file
+from edgeprism.comm.auth import NONCE_BYTES, SECRET_FILE_ENV, load_secret, new_secret, write_secret_file
+from edgeprism.comm.context import DistContext
 from edgeprism.comm.launch import WorkerError, core_assignment
+from edgeprism.models.loading import load_model
+from edgeprism.profile.schema import Profile
+from edgeprism.runtime.config import EngineConfig
+from edgeprism.runtime.coordinator import PREFIX, Ticker, coordinator_spec, publish_spec, start_store
+from edgeprism.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +51,18 @@ log = logging.getLogger(__name__)
 class LocalCluster:
     """The worker processes of a local engine (ranks 1..N-1)."""
 
-    def __init__(self, world_size: int, spec: dict, cores_per_worker: int | None = 1,
-                 env: dict[str, str] | None = None, port: int = 0, bind_addr: str = "127.0.0.1",
-                 worker_hosts: dict[int, tuple[list[str], str]] | None = None) -> None:
+    def __init__(self, world_size: int, address: str, checkpoint: str | None, cores_per_worker: int | None = 1,
+                 env: dict[str, str] | None = None, worker_hosts: dict[int, tuple[list[str], str]] | None = None
+                 ) -> None:
         if world_size < 1:
             raise ValueError(f"world size {world_size} must be >= 1")
         self.world_size = world_size
-        self.spec = spec
-        self.port = port
+        self.address = address
+        """The coordinator's store, HOST:PORT."""
+        self.checkpoint = checkpoint
         self.worker_hosts = worker_hosts or {}
         """rank → (command prefix, bind address): a worker on another host (testbed: `ip netns exec ns`)."""
-        self.env = {"MASTER_ADDR": bind_addr, "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
-                    "LOCAL_WORLD_SIZE": str(world_size), **(env or {})}
+        self.env = dict(env or {})
         # Rank 0 (this process) is not pinned; workers take the cores after rank 0's share.
         self.assignment = core_assignment(world_size, cores_per_worker) if cores_per_worker else [()] * world_size
         self.procs: list[tuple[subprocess.Popen, object]] = []
@@ -61,12 +71,17 @@ class LocalCluster:
 
     def _start(self, rank: int) -> tuple[subprocess.Popen, object]:
         cores = self.assignment[rank]
-        worker_env = {**os.environ, **self.env, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                      "EDGEPRISM_CORES": ",".join(map(str, cores)), "OMP_NUM_THREADS": str(len(cores) or 1)}
-        prefix, bind_addr = self.worker_hosts.get(rank, ([], self.spec.get("bind_addr")))
-        spec = {**self.spec, "bind_addr": bind_addr}
+        worker_env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(len(cores) or 1)}
+        prefix, bind_addr = self.worker_hosts.get(rank, ([], None))
         err = tempfile.TemporaryFile("w+")
-        argv = [*prefix, sys.executable, "-m", "edgeprism.runtime.worker", "--spec", json.dumps(spec)]
+        argv = [*prefix, sys.executable, "-m", "edgeprism.cli.main", "join", self.address, "--rank", str(rank),
+                "--no-retry", "--quiet"]
+        if cores:
+            argv += ["--cores", ",".join(map(str, cores))]
+        if bind_addr:
+            argv += ["--bind", bind_addr]
+        if self.checkpoint:
+            argv += ["--checkpoint", self.checkpoint]
         proc = subprocess.Popen(argv, env=worker_env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         return proc, err
 
@@ -92,9 +107,6 @@ class LocalCluster:
         _, err = self.procs[rank - 1]
         err.seek(0)
         return "\n".join(err.read().strip().splitlines()[-lines:])
-
-    def rank0_environ(self) -> dict[str, str]:
-        return {**self.env, "RANK": "0", "LOCAL_RANK": "0"}
 
     def failed(self) -> str | None:
         """A description of the first worker that exited non-zero (with its stderr tail), else None."""
@@ -138,33 +150,22 @@ class LocalCluster:
         self.procs = []
 
 
-def listening_socket(bind_addr: str) -> socket.socket:
-    """A TCP socket listening on `bind_addr` on a free port (the store's; never all interfaces by default)."""
-    family = socket.AF_INET6 if ":" in bind_addr else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((bind_addr, 0))
-    sock.listen(128)
-    return sock
-
-
 def launch_engine(world_size: int, model: str, profile, checkpoint: str | None = None, seed: int = 0,
-                  config=None, cores_per_worker: int | None = 1, link_file: str | os.PathLike | None = None,
-                  timeout_s: float = 60.0, start_timeout_s: float = 120.0, meter=None,
-                  bind_addr: str = "127.0.0.1", secret_file: str | os.PathLike | None = None,
-                  worker_hosts: dict[int, tuple[list[str], str]] | None = None):
-    """Start a local engine of `world_size` ranks; this process is rank 0. `profile` is a Profile or a
-    path; `link_file` an emulated link file (edgeprism.testbed.emulation) every rank follows;
-    `bind_addr` the address the store and the lanes listen on; `secret_file` the cluster secret
-    (default: a fresh one); `worker_hosts` rank → (command prefix, bind address) for workers on other
-    hosts (the testbed's network namespaces)."""
-    from edgeprism.comm.context import DistContext
-    from edgeprism.models.loading import load_model
-    from edgeprism.profile.schema import Profile
-    from edgeprism.runtime.engine import Engine, EngineConfig
-
+                  config: EngineConfig | None = None, cores_per_worker: int | None = 1,
+                  link_file: str | os.PathLike | None = None, timeout_s: float = 60.0,
+                  start_timeout_s: float = 120.0, meter=None, bind_addr: str = "127.0.0.1",
+                  secret_file: str | os.PathLike | None = None,
+                  worker_hosts: dict[int, tuple[list[str], str]] | None = None, port: int = 0,
+                  local_workers: bool = True, model_obj=None) -> Engine:
+    """Start an engine of `world_size` ranks; this process is rank 0. `profile` is a Profile or a path;
+    `link_file` an emulated link file (edgeprism.testbed.emulation) every rank follows; `bind_addr` and
+    `port` where the store and rank 0's lanes listen; `secret_file` the cluster secret (default: a fresh
+    one); `worker_hosts` rank → (command prefix, bind address) for local workers on other hosts (the
+    testbed's network namespaces). `local_workers=False`: start no workers — devices join over the network
+    (`edgeprism join`), and rank 0 serves alone until they do. `model_obj`: the model, already loaded."""
     config = config or EngineConfig()
-    model_obj = load_model(model, checkpoint, seed=seed)  # user mistakes surface here, before any worker starts
+    if model_obj is None:
+        model_obj = load_model(model, checkpoint, seed=seed)  # user mistakes surface here, before any worker starts
     if not isinstance(profile, Profile):
         profile = Profile.load(profile, expect_model=model_obj.config, expect_world_size=world_size)
     profile.check(model_obj.config, world_size)
@@ -182,45 +183,70 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
     if secret_file is None:
         secret_file = write_secret_file(Path(tmp.name) / "secret", new_secret())
     secret = load_secret({SECRET_FILE_ENV: os.fspath(secret_file)})
-    profile_path = Path(tmp.name) / "profile.json"
-    profile.save(profile_path)
-    listener = listening_socket(bind_addr)
-    port = listener.getsockname()[1]
-    store = dist.TCPStore(bind_addr, port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False,
-                          master_listen_fd=listener.fileno())
-    spec = {"model": model, "checkpoint": os.path.abspath(checkpoint) if checkpoint else None, "seed": seed,
-            "profile": str(profile_path), "config": config.__dict__, "timeout_s": timeout_s,
-            "store": f"{bind_addr}:{port}", "bind_addr": bind_addr}
-    cluster = LocalCluster(world_size, spec, cores_per_worker, {**env, SECRET_FILE_ENV: os.fspath(secret_file)},
-                           port=port, bind_addr=bind_addr, worker_hosts=worker_hosts)
+    try:
+        store, port = start_store(bind_addr, port, timeout_s)
+    except BaseException:
+        tmp.cleanup()
+        raise
+    address = f"[{bind_addr}]:{port}" if ":" in bind_addr else f"{bind_addr}:{port}"
+    prefixed = dist.PrefixStore(PREFIX, store)
+    boot_nonce = os.urandom(NONCE_BYTES)
+    if not local_workers:
+        config = replace(config, wait_for_workers=False)
+    publish_spec(prefixed, secret, boot_nonce, coordinator_spec(model, seed, checkpoint is not None, world_size,
+                                                                timeout_s, config, profile))
+    cluster = None
+    if local_workers:
+        cluster = LocalCluster(world_size, address, os.path.abspath(checkpoint) if checkpoint else None,
+                               cores_per_worker, {**env, SECRET_FILE_ENV: os.fspath(secret_file)},
+                               worker_hosts=worker_hosts)
+    lanes_addr = None if bind_addr in ("0.0.0.0", "::") else bind_addr
+    ticker: list[Ticker] = []
+
+    def stop() -> None:  # the engine's on_close: after the workers were told to stop
+        for t in ticker:
+            t.stop()
+        if cluster is not None:
+            cluster.stop()
+        tmp.cleanup()
+
     box: dict = {}
 
     def join() -> None:  # rank 0 admits the workers while the main thread watches them
         try:
-            box["engine"] = Engine(model_obj, profile, ctx, config, meter=meter,
-                                   store=dist.PrefixStore("edgeprism/", store), secret=secret, bind_addr=bind_addr)
+            box["engine"] = Engine(model_obj, profile, ctx, config, meter=meter, store=prefixed, secret=secret,
+                                   bind_addr=lanes_addr, on_close=stop, boot_nonce=boot_nonce,
+                                   self_info={"device": str(ctx.device), "role": "coordinator"})
         except BaseException as err:  # re-raised below, in the caller's thread
             box["error"] = err
 
     thread = threading.Thread(target=join, name="edgeprism-rank0-join", daemon=True)
     thread.start()
-    try:
-        cluster.wait_while(thread, start_timeout_s)
-    except WorkerError:
-        tmp.cleanup()
-        raise
+    if cluster is None:
+        thread.join()
+    else:
+        try:
+            cluster.wait_while(thread, start_timeout_s)
+        except WorkerError:
+            tmp.cleanup()
+            raise
     if "error" in box:
-        problem = cluster.failed()
-        cluster.stop(timeout_s=2.0)
+        problem = cluster.failed() if cluster is not None else None
+        if cluster is not None:
+            cluster.stop(timeout_s=2.0)
         tmp.cleanup()
         if isinstance(box["error"], ValueError):
             raise box["error"]
-        raise WorkerError(f"the local engine did not start: {box['error']}" + (f"\n{problem}" if problem else ""))
+        raise WorkerError(f"the engine did not start: {box['error']}" + (f"\n{problem}" if problem else ""))
     engine = box["engine"]
-    engine._cluster = cluster
-    engine._tmpdir = tmp  # the profile and secret files live as long as the engine
-    engine._store_server = (store, listener)
+    engine.workers = cluster
+    engine.address = address
+    if not local_workers:
+        ticker.append(Ticker(engine, prefixed, secret, config.join_check_s))
     return engine
 
 
-__all__ = ["LocalCluster", "launch_engine", "listening_socket"]
+launch_local = launch_engine
+"""`with launch_local(2, "vit-tiny-test", profile) as engine: engine.infer(batch)`."""
+
+__all__ = ["LocalCluster", "launch_engine", "launch_local"]

@@ -52,6 +52,10 @@ class EngineConfig:
     """How often rank 0 looks, between requests, for workers (re)joining."""
     start_timeout_s: float = 300.0
     """How long rank 0 waits for every worker to join at start."""
+    wait_for_workers: bool = True
+    """Rank 0 waits at start until every rank has joined (a local cluster, torchrun). Off for a
+    coordinator that devices join over the network whenever they come: it serves alone (locally) until
+    they do, and takes each one in between two requests."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 _NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "infer": {"request_id": str, "epoch": int, "plan": dict, "gather_hidden": bool, "stall_s": _NUMBER},
+    "infer": {"request_id": str, "epoch": int, "plan": dict, "gather_hidden": bool, "stall_s": _NUMBER,
+              "generate": int},
     "probe": {"epoch": int, "ranks": list, "nbytes": int, "stall_s": _NUMBER},
     "ping": {"epoch": int},
     "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER},
@@ -32,6 +33,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "evicted": {"reason": str, "rejoin": bool},
     "admitted": {"rank": int},
     "refused": {"reason": str},
+    "leave": {},
 }
 """Every control op and its required fields with their JSON types (extra fields are refused)."""
 

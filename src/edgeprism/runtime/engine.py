@@ -1,6 +1,6 @@
 """The engine: one per rank. Rank 0 takes requests, plans each one, and drives the other ranks.
 
-    with Engine.launch_local(2, "vit-tiny-test", profile) as engine:   # this process is rank 0
+    with launch_local(2, "vit-tiny-test", profile) as engine:   # edgeprism.runtime.cluster; this process is rank 0
         result = engine.infer(batch)                                    # Result(outputs, metrics)
 
 or, under any launcher, `Engine.from_profile(model, profile)` on every rank, then `infer` on rank 0
@@ -35,6 +35,7 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,14 +44,16 @@ from edgeprism.comm.auth import load_secret
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import PeerError
 from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import Limits, Plan, Request, choose_plan
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.control import ControlChannel, Mailbox
-from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
+from edgeprism.runtime.groups import retire_lanes, start_digests, start_recording
 from edgeprism.runtime.link_estimate import ComputeBiasEstimator, LinkObservation, OnlineLinkEstimator
-from edgeprism.runtime.membership import Membership, join_cluster
+from edgeprism.runtime.membership import Membership, describe_self, join_cluster
 from edgeprism.runtime.metrics import MetricsRow, Result
+from edgeprism.runtime.rank0_side import Rank0Side
 from edgeprism.runtime.requests import check_inputs
 from edgeprism.runtime.telemetry import observations, probe_exchanges, sync, telemetry
 from edgeprism.runtime.worker_side import WorkerSide
@@ -58,6 +61,14 @@ from edgeprism.runtime.worker_side import WorkerSide
 log = logging.getLogger(__name__)
 
 _FROM_ENV = object()
+
+
+class Want(NamedTuple):
+    """What a request asks for beyond the model's outputs."""
+
+    gather_hidden: bool
+    generate: int
+    """Greedy tokens to decode after the prefill (0: none)."""
 
 
 def default_store(ctx: DistContext):
@@ -73,22 +84,33 @@ def default_store(ctx: DistContext):
     return dist.PrefixStore(f"edgeprism/{attempt}/" if attempt else "edgeprism/", store)
 
 
-class Engine(WorkerSide):
+class Engine(Rank0Side, WorkerSide):
     """Serves requests per plan over the ranks of `ctx` (see the module docstring). Collective to build:
     every rank constructs one with the same model, weights and profile. `store` is the rendezvous store
     (default: the launcher's), `secret` the cluster secret (default: EDGEPRISM_SECRET_FILE /
-    EDGEPRISM_SECRET), `bind_addr` the address the data lanes listen on (default: as torch picks)."""
+    EDGEPRISM_SECRET), `bind_addr` the address the data lanes listen on (default: as torch picks).
+    `session`: a worker already admitted by rank 0 (a device that joined a coordinator and was given its
+    rank); `self_info`: what this process says of itself (host, device, cores) in the cluster status;
+    `on_close`: what the launcher started for this engine (worker processes, the store), stopped by
+    `close()` after the workers were told to stop; `boot_nonce`: rank 0's nonce when the launcher made
+    it (a coordinator seals its published spec with it before the engine starts admitting)."""
 
     def __init__(self, model: ReferenceModel, profile: Profile, ctx: DistContext,
                  config: EngineConfig = EngineConfig(), meter=None, owns_ctx: bool = False, store=None,
-                 secret=_FROM_ENV, bind_addr: str | None = None) -> None:
+                 secret=_FROM_ENV, bind_addr: str | None = None, session=None, self_info: dict | None = None,
+                 on_close=None, boot_nonce: bytes | None = None) -> None:
         self.model = model.to(ctx.device).eval()
         self.profile = profile
         self.ctx = ctx
         self.config = config
         self.meter = meter
         self._owns_ctx = owns_ctx
-        self._cluster = None
+        self.on_close = on_close
+        self.self_info = dict(self_info or {})
+        self.workers = None
+        """The local worker processes its launcher started (edgeprism.runtime.cluster.LocalCluster), if any."""
+        self.address: str | None = None
+        """HOST:PORT of the store devices join, when this rank 0 serves one."""
         self._closed = False
         self._lock = threading.Lock()
         self._requests = 0
@@ -114,18 +136,25 @@ class Engine(WorkerSide):
         self._secret = secret
         if secret is None:
             log.warning("no cluster secret (EDGEPRISM_SECRET_FILE): any process that reaches the store can join "
-                        "this cluster; edgeprism serve / Engine.launch_local make one for you")
+                        "this cluster; edgeprism serve / launch_local make one for you")
         digests = start_digests(self.model, profile)
         if ctx.is_root:
             self._control = ControlChannel(self._store, ctx.link)
-            self._membership = Membership(self._store, secret, ctx.world_size, digests, self._control)
-            self._membership.wait_for_all(config.start_timeout_s)
+            self._membership = Membership(self._store, secret, ctx.world_size, digests, self._control, boot_nonce)
             self._next_join_check = time.monotonic() + config.join_check_s
-            self._form_epoch()
-            if len(self._members) < ctx.world_size:
-                raise RuntimeError(f"only ranks {list(self._members)} of {ctx.world_size} connected at start")
+            if config.wait_for_workers:
+                self._membership.wait_for_all(config.start_timeout_s)
+                self._form_epoch()
+                if len(self._members) < ctx.world_size:
+                    raise RuntimeError(f"only ranks {list(self._members)} of {ctx.world_size} connected at start")
+            elif self._membership.admit_waiting():
+                self._form_epoch()
         else:
-            session = join_cluster(self._store, secret, ctx.group_rank, digests, config.start_timeout_s)
+            if session is None:
+                session = join_cluster(self._store, secret, ctx.group_rank, digests, config.start_timeout_s)
+            if session.rank != ctx.group_rank:
+                raise ValueError(f"admitted as rank {session.rank}, but the context is rank {ctx.group_rank}")
+            describe_self(self._store, session, self.self_info)
             self._mailbox = Mailbox(self._store, session)
             self._serve(until_epoch=True)
         log.info("engine ready on %s: %s, epoch %d, %d lanes", ctx, profile, self._epoch, len(self._lanes))
@@ -148,14 +177,6 @@ class Engine(WorkerSide):
             ctx = init_distributed("gloo")
         return cls(model, profile, ctx, config, meter=meter, owns_ctx=owns)
 
-    @classmethod
-    def launch_local(cls, world_size: int, model: str, profile: str | Path | Profile, **kwargs) -> Engine:
-        """This process becomes rank 0 and starts world_size - 1 pinned worker processes (see
-        `edgeprism.runtime.cluster.launch_engine` for the options). Use as a context manager."""
-        from edgeprism.runtime.cluster import launch_engine
-
-        return launch_engine(world_size, model, profile, **kwargs)
-
     def __enter__(self) -> Engine:
         return self
 
@@ -177,10 +198,20 @@ class Engine(WorkerSide):
         inputs = self._checked(inputs)
         return self._plan(inputs, objective, limits)[0]
 
+    def generate(self, inputs: Inputs, max_new_tokens: int, objective: str | None = None,
+                 limits: Limits | None = None, request_id: str | None = None) -> Result:
+        """Greedy decoding (decoder models, rank 0 only): the prompt's prefill is planned like any request
+        (local, or split by position with the plan's codec); then the plan's last rank decodes from its
+        cache with no further exchange. outputs["tokens"]: (B, max_new_tokens) int64. The plan's
+        prediction covers the prefill only."""
+        return self.infer(inputs, objective, limits, request_id, generate=max_new_tokens)
+
     def infer(self, inputs: Inputs, objective: str | None = None, limits: Limits | None = None,
-              request_id: str | None = None, gather_hidden: bool = False, plan: Plan | None = None) -> Result:
+              request_id: str | None = None, gather_hidden: bool = False, plan: Plan | None = None,
+              generate: int = 0) -> Result:
         """Run one request (rank 0 only). ValueError for a bad request; the engine serves the next one.
         `gather_hidden` also returns every token's final hidden state as outputs["hidden"] (B, T, d).
+        `generate` > 0: greedy decoding of that many tokens after the prefill (see `generate`).
         `plan` forces a plan (static baselines, e.g. from `plan.static_plan`) instead of planning; a
         forced plan over ranks that are not healthy runs locally."""
         if not self.ctx.is_root:
@@ -191,6 +222,7 @@ class Engine(WorkerSide):
             self._requests += 1
             request_id = str(request_id) if request_id is not None else str(self._requests)
             inputs = self._checked(inputs)
+            want = Want(gather_hidden, self._checked_generate(inputs, generate))
             self.maintain()
             every = self.config.probe_every if self.config.learn_link else 0
             if self._local_streak and every and self._local_streak % every == 0:
@@ -205,14 +237,14 @@ class Engine(WorkerSide):
                 self.meter.begin_window(request_id)
             if plan.mode == "local":
                 self._local_streak += 1
-                outputs, row = self._run_local(inputs, plan, request, link, request_id, gather_hidden)
+                outputs, row = self._run_local(inputs, plan, request, link, request_id, want)
             else:
                 self._local_streak = 0
                 start = time.perf_counter()
                 try:
-                    outputs, row = self._run_distributed(inputs, plan, request, link, request_id, gather_hidden)
+                    outputs, row = self._run_distributed(inputs, plan, request, link, request_id, want)
                 except PeerError as err:
-                    outputs, row = self._fall_back(err, inputs, plan, request, link, request_id, gather_hidden,
+                    outputs, row = self._fall_back(err, inputs, plan, request, link, request_id, want,
                                                    time.perf_counter() - start)
             shape = (plan.mode, tuple(plan.ranks), plan.codec)
             warm = shape in self._seen_plans  # the first request of a plan shape also pays one-off set-up
@@ -254,20 +286,37 @@ class Engine(WorkerSide):
                            limits or self.config.limits)
         return plan, request, link
 
-    def _run_local(self, inputs, plan, request, link, request_id, gather_hidden, fallback: str = "",
+    def _checked_generate(self, inputs: Inputs, generate: int) -> int:
+        if generate == 0:
+            return 0
+        if not self.model.causal:
+            raise ValueError(f"{self.model.config.name} is an encoder: it answers embeddings, not generated tokens")
+        num_tokens = self.model.validate_input(inputs)
+        limit = self.model.config.max_positions
+        if not 1 <= generate <= limit - num_tokens:
+            raise ValueError(f"{num_tokens} prompt tokens + {generate} new tokens must fit in "
+                             f"{self.model.config.name}'s {limit} positions (and at least 1 new token)")
+        return generate
+
+    def _run_local(self, inputs, plan, request, link, request_id, want: Want, fallback: str = "",
                    spent_s: float = 0.0):
         start = time.perf_counter()
         with torch.no_grad():
-            outputs = self.model(inputs)
+            if want.generate:  # one rank, the same cached decode as a split prefill's last rank
+                one = DistContext(group_rank=0, world_size=1, backend="gloo", device=self.ctx.device,
+                                  timeout_s=self.ctx.timeout_s)
+                outputs = {"tokens": PositionWise(self.model, one).generate(inputs, want.generate)}
+            else:
+                outputs = self.model(inputs)
         sync(self.ctx.device)
         latency_s = time.perf_counter() - start + spent_s
-        if not gather_hidden:
+        if not want.gather_hidden:
             outputs.pop("hidden", None)
         energy_j, source = self._energy(request_id, [(latency_s, 0.0, 0.0, 0.0)])
         row = self._row(request_id, plan, request, link, latency_s, energy_j, source, 0, 0, 0.0, 0.0, 0.0, fallback)
         return outputs, row
 
-    def _run_distributed(self, inputs, plan, request, link, request_id, gather_hidden):
+    def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
         from edgeprism.partition.ranges import split_tokens
 
         lane = self._lanes[tuple(plan.ranks)]
@@ -278,14 +327,17 @@ class Engine(WorkerSide):
         control = start_recording(self._control)
         stats = start_recording(lane.exchanger)
         header = {"op": "infer", "request_id": request_id, "epoch": self._epoch, "plan": plan.to_dict(),
-                  "gather_hidden": gather_hidden, "stall_s": stall_s}
+                  "gather_hidden": want.gather_hidden, "stall_s": stall_s, "generate": want.generate}
         start = time.perf_counter()
         lane.exchanger.deadline = time.monotonic() + stall_s
         try:
             self._control.broadcast_json(header, ranks=plan.ranks[1:])
             transform = lane.transform(self.model, plan.codec, self.config.size_aware)
             try:
-                outputs = transform.forward(inputs, shares, gather_hidden=gather_hidden)
+                if want.generate:
+                    outputs = {"tokens": transform.generate(inputs, want.generate, shares)}
+                else:
+                    outputs = transform.forward(inputs, shares, gather_hidden=want.gather_hidden)
             except ValueError as err:  # the workers are mid-request: this is no longer one bad request
                 raise RuntimeError(f"request {request_id} failed after the workers started it: {err}") from err
             sync(self.ctx.device)
@@ -309,7 +361,7 @@ class Engine(WorkerSide):
                         rank0[3], rank0[4] + control.collective_s, rank0[5] + control.emulated_delay_s)
         return outputs, row
 
-    def _fall_back(self, err: PeerError, inputs, plan, request, link, request_id, gather_hidden, spent_s: float):
+    def _fall_back(self, err: PeerError, inputs, plan, request, link, request_id, want: Want, spent_s: float):
         """A distributed request failed: end the epoch, rerun it locally (the exact answer), say so in the row."""
         self.failures += 1
         reason = (f"distributed over ranks {list(plan.ranks)} failed after {spent_s:.2f} s "
@@ -319,7 +371,7 @@ class Engine(WorkerSide):
         if self.meter is not None:  # the window restarts with the rerun; the failed part is in latency_s only
             self.meter.end_window(request_id)
             self.meter.begin_window(request_id)
-        return self._run_local(inputs, _local_plan(plan, request), request, link, request_id, gather_hidden,
+        return self._run_local(inputs, _local_plan(plan, request), request, link, request_id, want,
                                fallback=reason, spent_s=spent_s)
 
     def _energy(self, request_id: str, phases: list[tuple[float, float, float, float]]) -> tuple[float, str]:
@@ -372,60 +424,6 @@ class Engine(WorkerSide):
                  if kind == "probe"]
         log.info("link probe over ranks %s: %s", list(ranks), self.estimator.update(found))
 
-    # --- rank 0: membership ---
-    def maintain(self) -> None:
-        """Rank 0, between requests (`infer` calls it): close a liveness round that is due, take in workers
-        that joined, and build a new epoch when either changed who is there. Never waits for a peer
-        longer than `regroup_timeout_s` (building groups)."""
-        if self._membership is None or self._closed:
-            return
-        membership = self._membership
-        if membership.round is not None:
-            if membership.poll_round() is None:
-                return
-            self._form_epoch()
-        now = time.monotonic()
-        if now >= self._next_join_check:
-            self._next_join_check = now + self.config.join_check_s
-            if membership.admit_waiting() and membership.round is None:
-                self._form_epoch()
-
-    def _form_epoch(self) -> None:
-        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
-        self._epoch += 1
-        members = tuple(sorted({0, *self._control.sessions}))
-        config = self.config
-        self._control.broadcast_json({"op": "epoch", "epoch": self._epoch, "members": list(members),
-                                      "timeout_s": config.group_timeout_s,
-                                      "build_timeout_s": config.regroup_timeout_s})
-        try:
-            self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
-                                            config.group_timeout_s, config.regroup_timeout_s, self._bind_addr)
-        except RuntimeError as err:  # a member left between answering and connecting
-            log.warning("epoch %d over ranks %s did not connect: %s", self._epoch, list(members), err)
-            self._end_epoch(f"epoch {self._epoch} did not connect", 0.0)
-            return
-        self._members = members
-        self._membership.joined.clear()
-        log.info("epoch %d: lanes over ranks %s", self._epoch, list(members))
-
-    def _end_epoch(self, why: str, stall_s: float) -> None:
-        """Stop using the current lanes and ask who is still there (answers due within the round)."""
-        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
-        self._members = (0,)
-        self._epoch += 1
-        log.warning("%s: epoch over; asking ranks %s who is still there", why, sorted(self._control.sessions))
-        self._membership.start_round(self._epoch, self.config.regroup_timeout_s + stall_s)
-
-    def release_workers(self) -> None:
-        """Rank 0: return the workers from `serve_workers()` with every lane kept, so that the caller can
-        use the ranks for something else and call `serve_workers()` again (the benchmark's peers).
-        Requests sent meanwhile would wait: only call it between requests, and resume the workers first."""
-        if not self.ctx.is_root:
-            raise RuntimeError("release_workers is for rank 0")
-        if self._control is not None:
-            self._control.broadcast_json({"op": "release"})
-
     def close(self) -> None:
         """Rank 0: tell the workers to stop, stop a local cluster, leave the process group if ours."""
         if self._closed:
@@ -436,8 +434,8 @@ class Engine(WorkerSide):
                 self._control.broadcast_json({"op": "shutdown"})
         finally:
             retire_lanes(self._lanes, background=False)
-            if self._cluster is not None:
-                self._cluster.stop()
+            if self.on_close is not None:
+                self.on_close()
             if self._owns_ctx:
                 from edgeprism.comm.context import shutdown
 

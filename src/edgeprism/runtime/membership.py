@@ -11,6 +11,11 @@ prefix `edgeprism/`:
   `UNAUTHENTICATED` (the requester holds no key to check a sealed reply with).
 - `ctl/{n}/{i}`: the worker's mailbox (edgeprism.runtime.control).
 - `ack/{epoch}/{rank}`: a worker's sealed answer to a `ping` of a liveness round.
+- `info/{n}`: what an admitted worker says of itself (host, device, cores), sealed with its session key.
+- `leave/{n}`: a worker leaving on purpose (Ctrl-C), sealed; rank 0 plans without it from then on.
+
+A join may ask for a rank (a local cluster restarting rank r) or for rank 0, which means "any": rank 0
+then gives the lowest free rank (a device joining a coordinator over the network).
 
 An *epoch* is one set of data lanes (GLOO groups) over the members rank 0 last found alive. A failed
 request ends the epoch; a ping round (bounded by `regroup_timeout_s`) finds who is still there, and
@@ -20,19 +25,21 @@ through `join/` and rank 0 builds a new epoch that includes it, between two requ
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from edgeprism.comm.auth import NONCE_BYTES, AuthError, decode_join, encode_join, seal, session_key
+from edgeprism.comm.auth import NONCE_BYTES, AuthError, decode_join, encode_join, open_sealed, seal, session_key
 from edgeprism.runtime.control import ControlChannel, ControlError, Session, decode_control, encode_control
 
 log = logging.getLogger(__name__)
 
 UNAUTHENTICATED = b"UNAUTHENTICATED"
 _NO_SECRET = b"edgeprism-no-secret"  # the key when no secret is configured (a warning says so)
+MAX_INFO_BYTES = 2048
 
 
 def admission_key(secret: bytes | None) -> bytes:
@@ -53,19 +60,26 @@ class Membership:
     """Rank 0's view: admitted sessions (in `control.sessions`), the current members, pending rounds."""
 
     def __init__(self, store, secret: bytes | None, world_size: int, digests: dict[str, bytes],
-                 control: ControlChannel) -> None:
+                 control: ControlChannel, boot_nonce: bytes | None = None) -> None:
         self.store = store
         self.key = admission_key(secret)
         self.world_size = world_size
         self.digests = digests
         self.control = control
-        self.boot_nonce = os.urandom(NONCE_BYTES)
+        self.boot_nonce = boot_nonce or os.urandom(NONCE_BYTES)
         self.store.set("auth/boot", self.boot_nonce)
         self._next_slot = 1
         self.round: LivenessRound | None = None
         self.joined: set[int] = set()
         """Ranks admitted since the current epoch was built (they wait for the next one)."""
         self.refusals: list[str] = []
+        self.events: list[tuple[float, str]] = []
+        """(unix time, what happened) of refusals, evictions and departures: the cluster's last errors."""
+        self.info: dict[int, dict] = {}
+        """rank → what its process said of itself (`info/{slot}`), read when it is first asked for."""
+
+    def _event(self, text: str) -> None:
+        self.events = [*self.events[-49:], (time.time(), text)]
 
     # --- admission ---
     def admit_waiting(self) -> list[int]:
@@ -84,13 +98,17 @@ class Membership:
             except AuthError as err:
                 log.warning("refused a join: %s", err)
                 self.refusals.append(str(err))
+                self._event(f"refused a join: {err}")
                 self.store.set(f"join/{slot}/reply", UNAUTHENTICATED)
                 continue
+            asked = rank
+            rank = self._free_rank() if asked == 0 else asked
             session = Session(rank, slot, session_key(self.key, self.boot_nonce, slot, nonce))
             problem = self._problem(rank, digests)
             if problem:
-                log.warning("refused rank %d's join: %s", rank, problem)
+                log.warning("refused %s's join: %s", f"rank {asked}" if asked else "a device", problem)
                 self.refusals.append(problem)
+                self._event(f"refused a join: {problem}")
                 self._reply(session, {"op": "refused", "reason": problem})
                 continue
             old = self.control.sessions.get(rank)
@@ -100,12 +118,22 @@ class Membership:
                 self.evict(rank, "a newer process joined as this rank", rejoin=False)
             self._reply(session, {"op": "admitted", "rank": rank})
             self.control.sessions[rank] = session
+            self.info.pop(rank, None)
             self.joined.add(rank)
             admitted.append(rank)
             log.info("admitted rank %d (slot %d)", rank, slot)
         return admitted
 
+    def _free_rank(self) -> int:
+        """The lowest rank no admitted process holds; -1 when the cluster is full."""
+        free = [r for r in range(1, self.world_size) if r not in self.control.sessions]
+        return free[0] if free else -1
+
     def _problem(self, rank: int, digests: bytes) -> str:
+        if rank == -1:
+            return (f"the cluster is full: all {self.world_size - 1} device ranks of a world of {self.world_size} "
+                    f"are taken (ranks {sorted(self.control.sessions)}); start the coordinator with a larger "
+                    f"--world-size, or stop a device first")
         if not 1 <= rank < self.world_size:
             return f"rank {rank} is outside 1..{self.world_size - 1} for a world of {self.world_size}"
         mine = b"".join(self.digests.values())
@@ -147,11 +175,50 @@ class Membership:
         session = self.control.sessions.get(rank)
         if session is None:
             return
+        self._event(f"rank {rank} dropped: {reason}")
         try:
             self.control.post(rank, {"op": "evicted", "reason": reason, "rejoin": rejoin})
         finally:
             del self.control.sessions[rank]
             self.joined.discard(rank)
+
+    def departures(self) -> list[int]:
+        """Ranks whose process said it is leaving (`leave/{slot}`, sealed); their sessions are dropped."""
+        gone = []
+        for rank, session in sorted(self.control.sessions.items()):
+            key = f"leave/{session.slot}"
+            if not self.store.check([key]):
+                continue
+            blob = self.store.get(key)
+            self.store.delete_key(key)
+            try:
+                decode_control(session.key, b"leave", session.slot, blob)
+            except ControlError as err:
+                log.warning("a leave notice for rank %d was refused: %s", rank, err)
+                continue
+            log.info("rank %d left the cluster", rank)
+            self._event(f"rank {rank} left")
+            del self.control.sessions[rank]
+            self.joined.discard(rank)
+            self.info.pop(rank, None)
+            gone.append(rank)
+        return gone
+
+    def member_info(self, rank: int) -> dict:
+        """What rank's process said of itself at admission (empty when it said nothing, or not validly)."""
+        session = self.control.sessions.get(rank)
+        if session is None:
+            return {}
+        if rank not in self.info and self.store.check([f"info/{session.slot}"]):
+            try:
+                body = open_sealed(session.key, b"info", session.slot, self.store.get(f"info/{session.slot}"),
+                                   MAX_INFO_BYTES)
+                info = json.loads(body.decode())
+                self.info[rank] = info if isinstance(info, dict) else {}
+            except (AuthError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                log.warning("rank %d's self-description was refused: %s", rank, err)
+                self.info[rank] = {}
+        return self.info.get(rank, {})
 
     def start_round(self, epoch: int, timeout_s: float) -> None:
         """Ask every admitted worker to answer by `timeout_s`; `finish_round` builds on who did."""
@@ -188,8 +255,9 @@ class Membership:
 
 # --- the worker's side ---
 def join_cluster(store, secret: bytes | None, rank: int, digests: dict[str, bytes], timeout_s: float) -> Session:
-    """Ask rank 0 to admit this process as `rank`; returns the session. AuthError when rank 0 (or this
-    process) fails authentication; ValueError with rank 0's reason when it refuses us."""
+    """Ask rank 0 to admit this process as `rank` (0: any free rank); returns the session, whose `rank` is
+    the one given. AuthError when rank 0 (or this process) fails authentication; ValueError with rank 0's
+    reason when it refuses us."""
     key = admission_key(secret)
     store.wait(["auth/boot"], timedelta(seconds=timeout_s))
     boot_nonce = store.get("auth/boot")
@@ -209,9 +277,22 @@ def join_cluster(store, secret: bytes | None, rank: int, digests: dict[str, byte
                         f"cluster's rank 0 ({err})") from None
     if message["op"] == "refused":
         raise ValueError(message["reason"])
-    if message != {"op": "admitted", "rank": rank}:
-        raise ControlError(f"unexpected admission reply {message}")
+    if message["op"] != "admitted" or rank not in (0, message["rank"]) or message["rank"] < 1:
+        raise ControlError(f"unexpected admission reply {message} to a join as rank {rank}")
+    session.rank = message["rank"]
     return session
+
+
+def describe_self(store, session: Session, info: dict) -> None:
+    """Tell rank 0 who this process is (host, device, cores: shown by `edgeprism cluster status`)."""
+    body = json.dumps(info, separators=(",", ":")).encode()[:MAX_INFO_BYTES]
+    store.set(f"info/{session.slot}", seal(session.key, b"info", session.slot, body))
+
+
+def announce_leave(store, session: Session) -> None:
+    """Tell rank 0 this process is leaving on purpose; it plans without us from its next request on."""
+    store.set(f"leave/{session.slot}", seal(session.key, b"leave", session.slot,
+                                            encode_control({"op": "leave"})))
 
 
 def acknowledge(store, session: Session, epoch: int) -> None:
@@ -219,4 +300,5 @@ def acknowledge(store, session: Session, epoch: int) -> None:
                                                                                            "epoch": epoch})))
 
 
-__all__ = ["Membership", "LivenessRound", "join_cluster", "acknowledge", "UNAUTHENTICATED", "admission_key"]
+__all__ = ["Membership", "LivenessRound", "join_cluster", "acknowledge", "describe_self", "announce_leave",
+           "UNAUTHENTICATED", "admission_key", "MAX_INFO_BYTES"]

@@ -13,7 +13,7 @@ from edgeprism.comm.exchange import PeerError
 from edgeprism.plan import Plan
 from edgeprism.runtime.control import ControlError, Mailbox
 from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
-from edgeprism.runtime.membership import acknowledge, join_cluster
+from edgeprism.runtime.membership import acknowledge, describe_self, join_cluster
 from edgeprism.runtime.telemetry import probe_exchanges, sync, telemetry
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for both sides of the engine
@@ -53,10 +53,10 @@ class WorkerSide:
                 if not message["rejoin"]:
                     raise RuntimeError(f"rank 0 dropped rank {self.ctx.group_rank}: {message['reason']}")
                 log.warning("rank %d: rank 0 dropped us (%s); joining again", self.ctx.group_rank, message["reason"])
-                self._mailbox = Mailbox(self._store, join_cluster(self._store, self._secret,
-                                                                  self.ctx.group_rank,
-                                                                  start_digests(self.model, self.profile),
-                                                                  self.config.start_timeout_s))
+                session = join_cluster(self._store, self._secret, self.ctx.group_rank,
+                                       start_digests(self.model, self.profile), self.config.start_timeout_s)
+                describe_self(self._store, session, self.self_info)
+                self._mailbox = Mailbox(self._store, session)
             elif op in ("infer", "probe"):
                 served += self._take_part(message)
             else:
@@ -99,8 +99,11 @@ class WorkerSide:
                 return 0
             stats = start_recording(exchanger)
             start = time.perf_counter()
-            lane.transform(self.model, plan.codec, self.config.size_aware).forward(
-                None, gather_hidden=message["gather_hidden"])
+            transform = lane.transform(self.model, plan.codec, self.config.size_aware)
+            if message["generate"]:
+                transform.generate(None, message["generate"])
+            else:
+                transform.forward(None, gather_hidden=message["gather_hidden"])
             sync(self.ctx.device)
             telemetry(exchanger, stats, time.perf_counter() - start, self.model.config.num_layers)
             return 1

@@ -1,0 +1,113 @@
+"""The engine's membership duties on rank 0: take in devices that join, drop those that leave or stop
+answering, build each epoch's lanes, and say who is in the cluster.
+
+`Engine` inherits this (as it inherits `WorkerSide` for the other ranks); the state it uses (`ctx`,
+`config`, `profile`, the control channel, membership, lanes, epoch and members) is the engine's own.
+`infer` calls `maintain()` before every request; a serving coordinator also calls `tick()` while idle
+(`edgeprism serve --listen` does, every `join_check_s`), so that a device that joins is in the next
+epoch before the next request arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes
+
+log = logging.getLogger("edgeprism.runtime.engine")  # one logger for every side of the engine
+
+
+class Rank0Side:
+    """Rank-0 membership methods of `Engine` (a mixin: no state of its own)."""
+
+    def maintain(self) -> None:
+        """Rank 0, between requests (`infer` calls it): close a liveness round that is due, take in workers
+        that joined, drop workers that left, and build a new epoch when any of that changed who is there.
+        Never waits for a peer longer than `regroup_timeout_s` (building groups)."""
+        if self._membership is None or self._closed:
+            return
+        membership = self._membership
+        if membership.round is not None:
+            if membership.poll_round() is None:
+                return
+            self._form_epoch()
+        now = time.monotonic()
+        if now >= self._next_join_check:
+            self._next_join_check = now + self.config.join_check_s
+            left = membership.departures()
+            if (membership.admit_waiting() or left) and membership.round is None:
+                self._form_epoch()
+
+    def tick(self) -> None:
+        """Rank 0, from a thread of the application while no request runs: `maintain()` under the
+        engine's lock (a request in flight is never interrupted; the tick then waits for it)."""
+        with self._lock:
+            self.maintain()
+
+    def _form_epoch(self) -> None:
+        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
+        self._epoch += 1
+        members = tuple(sorted({0, *self._control.sessions}))
+        config = self.config
+        self._control.broadcast_json({"op": "epoch", "epoch": self._epoch, "members": list(members),
+                                      "timeout_s": config.group_timeout_s,
+                                      "build_timeout_s": config.regroup_timeout_s})
+        try:
+            self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
+                                            config.group_timeout_s, config.regroup_timeout_s, self._bind_addr)
+        except RuntimeError as err:  # a member left between answering and connecting
+            log.warning("epoch %d over ranks %s did not connect: %s", self._epoch, list(members), err)
+            self._end_epoch(f"epoch {self._epoch} did not connect", 0.0)
+            return
+        self._members = members
+        self._membership.joined.clear()
+        log.info("epoch %d: lanes over ranks %s", self._epoch, list(members))
+
+    def _end_epoch(self, why: str, stall_s: float) -> None:
+        """Stop using the current lanes and ask who is still there (answers due within the round)."""
+        retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
+        self._members = (0,)
+        self._epoch += 1
+        log.warning("%s: epoch over; asking ranks %s who is still there", why, sorted(self._control.sessions))
+        self._membership.start_round(self._epoch, self.config.regroup_timeout_s + stall_s)
+
+    def release_workers(self) -> None:
+        """Rank 0: return the workers from `serve_workers()` with every lane kept, so that the caller can
+        use the ranks for something else and call `serve_workers()` again (the benchmark's peers).
+        Requests sent meanwhile would wait: only call it between requests, and resume the workers first."""
+        if not self.ctx.is_root:
+            raise RuntimeError("release_workers is for rank 0")
+        if self._control is not None:
+            self._control.broadcast_json({"op": "release"})
+
+    def cluster_status(self) -> dict:
+        """Rank 0: who is in the cluster — every rank with its state (serving: in the current epoch's
+        lanes; admitted: joined, waiting for the next epoch; absent), what its process said of itself
+        (host, device, cores), its measured speed from the profile, the live link estimate, and the
+        last errors (refused joins, drops, departures) with their unix times."""
+        if not self.ctx.is_root:
+            raise RuntimeError("cluster_status is for rank 0")
+        membership = self._membership
+        sessions = self._control.sessions if self._control is not None else {}
+        speeds = self.profile.device_speeds
+        link = self.estimator.estimate()
+        ranks = []
+        for rank in range(self.ctx.world_size):
+            state = ("serving" if rank in self._members else "admitted" if rank in sessions else "absent")
+            entry = {"rank": rank, "state": state,
+                     "speed": speeds[rank] if rank < len(speeds) else None}
+            if rank == 0:
+                entry.update(self.self_info)
+            elif membership is not None and rank in sessions:
+                entry.update(membership.member_info(rank))
+            ranks.append(entry)
+        events = membership.events if membership is not None else []
+        return {"model": self.model.config.name, "world_size": self.ctx.world_size, "epoch": self._epoch,
+                "members": list(self._members), "ranks": ranks,
+                "link": {"bandwidth_bps": link.bandwidth_bps, "latency_s": link.latency_s},
+                "requests": self._requests, "failures": self.failures,
+                "last_errors": [{"time": t, "what": what} for t, what in events[-10:]]}
+
+
+__all__ = ["Rank0Side"]
