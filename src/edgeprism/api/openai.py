@@ -1,6 +1,6 @@
 """The OpenAI-compatible endpoints (/v1/embeddings, /v1/completions, /v1/models) and /v1/classify.
 
-Each handler reads and checks the request at the edge (4xx `ApiError`s naming the numbers), turns it
+Each handler reads and checks the request at the edge (4xx errors naming the numbers), turns it
 into engine jobs through the model adapter (`ModelIOLike`), awaits them on the engine thread, and
 returns `(payload, results)`; `ApiService.answer` adds the `edgeprism` key, the plan header and the
 counting. Tokenizing, decoding images and reading outputs run in Starlette's thread pool, so the event
@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from edgeprism.api.batching import Job, JobResult
-from edgeprism.api.errors import ApiError, bad_request
+from edgeprism.api.errors import bad_request
 from edgeprism.api.reading import boolean, check_keys, integer, read_images, read_json_object, string_list
 from edgeprism.api.service import ApiService
 from edgeprism.runtime.requests import check_inputs
