@@ -3,6 +3,7 @@ merged call fails alone, the off switch, and real uvicorn with 8 concurrent http
 generator) on 127.0.0.1 producing batches of more than one request."""
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -17,6 +18,7 @@ from api_adapters import WordIO  # noqa: E402
 from edgeprism.api import ApiConfig, serve_http  # noqa: E402
 from edgeprism.api.batching import Batcher, Job  # noqa: E402
 from edgeprism.api.load import LoadConfig, run_load  # noqa: E402
+from edgeprism.api.load import main as load_main  # noqa: E402
 from edgeprism.plan.synthetic import synthetic_profile  # noqa: E402
 from edgeprism.runtime import launch_local  # noqa: E402
 
@@ -150,6 +152,16 @@ def test_load_generator_against_uvicorn(server):
     assert report.throughput_rps > 0 and report.rows_per_s > 0
     assert report.latency_ms["p50"] <= report.latency_ms["p95"] <= report.latency_ms["p99"]
     assert report.batched_with_mean is not None and report.batched_with_mean >= 1
-    infer = asyncio.run(run_load(LoadConfig(url=url, endpoint="infer", concurrency=2, requests=4,
-                                            synthetic_tokens=(8, 16))))
-    assert infer.ok == 4
+
+
+def test_load_generator_command_prints_one_json_report(server, capsys, tmp_path):
+    url, _ = server
+    assert load_main(["--url", url, "--endpoint", "infer", "--concurrency", "2", "--requests", "4",
+                      "--synthetic-tokens", "8-16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] == 4 and report["endpoint"] == "infer" and set(report["latency_ms"]) >= {"p50", "p95", "p99"}
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the fox\n\na cat sat\n")
+    assert load_main(["--url", url, "--texts", str(texts), "--requests", "3", "--texts-per-request", "2"]) == 0
+    assert "rows/s" in capsys.readouterr().out
+    assert load_main(["--url", "file:///etc/passwd"]) == 2

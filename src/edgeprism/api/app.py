@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable
 
@@ -150,16 +151,17 @@ def serve_http(engine, io: ModelIOLike | None, host: str = "127.0.0.1", port: in
         raise ValueError(f"port {port} must be in 0..65535")
     if host not in LOOPBACK:
         log.warning("serving on %s: the API has no authentication; anyone who can reach it can run requests", host)
+    sock = _bind(host, port)  # here, so that a port in use is the caller's ValueError, not uvicorn's exit
     app = make_app(engine, io, config, on_reply)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                           lifespan="on", timeout_graceful_shutdown=30))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=30))
 
     async def run() -> None:
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if server.started and on_ready is not None:
-            bound = server.servers[0].sockets[0].getsockname()
+            bound = sock.getsockname()
             on_ready(bound[0], bound[1])
         while stop is not None and not task.done():
             if stop.is_set():
@@ -172,6 +174,23 @@ def serve_http(engine, io: ModelIOLike | None, host: str = "127.0.0.1", port: in
         asyncio.run(run())
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down for
         pass
+    finally:
+        sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
 
 
 __all__ = ["make_app", "serve_http", "infer", "health", "cluster"]
