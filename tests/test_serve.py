@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -68,25 +69,36 @@ def _post(url, body: bytes):
 
 
 def test_http_endpoint_on_loopback():
+    """What `edgeprism serve --http` runs today (runtime.serving.make_http_server, now the edgeprism.api
+    app on uvicorn; the API itself is tested in tests/test_api*.py)."""
+    pytest.importorskip("uvicorn")
     profile = synthetic_profile("bert-tiny-test", world_size=1)
     with launch_local(1, "bert-tiny-test", profile) as engine:
-        server = make_http_server(engine, port=0)
+        replies = []
+        server = make_http_server(engine, port=0, on_reply=replies.append)
         host, port = server.server_address[:2]
         assert host == "127.0.0.1"
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
             base = f"http://{host}:{port}"
-            with urllib.request.urlopen(base + "/health", timeout=30) as response:
-                assert json.loads(response.read())["model"] == "bert-tiny-test"
+            for _ in range(100):  # the socket is bound already; uvicorn answers once started
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=30) as response:
+                        assert json.loads(response.read())["model"] == "bert-tiny-test"
+                    break
+                except urllib.error.URLError:
+                    time.sleep(0.05)
             status, reply = _post(base + "/infer", b'{"id": "x", "model_input": {"input_ids": [[1, 2], [3]]}}')
-            assert status == 400 and reply["id"] == "x" and "ragged" in reply["error"]
+            assert status == 400 and reply["id"] == "x" and "ragged" in reply["error"]["message"]
             status, reply = _post(base + "/infer", b"not json")
-            assert status == 400 and "JSON" in reply["error"]
+            assert status == 400 and "JSON" in reply["error"]["message"]
             status, reply = _post(base + "/infer", json.dumps({"id": "y", "synthetic": {"seq_len": 8}}).encode())
             assert status == 200 and reply["id"] == "y" and reply["metrics"]["num_tokens"] == 8
             status, reply = _post(base + "/nowhere", b"{}")
             assert status == 404
+            assert [r["id"] for r in replies] == ["x", "api3", "y"] and replies[-1]["metrics"]["mode"] == "local"
         finally:
             server.shutdown()
+            thread.join(30)
             server.server_close()
