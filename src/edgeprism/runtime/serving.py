@@ -70,41 +70,4 @@ def serve_lines(engine, lines: Iterable[str], write: Callable[[dict], None], out
     return served, refused
 
 
-def make_http_server(engine, host: str = "127.0.0.1", port: int = 8000, outputs: OutputsMode = "summary",
-                     on_reply: Callable[[dict], None] | None = None):
-    """Transitional: what `edgeprism serve --http` calls until it calls `edgeprism.api.serve_http`. The
-    same API (edgeprism.api, POST /infer included) on uvicorn, behind the old object's methods:
-    `server_address`, `serve_forever()`, `shutdown()`, `server_close()`. Remove with that call."""
-    from edgeprism.api.app import make_app  # here, not at the top: edgeprism.api imports this module
-    from edgeprism.api.config import ApiConfig
-
-    return _UvicornShim(make_app(engine, None, ApiConfig(outputs_mode=outputs), on_reply=on_reply), host, port)
-
-
-class _UvicornShim:
-    def __init__(self, app, host: str, port: int) -> None:
-        import socket
-
-        import uvicorn
-
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("serving on %s: the endpoint has no authentication; anyone who can reach it can run "
-                        "requests", host)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
-        self.server_address = self._socket.getsockname()
-        self._server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-
-    def serve_forever(self) -> None:
-        self._server.run(sockets=[self._socket])
-
-    def shutdown(self) -> None:
-        self._server.should_exit = True
-
-    def server_close(self) -> None:
-        self._socket.close()
-
-
-__all__ = ["answer", "serve_lines", "make_http_server", "format_outputs", "OutputsMode"]
+__all__ = ["answer", "serve_lines", "format_outputs", "OutputsMode"]
