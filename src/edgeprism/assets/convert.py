@@ -31,6 +31,7 @@ import numpy as np
 
 from edgeprism import assets
 from edgeprism.assets.datasets import FASHION_MNIST_DIR, fashion_mnist, shakespeare_corpus, to_dinov2_input
+from edgeprism.assets.intent import IntentHead
 from edgeprism.assets.onnx_dinov2 import (ONNX_BACKBONE_OUTPUT, dinov2_config_from_state, onnx_dinov2_num_heads,
                                           onnx_dinov2_state_dict, onnx_layer_norm_eps)
 
@@ -152,8 +153,6 @@ def convert_intent_head(out_path: str | Path | None = None, queries_path: str | 
     This is the one place that unpickles (joblib) a packaged file; run time reads only the ``.npz``. The package's
     own ``infer_intent`` is never called (it would try to download an encoder).
     """
-    from edgeprism.assets.intent import IntentHead
-
     out_path = Path(out_path) if out_path else assets.cache_dir() / assets.INTENT_HEAD_FILENAME
     queries_path = Path(queries_path) if queries_path else assets.cache_dir() / assets.INTENT_QUERIES_FILENAME
     pkg = _package_dir("rag_intent_classifier", "the intent head")
