@@ -187,7 +187,7 @@ def validate(profile: Profile, session: LinkSession, points: Sequence[Validation
                 progress(done, total, f"validate B={p.batch} N={p.num_tokens} {p.codec or 'local'} "
                                       f"{row['latency_s'] * 1e3:.0f} ms")
 
-        session.run_following(["-m", "edgeprism.profile.validate_worker", "--specs", specs_file, "--out", out_file],
+        session.run_following(["-m", "edgeprism.jobs.validate_worker", "--specs", specs_file, "--out", out_file],
                               out_file, on_line, poll_s)
     missing = [i for i in range(len(points)) if len(runs.get(i, ())) != passes]
     if missing:
