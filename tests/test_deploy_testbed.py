@@ -82,8 +82,10 @@ class Cluster:
         self.secret = write_secret_file(tmp / "cluster.secret", new_secret())
         self.listen = f"{self.h0.address}:{PORT}"
         self.base = f"http://{self.h0.address}:{HTTP_PORT}"
-        profile = synthetic_profile(model, world_size=2, bandwidth_bps=1e9, latency_s=1e-4, seconds_per_image=3000,
-                                    codecs=synthetic_codecs(load_model(model).config.hidden_size)[:1])  # fp32 only
+        # A profile of devices that gain from splitting (fp32 only: lossless), planned by its link alone
+        # (--fixed-link): the requests below must be distributed whatever wifi4's live estimate says.
+        profile = synthetic_profile(model, world_size=2, bandwidth_bps=1e9, latency_s=1e-4,
+                                    codecs=synthetic_codecs(load_model(model).config.hidden_size)[:1])
         self.profile = tmp / f"{model}.profile.json"
         profile.save(self.profile)
         (tmp / "client.py").write_text(CLIENT)
@@ -92,7 +94,8 @@ class Cluster:
         self.coordinator = self._start(self.h0, [EDGEPRISM, "serve", "--model", model, "--checkpoint", str(folder),
                                                  "--profile", str(self.profile), "--listen", self.listen,
                                                  "--world-size", "2", "--secret-file", str(self.secret), "--http",
-                                                 "--host", self.h0.address, "--port", str(HTTP_PORT)])
+                                                 "--host", self.h0.address, "--port", str(HTTP_PORT),
+                                                 "--fixed-link", "--min-stall", "20"])
         self._await_line(self.coordinator, r"listening on http://")
 
     def _start(self, host, argv):

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
                    help="largest normalised metric loss a codec may have, e.g. 0.02 (default: no budget)")
     p.add_argument("--max-latency", type=float, metavar="SECONDS", help="latency ceiling for the planner")
     p.add_argument("--max-batch", type=int, default=32, help="refuse requests with more rows (default 32)")
+    p.add_argument("--fixed-link", action="store_true",
+                   help="plan by the profile's link alone (default: re-estimate the link from every distributed "
+                        "request and from probes)")
     p.add_argument("--learn-compute", action="store_true",
                    help="re-estimate local vs distributed compute online (default: plan by the profile's compute)")
     inputs = p.add_mutually_exclusive_group()
@@ -88,7 +91,8 @@ def handle(args) -> int:
         raise ValueError(f"--port {args.port} must be in 0..65535")
     config = EngineConfig(objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
                           max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
-                          min_stall_s=args.min_stall, learn_compute=args.learn_compute)
+                          min_stall_s=args.min_stall, learn_compute=args.learn_compute,
+                          learn_link=not args.fixed_link)
     if args.secret_file:
         from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
 
