@@ -115,7 +115,7 @@ def validation_points(profile: Profile, batches: Sequence[int], token_counts: Se
 
 def held_out_token_counts(profile: Profile, profiled: Sequence[int]) -> tuple[int, ...]:
     """ViT: its one token count. Text: the geometric midpoint of the profiled counts."""
-    if profile.model.family == "vit" or len(profiled) < 2:
+    if profile.model.modality == "image" or len(profiled) < 2:
         return (profiled[0],)
     values = sorted(profiled)
     return (round(math.sqrt(values[0] * values[-1])),)
@@ -135,7 +135,7 @@ def plan_for(profile: Profile, point: ValidationPoint, token_counts: Sequence[in
 
 def spec_for(profile: Profile, point: ValidationPoint, checkpoint: str | None, warmup: int, repeats: int,
              seed: int = 0, device: str = "cpu") -> BatchSpec:
-    text = profile.model.family != "vit"
+    text = profile.model.modality == "text"
     return BatchSpec(model=profile.model.name, batch=point.batch, world_size=profile.world_size,
                      mode=point.mode, codec=point.codec or "fp32", seq_len=point.num_tokens if text else None,
                      checkpoint=checkpoint, seed=seed, warmup=warmup, repeats=repeats, device=device,

@@ -71,7 +71,7 @@ def local_terms(profile: Profile, batch: int, num_tokens: int, compute_scale: fl
 def profile_constants(profile: Profile) -> tuple:
     """The profile's numbers the hot loop needs, read once per planner call (plain floats in a tuple)."""
     c, st, e = profile.compute, profile.staging, profile.energy
-    return (profile.model.num_layers, profile.model.family == "gpt2", c.fixed_s, c.per_token_s, c.per_kv_s,
+    return (profile.model.num_layers, profile.model.causal, c.fixed_s, c.per_token_s, c.per_kv_s,
             c.per_token_kv_s, c.request_overhead_s, st.present, st.d2h_latency_s + st.h2d_latency_s,
             8.0 / st.d2h_bandwidth_bps if st.present else 0.0, 8.0 / st.h2d_bandwidth_bps if st.present else 0.0,
             profile.link.medium == "shared", profile.input_bytes_per_token, profile.output_bytes_per_row,

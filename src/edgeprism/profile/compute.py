@@ -241,7 +241,7 @@ def fit_relative(samples: Sequence[ComputeSample], request_overhead_s: float = 0
 def overhead_call(model: ReferenceModel, batch: int, num_tokens: int, device: torch.device) -> Callable[[], None]:
     """Everything a request runs besides its blocks: embed, final norm, head — ready to time."""
     config = model.config
-    seq_len = None if config.family == "vit" else num_tokens
+    seq_len = None if config.modality == "image" else num_tokens
     inputs = {k: v.to(device) for k, v in synthetic_inputs(config, batch, seq_len=seq_len, seed=1).items()}
     total = model.validate_input(inputs)
 
