@@ -153,7 +153,8 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 
 
 def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: int = 0) -> Callable[[], None]:
-    """One block for one rank's share, as `forward_shard` runs it (bias shaped likewise), ready to time."""
+    """One block for one rank's share, as `forward_shard` runs it through the `Block` protocol (bias shaped
+    likewise), ready to time."""
     d = model.config.hidden_size
     block = model.blocks[0]
     generator = torch.Generator().manual_seed(seed)
@@ -167,7 +168,12 @@ def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: 
 
     def run() -> None:
         with torch.no_grad():
-            block(hidden, context=context, bias=bias)
+            if context is None:
+                block(hidden, bias=bias)
+                return
+            # as `block_with_remote` with the default "normed" exchange: own K/V input, received vectors as sent
+            kv = block.attn.project_kv(torch.cat([block.kv_input(hidden), context], dim=1))  # (B, heads, kv, hd)
+            block(hidden, bias=bias, kv=kv)
 
     return run
 
