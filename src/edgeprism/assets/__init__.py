@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgeprism.assets.intent import IntentHead
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 GPT2_SHAKESPEARE_DIR = PACKAGE_DIR / "gpt2-shakespeare"
 TEXT_DIR = PACKAGE_DIR / "text"
@@ -77,6 +79,11 @@ def intent_head_path() -> Path:
     return _cached(INTENT_HEAD_FILENAME, "the intent head (rag-intent-classifier)")
 
 
+def intent_head() -> IntentHead:
+    """The intent head at ``intent_head_path()``."""
+    return IntentHead.load(intent_head_path())
+
+
 def intent_queries_path() -> Path:
     """Example user queries shipped with rag-intent-classifier, one per line."""
     return _cached(INTENT_QUERIES_FILENAME, "the intent example queries (rag-intent-classifier)")
@@ -87,14 +94,13 @@ def gpt2_shakespeare_dir() -> Path:
     return GPT2_SHAKESPEARE_DIR
 
 
-from edgeprism.assets.intent import IntentHead  # noqa: E402  (numpy only; kept last to avoid a cycle)
-
 __all__ = [
     "AssetMissingError",
     "IntentHead",
     "cache_dir",
     "dinov2_checkpoint_dir",
     "gpt2_shakespeare_dir",
+    "intent_head",
     "intent_head_path",
     "intent_queries_path",
     "minilm_checkpoint_dir",

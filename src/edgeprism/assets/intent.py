@@ -50,12 +50,6 @@ class IntentHead:
                 labels=tuple(str(label) for label in data["labels"]),
             )
 
-    @classmethod
-    def from_cache(cls) -> IntentHead:
-        from edgeprism.assets import intent_head_path
-
-        return cls.load(intent_head_path())
-
     def save(self, path: str | Path) -> None:
         np.savez(path, coef=self.coef, intercept=self.intercept, labels=np.array(self.labels, dtype=np.str_))
 

@@ -51,7 +51,7 @@ class QuantizedCodec(EveryTokenCodec):
 
 @dataclass(frozen=True)
 class SegmentMeansCodec(ValueCodec):
-    """Segment Means with compression ratio `ratio` (DESIGN, "The algorithm", 1), optionally with anchors.
+    """Segment Means with compression ratio `ratio` (docs/ARCHITECTURE.md rule 1), optionally with anchors.
 
     The n tokens split into S = ceil(n / ratio) consecutive segments (the last may be shorter); each
     sends the mean of its real tokens and their count k (0 = masked out, sent as a zero vector).

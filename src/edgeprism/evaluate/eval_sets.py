@@ -45,7 +45,7 @@ def minilm_sets(limit: int = 200, query_limit: int = 200, batch_size: int = 1,
 
     model = load_model("minilm-l6", checkpoint or assets.minilm_checkpoint_dir())
     tokenizer = assets.minilm_tokenizer(max_length=512)
-    head = assets.IntentHead.from_cache()
+    head = assets.intent_head()
     passages = text_passages(tokenizer, 128, 256, limit=limit)
     queries = short_queries("intent", limit=query_limit)
     sets = []

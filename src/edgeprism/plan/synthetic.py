@@ -8,7 +8,7 @@ Sources of the numbers (all labelled synthetic in the profile's notes):
 - Link: WiFi 4 at 50 Mbit/s, 3 ms per message.
 - Energy: a modelled small board: idle 2 W, computing 6 W, staging 3 W, radio +1.5 W.
 - Codec wire bytes follow `edgeprism.compress` layouts for hidden size d (counts included);
-  fidelity losses follow DESIGN.md ("The algorithm", 8): fp16 ~0, int8 ~1.5 %, Segment Means lossy,
+  fidelity losses follow docs/ARCHITECTURE.md rule 8: fp16 ~0, int8 ~1.5 %, Segment Means lossy,
   int4 left unmeasured on purpose.
 """
 

@@ -5,7 +5,7 @@
         report = run_profile(options, session, progress=...)
     report.profile.save("vit.profile.json")
 
-Measures; decides nothing (DESIGN, "Parts and their rooms"). Each phase lives in its own module:
+Measures; decides nothing (docs/ARCHITECTURE.md, "Rooms"). Each phase lives in its own module:
 `compute` (one block per grid point, pinned to one core), `staging`, `link` (the testbed's link test
 through the runtime's collectives), `energy`, `fidelity`.
 """
