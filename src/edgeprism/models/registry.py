@@ -6,24 +6,23 @@ Like transformers' `AutoConfig` mapping or timm's `register_model`: code outside
 `models/families.py`; a new family registers its entry with `register_family` from anywhere (a test
 file does: tests/test_toy_family.py). docs/ADDING.md lists the steps.
 
-This module imports nothing from the models at run time, so `models/config.py` can derive
-`ModelConfig.causal` from it without an import circle.
+This module imports nothing from the models (not even for type names), so `models/config.py` can
+derive `ModelConfig.causal` from it without an import circle; `Config` below stands for
+`models.config.ModelConfig` and `model_class` builds a `models.base.ReferenceModel`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:  # type names only: the models import this module
-    import torch
-    from torch import nn
-
-    from edgeprism.models.base import Inputs, ReferenceModel
-    from edgeprism.models.config import ModelConfig
+import torch
+from torch import Tensor, nn
 
 Modality = Literal["image", "text"]
+Config = Any
+"""A `models.config.ModelConfig` (not imported: config.py imports this module)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class CheckpointNames:
     layer_prefix: str
     """HF's layer list, e.g. "encoder.layer." or GPT-2's "h."."""
     top: Mapping[str, str]
-    layers: Callable[[ModelConfig], Mapping[str, str]]
+    layers: Callable[[Config], Mapping[str, str]]
     fused_qkv: str = ""
     """HF's fused query/key/value projection relative to a layer (GPT-2's "attn.c_attn"), split into
     our attn.query / attn.key / attn.value; empty when HF keeps them apart."""
@@ -44,7 +43,7 @@ class CheckpointNames:
     """HF stores 2-D layer weights as (in, out) (GPT-2's Conv1D); nn.Linear wants (out, in)."""
 
 
-SyntheticInputs = Callable[["ModelConfig", int, "torch.Generator", "int | None", "int | None", bool], "Inputs"]
+SyntheticInputs = Callable[[Config, int, torch.Generator, "int | None", "int | None", bool], dict[str, Tensor]]
 """(config, batch, generator, seq_len, image_size, padded) -> a seeded request (models/synthetic.py)."""
 
 
@@ -54,7 +53,7 @@ class FamilyEntry:
 
     name: str
     """The `ModelConfig.family` value, e.g. "bert"."""
-    model_class: type[ReferenceModel]
+    model_class: type[nn.Module]
     """Built as `model_class(config)`; a `ReferenceModel` whose blocks fit the `Block` protocol."""
     modality: Modality
     """"image": requests carry pixel_values and `image_size`; "text": token ids and `seq_len`."""
@@ -69,11 +68,11 @@ class FamilyEntry:
     """transformers checkpoint names; None: the family loads no HF checkpoints."""
     hf_model_types: tuple[str, ...] = ()
     """config.json `model_type` values `config_from_hf` reads (e.g. ("vit", "dinov2"))."""
-    config_from_hf: Callable[[dict, str], ModelConfig] | None = None
+    config_from_hf: Callable[[dict, str], Config] | None = None
     """(transformers config.json, preset name) -> ModelConfig."""
-    hf_config: Callable[[ModelConfig], dict] | None = None
+    hf_config: Callable[[Config], dict] | None = None
     """ModelConfig -> the config.json `config_from_hf` reads back (writing checkpoints)."""
-    reference_twin: Callable[[ModelConfig], nn.Module] | None = None
+    reference_twin: Callable[[Config], nn.Module] | None = None
     """ModelConfig -> the randomly initialised transformers model computing the same function
     (`bench.transformers_twin` copies our weights into it); None: no twin."""
     pipeline_keys: tuple[str, ...] = field(default=())
