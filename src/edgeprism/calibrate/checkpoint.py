@@ -1,9 +1,9 @@
 """Write a reference model as a Hugging Face-format checkpoint directory that `load_checkpoint` reads back.
 
 The names are the inverse of `models.loading.convert_hf_state_dict`, derived from the same tables
-(the family's `CheckpointNames` in its registry entry), and `save_checkpoint` checks the round trip before writing, so the two
-mappings cannot drift apart. No transformers import: config.json carries the fields
-`models.loading.config_from_hf` reads (the family's `hf_config`, transformers' own names).
+(the family's `CheckpointNames` in its registry entry), and `save_checkpoint` checks the round trip
+before writing, so the two mappings cannot drift apart. No transformers import: config.json carries
+the fields `models.loading.config_from_hf` reads (the family's `hf_config`, transformers' own names).
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ def plan_for(profile: Profile, point: ValidationPoint, token_counts: Sequence[in
                     energy_source=profile.energy.source, objective="latency", reason="validation")
     entry = profile.codec(point.codec)
     k = len(token_counts)
-    return Plan(mode="distributed", ranks=tuple(range(k)), token_shares=tuple(n / point.num_tokens for n in token_counts),
-                token_counts=tuple(token_counts), codec=entry.codec, cr=entry.cr, wire_dtype=entry.wire_dtype,
+    shares = tuple(n / point.num_tokens for n in token_counts)
+    return Plan(mode="distributed", ranks=tuple(range(k)), token_shares=shares, token_counts=tuple(token_counts), codec=entry.codec, cr=entry.cr, wire_dtype=entry.wire_dtype,
                 predicted_latency_s=0.0, predicted_energy_j=0.0, energy_source=profile.energy.source,
                 objective="latency", reason="validation")
 

@@ -28,7 +28,7 @@ Config = Any
 @dataclass(frozen=True)
 class CheckpointNames:
     """How a transformers checkpoint's tensor names map to ours (`models.loading.convert_hf_state_dict`
-    reads it, `assets.checkpoint.to_hf_state_dict` inverts it). Names are relative: `top` maps HF stems
+    reads it, `calibrate.checkpoint.to_hf_state_dict` inverts it). Names are relative: `top` maps HF stems
     outside the layers (after any task-head prefix is stripped) to ours; `layers(config)` maps a name
     relative to HF's layer i to ours relative to `blocks.i`."""
 

@@ -333,4 +333,5 @@ def objective_score(objective: str, latency_s: float, energy_j: float) -> float:
 
 
 __all__ = ["token_shares", "apportion", "local_terms", "distributed_terms", "profile_constants", "group_terms",
-           "codec_terms", "num_exchanges", "predict", "objective_score", "local_prediction", "distributed_prediction", "CostConstants", "GroupTerms", "CodecTerms"]
+           "codec_terms", "num_exchanges", "predict", "objective_score", "local_prediction", "distributed_prediction",
+           "CostConstants", "GroupTerms", "CodecTerms"]
