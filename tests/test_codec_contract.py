@@ -106,3 +106,10 @@ def test_charged_layer_bytes_equal_the_transports(codec_name):
     # two ranks: each receives the other's message every layer, the busiest rank's layer bytes
     assert predicted.wire_bytes - setup_bytes == pytest.approx(max(sent))
     assert sent[0] == sent[1] == model.config.num_layers * get_codec(codec_name).nbytes(batch, 12, 64)
+
+
+def test_registering_a_codec_checks_its_name_and_protocol():
+    with pytest.raises(ValueError, match="names must agree"):
+        register_codec("other-name", TripleMeansCodec)
+    with pytest.raises(ValueError, match="unknown here"):
+        CodecFidelity("no-such-codec", 1, "fp32", 1.0).num_vectors(4)

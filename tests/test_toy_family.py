@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from edgeprism.cli.run import validate as validate_run_args
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress import get_codec
-from edgeprism.models.base import Block, Inputs, ReferenceModel
+from edgeprism.models.base import Block, Inputs, ReferenceModel, check_blocks
 from edgeprism.models.common import PreNormBlock
 from edgeprism.models.config import ModelConfig, register
 from edgeprism.models.loading import build_model
@@ -161,3 +161,22 @@ def test_profiler_helpers_take_the_toy_family():
         token_counts_for(TOY, ProfileOptions(model=TOY.name, image_size=32))
     assert input_bytes_per_token(model, 32, 2, None) == 8.0  # one int64 id per token
     overhead_call(model, 2, 16, torch.device("cpu"))()
+
+
+def test_contract_violations_are_named():
+    with pytest.raises(ValueError, match="unknown model family 'nope'"):
+        get_family("nope")
+    with pytest.raises(ValueError, match="modality"):
+        FamilyEntry("bad", ToyText, modality="audio", causal=False, input_keys=("x",),  # type: ignore[arg-type]
+                    synthetic_inputs=text_inputs)
+
+    class NoKV(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = build_model(TOY)
+    model.blocks[1] = NoKV()
+    with pytest.raises(ValueError, match="block 1 .*lacks kv_input, attn"):
+        check_blocks(model)
+    with pytest.raises(ValueError, match="has no language-model head"):
+        build_model(TOY).logits(torch.zeros(1, 32))
