@@ -123,12 +123,12 @@ def synthetic_set(model_name: str, batches: int = 4, batch_size: int = 2, seq_le
     """Random weights, random inputs: for testing the harness, not for fidelity claims."""
     from edgeprism.evaluate.fidelity import MetricValue
     from edgeprism.models.loading import build_model
-    from edgeprism.models.synthetic import synthetic_inputs
+    from edgeprism.models.synthetic import pads_rows, synthetic_inputs
 
     model = build_model(model_name, seed=11)
-    inputs = [synthetic_inputs(model.config, batch_size, seq_len=seq_len, padded=model.config.family == "bert",
+    inputs = [synthetic_inputs(model.config, batch_size, seq_len=seq_len, padded=pads_rows(model.config),
                                seed=100 + i) for i in range(batches)]
-    if model.config.family == "gpt2":
+    if model.config.causal:  # a decoder: next-token perplexity
         return [EvalSet(f"{model_name}-synthetic", model, inputs,
                         perplexity_score(model, [b["input_ids"] for b in inputs]), gather_hidden=True)]
 

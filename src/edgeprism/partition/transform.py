@@ -19,7 +19,7 @@ from torch import Tensor
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
-from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.models.base import Block, Inputs, ReferenceModel, check_blocks
 from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
 
@@ -74,13 +74,13 @@ def own_key_bias(valid: Tensor, token_start: int, token_end: int, causal: bool, 
     return bias.expand(batch, 1, num_own, num_own)
 
 
-def exchanged_states(block, hidden: Tensor, average: Literal["residual", "normed"]) -> Tensor:
+def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", "normed"]) -> Tensor:
     """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2, or its
     measured departure): the residual stream, or the block's normalised K/V input ("normed")."""
     return hidden if average == "residual" else block.kv_input(hidden)
 
 
-def block_with_remote(block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
+def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
                       size_aware: bool, average: Literal["residual", "normed"],
                       sent: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
     """One block of the restructured attention (docs/ARCHITECTURE.md rules 3-5) for one rank.
@@ -112,6 +112,7 @@ class PositionWise:
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
                  size_aware: bool = DEFAULT_SIZE_AWARE, exchanger: Exchanger | None = None,
                  average: Literal["residual", "normed"] = DEFAULT_AVERAGE) -> None:
+        check_blocks(model)  # the declared contract (models.base.Block), checked before any collective
         self.model = model
         self.ctx = ctx
         self.codec = codec or IdentityCodec()
@@ -179,7 +180,7 @@ class PositionWise:
         """
         ctx, model = self.ctx, self.model
         if not model.causal:
-            raise ValueError(f"{model.config.name} is not a decoder model; --generate needs a GPT-2 preset")
+            raise ValueError(f"{model.config.name} is not a decoder model; --generate needs a causal family's preset")
         if ctx.is_root:
             num_tokens = model.validate_input(inputs)
             if max_new_tokens < 1 or num_tokens + max_new_tokens > model.config.max_positions:
