@@ -1,0 +1,199 @@
+"""Dynamic batching on a deployed cluster: throughput and latency under concurrent clients, with and without.
+
+The testbed as stand-in boards (root): host 0 is the coordinator (this script re-runs itself there), host 1
+a device (`edgeprism join`, the command of docs/DEPLOY.md), over a kernel-shaped link. The coordinator
+serves the same engine twice over HTTP — one API with dynamic batching, one without — and the load
+generator (`edgeprism.api.load`, in host 0's namespace) sends the same requests to each in turn,
+alternating which goes first, `--repeats` times. Rows (one per run) go to OUT/rows.jsonl; the table of
+medians, spreads and the batching/no-batching ratios to OUT/tables.md.
+
+    python scripts/bench_http_batching.py --model minilm-l6 --checkpoint ~/.cache/edgeprism/minilm-l6 \\
+        --profile P.json --link wifi4 --concurrency 8 --requests 48 --repeats 3 --out benchmarks/results/http-batching
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HTTP_PORTS = {"batching": 8001, "no batching": 8002}
+STORE_PORT = 29400
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--profile", required=True, help="a profile of 2 devices (edgeprism profile --link ...)")
+    p.add_argument("--link", default="wifi4")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=48, help="requests per run (one passage each)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-fidelity-loss", type=float, default=0.01)
+    p.add_argument("--batch-window-ms", type=float, default=5.0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--inner", nargs=4, metavar=("ADDR", "DEVICE_NETNS", "SECRET", "CORES"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def outer(args) -> int:
+    from edgeprism.comm.auth import new_secret, write_secret_file
+    from edgeprism.testbed.net import Testbed
+    from edgeprism.testbed.presets import get_preset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgeprism-bench-http-") as tmp, \
+            Testbed(2, get_preset(args.link), backend="netns") as tb:
+        secret = write_secret_file(Path(tmp) / "cluster.secret", new_secret())
+        h0, h1 = tb.hosts
+        argv = [a for a in sys.argv[1:]]
+        cmd = ["ip", "netns", "exec", h0.netns, "taskset", "-c", ",".join(map(str, h0.cores)), sys.executable,
+               os.path.abspath(__file__), *argv, "--inner", h0.address, h1.netns, str(secret),
+               ",".join(map(str, h1.cores))]
+        env = {**os.environ, "EDGEPRISM_LINK_FILE": tb.link_file}
+        return subprocess.run(cmd, env=env).returncode
+
+
+def inner(args) -> int:
+    import torch
+
+    from edgeprism.api import ApiConfig, serve_http
+    from edgeprism.api.load import LoadConfig, run_load
+    from edgeprism.assets.datasets import text_passages
+    from edgeprism.inputs import load_io
+    from edgeprism.profile.schema import Profile
+    from edgeprism.runtime import EngineConfig, launch_engine
+
+    address, device_netns, secret, device_cores = args.inner
+    profile = Profile.load(args.profile)
+    config = EngineConfig(max_fidelity_loss=args.max_fidelity_loss, max_batch=32)
+    engine = launch_engine(2, args.model, profile, checkpoint=args.checkpoint, config=config, local_workers=False,
+                           bind_addr=address, port=STORE_PORT, secret_file=secret,
+                           link_file=os.environ["EDGEPRISM_LINK_FILE"])
+    exe = str(Path(sys.executable).with_name("edgeprism"))
+    device = subprocess.Popen(["ip", "netns", "exec", device_netns, "taskset", "-c", device_cores, exe, "join",
+                               f"{address}:{STORE_PORT}", "--secret-file", secret, "--checkpoint", args.checkpoint,
+                               "--quiet"], env=os.environ)
+    try:
+        deadline = time.monotonic() + 120
+        while engine.cluster_status()["members"] != [0, 1]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the device did not join within 120 s")
+            engine.tick()
+            time.sleep(0.2)
+        io = load_io(engine.model.config, args.checkpoint)
+        stops = {}
+        for mode, port in HTTP_PORTS.items():
+            stops[mode] = threading.Event()
+            api = ApiConfig(dynamic_batching=mode == "batching", batch_window_s=args.batch_window_ms / 1e3)
+            threading.Thread(target=serve_http, args=(engine, io, address, port, api),
+                             kwargs={"stop": stops[mode]}, daemon=True).start()
+        time.sleep(2.0)
+        texts = tuple(_passages(io, text_passages, args.requests))
+        rows = []
+        for mode in HTTP_PORTS:  # warm-up: every plan shape once
+            asyncio.run(run_load(LoadConfig(f"http://{address}:{HTTP_PORTS[mode]}", concurrency=args.concurrency,
+                                            requests=args.concurrency * 2, texts=texts[:args.concurrency * 2])))
+        for repeat in range(args.repeats):
+            order = list(HTTP_PORTS) if repeat % 2 == 0 else list(reversed(HTTP_PORTS))
+            for mode in order:
+                before = len(engine.history)
+                load = asyncio.run(run_load(LoadConfig(f"http://{address}:{HTTP_PORTS[mode]}",
+                                                       concurrency=args.concurrency, requests=args.requests,
+                                                       texts=texts)))
+                served = list(engine.history)[before:] if len(engine.history) < engine.history.maxlen else []
+                row = {"mode": mode, "repeat": repeat, **load.to_dict(),
+                       "engine_calls": len(served),
+                       "engine_calls_distributed": sum(r.mode == "distributed" for r in served),
+                       "engine_rows_mean": statistics.mean(r.batch for r in served) if served else None,
+                       "codecs": sorted({r.plan.get("codec") or "local" for r in served}),
+                       "model": args.model, "link": args.link, "concurrency": args.concurrency,
+                       "profile_hash": profile.profile_hash(), "torch": torch.__version__,
+                       "host": {"cores": os.cpu_count(), "load_average": os.getloadavg()[0],
+                                "machine": platform.machine()},
+                       "setup": "2 devices: testbed network namespaces, kernel tbf link, one pinned core each; "
+                                "coordinator = rank 0 in host 0, device = `edgeprism join` in host 1"}
+                rows.append(row)
+                print(f"[{mode}] repeat {repeat}: {load}", file=sys.stderr, flush=True)
+        for stop in stops.values():
+            stop.set()
+        out = Path(args.out)
+        with open(out / "rows.jsonl", "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        (out / "tables.md").write_text(table(rows, args))
+        print(table(rows, args))
+        return 0
+    finally:
+        engine.close()
+        device.terminate()
+        device.wait(timeout=30)
+
+
+def _passages(io, text_passages, count):
+    """English passages of 128-250 tokens as the model's own tokenizer counts them."""
+    class Counter:  # what text_passages asks of a tokenizer: encode(text) -> ids
+        @staticmethod
+        def encode(text):
+            return [0] * io.count_tokens([text])[0]
+
+    return text_passages(Counter(), 128, 250, limit=count)
+
+
+def table(rows, args) -> str:
+    def med(mode, key, sub=None):
+        values = [r[key][sub] if sub else r[key] for r in rows if r["mode"] == mode]
+        return statistics.median(values), min(values), max(values)
+
+    lines = [f"# Dynamic batching, {args.model}, 2 devices over {args.link}, {args.concurrency} concurrent clients",
+             "",
+             f"{args.requests} requests per run (one passage of 128-250 tokens each), {args.repeats} runs per mode, "
+             "alternating which mode goes first; median (min-max). Testbed: network namespaces, kernel tbf link, one "
+             "pinned core per device; the coordinator is rank 0.",
+             "",
+             "| mode | throughput req/s | p50 ms | p95 ms | rows per engine call | engine calls distributed | codecs |",
+             "|---|---|---|---|---|---|---|"]
+    for mode in HTTP_PORTS:
+        t, p50, p95 = med(mode, "throughput_rps"), med(mode, "latency_ms", "p50"), med(mode, "latency_ms", "p95")
+        mine = [r for r in rows if r["mode"] == mode]
+        per_call = statistics.median(r["engine_rows_mean"] or 0 for r in mine)
+        dist = sum(r["engine_calls_distributed"] for r in mine)
+        calls = sum(r["engine_calls"] for r in mine)
+        codecs = sorted({c for r in mine for c in r["codecs"]})
+        lines.append(f"| {mode} | {t[0]:.2f} ({t[1]:.2f}-{t[2]:.2f}) | {p50[0]:.0f} ({p50[1]:.0f}-{p50[2]:.0f}) | "
+                     f"{p95[0]:.0f} ({p95[1]:.0f}-{p95[2]:.0f}) | {per_call:.1f} | {dist} of {calls} | "
+                     f"{', '.join(codecs)} |")
+    ratios = []
+    for repeat in range(args.repeats):
+        pair = {r["mode"]: r for r in rows if r["repeat"] == repeat}
+        if len(pair) == 2:
+            ratios.append(pair["batching"]["throughput_rps"] / pair["no batching"]["throughput_rps"])
+    if ratios:
+        lines += ["", f"Throughput with / without batching, per repeat: "
+                      f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {statistics.median(ratios):.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.inner:
+        return inner(args)
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    return outer(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
