@@ -21,7 +21,12 @@ JSON sketch (schema_version 1)::
      "codecs": [{"codec": "fp32", "cr": 1, "wire_dtype": "float32", "wire_bytes_per_token": 3073.0,
                  "wire_bytes_per_row": 0.0, "metric": "top1_agreement", "value": 1.0,
                  "reference_value": 1.0, "loss": 0.0}, …],
-     "input_bytes_per_token": 3072.0, "output_bytes_per_row": 3072.0, "notes": ""}
+     "input_bytes_per_token": 3072.0, "output_bytes_per_row": 3072.0, "notes": "",
+     "devices": [{"rank": 0, "device_kind": "cpu", "num_cores": 4, "device": "cpu", "host_id": "…8 hex…",
+                  "cpu_model": "…", "staging": "…", "energy": {…EnergyModel…} or null}, …]}
+
+`devices` is optional (a profile of a joined cluster has one entry per rank; older files have none, and
+a profile without devices writes no `devices` key, so its hash is what it always was).
 """
 
 from __future__ import annotations
@@ -285,6 +290,35 @@ class CodecFidelity:
 
 
 @dataclass(frozen=True)
+class DeviceDescription:
+    """One rank's device as profiled on a joined cluster: what a device joining a coordinator served with
+    this profile must match (`device_kind`, `num_cores`). Like `HostFacts`, never a host name."""
+
+    rank: int
+    device_kind: str
+    """"cpu", "cuda:Orin", … (as `HostFacts.device_kind`)."""
+    num_cores: int
+    """CPU cores the rank's process could use (its affinity: `edgeprism join --cores`)."""
+    device: str = "cpu"
+    """The torch device the rank ran on."""
+    host_id: str = ""
+    """Short hash of the host name (ranks on one machine share it)."""
+    cpu_model: str = ""
+    staging: str = ""
+    """How this rank's staging was measured (a CPU device has none)."""
+    energy: EnergyModel | None = None
+    """This rank's power per phase, with its own meter (or modelled, and the source says so)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.num_cores < 1:
+            raise ValueError(f"device rank {self.rank} must be >= 0 and num_cores {self.num_cores} >= 1")
+
+    def __str__(self) -> str:
+        host = f" on host {self.host_id}" if self.host_id else ""
+        return f"rank {self.rank}: {self.device_kind}, {self.num_cores} core{'s' * (self.num_cores != 1)}{host}"
+
+
+@dataclass(frozen=True)
 class Profile:
     """Everything measured once for one model on one group of `world_size` devices."""
 
@@ -306,6 +340,8 @@ class Profile:
     created_utc: str = ""
     notes: str = ""
     schema_version: int = SCHEMA_VERSION
+    devices: tuple[DeviceDescription, ...] = ()
+    """Each rank's device, when the profile was measured on a joined cluster (empty: not recorded)."""
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -325,6 +361,9 @@ class Profile:
             raise ValueError(f"profile lists a codec twice: {names}")
         _check_nonneg("profile", input_bytes_per_token=self.input_bytes_per_token,
                       output_bytes_per_row=self.output_bytes_per_row)
+        if self.devices and [d.rank for d in self.devices] != list(range(self.world_size)):
+            raise ValueError(f"profile devices are for ranks {[d.rank for d in self.devices]}; world_size "
+                             f"{self.world_size} needs one per rank 0..{self.world_size - 1}, in order")
 
     @property
     def model_name(self) -> str:
@@ -339,6 +378,8 @@ class Profile:
     # ---- serialisation ----
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        if not self.devices:
+            del data["devices"]  # an older profile's JSON (and hash) stays what it was
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -487,5 +528,5 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 __all__ = [
     "SCHEMA_VERSION", "HostFacts", "ComputeSample", "ComputeTable", "StagingSample", "StagingTable",
-    "LinkMeasurement", "EnergyModel", "CodecFidelity", "Profile",
+    "LinkMeasurement", "EnergyModel", "CodecFidelity", "DeviceDescription", "Profile",
 ]

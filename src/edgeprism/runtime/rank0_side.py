@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import time
 
+from edgeprism.comm.exchange import PeerError
+from edgeprism.runtime.cluster_jobs import JobError, check_job, lane_job_context, run_job_here
 from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for every side of the engine
@@ -80,6 +82,31 @@ class Rank0Side:
             raise RuntimeError("release_workers is for rank 0")
         if self._control is not None:
             self._control.broadcast_json({"op": "release"})
+
+    def run_job(self, name: str, args: dict, progress=None) -> list[dict]:
+        """Rank 0: run a registered measurement job (edgeprism.runtime.cluster_jobs.JOBS) on every member of
+        the current epoch at once → each member's result, in rank order (`healthy_ranks`). ValueError for an
+        unknown job or bad arguments; JobError naming the rank a job failed on; RuntimeError when a member
+        is lost (the epoch then ends, as after a failed request). `progress(done, total, label)`: rank 0's."""
+        if not self.ctx.is_root:
+            raise RuntimeError("run_job is for rank 0")
+        check_job(name, args)
+        with self._lock:
+            self.maintain()
+            members = self._members
+            context = lane_job_context(self._lanes, members, self.model, progress)
+            if context is None:
+                raise RuntimeError(f"job {name!r} needs devices: only ranks {list(members)} are connected")
+            self._control.broadcast_json({"op": "job", "epoch": self._epoch, "name": name, "args": args},
+                                         ranks=members[1:])
+            try:
+                return run_job_here(context, name, args, members)
+            except (PeerError, RuntimeError) as err:  # JobError included: a rank may have left mid-collective
+                self.failures += 1
+                self._end_epoch(f"job {name} failed", 0.0)
+                if isinstance(err, JobError):
+                    raise
+                raise RuntimeError(f"job {name!r} over ranks {list(members)} failed: {err}") from err
 
     def cluster_status(self) -> dict:
         """Rank 0: who is in the cluster — every rank with its state (serving: in the current epoch's
