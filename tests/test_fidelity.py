@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from edgeprism.bench.eval_sets import synthetic_set
-from edgeprism.bench.fidelity import evaluate, run_distributed
+from edgeprism.evaluate.eval_sets import synthetic_set
+from edgeprism.evaluate.fidelity import evaluate, run_distributed
 from edgeprism.cli.main import main
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.registry import get_codec

@@ -26,7 +26,7 @@ from edgeprism.profile.profiler import (ProfileOptions, held_out_batches, input_
                                         validate_options)
 from edgeprism.profile.schema import ComputeSample, ComputeTable, LinkMeasurement, Profile
 from edgeprism.profile.staging import fit_copy, measure_staging
-from edgeprism.profile.validate import (ValidationPoint, compare, held_out_codecs, held_out_token_counts, plan_for,
+from edgeprism.jobs.validate import (ValidationPoint, compare, held_out_codecs, held_out_token_counts, plan_for,
                                         validation_points)
 
 RAW_LINK = {"latency_s": 0.004, "bandwidth_bps": 6.0e7, "allgather_bandwidth_bps": 3.0e7, "world_size": 2,
@@ -377,7 +377,7 @@ def test_compute_worker_times_the_grid_and_reports_progress(monkeypatch):
 
 
 def test_median_run_merges_passes():
-    from edgeprism.profile.validate import median_run
+    from edgeprism.jobs.validate import median_run
 
     runs = [{"latency_s": 1.0, "compute_s": 0.5, "collective_s": 0.4, "token_ranges": [[0, 9], [9, 17]]},
             {"latency_s": 3.0, "compute_s": 1.5, "collective_s": 0.2, "token_ranges": [[0, 9], [9, 17]]},

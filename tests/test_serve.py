@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -10,7 +11,6 @@ import pytest
 from edgeprism.cli.serve import add_parser, handle
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.runtime import Engine, launch_local
-from edgeprism.runtime.serving import make_http_server
 
 
 def _run_serve(argv):
@@ -67,26 +67,45 @@ def _post(url, body: bytes):
         return err.code, json.loads(err.read())
 
 
-def test_http_endpoint_on_loopback():
-    profile = synthetic_profile("bert-tiny-test", world_size=1)
-    with launch_local(1, "bert-tiny-test", profile) as engine:
-        server = make_http_server(engine, port=0)
-        host, port = server.server_address[:2]
-        assert host == "127.0.0.1"
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            base = f"http://{host}:{port}"
-            with urllib.request.urlopen(base + "/health", timeout=30) as response:
-                assert json.loads(response.read())["model"] == "bert-tiny-test"
-            status, reply = _post(base + "/infer", b'{"id": "x", "model_input": {"input_ids": [[1, 2], [3]]}}')
-            assert status == 400 and reply["id"] == "x" and "ragged" in reply["error"]
-            status, reply = _post(base + "/infer", b"not json")
-            assert status == 400 and "JSON" in reply["error"]
-            status, reply = _post(base + "/infer", json.dumps({"id": "y", "synthetic": {"seq_len": 8}}).encode())
-            assert status == 200 and reply["id"] == "y" and reply["metrics"]["num_tokens"] == 8
-            status, reply = _post(base + "/nowhere", b"{}")
-            assert status == 404
-        finally:
-            server.shutdown()
-            server.server_close()
+def test_serve_http_command_on_loopback():
+    """`edgeprism serve --http` as a user starts it: the API on uvicorn (the API itself: tests/test_api*.py);
+    a bad request gets a 4xx and the next is served; SIGINT stops it cleanly."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprism.cli.main", "serve", "--model", "bert-tiny-test",
+                             "--synthetic-profile", "--world-size", "1", "--http", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = None
+        deadline = time.monotonic() + 120
+        while base is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "serve exited before listening"
+            found = re.search(r"listening on (http://[\d.]+:\d+)", line)
+            base = found.group(1) if found else None
+        assert base and base.startswith("http://127.0.0.1:"), base
+        for _ in range(100):  # the socket is bound already; uvicorn answers once started
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=30) as response:
+                    assert json.loads(response.read())["model"] == "bert-tiny-test"
+                break
+            except urllib.error.URLError:
+                time.sleep(0.05)
+        status, reply = _post(base + "/infer", b'{"id": "x", "model_input": {"input_ids": [[1, 2], [3]]}}')
+        assert status == 400 and reply["id"] == "x" and "ragged" in reply["error"]["message"]
+        status, reply = _post(base + "/infer", b"not json")
+        assert status == 400 and "JSON" in reply["error"]["message"]
+        status, reply = _post(base + "/infer", json.dumps({"id": "y", "synthetic": {"seq_len": 8}}).encode())
+        assert status == 200 and reply["id"] == "y" and reply["metrics"]["num_tokens"] == 8
+        status, reply = _post(base + "/v1/embeddings", json.dumps({"input": "no tokenizer here"}).encode())
+        assert status in (400, 404, 501) and "message" in reply["error"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        lines = [json.loads(line) for line in proc.stdout.read().splitlines() if line.strip()]
+        assert [r["id"] for r in lines if "metrics" in r] == ["y"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

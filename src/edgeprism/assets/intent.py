@@ -2,7 +2,7 @@
 
 Source: rag-intent-classifier 1.0.7's ``models/LogisticRegression.joblib`` (scikit-learn multinomial logistic
 regression, C=3, trained on all-MiniLM-L6-v2 sentence embeddings of CLINC150 plus six routing meta-intents),
-converted once by ``edgeprism.models.convert.convert_intent_head``. Its prediction is the argmax of the affine
+converted once by ``edgeprism.assets.convert.convert_intent_head``. Its prediction is the argmax of the affine
 logits, which is all this class computes.
 """
 
@@ -49,12 +49,6 @@ class IntentHead:
                 intercept=data["intercept"].astype(np.float32),
                 labels=tuple(str(label) for label in data["labels"]),
             )
-
-    @classmethod
-    def from_cache(cls) -> IntentHead:
-        from edgeprism.assets import intent_head_path
-
-        return cls.load(intent_head_path())
 
     def save(self, path: str | Path) -> None:
         np.savez(path, coef=self.coef, intercept=self.intercept, labels=np.array(self.labels, dtype=np.str_))

@@ -22,9 +22,8 @@ from edgeprism.bench.peers import PeerClock, PeerRun, gather_clocks, head_row
 from edgeprism.comm.context import DistContext
 from edgeprism.models.base import ReferenceModel
 from edgeprism.models.common import causal_bias
+from edgeprism.models.registry import get_family
 
-STAGE_INPUT_KEYS = {"vit": ("pixel_values",), "bert": ("input_ids", "token_type_ids"), "gpt2": ("input_ids",)}
-"""The positional arguments of the first stage, per model family (pipelining passes tensors, not dicts)."""
 
 
 def stage_layers(num_layers: int, world_size: int) -> list[tuple[int, int]]:
@@ -60,7 +59,7 @@ class _Stage(nn.Module):
         start = time.perf_counter()
         model = self.model
         if self.first:
-            inputs = dict(zip(STAGE_INPUT_KEYS[model.config.family], args))
+            inputs = dict(zip(get_family(model.config.family).stage_keys, args))
             num_tokens = model.validate_input(inputs)
             hidden = model.embed(inputs, 0, num_tokens)  # (B_micro, T, d)
         else:
@@ -116,7 +115,7 @@ class PipelinePeer:
         with torch.no_grad():
             if ctx.is_root:
                 assert inputs is not None
-                keys = STAGE_INPUT_KEYS[model.config.family]
+                keys = get_family(model.config.family).stage_keys
                 if set(inputs) - set(keys):
                     raise ValueError(f"the pipeline peer takes {list(keys)} (unpadded requests), got {sorted(inputs)}")
                 schedule.step(*(inputs[k] for k in keys if k in inputs))
@@ -136,4 +135,4 @@ class PipelinePeer:
         return PeerRun(outputs, wall_s, per_rank) if ctx.is_root else None
 
 
-__all__ = ["PipelinePeer", "stage_layers", "microbatches", "STAGE_INPUT_KEYS"]
+__all__ = ["PipelinePeer", "stage_layers", "microbatches"]

@@ -99,9 +99,10 @@ class Scenario:
             raise ValueError(f"scenario {self.name!r} needs at least one model and one link")
         for case in self.models:
             config = get_config(case.name)
-            if config.family != "vit" and case.seq_len is not None and not 1 <= case.seq_len <= config.max_positions:
+            text = config.modality != "image"
+            if text and case.seq_len is not None and not 1 <= case.seq_len <= config.max_positions:
                 raise ValueError(f"{case.name}: seq_len {case.seq_len} must be in 1..{config.max_positions}")
-            if config.family == "vit" and case.seq_len is not None:
+            if config.modality == "image" and case.seq_len is not None:
                 raise ValueError(f"{case.name} is an image model: give no seq_len (it uses its native image)")
         for link in self.links:
             get_preset(link)

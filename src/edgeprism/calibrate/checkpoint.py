@@ -1,9 +1,9 @@
 """Write a reference model as a Hugging Face-format checkpoint directory that `load_checkpoint` reads back.
 
-The names are the inverse of `models.loading.convert_hf_state_dict`, derived from its own tables
-(`_TOP`, `_layer_map`), and `save_checkpoint` checks the round trip before writing, so the two
-mappings cannot drift apart. No transformers import: config.json carries the fields
-`models.loading.config_from_hf` reads (and transformers' own names for them).
+The names are the inverse of `models.loading.convert_hf_state_dict`, derived from the same tables
+(the family's `CheckpointNames` in its registry entry), and `save_checkpoint` checks the round trip
+before writing, so the two mappings cannot drift apart. No transformers import: config.json carries
+the fields `models.loading.config_from_hf` reads (the family's `hf_config`, transformers' own names).
 """
 
 from __future__ import annotations
@@ -16,31 +16,35 @@ from torch import Tensor
 
 from edgeprism.models.base import ReferenceModel
 from edgeprism.models.config import ModelConfig
-from edgeprism.models.loading import _TOP, _layer_map, convert_hf_state_dict
+from edgeprism.models.loading import convert_hf_state_dict
+from edgeprism.models.registry import get_family
 
 
 def to_hf_state_dict(model: ReferenceModel) -> dict[str, Tensor]:
     """Our state dict under transformers' names (GPT2Model / ViTModel / Dinov2Model / BertModel)."""
     config = model.config
-    family = config.family
+    names = get_family(config.family).checkpoint
+    if names is None:
+        raise ValueError(f"{config.name}: family {config.family!r} has no transformers checkpoint names")
     ours = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    top = {mine: hf for hf, mine in _TOP[family].items()}
-    layer_prefix = "h." if family == "gpt2" else "encoder.layer."
+    top = {mine: hf for hf, mine in names.top.items()}
+    inverse = {mine: hf for hf, mine in names.layers(config).items()}
+    fused_parts = ("attn.query", "attn.key", "attn.value") if names.fused_qkv else ()
     out: dict[str, Tensor] = {}
     for name, tensor in ours.items():
         if name.startswith("blocks."):
             _, index, rest = name.split(".", 2)
             stem, param = rest.rsplit(".", 1)
-            if family == "gpt2" and stem in ("attn.query", "attn.key", "attn.value"):
+            if stem in fused_parts:
                 if stem != "attn.query":
-                    continue  # written with the query, as GPT-2's fused c_attn
-                fused = torch.cat([ours[f"blocks.{index}.attn.{part}.{param}"] for part in ("query", "key", "value")])
-                out[f"h.{index}.attn.c_attn.{param}"] = (fused.T if fused.dim() == 2 else fused).contiguous()
+                    continue  # written with the query, as one fused projection (GPT-2's c_attn)
+                fused = torch.cat([ours[f"blocks.{index}.{part}.{param}"] for part in fused_parts])
+                transposed = fused.T if names.conv1d and fused.dim() == 2 else fused
+                out[f"{names.layer_prefix}{index}.{names.fused_qkv}.{param}"] = transposed.contiguous()
                 continue
-            inverse = {mine: hf for hf, mine in _layer_map(family, int(index), config.layerscale).items()}
             hf_param = "lambda1" if param == "scale" else param
-            key = f"{layer_prefix}{index}.{inverse[stem]}.{hf_param}"
-            conv1d = family == "gpt2" and param == "weight" and tensor.dim() == 2  # GPT-2 Conv1D: (in, out)
+            key = f"{names.layer_prefix}{index}.{inverse[stem]}.{hf_param}"
+            conv1d = names.conv1d and param == "weight" and tensor.dim() == 2  # Conv1D: (in, out)
             out[key] = (tensor.T if conv1d else tensor).contiguous()
             continue
         stem, _, param = name.rpartition(".")
@@ -55,22 +59,10 @@ def to_hf_state_dict(model: ReferenceModel) -> dict[str, Tensor]:
 
 def hf_config(config: ModelConfig) -> dict:
     """A transformers config.json for `config` (the fields `config_from_hf` reads)."""
-    c = config
-    if c.family == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2Model"], "n_embd": c.hidden_size, "n_layer": c.num_layers,
-                "n_head": c.num_heads, "n_inner": c.intermediate_size, "layer_norm_epsilon": c.layer_norm_eps,
-                "activation_function": c.hidden_act, "vocab_size": c.vocab_size, "n_positions": c.max_positions,
-                "tie_word_embeddings": True}
-    common = {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-              "intermediate_size": c.intermediate_size, "hidden_act": c.hidden_act, "layer_norm_eps": c.layer_norm_eps}
-    if c.family == "bert":
-        return {"model_type": "bert", "architectures": ["BertModel"], **common, "vocab_size": c.vocab_size,
-                "max_position_embeddings": c.max_positions, "type_vocab_size": c.type_vocab_size,
-                "pad_token_id": c.pad_token_id}
-    kind = "dinov2" if c.layerscale else "vit"
-    return {"model_type": kind, "architectures": ["Dinov2Model" if c.layerscale else "ViTModel"], **common,
-            "image_size": c.grid * c.patch_size, "patch_size": c.patch_size, "num_channels": c.num_channels,
-            "mlp_ratio": c.intermediate_size / c.hidden_size, "edgeprism_preset": c.name}
+    make = get_family(config.family).hf_config
+    if make is None:
+        raise ValueError(f"{config.name}: family {config.family!r} writes no transformers config.json")
+    return make(config)
 
 
 def save_checkpoint(model: ReferenceModel, directory: str | Path, extra: dict | None = None) -> Path:

@@ -83,7 +83,7 @@ def emulate(model: ReferenceModel, inputs: Inputs, codec: Codec, world_size: int
     own_bias = [own_key_bias(v, r.start, r.end, causal, dtype) for v, r in zip(valid, ranges)]
     # one session per sender: it holds that sender's reconstruction as every receiver holds it
     sessions = [codec.session() if hasattr(codec, "session") else None for _ in ranges]
-    # decoders send only forward (DESIGN rule 5): the last rank's message has no reader
+    # decoders send only forward (docs/ARCHITECTURE.md rule 5): the last rank's message has no reader
     senders = range(world_size - 1) if causal else range(world_size)
     for layer, block in enumerate(model.blocks):
         sent = [exchanged_states(block, h, average) for h in hidden]

@@ -1,6 +1,6 @@
 """Evaluate, calibrate, evaluate again, save: what `edgeprism calibrate` and the experiment script run.
 
-Evaluation always goes through the real distributed path (`bench.fidelity.evaluate`: `PositionWise`
+Evaluation always goes through the real distributed path (`evaluate.fidelity.evaluate`: `PositionWise`
 over the loopback transport), never through the emulation that training uses.
 """
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from edgeprism.bench.fidelity import evaluate
+from edgeprism.evaluate.fidelity import evaluate
 from edgeprism.calibrate.checkpoint import save_checkpoint
 from edgeprism.calibrate.tasks import CalibrationSetup, save_head, setup_for
 from edgeprism.calibrate.train import CalibrationSettings, calibrate

@@ -1,5 +1,5 @@
 """The models calibration knows how to train, with their data: training split for calibration, a disjoint
-evaluation set for the distributed path (`bench.fidelity`, loopback transport).
+evaluation set for the distributed path (`evaluate.fidelity`, loopback transport).
 
 - gpt2-shakespeare: calibration windows from the six committed plays (all in the fixture's training
   set); evaluation: held-out per-byte perplexity on *Twelfth Night* (never seen), as `edgeprism eval`.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgeprism.bench.fidelity import EvalSet, MetricValue, perplexity_score
+from edgeprism.evaluate.fidelity import EvalSet, MetricValue, perplexity_score
 from edgeprism.models.base import Inputs, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ShakespeareTask:
     head = None
 
     def __init__(self, context: int = 256) -> None:
-        from edgeprism.bench.datasets import GPT2_HELDOUT_PLAY, shakespeare_corpus
+        from edgeprism.assets.datasets import GPT2_HELDOUT_PLAY, shakespeare_corpus
 
         corpus = shakespeare_corpus()
         assert GPT2_HELDOUT_PLAY not in corpus, "calibration text must not contain the held-out play"
@@ -70,8 +70,8 @@ def load_gpt2_shakespeare() -> ReferenceModel:
 
 
 def gpt2_heldout_set(model: ReferenceModel, limit: int = 64, window: int = 256, batch_size: int = 8) -> EvalSet:
-    """Held-out perplexity windows, exactly as `bench.eval_sets.gpt2_set` builds them, for any weights."""
-    from edgeprism.bench.datasets import gpt2_heldout_bytes
+    """Held-out perplexity windows, exactly as `evaluate.eval_sets.gpt2_set` builds them, for any weights."""
+    from edgeprism.assets.datasets import gpt2_heldout_bytes
 
     data = torch.tensor(list(gpt2_heldout_bytes()), dtype=torch.long)
     windows = data[: (len(data) // window) * window].view(-1, window)[:limit]
@@ -94,7 +94,7 @@ class FashionTask:
     name = "fashion-mnist-train"
 
     def __init__(self, head: nn.Module, split: str = "train", limit: int | None = None) -> None:
-        from edgeprism.bench.datasets import fashion_mnist
+        from edgeprism.assets.datasets import fashion_mnist
 
         images, labels = fashion_mnist(split, limit=limit)
         self.pixels = fashion_inputs(images)["pixel_values"]
@@ -123,7 +123,7 @@ def accuracy_score(head: nn.Module, labels: Tensor):
 
 
 def fashion_test_set(model: ReferenceModel, head: nn.Module, limit: int = 2000, batch_size: int = 250) -> EvalSet:
-    from edgeprism.bench.datasets import fashion_mnist
+    from edgeprism.assets.datasets import fashion_mnist
 
     images, labels = fashion_mnist("test", limit=limit)
     pixels = fashion_inputs(images)["pixel_values"]

@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
 
 def handle(args) -> int:
     from edgeprism.assets import cache_dir
-    from edgeprism.models.convert import ALL_ASSETS, prepare_assets
+    from edgeprism.assets.convert import ALL_ASSETS, prepare_assets
 
     which = tuple(args.only.split(",")) if args.only else ALL_ASSETS
     unknown = sorted(set(which) - set(ALL_ASSETS))

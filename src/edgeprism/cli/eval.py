@@ -49,8 +49,8 @@ def handle(args) -> int:
     if args.from_rows:
         rows = [json.loads(line) for line in open(args.from_rows) if line.strip()]
         return _emit(args, rows)
-    from edgeprism.bench.eval_sets import eval_sets_for
-    from edgeprism.bench.fidelity import evaluate
+    from edgeprism.evaluate.eval_sets import eval_sets_for
+    from edgeprism.evaluate.fidelity import evaluate
     from edgeprism.compress.registry import get_codec, parse_codec_list
     from edgeprism.partition.ranges import validate_shares
 

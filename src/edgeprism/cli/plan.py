@@ -53,7 +53,7 @@ def _num_tokens(profile: Profile, args: argparse.Namespace) -> int:
     config = profile.model
     if args.tokens is not None:
         return int(args.tokens)
-    if config.family == "vit":
+    if config.modality == "image":
         side = args.image_size or config.image_size
         if side % config.patch_size:
             raise ValueError(f"image size {side} is not a multiple of {config.name}'s patch size {config.patch_size}")

@@ -152,7 +152,7 @@ def _session(options):
 
 def _validate(args, options, profile, session, sampled, token_counts, bar):
     from edgeprism.profile.profiler import held_out_batches
-    from edgeprism.profile.validate import held_out_codecs, held_out_token_counts, validate, validation_points
+    from edgeprism.jobs.validate import held_out_codecs, held_out_token_counts, validate, validation_points
 
     batches = args.validate_batches or held_out_batches(options.batches, sampled)
     codecs = args.validate_codecs or held_out_codecs(profile)

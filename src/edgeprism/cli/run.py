@@ -70,14 +70,14 @@ def validate(args) -> BatchSpec:
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
     config = model.config
-    if config.family == "vit" and args.seq_len:
+    if config.modality == "image" and args.seq_len:
         raise ValueError(f"--seq-len is for text models; {config.name} is a ViT: use --image-size")
-    if config.family != "vit" and args.image_size:
+    if config.modality != "image" and args.image_size:
         raise ValueError(f"--image-size is for ViT models; {config.name} is a text model: use --seq-len")
     if args.generate < 0:
         raise ValueError(f"--generate {args.generate} must be >= 0")
-    if args.generate and config.family != "gpt2":
-        raise ValueError(f"--generate needs a decoder model; {config.name} is a {config.family} model")
+    if args.generate and not config.causal:
+        raise ValueError(f"--generate needs a decoder model; {config.name} is a {config.family} encoder")
     if args.generate and args.padded:
         raise ValueError("--generate needs unpadded prompts; drop --padded")
     if args.generate and num_tokens_for(config, args) + args.generate > config.max_positions:
@@ -88,7 +88,7 @@ def validate(args) -> BatchSpec:
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size {args.image_size} must be >= 1")
     probe = synthetic_inputs(config, 1, seq_len=args.seq_len, image_size=args.image_size, padded=False)
-    if config.family != "vit" and args.seq_len is None:
+    if config.modality != "image" and args.seq_len is None:
         probe = synthetic_inputs(config, 1, seq_len=None)
     num_tokens = model.validate_input(probe)
     if mode == "distributed":

@@ -34,12 +34,23 @@ def add_parser(subparsers) -> None:
                    help="largest normalised metric loss a codec may have, e.g. 0.02 (default: no budget)")
     p.add_argument("--max-latency", type=float, metavar="SECONDS", help="latency ceiling for the planner")
     p.add_argument("--max-batch", type=int, default=32, help="refuse requests with more rows (default 32)")
+    p.add_argument("--fixed-link", action="store_true",
+                   help="plan by the profile's link alone (default: re-estimate the link from every distributed "
+                        "request and from probes)")
     p.add_argument("--learn-compute", action="store_true",
                    help="re-estimate local vs distributed compute online (default: plan by the profile's compute)")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--input", default="-", metavar="FILE",
                         help="requests, one JSON object per line; '-' (default) reads stdin")
-    inputs.add_argument("--http", action="store_true", help="serve POST /infer and GET /health instead")
+    inputs.add_argument("--http", action="store_true",
+                        help="serve the HTTP API instead: OpenAI-style /v1/embeddings and /v1/completions, /v1/classify "
+                             "for images, /infer for tensor requests, /metrics, /health, /v1/cluster (docs/API.md)")
+    p.add_argument("--no-batching", action="store_true",
+                   help="--http: one engine call per request (default: concurrent requests are batched)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
+                   help="--http: how long a request waits for others to batch with (default 5 ms)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="--http: the model name clients send (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="--http address (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="--http port (default 8000; 0 picks a free one)")
     p.add_argument("--outputs", choices=["summary", "full", "none"], default="summary",
@@ -80,7 +91,7 @@ def _profile(args, listen=None):
 def handle(args) -> int:
     from edgeprism.runtime.cluster import launch_engine
     from edgeprism.runtime.engine import EngineConfig
-    from edgeprism.runtime.serving import make_http_server, serve_lines
+    from edgeprism.runtime.serving import serve_lines
 
     if args.world_size < 1:
         raise ValueError(f"--world-size {args.world_size} must be >= 1")
@@ -88,7 +99,8 @@ def handle(args) -> int:
         raise ValueError(f"--port {args.port} must be in 0..65535")
     config = EngineConfig(objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
                           max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
-                          min_stall_s=args.min_stall, learn_compute=args.learn_compute)
+                          min_stall_s=args.min_stall, learn_compute=args.learn_compute,
+                          learn_link=not args.fixed_link)
     if args.secret_file:
         from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
 
@@ -105,6 +117,8 @@ def handle(args) -> int:
 
     def write(reply: dict) -> None:
         print(json.dumps(reply), flush=True)
+        if args.http and "metrics" not in reply and "error" not in reply:
+            return
         if "error" in reply:
             print(f"edgeprism serve: request {reply['id']}: error: {reply['error']}", file=sys.stderr, flush=True)
         else:
@@ -118,16 +132,7 @@ def handle(args) -> int:
                        config=config, cores_per_worker=args.cores_per_worker, link_file=args.link_file,
                        timeout_s=args.timeout, secret_file=args.secret_file, **where) as engine:
         if args.http:
-            server = make_http_server(engine, args.host, args.port, args.outputs, on_reply=write)
-            host, port = server.server_address[:2]
-            print(f"edgeprism serve: listening on http://{host}:{port}/infer (Ctrl-C stops)", file=sys.stderr,
-                  flush=True)
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                server.server_close()
+            _serve_http(engine, args, write)
             return 0
         try:
             served, refused = serve_lines(engine, stream, write, args.outputs)
@@ -138,6 +143,25 @@ def handle(args) -> int:
     print(f"edgeprism serve: {served} served, {refused} refused"
           + (f", {failures} rerun on rank 0 after a lost peer" if failures else ""), file=sys.stderr, flush=True)
     return 0
+
+
+def _serve_http(engine, args, write) -> None:
+    """The HTTP API until Ctrl-C / SIGTERM; inputs read with the checkpoint's own files where it has them."""
+    from edgeprism.api import ApiConfig, serve_http
+    from edgeprism.inputs import load_io
+
+    try:
+        io = load_io(engine.model.config, args.checkpoint)
+    except ValueError as err:  # e.g. a random-weight text preset has no tokenizer: tensors only
+        print(f"edgeprism serve: only POST /infer (tensor requests) is served: {err}", file=sys.stderr, flush=True)
+        io = None
+    config = ApiConfig(model_name=args.served_model_name, dynamic_batching=not args.no_batching,
+                       batch_window_s=args.batch_window_ms / 1e3, outputs_mode=args.outputs)
+
+    def ready(host: str, port: int) -> None:
+        print(f"edgeprism serve: listening on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    serve_http(engine, io, args.host, args.port, config, on_reply=write, on_ready=ready)
 
 
 def _listen(args) -> tuple[str, int] | None:

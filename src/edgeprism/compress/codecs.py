@@ -13,23 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from edgeprism.compress.base import WireSpec, spec_nbytes
+from edgeprism.compress.base import EveryTokenCodec, ValueCodec, WireSpec, check_inputs
 from edgeprism.compress.formats import FloatFormat, ValueFormat
 
 DEFAULT_MAX_ANCHORS = 2
 """Anchor slots per row of `smNa`: [CLS] and the closing [SEP] of a single BERT sentence, or GPT-2's
 first token (the attention sink), fit; a rank holds a slice, so it rarely owns more than two."""
-
-
-def _check_inputs(hidden: Tensor, valid: Tensor, anchor: Tensor | None, codec: str) -> None:
-    if hidden.dim() != 3:
-        raise ValueError(f"{codec}: hidden states have shape {tuple(hidden.shape)}; expected (batch, tokens, hidden)")
-    if tuple(valid.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"{codec}: valid mask has shape {tuple(valid.shape)}; hidden states "
-                         f"{tuple(hidden.shape)} need ({hidden.shape[0]}, {hidden.shape[1]})")
-    if anchor is not None and tuple(anchor.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"{codec}: anchor mask has shape {tuple(anchor.shape)}; hidden states "
-                         f"{tuple(hidden.shape)} need ({hidden.shape[0]}, {hidden.shape[1]})")
 
 
 def count_dtype(max_count: int) -> torch.dtype:
@@ -42,7 +31,7 @@ def count_dtype(max_count: int) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class QuantizedCodec:
+class QuantizedCodec(EveryTokenCodec):
     """Every token travels, in a (usually quantised) value format; counts are the valid mask (uint8).
 
     Padding tokens are zeroed before quantising so that they cannot inflate a shared scale.
@@ -50,34 +39,19 @@ class QuantizedCodec:
 
     values: ValueFormat = field(default_factory=FloatFormat)
 
-    @property
-    def name(self) -> str:
-        return self.values.name
-
-    def num_vectors(self, num_tokens: int) -> int:
-        return num_tokens
-
     def wire_spec(self, batch: int, num_tokens: int, hidden_size: int) -> WireSpec:
         return [*self.values.wire_spec(batch, num_tokens, hidden_size), ((batch, num_tokens), torch.uint8)]
 
     def encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
-        _check_inputs(hidden, valid, anchor, self.name)
+        check_inputs(hidden, valid, anchor, self.name)
         x = hidden.to(torch.float32) * valid.unsqueeze(-1)  # (B, n, d), padding zeroed
         return [*self.values.encode(x), valid.to(torch.uint8).contiguous()]
 
-    def decode(self, wire: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.values.decode(wire[:-1]), wire[-1].to(torch.float32)
-
-    def nbytes(self, batch: int, num_tokens: int, hidden_size: int) -> int:
-        return spec_nbytes(self.wire_spec(batch, num_tokens, hidden_size))
-
-    def __str__(self) -> str:
-        return self.name
 
 
 @dataclass(frozen=True)
-class SegmentMeansCodec:
-    """Segment Means with compression ratio `ratio` (DESIGN, "The algorithm", 1), optionally with anchors.
+class SegmentMeansCodec(ValueCodec):
+    """Segment Means with compression ratio `ratio` (docs/ARCHITECTURE.md rule 1), optionally with anchors.
 
     The n tokens split into S = ceil(n / ratio) consecutive segments (the last may be shorter); each
     sends the mean of its real tokens and their count k (0 = masked out, sent as a zero vector).
@@ -111,6 +85,10 @@ class SegmentMeansCodec:
         values = "" if self.values.name == "fp32" else f"+{self.values.name}"
         return f"sm{self.ratio}{anchors}{values}"
 
+    @property
+    def extra_vectors(self) -> int:
+        return self.max_anchors
+
     def num_segments(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.ratio)
 
@@ -124,7 +102,7 @@ class SegmentMeansCodec:
                 ((batch, slots), count_dtype(self.ratio))]
 
     def encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
-        _check_inputs(hidden, valid, anchor, self.name)
+        check_inputs(hidden, valid, anchor, self.name)
         batch, num_tokens, hidden_size = hidden.shape
         x = hidden.to(torch.float32)
         valid = valid.to(torch.bool)
@@ -165,11 +143,3 @@ class SegmentMeansCodec:
         vectors = gathered * slot_used.unsqueeze(-1)
         return vectors, slot_used.to(torch.float32), taken
 
-    def decode(self, wire: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.values.decode(wire[:-1]), wire[-1].to(torch.float32)
-
-    def nbytes(self, batch: int, num_tokens: int, hidden_size: int) -> int:
-        return spec_nbytes(self.wire_spec(batch, num_tokens, hidden_size))
-
-    def __str__(self) -> str:
-        return self.name

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from edgeprism.compress.base import WireSpec, spec_nbytes
+from edgeprism.compress.base import EveryTokenCodec, WireSpec, check_inputs, spec_nbytes
 from edgeprism.compress.formats import ValueFormat
 from edgeprism.compress.lowbit import LowBitFormat, pack_bits, unpack_bits
 
 
 @dataclass(frozen=True)
-class DeltaCodec:
+class DeltaCodec(EveryTokenCodec):
     """Key frame in `first` at layer 0, then residuals against the shared reconstruction: layer l in
     `schedule[l - 1]` for 1 <= l <= len(schedule), every later layer in `rest`.
 
@@ -72,9 +72,6 @@ class DeltaCodec:
                 runs.append([fmt, 1])
         middle = "".join(f":{fmt.name}" + (f"*{count}" if count > 1 else "") for fmt, count in runs)
         return f"delta:{self.first.name}{middle}:{self.rest.name}"
-
-    def num_vectors(self, num_tokens: int) -> int:
-        return num_tokens
 
     # --- per layer ---
     def layer_format(self, layer: int) -> ValueFormat:
@@ -107,12 +104,10 @@ class DeltaCodec:
 
     def nbytes(self, batch: int, num_tokens: int, hidden_size: int) -> int:
         """Bytes of the key frame (layer 0); later layers cost `layer_nbytes(layer, ...)`. See `mean_nbytes`."""
-        return spec_nbytes(self.wire_spec(batch, num_tokens, hidden_size))
+        return super().nbytes(batch, num_tokens, hidden_size)
 
     def encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
-        from edgeprism.compress.codecs import _check_inputs
-
-        _check_inputs(hidden, valid, anchor, self.name)
+        check_inputs(hidden, valid, anchor, self.name)
         x = hidden.to(torch.float32) * valid.unsqueeze(-1)  # (B, n, d), padding zeroed
         return [*self.first.encode(x), pack_bits(valid.to(torch.int64), 1)]
 
@@ -121,9 +116,6 @@ class DeltaCodec:
         vectors = self.first.decode(values)
         counts = unpack_bits(mask, 1, vectors.shape[1]).to(torch.float32)  # (B, n)
         return vectors, counts
-
-    def __str__(self) -> str:
-        return self.name
 
 
 @dataclass

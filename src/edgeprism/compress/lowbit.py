@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from edgeprism.compress.base import WireSpec, spec_nbytes
+from edgeprism.compress.base import EveryTokenCodec, WireSpec, check_inputs
 from edgeprism.compress.formats import ValueFormat
 
 LLOYD_MAX_GAUSSIAN = {
@@ -153,7 +153,7 @@ class LowBitFormat:
 
 
 @dataclass(frozen=True)
-class PackedMaskCodec:
+class PackedMaskCodec(EveryTokenCodec):
     """Every token travels in `values` (a `LowBitFormat` or any value format); the valid mask as bits.
 
     Wire: [*values (B, n, d), mask (B, ceil(n/8)) uint8].
@@ -161,21 +161,12 @@ class PackedMaskCodec:
 
     values: ValueFormat = field(default_factory=LowBitFormat)
 
-    @property
-    def name(self) -> str:
-        return self.values.name
-
-    def num_vectors(self, num_tokens: int) -> int:
-        return num_tokens
-
     def wire_spec(self, batch: int, num_tokens: int, hidden_size: int) -> WireSpec:
         return [*self.values.wire_spec(batch, num_tokens, hidden_size),
                 ((batch, math.ceil(num_tokens / 8)), torch.uint8)]
 
     def encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
-        from edgeprism.compress.codecs import _check_inputs
-
-        _check_inputs(hidden, valid, anchor, self.name)
+        check_inputs(hidden, valid, anchor, self.name)
         x = hidden.to(torch.float32) * valid.unsqueeze(-1)  # padding zeroed
         return [*self.values.encode(x), pack_bits(valid.to(torch.int64), 1)]
 
@@ -185,9 +176,3 @@ class PackedMaskCodec:
         vectors = self.values.decode(values)
         counts = unpack_bits(mask, 1, num_tokens).to(torch.float32)  # (B, n)
         return vectors, counts
-
-    def nbytes(self, batch: int, num_tokens: int, hidden_size: int) -> int:
-        return spec_nbytes(self.wire_spec(batch, num_tokens, hidden_size))
-
-    def __str__(self) -> str:
-        return self.name

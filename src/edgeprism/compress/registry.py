@@ -19,6 +19,8 @@ Grammar (case-insensitive, surrounding spaces ignored)::
                                      the valid mask travels as bits (PackedMaskCodec)
 
 `fp32`/`fp16`/`bf16` alone are `IdentityCodec`; `sm1` decodes to the same values as `fp32`.
+A codec outside the grammar is one module plus one `register_codec(name, factory)` line (docs/ADDING.md);
+registered names are looked up before the grammar.
 Segment Means comes first: its means are what the format then quantises; counts stay exact.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -47,6 +50,21 @@ _SM = re.compile(r"sm(?P<ratio>[^a+]*)(?P<anchor>a(?P<slots>.*))?")
 _INT_FORMAT = re.compile(r"(?P<kind>int8c|int8|int4)(?:g(?P<group>\d+))?(?P<s32>s32)?")
 _LOW_BIT = re.compile(r"lb(?P<bits>\d+)(?:o(?P<outliers>\d+))?(?P<rotate>r)?")
 _GRAMMAR_HINT = "write [smN[a[K]]+]FORMAT, e.g. fp16, int8, sm4, sm4a, sm4+int8"
+
+
+_REGISTERED: dict[str, Callable[[], Codec]] = {}
+
+
+def register_codec(name: str, factory: Callable[[], Codec]) -> None:
+    """Make `get_codec(name)` return `factory()` (the codec's `.name` must be `name`, lower case)."""
+    key = name.strip().lower()
+    codec = factory()
+    if codec.name != key:
+        raise ValueError(f"codec factory for {name!r} makes a codec named {codec.name!r}; the names must agree")
+    if not isinstance(codec, Codec):
+        raise ValueError(f"{codec!r} lacks part of the Codec protocol (compress/base.py): wire_spec, encode, "
+                         f"decode, nbytes, ratio, extra_vectors, num_vectors")
+    _REGISTERED[key] = factory
 
 
 def list_codecs() -> list[str]:
@@ -112,6 +130,8 @@ def get_codec(name: str) -> Codec:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"codec name {name!r} is empty; {_GRAMMAR_HINT}")
     text = name.strip().lower()
+    if text in _REGISTERED:
+        return _REGISTERED[text]()
     if text.startswith("delta:"):
         return _parse_delta(text, name)
     parts = text.split("+")
@@ -243,7 +263,4 @@ def mean_nbytes(codec: Codec, num_layers: int, batch: int, num_tokens: int, hidd
 
 def num_vectors(codec: Codec, num_tokens: int) -> int:
     """Vectors a receiver attends to (K/V rows it computes) for a sender holding `num_tokens` tokens."""
-    method = getattr(codec, "num_vectors", None)
-    if method is None:
-        raise ValueError(f"codec {codec} does not say how many vectors it sends; add num_vectors(num_tokens)")
-    return int(method(num_tokens))
+    return int(codec.num_vectors(num_tokens))

@@ -4,11 +4,18 @@ A request's input is a dict of tensors (`pixel_values`; or `input_ids`, `attenti
 `token_type_ids`). `split_input` cuts it into the raw slices each token range needs, `embed` turns a
 slice into hidden states with absolute positions, and `blocks`/`finish` do the rest. `forward` is the
 single-device reference built from exactly those pieces.
+
+The contract is declared here, not discovered: `ReferenceModel` lists what the position-wise transform
+(`partition/transform.py`) calls on a model, `Block` what it calls on each of `model.blocks`, and
+`check_blocks` says which member a block lacks. A family's causality and modality come from its
+registry entry (`models/registry.py`) through `config.causal` / `config.modality`.
 """
 
 from __future__ import annotations
 
 import torch
+from typing import Protocol, runtime_checkable
+
 from torch import Tensor, nn
 
 from edgeprism.models.common import causal_bias, key_padding_bias
@@ -17,10 +24,63 @@ from edgeprism.models.config import ModelConfig
 Inputs = dict[str, Tensor]
 
 
+@runtime_checkable
+class KVProjection(Protocol):
+    """The attention of a block, as far as the transform reaches into it."""
+
+    def project_kv(self, x_kv: Tensor) -> tuple[Tensor, Tensor]:
+        """x_kv (B, T_kv, d) K/V inputs -> k, v, each (B, heads, T_kv, head_dim)."""
+        ...
+
+
+@runtime_checkable
+class Block(Protocol):
+    """What the position-wise transform needs from one Transformer block (`models/common.py`'s
+    PreNormBlock and PostNormBlock fit it):
+
+    - `kv_input(residual)`: what the K/V projections read for a residual-stream vector — the block's
+      normalised input for pre-LN blocks, the residual itself for post-LN ones (own tokens and received
+      vectors go through it alike);
+    - `attn.project_kv(x_kv)`: the keys and values of those inputs;
+    - `block(x, bias=..., kv=(k, v))`: the block's output for queries `x` (B, T_own, d) attending to the
+      given keys/values, with `bias` (B, 1, T_own, T_kv) added to the attention logits; with `kv=None`
+      it projects its own `x` (the single-device reference path).
+    """
+
+    attn: KVProjection
+
+    def kv_input(self, residual: Tensor) -> Tensor: ...
+
+    def __call__(self, x: Tensor, *, bias: Tensor | None = None,
+                 kv: tuple[Tensor, Tensor] | None = None) -> Tensor: ...
+
+
+def check_blocks(model: nn.Module) -> None:
+    """Raise ValueError naming the first block of `model` that does not fit the `Block` protocol."""
+    blocks = getattr(model, "blocks", None)
+    name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError(f"{name} has no `blocks`; a reference model keeps its Transformer blocks in an nn.ModuleList")
+    for i, block in enumerate(blocks):
+        missing = [m for m in ("kv_input", "attn") if not hasattr(block, m)]
+        if not missing and not isinstance(getattr(block, "attn"), KVProjection):
+            missing = ["attn.project_kv"]
+        if missing:
+            raise ValueError(f"{name}: block {i} ({type(block).__name__}) lacks {', '.join(missing)}; "
+                             f"blocks must fit edgeprism.models.base.Block (see docs/ADDING.md)")
+
+
 class ReferenceModel(nn.Module):
+    """A family's model (`FamilyEntry.model_class`): an nn.Module built from a ModelConfig whose
+    `blocks` fit `Block`. The transform calls exactly the methods below."""
+
     config: ModelConfig
     blocks: nn.ModuleList
-    causal: bool = False
+
+    @property
+    def causal(self) -> bool:
+        """A decoder (from the family's registry entry): causal mask, output at the last position."""
+        return self.config.causal
 
     # --- pieces the position-wise transform uses ---
     def validate_input(self, inputs: Inputs) -> int:
@@ -57,6 +117,10 @@ class ReferenceModel(nn.Module):
     def head(self, hidden_rows: Tensor) -> dict[str, Tensor]:
         """Outputs computed from special rows ([CLS] or the last position): {name: (B, ...)}."""
         return {}
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Decoders only (`generate`): next-token logits (..., vocab) of finished hidden states."""
+        raise ValueError(f"{self.config.name} has no language-model head; only decoders generate")
 
     # --- the single-device reference ---
     def forward(self, inputs: Inputs) -> dict[str, Tensor]:

@@ -42,8 +42,6 @@ def validate_text(config: ModelConfig, inputs: Inputs, allowed: set[str]) -> int
 
 
 class Bert(ReferenceModel):
-    causal = False
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["vit", "bert", "gpt2"]
+from edgeprism.models.registry import Modality, get_family
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class ModelConfig:
     """Architecture of one reference model. Sizes are counts; eps is LayerNorm's epsilon."""
 
     name: str
-    family: Family
+    family: str
+    """A registered family (`models.registry`): "vit", "bert", "gpt2", or one registered from outside."""
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -45,12 +46,22 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def causal(self) -> bool:
+        """A decoder (its family's entry says so): tokens attend to earlier ones only."""
+        return get_family(self.family).causal
+
+    @property
+    def modality(self) -> Modality:
+        """"image" (pixel_values, image_size) or "text" (token ids, seq_len), from the family's entry."""
+        return get_family(self.family).modality
+
+    @property
     def grid(self) -> int:
         return self.position_grid or self.image_size // self.patch_size
 
     def num_tokens(self, image_size: int | None = None, seq_len: int | None = None) -> int:
-        """Tokens one request row carries: patches + [CLS] for ViT, the sequence length for text."""
-        if self.family == "vit":
+        """Tokens one request row carries: patches + [CLS] for an image model, the sequence length for text."""
+        if self.modality == "image":
             side = (image_size or self.image_size) // self.patch_size
             return side * side + 1
         if seq_len is None:

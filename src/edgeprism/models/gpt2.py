@@ -12,8 +12,6 @@ from edgeprism.models.config import ModelConfig
 
 
 class GPT2(ReferenceModel):
-    causal = True
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -15,15 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from edgeprism.models.base import ReferenceModel
-from edgeprism.models.bert import Bert
+from edgeprism.models.base import ReferenceModel, check_blocks
 from edgeprism.models.config import ModelConfig, get_config
-from edgeprism.models.gpt2 import GPT2
-from edgeprism.models.vit import ViT
+from edgeprism.models.registry import family_for_hf, get_family
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {"vit": ViT, "bert": Bert, "gpt2": GPT2}
 _PREFIXES = ("vit.", "bert.", "transformer.", "backbone.", "dinov2.", "model.")
 _IGNORED_SUFFIXES = ("position_ids", "mask_token")
 _IGNORED_PATTERN = re.compile(r"^h\.\d+\.attn\.(masked_)?bias$")  # GPT-2's causal-mask buffers
@@ -35,7 +32,8 @@ def build_model(config: ModelConfig | str, seed: int | None = 0) -> ReferenceMod
         config = get_config(config)
     if seed is not None:
         torch.manual_seed(seed)
-    model = FAMILIES[config.family](config)
+    model = get_family(config.family).model_class(config)
+    check_blocks(model)
     if seed is not None:
         _randomize(model, seed)
     return model.requires_grad_(False).eval()  # an inference library: no autograd graphs
@@ -53,38 +51,13 @@ def _randomize(model: ReferenceModel, seed: int) -> None:
                 param.copy_(noise)
 
 
-def _layer_map(family: str, i: int, layerscale: bool) -> dict[str, str]:
-    """HF name (relative to the layer) → our name (relative to blocks.i)."""
-    if family == "gpt2":
-        return {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "attn.output",
-                "mlp.c_fc": "mlp.fc_in", "mlp.c_proj": "mlp.fc_out"}  # c_attn is split separately
-    common = {"attention.attention.query": "attn.query", "attention.attention.key": "attn.key",
-              "attention.attention.value": "attn.value", "attention.output.dense": "attn.output"}
-    if family == "bert":
-        return {"attention.self.query": "attn.query", "attention.self.key": "attn.key",
-                "attention.self.value": "attn.value", "attention.output.dense": "attn.output",
-                "attention.output.LayerNorm": "norm1", "intermediate.dense": "mlp.fc_in",
-                "output.dense": "mlp.fc_out", "output.LayerNorm": "norm2"}
-    if layerscale:  # Dinov2Model
-        return {**common, "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc_in", "mlp.fc2": "mlp.fc_out",
-                "layer_scale1": "scale1", "layer_scale2": "scale2"}
-    return {**common, "layernorm_before": "norm1", "layernorm_after": "norm2",  # ViTModel
-            "intermediate.dense": "mlp.fc_in", "output.dense": "mlp.fc_out"}
-
-
-_TOP = {
-    "vit": {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "position_embeddings",
-            "embeddings.patch_embeddings.projection": "patch_embed", "layernorm": "norm", "pooler.dense": "pooler"},
-    "bert": {"embeddings.word_embeddings": "word_embeddings", "embeddings.position_embeddings": "position_embeddings",
-             "embeddings.token_type_embeddings": "token_type_embeddings", "embeddings.LayerNorm": "embed_norm",
-             "pooler.dense": "pooler"},
-    "gpt2": {"wte": "wte", "wpe": "wpe", "ln_f": "norm"},
-}
-
-
 def convert_hf_state_dict(config: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename (and for GPT-2's Conv1D, transpose and split) a transformers state dict to ours."""
-    family = config.family
+    """Rename (and for fused/Conv1D layers such as GPT-2's, transpose and split) a transformers state dict
+    to ours, by the family's `CheckpointNames`."""
+    names = get_family(config.family).checkpoint
+    if names is None:
+        raise ValueError(f"{config.name}: family {config.family!r} reads no transformers checkpoints")
+    layer_names = names.layers(config)
     out: dict[str, Tensor] = {}
     for raw_name, tensor in hf.items():
         name = raw_name.replace(".gamma", ".weight").replace(".beta", ".bias")
@@ -98,28 +71,27 @@ def convert_hf_state_dict(config: ModelConfig, hf: dict[str, Tensor]) -> dict[st
             stem, param = name, ""
         else:
             stem, param = name.rsplit(".", 1)
-        layer_prefix = "h." if family == "gpt2" else "encoder.layer."
-        if stem.startswith(layer_prefix):
-            index_str, rest = stem[len(layer_prefix):].split(".", 1)
+        if stem.startswith(names.layer_prefix):
+            index_str, rest = stem[len(names.layer_prefix):].split(".", 1)
             i = int(index_str)
-            if family == "gpt2" and rest == "attn.c_attn":
-                for part, chunk in zip(("query", "key", "value"), _gpt2_t(tensor, param).chunk(3, dim=0)):
+            if names.fused_qkv and rest == names.fused_qkv:
+                fused = _conv1d_t(tensor, param) if names.conv1d else tensor
+                for part, chunk in zip(("query", "key", "value"), fused.chunk(3, dim=0)):
                     out[f"blocks.{i}.attn.{part}.{param}"] = chunk.contiguous()
                 continue
-            mapping = _layer_map(family, i, config.layerscale)
-            if rest not in mapping:
+            if rest not in layer_names:
                 raise ValueError(f"checkpoint tensor {raw_name!r} has no counterpart in {config.name}")
             ours_param = "scale" if param == "lambda1" else param  # Dinov2LayerScale.lambda1
-            out[f"blocks.{i}.{mapping[rest]}.{ours_param}"] = _gpt2_t(tensor, param) if family == "gpt2" else tensor
+            out[f"blocks.{i}.{layer_names[rest]}.{ours_param}"] = _conv1d_t(tensor, param) if names.conv1d else tensor
             continue
-        if stem not in _TOP[family]:
+        if stem not in names.top:
             raise ValueError(f"checkpoint tensor {raw_name!r} has no counterpart in {config.name}")
-        out[_TOP[family][stem] + (f".{param}" if param else "")] = tensor
+        out[names.top[stem] + (f".{param}" if param else "")] = tensor
     return out
 
 
-def _gpt2_t(tensor: Tensor, param: str) -> Tensor:
-    """GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in)."""
+def _conv1d_t(tensor: Tensor, param: str) -> Tensor:
+    """A Conv1D (GPT-2) stores weights as (in, out); nn.Linear wants (out, in)."""
     return tensor.T.contiguous() if param == "weight" and tensor.dim() == 2 else tensor
 
 
@@ -182,35 +154,11 @@ def load_model(name: str, checkpoint: str | Path | None = None, seed: int = 0) -
 
 
 def config_from_hf(hf_config: dict, name: str) -> ModelConfig:
-    """A ModelConfig from a transformers config.json (ViT, Dinov2, BERT, GPT-2)."""
-    kind = hf_config.get("model_type")
-    if kind == "gpt2":
-        d = hf_config["n_embd"]
-        return ModelConfig(name, "gpt2", hidden_size=d, num_layers=hf_config["n_layer"], num_heads=hf_config["n_head"],
-                           intermediate_size=hf_config.get("n_inner") or 4 * d,
-                           layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
-                           hidden_act=hf_config.get("activation_function", "gelu_new"),
-                           vocab_size=hf_config["vocab_size"], max_positions=hf_config["n_positions"], pooler="none")
-    common = dict(hidden_size=hf_config["hidden_size"], num_layers=hf_config["num_hidden_layers"],
-                  num_heads=hf_config["num_attention_heads"], hidden_act=hf_config.get("hidden_act", "gelu"))
-    if kind == "bert":
-        return ModelConfig(name, "bert", intermediate_size=hf_config["intermediate_size"],
-                           layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12), vocab_size=hf_config["vocab_size"],
-                           max_positions=hf_config["max_position_embeddings"],
-                           type_vocab_size=hf_config.get("type_vocab_size", 2),
-                           pad_token_id=hf_config.get("pad_token_id", 0), **common)
-    if kind in ("vit", "dinov2"):
-        patch = hf_config["patch_size"]
-        native = hf_config["image_size"]
-        is_dinov2 = kind == "dinov2"
-        inter = (int(common["hidden_size"] * hf_config.get("mlp_ratio", 4)) if is_dinov2
-                 else hf_config["intermediate_size"])
-        return ModelConfig(name, "vit", intermediate_size=inter,
-                           layer_norm_eps=hf_config.get("layer_norm_eps", 1e-6 if is_dinov2 else 1e-12),
-                           image_size=224 if is_dinov2 else native, patch_size=patch,
-                           num_channels=hf_config.get("num_channels", 3), layerscale=is_dinov2,
-                           position_grid=native // patch, pooler="cls" if is_dinov2 else "dense_tanh", **common)
-    raise ValueError(f"config.json has model_type {kind!r}; edgeprism loads vit, dinov2, bert and gpt2 checkpoints")
+    """A ModelConfig from a transformers config.json, by the family whose `hf_model_types` name its
+    `model_type` (vit, dinov2, bert, gpt2 built in)."""
+    entry = family_for_hf(hf_config.get("model_type"))
+    assert entry.config_from_hf is not None  # family_for_hf returns only families that read config.json
+    return entry.config_from_hf(hf_config, name)
 
 
 def load_pretrained(directory: str | Path, name: str | None = None) -> ReferenceModel:

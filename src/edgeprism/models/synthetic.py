@@ -1,4 +1,8 @@
-"""Seeded synthetic requests for tests, demos and benchmarks (no data download)."""
+"""Seeded synthetic requests for tests, demos and benchmarks (no data download).
+
+`synthetic_inputs` asks the config's family for its maker (`FamilyEntry.synthetic_inputs`); the makers
+below serve the built-in families and any new one whose requests look like theirs.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import torch
 
 from edgeprism.models.base import Inputs
 from edgeprism.models.config import ModelConfig
+from edgeprism.models.registry import get_family
 
 
 def synthetic_inputs(config: ModelConfig, batch: int, seq_len: int | None = None, image_size: int | None = None,
@@ -14,9 +19,19 @@ def synthetic_inputs(config: ModelConfig, batch: int, seq_len: int | None = None
     if batch < 1:
         raise ValueError(f"batch {batch} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
-    if config.family == "vit":
-        side = image_size or config.image_size
-        return {"pixel_values": torch.randn(batch, config.num_channels, side, side, generator=generator)}
+    return get_family(config.family).synthetic_inputs(config, batch, generator, seq_len, image_size, padded)
+
+
+def image_inputs(config: ModelConfig, batch: int, generator: torch.Generator, seq_len: int | None,
+                 image_size: int | None, padded: bool) -> Inputs:
+    """{"pixel_values": (B, C, side, side)} standard-normal pixels (`padded` has no meaning for images)."""
+    side = image_size or config.image_size
+    return {"pixel_values": torch.randn(batch, config.num_channels, side, side, generator=generator)}
+
+
+def text_inputs(config: ModelConfig, batch: int, generator: torch.Generator, seq_len: int | None,
+                image_size: int | None, padded: bool) -> Inputs:
+    """{"input_ids": (B, T)} and, when `padded`, right-padded rows with an attention_mask (row 0 full)."""
     seq_len = seq_len or min(64, config.max_positions)
     ids = torch.randint(1, config.vocab_size, (batch, seq_len), generator=generator)
     inputs = {"input_ids": ids}
@@ -26,8 +41,20 @@ def synthetic_inputs(config: ModelConfig, batch: int, seq_len: int | None = None
         mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
         inputs["input_ids"] = ids.masked_fill(mask == 0, config.pad_token_id)
         inputs["attention_mask"] = mask
-    if config.family == "bert":
-        types = torch.zeros_like(ids)
-        types[:, seq_len // 2:] = 1
-        inputs["token_type_ids"] = types
     return inputs
+
+
+def text_inputs_with_types(config: ModelConfig, batch: int, generator: torch.Generator, seq_len: int | None,
+                           image_size: int | None, padded: bool) -> Inputs:
+    """`text_inputs` plus token_type_ids: segment A for the first half of each row, B for the second."""
+    inputs = text_inputs(config, batch, generator, seq_len, image_size, padded)
+    types = torch.zeros_like(inputs["input_ids"])
+    types[:, types.shape[1] // 2:] = 1
+    inputs["token_type_ids"] = types
+    return inputs
+
+
+def pads_rows(config: ModelConfig) -> bool:
+    """Whether synthetic evaluation requests for `config` are right-padded: text encoders, whose padding
+    masks matter to every token, yes; decoders (unpadded prompts) and image models, no."""
+    return config.modality == "text" and not config.causal

@@ -11,8 +11,6 @@ from edgeprism.models.config import ModelConfig
 
 
 class ViT(ReferenceModel):
-    causal = False
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

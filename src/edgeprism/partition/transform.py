@@ -2,7 +2,7 @@
 
 Per layer, a rank encodes its own hidden states with a codec (identity = full exchange, Segment
 Means, quantised ...), exchanges them, and runs the block with queries for its own tokens and
-keys/values for [own tokens ; received vectors] only (DESIGN.md, "The algorithm", rules 1-7).
+keys/values for [own tokens ; received vectors] only (docs/ARCHITECTURE.md, rules 1-7).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from torch import Tensor
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
-from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.models.base import Block, Inputs, ReferenceModel, check_blocks
 from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
 
 log = logging.getLogger(__name__)
 
 # Defaults chosen from measurements (README "Fidelity"; `edgeprism eval --size-aware both --average both`,
-# 2 ranks, Segment Means). Size-aware weighting (DESIGN rule 4) helps MiniLM (CR 16: intent agreement
-# 0.72 -> 0.85) and DINOv2 (CR 4: probe accuracy 0.61 -> 0.68), and helps the GPT-2 fixture when the
+# 2 ranks, Segment Means). Size-aware weighting (docs/ARCHITECTURE.md rule 4) helps MiniLM (CR 16: intent
+# agreement 0.72 -> 0.85) and DINOv2 (CR 4: probe accuracy 0.61 -> 0.68), and helps the GPT-2 fixture when the
 # normalised K/V input is averaged (CR 16: +2.35 % -> +1.24 % perplexity) while hurting it when the raw
-# residual stream is (+5.4 %). Departure from DESIGN rule 2, measured: what is averaged is the block's
+# residual stream is (+5.4 %). Departure from rule 2, measured: what is averaged is the block's
 # normalised K/V input (LN1 of the residual stream) rather than the residual stream itself; for post-LN
 # BERT the two are the same thing, and at CR = 1 both are exact. `average="residual"` keeps rule 2.
 DEFAULT_SIZE_AWARE = True
@@ -55,7 +55,7 @@ def remote_key_bias(counts: Tensor, size_aware: bool, dtype: torch.dtype) -> Ten
     """counts (B, S) of real tokens per received vector → additive bias (B, 1, 1, S).
 
     A vector standing for 0 tokens is masked; with size-aware weighting a vector standing for k
-    tokens adds log k to its logit (as if its key were repeated k times; DESIGN.md rule 4).
+    tokens adds log k to its logit (as if its key were repeated k times; rule 4 of docs/ARCHITECTURE.md).
     """
     bias = torch.zeros(counts.shape, dtype=dtype, device=counts.device)
     if size_aware:
@@ -74,16 +74,16 @@ def own_key_bias(valid: Tensor, token_start: int, token_end: int, causal: bool, 
     return bias.expand(batch, 1, num_own, num_own)
 
 
-def exchanged_states(block, hidden: Tensor, average: Literal["residual", "normed"]) -> Tensor:
-    """What a rank encodes and sends of its own tokens at `block` (DESIGN rule 2, or its measured
-    departure): the residual stream, or the block's normalised K/V input ("normed")."""
+def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", "normed"]) -> Tensor:
+    """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2, or its
+    measured departure): the residual stream, or the block's normalised K/V input ("normed")."""
     return hidden if average == "residual" else block.kv_input(hidden)
 
 
-def block_with_remote(block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
+def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
                       size_aware: bool, average: Literal["residual", "normed"],
                       sent: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
-    """One block of the restructured attention (DESIGN rules 3-5) for one rank.
+    """One block of the restructured attention (docs/ARCHITECTURE.md rules 3-5) for one rank.
 
     hidden (B, n_own, d) own residual stream; own_bias (B, 1, n_own, n_own) from `own_key_bias`;
     remote (B, S_remote, d) the decoded vectors this rank may read and counts (B, S_remote) the
@@ -112,6 +112,7 @@ class PositionWise:
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
                  size_aware: bool = DEFAULT_SIZE_AWARE, exchanger: Exchanger | None = None,
                  average: Literal["residual", "normed"] = DEFAULT_AVERAGE) -> None:
+        check_blocks(model)  # the declared contract (models.base.Block), checked before any collective
         self.model = model
         self.ctx = ctx
         self.codec = codec or IdentityCodec()
@@ -171,7 +172,7 @@ class PositionWise:
 
     def generate(self, inputs: Inputs | None, max_new_tokens: int,
                  shares: tuple[float, ...] | None = None) -> Tensor | None:
-        """Greedy decoding after a distributed prefill (DESIGN rule 6; causal models only).
+        """Greedy decoding after a distributed prefill (docs/ARCHITECTURE.md rule 6; causal models only).
 
         Every rank runs the prefill; the last rank keeps its exact K/V plus the K/V of the vectors it
         received as its cache and decodes with no further exchange. Rank 0 returns (B, max_new_tokens)
@@ -179,7 +180,7 @@ class PositionWise:
         """
         ctx, model = self.ctx, self.model
         if not model.causal:
-            raise ValueError(f"{model.config.name} is not a decoder model; --generate needs a GPT-2 preset")
+            raise ValueError(f"{model.config.name} is not a decoder model; --generate needs a causal family's preset")
         if ctx.is_root:
             num_tokens = model.validate_input(inputs)
             if max_new_tokens < 1 or num_tokens + max_new_tokens > model.config.max_positions:
@@ -275,8 +276,9 @@ class PositionWise:
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
             for layer, block in enumerate(model.blocks):
-                # What is sent (DESIGN rule 2 and its measured departure, see DEFAULT_AVERAGE): the block's
-                # normalised K/V input ("normed", default; identical for post-LN BERT) or the residual stream.
+                # What is sent (docs/ARCHITECTURE.md rule 2 and its measured departure, see DEFAULT_AVERAGE):
+                # the block's normalised K/V input ("normed", default; identical for post-LN BERT) or the
+                # residual stream.
                 sent = exchanged_states(block, hidden, self.average)
                 if session is not None:
                     specs = [session.wire_spec(layer, batch, r.num_tokens, d) for r in ranges]
@@ -304,7 +306,7 @@ class PositionWise:
             payload = pack(session.encode(layer, hidden, valid, anchor))
         else:
             payload = pack(self.codec.encode(hidden, valid, anchor))
-        if causal:  # DESIGN rule 5: only ranks q < p are readable, so send only forward
+        if causal:  # docs/ARCHITECTURE.md rule 5: only ranks q < p are readable, so send only forward
             received = self.exchanger.send_forward_bytes(payload, sizes)
         else:
             received = self.exchanger.all_gather_bytes(payload, sizes)

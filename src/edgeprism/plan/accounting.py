@@ -1,6 +1,6 @@
 """Bytes exchanged and FLOPs per rank for one position-wise request: pure arithmetic, no I/O.
 
-Exchange (DESIGN, "The algorithm"): before every block, each rank sends its codec message of the
+Exchange (docs/ARCHITECTURE.md, rules 2 and 9): before every block, each rank sends its codec message of the
 residual stream entering that block, so a request makes `num_layers` exchanges. Rank p's message
 is `codec.nbytes(batch, n_p, d)` — values, scales and counts included — and it stands for
 `num_vectors(codec, n_p)` key/value rows at the receiver (S_p = ceil(n_p / c) for Segment Means,
@@ -26,7 +26,7 @@ BERT-base sizes the elementwise work is under 0.5 % of a layer (256 tokens: ≈ 
 3.8 GFLOP of matmuls, counting ~5 FLOPs per LayerNorm/softmax element and ~8 per GELU) and it scales
 like the matmuls next to it; counting it moves the figure below from 51.24 % to about 51.26 %.
 With this convention BERT-base, 256 tokens, 2 equal ranks, c = 128 gives 51.24 % less compute per
-device and 99.22 % less communication than full exchange — DESIGN's figures.
+device and 99.22 % less communication than full exchange — the figures of docs/ARCHITECTURE.md rule 9.
 """
 
 from __future__ import annotations

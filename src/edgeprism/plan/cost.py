@@ -3,8 +3,9 @@
 Local (rank 0 alone):
     compute_s = (L · t_layer(B, N, N) + request_overhead_s) / speed_0;  energy = compute_w · compute_s.
 
-Distributed over k ranks owning n_p tokens, codec with segment size cr, per layer:
-    S_q      = ceil(n_q / cr) + anchor slots           vectors rank q sends per row
+Distributed over k ranks owning n_p tokens, per layer:
+    S_q      = codec.num_vectors(n_q)                 vectors rank q sends per row, asked of the codec
+                                                      (Segment Means: ceil(n_q / cr) + anchor slots)
     msg_q    = B · (wire_bytes_per_row + n_q · wire_bytes_per_token)
     kv_p     = n_p + sum_{q != p} S_q                 (decoders: q < p only — partition-aware causal mask)
     compute  = max_p t_layer(B, n_p, kv_p) / speed_p
@@ -28,9 +29,66 @@ not charged (they are free for other work).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
+
+
+class CostConstants(NamedTuple):
+    """The profile's numbers the planner's hot loop needs, read once per profile (plain floats)."""
+
+    num_layers: int
+    causal: bool
+    fixed_s: float
+    per_token_s: float
+    per_kv_s: float
+    per_token_kv_s: float
+    request_overhead_s: float
+    staged: bool
+    stage_latency_s: float
+    """d2h + h2d latency of one exchange's staging copies."""
+    d2h_s_per_byte: float
+    h2d_s_per_byte: float
+    shared_medium: bool
+    input_bytes_per_token: float
+    output_bytes_per_row: float
+    idle_w: float
+    compute_w: float
+    staging_w: float
+    network_w: float
+    burst_bytes: float
+
+
+class GroupTerms(NamedTuple):
+    """What one rank group with one token split costs whatever the codec (`group_terms`)."""
+
+    counts: tuple[int, ...]
+    base: list[float]
+    """Per rank: layer seconds before K/V vectors (fixed + own tokens), at the rank's speed."""
+    slope: list[float]
+    """Per rank: layer seconds per K/V vector, at the rank's speed."""
+    n_min: int
+    n_max: int
+    num_tokens: int
+    overhead_s: float
+    setup_network_s: float
+    latency_s: float
+    setup_wire_bytes: float
+    min_total_s: float
+    """Lower bound of the latency over the codecs the bound was taken for."""
+    min_energy_j: float
+
+
+class CodecTerms(NamedTuple):
+    """Predicted terms of one group with one codec (`codec_terms`)."""
+
+    compute_s: float
+    staging_s: float
+    network_s: float
+    latency_s: float
+    energy_j: float
+    wire_bytes: float
 
 
 def token_shares(speeds: Sequence[float]) -> tuple[float, ...]:
@@ -68,14 +126,19 @@ def local_terms(profile: Profile, batch: int, num_tokens: int, compute_scale: fl
     return compute_s, profile.energy.compute_w * compute_s
 
 
-def profile_constants(profile: Profile) -> tuple:
-    """The profile's numbers the hot loop needs, read once per planner call (plain floats in a tuple)."""
+def profile_constants(profile: Profile) -> CostConstants:
+    """The profile's numbers the hot loop needs, read once per planner call."""
     c, st, e = profile.compute, profile.staging, profile.energy
-    return (profile.model.num_layers, profile.model.family == "gpt2", c.fixed_s, c.per_token_s, c.per_kv_s,
-            c.per_token_kv_s, c.request_overhead_s, st.present, st.d2h_latency_s + st.h2d_latency_s,
-            8.0 / st.d2h_bandwidth_bps if st.present else 0.0, 8.0 / st.h2d_bandwidth_bps if st.present else 0.0,
-            profile.link.medium == "shared", profile.input_bytes_per_token, profile.output_bytes_per_row,
-            e.idle_w, e.compute_w, e.staging_w, e.network_w, profile.link.burst_bytes)
+    return CostConstants(
+        num_layers=profile.model.num_layers, causal=profile.model.causal, fixed_s=c.fixed_s,
+        per_token_s=c.per_token_s, per_kv_s=c.per_kv_s, per_token_kv_s=c.per_token_kv_s,
+        request_overhead_s=c.request_overhead_s, staged=st.present,
+        stage_latency_s=st.d2h_latency_s + st.h2d_latency_s,
+        d2h_s_per_byte=8.0 / st.d2h_bandwidth_bps if st.present else 0.0,
+        h2d_s_per_byte=8.0 / st.h2d_bandwidth_bps if st.present else 0.0,
+        shared_medium=profile.link.medium == "shared", input_bytes_per_token=profile.input_bytes_per_token,
+        output_bytes_per_row=profile.output_bytes_per_row, idle_w=e.idle_w, compute_w=e.compute_w,
+        staging_w=e.staging_w, network_w=e.network_w, burst_bytes=profile.link.burst_bytes)
 
 
 def message_rounds(num_layers: int, k: int, causal: bool) -> int:
@@ -88,30 +151,34 @@ def message_rounds(num_layers: int, k: int, causal: bool) -> int:
     return 1 + (k - 1) + num_layers * layer_hops + output_hops
 
 
-def group_bound(constants: tuple, batch: int, num_tokens: int, speeds: Sequence[float],
+def group_bound(constants: CostConstants, batch: int, num_tokens: int, speeds: Sequence[float],
                 link_latency_s: float) -> tuple[float, float]:
     """Lower bounds of (latency_s, energy_j) of any plan over ranks of these speeds, before splitting tokens.
 
     The slowest rank's layer time is at least the speed-weighted mean of all ranks' (which the
     proportional split makes exact up to rounding), kv >= own tokens, and sum n_p² >= N² / k."""
-    (num_layers, causal, a, b_tok, b_kv, b_tok_kv, overhead, *_rest) = constants
-    compute_w, network_w = constants[15], constants[17]
+    c = constants
+    num_layers, a, b_tok, b_kv, b_tok_kv = c.num_layers, c.fixed_s, c.per_token_s, c.per_kv_s, c.per_token_kv_s
+    overhead, compute_w, network_w = c.request_overhead_s, c.compute_w, c.network_w
     k = len(speeds)
     work = k * a + (b_tok + b_kv) * batch * num_tokens + b_tok_kv * batch * num_tokens * num_tokens / k
-    latency_s = message_rounds(num_layers, k, causal) * link_latency_s
+    latency_s = message_rounds(num_layers, k, c.causal) * link_latency_s
     overhead_s = overhead / speeds[0]
     min_total_s = num_layers * work / sum(speeds) + overhead_s + latency_s
     min_energy_j = compute_w * (num_layers * work / max(speeds) + overhead_s) + network_w * k * latency_s
     return min_total_s, min_energy_j
 
 
-def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: Sequence[int],
-                bandwidth_bps: float, link_latency_s: float, max_cr: int = 1 << 30, min_extra: int = 0) -> tuple:
+def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], counts: Sequence[int],
+                bandwidth_bps: float, link_latency_s: float, codecs: Sequence[CodecFidelity] = ()) -> GroupTerms:
     """What a rank group costs whatever the codec. Per rank, layer seconds = base + slope · kv; plus the
-    codec-independent link terms and lower bounds of time and energy over codecs whose ratio is at most
-    `max_cr` and whose anchor slots are at least `min_extra` (for the planner's pruning)."""
-    (num_layers, causal, a, b_tok, b_kv, b_tok_kv, overhead, _, _, _, _, _, in_bytes, out_bytes,
-     _, compute_w, _, network_w, burst) = constants
+    codec-independent link terms and lower bounds of time and energy over `codecs` (for the planner's
+    pruning: each rank receives at least the fewest vectors any of them sends; none given: 0)."""
+    c = constants
+    num_layers, causal, a, b_tok, b_kv, b_tok_kv = (c.num_layers, c.causal, c.fixed_s, c.per_token_s, c.per_kv_s,
+                                                    c.per_token_kv_s)
+    overhead, in_bytes, out_bytes = c.request_overhead_s, c.input_bytes_per_token, c.output_bytes_per_row
+    compute_w, network_w, burst = c.compute_w, c.network_w, c.burst_bytes
     k = len(counts)
     num_tokens = sum(counts)
     token_s, kv_s, token_kv_s = b_tok * batch, b_kv * batch, b_tok_kv * batch
@@ -120,7 +187,7 @@ def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: S
     for n, speed in zip(counts, speeds):
         base.append((a + token_s * n) / speed)
         slope.append((kv_s + token_kv_s * n) / speed)
-    fewest = [min_extra - (-n // max_cr) for n in counts]  # fewest vectors any such codec sends per rank
+    fewest = [min((codec.num_vectors(n) for codec in codecs), default=0) for n in counts]  # per rank
     all_fewest = sum(fewest)
     own_layer_s = []  # a lower bound of each rank's layer seconds
     seen = 0
@@ -136,22 +203,23 @@ def group_terms(constants: tuple, batch: int, speeds: Sequence[float], counts: S
     min_energy_j = (compute_w * (num_layers * sum(own_layer_s) + overhead_s)
                     + network_w * k * (setup_network_s + latency_s))
     setup_wire_bytes = max(batch * in_bytes * max(counts[1:]), gather_bytes)
-    return (tuple(counts), base, slope, min(counts), max(counts), num_tokens, overhead_s, setup_network_s,
-            latency_s, setup_wire_bytes, min_total_s, min_energy_j)
+    return GroupTerms(tuple(counts), base, slope, min(counts), max(counts), num_tokens, overhead_s, setup_network_s,
+                      latency_s, setup_wire_bytes, min_total_s, min_energy_j)
 
 
-def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity, bandwidth_bps: float,
-                objective: str | None = None, beat: float = float("inf"),
-                ) -> tuple[float, float, float, float, float, float] | None:
+def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: CodecFidelity, bandwidth_bps: float,
+                objective: str | None = None, beat: float = float("inf")) -> CodecTerms | None:
     """-> (compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes) of one group with one codec.
     The planner's hot loop: link and staging in closed form, then one pass over the ranks for compute.
     With an `objective`, returns None as soon as a lower bound of its score is >= `beat`."""
-    (num_layers, causal, _, _, _, _, _, staged, stage_lat_s, d2h_s_per_byte, h2d_s_per_byte, shared,
-     _, _, idle_w, compute_w, staging_w, network_w, burst) = constants
-    (counts, base, slope, n_min, n_max, num_tokens, overhead_s, setup_network_s, latency_s,
-     setup_wire_bytes, min_total_s, min_energy_j) = group
+    c, g = constants, group
+    num_layers, causal, staged, shared, burst = c.num_layers, c.causal, c.staged, c.shared_medium, c.burst_bytes
+    stage_lat_s, d2h_s_per_byte, h2d_s_per_byte = c.stage_latency_s, c.d2h_s_per_byte, c.h2d_s_per_byte
+    idle_w, compute_w, staging_w, network_w = c.idle_w, c.compute_w, c.staging_w, c.network_w
+    counts, base, slope, n_min, n_max, num_tokens = g.counts, g.base, g.slope, g.n_min, g.n_max, g.num_tokens
+    overhead_s, setup_network_s, latency_s = g.overhead_s, g.setup_network_s, g.latency_s
+    setup_wire_bytes, min_total_s, min_energy_j = g.setup_wire_bytes, g.min_total_s, g.min_energy_j
     k = len(counts)
-    cr, extra = codec.cr, codec.extra_vectors_per_row
     row_bytes = batch * codec.wire_bytes_per_row
     token_bytes = batch * codec.wire_bytes_per_token
 
@@ -176,10 +244,8 @@ def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity
         if objective_score(objective, bound_s, bound_j) >= beat:
             return None
 
-    if cr == 1:
-        segments = [extra + n for n in counts]
-    else:
-        segments = [extra - (-n // cr) for n in counts]  # vectors each rank's message carries per row
+    num_vectors = codec.num_vectors
+    segments = [num_vectors(n) for n in counts]  # vectors each rank's message carries per row, per the codec
     total_segments = sum(segments)
     max_layer_s = 0.0
     sum_layer_s = 0.0
@@ -206,12 +272,11 @@ def codec_terms(constants: tuple, group: tuple, batch: int, codec: CodecFidelity
     energy_j = (compute_w * sum_compute_s + staging_w * sum_staging_s + network_w * k * link_s
                 + idle_w * (k * total_s - sum_compute_s - sum_staging_s - k * link_s))
     wire_bytes = num_layers * max_received + setup_wire_bytes
-    return compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes
+    return CodecTerms(compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes)
 
 
 def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], counts: Sequence[int],
-                      codec: CodecFidelity, bandwidth_bps: float, link_latency_s: float,
-                      ) -> tuple[float, float, float, float, float, float]:
+                      codec: CodecFidelity, bandwidth_bps: float, link_latency_s: float) -> CodecTerms:
     """-> (compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes); speeds and counts are per
     rank of the plan, rank 0 (the coordinator) first."""
     constants = profile_constants(profile)
@@ -233,7 +298,7 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
         raise ValueError(f"request is for model {request.model_name}, the profile for {profile.model.name}")
     if plan.mode == "local":
         compute_s, energy_j = local_terms(profile, request.batch, request.num_tokens, link.local_compute_scale)
-        return Prediction(compute_s, 0.0, 0.0, 0.0, energy_j, profile.energy.source, 0, 0.0)
+        return local_prediction(compute_s, energy_j, profile.energy.source)
     if not plan.ranks or plan.ranks[0] != 0 or len(set(plan.ranks)) != len(plan.ranks):
         raise ValueError(f"plan ranks {plan.ranks} must be distinct and start with the coordinator, rank 0")
     if any(not 0 <= r < profile.world_size for r in plan.ranks):
@@ -244,9 +309,19 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
     speeds = [profile.device_speeds[r] for r in plan.ranks]
     terms = distributed_terms(profile, request.batch, speeds, plan.token_counts, profile.codec(plan.codec),
                               link.bandwidth_bps, link.latency_s)
-    compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes = terms
-    return Prediction(compute_s, staging_s, network_s, latency_s, energy_j, profile.energy.source,
-                      num_exchanges(profile), wire_bytes)
+    return distributed_prediction(terms, profile)
+
+
+def local_prediction(compute_s: float, energy_j: float, energy_source: str) -> Prediction:
+    """Rank 0 alone: compute only, no exchange."""
+    return Prediction(compute_s=compute_s, staging_s=0.0, network_s=0.0, latency_s=0.0, energy_j=energy_j,
+                      energy_source=energy_source, exchanges=0, wire_bytes=0.0)
+
+
+def distributed_prediction(terms: CodecTerms, profile: Profile) -> Prediction:
+    return Prediction(compute_s=terms.compute_s, staging_s=terms.staging_s, network_s=terms.network_s,
+                      latency_s=terms.latency_s, energy_j=terms.energy_j, energy_source=profile.energy.source,
+                      exchanges=num_exchanges(profile), wire_bytes=terms.wire_bytes)
 
 
 def objective_score(objective: str, latency_s: float, energy_j: float) -> float:
@@ -258,4 +333,5 @@ def objective_score(objective: str, latency_s: float, energy_j: float) -> float:
 
 
 __all__ = ["token_shares", "apportion", "local_terms", "distributed_terms", "profile_constants", "group_terms",
-           "codec_terms", "num_exchanges", "predict", "objective_score"]
+           "codec_terms", "num_exchanges", "predict", "objective_score", "local_prediction", "distributed_prediction",
+           "CostConstants", "GroupTerms", "CodecTerms"]

@@ -16,9 +16,10 @@ group, or a codec within it, whose lower bound cannot beat the best so far is sk
 
 from __future__ import annotations
 
-from edgeprism.plan.cost import (apportion, codec_terms, distributed_terms, group_bound, group_terms, local_terms,
-                                 num_exchanges, objective_score, profile_constants, token_shares)
-from edgeprism.plan.types import OBJECTIVES, Candidate, LinkEstimate, Limits, Plan, Prediction, Request
+from edgeprism.plan.cost import (apportion, codec_terms, distributed_prediction, distributed_terms, group_bound,
+                                 group_terms, local_prediction, local_terms, objective_score, profile_constants,
+                                 token_shares)
+from edgeprism.plan.types import OBJECTIVES, Candidate, LinkEstimate, Limits, Plan, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
 _NO_LIMITS = Limits()
@@ -84,11 +85,15 @@ def codec_exclusion(codec: CodecFidelity, limits: Limits) -> str | None:
 def _plan(profile: Profile, objective: str, ranks: tuple[int, ...], counts: tuple[int, ...],
           codec: CodecFidelity | None, latency_s: float, energy_j: float, reason: str, within: bool = True) -> Plan:
     if codec is None:
-        return Plan("local", (0,), (1.0,), counts, "", 1, "", latency_s, energy_j, profile.energy.source,
-                    objective, reason, within, profile.profile_hash())  # type: ignore[arg-type]
+        return Plan(mode="local", ranks=(0,), token_shares=(1.0,), token_counts=counts, codec="", cr=1, wire_dtype="",
+                    predicted_latency_s=latency_s, predicted_energy_j=energy_j, energy_source=profile.energy.source,
+                    objective=objective, reason=reason, within_limits=within,  # type: ignore[arg-type]
+                    profile_hash=profile.profile_hash())
     shares = token_shares([profile.device_speeds[r] for r in ranks])
-    return Plan("distributed", ranks, shares, counts, codec.codec, codec.cr, codec.wire_dtype, latency_s, energy_j,
-                profile.energy.source, objective, reason, within, profile.profile_hash())  # type: ignore[arg-type]
+    return Plan(mode="distributed", ranks=ranks, token_shares=shares, token_counts=counts, codec=codec.codec,
+                cr=codec.cr, wire_dtype=codec.wire_dtype, predicted_latency_s=latency_s, predicted_energy_j=energy_j,
+                energy_source=profile.energy.source, objective=objective, reason=reason,  # type: ignore[arg-type]
+                within_limits=within, profile_hash=profile.profile_hash())
 
 
 def _describe(ranks: tuple[int, ...], codec: CodecFidelity | None) -> str:
@@ -114,8 +119,6 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     else:
         num_fidelity_excluded = 0
     num_admissible = len(profile.codecs) - num_fidelity_excluded
-    max_cr = max((c.cr for c in codecs), default=1)
-    min_extra = min((c.extra_vectors_per_row for c in codecs), default=0)
 
     local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
     # An option: (score, latency_s, energy_j, ranks, counts, codec or None for local).
@@ -140,16 +143,16 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
                 objective, *group_bound(constants, batch, num_tokens, speeds, link_latency_s)) >= best[0]:
             continue  # even a perfect split and a free link could not beat the best so far
         counts = apportion(num_tokens, speeds)
-        group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s, max_cr, min_extra)
-        if best is not None and objective_score(objective, group[-2], group[-1]) >= best[0]:
+        group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s, codecs)
+        if best is not None and objective_score(objective, group.min_total_s, group.min_energy_j) >= best[0]:
             continue  # no codec can beat the best so far: every term is at least its group lower bound
         for codec in codecs:
             terms = codec_terms(constants, group, batch, codec, bandwidth_bps, objective,
                                 _INF if best is None else best[0])
             if terms is None:
                 continue  # its lower bound cannot beat the best so far
-            compute_s, staging_s, network_s, lat_s, energy_j, _ = terms
-            total_s = compute_s + staging_s + network_s + lat_s
+            energy_j = terms.energy_j
+            total_s = terms.compute_s + terms.staging_s + terms.network_s + terms.latency_s
             if total_s < fastest[0]:
                 fastest = (total_s, energy_j, ranks, counts, codec)
             if ceiling is not None and total_s > ceiling:
@@ -192,9 +195,8 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
         return None
 
     local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
-    local_prediction = Prediction(local_s, 0.0, 0.0, 0.0, local_j, source, 0, 0.0)
     out.append(Candidate(_plan(profile, objective, (0,), (num_tokens,), None, local_s, local_j, "local reference"),
-                         local_prediction, over_ceiling(local_s)))
+                         local_prediction(local_s, local_j, source), over_ceiling(local_s)))
     for ranks in _groups(profile, live_link_estimate):
         speeds = [profile.device_speeds[r] for r in ranks]
         if num_tokens < len(ranks):
@@ -206,7 +208,7 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
         for codec in profile.codecs:
             terms = distributed_terms(profile, batch, speeds, counts, codec, live_link_estimate.bandwidth_bps,
                                       live_link_estimate.latency_s)
-            prediction = Prediction(*terms[:5], source, num_exchanges(profile), terms[5])  # type: ignore[misc]
+            prediction = distributed_prediction(terms, profile)
             plan = _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
                          prediction.explain())
             out.append(Candidate(plan, prediction, codec_exclusion(codec, limits) or over_ceiling(prediction.total_s)))

@@ -8,7 +8,7 @@ Sources of the numbers (all labelled synthetic in the profile's notes):
 - Link: WiFi 4 at 50 Mbit/s, 3 ms per message.
 - Energy: a modelled small board: idle 2 W, computing 6 W, staging 3 W, radio +1.5 W.
 - Codec wire bytes follow `edgeprism.compress` layouts for hidden size d (counts included);
-  fidelity losses follow DESIGN.md ("The algorithm", 8): fp16 ~0, int8 ~1.5 %, Segment Means lossy,
+  fidelity losses follow docs/ARCHITECTURE.md rule 8: fp16 ~0, int8 ~1.5 %, Segment Means lossy,
   int4 left unmeasured on purpose.
 """
 
@@ -77,7 +77,7 @@ def synthetic_profile(model_name: str = "vit-base-patch16-224", world_size: int 
     """A complete, valid profile with realistic numbers (see the module docstring for their sources)."""
     config = get_config(model_name)
     speeds = tuple(float(s) for s in device_speeds) if device_speeds is not None else (1.0,) * world_size
-    if config.family == "vit":
+    if config.modality == "image":
         input_bytes_per_token = 4.0 * config.num_channels * config.patch_size**2  # float32 pixels
     else:
         input_bytes_per_token = 8.0  # int64 token id
@@ -95,7 +95,7 @@ def synthetic_profile(model_name: str = "vit-base-patch16-224", world_size: int 
                            network_w=1.5, meter="synthetic"),
         codecs=tuple(codecs) if codecs is not None else synthetic_codecs(config.hidden_size),
         input_bytes_per_token=input_bytes_per_token,
-        output_bytes_per_row=4.0 * config.hidden_size if config.family == "gpt2" else 0.0,
+        output_bytes_per_row=4.0 * config.hidden_size if config.causal else 0.0,
         created_utc="1970-01-01T00:00:00Z", notes="synthetic profile for tests; not measured")
 
 

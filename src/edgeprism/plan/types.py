@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from edgeprism.profile.jsondata import from_json_dict, to_json_dict
+
 Objective = Literal["latency", "energy", "edp"]
 OBJECTIVES: tuple[str, ...] = ("latency", "energy", "edp")
 Mode = Literal["local", "distributed"]
@@ -130,23 +132,17 @@ class Plan:
                 f"({self.energy_source}); {self.reason}]")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_json_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - names:
-            raise ValueError(f"not a plan: unknown fields {sorted(set(data) - names) if isinstance(data, dict) else data!r}")
-        data = dict(data)
-        for key in ("ranks", "token_shares", "token_counts"):
-            if key in data:
-                data[key] = tuple(data[key])
+    def from_dict(cls, data: Any) -> Plan:
+        """Strictly (`profile.jsondata`): unknown or missing fields and wrongly typed values are a ValueError."""
         try:
-            return cls(**data)
-        except TypeError as err:
+            return from_json_dict(cls, data, "plan")
+        except ValueError as err:
             raise ValueError(f"not a plan: {err}") from None
 
     @classmethod

@@ -153,7 +153,8 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 
 
 def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: int = 0) -> Callable[[], None]:
-    """One block for one rank's share, as `forward_shard` runs it (bias shaped likewise), ready to time."""
+    """One block for one rank's share, as `forward_shard` runs it through the `Block` protocol (bias shaped
+    likewise), ready to time."""
     d = model.config.hidden_size
     block = model.blocks[0]
     generator = torch.Generator().manual_seed(seed)
@@ -167,7 +168,12 @@ def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: 
 
     def run() -> None:
         with torch.no_grad():
-            block(hidden, context=context, bias=bias)
+            if context is None:
+                block(hidden, bias=bias)
+                return
+            # as `block_with_remote` with the default "normed" exchange: own K/V input, received vectors as sent
+            kv = block.attn.project_kv(torch.cat([block.kv_input(hidden), context], dim=1))  # (B, heads, kv, hd)
+            block(hidden, bias=bias, kv=kv)
 
     return run
 
@@ -241,7 +247,7 @@ def fit_relative(samples: Sequence[ComputeSample], request_overhead_s: float = 0
 def overhead_call(model: ReferenceModel, batch: int, num_tokens: int, device: torch.device) -> Callable[[], None]:
     """Everything a request runs besides its blocks: embed, final norm, head — ready to time."""
     config = model.config
-    seq_len = None if config.family == "vit" else num_tokens
+    seq_len = None if config.modality == "image" else num_tokens
     inputs = {k: v.to(device) for k, v in synthetic_inputs(config, batch, seq_len=seq_len, seed=1).items()}
     total = model.validate_input(inputs)
 

@@ -1,6 +1,6 @@
 """The profile's codec section: each codec's exact wire cost, and its fidelity where it was measured.
 
-Fidelity comes from the evaluation (`edgeprism.bench.fidelity.evaluate` on the model's evaluation
+Fidelity comes from the evaluation (`edgeprism.evaluate.fidelity.evaluate` on the model's evaluation
 set), run here when the model has one, or imported from the rows `edgeprism eval --out` wrote.
 A codec with no measured row is recorded as unmeasured (loss None); the planner then treats it as
 the user's fidelity budget says.
@@ -111,8 +111,8 @@ def evaluate_fidelity(model_name: str, codec_names: Sequence[str], world_size: i
                       progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Run the model's evaluation set for every codec → (rows, note). No set (or no prepared assets): no
     rows, and the note says why."""
-    from edgeprism.bench.eval_sets import eval_sets_for
-    from edgeprism.bench.fidelity import evaluate
+    from edgeprism.evaluate.eval_sets import eval_sets_for
+    from edgeprism.evaluate.fidelity import evaluate
 
     try:
         sets = eval_sets_for(model_name, limit, progress=progress)

@@ -5,7 +5,7 @@
         report = run_profile(options, session, progress=...)
     report.profile.save("vit.profile.json")
 
-Measures; decides nothing (DESIGN, "Parts and their rooms"). Each phase lives in its own module:
+Measures; decides nothing (docs/ARCHITECTURE.md, "Rooms"). Each phase lives in its own module:
 `compute` (one block per grid point, pinned to one core), `staging`, `link` (the testbed's link test
 through the runtime's collectives), `energy`, `fidelity`.
 """
@@ -116,7 +116,7 @@ class ProfileReport:
 
 def token_counts_for(config: ModelConfig, options: ProfileOptions) -> tuple[int, ...]:
     """The token counts the compute grid covers: the ViT's image, or the text model's sequence lengths."""
-    if config.family == "vit":
+    if config.modality == "image":
         if options.seq_lens:
             raise ValueError(f"--seq-lens is for text models; {config.name} is a ViT (use --image-size)")
         return (config.num_tokens(image_size=options.image_size),)
@@ -132,7 +132,7 @@ def token_counts_for(config: ModelConfig, options: ProfileOptions) -> tuple[int,
 def input_bytes_per_token(model: ReferenceModel, num_tokens: int, world_size: int, image_size: int | None) -> float:
     """Raw input bytes rank 0 scatters per token: what `split_input` gives a non-root rank."""
     config = model.config
-    seq_len = None if config.family == "vit" else num_tokens
+    seq_len = None if config.modality == "image" else num_tokens
     inputs = synthetic_inputs(config, 1, seq_len=seq_len, image_size=image_size)
     start = math.ceil(num_tokens / world_size)
     part = model.split_input(inputs, start, num_tokens)

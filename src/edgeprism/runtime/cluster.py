@@ -75,7 +75,8 @@ class LocalCluster:
         worker_env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(len(cores) or 1)}
         prefix, bind_addr = self.worker_hosts.get(rank, ([], None))
         err = tempfile.TemporaryFile("w+")
-        argv = [*prefix, sys.executable, "-m", "edgeprism.cli.main", "join", self.address, "--rank", str(rank),
+        # The same command a device runs (`edgeprism join`): a process boundary, not an import of cli/.
+        argv = [*prefix, sys.executable, "-m", "edgeprism", "join", self.address, "--rank", str(rank),
                 "--no-retry", "--quiet"]
         if cores:
             argv += ["--cores", ",".join(map(str, cores))]

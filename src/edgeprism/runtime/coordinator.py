@@ -217,6 +217,13 @@ class DeviceOptions:
     retry: bool = True
     """Keep trying to (re)join after the coordinator went away or dropped us; False: return instead."""
     max_backoff_s: float = 30.0
+    full_retry_s: float = 2.0
+    """How often to ask again while the cluster is full (a lost device's rank frees when rank 0's liveness
+    round gives up on it)."""
+
+
+class ClusterFull(RuntimeError):
+    """Every device rank is taken; retried, since a lost device's rank is freed after its liveness round."""
 
 
 class Device:
@@ -253,6 +260,10 @@ class Device:
                 self.on_event("the coordinator ended the session; waiting for it to serve again")
             except AuthError:
                 raise
+            except ClusterFull as err:
+                self.on_event(f"{err}; trying again in {options.full_retry_s:.0f} s")
+                time.sleep(options.full_retry_s)
+                continue
             except (RuntimeError, ConnectionError, TimeoutError) as err:  # DistStoreError is a RuntimeError
                 self.on_event(f"lost the coordinator at {self.host}:{self.port}: {_short(err)}")
                 if not options.retry:
@@ -294,8 +305,13 @@ class Device:
         model = self._loaded[key]
         profile = Profile.from_dict(spec.profile)
         config = EngineConfig(**spec.config)
-        session = join_cluster(prefixed, secret, options.rank, start_digests(model, profile),
-                               options.connect_timeout_s, info=self_description(options.device, options.cores))
+        try:
+            session = join_cluster(prefixed, secret, options.rank, start_digests(model, profile),
+                                   options.connect_timeout_s, info=self_description(options.device, options.cores))
+        except ValueError as err:
+            if str(err).startswith("the cluster is full"):  # a lost device's rank frees after its liveness round
+                raise ClusterFull(str(err)) from None
+            raise
         self.session = session
         self.on_event(f"admitted as rank {session.rank} of {spec.world_size} by {self.host}:{self.port}; lanes on "
                       f"{bind_addr}")

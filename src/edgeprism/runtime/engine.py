@@ -55,7 +55,7 @@ from edgeprism.runtime.membership import Membership, describe_self, join_cluster
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.rank0_side import Rank0Side
 from edgeprism.runtime.requests import check_inputs
-from edgeprism.runtime.telemetry import observations, probe_exchanges, sync, telemetry
+from edgeprism.runtime.telemetry import RankTelemetry, observations, probe_exchanges, sync, telemetry
 from edgeprism.runtime.worker_side import WorkerSide
 
 log = logging.getLogger(__name__)
@@ -347,19 +347,19 @@ class Engine(Rank0Side, WorkerSide):
                 per_rank = telemetry(lane.exchanger, stats, latency_s, self.model.config.num_layers)
             except PeerError as err:  # the answer is in: keep it, but this epoch is over
                 self._end_epoch(f"telemetry of request {request_id} failed: {err}", stall_s)
-                per_rank = [[latency_s, stats.nbytes_sent, stats.per_kind_nbytes.get("layer", 0), stats.staging_s,
-                             stats.collective_s, stats.emulated_delay_s]]
+                per_rank = [RankTelemetry.of(stats, latency_s)]
         finally:
             lane.exchanger.deadline = None
         if len(per_rank) == len(plan.ranks) and self.config.learn_link:
             self.estimator.update(observations(per_rank, len(plan.ranks), self.model.config.num_layers))
         rank0 = per_rank[0]
-        bytes_exchanged = int(sum(r[1] for r in per_rank)) + control.nbytes_sent
-        layer_nbytes = int(sum(r[2] for r in per_rank))
-        phases = [(r[0], r[3], r[4] + r[5], 0.0) for r in per_rank]
+        bytes_exchanged = int(sum(r.nbytes_sent for r in per_rank)) + control.nbytes_sent
+        layer_nbytes = int(sum(r.layer_nbytes for r in per_rank))
+        phases = [(r.wall_s, r.staging_s, r.collective_s + r.emulated_delay_s, 0.0) for r in per_rank]
         energy_j, source = self._energy(request_id, phases)
         row = self._row(request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
-                        rank0[3], rank0[4] + control.collective_s, rank0[5] + control.emulated_delay_s)
+                        rank0.staging_s, rank0.collective_s + control.collective_s,
+                        rank0.emulated_delay_s + control.emulated_delay_s)
         return outputs, row
 
     def _fall_back(self, err: PeerError, inputs, plan, request, link, request_id, want: Want, spent_s: float):

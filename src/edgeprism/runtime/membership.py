@@ -51,7 +51,8 @@ class LivenessRound:
     """A ping round: the epoch it will build, whom it asked, by when they must answer."""
 
     epoch: int
-    asked: set[int]
+    asked: dict[int, int]
+    """rank → the join slot of the process asked (a rank taken over by a newer process is settled)."""
     deadline: float
     acked: set[int] = field(default_factory=set)
 
@@ -259,21 +260,28 @@ class Membership:
         return self.info.get(rank, {})
 
     def start_round(self, epoch: int, timeout_s: float) -> None:
-        """Ask every admitted worker to answer by `timeout_s`; `finish_round` builds on who did."""
-        asked = set(self.control.sessions)
+        """Ask every admitted worker to answer by `timeout_s`; `poll_round` settles the round."""
+        asked = {rank: session.slot for rank, session in self.control.sessions.items()}
         self.round = LivenessRound(epoch, asked, time.monotonic() + timeout_s)
         for rank in sorted(asked):
             self.control.post(rank, {"op": "ping", "epoch": epoch})
 
     def poll_round(self) -> set[int] | None:
-        """None while the round is open; else the ranks that answered (the others are evicted)."""
+        """None while the round is open; else the ranks that answered (the others are evicted). A rank whose
+        process left, or was replaced by a newer process that joined meanwhile, no longer holds the round up:
+        the newer process is alive (it just joined) and counts as an answer."""
         round_ = self.round
         if round_ is None:
             return None
-        for rank in sorted(round_.asked - round_.acked):
+        for rank, slot in sorted(round_.asked.items()):
+            if rank in round_.acked:
+                continue
             session = self.control.sessions.get(rank)
+            if session is None or session.slot != slot:  # gone, or taken over by a newer process
+                round_.acked.add(rank)
+                continue
             key = f"ack/{round_.epoch}/{rank}"
-            if session is None or not self.store.check([key]):
+            if not self.store.check([key]):
                 continue
             blob = self.store.get(key)
             self.store.delete_key(key)
@@ -282,13 +290,13 @@ class Membership:
                 round_.acked.add(rank)
             except ControlError as err:
                 log.warning("rank %d's answer to ping %d was refused: %s", rank, round_.epoch, err)
-        if round_.acked != round_.asked and time.monotonic() < round_.deadline:
+        if round_.acked != set(round_.asked) and time.monotonic() < round_.deadline:
             return None
-        for rank in sorted(round_.asked - round_.acked):
+        for rank in sorted(set(round_.asked) - round_.acked):
             log.warning("rank %d did not answer within the liveness round; planning without it", rank)
             self.evict(rank, f"no answer to ping {round_.epoch}")
         self.round = None
-        return set(round_.acked)
+        return {rank for rank in round_.acked if rank in self.control.sessions}
 
 
 # --- the worker's side ---

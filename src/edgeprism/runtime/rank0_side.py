@@ -30,16 +30,18 @@ class Rank0Side:
         if self._membership is None or self._closed:
             return
         membership = self._membership
+        changed = False
+        now = time.monotonic()
+        if now >= self._next_join_check:  # also while a round is open: a replacement process settles it
+            self._next_join_check = now + self.config.join_check_s
+            left = membership.departures()
+            changed = bool(membership.admit_waiting() or left)
         if membership.round is not None:
             if membership.poll_round() is None:
                 return
+            changed = True
+        if changed:
             self._form_epoch()
-        now = time.monotonic()
-        if now >= self._next_join_check:
-            self._next_join_check = now + self.config.join_check_s
-            left = membership.departures()
-            if (membership.admit_waiting() or left) and membership.round is None:
-                self._form_epoch()
 
     def tick(self) -> None:
         """Rank 0, from a thread of the application while no request runs: `maintain()` under the

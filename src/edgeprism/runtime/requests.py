@@ -116,9 +116,9 @@ def _synthetic(spec: Any, config: ModelConfig, max_batch: int) -> Inputs:
     batch = 1 if ints["batch"] is None else ints["batch"]
     if not 1 <= batch <= max_batch:
         raise ValueError(f"synthetic batch {batch} must be between 1 and the engine's max batch {max_batch}")
-    if config.family == "vit" and ints["seq_len"] is not None:
+    if config.modality == "image" and ints["seq_len"] is not None:
         raise ValueError(f"synthetic.seq_len is for text models; {config.name} is a ViT: use image_size")
-    if config.family != "vit" and ints["image_size"] is not None:
+    if config.modality != "image" and ints["image_size"] is not None:
         raise ValueError(f"synthetic.image_size is for ViT models; {config.name} is a text model: use seq_len")
     for key in ("seq_len", "image_size"):
         if ints[key] is not None and ints[key] < 1:

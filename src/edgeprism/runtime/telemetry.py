@@ -3,12 +3,58 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from edgeprism.runtime.link_estimate import LinkObservation
 
-TELEMETRY_HEAD = 6  # wall_s, nbytes_sent, layer_nbytes, staging_s, collective_s, emulated_delay_s
+TELEMETRY_HEAD = 6
+"""Values before the per-layer triples on the wire: the six scalar fields of `RankTelemetry`."""
+
+
+class LayerExchange(NamedTuple):
+    """One rank's side of one layer exchange."""
+
+    nbytes: float
+    delay_s: float
+    """Emulated one-way delay (and loopback rate sleep) charged to the exchange."""
+    wait_s: float
+    """Seconds the rank waited in the collective."""
+
+
+@dataclass(frozen=True)
+class RankTelemetry:
+    """What one plan rank reports after a distributed request (all-gathered as float64 values)."""
+
+    wall_s: float
+    nbytes_sent: float
+    layer_nbytes: float
+    staging_s: float
+    collective_s: float
+    emulated_delay_s: float
+    layers: tuple[LayerExchange, ...] = ()
+
+    @classmethod
+    def of(cls, stats, wall_s: float, num_layers: int = 0) -> RankTelemetry:
+        """This rank's numbers from its exchanger's stats (the first `num_layers` layer exchanges)."""
+        layers = [LayerExchange(float(sent), delay_s, wait_s)
+                  for kind, sent, delay_s, wait_s in stats.events if kind == "layer"][:num_layers]
+        layers += [LayerExchange(0.0, 0.0, 0.0)] * (num_layers - len(layers))
+        return cls(wall_s, float(stats.nbytes_sent), float(stats.per_kind_nbytes.get("layer", 0)), stats.staging_s,
+                   stats.collective_s, stats.emulated_delay_s, tuple(layers))
+
+    def to_values(self) -> list[float]:
+        return [self.wall_s, self.nbytes_sent, self.layer_nbytes, self.staging_s, self.collective_s,
+                self.emulated_delay_s] + [x for layer in self.layers for x in layer]
+
+    @classmethod
+    def from_values(cls, values: Sequence[float]) -> RankTelemetry:
+        head, rest = values[:TELEMETRY_HEAD], values[TELEMETRY_HEAD:]
+        layers = tuple(LayerExchange(*rest[i:i + 3]) for i in range(0, len(rest) - 2, 3))
+        return cls(*head, layers=layers)
 
 
 def sync(device: torch.device) -> None:
@@ -22,19 +68,13 @@ def probe_exchanges(exchanger, nbytes: int) -> None:
         exchanger.all_gather_bytes(torch.zeros(size, dtype=torch.uint8), [size] * world, kind=kind)
 
 
-def telemetry(exchanger, stats, wall_s: float, num_layers: int) -> list[list[float]]:
-    """All-gather each plan rank's numbers for the request just served (after it, so untimed):
-    [wall_s, nbytes_sent, layer_nbytes, staging_s, collective_s, delay_s,
-     (layer bytes, layer emulated delay s, layer collective wait s) x L]."""
-    layer = [(sent, delay_s, wait_s) for kind, sent, delay_s, wait_s in stats.events if kind == "layer"][:num_layers]
-    layer += [(0, 0.0, 0.0)] * (num_layers - len(layer))
-    values = [wall_s, float(stats.nbytes_sent), float(stats.per_kind_nbytes.get("layer", 0)), stats.staging_s,
-              stats.collective_s, stats.emulated_delay_s] + [x for triple in layer for x in triple]
-    mine = torch.tensor(values, dtype=torch.float64)
+def telemetry(exchanger, stats, wall_s: float, num_layers: int) -> list[RankTelemetry]:
+    """All-gather each plan rank's numbers for the request just served (after it, so untimed)."""
+    mine = torch.tensor(RankTelemetry.of(stats, wall_s, num_layers).to_values(), dtype=torch.float64)
     payload = mine.view(torch.uint8)
     world = exchanger.ctx.world_size
     gathered = exchanger.all_gather_bytes(payload, [payload.numel()] * world, kind="telemetry")
-    return [g.clone().view(torch.float64).tolist() for g in gathered]
+    return [RankTelemetry.from_values(g.clone().view(torch.float64).tolist()) for g in gathered]
 
 
 BALANCED = 0.1
@@ -44,7 +84,7 @@ SKEW_FLOOR_S = 1e-3
 """...or when no rank waited longer than this (the skew is then at most this too)."""
 
 
-def observations(per_rank: list[list[float]], k: int, num_layers: int) -> list[LinkObservation]:
+def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int) -> list[LinkObservation]:
     """Link observations of one request: per message size, the median over its informative layer
     exchanges of (least + greatest) / 2 of the ranks' times (emulated delay + wait).
 
@@ -62,11 +102,11 @@ def observations(per_rank: list[list[float]], k: int, num_layers: int) -> list[L
     kernel's socket buffer holds the bytes, long before they arrive."""
     by_size: dict[float, list[float]] = {}
     for i in range(num_layers):
-        at = TELEMETRY_HEAD + 3 * i
-        sent = max(r[at] for r in per_rank)
+        sent = max(r.layers[i].nbytes for r in per_rank)
         if sent <= 0:
             continue
-        times = [(r[at + 1] + r[at + 2], r[at + 2]) for r in per_rank]  # (delay + wait, wait)
+        exchanges = [r.layers[i] for r in per_rank]
+        times = [(x.delay_s + x.wait_s, x.wait_s) for x in exchanges]  # (delay + wait, wait)
         (soonest, soonest_wait), (longest, longest_wait) = min(times), max(times)
         if (longest_wait <= SKEW_FLOOR_S or soonest_wait >= BALANCED * longest_wait
                 or longest - soonest <= BALANCED * longest):
@@ -74,4 +114,4 @@ def observations(per_rank: list[list[float]], k: int, num_layers: int) -> list[L
     return [LinkObservation((k - 1) * sent, k - 1, statistics.median(t)) for sent, t in by_size.items()]
 
 
-__all__ = ["sync", "probe_exchanges", "telemetry", "observations", "TELEMETRY_HEAD"]
+__all__ = ["sync", "probe_exchanges", "telemetry", "observations", "TELEMETRY_HEAD", "RankTelemetry", "LayerExchange"]

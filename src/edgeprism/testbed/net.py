@@ -13,168 +13,44 @@ WiFi access point (the shared airtime of real WiFi is not modelled; see docs/TES
 one-way delay is added per message by the transport (`emulation.EmulatedLink`), since this kernel
 has no netem. Without root or `ip`/`tc`, the testbed falls back to loopback with the whole link
 emulated in the transport, and says so.
+
+This module owns a testbed's lifecycle (up, set_link, down, attach, status, cleanup); the pieces it uses
+are `netns` (the ip/tc commands and the star topology), `subnets` (choosing a free address range) and
+`registry` (the state files that let another process find and remove a testbed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
 import secrets
-import shutil
-import signal
-import subprocess
-import tempfile
+import socket
 import time
 import warnings
 from typing import Any, Literal
 
-from edgeprism.testbed.emulation import LinkMode, burst_bytes, write_link_file
+from edgeprism.testbed.emulation import LinkMode, write_link_file
+from edgeprism.testbed.netns import (Host, build_star, delete_netns, kernel_testbed_missing, kill_netns_processes,
+                                     netns_age_s, netns_list, netns_pids, shape)
 from edgeprism.testbed.presets import LinkPreset
+from edgeprism.testbed.registry import PREFIX, link_path, pid_alive, read_states, state_dir, state_path, write_state
+from edgeprism.testbed.subnets import pick_subnet
 
+# Host, kill_netns_processes, state_dir and PREFIX live in netns/registry; they are re-exported here because
+# net is the testbed's public face (launch.py and the CLI import them from here).
 __all__ = ["Host", "Testbed", "status", "cleanup_stale", "state_dir", "kill_netns_processes", "PREFIX"]
 
 log = logging.getLogger(__name__)
 
-PREFIX = "ep-"
-"""Every namespace the testbed makes is called ep-<tag>-..., so leftovers are recognisable."""
 HOST_IFNAME = "eth0"
 RDZV_PORT = 29400
 FIRST_HOST_OFFSET = 101
 """Host i gets address network + 101 + i. torchrun's c10d rendezvous orders nodes by their address
 *string*; keeping the last octet at three digits (101..199) makes that order the host order."""
 MAX_HOSTS = 99
-DEFAULT_SUBNETS = tuple(f"10.77.{i}.0/24" for i in range(256))
 Backend = Literal["auto", "netns", "loopback"]
-
-
-def state_dir() -> str:
-    """Where testbed state and link files live (so `testbed down` works from another process)."""
-    base = "/run/edgeprism" if os.geteuid() == 0 and os.path.isdir("/run") else os.path.join(
-        tempfile.gettempdir(), f"edgeprism-{os.getuid()}"
-    )
-    os.makedirs(base, mode=0o755, exist_ok=True)
-    return base
-
-
-@dataclasses.dataclass(frozen=True)
-class Host:
-    """One emulated device."""
-
-    index: int
-    netns: str | None
-    """Network namespace, or None on the loopback fallback."""
-    ifname: str
-    """The interface GLOO should use, named as seen inside `netns`."""
-    address: str
-    """This host's own address (inside its namespace); on loopback a 127.0.1.x alias."""
-    cores: tuple[int, ...]
-
-
-def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    log.debug("+ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def _netns_list() -> list[str]:
-    if shutil.which("ip") is None:
-        return []
-    out = _run(["ip", "netns", "list"], check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _netns_pids(netns: str) -> list[int]:
-    out = _run(["ip", "netns", "pids", netns], check=False).stdout
-    return [int(tok) for tok in out.split() if tok.isdigit()]
-
-
-def kill_netns_processes(netns: str) -> None:
-    """SIGTERM, then SIGKILL, every process still inside `netns`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _netns_pids(netns)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and _netns_pids(netns):
-            time.sleep(0.05)
-
-
-def _delete_netns(netns: str) -> None:
-    kill_netns_processes(netns)
-    _run(["ip", "netns", "del", netns], check=False)
-
-
-def _kernel_testbed_missing() -> str | None:
-    """Why the kernel testbed cannot be built here, with the fix; None when it can."""
-    if os.geteuid() != 0:
-        return "not running as root (network namespaces need root; run with sudo)"
-    missing = [tool for tool in ("ip", "tc", "taskset") if shutil.which(tool) is None]
-    if missing:
-        return f"{', '.join(missing)} not found (install them: apt-get install iproute2 util-linux)"
-    return None
-
-
-def _subnets_in_use() -> dict[str, str]:
-    """Subnet -> who uses it: root-namespace addresses and routes, and other live testbeds."""
-    used: dict[str, str] = {}
-    if shutil.which("ip") is not None:
-        for family in ("addr", "route"):
-            out = _run(["ip", "-j", family, "show"], check=False).stdout or "[]"
-            for entry in json.loads(out):
-                if family == "addr":
-                    for info in entry.get("addr_info", []):
-                        if info.get("family") == "inet":
-                            net = ipaddress.ip_network(f"{info['local']}/{info['prefixlen']}", strict=False)
-                            used[str(net)] = f"address {info['local']} on {entry.get('ifname')}"
-                elif entry.get("dst", "default") not in ("default",) and ":" not in entry["dst"]:
-                    used[str(ipaddress.ip_network(entry["dst"], strict=False))] = f"route {entry['dst']}"
-    for state in _read_states():
-        if state.get("subnet") and state.get("backend") == "netns":
-            used[state["subnet"]] = f"testbed {state['tag']}"
-    return used
-
-
-def _overlap(subnet: ipaddress.IPv4Network, used: dict[str, str]) -> str | None:
-    for other, who in used.items():
-        net = ipaddress.ip_network(other, strict=False)
-        if net.version == 4 and net.prefixlen > 0 and subnet.overlaps(net):
-            return f"{other} ({who})"
-    return None
-
-
-def _read_states() -> list[dict[str, Any]]:
-    states = []
-    base = state_dir()
-    for name in sorted(os.listdir(base)):
-        if name.endswith(".state.json"):
-            try:
-                with open(os.path.join(base, name)) as fh:
-                    states.append(json.load(fh))
-            except (OSError, json.JSONDecodeError):
-                continue
-    return states
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Testbed:
@@ -215,9 +91,8 @@ class Testbed:
         self.hosts: list[Host] = []
         self.namespaces: list[str] = []
         self.is_up = False
-        base = state_dir()
-        self.link_file = os.path.join(base, f"{PREFIX}{self.tag}.link.json")
-        self.state_file = os.path.join(base, f"{PREFIX}{self.tag}.state.json")
+        self.link_file = link_path(self.tag)
+        self.state_file = state_path(self.tag)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -225,7 +100,7 @@ class Testbed:
     def _choose_backend(backend: Backend) -> Literal["netns", "loopback"]:
         if backend == "loopback":
             return "loopback"
-        why = _kernel_testbed_missing()
+        why = kernel_testbed_missing()
         if why is None:
             return "netns"
         if backend == "netns":
@@ -268,28 +143,6 @@ class Testbed:
             for i in range(self.num_hosts)
         ]
 
-    def _pick_subnet(self) -> ipaddress.IPv4Network:
-        used = _subnets_in_use()
-        if self._requested_subnet is not None:
-            try:
-                net = ipaddress.IPv4Network(self._requested_subnet, strict=False)
-            except ValueError:
-                raise ValueError(f"subnet {self._requested_subnet!r} is not an IPv4 network such as 10.77.0.0/24") from None
-            if net.prefixlen > 24:
-                raise ValueError(f"subnet {net} is smaller than a /24; give e.g. 10.77.0.0/24")
-            clash = _overlap(net, used)
-            if clash is not None:
-                raise ValueError(
-                    f"subnet {net} is already in use by {clash}; pick another private range "
-                    "(e.g. --subnet 10.78.0.0/24), or omit it to pick a free one"
-                )
-            return net
-        for candidate in DEFAULT_SUBNETS:
-            net = ipaddress.IPv4Network(candidate)
-            if _overlap(net, used) is None:
-                return net
-        raise RuntimeError("no free subnet in 10.77.0.0/16; run `edgeprism testbed down --all` or pass --subnet")
-
     def _write_state(self) -> None:
         state = {
             "tag": self.tag,
@@ -303,10 +156,7 @@ class Testbed:
             "hosts": [dataclasses.asdict(h) for h in self.hosts],
             "rdzv_port": self.rdzv_port,
         }
-        tmp = f"{self.state_file}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(state, fh, indent=1)
-        os.replace(tmp, self.state_file)
+        write_state(self.state_file, state)
 
     def up(self) -> "Testbed":
         if self.is_up:
@@ -314,7 +164,7 @@ class Testbed:
         cores = self._assign_cores()
         try:
             if self.backend == "netns":
-                net = self._pick_subnet()
+                net = pick_subnet(self._requested_subnet)
                 self.subnet = str(net)
                 self.rdzv_port = RDZV_PORT
                 addresses = [str(net.network_address + FIRST_HOST_OFFSET + i) for i in range(self.num_hosts)]
@@ -325,7 +175,8 @@ class Testbed:
                 ]
                 # State first: a run killed half-way leaves a file that names what to remove.
                 self._write_state()
-                self._build_netns(net.prefixlen)
+                build_star(self.namespaces, self._switch_ns, self.hosts, net.prefixlen)
+                shape("add", self._switch_ns, self.hosts, self.link.rate_bps)
             else:
                 self.rdzv_port = _free_port()
                 self.hosts = [
@@ -344,37 +195,6 @@ class Testbed:
     def _switch_ns(self) -> str:
         return f"{PREFIX}{self.tag}-sw"
 
-    def _build_netns(self, prefixlen: int) -> None:
-        sw = self._switch_ns
-        for ns in self.namespaces:
-            _run(["ip", "netns", "add", ns])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        _run(["ip", "-n", sw, "link", "add", "br0", "type", "bridge"])
-        _run(["ip", "-n", sw, "link", "set", "br0", "up"])
-        for host in self.hosts:
-            port = f"h{host.index}"
-            _run(["ip", "link", "add", host.ifname, "netns", host.netns, "type", "veth",
-                  "peer", "name", port, "netns", sw])
-            _run(["ip", "-n", sw, "link", "set", port, "master", "br0"])
-            _run(["ip", "-n", sw, "link", "set", port, "up"])
-            _run(["ip", "-n", host.netns, "addr", "add", f"{host.address}/{prefixlen}", "dev", host.ifname])
-            _run(["ip", "-n", host.netns, "link", "set", host.ifname, "up"])
-        self._shape("add")
-
-    def _tbf_args(self) -> list[str]:
-        rate_bps = self.link.rate_bps
-        # Queue: 100 ms of traffic, at least 1 MiB, so TCP bursts are delayed rather than dropped
-        # (a drop costs a 200 ms retransmission timeout, far from any WiFi behaviour we emulate).
-        limit = max(1 << 20, int(rate_bps / 8 * 0.1))
-        return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst_bytes(rate_bps)), "limit", str(limit)]
-
-    def _shape(self, verb: Literal["add", "change"]) -> None:
-        tbf = self._tbf_args()
-        for host in self.hosts:
-            # Upload: egress of the device's eth0. Download: egress of its bridge port.
-            _run(["tc", "-n", host.netns, "qdisc", verb, "dev", host.ifname, "root", "handle", "1:", *tbf])
-            _run(["tc", "-n", self._switch_ns, "qdisc", verb, "dev", f"h{host.index}", "root", "handle", "1:", *tbf])
-
     # -- live changes and teardown -------------------------------------------------------------
 
     def set_link(self, link: LinkPreset) -> None:
@@ -384,7 +204,7 @@ class Testbed:
         old, self.link = self.link, link
         try:
             if self.backend == "netns":
-                self._shape("change")
+                shape("change", self._switch_ns, self.hosts, link.rate_bps)
             write_link_file(self.link_file, link, self.link_mode)
             self._write_state()
         except BaseException:
@@ -396,7 +216,7 @@ class Testbed:
         """Remove everything this testbed made (idempotent): processes in its namespaces, the namespaces
         (and with them every veth, bridge and qdisc), the link and state files."""
         for ns in self.namespaces:
-            _delete_netns(ns)
+            delete_netns(ns)
         for path in (self.link_file, self.state_file):
             try:
                 os.unlink(path)
@@ -421,7 +241,7 @@ class Testbed:
     @classmethod
     def attach(cls, tag: str) -> "Testbed":
         """The testbed described by an existing state file (e.g. made by `edgeprism testbed up`)."""
-        path = os.path.join(state_dir(), f"{PREFIX}{tag}.state.json")
+        path = state_path(tag)
         try:
             with open(path) as fh:
                 state = json.load(fh)
@@ -445,8 +265,6 @@ class Testbed:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -454,9 +272,9 @@ def _free_port() -> int:
 
 def status() -> dict[str, Any]:
     """What exists now: testbeds with state files, and any ep- namespaces (with their process ids)."""
-    namespaces = {ns: _netns_pids(ns) for ns in _netns_list() if ns.startswith(PREFIX)}
+    namespaces = {ns: netns_pids(ns) for ns in netns_list() if ns.startswith(PREFIX)}
     testbeds = []
-    for state in _read_states():
+    for state in read_states():
         owner = state.get("owner_pid")
         testbeds.append({
             "tag": state["tag"],
@@ -465,9 +283,9 @@ def status() -> dict[str, Any]:
             "link": state["link"],
             "hosts": [h["address"] for h in state["hosts"]],
             "persistent": owner is None,
-            "owner_alive": owner is None or _pid_alive(owner),
+            "owner_alive": owner is None or pid_alive(owner),
         })
-    known = {ns for s in _read_states() for ns in s.get("namespaces", [])}
+    known = {ns for s in read_states() for ns in s.get("namespaces", [])}
     orphans = sorted(ns for ns in namespaces if ns not in known)
     return {"state_dir": state_dir(), "testbeds": testbeds, "namespaces": namespaces, "orphan_namespaces": orphans}
 
@@ -477,9 +295,9 @@ def cleanup_stale(everything: bool = False) -> list[str]:
     state file names. `everything=True` also removes live and persistent testbeds. Returns what went."""
     removed: list[str] = []
     known: set[str] = set()
-    for state in _read_states():
+    for state in read_states():
         owner = state.get("owner_pid")
-        stale = owner is not None and not _pid_alive(owner)
+        stale = owner is not None and not pid_alive(owner)
         if not (stale or everything):
             known.update(state.get("namespaces", []))
             continue
@@ -488,15 +306,9 @@ def cleanup_stale(everything: bool = False) -> list[str]:
         removed.append(f"testbed {state['tag']}")
     # Namespaces with no state file: a state file is written before any namespace, so these belong to
     # a run whose files were deleted by hand. Spare ones younger than a few seconds (being created).
-    for ns in _netns_list():
-        if ns.startswith(PREFIX) and ns not in known and (everything or _netns_age_s(ns) > 10.0):
-            _delete_netns(ns)
+    for ns in netns_list():
+        if ns.startswith(PREFIX) and ns not in known and (everything or netns_age_s(ns) > 10.0):
+            delete_netns(ns)
             removed.append(f"netns {ns}")
     return removed
 
-
-def _netns_age_s(netns: str) -> float:
-    try:
-        return time.time() - os.stat(f"/run/netns/{netns}").st_mtime
-    except OSError:
-        return float("inf")

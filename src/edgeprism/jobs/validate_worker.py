@@ -1,6 +1,6 @@
 """Validation worker: run several `BatchSpec`s in one process group, one JSON line per result.
 
-    python -m edgeprism.profile.validate_worker --specs specs.json --out results.jsonl
+    python -m edgeprism.jobs.validate_worker --specs specs.json --out results.jsonl
 
 Launched on every device of a `LinkSession` (testbed hosts or local workers). Each spec goes
 through `edgeprism.runtime.batch_worker.run_batch`, the same code `edgeprism run` measures with;
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgeprism.profile.validate_worker")
+    parser = argparse.ArgumentParser(prog="edgeprism.jobs.validate_worker")
     parser.add_argument("--specs", required=True, help="JSON file: a list of BatchSpec objects")
     parser.add_argument("--out", required=True, help="rank 0 appends one JSON result per line")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="GLOO timeout of each collective")

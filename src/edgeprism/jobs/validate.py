@@ -115,7 +115,7 @@ def validation_points(profile: Profile, batches: Sequence[int], token_counts: Se
 
 def held_out_token_counts(profile: Profile, profiled: Sequence[int]) -> tuple[int, ...]:
     """ViT: its one token count. Text: the geometric midpoint of the profiled counts."""
-    if profile.model.family == "vit" or len(profiled) < 2:
+    if profile.model.modality == "image" or len(profiled) < 2:
         return (profiled[0],)
     values = sorted(profiled)
     return (round(math.sqrt(values[0] * values[-1])),)
@@ -124,18 +124,20 @@ def held_out_token_counts(profile: Profile, profiled: Sequence[int]) -> tuple[in
 def plan_for(profile: Profile, point: ValidationPoint, token_counts: Sequence[int]) -> Plan:
     """The plan a run of `point` executed (token counts as the runtime split them)."""
     if point.mode == "local":
-        return Plan("local", (0,), (1.0,), (point.num_tokens,), "", 1, "", 0.0, 0.0, profile.energy.source,
-                    "latency", "validation")
+        return Plan(mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(point.num_tokens,), codec="", cr=1,
+                    wire_dtype="", predicted_latency_s=0.0, predicted_energy_j=0.0,
+                    energy_source=profile.energy.source, objective="latency", reason="validation")
     entry = profile.codec(point.codec)
     k = len(token_counts)
-    return Plan("distributed", tuple(range(k)), tuple(n / point.num_tokens for n in token_counts),
-                tuple(token_counts), entry.codec, entry.cr, entry.wire_dtype, 0.0, 0.0, profile.energy.source,
-                "latency", "validation")
+    shares = tuple(n / point.num_tokens for n in token_counts)
+    return Plan(mode="distributed", ranks=tuple(range(k)), token_shares=shares, token_counts=tuple(token_counts), codec=entry.codec, cr=entry.cr, wire_dtype=entry.wire_dtype,
+                predicted_latency_s=0.0, predicted_energy_j=0.0, energy_source=profile.energy.source,
+                objective="latency", reason="validation")
 
 
 def spec_for(profile: Profile, point: ValidationPoint, checkpoint: str | None, warmup: int, repeats: int,
              seed: int = 0, device: str = "cpu") -> BatchSpec:
-    text = profile.model.family != "vit"
+    text = profile.model.modality == "text"
     return BatchSpec(model=profile.model.name, batch=point.batch, world_size=profile.world_size,
                      mode=point.mode, codec=point.codec or "fp32", seq_len=point.num_tokens if text else None,
                      checkpoint=checkpoint, seed=seed, warmup=warmup, repeats=repeats, device=device,
@@ -187,7 +189,7 @@ def validate(profile: Profile, session: LinkSession, points: Sequence[Validation
                 progress(done, total, f"validate B={p.batch} N={p.num_tokens} {p.codec or 'local'} "
                                       f"{row['latency_s'] * 1e3:.0f} ms")
 
-        session.run_following(["-m", "edgeprism.profile.validate_worker", "--specs", specs_file, "--out", out_file],
+        session.run_following(["-m", "edgeprism.jobs.validate_worker", "--specs", specs_file, "--out", out_file],
                               out_file, on_line, poll_s)
     missing = [i for i in range(len(points)) if len(runs.get(i, ())) != passes]
     if missing:

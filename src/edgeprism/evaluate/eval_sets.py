@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from edgeprism.bench.fidelity import EvalSet, embedding_score, fit_linear_probe, perplexity_score, probe_score
+from edgeprism.evaluate.fidelity import EvalSet, embedding_score, fit_linear_probe, perplexity_score, probe_score
 from edgeprism.models.base import Inputs
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,12 @@ def _pad_batches(encodings: list[list[int]], batch_size: int, pad_id: int = 0) -
 def minilm_sets(limit: int = 200, query_limit: int = 200, batch_size: int = 1,
                 checkpoint: str | None = None) -> list[EvalSet]:
     from edgeprism import assets
-    from edgeprism.bench.datasets import short_queries, text_passages
+    from edgeprism.assets.datasets import short_queries, text_passages
     from edgeprism.models.loading import load_model
 
     model = load_model("minilm-l6", checkpoint or assets.minilm_checkpoint_dir())
     tokenizer = assets.minilm_tokenizer(max_length=512)
-    head = assets.IntentHead.from_cache()
+    head = assets.intent_head()
     passages = text_passages(tokenizer, 128, 256, limit=limit)
     queries = short_queries("intent", limit=query_limit)
     sets = []
@@ -59,7 +59,7 @@ def minilm_sets(limit: int = 200, query_limit: int = 200, batch_size: int = 1,
 def dinov2_set(limit: int = 200, train_limit: int = 1000, image_size: int = 224, batch_size: int = 8,
                progress: Callable[[str], None] | None = None, checkpoint: str | None = None) -> list[EvalSet]:
     from edgeprism import assets
-    from edgeprism.bench.datasets import fashion_mnist, to_dinov2_input
+    from edgeprism.assets.datasets import fashion_mnist, to_dinov2_input
     from edgeprism.models.loading import load_model
 
     model = load_model("dinov2-s14", checkpoint or assets.dinov2_checkpoint_dir())
@@ -81,7 +81,7 @@ def _cached_probe(model, train_limit: int, image_size: int, batch_size: int,
     from safetensors.torch import load_file, save_file
 
     from edgeprism import assets
-    from edgeprism.bench.datasets import fashion_mnist, to_dinov2_input
+    from edgeprism.assets.datasets import fashion_mnist, to_dinov2_input
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items())[:8]:
@@ -107,7 +107,7 @@ def _cached_probe(model, train_limit: int, image_size: int, batch_size: int,
 
 def gpt2_set(limit: int = 64, window: int = 256, batch_size: int = 8, checkpoint: str | None = None) -> list[EvalSet]:
     from edgeprism import assets
-    from edgeprism.bench.datasets import gpt2_heldout_bytes
+    from edgeprism.assets.datasets import gpt2_heldout_bytes
     from edgeprism.models.loading import load_pretrained
 
     model = load_pretrained(checkpoint or assets.gpt2_shakespeare_dir(), "gpt2-shakespeare")
@@ -121,14 +121,14 @@ def gpt2_set(limit: int = 64, window: int = 256, batch_size: int = 8, checkpoint
 
 def synthetic_set(model_name: str, batches: int = 4, batch_size: int = 2, seq_len: int = 32) -> list[EvalSet]:
     """Random weights, random inputs: for testing the harness, not for fidelity claims."""
-    from edgeprism.bench.fidelity import MetricValue
+    from edgeprism.evaluate.fidelity import MetricValue
     from edgeprism.models.loading import build_model
-    from edgeprism.models.synthetic import synthetic_inputs
+    from edgeprism.models.synthetic import pads_rows, synthetic_inputs
 
     model = build_model(model_name, seed=11)
-    inputs = [synthetic_inputs(model.config, batch_size, seq_len=seq_len, padded=model.config.family == "bert",
+    inputs = [synthetic_inputs(model.config, batch_size, seq_len=seq_len, padded=pads_rows(model.config),
                                seed=100 + i) for i in range(batches)]
-    if model.config.family == "gpt2":
+    if model.config.causal:  # a decoder: next-token perplexity
         return [EvalSet(f"{model_name}-synthetic", model, inputs,
                         perplexity_score(model, [b["input_ids"] for b in inputs]), gather_hidden=True)]
 

@@ -1,0 +1,84 @@
+"""One strict JSON <-> frozen-dataclass conversion for the data files (profiles, plans).
+
+`to_json_dict(obj)` is `dataclasses.asdict`; `from_json_dict(cls, data, where)` builds `cls` back from
+parsed JSON, refusing unknown fields, missing required ones and values of the wrong type, with the
+path in the message. Profile (`profile/schema.py`) and Plan (`plan/types.py`) both use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+T = typing.TypeVar("T")
+
+
+def to_json_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass instance as plain JSON-ready data (tuples become lists when dumped)."""
+    return dataclasses.asdict(obj)
+
+
+def from_json_dict(cls: type[T], data: Any, where: str) -> T:
+    """`cls(**data)`, strictly: unknown or missing fields and values of the wrong JSON type are a ValueError
+    naming the path (`profile.codecs[2].cr must be an integer, got 1.5`); nested dataclasses, tuples,
+    Literals and optional fields are converted by the type hints."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where} is missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {type(value).__name__}")
+        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return from_json_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"no JSON conversion for {tp!r} at {where}")
+
+
+__all__ = ["from_json_dict", "to_json_dict"]
