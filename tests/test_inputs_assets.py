@@ -43,7 +43,7 @@ def test_minilm_embeddings_and_intents():
     if model_io.classifier is None:
         pytest.skip("the MiniLM folder has no classifier (rag-intent-classifier was not installed at set-up)")
     answers = model_io.classify(outputs, inputs, top_k=3)
-    head = assets.IntentHead.from_cache() if (assets.cache_dir() / assets.INTENT_HEAD_FILENAME).exists() else None
+    head = assets.intent_head() if (assets.cache_dir() / assets.INTENT_HEAD_FILENAME).exists() else None
     for row, answer in enumerate(answers):
         assert len(answer) == 3 and 0 < answer[2][1] <= answer[1][1] <= answer[0][1] <= 1
         assert all(label in model_io.classifier.labels for label, _ in answer)

@@ -53,10 +53,11 @@ def _exact(engine, inputs, result):
         assert torch.allclose(value, reference[key], atol=1e-5, rtol=0), key
 
 
-def _wait_members(engine, members, timeout_s=60.0):
+def _wait_members(engine, members, timeout_s=60.0, count=None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if tuple(engine.cluster_status()["members"]) == tuple(members):
+        now = engine.cluster_status()["members"]
+        if (tuple(now) == tuple(members)) if members is not None else len(now) == count:
             return
         time.sleep(0.1)  # the coordinator's ticker takes devices in between requests
     raise AssertionError(f"members {engine.cluster_status()['members']}, expected {members}")
@@ -123,9 +124,9 @@ def test_devices_join_late_leave_die_and_rejoin_every_answer_exact(tmp_path, sec
         assert lost.metrics.fallback or lost.metrics.mode == "local"
 
         devices.append(_join(engine.address, secret_file, "--cores", "0"))  # the board comes back
-        _wait_members(engine, (0, 1))
+        _wait_members(engine, None, count=2)  # as whichever rank is free when it asks (1 may not be yet)
         back = engine.infer(LARGE)
-        assert back.metrics.plan["ranks"] == [0, 1] and not back.metrics.fallback
+        assert len(back.metrics.plan["ranks"]) == 2 and not back.metrics.fallback
         _exact(engine, LARGE, back)
     finally:
         engine.close()

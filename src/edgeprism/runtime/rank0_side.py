@@ -1,5 +1,6 @@
-"""The engine's membership duties on rank 0: take in devices that join, drop those that leave or stop
-answering, build each epoch's lanes, and say who is in the cluster.
+"""The engine's duties on rank 0 besides running a request: take in devices that join, drop those that
+leave or stop answering, build each epoch's lanes, say who is in the cluster; and the bookkeeping around
+requests (energy, the metrics row, the online compute bias, link probes).
 
 `Engine` inherits this (as it inherits `WorkerSide` for the other ranks); the state it uses (`ctx`,
 `config`, `profile`, the control channel, membership, lanes, epoch and members) is the engine's own.
@@ -10,12 +11,19 @@ epoch before the next request arrives.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import replace
 
 from edgeprism.comm.exchange import PeerError
+from edgeprism.plan import Plan, Request
+from edgeprism.plan.cost import predict
 from edgeprism.runtime.cluster_jobs import JobError, check_job, lane_job_context, run_job_here
-from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes
+from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_recording
+from edgeprism.runtime.link_estimate import LinkObservation
+from edgeprism.runtime.metrics import MetricsRow
+from edgeprism.runtime.telemetry import probe_exchanges
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for every side of the engine
 
@@ -109,6 +117,61 @@ class Rank0Side:
                 if isinstance(err, JobError):
                     raise
                 raise RuntimeError(f"job {name!r} over ranks {list(members)} failed: {err}") from err
+    def _learn_compute(self, plan: Plan, request: Request, row) -> None:
+        """Fold measured vs predicted compute into the online compute bias (local vs distributed)."""
+        link = replace(self.estimator.estimate(), local_compute_scale=1.0)  # the profile's own prediction
+        predicted = predict(self.profile, request, plan, link).compute_s
+        self.compute_bias.update(plan.mode, row.compute_s, predicted)
+
+    def _energy(self, request_id: str, phases: list[tuple[float, float, float, float]]) -> tuple[float, str]:
+        """Measured energy of the plan's ranks. Modelled from each rank's (wall, staging, link) seconds with
+        the profile's power model, exactly as the cost model charges them; with a meter, rank 0's part
+        is metered instead (the others stay modelled, and the source says so)."""
+        e = self.profile.energy
+        modelled = [e.compute_w * max(0.0, wall - staging - net) + e.staging_w * staging + e.network_w * net
+                    for wall, staging, net, _ in phases]
+        if self.meter is None:
+            return sum(modelled), "modelled"
+        measurement = self.meter.end_window(request_id)
+        if len(phases) == 1:
+            return measurement.energy_j, measurement.source
+        return measurement.energy_j + sum(modelled[1:]), f"{measurement.source} rank 0 + modelled others"
+
+    def _row(self, request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
+             staging_s, collective_s, delay_s, fallback: str = "") -> MetricsRow:
+        return MetricsRow(
+            request_id=request_id, plan=json.loads(plan.to_json()), mode=plan.mode, batch=request.batch,
+            num_tokens=request.num_tokens, predicted_latency_s=plan.predicted_latency_s, latency_s=latency_s,
+            predicted_energy_j=plan.predicted_energy_j, energy_j=energy_j, energy_source=source,
+            bytes_exchanged=bytes_exchanged, layer_nbytes=layer_nbytes, staging_s=staging_s,
+            collective_s=collective_s, compute_s=max(0.0, latency_s - staging_s - collective_s),
+            emulated_delay_s=delay_s, link_bandwidth_bps=link.bandwidth_bps, link_latency_s=link.latency_s,
+            blew_prediction=latency_s > self.config.blow_factor * plan.predicted_latency_s, fallback=fallback)
+
+    def _probe(self) -> None:
+        """Measure the link over the largest lane: a synchronising exchange, then a small and a large one."""
+        if not self._lanes:
+            return
+        ranks = max(self._lanes, key=len)
+        exchanger = self._lanes[ranks].exchanger
+        stall_s = self.config.min_stall_s
+        stats = start_recording(exchanger)
+        exchanger.deadline = time.monotonic() + stall_s
+        try:
+            self._control.broadcast_json({"op": "probe", "epoch": self._epoch, "ranks": list(ranks),
+                                          "nbytes": self.config.probe_nbytes, "stall_s": stall_s},
+                                         ranks=ranks[1:])
+            probe_exchanges(exchanger, self.config.probe_nbytes)
+        except PeerError as err:
+            self.failures += 1
+            self._end_epoch(f"link probe failed: {err}", stall_s)
+            return
+        finally:
+            exchanger.deadline = None
+        k = len(ranks)
+        found = [LinkObservation((k - 1) * sent, k - 1, delay_s + wait_s) for kind, sent, delay_s, wait_s in stats.events
+                 if kind == "probe"]
+        log.info("link probe over ranks %s: %s", list(ranks), self.estimator.update(found))
 
     def cluster_status(self) -> dict:
         """Rank 0: who is in the cluster — every rank with its state (serving: in the current epoch's
