@@ -72,6 +72,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--validate-passes", type=int, default=2,
                    help="round-robin passes over the validation points (median per point; default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--listen", metavar="ADDR:PORT",
+                   help="profile real devices: be their coordinator on ADDR:PORT, wait until --world-size - 1 devices "
+                        "joined (`edgeprism join ADDR:PORT --secret-file F`), measure them all and write the profile "
+                        "with each device's speed and description; needs --secret-file. docs/DEPLOY.md")
+    p.add_argument("--secret-file", metavar="FILE", help="--listen: the cluster secret every device proves it holds")
+    p.add_argument("--join-timeout", type=float, default=600.0, metavar="S",
+                   help="--listen: seconds to wait for the devices to join (default 600)")
     p.set_defaults(handler=handle)
 
 
@@ -162,6 +169,8 @@ def handle(args) -> int:
         return check(args)
     if not args.out:
         raise ValueError("give --out FILE for the profile (or --check FILE to check an existing one)")
+    if args.listen:
+        return handle_listen(args)
     options = _options(args)
     validate_options(options)
     if args.fidelity and args.no_eval:
@@ -185,6 +194,48 @@ def handle(args) -> int:
         print(json.dumps(out, indent=1))
     else:
         print(format_report(out))
+    return 0
+
+
+def listen_address(listen: str, secret_file: str | None, flag: str = "--listen") -> tuple[str, int]:
+    """(host, port) of a coordinator's --listen, checked: devices prove they hold the secret file."""
+    from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
+    from edgeprism.runtime.coordinator import parse_address
+
+    host, port = parse_address(listen)
+    if not secret_file:
+        raise ValueError(f"{flag} {listen} needs --secret-file FILE, the secret every device proves it holds (at least "
+                         f"16 random bytes, mode 600: `head -c 32 /dev/urandom > cluster.secret && chmod 600 "
+                         f"cluster.secret`; copy it to every device)")
+    load_secret({SECRET_FILE_ENV: secret_file})  # a bad secret file is named now
+    return host, port
+
+
+def handle_listen(args) -> int:
+    """`edgeprism profile --listen`: profile the devices that join this coordinator (runtime.cluster_profile)."""
+    from edgeprism.runtime.cluster_profile import profile_at
+
+    if args.link or args.rate is not None or args.delay is not None or args.validate:
+        raise ValueError("--listen profiles real devices over their real link: --link/--rate/--delay/--validate are "
+                         "for the one-machine testbed")
+    if args.join_timeout <= 0:
+        raise ValueError(f"--join-timeout {args.join_timeout} must be > 0")
+    listen = listen_address(args.listen, args.secret_file)
+    options = _options(args)
+    bar = _Bar()
+    started = time.perf_counter()
+    report = profile_at(listen, args.world_size, args.secret_file, options, say=bar.say, progress=bar,
+                        join_timeout_s=args.join_timeout)
+    report.profile.save(args.out)
+    bar.say(f"profile written to {args.out} in {report.profile_seconds:.1f} s")
+    out = {"profile": args.out, "model": options.model, "world_size": args.world_size,
+           "profile_seconds": report.profile_seconds, "total_seconds": time.perf_counter() - started,
+           **report.to_dict(), "summary": str(report.profile),
+           "devices": [str(d) for d in report.profile.devices]}
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_report(out) + "\n" + "\n".join(f"device {d}" for d in out["devices"]))
     return 0
 
 

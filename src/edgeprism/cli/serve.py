@@ -19,8 +19,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-tiny-test")
     p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when there is no checkpoint")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--profile", metavar="FILE", help="profile JSON written by `edgeprism profile`")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--profile", metavar="FILE", help="profile JSON written by `edgeprism profile` (with --listen "
+                                                          "and no profile: the devices are profiled first)")
     source.add_argument("--synthetic-profile", action="store_true",
                         help="plan from a synthetic profile for --model (realistic numbers, not measured)")
     p.add_argument("--world-size", type=int, default=2, help="ranks (devices), rank 0 included; default 2")
@@ -69,9 +70,16 @@ def add_parser(subparsers) -> None:
     p.set_defaults(handler=handle)
 
 
-def _profile(args):
+def _profile(args, listen=None):
     from edgeprism.plan.synthetic import synthetic_profile
     from edgeprism.profile.schema import Profile
+    from edgeprism.runtime.cluster_profile import profile_for_serving
+
+    if not args.profile and not args.synthetic_profile:
+        if listen is None:
+            raise ValueError("give --profile FILE or --synthetic-profile (or --listen ADDR:PORT: profile the devices)")
+        return profile_for_serving(listen, args.world_size, args.secret_file, args.model, args.checkpoint, args.seed,
+                                   say=lambda text: print(f"edgeprism serve: {text}", file=sys.stderr, flush=True))
 
     if args.synthetic_profile:
         log.warning("planning from a synthetic profile for %s: its numbers are not measured on this machine",
@@ -98,7 +106,7 @@ def handle(args) -> int:
 
         load_secret({SECRET_FILE_ENV: args.secret_file})  # a bad secret file is the user's error, named now
     listen = _listen(args)
-    profile = _profile(args)
+    profile = _profile(args, listen)
     stream = None if args.http else sys.stdin if args.input == "-" else _open(args.input)
     if listen:
         print(f"edgeprism serve: coordinator of {args.model} for {args.world_size - 1} device(s); devices join with "

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from edgeprism.comm.context import init_distributed, shutdown
+from edgeprism.models.base import ReferenceModel
 from edgeprism.models.loading import load_model
 from edgeprism.profile.compute import (OverheadFit, ProgressFn, Shape, block_call, compute_grid, fit_compute,
                                        overhead_call, time_interleaved)
@@ -42,9 +43,8 @@ def measure_on_session(session, model: str, checkpoint: str | None, seed: int, t
     rank, raw result). Shared shapes: see `critical_path`; local shapes and overhead: rank 0 alone."""
     shapes = compute_grid(token_counts, batches, session.world_size, codecs)
     overhead_points = [(b, n) for n in token_counts for b in batches]
-    plan = {"model": model, "checkpoint": checkpoint, "seed": seed, "device": device, "warmup": warmup,
-            "repeats": repeats, "shapes": [[s.batch, s.num_own_tokens, s.num_kv_vectors, s.kind] for s in shapes],
-            "overhead": [list(p) for p in overhead_points]}
+    plan = {"model": model, "checkpoint": checkpoint, "seed": seed, "device": device,
+            **grid_plan(shapes, overhead_points, warmup, repeats)}
     with tempfile.TemporaryDirectory(prefix="edgeprism-compute-") as tmp:
         plan_file, out_file, progress_file = (os.path.join(tmp, name) for name in ("plan.json", "out.json", "progress"))
         with open(plan_file, "w") as handle:
@@ -59,12 +59,27 @@ def measure_on_session(session, model: str, checkpoint: str | None, seed: int, t
                                "--progress", progress_file], progress_file, on_line)
         with open(out_file) as handle:
             raw = json.load(handle)
+    table, overhead, speeds = fit_result(raw, shapes, overhead_points, num_layers)
+    return table, overhead, shapes, speeds, raw
+
+
+def grid_plan(shapes: Sequence[Shape], overhead_points: Sequence[tuple[int, int]], warmup: int,
+              repeats: int) -> dict[str, Any]:
+    """The part of a compute plan `run_plan` times: the grid, the overhead points, warm-up and repeats."""
+    return {"warmup": warmup, "repeats": repeats,
+            "shapes": [[s.batch, s.num_own_tokens, s.num_kv_vectors, s.kind] for s in shapes],
+            "overhead": [list(p) for p in overhead_points]}
+
+
+def fit_result(raw: dict[str, Any], shapes: Sequence[Shape], overhead_points: Sequence[tuple[int, int]],
+               num_layers: int) -> tuple[ComputeTable, OverheadFit, tuple[float, ...]]:
+    """(table, overhead, relative speed per rank) from rank 0's result of `run_plan`."""
     shared = [Shape(**s) for s in raw["shared"]]
     alone = [Shape(**s) for s in raw["alone"]]
     speeds, shared_s = critical_path(raw["shared_samples_s"])
     timed = dict(zip(shared, shared_s)) | dict(zip(alone, raw["alone_s"]))
     table, overhead = fit_compute(shapes, [timed[s] for s in shapes], overhead_points, raw["overhead_s"], num_layers)
-    return table, overhead, shapes, speeds, raw
+    return table, overhead, speeds
 
 
 def critical_path(samples_per_rank: Sequence[Sequence[Sequence[float]]]) -> tuple[tuple[float, ...], list[float]]:
@@ -88,8 +103,14 @@ def critical_path(samples_per_rank: Sequence[Sequence[Sequence[float]]]) -> tupl
 
 
 def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: torch.device,
-             progress_path: str | None) -> dict[str, Any] | None:
-    model = load_model(plan["model"], plan.get("checkpoint"), seed=plan.get("seed", 0)).to(device).eval()
+             progress_path: str | None = None, *, group=None, model: ReferenceModel | None = None,
+             progress: ProgressFn | None = None) -> dict[str, Any] | None:
+    """Collective over `group` (default: the default group; ranks group-relative): time the plan's grid.
+    Returns rank 0's result (every rank's shared samples), None on the others. `model`: already loaded
+    (default: load the plan's); `progress(done, total, label)` and `progress_path` report on rank 0."""
+    if model is None:
+        model = load_model(plan["model"], plan.get("checkpoint"), seed=plan.get("seed", 0))
+    model = model.to(device).eval()
     shapes = [Shape(*s) for s in plan["shapes"]]
     shared = [s for s in shapes if s.kind != "local"]
     alone = [s for s in shapes if s.kind == "local"]
@@ -100,15 +121,17 @@ def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: tor
 
     def reporter(offset: int, labels: list[str]):
         def step(done: int, seconds: float) -> None:
+            text = f"{labels[(done - 1) % len(labels)]} {seconds * 1e3:.1f} ms"
             if is_root and progress_path:
                 with open(progress_path, "a") as handle:
-                    handle.write(f"{offset + done}\t{total}\t{labels[(done - 1) % len(labels)]} "
-                                 f"{seconds * 1e3:.1f} ms\n")
+                    handle.write(f"{offset + done}\t{total}\t{text}\n")
+            if is_root and progress:
+                progress(offset + done, total, text)
         return step
 
     def barrier() -> None:
         if world_size > 1:
-            dist.barrier()
+            dist.barrier(group=group)
 
     def label(s: Shape) -> str:
         return f"block B={s.batch} n={s.num_own_tokens} kv={s.num_kv_vectors}"
@@ -133,7 +156,7 @@ def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: tor
     mine = torch.tensor(raw, dtype=torch.float64).reshape(len(shared), repeats)  # (calls, repeats)
     per_rank = [torch.zeros_like(mine) for _ in range(world_size)]
     if world_size > 1:
-        dist.all_gather(per_rank, mine)
+        dist.all_gather(per_rank, mine, group=group)
     else:
         per_rank = [mine]
     if not is_root:

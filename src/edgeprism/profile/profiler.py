@@ -157,10 +157,20 @@ def host_facts(device: torch.device, cores_per_device: int = 1) -> HostFacts:
                     break
     except OSError:
         pass
-    kind = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
     return HostFacts(cpu_model=cpu_model, num_cores=cores_per_device, torch_version=torch.__version__,
-                     device_kind=kind, python_version=platform.python_version(),
+                     device_kind=device_kind(device), python_version=platform.python_version(),
                      host_id=hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8])
+
+
+def device_kind(device: torch.device | str) -> str:
+    """"cpu" or "cuda:<device name>": what `HostFacts.device_kind` and `DeviceDescription.device_kind` say."""
+    device = torch.device(device)
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, e.g. `edgeprism join --cores 0-3`)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def validate_options(options: ProfileOptions) -> None:
@@ -249,19 +259,7 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     say(f"energy: {energy.source} ({energy.meter})")
 
     mark = time.perf_counter()
-    if options.fidelity_file:
-        rows = load_fidelity_rows(options.fidelity_file)
-        fidelity_note = f"fidelity imported from {options.fidelity_file}"
-    elif options.evaluate:
-        rows, fidelity_note = evaluate_fidelity(options.model, options.codec_names(), options.world_size,
-                                                options.eval_limit, progress=say)
-    else:
-        rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
-    selected = select_rows(rows, config.name, options.world_size)
-    entries = codec_entries(codecs, config.hidden_size, selected, num_layers=config.num_layers)
-    unmeasured = [e.codec for e in entries if e.loss is None]
-    if rows and unmeasured:
-        fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"
+    entries, fidelity_note = fidelity_entries(options, config, codecs, say)
     phases["fidelity_s"] = time.perf_counter() - mark
     say(f"fidelity: {fidelity_note}")
 
@@ -290,6 +288,26 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
                          load_average=(load_before, os.getloadavg()[0]))
 
 
+def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Sequence,
+                     say: Callable[[str], None]) -> tuple[tuple, str]:
+    """Each codec's wire cost and fidelity (imported rows, the model's evaluation set, or unmeasured) → (entries,
+    note)."""
+    if options.fidelity_file:
+        rows = load_fidelity_rows(options.fidelity_file)
+        fidelity_note = f"fidelity imported from {options.fidelity_file}"
+    elif options.evaluate:
+        rows, fidelity_note = evaluate_fidelity(options.model, options.codec_names(), options.world_size,
+                                                options.eval_limit, progress=say)
+    else:
+        rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
+    selected = select_rows(rows, config.name, options.world_size)
+    entries = codec_entries(codecs, config.hidden_size, selected, num_layers=config.num_layers)
+    unmeasured = [e.codec for e in entries if e.loss is None]
+    if rows and unmeasured:
+        fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"
+    return tuple(entries), fidelity_note
+
+
 def held_out_batches(batches: Sequence[int], sampled: Sequence[int], count: int = 3) -> tuple[int, ...]:
     """Batch sizes for validation that the profile did not time: unsampled ones of the range, spread out;
     if fewer than `count` exist, midpoints between sampled ones."""
@@ -305,5 +323,6 @@ def held_out_batches(batches: Sequence[int], sampled: Sequence[int], count: int 
 
 
 __all__ = ["ProfileOptions", "ProfileReport", "run_profile", "validate_options", "token_counts_for",
-           "held_out_batches", "input_bytes_per_token", "output_bytes_per_row", "host_facts", "DEFAULT_BATCHES",
+           "held_out_batches", "input_bytes_per_token", "output_bytes_per_row", "host_facts", "device_kind",
+           "usable_cores", "fidelity_entries", "DEFAULT_BATCHES",
            "DEFAULT_SEQ_LENS"]

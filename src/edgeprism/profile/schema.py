@@ -21,7 +21,12 @@ JSON sketch (schema_version 1)::
      "codecs": [{"codec": "fp32", "cr": 1, "wire_dtype": "float32", "wire_bytes_per_token": 3073.0,
                  "wire_bytes_per_row": 0.0, "metric": "top1_agreement", "value": 1.0,
                  "reference_value": 1.0, "loss": 0.0}, …],
-     "input_bytes_per_token": 3072.0, "output_bytes_per_row": 3072.0, "notes": ""}
+     "input_bytes_per_token": 3072.0, "output_bytes_per_row": 3072.0, "notes": "",
+     "devices": [{"rank": 0, "device_kind": "cpu", "num_cores": 4, "device": "cpu", "host_id": "…8 hex…",
+                  "cpu_model": "…", "staging": "…", "energy": {…EnergyModel…} or null}, …]}
+
+`devices` is optional (a profile of a joined cluster has one entry per rank; older files have none, and
+a profile without devices writes no `devices` key, so its hash is what it always was).
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from typing import Any
 
 from edgeprism.models.config import ModelConfig
 from edgeprism.profile.jsondata import from_json_dict, to_json_dict
-from edgeprism.profile.tables import (CodecFidelity, ComputeSample, ComputeTable, EnergyModel, EnergySource, HostFacts,
-                                      LinkMeasurement, LinkMedium, StagingSample, StagingTable, check_nonneg)
+from edgeprism.profile.tables import (CodecFidelity, ComputeSample, ComputeTable, DeviceDescription, EnergyModel,
+                                      EnergySource, HostFacts, LinkMeasurement, LinkMedium, StagingSample,
+                                      StagingTable, check_nonneg)
 
 SCHEMA_VERSION = 1
 T = typing.TypeVar("T")
@@ -65,6 +71,8 @@ class Profile:
     created_utc: str = ""
     notes: str = ""
     schema_version: int = SCHEMA_VERSION
+    devices: tuple[DeviceDescription, ...] = ()
+    """Each rank's device, when the profile was measured on a joined cluster (empty: not recorded)."""
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -84,6 +92,9 @@ class Profile:
             raise ValueError(f"profile lists a codec twice: {names}")
         check_nonneg("profile", input_bytes_per_token=self.input_bytes_per_token,
                       output_bytes_per_row=self.output_bytes_per_row)
+        if self.devices and [d.rank for d in self.devices] != list(range(self.world_size)):
+            raise ValueError(f"profile devices are for ranks {[d.rank for d in self.devices]}; world_size "
+                             f"{self.world_size} needs one per rank 0..{self.world_size - 1}, in order")
 
     @property
     def model_name(self) -> str:
@@ -98,6 +109,8 @@ class Profile:
     # ---- serialisation ----
     def to_dict(self) -> dict[str, Any]:
         data = to_json_dict(self)
+        if not self.devices:
+            del data["devices"]  # an older profile's JSON (and hash) stays what it was
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -186,5 +199,5 @@ class Profile:
 
 __all__ = [
     "SCHEMA_VERSION", "HostFacts", "ComputeSample", "ComputeTable", "StagingSample", "StagingTable",
-    "LinkMeasurement", "EnergyModel", "CodecFidelity", "Profile", "EnergySource", "LinkMedium",
+    "LinkMeasurement", "EnergyModel", "CodecFidelity", "DeviceDescription", "Profile", "EnergySource", "LinkMedium",
 ]

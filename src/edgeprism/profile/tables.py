@@ -271,5 +271,34 @@ class CodecFidelity:
         return min(1.0, max(0.0, (reference_value - value) / abs(reference_value)))
 
 
+@dataclass(frozen=True)
+class DeviceDescription:
+    """One rank's device as profiled on a joined cluster: what a device joining a coordinator served with
+    this profile must match (`device_kind`, `num_cores`). Like `HostFacts`, never a host name."""
+
+    rank: int
+    device_kind: str
+    """"cpu", "cuda:Orin", … (as `HostFacts.device_kind`)."""
+    num_cores: int
+    """CPU cores the rank's process could use (its affinity: `edgeprism join --cores`)."""
+    device: str = "cpu"
+    """The torch device the rank ran on."""
+    host_id: str = ""
+    """Short hash of the host name (ranks on one machine share it)."""
+    cpu_model: str = ""
+    staging: str = ""
+    """How this rank's staging was measured (a CPU device has none)."""
+    energy: EnergyModel | None = None
+    """This rank's power per phase, with its own meter (or modelled, and the source says so)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.num_cores < 1:
+            raise ValueError(f"device rank {self.rank} must be >= 0 and num_cores {self.num_cores} >= 1")
+
+    def __str__(self) -> str:
+        host = f" on host {self.host_id}" if self.host_id else ""
+        return f"rank {self.rank}: {self.device_kind}, {self.num_cores} core{'s' * (self.num_cores != 1)}{host}"
+
+
 __all__ = ["EnergySource", "LinkMedium", "HostFacts", "ComputeSample", "ComputeTable", "StagingSample",
-           "StagingTable", "LinkMeasurement", "EnergyModel", "CodecFidelity"]
+           "StagingTable", "LinkMeasurement", "EnergyModel", "CodecFidelity", "DeviceDescription"]

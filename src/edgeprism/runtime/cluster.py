@@ -42,7 +42,8 @@ from edgeprism.comm.launch import WorkerError, core_assignment
 from edgeprism.models.loading import load_model
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
-from edgeprism.runtime.coordinator import PREFIX, Ticker, coordinator_spec, publish_spec, start_store
+from edgeprism.runtime.coordinator import (PREFIX, Ticker, coordinator_spec, publish_spec, self_description,
+                                           start_store)
 from edgeprism.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
         try:
             box["engine"] = Engine(model_obj, profile, ctx, config, meter=meter, store=prefixed, secret=secret,
                                    bind_addr=lanes_addr, on_close=stop, boot_nonce=boot_nonce,
-                                   self_info={"device": str(ctx.device), "role": "coordinator"})
+                                   self_info={**self_description(str(ctx.device), ()), "role": "coordinator"})
         except BaseException as err:  # re-raised below, in the caller's thread
             box["error"] = err
 

@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from edgeprism.comm.auth import AuthError, open_sealed, seal
 from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats, PeerError
+from edgeprism.runtime.cluster_jobs import check_job
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
               "generate": int},
     "probe": {"epoch": int, "ranks": list, "nbytes": int, "stall_s": _NUMBER},
     "ping": {"epoch": int},
+    "job": {"epoch": int, "name": str, "args": dict},
     "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER},
     "shutdown": {},
     "release": {},
@@ -67,6 +69,11 @@ def validate_control(message: object) -> dict:
             raise ControlError(f"control op {op!r}: {name} must be rank numbers, got {message[name][:8]!r}")
     if op == "probe" and not 0 < message["nbytes"] <= MAX_PROBE_BYTES:
         raise ControlError(f"probe of {message['nbytes']} bytes is outside 1..{MAX_PROBE_BYTES}")
+    if op == "job":  # a name of the fixed registry, with exactly its arguments: never code from the wire
+        try:
+            check_job(message["name"], message["args"])
+        except ValueError as err:
+            raise ControlError(str(err)) from None
     return message
 
 

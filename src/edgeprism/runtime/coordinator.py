@@ -41,6 +41,7 @@ from edgeprism.comm.auth import AuthError, open_sealed, seal
 from edgeprism.comm.context import DistContext, pin_cpu
 from edgeprism.models.base import ReferenceModel
 from edgeprism.models.loading import load_model
+from edgeprism.profile.profiler import device_kind, usable_cores
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.engine import Engine
@@ -104,9 +105,11 @@ def local_address_towards(host: str, port: int) -> str:
 
 
 def self_description(device: str, cores: tuple[int, ...]) -> dict[str, Any]:
-    """What a process says of itself in the cluster status."""
+    """What a process says of itself in the cluster status (and at admission, where a profile that recorded
+    each rank's device checks `device_kind` and `num_cores`, as edgeprism.runtime.cluster_jobs describes them)."""
     return {"host": platform.node(), "pid": os.getpid(), "device": device, "cores": list(cores),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device_kind": device_kind(device),
+            "num_cores": usable_cores()}
 
 
 def _sealed(secret: bytes | None, channel: bytes, body: bytes) -> bytes:
@@ -304,7 +307,7 @@ class Device:
         config = EngineConfig(**spec.config)
         try:
             session = join_cluster(prefixed, secret, options.rank, start_digests(model, profile),
-                                   options.connect_timeout_s)
+                                   options.connect_timeout_s, info=self_description(options.device, options.cores))
         except ValueError as err:
             if str(err).startswith("the cluster is full"):  # a lost device's rank frees after its liveness round
                 raise ClusterFull(str(err)) from None

@@ -139,7 +139,8 @@ class Engine(Rank0Side, WorkerSide):
         digests = start_digests(self.model, profile)
         if ctx.is_root:
             self._control = ControlChannel(self._store, ctx.link)
-            self._membership = Membership(self._store, secret, ctx.world_size, digests, self._control, boot_nonce)
+            self._membership = Membership(self._store, secret, ctx.world_size, digests, self._control, boot_nonce,
+                                          devices=profile.devices)
             self._next_join_check = time.monotonic() + config.join_check_s
             if config.wait_for_workers:
                 self._membership.wait_for_all(config.start_timeout_s)

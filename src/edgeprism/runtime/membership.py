@@ -61,8 +61,10 @@ class Membership:
     """Rank 0's view: admitted sessions (in `control.sessions`), the current members, pending rounds."""
 
     def __init__(self, store, secret: bytes | None, world_size: int, digests: dict[str, bytes],
-                 control: ControlChannel, boot_nonce: bytes | None = None) -> None:
+                 control: ControlChannel, boot_nonce: bytes | None = None, devices: tuple = ()) -> None:
         self.store = store
+        self.devices = devices
+        """The profile's `DeviceDescription` per rank (a profile of a joined cluster); empty: not checked."""
         self.key = admission_key(secret)
         self.world_size = world_size
         self.digests = digests
@@ -103,9 +105,11 @@ class Membership:
                 self.store.set(f"join/{slot}/reply", UNAUTHENTICATED)
                 continue
             asked = rank
-            rank = self._free_rank() if asked == 0 else asked
             session = Session(rank, slot, session_key(self.key, self.boot_nonce, slot, nonce))
-            problem = self._problem(rank, digests)
+            said = self._said(session) if self.devices else {}
+            rank = self._free_rank(said) if asked == 0 else asked
+            session.rank = rank
+            problem = self._problem(rank, digests) or self._device_problem(rank, said)
             if problem:
                 log.warning("refused %s's join: %s", f"rank {asked}" if asked else "a device", problem)
                 self.refusals.append(problem)
@@ -120,15 +124,49 @@ class Membership:
             self._reply(session, {"op": "admitted", "rank": rank})
             self.control.sessions[rank] = session
             self.info.pop(rank, None)
+            if said:
+                self.info[rank] = said
             self.joined.add(rank)
             admitted.append(rank)
             log.info("admitted rank %d (slot %d)", rank, slot)
         return admitted
 
-    def _free_rank(self) -> int:
-        """The lowest rank no admitted process holds; -1 when the cluster is full."""
+    def _free_rank(self, said: dict | None = None) -> int:
+        """The lowest rank no admitted process holds (-1 when the cluster is full); with the profile's device
+        descriptions, the lowest free one whose recorded device is like the one the joining process `said`
+        it is (its speed in the profile is then its own)."""
         free = [r for r in range(1, self.world_size) if r not in self.control.sessions]
-        return free[0] if free else -1
+        alike = [r for r in free if said and not self._device_problem(r, said)]
+        return alike[0] if alike else free[0] if free else -1
+
+    def _said(self, session: Session) -> dict:
+        """What a joining process wrote of itself before asking (`join_cluster(..., info=)`), or {}."""
+        key = f"info/{session.slot}"
+        if not self.store.check([key]):
+            return {}
+        try:
+            info = json.loads(open_sealed(session.key, b"info", session.slot, self.store.get(key),
+                                          MAX_INFO_BYTES).decode())
+        except (AuthError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            log.warning("a joining process's self-description was refused: %s", err)
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _device_problem(self, rank: int, said: dict) -> str:
+        """Why a device that `said` what it is cannot be `rank` of a cluster whose profile recorded each rank's
+        device; "" when it matches (or nothing was recorded, or it said nothing)."""
+        if not self.devices or not said or not 1 <= rank < len(self.devices):
+            return ""
+        recorded = self.devices[rank]
+        kind, cores = said.get("device_kind"), said.get("num_cores")
+        if (kind, cores) == (recorded.device_kind, recorded.num_cores):
+            return ""
+        free = [str(self.devices[r]) for r in range(1, self.world_size)
+                if r not in self.control.sessions] or [str(recorded)]
+        return (f"this device ({kind}, {cores} cores, host {said.get('host', '?')}) matches none of the profile's "
+                f"free device ranks ({'; '.join(free)}): the profile was measured on other devices. Profile the "
+                f"cluster again (`edgeprism profile --listen ...`, or `edgeprism serve --listen` without "
+                f"--profile), or start this device as profiled (e.g. --cores with that many cores)")
 
     def _problem(self, rank: int, digests: bytes) -> str:
         if rank == -1:
@@ -262,15 +300,19 @@ class Membership:
 
 
 # --- the worker's side ---
-def join_cluster(store, secret: bytes | None, rank: int, digests: dict[str, bytes], timeout_s: float) -> Session:
+def join_cluster(store, secret: bytes | None, rank: int, digests: dict[str, bytes], timeout_s: float,
+                 info: dict | None = None) -> Session:
     """Ask rank 0 to admit this process as `rank` (0: any free rank); returns the session, whose `rank` is
-    the one given. AuthError when rank 0 (or this process) fails authentication; ValueError with rank 0's
-    reason when it refuses us."""
+    the one given. `info`: what this process is (`describe_self`), told before asking, so that rank 0 can
+    check it against a profile's devices. AuthError when rank 0 (or this process) fails authentication;
+    ValueError with rank 0's reason when it refuses us."""
     key = admission_key(secret)
     store.wait(["auth/boot"], timedelta(seconds=timeout_s))
     boot_nonce = store.get("auth/boot")
     slot = store.add("join/slots", 1)
     nonce = os.urandom(NONCE_BYTES)
+    if info is not None:
+        describe_self(store, Session(rank, slot, session_key(key, boot_nonce, slot, nonce)), info)
     store.set(f"join/{slot}", encode_join(key, boot_nonce, slot, rank, nonce, b"".join(digests.values())))
     store.wait([f"join/{slot}/reply"], timedelta(seconds=timeout_s))
     blob = store.get(f"join/{slot}/reply")

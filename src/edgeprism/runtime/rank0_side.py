@@ -19,6 +19,7 @@ from dataclasses import replace
 from edgeprism.comm.exchange import PeerError
 from edgeprism.plan import Plan, Request
 from edgeprism.plan.cost import predict
+from edgeprism.runtime.cluster_jobs import JobError, check_job, lane_job_context, run_job_here
 from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_recording
 from edgeprism.runtime.link_estimate import LinkObservation
 from edgeprism.runtime.metrics import MetricsRow
@@ -92,6 +93,30 @@ class Rank0Side:
         if self._control is not None:
             self._control.broadcast_json({"op": "release"})
 
+    def run_job(self, name: str, args: dict, progress=None) -> list[dict]:
+        """Rank 0: run a registered measurement job (edgeprism.runtime.cluster_jobs.JOBS) on every member of
+        the current epoch at once → each member's result, in rank order (`healthy_ranks`). ValueError for an
+        unknown job or bad arguments; JobError naming the rank a job failed on; RuntimeError when a member
+        is lost (the epoch then ends, as after a failed request). `progress(done, total, label)`: rank 0's."""
+        if not self.ctx.is_root:
+            raise RuntimeError("run_job is for rank 0")
+        check_job(name, args)
+        with self._lock:
+            self.maintain()
+            members = self._members
+            context = lane_job_context(self._lanes, members, self.model, progress)
+            if context is None:
+                raise RuntimeError(f"job {name!r} needs devices: only ranks {list(members)} are connected")
+            self._control.broadcast_json({"op": "job", "epoch": self._epoch, "name": name, "args": args},
+                                         ranks=members[1:])
+            try:
+                return run_job_here(context, name, args, members)
+            except (PeerError, RuntimeError) as err:  # JobError included: a rank may have left mid-collective
+                self.failures += 1
+                self._end_epoch(f"job {name} failed", 0.0)
+                if isinstance(err, JobError):
+                    raise
+                raise RuntimeError(f"job {name!r} over ranks {list(members)} failed: {err}") from err
     def _learn_compute(self, plan: Plan, request: Request, row) -> None:
         """Fold measured vs predicted compute into the online compute bias (local vs distributed)."""
         link = replace(self.estimator.estimate(), local_compute_scale=1.0)  # the profile's own prediction

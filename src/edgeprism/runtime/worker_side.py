@@ -11,6 +11,7 @@ import time
 
 from edgeprism.comm.exchange import PeerError
 from edgeprism.plan import Plan
+from edgeprism.runtime.cluster_jobs import lane_job_context, run_job_here
 from edgeprism.runtime.control import ControlError, Mailbox
 from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
 from edgeprism.runtime.membership import acknowledge, describe_self, join_cluster
@@ -59,6 +60,8 @@ class WorkerSide:
                 self._mailbox = Mailbox(self._store, session)
             elif op in ("infer", "probe"):
                 served += self._take_part(message)
+            elif op == "job":
+                self._take_job(message)
             else:
                 raise ControlError(f"rank 0 sent {op!r} where a worker's message was expected")
 
@@ -75,6 +78,19 @@ class WorkerSide:
             self._members = members
         except RuntimeError as err:
             log.warning("rank %d: epoch %d did not connect: %s", self.ctx.group_rank, self._epoch, err)
+
+    def _take_job(self, message: dict) -> None:
+        """Our part of a measurement job on the epoch's lane over every member (edgeprism.runtime.cluster_jobs);
+        a job's own failure goes to rank 0 in its results, a lost peer drops the lanes."""
+        context = lane_job_context(self._lanes, self._members, self.model)
+        if message["epoch"] != self._epoch or context is None:
+            return
+        try:
+            run_job_here(context, message["name"], message["args"], self._members)
+        except (PeerError, RuntimeError) as err:
+            log.warning("rank %d: job %s of epoch %d failed (%s); waiting for rank 0", self.ctx.group_rank,
+                        message["name"], self._epoch, err)
+            retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
 
     def _take_part(self, message: dict) -> int:
         """Our part of a distributed request or probe; 1 if a request was served. A failure drops the lanes

@@ -117,7 +117,7 @@ def _timed_broadcast(
     start_s = time.perf_counter()
     if link is not None:
         link.before_collective(nbytes_sent=nbytes if group_rank == 0 else 0, hops=1)
-    dist.broadcast(tensor, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast(tensor, group_src=0, group=group)
     # The sender's broadcast returns once its bytes are in the socket buffer, long before they arrive;
     # a bare barrier (no emulated delay, ~0.3 ms) makes both ranks' clocks stop after the receiver has it.
     dist.barrier(group=group)
@@ -143,6 +143,7 @@ def measure_link(
     group: dist.ProcessGroup | None = None,
     link: EmulatedLink | None = None,
     *,
+    pair: dist.ProcessGroup | None = None,
     latency_nbytes: int = 64,
     latency_repeats: int = 20,
     bandwidth_start_nbytes: int = 256 * 1024,
@@ -159,9 +160,14 @@ def measure_link(
     The bandwidth size doubles from `bandwidth_start_nbytes` until one all-gather takes at least
     `bandwidth_target_s` (or `bandwidth_max_nbytes` is reached), so slow and fast links both get a
     measurement long enough to be accurate and short enough to be cheap.
+
+    `group` may be any process group, also one torch's default group does not know (the engine's lanes,
+    `edgeprism.runtime.groups`); ranks are group-relative. `pair` is a group of `group`'s ranks 0 and 1
+    for the one-way test (only those two use it); without one, a world of more than 2 makes it with
+    `dist.new_group`, which needs the default group.
     """
-    if not dist.is_initialized():
-        raise RuntimeError("measure_link needs torch.distributed initialised (run it under torchrun)")
+    if group is None and not dist.is_initialized():
+        raise RuntimeError("measure_link needs torch.distributed initialised (run it under torchrun) or a group")
     world_size = dist.get_world_size(group)
     if world_size < 2:
         raise ValueError(f"a link test needs at least 2 ranks; this group has {world_size}")
@@ -178,11 +184,12 @@ def measure_link(
     small_agreed_s = _agree_max(small_s, group)
 
     # One link direction: broadcast between the group's first two ranks only.
-    group_rank = dist.get_rank(group)
-    pair = group if world_size == 2 else dist.new_group(
-        [dist.get_global_rank(group, 0) if group is not None else 0,
-         dist.get_global_rank(group, 1) if group is not None else 1]
-    )
+    group_rank = group.rank() if group is not None else dist.get_rank()
+    if world_size == 2:
+        pair = group
+    elif pair is None:
+        pair = dist.new_group([dist.get_global_rank(group, 0) if group is not None else 0,
+                               dist.get_global_rank(group, 1) if group is not None else 1])
     nbytes = bandwidth_start_nbytes
     bandwidth_samples: tuple[float, ...] = ()
     if group_rank < 2:
@@ -201,7 +208,7 @@ def measure_link(
         burst_samples = ()
     # Every rank learns the size rank 0 settled on.
     size = torch.tensor([nbytes], dtype=torch.int64)
-    dist.broadcast(size, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast(size, group_src=0, group=group)
     nbytes = int(size.item())
     allgather_samples = tuple(_timed_all_gather(nbytes, world_size, link, group) for _ in range(bandwidth_repeats))
 
