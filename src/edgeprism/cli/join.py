@@ -86,8 +86,10 @@ def handle(args) -> int:
         except BaseException as err:  # re-raised on the main thread, which alone receives Ctrl-C
             outcome["error"] = err
 
-    # SIGTERM (systemd stop) leaves as cleanly as Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
+    # SIGTERM (systemd stop) leaves as cleanly as Ctrl-C does; SIGINT is handled even where the shell started
+    # us in the background with it ignored (`edgeprism join ... &` in a script).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     thread = threading.Thread(target=serve, name="edgeprism-device", daemon=True)
     thread.start()
     try:
