@@ -4,8 +4,8 @@ The testbed as stand-in boards (root): host 0 is the coordinator (this script re
 a device (`edgeprism join`, the command of docs/DEPLOY.md), over a kernel-shaped link. The coordinator
 serves the same engine twice over HTTP — one API with dynamic batching, one without — and the load
 generator (`edgeprism.api.load`, in host 0's namespace) sends the same requests to each in turn,
-alternating which goes first, `--repeats` times. Rows (one per run) go to OUT/rows.jsonl; the table of
-medians, spreads and the batching/no-batching ratios to OUT/tables.md.
+alternating which goes first, `--repeats` times. Rows (one per run) go to OUT/rows-WORKLOAD.jsonl; the
+table of medians, spreads and the batching/no-batching ratios to OUT/tables-WORKLOAD.md.
 
     python scripts/bench_http_batching.py --model minilm-l6 --checkpoint ~/.cache/edgeprism/minilm-l6 \\
         --profile P.json --link wifi4 --concurrency 8 --requests 48 --repeats 3 --out benchmarks/results/http-batching
@@ -37,7 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", required=True, help="a profile of 2 devices (edgeprism profile --link ...)")
     p.add_argument("--link", default="wifi4")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--requests", type=int, default=48, help="requests per run (one passage each)")
+    p.add_argument("--requests", type=int, default=48, help="requests per run (one text each)")
+    p.add_argument("--workload", choices=["passages", "queries"], default="passages",
+                   help="passages: 128-250 tokens of Shakespeare each; queries: short questions (5-20 words)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-fidelity-loss", type=float, default=0.01)
     p.add_argument("--batch-window-ms", type=float, default=5.0)
@@ -70,7 +72,7 @@ def inner(args) -> int:
 
     from edgeprism.api import ApiConfig, serve_http
     from edgeprism.api.load import LoadConfig, run_load
-    from edgeprism.assets.datasets import text_passages
+    from edgeprism.assets.datasets import short_queries, text_passages
     from edgeprism.inputs import load_io
     from edgeprism.profile.schema import Profile
     from edgeprism.runtime import EngineConfig, launch_engine
@@ -100,7 +102,10 @@ def inner(args) -> int:
             threading.Thread(target=serve_http, args=(engine, io, address, port, api),
                              kwargs={"stop": stops[mode]}, daemon=True).start()
         time.sleep(2.0)
-        texts = tuple(_passages(io, text_passages, args.requests))
+        if args.workload == "queries":
+            texts = tuple(short_queries("shakespeare", limit=args.requests))
+        else:
+            texts = tuple(_passages(io, text_passages, args.requests))
         rows = []
         for mode in HTTP_PORTS:  # warm-up: every plan shape once
             asyncio.run(run_load(LoadConfig(f"http://{address}:{HTTP_PORTS[mode]}", concurrency=args.concurrency,
@@ -113,7 +118,7 @@ def inner(args) -> int:
                                                        concurrency=args.concurrency, requests=args.requests,
                                                        texts=texts)))
                 served = list(engine.history)[before:] if len(engine.history) < engine.history.maxlen else []
-                row = {"mode": mode, "repeat": repeat, **load.to_dict(),
+                row = {"mode": mode, "repeat": repeat, "workload": args.workload, **load.to_dict(),
                        "engine_calls": len(served),
                        "engine_calls_distributed": sum(r.mode == "distributed" for r in served),
                        "engine_rows_mean": statistics.mean(r.batch for r in served) if served else None,
@@ -129,10 +134,10 @@ def inner(args) -> int:
         for stop in stops.values():
             stop.set()
         out = Path(args.out)
-        with open(out / "rows.jsonl", "w") as handle:
+        with open(out / f"rows-{args.workload}.jsonl", "w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-        (out / "tables.md").write_text(table(rows, args))
+        (out / f"tables-{args.workload}.md").write_text(table(rows, args))
         print(table(rows, args))
         return 0
     finally:
@@ -156,9 +161,10 @@ def table(rows, args) -> str:
         values = [r[key][sub] if sub else r[key] for r in rows if r["mode"] == mode]
         return statistics.median(values), min(values), max(values)
 
+    what = "one passage of 128-250 tokens" if args.workload == "passages" else "one question of 5-20 words"
     lines = [f"# Dynamic batching, {args.model}, 2 devices over {args.link}, {args.concurrency} concurrent clients",
              "",
-             f"{args.requests} requests per run (one passage of 128-250 tokens each), {args.repeats} runs per mode, "
+             f"{args.requests} requests per run ({what} each), {args.repeats} runs per mode, "
              "alternating which mode goes first; median (min-max). Testbed: network namespaces, kernel tbf link, one "
              "pinned core per device; the coordinator is rank 0.",
              "",
