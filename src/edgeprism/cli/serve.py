@@ -131,6 +131,8 @@ def handle(args) -> int:
     with launch_engine(args.world_size, args.model, profile, checkpoint=args.checkpoint, seed=args.seed,
                        config=config, cores_per_worker=args.cores_per_worker, link_file=args.link_file,
                        timeout_s=args.timeout, secret_file=args.secret_file, **where) as engine:
+        if listen and not (args.profile or args.synthetic_profile):
+            _await_profiled_devices(engine)
         if args.http:
             _serve_http(engine, args, write)
             return 0
@@ -143,6 +145,21 @@ def handle(args) -> int:
     print(f"edgeprism serve: {served} served, {refused} refused"
           + (f", {failures} rerun on rank 0 after a lost peer" if failures else ""), file=sys.stderr, flush=True)
     return 0
+
+
+def _await_profiled_devices(engine, timeout_s: float = 120.0) -> None:
+    """The devices just profiled join again within seconds: wait for them (bounded) before answering, so
+    that the first requests are planned over the whole cluster. Devices that do not come back are taken in
+    whenever they do."""
+    from edgeprism.runtime.cluster_profile import wait_for_devices
+
+    def say(text: str) -> None:
+        print(f"edgeprism serve: {text}", file=sys.stderr, flush=True)
+
+    try:
+        wait_for_devices(engine, say, timeout_s)
+    except TimeoutError as err:
+        say(f"serving without them for now: {err}")
 
 
 def _serve_http(engine, args, write) -> None:
