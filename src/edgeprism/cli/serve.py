@@ -56,6 +56,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--outputs", choices=["summary", "full", "none"], default="summary",
                    help="summary: output shapes and logits argmax; full: every value")
     p.add_argument("--cores-per-worker", type=int, default=1)
+    p.add_argument("--cores", default="", metavar="LIST",
+                   help="pin this process (rank 0) to these CPU cores and use that many threads, e.g. 0 or 0-3 "
+                        "(default: all cores); what `edgeprism join --cores` does on a device")
     p.add_argument("--link-file", metavar="FILE",
                    help="emulated link file every rank follows (edgeprism.testbed; rewrite it to change the link)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds the workers have to connect to the store")
@@ -106,6 +109,10 @@ def handle(args) -> int:
 
         load_secret({SECRET_FILE_ENV: args.secret_file})  # a bad secret file is the user's error, named now
     listen = _listen(args)
+    if args.cores:
+        from edgeprism.comm.context import parse_cores, pin_cpu
+
+        pin_cpu(parse_cores(args.cores))
     profile = _profile(args, listen)
     stream = None if args.http else sys.stdin if args.input == "-" else _open(args.input)
     if listen:
