@@ -10,12 +10,12 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("tokenizers")
 
-from api_adapters import WordIO  # noqa: E402
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from edgeprism.api import ApiConfig, make_app  # noqa: E402
-from edgeprism.plan.synthetic import synthetic_profile  # noqa: E402
-from edgeprism.runtime import launch_local  # noqa: E402
+from api_adapters import WordIO
+from edgeprism.api import ApiConfig, make_app
+from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.runtime import launch_local
 
 MODEL = "bert-tiny-test"
 

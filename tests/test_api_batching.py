@@ -14,7 +14,6 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from api_adapters import WordIO  # noqa: E402
-
 from edgeprism.api import ApiConfig, serve_http  # noqa: E402
 from edgeprism.api.batching import Batcher, Job  # noqa: E402
 from edgeprism.api.load import LoadConfig, run_load  # noqa: E402

@@ -7,12 +7,12 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("PIL")
 
-from api_adapters import PillowIO, png_bytes  # noqa: E402
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from edgeprism.api import ApiConfig, make_app  # noqa: E402
-from edgeprism.plan.synthetic import synthetic_profile  # noqa: E402
-from edgeprism.runtime import launch_local  # noqa: E402
+from api_adapters import PillowIO, png_bytes
+from edgeprism.api import ApiConfig, make_app
+from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.runtime import launch_local
 
 MODEL = "vit-tiny-test"
 LABELS = ["cat", "dog", "ship", "truck"]

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from edgeprism import assets
-from edgeprism.assets import IntentHead
-from edgeprism.assets import datasets
-from edgeprism.assets import convert, onnx_dinov2
+from edgeprism.assets import IntentHead, convert, datasets, onnx_dinov2
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:

@@ -16,7 +16,7 @@ from edgeprism.models.config import get_config
 from edgeprism.models.loading import load_model
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.profile.schema import Profile
-from edgeprism.runtime import Engine, EngineConfig, launch_local
+from edgeprism.runtime import EngineConfig, launch_local
 from edgeprism.runtime.requests import MAX_REQUEST_BYTES, load_request_json, parse_request
 from edgeprism.runtime.serving import answer
 

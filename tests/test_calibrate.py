@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from edgeprism.evaluate.fidelity import run_distributed
 from edgeprism.calibrate.checkpoint import save_checkpoint
 from edgeprism.calibrate.emulate import codec_roundtrip, emulate
 from edgeprism.calibrate.train import CalibrationSettings, calibrate, codec_loss, trainable_parameters
 from edgeprism.cli.main import main
 from edgeprism.compress.registry import get_codec
+from edgeprism.evaluate.fidelity import run_distributed
 from edgeprism.models.loading import build_model, load_checkpoint
 from edgeprism.models.synthetic import synthetic_inputs
 

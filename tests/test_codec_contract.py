@@ -29,7 +29,7 @@ class TripleMeansCodec(ValueCodec):
     """n // 3 means of consecutive token triples, then the mean of the 0-2 leftover tokens and one
     always-empty slot: n // 3 + 2 vectors, which `extra + ceil(n / ratio)` gets wrong when 3 ∤ n."""
 
-    values: FloatFormat = FloatFormat()
+    values: FloatFormat = FloatFormat()  # noqa: RUF009 - a frozen value, the same for every instance
     ratio = 3
     extra_vectors = 2
 

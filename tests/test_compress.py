@@ -7,8 +7,19 @@ import math
 import pytest
 import torch
 
-from edgeprism.compress import (IdentityCodec, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat, QuantizedCodec,
-                                SegmentMeansCodec, get_codec, list_codecs, pack, spec_nbytes, unpack)
+from edgeprism.compress import (
+    IdentityCodec,
+    Int4GroupFormat,
+    Int8ChannelFormat,
+    Int8TokenFormat,
+    QuantizedCodec,
+    SegmentMeansCodec,
+    get_codec,
+    list_codecs,
+    pack,
+    spec_nbytes,
+    unpack,
+)
 
 SIZES = [(1, 1, 1), (1, 7, 5), (2, 13, 70), (3, 16, 64), (2, 9, 33)]  # odd n, odd d, d not a multiple of 32
 NAMES = list_codecs() + ["sm1", "sm3a4+int4g16", "int8s32", "int8cs32", "int4s32", "sm5a1+bf16", "sm300+int8c"]
@@ -251,7 +262,7 @@ def test_empty_rank_has_empty_wire() -> None:
     hidden = torch.zeros(2, 0, 8)
     wire = codec.encode(hidden, torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.bool))
     assert [(tuple(t.shape), t.dtype) for t in wire] == [(tuple(s), dt) for s, dt in codec.wire_spec(2, 0, 8)]
-    vectors, counts = codec.decode(wire)
+    _vectors, counts = codec.decode(wire)
     assert counts.tolist() == [[0, 0], [0, 0]]
 
 

@@ -5,9 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprism.compress import (Codec, IdentityCodec, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat,
-                                QuantizedCodec, SegmentMeansCodec, codec_fingerprint, get_codec, list_codecs,
-                                num_vectors, parse_codec_list, traffic_ratio)
+from edgeprism.compress import (
+    Codec,
+    IdentityCodec,
+    Int4GroupFormat,
+    Int8ChannelFormat,
+    Int8TokenFormat,
+    QuantizedCodec,
+    SegmentMeansCodec,
+    codec_fingerprint,
+    get_codec,
+    list_codecs,
+    num_vectors,
+    parse_codec_list,
+    traffic_ratio,
+)
 from edgeprism.compress.formats import FloatFormat
 
 

@@ -8,7 +8,7 @@ import torch
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress import get_codec, pack, spec_nbytes, unpack
 from edgeprism.compress.delta import DeltaCodec
-from edgeprism.compress.lowbit import (LowBitFormat, PackedMaskCodec, pack_bits, rotation_matrix, unpack_bits)
+from edgeprism.compress.lowbit import LowBitFormat, PackedMaskCodec, pack_bits, rotation_matrix, unpack_bits
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import pads_rows, synthetic_inputs
 from edgeprism.partition.transform import PositionWise
@@ -70,7 +70,7 @@ def test_low_bit_error_is_relative_to_the_non_outlier_part(bits: int, bound: flo
 
 
 def test_outliers_help_and_bytes_are_as_documented() -> None:
-    hidden, valid = _inputs(1, 64, 384)
+    hidden, _valid = _inputs(1, 64, 384)
     plain, with_outliers = LowBitFormat(3), LowBitFormat(3, outliers=4)
     err = [float((f.decode(f.encode(hidden)) - hidden).pow(2).mean()) for f in (plain, with_outliers)]
     assert err[1] < err[0] / 3

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from edgeprism.evaluate.eval_sets import synthetic_set
-from edgeprism.evaluate.fidelity import evaluate, run_distributed
 from edgeprism.cli.main import main
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.registry import get_codec
+from edgeprism.evaluate.eval_sets import synthetic_set
+from edgeprism.evaluate.fidelity import evaluate, run_distributed
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
 

@@ -19,8 +19,8 @@ import torch
 
 from edgeprism.calibrate.checkpoint import save_checkpoint
 from edgeprism.comm.auth import new_secret, write_secret_file
-from edgeprism.models.loading import load_model
 from edgeprism.models.config import get_config
+from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.runtime import EngineConfig, launch_engine

@@ -14,7 +14,7 @@ def _randomize_hf(model, seed=1):
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * 0.02
-            is_scale = "norm" in name.lower() and name.endswith("weight") or name.endswith("lambda1")
+            is_scale = ("norm" in name.lower() and name.endswith("weight")) or name.endswith("lambda1")
             param.copy_(1.0 + 5 * noise if is_scale else noise)
     return model.eval()
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ TOLERANCE = 1e-5
 def _selfcheck(world_size, shares=None):
     argv = ["-m", "edgeprism.partition.selfcheck"] + (["--shares", ",".join(map(str, shares))] if shares else [])
     results = launch_local(world_size, argv, timeout_s=240)
-    line = next(l for l in results[0].stdout.splitlines() if l.startswith("EDGEPRISM_SELFCHECK "))
+    line = next(x for x in results[0].stdout.splitlines() if x.startswith("EDGEPRISM_SELFCHECK "))
     return json.loads(line.split(" ", 1)[1])
 
 
@@ -35,7 +34,7 @@ def test_selfcheck_through_torchrun():
                            "-m", "edgeprism.partition.selfcheck", "--shares", "0.6,0.4"],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("EDGEPRISM_SELFCHECK "))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("EDGEPRISM_SELFCHECK "))
     report = json.loads(line.split(" ", 1)[1])
     assert report["world_size"] == 2
     assert max(report["max_abs_diff"].values()) <= TOLERANCE
@@ -89,6 +88,6 @@ def test_decode_after_distributed_prefill_matches_local_greedy():
         "    print('RESULT', json.dumps({'equal': bool(torch.equal(tokens, ref)), 'shape': list(tokens.shape)}))\n"
         "shutdown(ctx)\n")
     results = launch_local(3, ["-c", script], timeout_s=120)
-    line = next(l for l in results[0].stdout.splitlines() if l.startswith("RESULT "))
+    line = next(x for x in results[0].stdout.splitlines() if x.startswith("RESULT "))
     report = json.loads(line.split(" ", 1)[1])
     assert report == {"equal": True, "shape": [2, 8]}

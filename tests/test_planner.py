@@ -7,8 +7,7 @@ import itertools
 
 import pytest
 
-from edgeprism.plan import (Candidate, LinkEstimate, Limits, Plan, Request, choose_plan, enumerate_candidates,
-                            predict)
+from edgeprism.plan import Candidate, Limits, LinkEstimate, Plan, Request, choose_plan, enumerate_candidates, predict
 from edgeprism.plan.cost import objective_score
 from edgeprism.plan.synthetic import synthetic_profile
 

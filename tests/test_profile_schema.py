@@ -9,8 +9,15 @@ import pytest
 
 from edgeprism.models.config import get_config
 from edgeprism.plan.synthetic import synthetic_profile
-from edgeprism.profile import (SCHEMA_VERSION, CodecFidelity, ComputeSample, ComputeTable, LinkMeasurement, Profile,
-                               StagingTable)
+from edgeprism.profile import (
+    SCHEMA_VERSION,
+    CodecFidelity,
+    ComputeSample,
+    ComputeTable,
+    LinkMeasurement,
+    Profile,
+    StagingTable,
+)
 
 
 @pytest.fixture

@@ -15,19 +15,29 @@ import torch
 from edgeprism.compress.registry import get_codec
 from edgeprism.energy.fake import FakeMeter
 from edgeprism.energy.model import get_power_model
+from edgeprism.jobs.validate import (
+    ValidationPoint,
+    compare,
+    held_out_codecs,
+    held_out_token_counts,
+    plan_for,
+    validation_points,
+)
 from edgeprism.models.loading import build_model
 from edgeprism.plan.synthetic import synthetic_profile
-from edgeprism.profile.compute import (compute_grid, fit_overhead, fit_relative, measure_compute,
-                                       pinned, sparse_batches)
+from edgeprism.profile.compute import compute_grid, fit_overhead, fit_relative, measure_compute, pinned, sparse_batches
 from edgeprism.profile.energy import measure_energy
 from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
 from edgeprism.profile.link import link_section
-from edgeprism.profile.profiler import (ProfileOptions, held_out_batches, input_bytes_per_token, run_profile,
-                                        validate_options)
+from edgeprism.profile.profiler import (
+    ProfileOptions,
+    held_out_batches,
+    input_bytes_per_token,
+    run_profile,
+    validate_options,
+)
 from edgeprism.profile.schema import ComputeSample, ComputeTable, LinkMeasurement, Profile
 from edgeprism.profile.staging import fit_copy, measure_staging
-from edgeprism.jobs.validate import (ValidationPoint, compare, held_out_codecs, held_out_token_counts, plan_for,
-                                        validation_points)
 
 RAW_LINK = {"latency_s": 0.004, "bandwidth_bps": 6.0e7, "allgather_bandwidth_bps": 3.0e7, "world_size": 2,
             "hops": 1, "latency_nbytes": 64, "bandwidth_nbytes": 1 << 20, "latency_samples_s": [0.004],
@@ -368,7 +378,7 @@ def test_compute_worker_times_the_grid_and_reports_progress(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "EDGEPRISM_CORES", "EDGEPRISM_LINK_FILE"):
         monkeypatch.delenv(key, raising=False)
     seen = []
-    table, overhead, shapes, speeds, raw = measure_on_session(
+    table, _overhead, shapes, speeds, raw = measure_on_session(
         InProcessSession(), "bert-tiny-test", None, 0, [8], [1, 2], [get_codec("fp32")], warmup=0, repeats=1,
         num_layers=2, progress=lambda done, total, label: seen.append((done, total, label)))
     assert speeds == (1.0,) and len(table.samples) == len(shapes) == 2  # a world of one: local shapes only

@@ -14,7 +14,7 @@ import torch
 from edgeprism.models.config import get_config
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-from edgeprism.runtime import Engine, EngineConfig, launch_local
+from edgeprism.runtime import EngineConfig, launch_local
 from edgeprism.testbed.emulation import write_link_file
 from edgeprism.testbed.presets import LinkPreset
 

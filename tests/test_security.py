@@ -10,12 +10,20 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from edgeprism.comm.auth import (JOIN_BYTES, AuthError, decode_join, encode_join, load_secret, open_sealed, seal,
-                                 session_key)
+from edgeprism.comm.auth import (
+    JOIN_BYTES,
+    AuthError,
+    decode_join,
+    encode_join,
+    load_secret,
+    open_sealed,
+    seal,
+    session_key,
+)
 from edgeprism.models.config import get_config
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-from edgeprism.runtime import Engine, EngineConfig, launch_local
+from edgeprism.runtime import EngineConfig, launch_local
 from edgeprism.runtime.control import MAX_CONTROL_BYTES, ControlError, decode_control, encode_control, validate_control
 from edgeprism.runtime.groups import start_digests
 from edgeprism.runtime.membership import join_cluster
@@ -84,7 +92,7 @@ def _join_while_serving(engine, store, secret, digests):
     def attempt():
         try:
             join_cluster(store, secret, 1, digests, timeout_s=10)
-        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+        except BaseException as err:
             box["error"] = err
 
     thread = threading.Thread(target=attempt)

@@ -1,16 +1,13 @@
 """`edgeprism serve` and its serving loop: one JSON line per request, errors per request, HTTP on loopback."""
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from edgeprism.cli.serve import add_parser, handle
-from edgeprism.plan.synthetic import synthetic_profile
-from edgeprism.runtime import Engine, launch_local
+from edgeprism.cli.serve import add_parser
 
 
 def _run_serve(argv):

@@ -37,14 +37,14 @@ def test_from_env_unset_is_none_and_missing_file_is_error(tmp_path):
 
 
 def test_kernel_mode_adds_only_delay_per_hop(tmp_path):
-    link, fake, _ = make_link(tmp_path, get_preset("wifi4"), "kernel")
+    link, _fake, _ = make_link(tmp_path, get_preset("wifi4"), "kernel")
     assert link.before_collective(nbytes_sent=10_000_000, hops=3) == pytest.approx(0.009)
     assert link.before_collective(nbytes_sent=0, hops=0) == 0.0
     assert link.describe() == "kernel tbf 50 Mbit/s + transport delay 3 ms"
 
 
 def test_transport_mode_token_bucket(tmp_path):
-    link, fake, _ = make_link(tmp_path, LinkPreset("t", 8e6, 0.002, "test"), "transport")
+    link, _fake, _ = make_link(tmp_path, LinkPreset("t", 8e6, 0.002, "test"), "transport")
     depth = burst_bytes(8e6)
     # A message within the full bucket pays only the delay.
     assert link.before_collective(depth, hops=1) == pytest.approx(0.002)
@@ -57,7 +57,7 @@ def test_transport_mode_token_bucket(tmp_path):
 
 
 def test_link_file_change_is_followed(tmp_path):
-    link, fake, path = make_link(tmp_path, get_preset("wifi4"), "kernel")
+    link, _fake, path = make_link(tmp_path, get_preset("wifi4"), "kernel")
     assert link.before_collective(0, 1) == pytest.approx(0.003)
     write_link_file(path, get_preset("congested"), "kernel")
     assert link.before_collective(0, 1) == pytest.approx(0.008)

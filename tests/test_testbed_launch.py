@@ -6,7 +6,6 @@ asserted here except loosely; the preset-accuracy check is the slow test at the 
 
 import os
 import shutil
-import sys
 import textwrap
 import warnings
 

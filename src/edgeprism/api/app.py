@@ -193,4 +193,4 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["make_app", "serve_http", "infer", "health", "cluster"]
+__all__ = ["cluster", "health", "infer", "make_app", "serve_http"]

@@ -140,7 +140,7 @@ async def completions(service: ApiService, request: Request, request_id: str):
     results: list[JobResult] = list(await asyncio.gather(*(service.run(job) for job in jobs)))
     choices: list[dict[str, Any] | None] = [None] * len(prompts)
     completion_tokens = 0
-    for (length, (_, indices)), result in zip(sorted(groups.items()), results):
+    for (_length, (_, indices)), result in zip(sorted(groups.items()), results):
         for row, index in enumerate(indices):
             tokens = result.outputs["tokens"][row].tolist()
             finish = "length"
@@ -231,4 +231,4 @@ def _encode_images(service: ApiService, blobs: list[bytes]) -> dict[str, torch.T
     return inputs
 
 
-__all__ = ["embeddings", "completions", "classify", "list_models", "get_model", "model_card"]
+__all__ = ["classify", "completions", "embeddings", "get_model", "list_models", "model_card"]

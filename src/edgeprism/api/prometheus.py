@@ -117,4 +117,4 @@ HELP = {
     "edgeprism_batch_requests": "Requests merged into one engine call.",
 }
 
-__all__ = ["ApiMetrics", "LATENCY_BUCKETS_S", "BATCH_BUCKETS"]
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS_S", "ApiMetrics"]

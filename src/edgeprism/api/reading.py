@@ -159,5 +159,15 @@ def boolean(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-__all__ = ["read_body", "read_json_object", "parse_json_object", "read_images", "media_type", "check_keys",
-           "string_list", "integer", "boolean", "IMAGE_TYPES"]
+__all__ = [
+    "IMAGE_TYPES",
+    "boolean",
+    "check_keys",
+    "integer",
+    "media_type",
+    "parse_json_object",
+    "read_body",
+    "read_images",
+    "read_json_object",
+    "string_list",
+]

@@ -204,4 +204,4 @@ def plan_header(r: JobResult) -> str:
     return " ".join(parts)
 
 
-__all__ = ["ApiService", "PLAN_HEADER", "edgeprism_summary", "plan_header"]
+__all__ = ["PLAN_HEADER", "ApiService", "edgeprism_summary", "plan_header"]

@@ -34,8 +34,13 @@ import numpy as np
 from edgeprism import assets
 from edgeprism.assets.datasets import FASHION_MNIST_DIR, fashion_mnist, shakespeare_corpus, to_dinov2_input
 from edgeprism.assets.intent import IntentHead
-from edgeprism.assets.onnx_dinov2 import (ONNX_BACKBONE_OUTPUT, dinov2_config_from_state, onnx_dinov2_num_heads,
-                                          onnx_dinov2_state_dict, onnx_layer_norm_eps)
+from edgeprism.assets.onnx_dinov2 import (
+    ONNX_BACKBONE_OUTPUT,
+    dinov2_config_from_state,
+    onnx_dinov2_num_heads,
+    onnx_dinov2_state_dict,
+    onnx_layer_norm_eps,
+)
 from edgeprism.inputs.heads import save_classifier
 
 log = logging.getLogger(__name__)
@@ -191,7 +196,6 @@ def convert_intent_head(out_path: str | Path | None = None, queries_path: str | 
 
 def _read_intent_head(pkg: Path):
     """rag-intent-classifier's LogisticRegression (joblib) as an ``IntentHead``."""
-    from edgeprism.assets.intent import IntentHead
 
     joblib = _require("joblib", "reading the intent head's joblib files")
     _require("sklearn", "reading the intent head's joblib files")

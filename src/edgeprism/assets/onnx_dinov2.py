@@ -102,7 +102,7 @@ def dinov2_config_from_state(state: dict[str, np.ndarray], num_heads: int, layer
     num_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
     intermediate = state["encoder.layer.0.mlp.fc1.weight"].shape[0]
     num_patches = state["embeddings.position_embeddings"].shape[1] - 1
-    grid = int(round(num_patches**0.5))
+    grid = round(num_patches**0.5)
     if grid * grid != num_patches:
         raise ValueError(f"{num_patches} patch position embeddings do not form a square grid")
     if hidden % num_heads or intermediate % hidden:

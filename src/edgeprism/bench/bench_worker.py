@@ -258,7 +258,7 @@ def run_job(spec_json: str) -> None:
         print(f"rank {ctx.group_rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
     finally:
-        peers = engine = control = None  # noqa: F841  (free their groups before the process group: see check_peers)
+        peers = engine = control = None
         import gc
 
         gc.collect()
@@ -305,7 +305,7 @@ def check_peers(models: list[str], out: str, batch: int = 8) -> None:
     finally:
         # Free the peers' groups and stages before the process group goes: freed later, at interpreter
         # exit, a GLOO group's C++ destructor can abort the process ("terminate called ...").
-        peers = None  # noqa: F841
+        peers = None
         import gc
 
         gc.collect()

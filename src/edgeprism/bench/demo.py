@@ -48,7 +48,7 @@ class DemoSpec:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "DemoSpec":
+    def from_json(cls, text: str) -> DemoSpec:
         data = json.loads(text)
         data["batches"] = tuple(data["batches"])
         data["links"] = tuple(data["links"])
@@ -137,7 +137,7 @@ def add_oracle(rows: list[dict]) -> list[dict]:
     """Per (phase, batch): the best static strategy in hindsight (median latency over repeats)."""
     out = list(rows)
     keys = sorted({(r["phase"], r["link"], r["batch"]) for r in rows})
-    for phase, link, batch in keys:
+    for phase, _link, batch in keys:
         best = None
         for strategy in STATIC:
             mine = [r for r in rows if (r["phase"], r["batch"], r["strategy"]) == (phase, batch, strategy)]

@@ -95,4 +95,4 @@ def head_row(model, hidden: Tensor) -> Tensor:
     return hidden[:, -1] if model.causal else hidden[:, 0]
 
 
-__all__ = ["PeerClock", "PeerRun", "gather_clocks", "broadcast_inputs", "input_layout", "head_row"]
+__all__ = ["PeerClock", "PeerRun", "broadcast_inputs", "gather_clocks", "head_row", "input_layout"]

@@ -25,7 +25,6 @@ from edgeprism.models.common import causal_bias
 from edgeprism.models.registry import get_family
 
 
-
 def stage_layers(num_layers: int, world_size: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) block ranges, as even as possible (earlier stages take the remainder)."""
     if num_layers < world_size:
@@ -135,4 +134,4 @@ class PipelinePeer:
         return PeerRun(outputs, wall_s, per_rank) if ctx.is_root else None
 
 
-__all__ = ["PipelinePeer", "stage_layers", "microbatches"]
+__all__ = ["PipelinePeer", "microbatches", "stage_layers"]

@@ -129,7 +129,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, say: Callable[[str], N
                                   "profile_source": profile_source},
                            link_rate_bps=link.rate_bps)
 
-            def progress(line: str) -> None:
+            def progress(line: str, job=job) -> None:
                 row = json.loads(line)
                 latency = ("skipped" if row.get("skipped") else f"{row['latency_s'] * 1e3:9.1f} ms")
                 say(f"  {job.link:<9} x{job.world_size} batch {row['batch']:>2} {row['strategy']:<22} {latency}  "
@@ -149,4 +149,4 @@ def read_rows(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-__all__ = ["run_scenario", "read_rows", "host_facts", "git_sha"]
+__all__ = ["git_sha", "host_facts", "read_rows", "run_scenario"]

@@ -203,5 +203,14 @@ class JobSpec:
         return cls(**data)
 
 
-__all__ = ["ModelCase", "Job", "Scenario", "JobSpec", "load_scenario", "scenario_from_dict", "STRATEGIES",
-           "ENGINE_STRATEGIES", "PEER_STRATEGIES"]
+__all__ = [
+    "ENGINE_STRATEGIES",
+    "PEER_STRATEGIES",
+    "STRATEGIES",
+    "Job",
+    "JobSpec",
+    "ModelCase",
+    "Scenario",
+    "load_scenario",
+    "scenario_from_dict",
+]

@@ -304,5 +304,14 @@ def write_plots(summary: list[dict], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-__all__ = ["summarize", "add_oracle", "ratios", "paired_ratios", "goals", "markdown", "write_plots", "percentile",
-           "PEERS"]
+__all__ = [
+    "PEERS",
+    "add_oracle",
+    "goals",
+    "markdown",
+    "paired_ratios",
+    "percentile",
+    "ratios",
+    "summarize",
+    "write_plots",
+]

@@ -61,4 +61,4 @@ def transformers_forward(hf, inputs: Inputs) -> Tensor:
         return hf(**inputs).last_hidden_state
 
 
-__all__ = ["transformers_twin", "transformers_forward"]
+__all__ = ["transformers_forward", "transformers_twin"]

@@ -28,8 +28,13 @@ from edgeprism.compress.codecs import SegmentMeansCodec
 from edgeprism.compress.formats import FloatFormat
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.partition.ranges import equal_shares, split_tokens
-from edgeprism.partition.transform import (DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE, block_with_remote,
-                                           exchanged_states, own_key_bias)
+from edgeprism.partition.transform import (
+    DEFAULT_AVERAGE,
+    DEFAULT_SIZE_AWARE,
+    block_with_remote,
+    exchanged_states,
+    own_key_bias,
+)
 
 Outputs = dict[str, Tensor]
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from edgeprism.evaluate.fidelity import evaluate
 from edgeprism.calibrate.checkpoint import save_checkpoint
 from edgeprism.calibrate.tasks import CalibrationSetup, save_head, setup_for
 from edgeprism.calibrate.train import CalibrationSettings, calibrate
 from edgeprism.compress.registry import get_codec
+from edgeprism.evaluate.fidelity import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -65,7 +64,7 @@ def handle(args) -> int:
                                    lr=args.lr, batch_size=batch_size, distill=args.distill, seed=args.seed)
     from edgeprism.calibrate.runner import run_calibration
 
-    progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    progress = lambda message: print(message, file=sys.stderr, flush=True)
     summary = run_calibration(args.model, settings, out=args.out, eval_codecs=eval_codecs,
                               eval_limit=args.eval_limit, checkpoint=args.checkpoint,
                               evaluate_before=not args.no_before, progress=progress)

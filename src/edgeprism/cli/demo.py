@@ -98,7 +98,7 @@ def handle(args) -> int:
     with open(out_dir / "rows.jsonl", "w") as handle_:
         for row in rows:
             handle_.write(json.dumps({**row, "emulation": emulation}) + "\n")
-    report = {"model": args.model, "world_size": 2, "emulation": emulation, "links": [str(l) for l in links],
+    report = {"model": args.model, "world_size": 2, "emulation": emulation, "links": [str(link) for link in links],
               "segment_means_codec": args.segment_means_codec, "objective": args.objective,
               "max_fidelity_loss": args.max_fidelity_loss, "profile": profile,
               "demo_seconds": time.perf_counter() - started, "rows": table, "ratios": gains,
@@ -141,7 +141,7 @@ def _follow(session, spec, links, rows_file: Path, control: str) -> None:
     total = sum(len(phase_strategies(spec, p)) for p in range(len(spec.links))) * len(spec.batches) * spec.repeats
     while True:
         alive = thread.is_alive()
-        lines = [l for l in rows_file.read_text().splitlines() if l.strip()] if rows_file.exists() else []
+        lines = [line for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.exists() else []
         for line in lines[seen:]:
             row = json.loads(line)
             seen += 1

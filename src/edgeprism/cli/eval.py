@@ -15,7 +15,7 @@ def _int_list(text: str) -> list[int]:
         try:
             value = float(piece)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"CR {piece!r} is not a number; give integers >= 1, e.g. 1,2,4,8")
+            raise argparse.ArgumentTypeError(f"CR {piece!r} is not a number; give integers >= 1, e.g. 1,2,4,8") from None
         if value < 1 or value != int(value):
             raise argparse.ArgumentTypeError(f"CR {piece} must be a whole number >= 1 (tokens per segment)")
         values.append(int(value))
@@ -49,9 +49,9 @@ def handle(args) -> int:
     if args.from_rows:
         rows = [json.loads(line) for line in open(args.from_rows) if line.strip()]
         return _emit(args, rows)
+    from edgeprism.compress.registry import get_codec, parse_codec_list
     from edgeprism.evaluate.eval_sets import eval_sets_for
     from edgeprism.evaluate.fidelity import evaluate
-    from edgeprism.compress.registry import get_codec, parse_codec_list
     from edgeprism.partition.ranges import validate_shares
 
     if args.world_size < 2:
@@ -64,7 +64,7 @@ def handle(args) -> int:
     shares = validate_shares([float(x) for x in args.shares.split(",")], args.world_size) if args.shares else None
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
-    progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    progress = lambda message: print(message, file=sys.stderr, flush=True)
     if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: no such directory")
     sets = eval_sets_for(args.model, args.limit, progress=progress, checkpoint=args.checkpoint)

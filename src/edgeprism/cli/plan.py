@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from edgeprism.plan import (OBJECTIVES, LinkEstimate, Limits, Request, choose_plan, codec_exclusion,
-                            enumerate_candidates)
+from edgeprism.plan import OBJECTIVES, Limits, LinkEstimate, Request, choose_plan, codec_exclusion, enumerate_candidates
 from edgeprism.profile.schema import Profile
 
 

@@ -151,8 +151,8 @@ def _session(options):
 
 
 def _validate(args, options, profile, session, sampled, token_counts, bar):
-    from edgeprism.profile.profiler import held_out_batches
     from edgeprism.jobs.validate import held_out_codecs, held_out_token_counts, validate, validation_points
+    from edgeprism.profile.profiler import held_out_batches
 
     batches = args.validate_batches or held_out_batches(options.batches, sampled)
     codecs = args.validate_codecs or held_out_codecs(profile)

@@ -139,6 +139,19 @@ def session_key(secret: bytes, boot_nonce: bytes, slot: int, nonce: bytes) -> by
     return mac(secret, b"session", boot_nonce, _int(slot), nonce)
 
 
-__all__ = ["AuthError", "load_secret", "new_secret", "write_secret_file", "mac", "seal", "open_sealed",
-           "encode_join", "decode_join", "session_key", "JOIN_BYTES", "NONCE_BYTES", "SECRET_ENV",
-           "SECRET_FILE_ENV"]
+__all__ = [
+    "JOIN_BYTES",
+    "NONCE_BYTES",
+    "SECRET_ENV",
+    "SECRET_FILE_ENV",
+    "AuthError",
+    "decode_join",
+    "encode_join",
+    "load_secret",
+    "mac",
+    "new_secret",
+    "open_sealed",
+    "seal",
+    "session_key",
+    "write_secret_file",
+]

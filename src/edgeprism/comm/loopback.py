@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -131,7 +132,7 @@ class LoopbackGroup:
             thread.start()
         for thread in threads:
             thread.join(self.timeout_s)
-        for rank, err in enumerate(errors):
+        for _rank, err in enumerate(errors):
             if err is not None and not isinstance(err, threading.BrokenBarrierError):
                 raise err
         if any(e is not None for e in errors) or any(t.is_alive() for t in threads):

@@ -34,9 +34,8 @@ import torch
 
 from edgeprism.compress.base import Codec, IdentityCodec
 from edgeprism.compress.codecs import DEFAULT_MAX_ANCHORS, QuantizedCodec, SegmentMeansCodec
-from edgeprism.compress.formats import (FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat,
-                                        ValueFormat)
 from edgeprism.compress.delta import DeltaCodec
+from edgeprism.compress.formats import FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat, ValueFormat
 from edgeprism.compress.lowbit import LowBitFormat, PackedMaskCodec
 
 FINGERPRINT_VERSION = 1
@@ -141,7 +140,7 @@ def get_codec(name: str) -> Codec:
     if any(not p for p in parts):
         raise ValueError(f"codec {name!r} has an empty stage around '+'; {_GRAMMAR_HINT}")
     kinds = [("sm", _parse_sm(p, name)) if p.startswith("sm") else ("format", _parse_format(p, name)) for p in parts]
-    for part, (kind, parsed) in zip(parts, kinds):
+    for part, (_kind, parsed) in zip(parts, kinds):
         if parsed is None:
             raise ValueError(f"unknown codec stage {part!r} in {name!r}; formats: {', '.join(list_formats())}; "
                              f"Segment Means: smN or smNa[K]; {_GRAMMAR_HINT}")

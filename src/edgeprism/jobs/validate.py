@@ -209,5 +209,18 @@ def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-__all__ = ["ValidationPoint", "ValidationRow", "ValidationReport", "held_out_codecs", "held_out_token_counts",
-           "validation_points", "validate", "median_run", "compare", "plan_for", "spec_for", "PREFERRED_CODECS", "LARGE_BATCH"]
+__all__ = [
+    "LARGE_BATCH",
+    "PREFERRED_CODECS",
+    "ValidationPoint",
+    "ValidationReport",
+    "ValidationRow",
+    "compare",
+    "held_out_codecs",
+    "held_out_token_counts",
+    "median_run",
+    "plan_for",
+    "spec_for",
+    "validate",
+    "validation_points",
+]

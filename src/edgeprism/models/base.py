@@ -13,9 +13,9 @@ registry entry (`models/registry.py`) through `config.causal` / `config.modality
 
 from __future__ import annotations
 
-import torch
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from edgeprism.models.common import causal_bias, key_padding_bias
@@ -63,7 +63,7 @@ def check_blocks(model: nn.Module) -> None:
         raise ValueError(f"{name} has no `blocks`; a reference model keeps its Transformer blocks in an nn.ModuleList")
     for i, block in enumerate(blocks):
         missing = [m for m in ("kv_input", "attn") if not hasattr(block, m)]
-        if not missing and not isinstance(getattr(block, "attn"), KVProjection):
+        if not missing and not isinstance(block.attn, KVProjection):
             missing = ["attn.project_kv"]
         if missing:
             raise ValueError(f"{name}: block {i} ({type(block).__name__}) lacks {', '.join(missing)}; "

@@ -179,4 +179,4 @@ GPT2_FAMILY = FamilyEntry(
 for _entry in (VIT, BERT, GPT2_FAMILY):
     register_family(_entry)
 
-__all__ = ["VIT", "BERT", "GPT2_FAMILY"]
+__all__ = ["BERT", "GPT2_FAMILY", "VIT"]

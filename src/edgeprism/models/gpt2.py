@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.models.bert import validate_text

@@ -8,8 +8,8 @@ or without a task head's prefix (`vit.`, `bert.`, `transformer.`, `backbone.`). 
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 from pathlib import Path
 
 import torch

@@ -120,5 +120,12 @@ def family_for_hf(model_type: str | None) -> FamilyEntry:
     raise ValueError(f"config.json has model_type {model_type!r}; edgeprism loads {', '.join(known)} checkpoints")
 
 
-__all__ = ["FamilyEntry", "CheckpointNames", "Modality", "register_family", "get_family", "list_families",
-           "family_for_hf"]
+__all__ = [
+    "CheckpointNames",
+    "FamilyEntry",
+    "Modality",
+    "family_for_hf",
+    "get_family",
+    "list_families",
+    "register_family",
+]

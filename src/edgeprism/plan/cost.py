@@ -332,6 +332,20 @@ def objective_score(objective: str, latency_s: float, energy_j: float) -> float:
     return latency_s * energy_j  # edp
 
 
-__all__ = ["token_shares", "apportion", "local_terms", "distributed_terms", "profile_constants", "group_terms",
-           "codec_terms", "num_exchanges", "predict", "objective_score", "local_prediction", "distributed_prediction",
-           "CostConstants", "GroupTerms", "CodecTerms"]
+__all__ = [
+    "CodecTerms",
+    "CostConstants",
+    "GroupTerms",
+    "apportion",
+    "codec_terms",
+    "distributed_prediction",
+    "distributed_terms",
+    "group_terms",
+    "local_prediction",
+    "local_terms",
+    "num_exchanges",
+    "objective_score",
+    "predict",
+    "profile_constants",
+    "token_shares",
+]

@@ -16,10 +16,20 @@ group, or a codec within it, whose lower bound cannot beat the best so far is sk
 
 from __future__ import annotations
 
-from edgeprism.plan.cost import (apportion, codec_terms, distributed_prediction, distributed_terms, group_bound,
-                                 group_terms, local_prediction, local_terms, objective_score, profile_constants,
-                                 token_shares)
-from edgeprism.plan.types import OBJECTIVES, Candidate, LinkEstimate, Limits, Plan, Request
+from edgeprism.plan.cost import (
+    apportion,
+    codec_terms,
+    distributed_prediction,
+    distributed_terms,
+    group_bound,
+    group_terms,
+    local_prediction,
+    local_terms,
+    objective_score,
+    profile_constants,
+    token_shares,
+)
+from edgeprism.plan.types import OBJECTIVES, Candidate, Limits, LinkEstimate, Plan, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
 _NO_LIMITS = Limits()
@@ -215,7 +225,7 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
     return out
 
 
-__all__ = ["choose_plan", "enumerate_candidates", "codec_exclusion"]
+__all__ = ["choose_plan", "codec_exclusion", "enumerate_candidates"]
 
 
 def static_plan(profile: Profile, request: Request, live_link_estimate: LinkEstimate, mode: str,

@@ -17,8 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from edgeprism.models.config import get_config
-from edgeprism.profile.schema import (CodecFidelity, ComputeSample, ComputeTable, EnergyModel, HostFacts,
-                                      LinkMeasurement, Profile, StagingTable)
+from edgeprism.profile.schema import (
+    CodecFidelity,
+    ComputeSample,
+    ComputeTable,
+    EnergyModel,
+    HostFacts,
+    LinkMeasurement,
+    Profile,
+    StagingTable,
+)
 
 VIT_B16_SECONDS_PER_IMAGE = 0.35
 """One image of ViT-B/16 at 224x224 on the reference (speed 1.0) rank."""
@@ -99,4 +107,4 @@ def synthetic_profile(model_name: str = "vit-base-patch16-224", world_size: int 
         created_utc="1970-01-01T00:00:00Z", notes="synthetic profile for tests; not measured")
 
 
-__all__ = ["synthetic_profile", "synthetic_codecs", "synthetic_compute", "VIT_B16_SECONDS_PER_IMAGE"]
+__all__ = ["VIT_B16_SECONDS_PER_IMAGE", "synthetic_codecs", "synthetic_compute", "synthetic_profile"]

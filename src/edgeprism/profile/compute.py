@@ -336,6 +336,21 @@ def fit_errors(table: ComputeTable, per_token_overhead_s: float, num_layers: int
     return statistics.median(errors), max(errors)
 
 
-__all__ = ["Shape", "OverheadFit", "sparse_batches", "compute_grid", "fewest_remote_vectors", "pinned", "time_call",
-           "block_call", "time_block", "overhead_call", "time_interleaved", "fit_relative", "fit_overhead",
-           "fit_compute", "measure_compute", "fit_errors"]
+__all__ = [
+    "OverheadFit",
+    "Shape",
+    "block_call",
+    "compute_grid",
+    "fewest_remote_vectors",
+    "fit_compute",
+    "fit_errors",
+    "fit_overhead",
+    "fit_relative",
+    "measure_compute",
+    "overhead_call",
+    "pinned",
+    "sparse_batches",
+    "time_block",
+    "time_call",
+    "time_interleaved",
+]

@@ -28,8 +28,16 @@ import torch.distributed as dist
 from edgeprism.comm.context import init_distributed, shutdown
 from edgeprism.models.base import ReferenceModel
 from edgeprism.models.loading import load_model
-from edgeprism.profile.compute import (OverheadFit, ProgressFn, Shape, block_call, compute_grid, fit_compute,
-                                       overhead_call, time_interleaved)
+from edgeprism.profile.compute import (
+    OverheadFit,
+    ProgressFn,
+    Shape,
+    block_call,
+    compute_grid,
+    fit_compute,
+    overhead_call,
+    time_interleaved,
+)
 from edgeprism.profile.schema import ComputeTable
 
 log = logging.getLogger(__name__)

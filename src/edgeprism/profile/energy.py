@@ -73,4 +73,4 @@ def measure_energy(compute_body: Callable[[], None], device: torch.device, meter
         meter.close()
 
 
-__all__ = ["measure_energy", "modelled_energy", "WINDOW_S"]
+__all__ = ["WINDOW_S", "measure_energy", "modelled_energy"]

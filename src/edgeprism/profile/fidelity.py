@@ -126,4 +126,4 @@ def evaluate_fidelity(model_name: str, codec_names: Sequence[str], world_size: i
     return rows, f"fidelity measured on {names}, {limit or 'all'} requests per set{synthetic}"
 
 
-__all__ = ["load_fidelity_rows", "select_rows", "codec_entries", "evaluate_fidelity"]
+__all__ = ["codec_entries", "evaluate_fidelity", "load_fidelity_rows", "select_rows"]

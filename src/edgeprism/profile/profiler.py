@@ -322,7 +322,19 @@ def held_out_batches(batches: Sequence[int], sampled: Sequence[int], count: int 
     return tuple(sorted({candidates[round(i * step)] for i in range(count)}))
 
 
-__all__ = ["ProfileOptions", "ProfileReport", "run_profile", "validate_options", "token_counts_for",
-           "held_out_batches", "input_bytes_per_token", "output_bytes_per_row", "host_facts", "device_kind",
-           "usable_cores", "fidelity_entries", "DEFAULT_BATCHES",
-           "DEFAULT_SEQ_LENS"]
+__all__ = [
+    "DEFAULT_BATCHES",
+    "DEFAULT_SEQ_LENS",
+    "ProfileOptions",
+    "ProfileReport",
+    "device_kind",
+    "fidelity_entries",
+    "held_out_batches",
+    "host_facts",
+    "input_bytes_per_token",
+    "output_bytes_per_row",
+    "run_profile",
+    "token_counts_for",
+    "usable_cores",
+    "validate_options",
+]

@@ -41,9 +41,20 @@ from typing import Any
 
 from edgeprism.models.config import ModelConfig
 from edgeprism.profile.jsondata import from_json_dict, to_json_dict
-from edgeprism.profile.tables import (CodecFidelity, ComputeSample, ComputeTable, DeviceDescription, EnergyModel,
-                                      EnergySource, HostFacts, LinkMeasurement, LinkMedium, StagingSample,
-                                      StagingTable, check_nonneg)
+from edgeprism.profile.tables import (
+    CodecFidelity,
+    ComputeSample,
+    ComputeTable,
+    DeviceDescription,
+    EnergyModel,
+    EnergySource,
+    HostFacts,
+    LinkMeasurement,
+    LinkMedium,
+    StagingSample,
+    StagingTable,
+    check_nonneg,
+)
 
 SCHEMA_VERSION = 1
 T = typing.TypeVar("T")
@@ -198,6 +209,17 @@ class Profile:
 
 
 __all__ = [
-    "SCHEMA_VERSION", "HostFacts", "ComputeSample", "ComputeTable", "StagingSample", "StagingTable",
-    "LinkMeasurement", "EnergyModel", "CodecFidelity", "DeviceDescription", "Profile", "EnergySource", "LinkMedium",
+    "SCHEMA_VERSION",
+    "CodecFidelity",
+    "ComputeSample",
+    "ComputeTable",
+    "DeviceDescription",
+    "EnergyModel",
+    "EnergySource",
+    "HostFacts",
+    "LinkMeasurement",
+    "LinkMedium",
+    "Profile",
+    "StagingSample",
+    "StagingTable",
 ]

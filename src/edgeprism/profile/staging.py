@@ -108,4 +108,4 @@ def measure_staging(device: torch.device, sizes: Sequence[int] = DEFAULT_SIZES, 
     return StagingReport(table, tuple(fits), note)
 
 
-__all__ = ["CopyFit", "StagingReport", "DEFAULT_SIZES", "fit_copy", "time_copy", "measure_staging"]
+__all__ = ["DEFAULT_SIZES", "CopyFit", "StagingReport", "fit_copy", "measure_staging", "time_copy"]

@@ -300,5 +300,16 @@ class DeviceDescription:
         return f"rank {self.rank}: {self.device_kind}, {self.num_cores} core{'s' * (self.num_cores != 1)}{host}"
 
 
-__all__ = ["EnergySource", "LinkMedium", "HostFacts", "ComputeSample", "ComputeTable", "StagingSample",
-           "StagingTable", "LinkMeasurement", "EnergyModel", "CodecFidelity", "DeviceDescription"]
+__all__ = [
+    "CodecFidelity",
+    "ComputeSample",
+    "ComputeTable",
+    "DeviceDescription",
+    "EnergyModel",
+    "EnergySource",
+    "HostFacts",
+    "LinkMeasurement",
+    "LinkMedium",
+    "StagingSample",
+    "StagingTable",
+]

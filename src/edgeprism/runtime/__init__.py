@@ -11,5 +11,16 @@ from edgeprism.runtime.link_estimate import LinkObservation, OnlineLinkEstimator
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.requests import ParsedRequest, check_inputs, parse_request
 
-__all__ = ["launch_engine", "launch_local", "Engine", "EngineConfig", "LinkObservation", "OnlineLinkEstimator", "MetricsRow", "Result",
-           "ParsedRequest", "check_inputs", "parse_request"]
+__all__ = [
+           "Engine",
+           "EngineConfig",
+           "LinkObservation",
+           "MetricsRow",
+           "OnlineLinkEstimator",
+           "ParsedRequest",
+           "Result",
+           "check_inputs",
+           "launch_engine",
+           "launch_local",
+           "parse_request",
+]

@@ -58,7 +58,7 @@ class BatchSpec:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, text: str) -> "BatchSpec":
+    def from_json(cls, text: str) -> BatchSpec:
         data = json.loads(text)
         if data.get("shares") is not None:
             data["shares"] = tuple(data["shares"])

@@ -42,8 +42,7 @@ from edgeprism.comm.launch import WorkerError, core_assignment
 from edgeprism.models.loading import load_model
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
-from edgeprism.runtime.coordinator import (PREFIX, Ticker, coordinator_spec, publish_spec, self_description,
-                                           start_store)
+from edgeprism.runtime.coordinator import PREFIX, Ticker, coordinator_spec, publish_spec, self_description, start_store
 from edgeprism.runtime.engine import Engine
 
 log = logging.getLogger(__name__)

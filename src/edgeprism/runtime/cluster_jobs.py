@@ -251,7 +251,7 @@ def _step(body: Callable[[], Any], group_rank: int) -> tuple[Any, dict]:
     try:
         value = body()
         return value, {"ok": value if isinstance(value, dict) else True}
-    except Exception as err:  # noqa: BLE001 - not swallowed: it travels to rank 0 and is raised there
+    except Exception as err:
         log.warning("lane rank %d: job step failed: %s: %s", group_rank, type(err).__name__, err)
         return None, {"error": f"{type(err).__name__}: {err}"}
 
@@ -279,5 +279,15 @@ def run_job_here(job_ctx: JobContext, name: str, args: dict, ranks: tuple[int, .
     return [outcome["ok"] for outcome in outcomes]
 
 
-__all__ = ["JOBS", "Job", "JobContext", "JobError", "check_job", "lane_job_context", "run_job_here",
-           "all_gather_json", "describe_device", "MAX_RESULT_BYTES"]
+__all__ = [
+    "JOBS",
+    "MAX_RESULT_BYTES",
+    "Job",
+    "JobContext",
+    "JobError",
+    "all_gather_json",
+    "check_job",
+    "describe_device",
+    "lane_job_context",
+    "run_job_here",
+]

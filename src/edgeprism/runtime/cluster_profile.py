@@ -34,9 +34,16 @@ from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.profile.compute import ProgressFn, compute_grid, fit_errors, sparse_batches
 from edgeprism.profile.compute_worker import fit_result, grid_plan
 from edgeprism.profile.link import link_section
-from edgeprism.profile.profiler import (ProfileOptions, ProfileReport, fidelity_entries, host_facts,
-                                        input_bytes_per_token, output_bytes_per_row, token_counts_for,
-                                        validate_options)
+from edgeprism.profile.profiler import (
+    ProfileOptions,
+    ProfileReport,
+    fidelity_entries,
+    host_facts,
+    input_bytes_per_token,
+    output_bytes_per_row,
+    token_counts_for,
+    validate_options,
+)
 from edgeprism.profile.schema import DeviceDescription, EnergyModel, Profile, StagingSample, StagingTable
 from edgeprism.runtime.cluster import launch_engine
 from edgeprism.runtime.config import EngineConfig
@@ -206,4 +213,4 @@ def _staging_table(data: dict) -> StagingTable:
                         samples=tuple(StagingSample(**s) for s in data.get("samples", ())))
 
 
-__all__ = ["profile_cluster", "profile_at", "profile_for_serving", "provisional_profile", "wait_for_devices", "PROFILE_CONFIG"]
+__all__ = ["PROFILE_CONFIG", "profile_at", "profile_cluster", "profile_for_serving", "provisional_profile", "wait_for_devices"]

@@ -60,7 +60,7 @@ def validate_control(message: object) -> dict:
         raise ControlError(f"control op {op!r}: missing {sorted(missing)}, unexpected {sorted(extra)[:5]}")
     for name, kind in fields.items():
         value = message[name]
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             raise ControlError(f"control op {op!r}: {name} must be {getattr(kind, '__name__', 'a number')}, "
                                f"got {type(value).__name__}")
     for name in ("ranks", "members"):
@@ -169,5 +169,13 @@ class Mailbox:
             return message
 
 
-__all__ = ["SCHEMA", "ControlError", "validate_control", "encode_control", "decode_control", "Session",
-           "ControlChannel", "Mailbox"]
+__all__ = [
+    "SCHEMA",
+    "ControlChannel",
+    "ControlError",
+    "Mailbox",
+    "Session",
+    "decode_control",
+    "encode_control",
+    "validate_control",
+]

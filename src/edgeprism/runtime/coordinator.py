@@ -183,7 +183,7 @@ class Ticker:
             try:
                 self.engine.tick()
                 publish_status(self.store, self.secret, self.engine.cluster_status())
-            except Exception as err:  # noqa: BLE001 - the ticker must outlive one bad round; it says why
+            except Exception as err:
                 if self._stop.is_set():
                     return
                 log.warning("coordinator tick failed: %s: %s", type(err).__name__, err)

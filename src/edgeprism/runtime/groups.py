@@ -218,5 +218,18 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, back
     threading.Thread(target=drop, name="edgeprism-retire-groups", daemon=True).start()
 
 
-__all__ = ["gloo_group", "build_epoch_lanes", "retire_lanes", "start_digests", "RecordingStats", "start_recording",
-           "weights_fingerprint", "verify_same_start", "candidate_subsets", "Lane", "make_lanes", "make_control", "ALL_SUBSETS_UP_TO"]
+__all__ = [
+    "ALL_SUBSETS_UP_TO",
+    "Lane",
+    "RecordingStats",
+    "build_epoch_lanes",
+    "candidate_subsets",
+    "gloo_group",
+    "make_control",
+    "make_lanes",
+    "retire_lanes",
+    "start_digests",
+    "start_recording",
+    "verify_same_start",
+    "weights_fingerprint",
+]

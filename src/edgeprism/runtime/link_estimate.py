@@ -187,7 +187,7 @@ class OnlineLinkEstimator:
                 f"({self.updates} updates, {len(self._window)} observations)")
 
 
-__all__ = ["LinkObservation", "OnlineLinkEstimator", "MAX_BANDWIDTH_BPS"]
+__all__ = ["MAX_BANDWIDTH_BPS", "LinkObservation", "OnlineLinkEstimator"]
 
 
 class ComputeBiasEstimator:

@@ -350,5 +350,14 @@ def acknowledge(store, session: Session, epoch: int) -> None:
                                                                                            "epoch": epoch})))
 
 
-__all__ = ["Membership", "LivenessRound", "join_cluster", "acknowledge", "describe_self", "announce_leave",
-           "UNAUTHENTICATED", "admission_key", "MAX_INFO_BYTES"]
+__all__ = [
+    "MAX_INFO_BYTES",
+    "UNAUTHENTICATED",
+    "LivenessRound",
+    "Membership",
+    "acknowledge",
+    "admission_key",
+    "announce_leave",
+    "describe_self",
+    "join_cluster",
+]

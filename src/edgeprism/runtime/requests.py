@@ -196,5 +196,11 @@ def check_inputs(inputs: Any, max_batch: int) -> int:
     return batch
 
 
-__all__ = ["ParsedRequest", "parse_request", "check_inputs", "load_request_json", "request_id_of",
-           "MAX_REQUEST_BYTES"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "ParsedRequest",
+    "check_inputs",
+    "load_request_json",
+    "parse_request",
+    "request_id_of",
+]

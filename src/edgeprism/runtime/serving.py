@@ -70,4 +70,4 @@ def serve_lines(engine, lines: Iterable[str], write: Callable[[dict], None], out
     return served, refused
 
 
-__all__ = ["answer", "serve_lines", "format_outputs", "OutputsMode"]
+__all__ = ["OutputsMode", "answer", "format_outputs", "serve_lines"]

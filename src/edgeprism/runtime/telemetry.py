@@ -114,4 +114,4 @@ def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int) -> 
     return [LinkObservation((k - 1) * sent, k - 1, statistics.median(t)) for sent, t in by_size.items()]
 
 
-__all__ = ["sync", "probe_exchanges", "telemetry", "observations", "TELEMETRY_HEAD", "RankTelemetry", "LayerExchange"]
+__all__ = ["TELEMETRY_HEAD", "LayerExchange", "RankTelemetry", "observations", "probe_exchanges", "sync", "telemetry"]

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from edgeprism.testbed.presets import LinkPreset, format_delay, format_rate
 
-__all__ = ["LINK_FILE_ENV", "LinkMode", "LinkState", "EmulatedLink", "write_link_file", "burst_bytes"]
+__all__ = ["LINK_FILE_ENV", "EmulatedLink", "LinkMode", "LinkState", "burst_bytes", "write_link_file"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class EmulatedLink:
         self._stamp_s = clock()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> "EmulatedLink | None":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> EmulatedLink | None:
         """The link named by `EDGEPRISM_LINK_FILE` in `environ`, or None when it is unset or empty."""
         environ = os.environ if environ is None else environ
         path = environ.get(LINK_FILE_ENV, "")

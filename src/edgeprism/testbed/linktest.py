@@ -84,7 +84,7 @@ class LinkMeasurement:
         )
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | str) -> "LinkMeasurement":
+    def from_json(cls, data: dict[str, Any] | str) -> LinkMeasurement:
         if isinstance(data, str):
             data = json.loads(data)
         data = dict(data)
@@ -251,7 +251,7 @@ def burst_estimate(probe_nbytes: int, samples: tuple[float, ...], latency_s: flo
     return float(min(probe_nbytes, max(0.0, probe_nbytes - waited_bytes)))
 
 
-def run_link_test(testbed: "Testbed", timeout_s: float = 180.0, latency_repeats: int = 20) -> LinkMeasurement:
+def run_link_test(testbed: Testbed, timeout_s: float = 180.0, latency_repeats: int = 20) -> LinkMeasurement:
     """Launch the link-test worker on every host of `testbed` (through torchrun) and return rank 0's result."""
     from edgeprism.testbed.launch import LaunchError, run_torchrun
 

@@ -32,15 +32,24 @@ import warnings
 from typing import Any, Literal
 
 from edgeprism.testbed.emulation import LinkMode, write_link_file
-from edgeprism.testbed.netns import (Host, build_star, delete_netns, kernel_testbed_missing, kill_netns_processes,
-                                     netns_age_s, netns_list, netns_pids, shape)
+from edgeprism.testbed.netns import (
+    Host,
+    build_star,
+    delete_netns,
+    kernel_testbed_missing,
+    kill_netns_processes,
+    netns_age_s,
+    netns_list,
+    netns_pids,
+    shape,
+)
 from edgeprism.testbed.presets import LinkPreset
 from edgeprism.testbed.registry import PREFIX, link_path, pid_alive, read_states, state_dir, state_path, write_state
 from edgeprism.testbed.subnets import pick_subnet
 
 # Host, kill_netns_processes, state_dir and PREFIX live in netns/registry; they are re-exported here because
 # net is the testbed's public face (launch.py and the CLI import them from here).
-__all__ = ["Host", "Testbed", "status", "cleanup_stale", "state_dir", "kill_netns_processes", "PREFIX"]
+__all__ = ["PREFIX", "Host", "Testbed", "cleanup_stale", "kill_netns_processes", "state_dir", "status"]
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +167,7 @@ class Testbed:
         }
         write_state(self.state_file, state)
 
-    def up(self) -> "Testbed":
+    def up(self) -> Testbed:
         if self.is_up:
             return self
         cores = self._assign_cores()
@@ -232,14 +241,14 @@ class Testbed:
             how = "loopback-transport: rate AND delay EMULATED in the transport (no root / no ip)"
         return f"[{how}] {hosts}"
 
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
         self.down()
 
     @classmethod
-    def attach(cls, tag: str) -> "Testbed":
+    def attach(cls, tag: str) -> Testbed:
         """The testbed described by an existing state file (e.g. made by `edgeprism testbed up`)."""
         path = state_path(tag)
         try:

@@ -13,8 +13,14 @@ import math
 from typing import Any
 
 __all__ = [
-    "LinkPreset", "LINK_PRESETS", "get_preset", "resolve_link", "format_rate", "format_delay", "parse_rate",
+    "LINK_PRESETS",
+    "LinkPreset",
+    "format_delay",
+    "format_rate",
+    "get_preset",
     "parse_delay",
+    "parse_rate",
+    "resolve_link",
 ]
 
 
@@ -48,7 +54,7 @@ class LinkPreset:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | str) -> "LinkPreset":
+    def from_json(cls, data: dict[str, Any] | str) -> LinkPreset:
         if isinstance(data, str):
             data = json.loads(data)
         return cls(**data)
