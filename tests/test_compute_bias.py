@@ -17,7 +17,8 @@ def test_local_compute_scale_moves_the_choice():
     plan = choose_plan(profile, request, faster_local)
     assert plan.mode == "local"
     assert plan.predicted_latency_s == pytest.approx(
-        0.3 * choose_plan(profile, Request("vit-base-patch16-224", 8, 197), LinkEstimate(1.0, 10.0)).predicted_latency_s)
+        0.3 * choose_plan(profile, Request("vit-base-patch16-224", 8, 197), LinkEstimate(1.0, 10.0)).predicted_latency_s
+    )
 
 
 def test_estimator_needs_both_modes_and_tracks_their_ratio():

@@ -14,7 +14,9 @@ MODEL = "vit-base-patch16-224"
 
 
 def _plan(ranks, counts, codec) -> Plan:
-    return Plan("distributed", ranks, token_shares([1.0] * len(ranks)), counts, codec, 1, "", 0.0, 0.0, "", "latency", "")
+    return Plan(
+        "distributed", ranks, token_shares([1.0] * len(ranks)), counts, codec, 1, "", 0.0, 0.0, "", "latency", ""
+    )
 
 
 def _link(profile) -> LinkEstimate:
@@ -24,8 +26,12 @@ def _link(profile) -> LinkEstimate:
 def test_local_prediction_is_layers_times_layer_time():
     profile = synthetic_profile()
     c = profile.compute
-    pred = predict(profile, Request(MODEL, 2, 197), Plan("local", (0,), (1.0,), (197,), "", 1, "", 0, 0, "", "latency", ""),
-                   _link(profile))
+    pred = predict(
+        profile,
+        Request(MODEL, 2, 197),
+        Plan("local", (0,), (1.0,), (197,), "", 1, "", 0, 0, "", "latency", ""),
+        _link(profile),
+    )
     expected = 12 * c.layer_seconds(2, 197, 197) + c.request_overhead_s
     assert pred.total_s == pytest.approx(expected) == pytest.approx(pred.compute_s)
     assert pred.energy_j == pytest.approx(profile.energy.compute_w * expected)
@@ -34,8 +40,12 @@ def test_local_prediction_is_layers_times_layer_time():
 
 def test_synthetic_vit_b16_is_about_a_third_of_a_second_per_image():
     profile = synthetic_profile()
-    pred = predict(profile, Request(MODEL, 1, 197), Plan("local", (0,), (1.0,), (197,), "", 1, "", 0, 0, "", "latency", ""),
-                   _link(profile))
+    pred = predict(
+        profile,
+        Request(MODEL, 1, 197),
+        Plan("local", (0,), (1.0,), (197,), "", 1, "", 0, 0, "", "latency", ""),
+        _link(profile),
+    )
     assert 0.33 < pred.total_s < 0.38
 
 
@@ -85,7 +95,10 @@ def test_staging_and_shared_medium_cost_more():
     assert predict(plain, request, p2, _link(plain)).staging_s == 0.0
     assert predict(staged, request, p2, _link(staged)).staging_s > 0.0
     p3 = _plan((0, 1, 2), (66, 66, 65), "fp16")
-    assert predict(shared, request, p3, _link(shared)).network_s > predict(switched, request, p3, _link(switched)).network_s
+    assert (
+        predict(shared, request, p3, _link(shared)).network_s
+        > predict(switched, request, p3, _link(switched)).network_s
+    )
 
 
 def test_decoder_ranks_attend_only_to_earlier_means():

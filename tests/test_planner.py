@@ -15,8 +15,9 @@ MODEL = "vit-base-patch16-224"
 
 
 def _link(profile, **kw) -> LinkEstimate:
-    return LinkEstimate(kw.pop("bandwidth_bps", profile.link.bandwidth_bps), kw.pop("latency_s", profile.link.latency_s),
-                        **kw)
+    return LinkEstimate(
+        kw.pop("bandwidth_bps", profile.link.bandwidth_bps), kw.pop("latency_s", profile.link.latency_s), **kw
+    )
 
 
 def test_small_requests_stay_local_when_the_exchange_dominates():

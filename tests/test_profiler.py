@@ -88,7 +88,9 @@ def test_fit_relative_sets_aside_a_point_timed_in_a_slow_spell():
     truth = ComputeTable(fixed_s=2e-4, per_token_s=3e-5, per_kv_s=1e-5, per_token_kv_s=4e-8)
     shapes = [(b, n, kv) for b in (1, 4, 8, 32) for n, kv in ((197, 197), (99, 197), (99, 106), (49, 197))]
     wobble = [1.02, 0.98, 1.01, 0.99]  # the grid's ordinary noise
-    samples = [ComputeSample(b, n, kv, truth.layer_seconds(b, n, kv) * wobble[i % 4]) for i, (b, n, kv) in enumerate(shapes)]
+    samples = [
+        ComputeSample(b, n, kv, truth.layer_seconds(b, n, kv) * wobble[i % 4]) for i, (b, n, kv) in enumerate(shapes)
+    ]
     slow = shapes.index((32, 99, 106))
     samples[slow] = dataclasses.replace(samples[slow], seconds_per_layer=1.5 * samples[slow].seconds_per_layer)
     fitted = fit_relative(samples)
@@ -207,12 +209,18 @@ def test_fidelity_rows_keep_the_worst_with_default_weighting(tmp_path):
     assert entries["int8"].loss is None and entries["int8"].wire_bytes_per_token > 0
 
 
-@pytest.mark.parametrize("text, match", [
-    ("", "has no rows"),
-    ('{"codec": "sm4"}\n', "needs the fields"),
-    ('{"codec": "sm4", "metric": "m", "value": 1.0, "reference_value": 1.0}\n{not json\n', r"rows.jsonl:2: not a JSON row"),
-    ('{"codec": "sm4", "metric": "m", "value": "high", "reference_value": 1.0}\n', "value must be a number"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "has no rows"),
+        ('{"codec": "sm4"}\n', "needs the fields"),
+        (
+            '{"codec": "sm4", "metric": "m", "value": 1.0, "reference_value": 1.0}\n{not json\n',
+            r"rows.jsonl:2: not a JSON row",
+        ),
+        ('{"codec": "sm4", "metric": "m", "value": "high", "reference_value": 1.0}\n', "value must be a number"),
+    ],
+)
 def test_bad_fidelity_files_are_clear_errors(tmp_path, text, match):
     path = tmp_path / "rows.jsonl"
     path.write_text(text)

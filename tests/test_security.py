@@ -55,7 +55,9 @@ def _listening(pids):
 
 def test_intruders_cannot_join_or_drive_and_every_socket_is_on_loopback():
     batch = synthetic_inputs(VIT, 2, seed=1)
-    with launch_local(2, "vit-tiny-test", _profile(), config=EngineConfig(join_check_s=0.05, learn_compute=False)) as engine:
+    with launch_local(
+        2, "vit-tiny-test", _profile(), config=EngineConfig(join_check_s=0.05, learn_compute=False)
+    ) as engine:
         assert engine.infer(batch).metrics.mode == "distributed"
         store = _client(engine)
         digests = start_digests(engine.model, engine.profile)

@@ -76,10 +76,21 @@ def test_netns_up_shapes_both_directions_changes_live_and_cleans_up():
                                    "import socket; s=socket.socket(); s.bind(('0.0.0.0', 45999)); s.listen(1); "
                                    "c,_=s.accept(); c.sendall(b'ok')"])
         try:
-            client = subprocess.run(["ip", "netns", "exec", h0.netns, sys.executable, "-c",
-                                     "import socket,time\nfor i in range(50):\n try: c=socket.create_connection(('%s',45999)); break\n"
-                                     " except OSError: time.sleep(0.1)\nprint(c.recv(2).decode())" % h1.address],
-                                    capture_output=True, text=True, timeout=30)
+            client = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    h0.netns,
+                    sys.executable,
+                    "-c",
+                    "import socket,time\nfor i in range(50):\n try: c=socket.create_connection(('%s',45999)); break\n"
+                    " except OSError: time.sleep(0.1)\nprint(c.recv(2).decode())" % h1.address,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert client.stdout.strip() == "ok", client.stderr
         finally:
             server.kill()

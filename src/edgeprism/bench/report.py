@@ -12,13 +12,18 @@ COLORS = {"local": "#555555", "full_exchange": "#d62728", "segment_means": "#1f7
 
 
 def write_markdown(path: Path, report: dict) -> None:
-    lines = [f"# edgeprism demo: {report['model']}", "",
-             f"- devices: {report['world_size']} ({report['note']})",
-             f"- link phases: {', '.join(report['links'])}; emulation: {report['emulation']}",
-             f"- static Segment Means codec: {report['segment_means_codec']}; objective: {report['objective']}; "
-             f"fidelity budget: {report['max_fidelity_loss']}",
-             f"- profile: `{report['profile']}`; run took {report['demo_seconds']:.0f} s", "",
-             "| link | batch | strategy | latency ms | energy J | energy source | plan |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# edgeprism demo: {report['model']}",
+        "",
+        f"- devices: {report['world_size']} ({report['note']})",
+        f"- link phases: {', '.join(report['links'])}; emulation: {report['emulation']}",
+        f"- static Segment Means codec: {report['segment_means_codec']}; objective: {report['objective']}; "
+        f"fidelity budget: {report['max_fidelity_loss']}",
+        f"- profile: `{report['profile']}`; run took {report['demo_seconds']:.0f} s",
+        "",
+        "| link | batch | strategy | latency ms | energy J | energy source | plan |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
         lines.append(f"| {r['link']} | {r['batch']} | {r['strategy']} | {r['latency_s'] * 1e3:.1f} | "
                      f"{r['energy_j']:.2f} | {r['energy_source']} | {r['plan']} |")
@@ -71,7 +76,9 @@ def write_plots(out_dir: Path, rows: list[dict], table: list[dict]) -> list[Path
     if measured:
         fig, ax = plt.subplots(figsize=(5.2, 5.0))
         for strategy, color in COLORS.items():
-            pts = [(r["predicted_latency_s"] * 1e3, r["latency_s"] * 1e3) for r in measured if r["strategy"] == strategy]
+            pts = [
+                (r["predicted_latency_s"] * 1e3, r["latency_s"] * 1e3) for r in measured if r["strategy"] == strategy
+            ]
             if pts:
                 ax.scatter(*zip(*pts), s=18, color=color, label=strategy.replace("_", " "))
         low = min(min(r["predicted_latency_s"], r["latency_s"]) for r in measured) * 1e3

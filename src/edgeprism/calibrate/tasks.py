@@ -171,15 +171,23 @@ def train_fashion_vit(steps: int = 500, batch_size: int = 64, lr: float = 2e-3, 
                      f"({time.perf_counter() - started:.0f} s)")
     model.requires_grad_(False).eval()
     head.requires_grad_(False).eval()
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "train_time_s": round(time.perf_counter() - started, 1), "final_loss_mean200": sum(recent[-200:]) / len(recent[-200:])}
+    info = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_time_s": round(time.perf_counter() - started, 1),
+        "final_loss_mean200": sum(recent[-200:]) / len(recent[-200:]),
+    }
     return model, head, info
 
 
 def save_head(head: nn.Module, directory: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(Path(directory) / "classifier.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in head.state_dict().items()}, str(Path(directory) / "classifier.safetensors")
+    )
 
 
 def load_fashion_vit(directory: str | Path | None = None) -> tuple[ReferenceModel, nn.Module]:

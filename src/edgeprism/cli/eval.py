@@ -15,7 +15,9 @@ def _int_list(text: str) -> list[int]:
         try:
             value = float(piece)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"CR {piece!r} is not a number; give integers >= 1, e.g. 1,2,4,8") from None
+            raise argparse.ArgumentTypeError(
+                f"CR {piece!r} is not a number; give integers >= 1, e.g. 1,2,4,8"
+            ) from None
         if value < 1 or value != int(value):
             raise argparse.ArgumentTypeError(f"CR {piece} must be a whole number >= 1 (tokens per segment)")
         values.append(int(value))
@@ -56,7 +58,9 @@ def handle(args) -> int:
 
     if args.world_size < 2:
         raise ValueError(f"--world-size {args.world_size}: fidelity of a split needs at least 2 ranks")
-    codecs = [f"sm{cr}" for cr in (args.cr or [])] + ([str(c) for c in parse_codec_list(args.codec)] if args.codec else [])
+    codecs = [f"sm{cr}" for cr in (args.cr or [])] + (
+        [str(c) for c in parse_codec_list(args.codec)] if args.codec else []
+    )
     if not codecs:
         raise ValueError("give --cr and/or --codec, e.g. --cr 1,2,4,8,16,32 or --codec fp16,int8,sm4a")
     for name in codecs:

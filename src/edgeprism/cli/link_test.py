@@ -54,9 +54,14 @@ def _handler(args: argparse.Namespace) -> int:
     print(f"link {link}: measured over {testbed.num_hosts} hosts")
     print(f"  emulation:  {testbed.emulation} ({measurement.emulation})")
     if testbed.backend != "netns":
-        print("  NOTE: EMULATED on loopback (no root or no ip/tc): rate and delay come from the transport, not the kernel")
-    print(f"  latency:    {format_delay(measurement.latency_s)} median, {format_delay(measurement.latency_low_s)} lower "
-          f"quartile (what a profile uses), {format_delay(measurement.latency_min_s)} min (preset {format_delay(link.delay_s)})")
+        print(
+            "  NOTE: EMULATED on loopback (no root or no ip/tc): rate and delay come from the transport, not the kernel"
+        )
+    print(
+        f"  latency:    {format_delay(measurement.latency_s)} median, {format_delay(measurement.latency_low_s)} lower "
+        f"quartile (what a profile uses), {format_delay(measurement.latency_min_s)} min "
+        f"(preset {format_delay(link.delay_s)})"
+    )
     print(f"  bandwidth:  {format_rate(measurement.bandwidth_bps)} one way "
           f"(preset {format_rate(link.rate_bps)}, ratio {row['bandwidth_ratio']:.3f})")
     print(f"  all-gather: {format_rate(measurement.allgather_bandwidth_bps)} per rank, every link busy both ways")

@@ -64,7 +64,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--meter", default="auto", help="energy meter: auto, ina3221, rapl, nvml, zeus, modelled")
     p.add_argument("--power-model", help="power model when energy is modelled (default generic-cpu-core)")
     p.add_argument("--out", metavar="FILE", help="where to write the profile JSON (required unless --check)")
-    p.add_argument("--check", metavar="FILE", help="load FILE and check it against --model/--world-size; measure nothing")
+    p.add_argument(
+        "--check", metavar="FILE", help="load FILE and check it against --model/--world-size; measure nothing"
+    )
     p.add_argument("--validate", action="store_true",
                    help="compare the cost model with fresh runs at held-out points (median/max error)")
     p.add_argument("--validate-batches", type=_int_list, help="batch sizes for validation (default: held out)")

@@ -15,7 +15,9 @@ def _shares(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shares {text!r} must be comma-separated fractions, e.g. 0.5,0.3,0.2") from None
+        raise argparse.ArgumentTypeError(
+            f"shares {text!r} must be comma-separated fractions, e.g. 0.5,0.3,0.2"
+        ) from None
 
 
 def add_parser(subparsers) -> None:

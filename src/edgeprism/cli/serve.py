@@ -42,9 +42,12 @@ def add_parser(subparsers) -> None:
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--input", default="-", metavar="FILE",
                         help="requests, one JSON object per line; '-' (default) reads stdin")
-    inputs.add_argument("--http", action="store_true",
-                        help="serve the HTTP API instead: OpenAI-style /v1/embeddings and /v1/completions, /v1/classify "
-                             "for images, /infer for tensor requests, /metrics, /health, /v1/cluster (docs/API.md)")
+    inputs.add_argument(
+        "--http",
+        action="store_true",
+        help="serve the HTTP API instead: OpenAI-style /v1/embeddings and /v1/completions, /v1/classify "
+        "for images, /infer for tensor requests, /metrics, /health, /v1/cluster (docs/API.md)",
+    )
     p.add_argument("--no-batching", action="store_true",
                    help="--http: one engine call per request (default: concurrent requests are batched)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",

@@ -21,11 +21,18 @@ log = logging.getLogger(__name__)
 def add_link_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
     """--link/--rate/--delay, shared with `link-test` (and `run --link`)."""
     parser.add_argument(
-        "--link", default=default_preset, metavar="PRESET",
-        help=f"link preset: {', '.join(sorted(LINK_PRESETS))}" + (f" (default {default_preset})" if default_preset else ""),
+        "--link",
+        default=default_preset,
+        metavar="PRESET",
+        help=f"link preset: {', '.join(sorted(LINK_PRESETS))}"
+        + (f" (default {default_preset})" if default_preset else ""),
     )
-    parser.add_argument("--rate", type=parse_rate, metavar="BPS", help="link rate in bit/s (50e6, 50M); overrides the preset")
-    parser.add_argument("--delay", type=parse_delay, metavar="S", help="one-way delay in s (0.003, 3ms); overrides the preset")
+    parser.add_argument(
+        "--rate", type=parse_rate, metavar="BPS", help="link rate in bit/s (50e6, 50M); overrides the preset"
+    )
+    parser.add_argument(
+        "--delay", type=parse_delay, metavar="S", help="one-way delay in s (0.003, 3ms); overrides the preset"
+    )
 
 
 def add_testbed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +55,10 @@ def _print_testbed(tb: Testbed, as_json: bool) -> None:
         }))
         return
     print(f"testbed {tb.tag}: {tb.num_hosts} hosts, link {tb.link}")
-    print(f"  emulation: {tb.emulation}" + ("" if tb.backend == "netns" else "  (EMULATED on loopback: no kernel shaping)"))
+    print(
+        f"  emulation: {tb.emulation}"
+        + ("" if tb.backend == "netns" else "  (EMULATED on loopback: no kernel shaping)")
+    )
     print(f"  link file: {tb.link_file}")
     for h in tb.hosts:
         print(f"  host {h.index}: netns {h.netns or '-'}  {h.ifname} {h.address}  cores {list(h.cores)}")

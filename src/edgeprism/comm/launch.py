@@ -40,7 +40,9 @@ def free_port() -> int:
 
 def core_assignment(world_size: int, cores_per_worker: int) -> list[tuple[int, ...]]:
     """Rank r gets cores [r*k, (r+1)*k) of the cores this process may use, wrapping (with a warning)."""
-    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    available = (
+        sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    )
     needed = world_size * cores_per_worker
     if needed > len(available):
         log.warning("%d workers x %d cores need %d cores but %d are available: emulated devices will share cores",

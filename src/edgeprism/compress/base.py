@@ -134,7 +134,11 @@ class IdentityCodec(EveryTokenCodec):
 
 def pack(wire: list[Tensor]) -> Tensor:
     """Concatenate wire tensors into one flat uint8 tensor (one collective per exchange)."""
-    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in wire]) if wire else torch.empty(0, dtype=torch.uint8)
+    return (
+        torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in wire])
+        if wire
+        else torch.empty(0, dtype=torch.uint8)
+    )
 
 
 def unpack(buffer: Tensor, spec: WireSpec) -> list[Tensor]:

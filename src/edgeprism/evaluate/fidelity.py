@@ -141,10 +141,24 @@ def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tupl
         outputs, nbytes = run_distributed(model, eval_set.batches, codec, world_size, shares, size_aware,
                                           eval_set.gather_hidden, average)
         for metric in eval_set.score(reference, outputs):
-            rows.append(FidelityRow(eval_set.name, model.config.name, str(codec), codec_cr(codec), world_size,
-                                    size_aware, average, metric.metric, metric.value, metric.reference_value, metric.loss,
-                                    nbytes / eval_set.num_requests, nbytes / full_bytes,
-                                    eval_set.num_requests))
+            rows.append(
+                FidelityRow(
+                    eval_set.name,
+                    model.config.name,
+                    str(codec),
+                    codec_cr(codec),
+                    world_size,
+                    size_aware,
+                    average,
+                    metric.metric,
+                    metric.value,
+                    metric.reference_value,
+                    metric.loss,
+                    nbytes / eval_set.num_requests,
+                    nbytes / full_bytes,
+                    eval_set.num_requests,
+                )
+            )
         if progress:
             summary = ", ".join(f"{r.metric}={r.value:.4g}" for r in rows if r.codec == str(codec))
             progress(f"[{i + 1}/{len(codecs)}] {eval_set.name} {codec}: {summary}")
@@ -169,7 +183,9 @@ def embedding_score(head=None) -> Callable[[list[Outputs], list[Outputs]], list[
     return score
 
 
-def probe_score(probe: torch.nn.Linear, labels: torch.Tensor) -> Callable[[list[Outputs], list[Outputs]], list[MetricValue]]:
+def probe_score(
+    probe: torch.nn.Linear, labels: torch.Tensor
+) -> Callable[[list[Outputs], list[Outputs]], list[MetricValue]]:
     """A linear probe on pooled ([CLS]) features: accuracy against labels, and top-1 agreement."""
 
     def score(reference: list[Outputs], candidate: list[Outputs]) -> list[MetricValue]:

@@ -130,9 +130,20 @@ def plan_for(profile: Profile, point: ValidationPoint, token_counts: Sequence[in
     entry = profile.codec(point.codec)
     k = len(token_counts)
     shares = tuple(n / point.num_tokens for n in token_counts)
-    return Plan(mode="distributed", ranks=tuple(range(k)), token_shares=shares, token_counts=tuple(token_counts), codec=entry.codec, cr=entry.cr, wire_dtype=entry.wire_dtype,
-                predicted_latency_s=0.0, predicted_energy_j=0.0, energy_source=profile.energy.source,
-                objective="latency", reason="validation")
+    return Plan(
+        mode="distributed",
+        ranks=tuple(range(k)),
+        token_shares=shares,
+        token_counts=tuple(token_counts),
+        codec=entry.codec,
+        cr=entry.cr,
+        wire_dtype=entry.wire_dtype,
+        predicted_latency_s=0.0,
+        predicted_energy_j=0.0,
+        energy_source=profile.energy.source,
+        objective="latency",
+        reason="validation",
+    )
 
 
 def spec_for(profile: Profile, point: ValidationPoint, checkpoint: str | None, warmup: int, repeats: int,

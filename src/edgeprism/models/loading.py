@@ -65,7 +65,11 @@ def convert_hf_state_dict(config: ModelConfig, hf: dict[str, Tensor]) -> dict[st
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 break
-        if name.endswith(_IGNORED_SUFFIXES) or _IGNORED_PATTERN.match(name) or name.startswith(("lm_head.", "classifier.", "cls.")):
+        if (
+            name.endswith(_IGNORED_SUFFIXES)
+            or _IGNORED_PATTERN.match(name)
+            or name.startswith(("lm_head.", "classifier.", "cls."))
+        ):
             continue
         if name in ("embeddings.cls_token", "embeddings.position_embeddings"):  # bare parameters
             stem, param = name, ""

@@ -24,7 +24,9 @@ CASES = (("vit-tiny-test", 2, None, False), ("dinov2-tiny-test", 2, None, False)
          ("bert-tiny-test", 3, 21, True), ("gpt2-tiny-test", 2, 19, False))
 
 
-def run_checks(shares: tuple[float, ...] | None, codec: str = "fp32", models: tuple[str, ...] | None = None) -> dict | None:
+def run_checks(
+    shares: tuple[float, ...] | None, codec: str = "fp32", models: tuple[str, ...] | None = None
+) -> dict | None:
     ctx = init_distributed()
     results = {}
     try:
@@ -34,7 +36,9 @@ def run_checks(shares: tuple[float, ...] | None, codec: str = "fp32", models: tu
             model = build_model(name, seed=3)
             engine = PositionWise(model, ctx, get_codec(codec))
             engine.verify_peers()
-            inputs = synthetic_inputs(model.config, batch, seq_len=seq_len, padded=padded, seed=7) if ctx.is_root else None
+            inputs = (
+                synthetic_inputs(model.config, batch, seq_len=seq_len, padded=padded, seed=7) if ctx.is_root else None
+            )
             outputs = engine.forward(inputs, shares, gather_hidden=True)
             if ctx.is_root:
                 with torch.no_grad():
@@ -42,7 +46,11 @@ def run_checks(shares: tuple[float, ...] | None, codec: str = "fp32", models: tu
                 results[name] = max(float((outputs[k] - reference[k]).abs().max()) for k in outputs if k in reference)
     finally:
         shutdown(ctx)
-    return {"world_size": ctx.world_size, "shares": shares, "codec": codec, "max_abs_diff": results} if ctx.is_root else None
+    return (
+        {"world_size": ctx.world_size, "shares": shares, "codec": codec, "max_abs_diff": results}
+        if ctx.is_root
+        else None
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,8 +347,12 @@ class PositionWise:
                 outputs.update(model.head(row))
             if gather_hidden:
                 if ctx.is_root:
-                    pieces = [hidden] + [self.exchanger.recv_tensor((batch, r.num_tokens, d), hidden.dtype, src=r.group_rank,
-                                                                    kind="output") for r in ranges[1:]]
+                    pieces = [hidden] + [
+                        self.exchanger.recv_tensor(
+                            (batch, r.num_tokens, d), hidden.dtype, src=r.group_rank, kind="output"
+                        )
+                        for r in ranges[1:]
+                    ]
                     outputs["hidden"] = torch.cat(pieces, dim=1)
                 else:
                     self.exchanger.send_tensor(hidden, dst=0, kind="output")

@@ -44,7 +44,9 @@ def measure_energy(compute_body: Callable[[], None], device: torch.device, meter
                    meter_kind: str = "auto", power_model: str | PowerModel | None = None,
                    window_s: float = WINDOW_S) -> EnergyModel:
     """Per-phase power. `compute_body` runs a little model work (one block); it is repeated for a window."""
-    model = get_power_model(power_model or "generic-cpu-core") if not isinstance(power_model, PowerModel) else power_model
+    model = (
+        get_power_model(power_model or "generic-cpu-core") if not isinstance(power_model, PowerModel) else power_model
+    )
     if meter is None:
         meter = detect_meter(meter_kind, power_model=model)  # type: ignore[arg-type]
     try:

@@ -41,7 +41,9 @@ def load_fidelity_rows(path: str | Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON row ({err}); expected lines from `edgeprism eval --out`") from None
+            raise ValueError(
+                f"{path}:{number}: not a JSON row ({err}); expected lines from `edgeprism eval --out`"
+            ) from None
         if not isinstance(row, dict) or any(key not in row for key in _REQUIRED):
             raise ValueError(f"{path}:{number}: a fidelity row needs the fields {list(_REQUIRED)}, got "
                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")

@@ -191,7 +191,8 @@ class CodecFidelity:
     """One exchange codec as profiled for this model: what it costs on the wire and what it loses.
 
     `wire_bytes_per_token` is bytes per own token per layer (codec.nbytes / (B·n) at the profiled
-    size; for codecs whose message changes by layer, the mean over the model's layers); `wire_bytes_per_row` is a fixed part per batch row (anchors, scales). `loss` is
+    size; for codecs whose message changes by layer, the mean over the model's layers); `wire_bytes_per_row`
+    is a fixed part per batch row (anchors, scales). `loss` is
     (reference_value - value) / reference_value clamped to [0, 1]; None when fidelity was not measured."""
 
     codec: str

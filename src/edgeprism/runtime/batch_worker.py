@@ -135,18 +135,36 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
     if not ctx.is_root:
         return None
     result = {
-        "mode": spec.mode, "model": spec.model, "world_size": ctx.world_size, "batch": spec.batch,
-        "num_tokens": model.validate_input(inputs), "token_ranges": ranges, "codec": spec.codec if spec.mode != "local" else None,
-        "size_aware": spec.size_aware, "backend": ctx.backend, "device": str(ctx.device),
-        "latency_s": statistics.median(latencies), "latencies_s": latencies,
+        "mode": spec.mode,
+        "model": spec.model,
+        "world_size": ctx.world_size,
+        "batch": spec.batch,
+        "num_tokens": model.validate_input(inputs),
+        "token_ranges": ranges,
+        "codec": spec.codec if spec.mode != "local" else None,
+        "size_aware": spec.size_aware,
+        "backend": ctx.backend,
+        "device": str(ctx.device),
+        "latency_s": statistics.median(latencies),
+        "latencies_s": latencies,
         "bytes_exchanged": int(sum(r[0] for r in stats_rows)),
         "bytes_total_nbytes": int(sum(r[1] for r in stats_rows)),
         "staging_s": stats_rows[0][2] if spec.mode != "local" else 0.0,
         "collective_s": stats_rows[0][3] if spec.mode != "local" else 0.0,
         "emulated_delay_s": stats_rows[0][4] if spec.mode != "local" else 0.0,
-        "per_rank": [{"group_rank": i, "layer_nbytes": int(r[0]), "total_nbytes": int(r[1]), "staging_s": r[2],
-                      "collective_s": r[3], "emulated_delay_s": r[4]} for i, r in enumerate(stats_rows)],
-        "cores": list(ctx.cores), "torch_threads": torch.get_num_threads(),
+        "per_rank": [
+            {
+                "group_rank": i,
+                "layer_nbytes": int(r[0]),
+                "total_nbytes": int(r[1]),
+                "staging_s": r[2],
+                "collective_s": r[3],
+                "emulated_delay_s": r[4],
+            }
+            for i, r in enumerate(stats_rows)
+        ],
+        "cores": list(ctx.cores),
+        "torch_threads": torch.get_num_threads(),
         "link": ctx.link.describe() if ctx.link is not None else "loopback (not shaped)",
     }
     result["compute_s"] = max(0.0, result["latency_s"] - result["staging_s"] - result["collective_s"]

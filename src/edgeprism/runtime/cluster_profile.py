@@ -213,4 +213,11 @@ def _staging_table(data: dict) -> StagingTable:
                         samples=tuple(StagingSample(**s) for s in data.get("samples", ())))
 
 
-__all__ = ["PROFILE_CONFIG", "profile_at", "profile_cluster", "profile_for_serving", "provisional_profile", "wait_for_devices"]
+__all__ = [
+    "PROFILE_CONFIG",
+    "profile_at",
+    "profile_cluster",
+    "profile_for_serving",
+    "provisional_profile",
+    "wait_for_devices",
+]

@@ -169,8 +169,11 @@ class Rank0Side:
         finally:
             exchanger.deadline = None
         k = len(ranks)
-        found = [LinkObservation((k - 1) * sent, k - 1, delay_s + wait_s) for kind, sent, delay_s, wait_s in stats.events
-                 if kind == "probe"]
+        found = [
+            LinkObservation((k - 1) * sent, k - 1, delay_s + wait_s)
+            for kind, sent, delay_s, wait_s in stats.events
+            if kind == "probe"
+        ]
         log.info("link probe over ranks %s: %s", list(ranks), self.estimator.update(found))
 
     def cluster_status(self) -> dict:
