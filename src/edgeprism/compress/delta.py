@@ -143,6 +143,7 @@ class DeltaSession:
             wire = self.codec.encode(hidden, valid, anchor)
             self.own, self.own_valid = self.codec.decode(wire)
             return wire
+        assert self.own is not None and self.own_valid is not None, "layer 0 sets the session's state"
         x = hidden.to(torch.float32) * self.own_valid.unsqueeze(-1)  # (B, n, d), padding zeroed
         fmt = self.codec.layer_format(layer)
         wire = fmt.encode(x - self.own)

@@ -148,12 +148,14 @@ def get_codec(name: str) -> Codec:
     if len(kinds) == 1:
         kind, parsed = kinds[0]
         if kind == "sm":
+            assert isinstance(parsed, tuple), parsed
             ratio, slots = parsed
             return SegmentMeansCodec(ratio=ratio, max_anchors=slots)
         if isinstance(parsed, FloatFormat):
             return IdentityCodec(parsed.dtype)
         if isinstance(parsed, LowBitFormat):
             return PackedMaskCodec(parsed)
+        assert isinstance(parsed, ValueFormat), parsed
         return QuantizedCodec(parsed)
 
     (first_kind, first), (second_kind, second) = kinds
@@ -164,8 +166,10 @@ def get_codec(name: str) -> Codec:
         raise ValueError(f"codec {name!r} chains two formats ({parts[0]}, {parts[1]}); choose one, "
                          f"optionally after Segment Means, e.g. sm4+{parts[1]}")
     if second_kind == "sm":
+        assert isinstance(first, tuple) and isinstance(second, tuple), (first, second)
         raise ValueError(f"codec {name!r} has two Segment Means stages; use one with the product ratio, "
                          f"e.g. sm{first[0] * second[0]}")
+    assert isinstance(first, tuple) and isinstance(second, ValueFormat), (first, second)
     ratio, slots = first
     return SegmentMeansCodec(ratio=ratio, max_anchors=slots, values=second)
 

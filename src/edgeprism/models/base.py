@@ -13,7 +13,7 @@ registry entry (`models/registry.py`) through `config.causal` / `config.modality
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,10 @@ class ReferenceModel(nn.Module):
 
     config: ModelConfig
     blocks: nn.ModuleList
+
+    def block_list(self) -> list[Block]:
+        """`blocks` as the protocol the transform relies on (`check_blocks` checks it at build time)."""
+        return cast("list[Block]", list(self.blocks))
 
     @property
     def causal(self) -> bool:

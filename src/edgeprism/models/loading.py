@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import typing
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ def build_model(config: ModelConfig | str, seed: int | None = 0) -> ReferenceMod
         config = get_config(config)
     if seed is not None:
         torch.manual_seed(seed)
-    model = get_family(config.family).model_class(config)
+    model = typing.cast(ReferenceModel, get_family(config.family).model_class(config))
     check_blocks(model)
     if seed is not None:
         _randomize(model, seed)

@@ -57,7 +57,9 @@ class ViT(ReferenceModel):
             part = self.split_input(part, token_start, token_end)
         patches = part["patches"]
         weight = self.patch_embed.weight.reshape(self.config.hidden_size, -1)  # (d, C*P*P)
-        hidden = patches @ weight.T + self.patch_embed.bias  # (B, n_patches_own, d)
+        bias = self.patch_embed.bias
+        assert bias is not None, "the patch embedding has a bias (as in ViTModel)"
+        hidden = patches @ weight.T + bias  # (B, n_patches_own, d)
         if token_start == 0:
             cls = self.cls_token.expand(hidden.shape[0], -1, -1)
             hidden = torch.cat([cls, hidden], dim=1)  # (B, n_own, d)

@@ -41,6 +41,7 @@ def run_checks(
             )
             outputs = engine.forward(inputs, shares, gather_hidden=True)
             if ctx.is_root:
+                assert outputs is not None, "rank 0 gets the outputs"
                 with torch.no_grad():
                     reference = model(inputs)
                 results[name] = max(float((outputs[k] - reference[k]).abs().max()) for k in outputs if k in reference)

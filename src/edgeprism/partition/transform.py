@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -158,13 +158,14 @@ class PositionWise:
             parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
             self._warn_if_ratio_exceeds(ranges)
             self._requests += 1
-            header = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges],
+            header: dict[str, Any] | None = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges],
                       "codec": self.codec.name, "gather_hidden": gather_hidden,
                       "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
         else:
             header, parts = None, None
         if ctx.world_size > 1:
             header = self.exchanger.broadcast_json(header)
+        assert header is not None, "rank 0 made it; the others received it"
         ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
         part = self._scatter(parts, header["parts"])
         state = self.forward_shard(part, ranges)
@@ -182,6 +183,7 @@ class PositionWise:
         if not model.causal:
             raise ValueError(f"{model.config.name} is not a decoder model; --generate needs a causal family's preset")
         if ctx.is_root:
+            assert inputs is not None, "rank 0 is given the prompt"
             num_tokens = model.validate_input(inputs)
             if max_new_tokens < 1 or num_tokens + max_new_tokens > model.config.max_positions:
                 raise ValueError(f"{num_tokens} prompt tokens + {max_new_tokens} new tokens must fit in "
@@ -190,12 +192,13 @@ class PositionWise:
                 raise ValueError("generation needs unpadded prompts: give rows of equal length")
             ranges = split_tokens(num_tokens, shares or equal_shares(ctx.world_size))
             parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
-            header = {"ranges": [[r.start, r.end] for r in ranges], "generate": max_new_tokens,
+            header: dict[str, Any] | None = {"ranges": [[r.start, r.end] for r in ranges], "generate": max_new_tokens,
                       "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
         else:
             header, parts = None, None
         if ctx.world_size > 1:
             header = self.exchanger.broadcast_json(header)
+        assert header is not None, "rank 0 made it; the others received it"
         ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
         part = self._scatter(parts, header["parts"])
         last = ctx.world_size - 1
@@ -206,6 +209,7 @@ class PositionWise:
             return tokens
         batch = state.hidden.shape[0]
         if is_last:
+            assert tokens is not None, "the last rank decoded them"
             self.exchanger.send_tensor(tokens, dst=0, kind="output")
             return None
         if ctx.is_root:
@@ -218,6 +222,7 @@ class PositionWise:
         with torch.no_grad():
             batch = state.hidden.shape[0]
             position = state.token_range.end
+            assert state.remote_bias is not None, "forward_shard sets it"
             prefix_bias = torch.cat([key_padding_bias(state.valid, state.hidden.dtype),
                                      state.remote_bias], dim=-1)  # (B, 1, 1, n_own + S_remote)
             token = model.logits(state.hidden[:, -1]).argmax(-1)  # (B,)
@@ -226,7 +231,7 @@ class PositionWise:
             for step in range(1, steps):
                 x = model.embed({"input_ids": token[:, None]}, position, position + 1)  # (B, 1, d)
                 bias = torch.cat([prefix_bias, prefix_bias.new_zeros(batch, 1, 1, step)], dim=-1)
-                for layer, block in enumerate(model.blocks):
+                for layer, block in enumerate(model.block_list()):
                     k_new, v_new = block.attn.project_kv(block.kv_input(x))
                     k, v = (torch.cat([cache[layer][0], k_new], dim=2), torch.cat([cache[layer][1], v_new], dim=2))
                     cache[layer] = (k, v)  # (B, heads, n_own + S_remote + step, head_dim)
@@ -249,6 +254,7 @@ class PositionWise:
         """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids) as one message."""
         ctx = self.ctx
         if ctx.is_root:
+            assert parts is not None, "rank 0 holds every rank's part"
             for q in range(1, ctx.world_size):
                 payload = pack([parts[q][key].contiguous() for key in sorted(parts[q])])
                 self.exchanger.send_tensor(payload, dst=q, kind="scatter")
@@ -275,7 +281,7 @@ class PositionWise:
             # its wire shapes may differ per layer. Stateless codecs have no `session`.
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
-            for layer, block in enumerate(model.blocks):
+            for layer, block in enumerate(model.block_list()):
                 # What is sent (docs/ARCHITECTURE.md rule 2 and its measured departure, see DEFAULT_AVERAGE):
                 # the block's normalised K/V input ("normed", default; identical for post-LN BERT) or the
                 # residual stream.
@@ -306,10 +312,11 @@ class PositionWise:
             payload = pack(session.encode(layer, hidden, valid, anchor))
         else:
             payload = pack(self.codec.encode(hidden, valid, anchor))
+        received: list[Tensor | None]
         if causal:  # docs/ARCHITECTURE.md rule 5: only ranks q < p are readable, so send only forward
             received = self.exchanger.send_forward_bytes(payload, sizes)
         else:
-            received = self.exchanger.all_gather_bytes(payload, sizes)
+            received = list(self.exchanger.all_gather_bytes(payload, sizes))
         vectors, counts = [], []
         for q, buffer in enumerate(received):
             if q == rank or buffer is None:

@@ -115,7 +115,7 @@ class ExchangeCost:
     @classmethod
     def from_dict(cls, data: dict) -> ExchangeCost:
         tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         shares = "+".join(map(str, self.token_shares))

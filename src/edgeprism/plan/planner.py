@@ -132,8 +132,9 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
 
     local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
     # An option: (score, latency_s, energy_j, ranks, counts, codec or None for local).
-    best = None
-    fastest = (local_s, local_j, (0,), (num_tokens,), None)
+    best: tuple[float, float, float, tuple[int, ...], tuple[int, ...], CodecFidelity | None] | None = None
+    fastest: tuple[float, float, tuple[int, ...], tuple[int, ...], CodecFidelity | None] = (
+        local_s, local_j, (0,), (num_tokens,), None)
     num_weighed = 1
     num_over_ceiling = 0
     if ceiling is None or local_s <= ceiling:
@@ -179,14 +180,14 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         notes.append(f"some over the {ceiling * 1e3:.1f} ms ceiling")  # type: ignore[operator]
     tail = f"; excluded: {', '.join(notes)}" if notes else ""
     if best is None:
-        latency_s, energy_j, ranks, counts, codec = fastest
+        latency_s, energy_j, ranks, counts, chosen = fastest
         reason = (f"no candidate meets the {ceiling * 1e3:.1f} ms ceiling; fastest of {num_weighed} taken "  # type: ignore[operator]
-                  f"({_describe(ranks, codec)}){tail}")
-        return _plan(profile, objective, ranks, counts, codec, latency_s, energy_j, reason, within=False)
-    _, latency_s, energy_j, ranks, counts, codec = best
-    versus = "" if codec is None else f" vs local {local_s * 1e3:.1f} ms, {local_j:.2f} J"
-    reason = f"best {objective} of {num_weighed} candidates ({_describe(ranks, codec)}){versus}{tail}"
-    return _plan(profile, objective, ranks, counts, codec, latency_s, energy_j, reason)
+                  f"({_describe(ranks, chosen)}){tail}")
+        return _plan(profile, objective, ranks, counts, chosen, latency_s, energy_j, reason, within=False)
+    _, latency_s, energy_j, ranks, counts, chosen = best
+    versus = "" if chosen is None else f" vs local {local_s * 1e3:.1f} ms, {local_j:.2f} J"
+    reason = f"best {objective} of {num_weighed} candidates ({_describe(ranks, chosen)}){versus}{tail}"
+    return _plan(profile, objective, ranks, counts, chosen, latency_s, energy_j, reason)
 
 
 def enumerate_candidates(profile: Profile, request: Request, live_link_estimate: LinkEstimate,

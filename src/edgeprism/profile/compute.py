@@ -156,7 +156,7 @@ def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: 
     """One block for one rank's share, as `forward_shard` runs it through the `Block` protocol (bias shaped
     likewise), ready to time."""
     d = model.config.hidden_size
-    block = model.blocks[0]
+    block = model.block_list()[0]
     generator = torch.Generator().manual_seed(seed)
     batch, n, kv = shape.batch, shape.num_own_tokens, shape.num_kv_vectors
     hidden = torch.randn(batch, n, d, generator=generator).to(device)  # (B, n, d)

@@ -20,7 +20,7 @@ def to_json_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def from_json_dict(cls: type[T], data: Any, where: str) -> T:
+def from_json_dict(cls: Any, data: Any, where: str) -> Any:
     """`cls(**data)`, strictly: unknown or missing fields and values of the wrong JSON type are a ValueError
     naming the path (`profile.codecs[2].cr must be an integer, got 1.5`); nested dataclasses, tuples,
     Literals and optional fields are converted by the type hints."""

@@ -94,7 +94,7 @@ def measure_staging(device: torch.device, sizes: Sequence[int] = DEFAULT_SIZES, 
     fits = []
     for pinned in (True, False):
         for direction in ("d2h", "h2d"):
-            samples = tuple(StagingSample(direction, n, time_copy(n, direction, pinned, device, repeats))  # type: ignore[arg-type]
+            samples = tuple(StagingSample(direction, n, time_copy(n, direction, pinned, device, repeats))
                             for n in sizes)
             latency_s, bandwidth_bps = fit_copy(samples)
             fits.append(CopyFit(direction, pinned, latency_s, bandwidth_bps, samples))
