@@ -82,10 +82,12 @@ class Exchanger:
         group = self.ctx.group
         return group if group is not None else dist.distributed_c10d._get_default_group()
 
-    def _wait(self, works, what: str) -> None:
-        """Wait for `works`, within the deadline when one is set; any failure is a PeerError."""
+    def _wait(self, issue, what: str) -> None:
+        """Issue the operations (`issue()` returns their works) and wait for them, within the deadline when one
+        is set; any failure is a PeerError — also one raised while issuing (a send to a peer whose connection is
+        already closed fails there, before there is a work to wait for)."""
         try:
-            for work in works:
+            for work in issue():
                 if self.deadline is None:
                     work.wait()
                     continue
@@ -143,7 +145,7 @@ class Exchanger:
         outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
         delay_s = self._delay(max_size, world - 1)
         start = time.perf_counter()
-        self._wait([self._pg.allgather([outputs], [staged])], f"all-gather of {kind}")
+        self._wait(lambda: [self._pg.allgather([outputs], [staged])], f"all-gather of {kind}")
         collective_s = time.perf_counter() - start
         received, stage_in_s = self._to_device([outputs[i][: sizes[i]] for i in range(world)])
         self.stats.add(kind, sent=max_size, received=max_size * (world - 1), staging_s=stage_out_s + stage_in_s,
@@ -162,9 +164,8 @@ class Exchanger:
         delay_s = self._delay(sizes[rank] * len(receivers), 1) if receivers or inbox else 0.0
         start = time.perf_counter()
         pg = self._pg
-        requests = [pg.send([staged], q, 0) for q in receivers]
-        requests += [pg.recv([inbox[q]], q, 0) for q in range(rank)]
-        self._wait(requests, f"forward send of {kind}")
+        self._wait(lambda: [pg.send([staged], q, 0) for q in receivers]
+                   + [pg.recv([inbox[q]], q, 0) for q in range(rank)], f"forward send of {kind}")
         collective_s = time.perf_counter() - start
         moved, stage_in_s = self._to_device([inbox[q] for q in range(rank)])
         self.stats.add(kind, sent=sizes[rank] * len(receivers), received=sum(sizes[:rank]),
@@ -176,7 +177,7 @@ class Exchanger:
         staged, stage_s = self._to_cpu(flat, f"{kind}-send", flat.numel())
         delay_s = self._delay(flat.numel(), 1)
         start = time.perf_counter()
-        self._wait([self._pg.send([staged], dst, 0)], f"send of {kind} to rank {dst}")
+        self._wait(lambda: [self._pg.send([staged], dst, 0)], f"send of {kind} to rank {dst}")
         self.stats.add(kind, sent=flat.numel(), received=0, staging_s=stage_s,
                        collective_s=time.perf_counter() - start, delay_s=delay_s)
 
@@ -184,7 +185,7 @@ class Exchanger:
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         buffer = self._cpu_buffer(f"{kind}-recv", src, nbytes)
         start = time.perf_counter()
-        self._wait([self._pg.recv([buffer], src, 0)], f"receive of {kind} from rank {src}")
+        self._wait(lambda: [self._pg.recv([buffer], src, 0)], f"receive of {kind} from rank {src}")
         collective_s = time.perf_counter() - start
         (moved,), stage_s = self._to_device([buffer])
         self.stats.add(kind, sent=0, received=nbytes, staging_s=stage_s, collective_s=collective_s, delay_s=0.0)
@@ -195,7 +196,7 @@ class Exchanger:
         cpu = tensor.detach().to("cpu", copy=True).contiguous()
         delay_s = self._delay(cpu.numel() * cpu.element_size(), self.ctx.world_size - 1)
         start = time.perf_counter()
-        self._wait([self._pg.reduce(cpu, 0, dist.ReduceOp.SUM)], f"reduce of {kind}")
+        self._wait(lambda: [self._pg.reduce(cpu, 0, dist.ReduceOp.SUM)], f"reduce of {kind}")
         self.stats.add(kind, sent=cpu.numel() * cpu.element_size(), received=0, staging_s=0.0,
                        collective_s=time.perf_counter() - start, delay_s=delay_s)
         return cpu.to(tensor.device)
@@ -211,13 +212,13 @@ class Exchanger:
             length = torch.zeros(1, dtype=torch.int64)
         delay_s = self._delay(8, 1)
         start = time.perf_counter()
-        self._wait([self._pg.broadcast(length, 0)], f"broadcast of a {kind} length")
+        self._wait(lambda: [self._pg.broadcast(length, 0)], f"broadcast of a {kind} length")
         size = int(length.item())
         if not 0 < size <= MAX_CONTROL_BYTES:
             raise PeerError(f"control message length {size} is out of bounds; the peer is not an edgeprism rank")
         buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.ctx.is_root
                   else torch.empty(size, dtype=torch.uint8))
-        self._wait([self._pg.broadcast(buffer, 0)], f"broadcast of a {kind} message")
+        self._wait(lambda: [self._pg.broadcast(buffer, 0)], f"broadcast of a {kind} message")
         self.stats.add(kind, sent=size if self.ctx.is_root else 0, received=0 if self.ctx.is_root else size,
                        staging_s=0.0, collective_s=time.perf_counter() - start, delay_s=delay_s)
         if self.ctx.is_root:

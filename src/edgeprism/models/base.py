@@ -127,8 +127,10 @@ class ReferenceModel(nn.Module):
         raise ValueError(f"{self.config.name} has no language-model head; only decoders generate")
 
     # --- the single-device reference ---
-    def forward(self, inputs: Inputs) -> dict[str, Tensor]:
-        num_tokens = self.validate_input(inputs)
+    def forward(self, inputs: Inputs, num_tokens: int | None = None) -> dict[str, Tensor]:
+        """The single-device reference. `num_tokens`: the caller already checked `inputs` (the engine's one
+        check per request) and this is what `validate_input` returned."""
+        num_tokens = self.validate_input(inputs) if num_tokens is None else num_tokens
         hidden = self.embed(inputs, 0, num_tokens)  # (B, T, d)
         valid = self.valid_mask(inputs, hidden.shape[0], num_tokens).to(hidden.device)
         bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, T)

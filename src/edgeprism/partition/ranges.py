@@ -1,8 +1,9 @@
-"""Contiguous token ranges per rank, from fractional shares."""
+"""Contiguous token ranges per rank: the one splitter the cost model and the runtime share."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -40,23 +41,44 @@ def equal_shares(world_size: int) -> tuple[float, ...]:
     return tuple(1.0 / world_size for _ in range(world_size))
 
 
-def split_tokens(num_tokens: int, shares: tuple[float, ...] | list[float]) -> tuple[TokenRange, ...]:
-    """Largest-remainder rounding of shares × num_tokens; every rank gets at least one token."""
-    shares = validate_shares(shares)
-    world_size = len(shares)
-    if world_size > num_tokens:
-        raise ValueError(f"{world_size} ranks for a request of {num_tokens} tokens; every rank needs at least one "
-                         f"token: use at most {num_tokens} ranks or a longer input")
-    exact = [s * num_tokens for s in shares]
-    counts = [max(1, math.floor(x)) for x in exact]
-    while sum(counts) > num_tokens:  # the max(1, ...) floor can overshoot: take from the largest
-        counts[max(range(world_size), key=lambda i: counts[i])] -= 1
-    order = sorted(range(world_size), key=lambda i: exact[i] - counts[i], reverse=True)
-    for i in order[: num_tokens - sum(counts)]:
-        counts[i] += 1
+def apportion(num_tokens: int, weights: Sequence[float]) -> tuple[int, ...]:
+    """Whole tokens per rank, proportional to `weights` (shares or device speeds; largest remainder), every
+    rank >= 1. The one splitter: the cost model costs these counts and the runtime runs them."""
+    k = len(weights)
+    if num_tokens < k:
+        raise ValueError(f"{num_tokens} tokens cannot give {k} ranks one token each")
+    total = sum(weights)
+    ideal = [num_tokens * w / total for w in weights]
+    counts = [max(1, int(x)) for x in ideal]
+    left = num_tokens - sum(counts)
+    if left > 0:  # fewer than k left over: one each to the ranks furthest below their ideal (lowest index on ties)
+        above = [c - x for c, x in zip(counts, ideal)]
+        for j in sorted(range(k), key=above.__getitem__)[:left]:  # stable sort: lowest index on ties
+            counts[j] += 1
+    while left < 0:  # minimum-one bumps overshot: take one from the rank furthest above its ideal
+        j = max((j for j in range(k) if counts[j] > 1), key=lambda j: (counts[j] - ideal[j], -j))
+        counts[j] -= 1
+        left += 1
+    return tuple(counts)
+
+
+def ranges_of(counts: Sequence[int]) -> tuple[TokenRange, ...]:
+    """Contiguous ranges in rank order: rank r owns the `counts[r]` tokens after ranks 0..r-1's."""
     ranges, start = [], 0
     for rank, count in enumerate(counts):
+        if count < 1:
+            raise ValueError(f"token counts {list(counts)}: every rank needs at least one token")
         ranges.append(TokenRange(rank, start, start + count))
         start += count
-    assert start == num_tokens and all(r.num_tokens >= 1 for r in ranges), ranges
     return tuple(ranges)
+
+
+def split_tokens(num_tokens: int, shares: tuple[float, ...] | list[float]) -> tuple[TokenRange, ...]:
+    """Ranges for fractional shares, by `apportion` (the planner's own rounding); every rank >= 1 token."""
+    shares = validate_shares(shares)
+    if len(shares) > num_tokens:
+        raise ValueError(f"{len(shares)} ranks for a request of {num_tokens} tokens; every rank needs at least one "
+                         f"token: use at most {num_tokens} ranks or a longer input")
+    ranges = ranges_of(apportion(num_tokens, shares))
+    assert ranges[-1].end == num_tokens, ranges
+    return ranges

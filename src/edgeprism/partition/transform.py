@@ -145,60 +145,76 @@ class PositionWise:
                              f"start every rank with the same --model, --codec and weighting")
 
     # --- the request path ---
-    def forward(self, inputs: Inputs | None = None, shares: tuple[float, ...] | None = None,
-                gather_hidden: bool = False) -> dict[str, Tensor] | None:
+    def split(self, inputs: Inputs, ranges: tuple[TokenRange, ...], gather_hidden: bool = False,
+              generate: int = 0) -> tuple[dict[str, Any], list[Inputs]]:
+        """Rank 0: the request's one header (its number, the ranges, the codec, the raw parts' shapes and
+        dtypes, what to return) and each rank's raw part. `inputs` are already checked by the caller; the
+        ranges come from the plan (`Plan.token_ranges`) or `split_tokens`. ValueError for a request this
+        split cannot serve (a range count other than the world's; a decode that does not fit the model)."""
         ctx, model = self.ctx, self.model
+        if len(ranges) != ctx.world_size:
+            raise ValueError(f"{len(ranges)} token ranges for a world of {ctx.world_size} ranks; give one per rank")
+        if generate:
+            num_tokens = ranges[-1].end
+            if not model.causal:
+                raise ValueError(f"{model.config.name} is not a decoder model; generating needs a causal family")
+            if generate < 1 or num_tokens + generate > model.config.max_positions:
+                raise ValueError(f"{num_tokens} prompt tokens + {generate} new tokens must fit in "
+                                 f"{model.config.name}'s {model.config.max_positions} positions (and generate >= 1)")
+            if "attention_mask" in inputs and not bool(inputs["attention_mask"].bool().all()):
+                raise ValueError("generation needs unpadded prompts: give rows of equal length")
+        parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
+        self._warn_if_ratio_exceeds(ranges)
+        self._requests += 1
+        header = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges], "codec": self.codec.name,
+                  "gather_hidden": gather_hidden, "generate": generate,
+                  "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
+        return header, parts
+
+    def _announce(self, inputs: Inputs | None, shares: tuple[float, ...] | None, gather_hidden: bool,
+                  generate: int) -> tuple[dict[str, Any], list[Inputs] | None]:
+        """Standalone use (no engine): rank 0 checks the request, splits it by `shares` and broadcasts the
+        header; every rank returns it (rank 0 with the parts)."""
+        ctx, model = self.ctx, self.model
+        header: dict[str, Any] | None = None
+        parts = None
         if ctx.is_root:
             if inputs is None:
                 raise ValueError("rank 0 must be given the request's inputs")
             num_tokens = model.validate_input(inputs)
-            ranges = split_tokens(num_tokens, shares or equal_shares(ctx.world_size))
-            if len(ranges) != ctx.world_size:
-                raise ValueError(f"{len(ranges)} shares for a world of {ctx.world_size} ranks; give one per rank")
-            parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
-            self._warn_if_ratio_exceeds(ranges)
-            self._requests += 1
-            header: dict[str, Any] | None = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges],
-                      "codec": self.codec.name, "gather_hidden": gather_hidden,
-                      "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
-        else:
-            header, parts = None, None
+            header, parts = self.split(inputs, split_tokens(num_tokens, shares or equal_shares(ctx.world_size)),
+                                       gather_hidden, generate)
         if ctx.world_size > 1:
             header = self.exchanger.broadcast_json(header)
         assert header is not None, "rank 0 made it; the others received it"
+        return header, parts
+
+    def forward(self, inputs: Inputs | None = None, shares: tuple[float, ...] | None = None,
+                gather_hidden: bool = False, header: dict[str, Any] | None = None,
+                parts: list[Inputs] | None = None) -> dict[str, Tensor] | None:
+        """One request over the group. Standalone, rank 0 gives `inputs` (and `shares`) and the header is
+        broadcast here; under the engine every rank gives the `header` rank 0's `split` made (sent with the
+        engine's own control message: one header per request) and rank 0 its `parts`."""
+        if header is None:
+            header, parts = self._announce(inputs, shares, gather_hidden, 0)
         ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
         part = self._scatter(parts, header["parts"])
         state = self.forward_shard(part, ranges)
         return self._collect(state, ranges, header["gather_hidden"])
 
-    def generate(self, inputs: Inputs | None, max_new_tokens: int,
-                 shares: tuple[float, ...] | None = None) -> Tensor | None:
+    def generate(self, inputs: Inputs | None, max_new_tokens: int, shares: tuple[float, ...] | None = None,
+                 header: dict[str, Any] | None = None, parts: list[Inputs] | None = None) -> Tensor | None:
         """Greedy decoding after a distributed prefill (docs/ARCHITECTURE.md rule 6; causal models only).
 
         Every rank runs the prefill; the last rank keeps its exact K/V plus the K/V of the vectors it
         received as its cache and decodes with no further exchange. Rank 0 returns (B, max_new_tokens)
-        token ids, the others None.
+        token ids, the others None. `header`/`parts`: as in `forward`.
         """
         ctx, model = self.ctx, self.model
         if not model.causal:
             raise ValueError(f"{model.config.name} is not a decoder model; --generate needs a causal family's preset")
-        if ctx.is_root:
-            assert inputs is not None, "rank 0 is given the prompt"
-            num_tokens = model.validate_input(inputs)
-            if max_new_tokens < 1 or num_tokens + max_new_tokens > model.config.max_positions:
-                raise ValueError(f"{num_tokens} prompt tokens + {max_new_tokens} new tokens must fit in "
-                                 f"{model.config.name}'s {model.config.max_positions} positions (and generate >= 1)")
-            if "attention_mask" in inputs and not bool(inputs["attention_mask"].bool().all()):
-                raise ValueError("generation needs unpadded prompts: give rows of equal length")
-            ranges = split_tokens(num_tokens, shares or equal_shares(ctx.world_size))
-            parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
-            header: dict[str, Any] | None = {"ranges": [[r.start, r.end] for r in ranges], "generate": max_new_tokens,
-                      "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
-        else:
-            header, parts = None, None
-        if ctx.world_size > 1:
-            header = self.exchanger.broadcast_json(header)
-        assert header is not None, "rank 0 made it; the others received it"
+        if header is None:
+            header, parts = self._announce(inputs, shares, False, max_new_tokens)
         ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
         part = self._scatter(parts, header["parts"])
         last = ctx.world_size - 1

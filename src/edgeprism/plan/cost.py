@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from edgeprism.partition.ranges import apportion
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
@@ -95,26 +96,6 @@ def token_shares(speeds: Sequence[float]) -> tuple[float, ...]:
     """Fraction of the tokens per rank, proportional to measured speed."""
     total = sum(speeds)
     return tuple(s / total for s in speeds)
-
-
-def apportion(num_tokens: int, speeds: Sequence[float]) -> tuple[int, ...]:
-    """Whole tokens per rank, proportional to speed (largest remainder), every rank >= 1."""
-    k = len(speeds)
-    if num_tokens < k:
-        raise ValueError(f"{num_tokens} tokens cannot give {k} ranks one token each")
-    total = sum(speeds)
-    ideal = [num_tokens * s / total for s in speeds]
-    counts = [max(1, int(x)) for x in ideal]
-    left = num_tokens - sum(counts)
-    if left > 0:  # fewer than k left over: one each to the ranks furthest below their ideal (lowest index on ties)
-        above = [c - x for c, x in zip(counts, ideal)]
-        for j in sorted(range(k), key=above.__getitem__)[:left]:  # stable sort: lowest index on ties
-            counts[j] += 1
-    while left < 0:  # minimum-one bumps overshot: take one from the rank furthest above its ideal
-        j = max((j for j in range(k) if counts[j] > 1), key=lambda j: (counts[j] - ideal[j], -j))
-        counts[j] -= 1
-        left += 1
-    return tuple(counts)
 
 
 def local_terms(profile: Profile, batch: int, num_tokens: int, compute_scale: float = 1.0) -> tuple[float, float]:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from edgeprism.partition.ranges import TokenRange, ranges_of
 from edgeprism.profile.jsondata import from_json_dict, to_json_dict
 
 Objective = Literal["latency", "energy", "edp"]
@@ -130,6 +131,12 @@ class Plan:
                    f"cr={self.cr} wire={self.wire_dtype}")
         return (f"Plan[{how}; predicts {self.predicted_latency_s * 1e3:.1f} ms, {self.predicted_energy_j:.2f} J "
                 f"({self.energy_source}); {self.reason}]")
+
+    @property
+    def token_ranges(self) -> tuple[TokenRange, ...]:
+        """The contiguous token range each rank of the plan owns (rank order, `token_counts` long): what the
+        runtime splits the request into, exactly the counts the cost model costed."""
+        return ranges_of(self.token_counts)
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)

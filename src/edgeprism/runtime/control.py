@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 
 _NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "infer": {"request_id": str, "epoch": int, "plan": dict, "gather_hidden": bool, "stall_s": _NUMBER,
-              "generate": int},
+    "infer": {"request_id": str, "epoch": int, "plan": dict, "stall_s": _NUMBER, "split": dict},
     "probe": {"epoch": int, "ranks": list, "nbytes": int, "stall_s": _NUMBER},
     "ping": {"epoch": int},
     "job": {"epoch": int, "name": str, "args": dict},
@@ -69,12 +68,44 @@ def validate_control(message: object) -> dict:
             raise ControlError(f"control op {op!r}: {name} must be rank numbers, got {message[name][:8]!r}")
     if op == "probe" and not 0 < message["nbytes"] <= MAX_PROBE_BYTES:
         raise ControlError(f"probe of {message['nbytes']} bytes is outside 1..{MAX_PROBE_BYTES}")
+    if op == "infer":
+        validate_split(message["split"], len(message["plan"].get("ranks", ())))
     if op == "job":  # a name of the fixed registry, with exactly its arguments: never code from the wire
         try:
             check_job(message["name"], message["args"])
         except ValueError as err:
             raise ControlError(str(err)) from None
     return message
+
+
+_SPLIT_FIELDS = {"request": int, "ranges": list, "codec": str, "gather_hidden": bool, "generate": int, "parts": list}
+_PART_DTYPES = {"torch.int64", "torch.int32", "torch.float32", "torch.float16", "torch.bfloat16", "torch.bool"}
+
+
+def validate_split(split: dict, num_ranks: int) -> None:
+    """A request's header (`PositionWise.split`): exactly its fields; one contiguous token range per rank of
+    the plan, covering [0, T); one part per range, each a few named tensors of known dtypes and small rank."""
+    if set(split) != set(_SPLIT_FIELDS):
+        raise ControlError(f"request header fields {sorted(split)[:8]} are not {sorted(_SPLIT_FIELDS)}")
+    for name, kind in _SPLIT_FIELDS.items():
+        if (isinstance(split[name], bool) and kind is not bool) or not isinstance(split[name], kind):
+            raise ControlError(f"request header: {name} must be {kind.__name__}")
+    ranges, parts = split["ranges"], split["parts"]
+    if not 1 <= len(ranges) == num_ranks == len(parts) or split["generate"] < 0:
+        raise ControlError(f"request header: {len(ranges)} ranges and {len(parts)} parts for a plan of {num_ranks} "
+                           f"ranks (generate {split['generate']})")
+    start = 0
+    for pair in ranges:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(x) is int for x in pair)
+                and pair[0] == start < pair[1]):
+            raise ControlError(f"request header: ranges {ranges[:8]!r} are not contiguous [start, end) pairs from 0")
+        start = pair[1]
+    for part in parts:
+        if not isinstance(part, dict) or len(part) > 8 or not all(
+                isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], list) and len(spec[0]) <= 6
+                and all(type(n) is int and 0 <= n < 1 << 31 for n in spec[0]) and spec[1] in _PART_DTYPES
+                for spec in part.values()):
+            raise ControlError(f"request header: a part {str(part)[:120]!r} is not named tensor shapes and dtypes")
 
 
 def encode_control(message: dict) -> bytes:

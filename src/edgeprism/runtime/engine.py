@@ -43,6 +43,7 @@ from edgeprism.comm.auth import load_secret
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import PeerError
 from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.partition.ranges import ranges_of
 from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import Limits, Plan, Request, choose_plan
 from edgeprism.profile.schema import Profile
@@ -195,8 +196,8 @@ class Engine(Rank0Side, WorkerSide):
     # --- rank 0 ---
     def plan_for(self, inputs: Inputs, objective: str | None = None, limits: Limits | None = None) -> Plan:
         """Check `inputs` at the edge and return the plan `infer` would run now (nothing is sent)."""
-        inputs = self._checked(inputs)
-        return self._plan(inputs, objective, limits)[0]
+        inputs, num_tokens = self._checked(inputs)
+        return self._plan(inputs, num_tokens, objective, limits)[0]
 
     def generate(self, inputs: Inputs, max_new_tokens: int, objective: str | None = None,
                  limits: Limits | None = None, request_id: str | None = None) -> Result:
@@ -221,14 +222,14 @@ class Engine(Rank0Side, WorkerSide):
         with self._lock:
             self._requests += 1
             request_id = str(request_id) if request_id is not None else str(self._requests)
-            inputs = self._checked(inputs)
-            want = Want(gather_hidden, self._checked_generate(inputs, generate))
+            inputs, num_tokens = self._checked(inputs)  # the one check of this request
+            want = Want(gather_hidden, self._checked_generate(num_tokens, generate))
             self.maintain()
             every = self.config.probe_every if self.config.learn_link else 0
             if self._local_streak and every and self._local_streak % every == 0:
                 self._probe()
             forced = plan
-            plan, request, link = self._plan(inputs, objective, limits, forced)
+            plan, request, link = self._plan(inputs, num_tokens, objective, limits, forced)
             if plan.mode == "distributed" and tuple(plan.ranks) not in self._lanes:
                 log.warning("plan over ranks %s has no process group (healthy: %s); running locally",
                             list(plan.ranks), list(self._members))
@@ -259,14 +260,15 @@ class Engine(Rank0Side, WorkerSide):
             log.info("%s", row)
             return Result(request_id, outputs, row)
 
-    def _checked(self, inputs: Inputs) -> Inputs:
+    def _checked(self, inputs: Inputs) -> tuple[Inputs, int]:
+        """The request's inputs on this rank's device and dtype, and its token count: the one input check on
+        the request's way (the plan, the local model and the split all take the count from here)."""
         check_inputs(inputs, self.config.max_batch)
         inputs = {k: (v.to(self._dtype) if v.is_floating_point() else v).to(self.ctx.device) for k, v in inputs.items()}
-        self.model.validate_input(inputs)
-        return inputs
+        return inputs, self.model.validate_input(inputs)
 
-    def _plan(self, inputs: Inputs, objective: str | None, limits: Limits | None, forced: Plan | None = None):
-        num_tokens = self.model.validate_input(inputs)
+    def _plan(self, inputs: Inputs, num_tokens: int, objective: str | None, limits: Limits | None,
+              forced: Plan | None = None):
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
         link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale)
@@ -278,12 +280,11 @@ class Engine(Rank0Side, WorkerSide):
                            limits or self.config.limits)
         return plan, request, link
 
-    def _checked_generate(self, inputs: Inputs, generate: int) -> int:
+    def _checked_generate(self, num_tokens: int, generate: int) -> int:
         if generate == 0:
             return 0
         if not self.model.causal:
             raise ValueError(f"{self.model.config.name} is an encoder: it answers embeddings, not generated tokens")
-        num_tokens = self.model.validate_input(inputs)
         limit = self.model.config.max_positions
         if not 1 <= generate <= limit - num_tokens:
             raise ValueError(f"{num_tokens} prompt tokens + {generate} new tokens must fit in "
@@ -297,9 +298,11 @@ class Engine(Rank0Side, WorkerSide):
             if want.generate:  # one rank, the same cached decode as a split prefill's last rank
                 one = DistContext(group_rank=0, world_size=1, backend="gloo", device=self.ctx.device,
                                   timeout_s=self.ctx.timeout_s)
-                outputs = {"tokens": PositionWise(self.model, one).generate(inputs, want.generate)}
+                alone = PositionWise(self.model, one)
+                split, parts = alone.split(inputs, ranges_of((request.num_tokens,)), generate=want.generate)
+                outputs = {"tokens": alone.generate(inputs, want.generate, header=split, parts=parts)}
             else:
-                outputs = self.model(inputs)
+                outputs = self.model(inputs, num_tokens=request.num_tokens)
         sync(self.ctx.device)
         latency_s = time.perf_counter() - start + spent_s
         if not want.gather_hidden:
@@ -309,27 +312,25 @@ class Engine(Rank0Side, WorkerSide):
         return outputs, row
 
     def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
-        from edgeprism.partition.ranges import split_tokens
-
         lane = self._lanes[tuple(plan.ranks)]
-        shares = tuple(c / request.num_tokens for c in plan.token_counts)
-        ranges = split_tokens(request.num_tokens, shares)
-        assert tuple(r.num_tokens for r in ranges) == tuple(plan.token_counts), (ranges, plan.token_counts)
+        transform = lane.transform(self.model, plan.codec, self.config.size_aware)
+        # The plan's ranges (the counts the cost model costed) and the request's one header: the workers
+        # get everything the split needs in the control message below; nothing is broadcast again.
+        split, parts = transform.split(inputs, plan.token_ranges, want.gather_hidden, want.generate)
         stall_s = self.config.stall_s(plan.predicted_latency_s)
         control = start_recording(self._control)
         stats = start_recording(lane.exchanger)
         header = {"op": "infer", "request_id": request_id, "epoch": self._epoch, "plan": plan.to_dict(),
-                  "gather_hidden": want.gather_hidden, "stall_s": stall_s, "generate": want.generate}
+                  "stall_s": stall_s, "split": split}
         start = time.perf_counter()
         lane.exchanger.deadline = time.monotonic() + stall_s
         try:
             self._control.broadcast_json(header, ranks=plan.ranks[1:])
-            transform = lane.transform(self.model, plan.codec, self.config.size_aware)
             try:
                 if want.generate:
-                    outputs = {"tokens": transform.generate(inputs, want.generate, shares)}
+                    outputs = {"tokens": transform.generate(inputs, want.generate, header=split, parts=parts)}
                 else:
-                    outputs = transform.forward(inputs, shares, gather_hidden=want.gather_hidden)
+                    outputs = transform.forward(inputs, header=split, parts=parts)
             except ValueError as err:  # the workers are mid-request: this is no longer one bad request
                 raise RuntimeError(f"request {request_id} failed after the workers started it: {err}") from err
             sync(self.ctx.device)

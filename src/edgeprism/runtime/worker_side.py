@@ -116,10 +116,11 @@ class WorkerSide:
             stats = start_recording(exchanger)
             start = time.perf_counter()
             transform = lane.transform(self.model, plan.codec, self.config.size_aware)
-            if message["generate"]:
-                transform.generate(None, message["generate"])
+            split = message["split"]
+            if split["generate"]:
+                transform.generate(None, split["generate"], header=split)
             else:
-                transform.forward(None, gather_hidden=message["gather_hidden"])
+                transform.forward(None, header=split)
             sync(self.ctx.device)
             telemetry(exchanger, stats, time.perf_counter() - start, self.model.config.num_layers)
             return 1
