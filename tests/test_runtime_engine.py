@@ -170,3 +170,47 @@ def _local_plan_of(engine, inputs):
     tokens = engine.model.validate_input(inputs)
     return replace(plan, mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(tokens,), codec="", cr=1,
                    wire_dtype="")
+
+
+def test_one_splitter_one_header_one_input_check(monkeypatch):
+    """The cost model's counts are the plan's ranges are what the split sends; a distributed request sends
+    no second header over the lane; rank 0 checks a request's input once."""
+    from edgeprism.partition.ranges import apportion
+    from edgeprism.partition.transform import PositionWise
+
+    speeds = (1.0, 0.7, 0.4)
+    fp32 = synthetic_codecs(get_config("vit-tiny-test").hidden_size)[:1]
+    profile = synthetic_profile("vit-tiny-test", device_speeds=speeds, bandwidth_bps=1e9, latency_s=1e-4,
+                                seconds_per_image=3000, codecs=fp32)
+    inputs = synthetic_inputs(get_config("vit-tiny-test"), 2, image_size=48, seed=5)  # 37 tokens: uneven thirds
+    splits = []
+    real_split = PositionWise.split
+
+    def recording_split(self, inputs, ranges, *args, **kwargs):
+        header, parts = real_split(self, inputs, ranges, *args, **kwargs)
+        splits.append(header["ranges"])
+        return header, parts
+
+    monkeypatch.setattr(PositionWise, "split", recording_split)
+    config = EngineConfig(learn_compute=False, learn_link=False)
+    with launch_local(3, "vit-tiny-test", profile, config=config) as engine:
+        checks = []
+        real_validate = engine.model.validate_input
+        monkeypatch.setattr(engine.model, "validate_input", lambda x: checks.append(1) or real_validate(x))
+        result = engine.infer(inputs)
+        plan = result.metrics.plan
+        ranks = plan["ranks"]
+        assert result.metrics.mode == "distributed" and len(ranks) >= 2, plan
+        counts = apportion(37, [speeds[r] for r in ranks])
+        assert tuple(plan["token_counts"]) == counts
+        ends = [sum(counts[:i + 1]) for i in range(len(counts))]
+        assert splits == [[[start, end] for start, end in zip([0, *ends[:-1]], ends)]]
+        assert len(checks) == 1
+        kinds = engine._lanes[tuple(ranks)].exchanger.stats.per_kind_nbytes
+        assert "control" not in kinds and kinds.get("scatter", 0) > 0, kinds  # the split came with the control op
+        with torch.no_grad():
+            reference = engine.model(inputs)
+        assert torch.allclose(result.outputs["cls"], reference["cls"], atol=1e-5)
+        checks.clear()
+        engine.plan_for(inputs)
+        assert len(checks) == 1
