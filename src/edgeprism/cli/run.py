@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 
-from edgeprism.comm.launch import launch_local
+from edgeprism.profile.link import LinkSession
 from edgeprism.runtime.batch_worker import BatchSpec
 
 
@@ -121,15 +121,11 @@ def execute(spec: BatchSpec, cores_per_worker: int = 1, timeout_s: float = 300.0
         result_file = os.path.join(tmp, "result.json")
         spec = BatchSpec(**{**spec.__dict__, "result_file": result_file})
         argv = ["-m", "edgeprism.runtime.batch_worker", "--spec", spec.to_json()]
-        if link is None:
-            launch_local(spec.world_size, argv, cores_per_worker=cores_per_worker, timeout_s=timeout_s)
-        else:
-            from edgeprism.testbed.launch import run_torchrun
-            from edgeprism.testbed.net import Testbed
-
-            with Testbed(spec.world_size, link, cores_per_host=cores_per_worker, backend=backend) as testbed:
-                run_torchrun(testbed, argv, timeout_s=timeout_s)
-                emulation = testbed.emulation
+        # The one "N ranks here, or on the testbed" choice, shared with the profiler, validation and benchmarks.
+        with LinkSession(spec.world_size, link, backend=backend, cores_per_worker=cores_per_worker,
+                         timeout_s=timeout_s) as session:
+            session.run(argv)
+            emulation = session.testbed.emulation if session.testbed is not None else ""
         with open(result_file) as handle:
             result = json.load(handle)
         if link is not None:

@@ -30,8 +30,8 @@ class LinkSession:
 
     def __init__(self, world_size: int, link: LinkPreset | None, backend: str = "auto",
                  cores_per_worker: int = 1, timeout_s: float = 600.0) -> None:
-        if world_size < 2:
-            raise ValueError(f"--world-size {world_size}: a distributed profile needs at least 2 ranks")
+        if world_size < 1:
+            raise ValueError(f"--world-size {world_size} must be >= 1")
         if backend not in ("auto", "netns", "loopback"):
             raise ValueError(f"link backend {backend!r}: choose auto, netns or loopback")
         self.world_size = world_size
