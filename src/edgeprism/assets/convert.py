@@ -219,10 +219,10 @@ def intent_example_queries(package_dir: Path) -> list[str]:
     script = package_dir / "training" / "manual_test_intent.py"
     if script.exists():
         for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
-                if any(isinstance(t, ast.Name) and t.id == "samples" for t in node.targets):
-                    queries += [e.value for e in node.value.elts
-                                if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.List)
+                    and any(isinstance(t, ast.Name) and t.id == "samples" for t in node.targets)):
+                queries += [e.value for e in node.value.elts
+                            if isinstance(e, ast.Constant) and isinstance(e.value, str)]
     for doc in sorted((package_dir / "docs").glob("*.md")):
         queries += re.findall(r'infer_intent\(\s*"([^"]+)"', doc.read_text(encoding="utf-8"))
     seen: set[str] = set()

@@ -84,7 +84,7 @@ def parse_request(raw: Any, config: ModelConfig, max_batch: int, fallback_id: st
     if "synthetic" in raw:
         inputs = _synthetic(raw["synthetic"], config, max_batch)
     else:
-        model_input = raw["model_input"] if "model_input" in raw else top_level
+        model_input = raw.get("model_input", top_level)
         if not isinstance(model_input, dict) or not model_input:
             raise ValueError(f"request {request_id}: model_input must be a non-empty object of named arrays")
         inputs = {key: _to_tensor(key, value) for key, value in model_input.items()}
