@@ -19,6 +19,7 @@ from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.base import Codec
 from edgeprism.compress.registry import get_codec
 from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.partition.ranges import equal_shares, split_tokens
 from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE, PositionWise
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,24 @@ def run_distributed(model: ReferenceModel, batches: Iterable[Inputs], codec: Cod
     """Root outputs per batch, and the layer bytes all ranks sent in total."""
     group = LoopbackGroup(world_size)
     outputs, nbytes = [], 0
+    clamped = []  # the smallest partition of each batch whose partitions were shorter than the CR: said once below
     for batch in batches:
         def rank_fn(ctx, exchanger, batch=batch):
-            engine = PositionWise(model, ctx, codec, size_aware=size_aware, exchanger=exchanger, average=average)
+            engine = PositionWise(model, ctx, codec, size_aware=size_aware, exchanger=exchanger, average=average,
+                                  warn_clamped_ratio=False)
             out = engine.forward(batch if ctx.is_root else None, shares, gather_hidden=gather_hidden)
             return out, exchanger.stats.per_kind_nbytes.get("layer", 0)
 
         results = group.run(rank_fn)
         outputs.append(results[0][0])
         nbytes += sum(r[1] for r in results)
+        smallest = min(r.num_tokens for r in split_tokens(model.validate_input(batch),
+                                                          shares or equal_shares(world_size)))
+        if codec_cr(codec) > smallest:
+            clamped.append(smallest)
+    if clamped:
+        log.info("%s: CR %d exceeds the smallest partition in %d of the batches (down to %d tokens): such a rank "
+                 "sends one mean per row there", codec.name, codec_cr(codec), len(clamped), min(clamped))
     return outputs, nbytes
 
 
@@ -113,7 +123,6 @@ def fp32_exchange_bytes(model: ReferenceModel, batches: Iterable[Inputs], world_
     """Layer bytes full fp32 exchange would send for `batches`, counted as the exchanger counts them
     (all-gather: every rank sends the largest message; causal: each message once per later rank)."""
     from edgeprism.compress.base import IdentityCodec
-    from edgeprism.partition.ranges import equal_shares, split_tokens
 
     codec, d, total = IdentityCodec(), model.config.hidden_size, 0
     for batch in batches:

@@ -111,7 +111,7 @@ class PositionWise:
 
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
                  size_aware: bool = DEFAULT_SIZE_AWARE, exchanger: Exchanger | None = None,
-                 average: Literal["residual", "normed"] = DEFAULT_AVERAGE) -> None:
+                 average: Literal["residual", "normed"] = DEFAULT_AVERAGE, warn_clamped_ratio: bool = True) -> None:
         check_blocks(model)  # the declared contract (models.base.Block), checked before any collective
         self.model = model
         self.ctx = ctx
@@ -122,6 +122,8 @@ class PositionWise:
         self.average = average
         self.exchanger = exchanger or Exchanger(ctx)
         self._requests = 0
+        self._warned_ratio = not warn_clamped_ratio
+        """One warning when a CR exceeds a rank's tokens (off where the caller reports it, e.g. evaluations)."""
 
     # --- start-up check ---
     def settings(self) -> dict:
@@ -261,7 +263,7 @@ class PositionWise:
         """A CR above a rank's token count is clamped (one segment per row), with one warning."""
         ratio = getattr(self.codec, "ratio", 1)
         smallest = min(r.num_tokens for r in ranges)
-        if ratio > smallest and not getattr(self, "_warned_ratio", False):
+        if ratio > smallest and not self._warned_ratio:
             self._warned_ratio = True
             log.warning("CR %d exceeds the smallest partition (%d tokens): such a rank sends one mean per row "
                         "(as if CR were %d)", ratio, smallest, smallest)

@@ -17,18 +17,11 @@ from edgeprism.comm.launch import JobSession, run_job
 from edgeprism.profile.schema import LinkMeasurement
 from edgeprism.testbed import linktest
 from edgeprism.testbed.net import Testbed
-from edgeprism.testbed.presets import LinkPreset
 
 
 class LinkSession(JobSession):
     """`world_size` devices over `link` (None: unshaped loopback) — a context manager that cleans up.
-    Jobs run on it with `run(fn, args, ...)` (`comm.launch.JobSession`)."""
-
-    def __init__(self, world_size: int, link: LinkPreset | None, backend: str = "auto",
-                 cores_per_worker: int = 1, timeout_s: float = 600.0) -> None:
-        if world_size < 2:
-            raise ValueError(f"--world-size {world_size}: a distributed profile needs at least 2 ranks")
-        super().__init__(world_size, link, backend=backend, cores_per_worker=cores_per_worker, timeout_s=timeout_s)
+    Jobs run on it with `run(fn, args, ...)` (`comm.launch.JobSession`); this adds the link test."""
 
     def measure_link(self) -> tuple[LinkMeasurement, dict[str, Any]]:
         """The link test through the runtime's own collectives → (the profile's link section, raw result)."""
