@@ -1,23 +1,20 @@
 """The peers compute what the local model computes: pipeline and tensor parallelism over 2 GLOO ranks
 (torch.distributed.pipelining and tensor.parallel), and plain transformers with the same weights."""
 
-import json
-
 import pytest
 import torch
 
-from edgeprism.comm.launch import launch_local
+from edgeprism.bench.ranks import check_peers_rank
+from edgeprism.comm.launch import run_job
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
 
 TOLERANCE = 1e-4
 
 
-def test_pipeline_and_tensor_parallel_match_local(tmp_path):
-    out = tmp_path / "check.json"
-    launch_local(2, ["-m", "edgeprism.bench.bench_worker", "--check", "vit-tiny-test,bert-tiny-test,gpt2-tiny-test",
-                     "--out", str(out)], timeout_s=300)
-    diffs = json.loads(out.read_text())
+def test_pipeline_and_tensor_parallel_match_local():
+    diffs = run_job(2, check_peers_rank, {"models": ["vit-tiny-test", "bert-tiny-test", "gpt2-tiny-test"]},
+                    timeout_s=300, dist_backend="gloo")
     assert len(diffs) == 6, diffs
     assert all(value <= TOLERANCE for value in diffs.values()), diffs
 

@@ -27,7 +27,7 @@ def test_every_shipped_scenario_expands_into_jobs(path):
 
 def test_job_spec_round_trip():
     job = load_scenario(BENCHMARKS / "smoke.toml").jobs()[0]
-    spec = JobSpec(job, "/p.json", "/rows.jsonl", {"git_sha": "abc"}, 50e6)
+    spec = JobSpec(job, "/p.json", {"git_sha": "abc"}, 50e6)
     assert JobSpec.from_json(spec.to_json()) == spec
 
 

@@ -2,7 +2,7 @@
 
 Every module under src/edgeprism is parsed with `ast`; every import counts, at module level or inside a
 function, under `if TYPE_CHECKING:` or not, absolute or relative. A string that is exactly the dotted name
-of an edgeprism module (`["-m", "edgeprism.testbed.linktest_worker"]`, `importlib.import_module(...)`) counts
+of an edgeprism module (`["-m", "edgeprism.comm.job"]`, `importlib.import_module(...)`) counts
 too: launching a module is depending on it. Each import is mapped to its package (the first name under
 `edgeprism`), and the checks are:
 

@@ -7,17 +7,16 @@ import sys
 
 import pytest
 
-from edgeprism.comm.launch import WorkerError, launch_local
+from edgeprism.comm.job import RESULT_PREFIX
+from edgeprism.comm.launch import WorkerError, launch_local, run_job
 from edgeprism.partition.ranges import split_tokens, validate_shares
+from edgeprism.partition.selfcheck import selfcheck
 
 TOLERANCE = 1e-5
 
 
 def _selfcheck(world_size, shares=None):
-    argv = ["-m", "edgeprism.partition.selfcheck"] + (["--shares", ",".join(map(str, shares))] if shares else [])
-    results = launch_local(world_size, argv, timeout_s=240)
-    line = next(x for x in results[0].stdout.splitlines() if x.startswith("EDGEPRISM_SELFCHECK "))
-    return json.loads(line.split(" ", 1)[1])
+    return run_job(world_size, selfcheck, {"shares": shares}, timeout_s=240)
 
 
 @pytest.mark.parametrize("world_size,shares", [(1, None), (2, (0.7, 0.3)), (3, (0.5, 0.3, 0.2)), (4, None)])
@@ -29,13 +28,15 @@ def test_full_exchange_equals_single_device(world_size, shares):
 
 
 def test_selfcheck_through_torchrun():
+    """The one process main runs under plain torchrun too; without --out rank 0 prints its result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "edgeprism.partition.selfcheck", "--shares", "0.6,0.4"],
+                           "-m", "edgeprism.comm.job", "edgeprism.partition.selfcheck:selfcheck",
+                           "--args", '{"shares": [0.6, 0.4]}'],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("EDGEPRISM_SELFCHECK "))
-    report = json.loads(line.split(" ", 1)[1])
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX))
+    report = json.loads(line.removeprefix(RESULT_PREFIX))
     assert report["world_size"] == 2
     assert max(report["max_abs_diff"].values()) <= TOLERANCE
 

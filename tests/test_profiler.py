@@ -365,23 +365,24 @@ def test_link_measurement_type_is_the_schema_one():
 
 
 class InProcessSession:
-    """A one-device session that runs the worker module's main() in this process (no launcher)."""
+    """A one-device session that runs the rank function in this process (no launcher)."""
 
     world_size = 1
     emulation = ""
 
-    def run_following(self, argv, path, on_line, poll_s=0.5):
-        import importlib
+    def run(self, fn, args, *, on_progress=None, dist_backend="auto", device="cpu", **_):
+        from edgeprism.comm.context import init_distributed
 
-        module = importlib.import_module(argv[1])
-        assert module.main(list(argv[2:])) == 0
-        with open(path) as handle:
-            for line in handle.read().splitlines():
-                on_line(line)
+        lines = []
+        result = json.loads(json.dumps(fn(init_distributed(dist_backend, device), json.loads(json.dumps(args)),
+                                          lines.append)))
+        for line in lines:
+            on_progress(line)
+        return result
 
 
-def test_compute_worker_times_the_grid_and_reports_progress(monkeypatch):
-    from edgeprism.profile.compute_worker import measure_on_session
+def test_compute_job_times_the_grid_and_reports_progress(monkeypatch):
+    from edgeprism.profile.compute_job import measure_on_session
 
     for key in ("RANK", "WORLD_SIZE", "EDGEPRISM_CORES", "EDGEPRISM_LINK_FILE"):
         monkeypatch.delenv(key, raising=False)
@@ -406,7 +407,7 @@ def test_median_run_merges_passes():
 
 
 def test_critical_path_takes_the_slowest_rank_per_call_and_leaves_steady_differences_to_speeds():
-    from edgeprism.profile.compute_worker import critical_path
+    from edgeprism.profile.compute_job import critical_path
 
     # rank 1 is steadily 2x slower; in pass 2 rank 0 has a hiccup on shape 0
     rank0 = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]

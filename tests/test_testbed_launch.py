@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 
+from edgeprism.profile.link import run_link_test
 from edgeprism.testbed import netns
 from edgeprism.testbed.launch import LaunchError, run_torchrun
-from edgeprism.testbed.linktest import run_link_test
 from edgeprism.testbed.net import Testbed
 from edgeprism.testbed.presets import get_preset
 

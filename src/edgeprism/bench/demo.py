@@ -17,7 +17,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from edgeprism.comm.context import DistContext
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.runtime.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,21 @@ def wait_for_link_change(spec: DemoSpec, phase: int, timeout_s: float = 120.0) -
         if time.monotonic() > deadline:
             raise RuntimeError(f"the driver did not change the link to {spec.links[phase]} within {timeout_s} s")
         time.sleep(0.05)
+
+
+def demo_rank(ctx: DistContext, args: dict, progress=None) -> None:
+    """Rank function (`edgeprism.comm.job`) of the demo job: `args["spec"]` is a DemoSpec's JSON; rank 0
+    drives (rows go to the spec's rows_file, which the driver follows while it changes the link), the
+    others serve."""
+    spec = DemoSpec.from_json(args["spec"])
+    config = EngineConfig(objective=spec.objective, max_fidelity_loss=spec.max_fidelity_loss,
+                          max_batch=max(spec.batches), probe_every=0)
+    engine = Engine.from_profile(spec.model, spec.profile, seed=spec.seed, ctx=ctx, config=config)
+    if ctx.is_root:
+        drive(engine, spec)
+        engine.close()
+    else:
+        engine.serve_workers()
 
 
 def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:

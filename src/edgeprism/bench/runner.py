@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from edgeprism.bench.ranks import bench_rank
 from edgeprism.bench.scenarios import Job, JobSpec, Scenario
 
 log = logging.getLogger(__name__)
@@ -123,21 +124,22 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, say: Callable[[str], N
             profile, profile_source = _profile_path(scenario, job, session, out_dir, reprofile, say)
             job_rows = out_dir / "jobs" / f"{index:03d}.jsonl"
             job_rows.write_text("")
-            spec = JobSpec(job=job, profile=os.path.abspath(profile), rows_file=str(job_rows.resolve()),
+            spec = JobSpec(job=job, profile=os.path.abspath(profile),
                            facts={**facts, "emulation": f"{emulation}: {link}", "link_rate_bps": link.rate_bps,
                                   "link_delay_s": link.delay_s, "profile_hash": Profile.load(profile).profile_hash(),
                                   "profile_source": profile_source},
                            link_rate_bps=link.rate_bps)
 
-            def progress(line: str, job=job) -> None:
+            def progress(line: str, job=job, job_rows=job_rows) -> None:
+                with open(job_rows, "a") as rows:
+                    rows.write(line + "\n")
                 row = json.loads(line)
                 latency = ("skipped" if row.get("skipped") else f"{row['latency_s'] * 1e3:9.1f} ms")
                 say(f"  {job.link:<9} x{job.world_size} batch {row['batch']:>2} {row['strategy']:<22} {latency}  "
                     f"{row.get('plan', '')}")
 
             try:
-                session.run_following(["-m", "edgeprism.bench.bench_worker", "--spec", spec.to_json()],
-                                      str(job_rows), progress)
+                session.run(bench_rank, spec.to_dict(), on_progress=progress, dist_backend="gloo")
             finally:  # a failed job's finished rows still count (`--from-rows` draws them)
                 with open(rows_path, "a") as out:
                     out.write(job_rows.read_text())

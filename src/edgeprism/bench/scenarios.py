@@ -12,7 +12,7 @@
     profile = "synthetic"       # or "measure" (cached per model, world size, link and emulation)
 
 A *job* is one (model case, world size, link): one testbed, one profile, one torchrun job in which
-every strategy serves every batch, interleaved request by request (see `bench_worker`).
+every strategy serves every batch, interleaved request by request (see `bench.ranks`).
 Metrics are defined once in docs/METHODOLOGY.md.
 """
 
@@ -180,21 +180,27 @@ def load_scenario(path: str | Path) -> Scenario:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What the torchrun job of one `Job` needs (passed to every rank as JSON)."""
+    """What the job of one `Job` needs (passed to every rank as JSON); its rows come back as progress lines."""
 
     job: Job
     profile: str
-    rows_file: str
     facts: dict = field(default_factory=dict)
     """Row fields fixed for the whole job: emulation, git SHA, versions, host facts, profile hash."""
     link_rate_bps: float = 0.0
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobSpec:
+        data = json.loads(json.dumps(data))  # a copy: the nested dicts become dataclasses below
         job = data["job"]
         job["model"] = ModelCase(**job["model"])
         job["batches"] = tuple(job["batches"])

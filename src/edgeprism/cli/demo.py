@@ -121,6 +121,7 @@ def _follow(session, spec, links, rows_file: Path, control: str) -> None:
     """Run the demo job on the session's devices; print its rows as progress; change the link on request."""
     failure: list[BaseException] = []
 
+    from edgeprism.bench.demo import demo_rank
     from edgeprism.comm.auth import SECRET_FILE_ENV, new_secret, write_secret_file
 
     # Every rank holds a fresh cluster secret: nothing else on the machine can join or drive the workers.
@@ -128,8 +129,8 @@ def _follow(session, spec, links, rows_file: Path, control: str) -> None:
 
     def job() -> None:
         try:
-            session.run(["-m", "edgeprism.bench.demo_worker", "--spec", spec.to_json()],
-                        env={SECRET_FILE_ENV: str(secret_file)})
+            session.run(demo_rank, {"spec": spec.to_json()}, env={SECRET_FILE_ENV: str(secret_file)},
+                        dist_backend="gloo")
         except BaseException as err:  # re-raised in the caller's thread
             failure.append(err)
 

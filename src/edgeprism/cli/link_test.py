@@ -1,7 +1,7 @@
 """`edgeprism link-test`: measure what a (testbed) link really delivers, through GLOO collectives.
 
 Brings up a testbed for the given link (or uses a running one with `--testbed TAG`), runs the
-link-test worker on every host through torchrun, and prints the measured latency and bandwidth next
+link test's rank function on every host through torchrun, and prints the measured latency and bandwidth next
 to the preset's figures and how the link was made.
 """
 
@@ -12,7 +12,8 @@ import json
 from typing import Any
 
 from edgeprism.cli.testbed import add_link_arguments, add_testbed_arguments
-from edgeprism.testbed.linktest import LinkMeasurement, run_link_test
+from edgeprism.profile.link import run_link_test
+from edgeprism.testbed.linktest import LinkMeasurement
 from edgeprism.testbed.net import Testbed
 from edgeprism.testbed.presets import LinkPreset, format_delay, format_rate, resolve_link
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
-from edgeprism.profile.link import LinkSession
-from edgeprism.runtime.batch_worker import BatchSpec
+from edgeprism.comm.launch import JobSession
+from edgeprism.runtime.batch import BatchSpec, batch_rank
 
 
 def _shares(text: str) -> tuple[float, ...]:
@@ -101,7 +100,7 @@ def validate(args) -> BatchSpec:
                      seq_len=args.seq_len, image_size=args.image_size, padded=args.padded,
                      checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None, seed=args.seed,
                      warmup=args.warmup, repeats=args.repeats, compare_local=args.compare_local,
-                     timeout_s=args.timeout, generate=args.generate)
+                     generate=args.generate)
 
 
 def num_tokens_for(config, args) -> int:
@@ -110,28 +109,19 @@ def num_tokens_for(config, args) -> int:
 
 def execute(spec: BatchSpec, cores_per_worker: int = 1, timeout_s: float = 300.0, link=None,
             backend: str = "auto") -> dict:
-    """Launch the workers for `spec` and return rank 0's result.
+    """Run `spec` on its ranks and return rank 0's result.
 
-    Without `link`: local worker processes on loopback. With a `LinkPreset`: one testbed host per rank
+    Without `link`: local processes on loopback. With a `LinkPreset`: one testbed host per rank
     (network namespace + kernel-shaped link when root, else loopback with the link emulated in the
-    transport), each rank launched by torchrun's multi-node rendezvous.
+    transport), each rank launched by torchrun's multi-node rendezvous (`comm.launch.JobSession`).
     """
-    with tempfile.TemporaryDirectory(prefix="edgeprism-run-") as tmp:
-        os.chmod(tmp, 0o755)  # ranks in other namespaces run as the same user, but be explicit
-        result_file = os.path.join(tmp, "result.json")
-        spec = BatchSpec(**{**spec.__dict__, "result_file": result_file})
-        argv = ["-m", "edgeprism.runtime.batch_worker", "--spec", spec.to_json()]
-        # The one "N ranks here, or on the testbed" choice, shared with the profiler, validation and benchmarks.
-        with LinkSession(spec.world_size, link, backend=backend, cores_per_worker=cores_per_worker,
-                         timeout_s=timeout_s) as session:
-            session.run(argv)
-            emulation = session.testbed.emulation if session.testbed is not None else ""
-        with open(result_file) as handle:
-            result = json.load(handle)
+    with JobSession(spec.world_size, link, backend=backend, cores_per_worker=cores_per_worker,
+                    timeout_s=timeout_s) as session:
+        result = session.run(batch_rank, spec.to_dict(), dist_backend=spec.backend, device=spec.device)
         if link is not None:
-            result["emulation"] = emulation
+            result["emulation"] = session.testbed.emulation
             result["preset"] = link.name
-        return result
+    return result
 
 
 def format_result(result: dict) -> str:

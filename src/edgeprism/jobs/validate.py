@@ -4,7 +4,9 @@ Held-out points are batch sizes the compute grid did not time, codecs whose key/
 grid did not time (anything between CR 1 and the highest CR), and for text models a token count
 between the profiled ones. Each point runs for real — locally on rank 0, or distributed over every
 device of the profile's `LinkSession` (the same link the profile measured) — through
-`runtime.batch_worker.run_batch`, and is compared with `plan.cost.predict`.
+`runtime.batch.run_batch`, and is compared with `plan.cost.predict`. All points run in one job:
+`validate_rank` is its rank function (`edgeprism.comm.job`), which reports each result as a progress
+line as soon as rank 0 has it.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edgeprism.comm.context import DistContext
+from edgeprism.comm.job import Progress
 from edgeprism.plan.cost import predict
 from edgeprism.plan.types import LinkEstimate, Plan, Request
 from edgeprism.profile.compute import ProgressFn
 from edgeprism.profile.link import LinkSession
 from edgeprism.profile.schema import Profile
-from edgeprism.runtime.batch_worker import BatchSpec
+from edgeprism.runtime.batch import BatchSpec, run_batch
 
 LARGE_BATCH = 8
 """Validation points from this batch size on run without a warm-up in each pass (see `validate`)."""
@@ -151,8 +154,7 @@ def spec_for(profile: Profile, point: ValidationPoint, checkpoint: str | None, w
     text = profile.model.modality == "text"
     return BatchSpec(model=profile.model.name, batch=point.batch, world_size=profile.world_size,
                      mode=point.mode, codec=point.codec or "fp32", seq_len=point.num_tokens if text else None,
-                     checkpoint=checkpoint, seed=seed, warmup=warmup, repeats=repeats, device=device,
-                     timeout_s=900.0)
+                     checkpoint=checkpoint, seed=seed, warmup=warmup, repeats=repeats, device=device)
 
 
 def compare(profile: Profile, point: ValidationPoint, result: dict[str, Any]) -> ValidationRow:
@@ -182,32 +184,37 @@ def validate(profile: Profile, session: LinkSession, points: Sequence[Validation
     specs = [spec_for(profile, p, checkpoint, warmup if p.batch < LARGE_BATCH else 0, 1, device=device)
              for p in points] * passes
     total = len(specs)
-    with tempfile.TemporaryDirectory(prefix="edgeprism-validate-") as tmp:
-        specs_file, out_file = os.path.join(tmp, "specs.json"), os.path.join(tmp, "results.jsonl")
-        with open(specs_file, "w") as handle:
-            json.dump([dataclasses.asdict(s) for s in specs], handle)
-        runs: dict[int, list[dict[str, Any]]] = {}
-        done = 0
+    runs: dict[int, list[dict[str, Any]]] = {}
+    done = 0
 
-        def on_line(line: str) -> None:
-            nonlocal done
-            row = json.loads(line)
-            index = row["index"] % len(points)
-            runs.setdefault(index, []).append(row)
-            done += 1
-            if progress:
-                p = points[index]
-                progress(done, total, f"validate B={p.batch} N={p.num_tokens} {p.codec or 'local'} "
-                                      f"{row['latency_s'] * 1e3:.0f} ms")
+    def on_line(line: str) -> None:
+        nonlocal done
+        row = json.loads(line)
+        index = row["index"] % len(points)
+        runs.setdefault(index, []).append(row)
+        done += 1
+        if progress:
+            p = points[index]
+            progress(done, total, f"validate B={p.batch} N={p.num_tokens} {p.codec or 'local'} "
+                                  f"{row['latency_s'] * 1e3:.0f} ms")
 
-        session.run_following(["-m", "edgeprism.jobs.validate_worker", "--specs", specs_file, "--out", out_file],
-                              out_file, on_line, poll_s)
+    session.run(validate_rank, {"specs": [s.to_dict() for s in specs]}, on_progress=on_line,
+                dist_backend=specs[0].backend, device=specs[0].device, poll_s=poll_s)
     missing = [i for i in range(len(points)) if len(runs.get(i, ())) != passes]
     if missing:
         raise RuntimeError(f"validation returned no result for points {missing}")
     rows = tuple(compare(profile, points[i], median_run(runs[i])) for i in range(len(points)))
     return ValidationReport(rows, time.perf_counter() - started, session.emulation or "unshaped loopback",
                             (load_before, os.getloadavg()[0]))
+
+
+def validate_rank(ctx: DistContext, args: dict[str, Any], progress: Progress) -> None:
+    """Rank function (`edgeprism.comm.job`): run every BatchSpec of `args["specs"]` in this one job;
+    rank 0 reports each result as a progress line `{"index": i, **result}`."""
+    for index, spec in enumerate(args["specs"]):
+        result = run_batch(BatchSpec.from_dict(spec), ctx)
+        if result is not None:
+            progress(json.dumps({"index": index, **result}))
 
 
 def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -233,5 +240,6 @@ __all__ = [
     "plan_for",
     "spec_for",
     "validate",
+    "validate_rank",
     "validation_points",
 ]

@@ -282,7 +282,7 @@ def measure_compute(model: ReferenceModel, token_counts: Sequence[int], batches:
                     ) -> tuple[ComputeTable, OverheadFit, list[Shape]]:
     """Time the grid in this process, pinned to `core`, and fit the profile's compute table (`fit_compute`).
 
-    One emulated device alone; `compute_worker` times the same grid on every device of a session at
+    One emulated device alone; `compute_job` times the same grid on every device of a session at
     once, as distributed requests run."""
     shapes = compute_grid(token_counts, batches, world_size, codecs)
     overhead_points = [(b, n) for n in token_counts for b in batches]

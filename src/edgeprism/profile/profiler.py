@@ -32,6 +32,7 @@ from edgeprism.models.config import ModelConfig, get_config
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
+from edgeprism.profile.compute_job import measure_on_session
 from edgeprism.profile.energy import measure_energy
 from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
 from edgeprism.profile.link import LinkSession
@@ -220,8 +221,6 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     mark = time.perf_counter()
     speeds = (1.0,) * options.world_size
     if options.compute_on == "devices":
-        from edgeprism.profile.compute_worker import measure_on_session
-
         table, overhead, shapes, speeds, _ = measure_on_session(
             session, options.model, options.checkpoint, options.seed, token_counts, sampled, codecs,
             device=options.device, warmup=options.warmup, repeats=options.repeats, num_layers=config.num_layers,

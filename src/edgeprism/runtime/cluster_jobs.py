@@ -14,7 +14,7 @@ each ending in an all-gather: *prepare* (check what this rank has: a meter asked
 and rank 0 raises `JobError` naming that rank.
 
 Jobs: `compute` — the profile's compute grid timed on every device at once
-(`edgeprism.profile.compute_worker.run_plan`), plus each device's own staging copies and what it is
+(`edgeprism.profile.compute_job.run_plan`), plus each device's own staging copies and what it is
 (device kind, cores); `link` — the link test (`edgeprism.testbed.linktest.measure_link`) over the lane's
 group, through the runtime's own transport and emulated link; `energy` — each device's power per phase
 with its own meter (`edgeprism.profile.energy`), or modelled, and the source says which.
@@ -39,7 +39,7 @@ from edgeprism.energy.detect import METER_KINDS
 from edgeprism.energy.model import get_power_model
 from edgeprism.models.base import ReferenceModel
 from edgeprism.profile.compute import ProgressFn
-from edgeprism.profile.compute_worker import run_plan
+from edgeprism.profile.compute_job import run_plan
 from edgeprism.profile.energy import measure_energy
 from edgeprism.profile.profiler import host_facts, usable_cores
 from edgeprism.profile.staging import measure_staging

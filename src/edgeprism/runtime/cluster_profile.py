@@ -10,7 +10,7 @@ waiting and join the next coordinator (`edgeprism serve --listen` with the new p
 
 `profile_cluster(engine, options, say)` runs the jobs of edgeprism.runtime.cluster_jobs on every member
 at once and builds the `Profile`: the compute table from rank 0's timings and a speed per device from
-the grid timed side by side (`compute_worker.critical_path`), the link as the engine's lanes see it
+the grid timed side by side (`compute_job.critical_path`), the link as the engine's lanes see it
 (the link test over the lane's group), staging per device (the profile keeps the slowest device's, the
 one a distributed layer waits for), energy per device with each device's own meter (the profile's
 `energy` is rank 0's, which the engine meters; every device's is in its description), and what each
@@ -32,7 +32,7 @@ from edgeprism.models.config import ModelConfig
 from edgeprism.models.loading import load_model
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.profile.compute import ProgressFn, compute_grid, fit_errors, sparse_batches
-from edgeprism.profile.compute_worker import fit_result, grid_plan
+from edgeprism.profile.compute_job import fit_result, grid_plan
 from edgeprism.profile.link import link_section
 from edgeprism.profile.profiler import (
     ProfileOptions,

@@ -147,7 +147,7 @@ def run_torchrun(
     timeout_s: float = 600.0,
     check: bool = True,
 ) -> list[subprocess.CompletedProcess[str]]:
-    """Run `argv` (e.g. ["-m", "edgeprism.testbed.linktest_worker"]) as one torchrun node per host.
+    """Run `argv` (`comm.launch.run_job` passes ["-m", "edgeprism.comm.job", ...]) as one torchrun node per host.
 
     Returns each host's CompletedProcess (index = host index; host 0 holds rank 0). With `check`,
     raises LaunchError with rank 0's stderr tail when any node fails or `timeout_s` passes.

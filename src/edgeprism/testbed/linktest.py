@@ -22,17 +22,14 @@ import json
 import math
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from edgeprism.testbed.emulation import EmulatedLink
 
-if TYPE_CHECKING:
-    from edgeprism.testbed.net import Testbed
-
-__all__ = ["LinkMeasurement", "measure_link", "run_link_test"]
+__all__ = ["LinkMeasurement", "link_test_rank", "measure_link"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,14 +248,10 @@ def burst_estimate(probe_nbytes: int, samples: tuple[float, ...], latency_s: flo
     return float(min(probe_nbytes, max(0.0, probe_nbytes - waited_bytes)))
 
 
-def run_link_test(testbed: Testbed, timeout_s: float = 180.0, latency_repeats: int = 20) -> LinkMeasurement:
-    """Launch the link-test worker on every host of `testbed` (through torchrun) and return rank 0's result."""
-    from edgeprism.testbed.launch import LaunchError, run_torchrun
-
-    argv = ["-m", "edgeprism.testbed.linktest_worker", "--latency-repeats", str(latency_repeats)]
-    results = run_torchrun(testbed, argv, timeout_s=timeout_s)
-    prefix = '{"link_test"'
-    lines = [line for line in results[0].stdout.splitlines() if line.startswith(prefix)]
-    if not lines:
-        raise LaunchError(f"link test printed no result; host 0 stdout: {results[0].stdout[-1000:]!r}", results)
-    return LinkMeasurement.from_json(json.loads(lines[-1])["link_test"])
+def link_test_rank(ctx: Any, args: dict[str, Any], progress: Any) -> dict[str, Any] | None:
+    """Rank function (`edgeprism.comm.job`) of the link test, on every rank of the default group:
+    rank 0 returns the measurement as JSON. `args`: latency_repeats (20), bandwidth_target_s (0.25)."""
+    measurement = measure_link(link=ctx.link, latency_repeats=int(args.get("latency_repeats", 20)),
+                               bandwidth_target_s=float(args.get("bandwidth_target_s", 0.25)))
+    dist.barrier()
+    return measurement.to_json() if ctx.is_root else None

@@ -1,31 +1,27 @@
-"""Compute-profiling worker: every device times its share of the grid at the same time, as requests run.
+"""The compute-profiling job: every device times its share of the grid at the same time, as requests run.
 
-    python -m edgeprism.profile.compute_worker --plan plan.json --out result.json --progress progress.txt
-
-Launched on every device of a `LinkSession` (testbed hosts or local workers, each pinned to its own
-cores). Distributed shapes are timed on all ranks at once, a barrier before every call, so each
-rank's time includes whatever running next to the others costs on this host (shared memory
-bandwidth, and here other work on the same cores). Local shapes and the request overhead are timed on
-rank 0 alone while the others wait, as a local request runs. Rank 0 writes every rank's timings to
-`--out` and one progress line per timed call to `--progress`. A process entry point, like `cli/`.
+`compute_rank` is its rank function (`edgeprism.comm.job`), run on every device of a `LinkSession`
+(testbed hosts or local processes, each pinned to its own cores) by `measure_on_session`.
+Distributed shapes are timed on all ranks at once, a barrier before every call, so each rank's time
+includes whatever running next to the others costs on this host (shared memory bandwidth, and here
+other work on the same cores). Local shapes and the request overhead are timed on rank 0 alone while
+the others wait, as a local request runs. Rank 0 returns every rank's timings and reports one progress
+line per timed call.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import statistics
-import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from edgeprism.comm.context import init_distributed, shutdown
+from edgeprism.comm.context import DistContext
+from edgeprism.comm.job import Progress
 from edgeprism.models.base import ReferenceModel
 from edgeprism.models.loading import load_model
 from edgeprism.profile.compute import (
@@ -53,20 +49,13 @@ def measure_on_session(session, model: str, checkpoint: str | None, seed: int, t
     overhead_points = [(b, n) for n in token_counts for b in batches]
     plan = {"model": model, "checkpoint": checkpoint, "seed": seed, "device": device,
             **grid_plan(shapes, overhead_points, warmup, repeats)}
-    with tempfile.TemporaryDirectory(prefix="edgeprism-compute-") as tmp:
-        plan_file, out_file, progress_file = (os.path.join(tmp, name) for name in ("plan.json", "out.json", "progress"))
-        with open(plan_file, "w") as handle:
-            json.dump(plan, handle)
 
-        def on_line(line: str) -> None:
-            done, total, label = line.split("\t", 2)
-            if progress:
-                progress(int(done), int(total), label)
+    def on_line(line: str) -> None:
+        done, total, label = line.split("\t", 2)
+        if progress:
+            progress(int(done), int(total), label)
 
-        session.run_following(["-m", "edgeprism.profile.compute_worker", "--plan", plan_file, "--out", out_file,
-                               "--progress", progress_file], progress_file, on_line)
-        with open(out_file) as handle:
-            raw = json.load(handle)
+    raw = session.run(compute_rank, plan, on_progress=on_line, dist_backend="gloo", device=device)
     table, overhead, speeds = fit_result(raw, shapes, overhead_points, num_layers)
     return table, overhead, shapes, speeds, raw
 
@@ -111,11 +100,11 @@ def critical_path(samples_per_rank: Sequence[Sequence[Sequence[float]]]) -> tupl
 
 
 def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: torch.device,
-             progress_path: str | None = None, *, group=None, model: ReferenceModel | None = None,
+             *, group=None, model: ReferenceModel | None = None,
              progress: ProgressFn | None = None) -> dict[str, Any] | None:
     """Collective over `group` (default: the default group; ranks group-relative): time the plan's grid.
     Returns rank 0's result (every rank's shared samples), None on the others. `model`: already loaded
-    (default: load the plan's); `progress(done, total, label)` and `progress_path` report on rank 0."""
+    (default: load the plan's); `progress(done, total, label)` reports on rank 0."""
     if model is None:
         model = load_model(plan["model"], plan.get("checkpoint"), seed=plan.get("seed", 0))
     model = model.to(device).eval()
@@ -130,9 +119,6 @@ def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: tor
     def reporter(offset: int, labels: list[str]):
         def step(done: int, seconds: float) -> None:
             text = f"{labels[(done - 1) % len(labels)]} {seconds * 1e3:.1f} ms"
-            if is_root and progress_path:
-                with open(progress_path, "a") as handle:
-                    handle.write(f"{offset + done}\t{total}\t{text}\n")
             if is_root and progress:
                 progress(offset + done, total, text)
         return step
@@ -176,28 +162,8 @@ def run_plan(plan: dict[str, Any], group_rank: int, world_size: int, device: tor
             "torch_threads": torch.get_num_threads()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgeprism.profile.compute_worker")
-    parser.add_argument("--plan", required=True, help="JSON: model, checkpoint, seed, device, shapes, overhead, "
-                                                      "warmup, repeats")
-    parser.add_argument("--out", required=True, help="rank 0 writes every rank's timings here")
-    parser.add_argument("--progress", help="rank 0 appends 'done<TAB>total<TAB>label' lines here")
-    parser.add_argument("--timeout-s", type=float, default=900.0, help="GLOO timeout of each collective")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [rank %(process)d] %(name)s: %(message)s")
-    with open(args.plan) as handle:
-        plan = json.load(handle)
-    ctx = init_distributed("gloo", plan.get("device", "cpu"), timeout_s=args.timeout_s)
-    try:
-        result = run_plan(plan, ctx.group_rank, ctx.world_size, ctx.device, args.progress)
-    finally:
-        shutdown(ctx)
-    if result is not None:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def compute_rank(ctx: DistContext, args: dict[str, Any], progress: Progress) -> dict[str, Any] | None:
+    """Rank function (`edgeprism.comm.job`): `args` is a compute plan (model, checkpoint, seed, device and
+    `grid_plan`'s keys); rank 0 returns `run_plan`'s result and reports 'done<TAB>total<TAB>label' lines."""
+    return run_plan(args, ctx.group_rank, ctx.world_size, ctx.device,
+                    progress=lambda done, total, label: progress(f"{done}\t{total}\t{label}"))

@@ -1,33 +1,34 @@
-"""One batch, run locally or position-wise over the ranks of a torch.distributed job.
+"""One batch, run locally or position-wise over the ranks of a job.
 
-Launched per rank by `edgeprism run` (local launcher or testbed) or directly by torchrun:
+`batch_rank` is the rank function of `edgeprism run` (`comm.launch.run_job`, local processes or
+testbed hosts); it also runs under plain torchrun through the one process main:
 
-    torchrun --nproc-per-node 2 -m edgeprism.runtime.batch_worker --spec '{"model": "vit-tiny-test", ...}'
+    torchrun --nproc-per-node 2 -m edgeprism.comm.job edgeprism.runtime.batch:batch_rank \
+        --args '{"model": "vit-tiny-test", ...}'
 
-Rank 0 writes one JSON result (to `result_file` if the spec names one, else a stdout line starting
-with RESULT_PREFIX). A failing rank logs its error, exits non-zero, and the launcher stops the rest.
+Rank 0 returns one result dict (the job's result).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from edgeprism.comm.context import DistContext, init_distributed, shutdown
+from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
+from edgeprism.compress.registry import get_codec
 from edgeprism.models.gpt2 import greedy_generate
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.partition.ranges import equal_shares, split_tokens
+from edgeprism.partition.transform import DEFAULT_SIZE_AWARE, PositionWise
 
 log = logging.getLogger(__name__)
-RESULT_PREFIX = "EDGEPRISM_RESULT "
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class BatchSpec:
     mode: str = "distributed"  # "local" | "distributed"
     shares: tuple[float, ...] | None = None
     codec: str = "fp32"
-    size_aware: bool = True  # partition.transform.DEFAULT_SIZE_AWARE (not imported: this module loads light)
+    size_aware: bool = DEFAULT_SIZE_AWARE
     seq_len: int | None = None
     image_size: int | None = None
     padded: bool = False
@@ -50,22 +51,27 @@ class BatchSpec:
     repeats: int = 3
     compare_local: bool = False
     backend: str = "auto"
+    """Process-group backend the job is launched with (`run_job(dist_backend=...)`)."""
     device: str = "cpu"
-    timeout_s: float = 120.0
     generate: int = 0
     """Decoder models: greedy tokens to generate after the (distributed) prefill; 0 = prefill only."""
-    result_file: str | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, text: str) -> BatchSpec:
-        data = json.loads(text)
+    def from_dict(cls, data: dict) -> BatchSpec:
         if data.get("shares") is not None:
-            data["shares"] = tuple(data["shares"])
+            data = {**data, "shares": tuple(data["shares"])}
         return cls(**data)
 
+    @classmethod
+    def from_json(cls, text: str) -> BatchSpec:
+        return cls.from_dict(json.loads(text))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps(self.to_dict())
 
 
 def _max_abs_diff(got: dict, expected: dict) -> tuple[float, dict[str, float]]:
@@ -85,9 +91,6 @@ def _gather_stats(ctx: DistContext, exchanger: Exchanger, stats) -> list[list[fl
 
 
 def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
-    from edgeprism.compress.registry import get_codec
-    from edgeprism.partition.transform import PositionWise
-
     model = load_model(spec.model, spec.checkpoint, seed=spec.seed).to(ctx.device)
     inputs = None
     if ctx.is_root:
@@ -128,8 +131,6 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
             outputs = engine.forward(inputs, spec.shares, gather_hidden=True)
         ranges = None
         if ctx.is_root:
-            from edgeprism.partition.ranges import equal_shares, split_tokens
-
             num_tokens = model.validate_input(inputs)
             ranges = [[r.start, r.end] for r in split_tokens(num_tokens, spec.shares or equal_shares(ctx.world_size))]
     if not ctx.is_root:
@@ -182,31 +183,6 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="BatchSpec as JSON")
-    args = parser.parse_args(argv)
-    spec = BatchSpec.from_json(args.spec)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [rank %(process)d] %(name)s: %(message)s")
-    ctx = init_distributed(spec.backend, spec.device, timeout_s=spec.timeout_s)
-    try:
-        result = run_batch(spec, ctx)
-    except Exception as err:
-        log.error("rank %d failed: %s: %s", ctx.group_rank, type(err).__name__, err)
-        print(f"rank {ctx.group_rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from err
-    finally:
-        shutdown(ctx)
-    if result is not None:
-        text = json.dumps(result)
-        if spec.result_file:
-            with open(spec.result_file, "w") as handle:
-                handle.write(text)
-        else:
-            print(RESULT_PREFIX + text, flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def batch_rank(ctx: DistContext, args: dict, progress=None) -> dict | None:
+    """Rank function (`edgeprism.comm.job`): `args` is a BatchSpec as a dict; rank 0 returns the result."""
+    return run_batch(BatchSpec.from_dict(args), ctx)
