@@ -3,7 +3,8 @@
 `to_json_dict(obj)` is `dataclasses.asdict`; `from_json_dict(cls, data, where)` builds `cls` back from
 parsed JSON, refusing unknown fields, missing required ones and values of the wrong type, with the
 path in the message. A field the class derives itself (`init=False`, e.g. `Plan.token_ranges`) may be
-absent (older files); where present it must equal what the class derives. Profile (`profile/schema.py`) and Plan (`plan/types.py`) both use it.
+absent (older files); where present it must equal what the class derives. Profile (`profile/schema.py`)
+and Plan (`plan/types.py`) both use it.
 """
 
 from __future__ import annotations

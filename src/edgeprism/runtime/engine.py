@@ -12,9 +12,9 @@ estimate with the healthy ranks, objective, limits)` →
 - distributed: the request's one header, sealed JSON `{"op": "infer", ..., "plan", "split"}`, to the plan's
   workers (edgeprism.runtime.control): the plan with its token ranges, and `PositionWise.split`'s ranges,
   codec and raw parts' shapes; the plan's ranks run `PositionWise.forward` with it on their lane (no
-  second header; rank 0 scatters raw input slices and gathers the outputs). After the outputs are in, the plan's ranks all-gather a few numbers per rank
-  (bytes, staging, collective, per-layer link seconds): they fill the metrics row and feed the online
-  link estimate.
+  second header; rank 0 scatters raw input slices and gathers the outputs). After the outputs are in,
+  the plan's ranks all-gather a few numbers per rank (bytes, staging, collective, per-layer link
+  seconds): they fill the metrics row and feed the online link estimate.
 
 Failures (docs/RELIABILITY.md). Every rank of a distributed request gives up on it after
 `max(min_stall_s, stall_factor × predicted latency)`; a dead peer usually fails it at once. Rank 0 then
