@@ -110,7 +110,8 @@ class Plan:
     """Fraction of the tokens per rank in `ranks` (sums to 1)."""
     token_counts: tuple[int, ...]
     """Tokens per rank for this request's num_tokens (contiguous, in rank order, each >= 1): what the cost
-    model costed (`partition.ranges.apportion`, the one splitter)."""
+    model costed (`partition.ranges.apportion`, the one splitter). Empty only in an excluded candidate that
+    could not be split."""
     token_ranges: tuple[TokenRange, ...] = field(init=False)
     """The contiguous token range [start, end) each rank of the plan owns, in rank order: derived from
     `token_counts` (never given), carried in the JSON so the runtime splits the request exactly as costed.
@@ -129,7 +130,8 @@ class Plan:
     profile_hash: str = ""
 
     def __post_init__(self) -> None:
-        if len(self.token_counts) != len(self.ranks):
+        # No counts at all: a candidate the planner could not split (`enumerate_candidates` lists it as excluded).
+        if self.token_counts and len(self.token_counts) != len(self.ranks):
             raise ValueError(f"plan has {len(self.token_counts)} token counts {list(self.token_counts)} for "
                              f"{len(self.ranks)} ranks {list(self.ranks)}; give one per rank")
         object.__setattr__(self, "token_ranges", ranges_of(self.token_counts))  # frozen: set once, here
