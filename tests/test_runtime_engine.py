@@ -6,6 +6,7 @@ mode, rewritten mid-run (no root needed).
 """
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_ranks_that_start_differently_are_refused_on_every_rank():
         comm_launch.launch_local(2, ["-c", _MISMATCH], timeout_s=120)
 
 
-def test_generate_after_a_distributed_prefill_equals_single_device_greedy_decoding():
+def test_generate_after_a_distributed_prefill_equals_single_device_greedy_decoding(monkeypatch):
     from edgeprism.models.gpt2 import greedy_generate
 
     config = get_config("gpt2-tiny-test")
@@ -151,8 +152,12 @@ def test_generate_after_a_distributed_prefill_equals_single_device_greedy_decodi
     prompt = {"input_ids": torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))}
     with launch_local(2, "gpt2-tiny-test", profile, config=EngineConfig(learn_compute=False)) as engine:
         reference = greedy_generate(engine.model, prompt, 6)
+        checks = []
+        real_validate = engine.model.validate_input
+        monkeypatch.setattr(engine.model, "validate_input", lambda x: checks.append(1) or real_validate(x))
         split = engine.generate(prompt, 6)
         assert split.metrics.mode == "distributed" and split.metrics.plan["ranks"] == [0, 1]
+        assert len(checks) == 1  # one input check for a generate request too
         assert torch.equal(split.outputs["tokens"], reference)
         local = engine.infer(prompt, generate=6, plan=_local_plan_of(engine, prompt))
         assert local.metrics.mode == "local" and torch.equal(local.outputs["tokens"], reference)
@@ -164,8 +169,6 @@ def test_generate_after_a_distributed_prefill_equals_single_device_greedy_decodi
 
 
 def _local_plan_of(engine, inputs):
-    from dataclasses import replace
-
     plan = engine.plan_for(inputs)
     tokens = engine.model.validate_input(inputs)
     return replace(plan, mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(tokens,), codec="", cr=1,
@@ -208,9 +211,21 @@ def test_one_splitter_one_header_one_input_check(monkeypatch):
         assert len(checks) == 1
         kinds = engine._lanes[tuple(ranks)].exchanger.stats.per_kind_nbytes
         assert "control" not in kinds and kinds.get("scatter", 0) > 0, kinds  # the split came with the control op
+        for _ in range(2):  # per request: one control message per worker of the plan, nothing else on the lane
+            checks.clear()
+            again = engine.infer(inputs)
+            assert again.metrics.plan["ranks"] == ranks and len(checks) == 1
+            control = engine._control.stats
+            assert control.per_kind_messages == {"control": len(ranks) - 1}, control.per_kind_messages
+            assert len({nbytes for _, nbytes, _, _ in control.events}) == 1  # the same header to each worker
+            assert again.metrics.bytes_exchanged >= control.per_kind_nbytes["control"] > 0
+            lane = engine._lanes[tuple(ranks)].exchanger.stats.per_kind_messages
+            assert "control" not in lane and lane["scatter"] == len(ranks) - 1, lane
         with torch.no_grad():
             reference = engine.model(inputs)
         assert torch.allclose(result.outputs["cls"], reference["cls"], atol=1e-5)
         checks.clear()
         engine.plan_for(inputs)
         assert len(checks) == 1
+        with pytest.raises(ValueError, match="forced plan splits"):  # a forced plan must be for this request
+            engine.infer(inputs, plan=replace(engine.plan_for(inputs), token_counts=(1,) * len(ranks)))

@@ -43,6 +43,8 @@ class ExchangeStats:
     collective_s: float = 0.0
     emulated_delay_s: float = 0.0
     per_kind_nbytes: dict[str, int] = field(default_factory=dict)
+    per_kind_messages: dict[str, int] = field(default_factory=dict)
+    """Operations per kind ("control", "scatter", "layer", "output"), sent or received."""
 
     def add(self, kind: str, sent: int, received: int, staging_s: float, collective_s: float, delay_s: float) -> None:
         self.exchanges += 1
@@ -52,6 +54,7 @@ class ExchangeStats:
         self.collective_s += collective_s
         self.emulated_delay_s += delay_s
         self.per_kind_nbytes[kind] = self.per_kind_nbytes.get(kind, 0) + sent
+        self.per_kind_messages[kind] = self.per_kind_messages.get(kind, 0) + 1
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

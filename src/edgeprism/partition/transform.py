@@ -104,9 +104,11 @@ def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Te
 class PositionWise:
     """A reference model, split by token position across the ranks of `ctx`.
 
-    Every rank calls `forward` (rank 0 with the request, the others with None): rank 0 broadcasts a
-    small JSON header, sends each rank the raw slice of input it needs, every rank embeds its own
-    tokens, and the outputs come back to rank 0, which returns them (the others return None).
+    Every rank calls `forward` (rank 0 with the request, the others with None). The request's one
+    header (`split`: ranges, codec, the raw parts' shapes) reaches the ranks either with the caller's own
+    message (the engine's control header: every rank passes `header=`) or, used alone, by one broadcast
+    here. Rank 0 then sends each rank the raw slice of input it needs, every rank embeds its own tokens,
+    and the outputs come back to rank 0, which returns them (the others return None).
     """
 
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,

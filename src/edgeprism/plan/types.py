@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from edgeprism.partition.ranges import TokenRange, ranges_of
@@ -109,7 +109,13 @@ class Plan:
     token_shares: tuple[float, ...]
     """Fraction of the tokens per rank in `ranks` (sums to 1)."""
     token_counts: tuple[int, ...]
-    """Tokens per rank for this request's num_tokens (contiguous, in rank order, each >= 1)."""
+    """Tokens per rank for this request's num_tokens (contiguous, in rank order, each >= 1): what the cost
+    model costed (`partition.ranges.apportion`, the one splitter). Empty only in an excluded candidate that
+    could not be split."""
+    token_ranges: tuple[TokenRange, ...] = field(init=False)
+    """The contiguous token range [start, end) each rank of the plan owns, in rank order: derived from
+    `token_counts` (never given), carried in the JSON so the runtime splits the request exactly as costed.
+    Plan JSON written before this field loads; JSON whose ranges differ from its counts is refused."""
     codec: str
     """Exchange codec name ("" for local)."""
     cr: int
@@ -123,6 +129,13 @@ class Plan:
     """False when no candidate met the latency ceiling and the fastest was taken instead."""
     profile_hash: str = ""
 
+    def __post_init__(self) -> None:
+        # No counts at all: a candidate the planner could not split (`enumerate_candidates` lists it as excluded).
+        if self.token_counts and len(self.token_counts) != len(self.ranks):
+            raise ValueError(f"plan has {len(self.token_counts)} token counts {list(self.token_counts)} for "
+                             f"{len(self.ranks)} ranks {list(self.ranks)}; give one per rank")
+        object.__setattr__(self, "token_ranges", ranges_of(self.token_counts))  # frozen: set once, here
+
     def __str__(self) -> str:
         if self.mode == "local":
             how = "local on rank 0"
@@ -131,12 +144,6 @@ class Plan:
                    f"cr={self.cr} wire={self.wire_dtype}")
         return (f"Plan[{how}; predicts {self.predicted_latency_s * 1e3:.1f} ms, {self.predicted_energy_j:.2f} J "
                 f"({self.energy_source}); {self.reason}]")
-
-    @property
-    def token_ranges(self) -> tuple[TokenRange, ...]:
-        """The contiguous token range each rank of the plan owns (rank order, `token_counts` long): what the
-        runtime splits the request into, exactly the counts the cost model costed."""
-        return ranges_of(self.token_counts)
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)

@@ -2,7 +2,9 @@
 
 `to_json_dict(obj)` is `dataclasses.asdict`; `from_json_dict(cls, data, where)` builds `cls` back from
 parsed JSON, refusing unknown fields, missing required ones and values of the wrong type, with the
-path in the message. Profile (`profile/schema.py`) and Plan (`plan/types.py`) both use it.
+path in the message. A field the class derives itself (`init=False`, e.g. `Plan.token_ranges`) may be
+absent (older files); where present it must equal what the class derives. Profile (`profile/schema.py`)
+and Plan (`plan/types.py`) both use it.
 """
 
 from __future__ import annotations
@@ -31,17 +33,26 @@ def from_json_dict(cls: Any, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where} has unknown field(s) {unknown}")
-    kwargs = {}
+    kwargs, derived = {}, {}
     for f in dataclasses.fields(cls):
+        if not f.init:
+            if f.name in data:
+                derived[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+            continue
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"{where} is missing field {f.name!r}")
             continue
         kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"{where}: {err}") from None
+    for name, value in derived.items():
+        if getattr(obj, name) != value:
+            raise ValueError(f"{where}.{name} {value!r} disagrees with the rest of it, which gives "
+                             f"{getattr(obj, name)!r}")
+    return obj
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from edgeprism.comm.auth import AuthError, open_sealed, seal
 from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats, PeerError
+from edgeprism.plan import Plan
 from edgeprism.runtime.cluster_jobs import check_job
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,11 @@ def validate_control(message: object) -> dict:
     if op == "probe" and not 0 < message["nbytes"] <= MAX_PROBE_BYTES:
         raise ControlError(f"probe of {message['nbytes']} bytes is outside 1..{MAX_PROBE_BYTES}")
     if op == "infer":
-        validate_split(message["split"], len(message["plan"].get("ranks", ())))
+        try:
+            plan = Plan.from_dict(message["plan"])
+        except ValueError as err:
+            raise ControlError(f"control op 'infer': {err}") from None
+        validate_split(message["split"], plan)
     if op == "job":  # a name of the fixed registry, with exactly its arguments: never code from the wire
         try:
             check_job(message["name"], message["args"])
@@ -79,27 +84,36 @@ def validate_control(message: object) -> dict:
 
 
 _SPLIT_FIELDS = {"request": int, "ranges": list, "codec": str, "gather_hidden": bool, "generate": int, "parts": list}
+"""The request's one header (`PositionWise.split`), carried in the "infer" op's `split` field."""
 _PART_DTYPES = {"torch.int64", "torch.int32", "torch.float32", "torch.float16", "torch.bfloat16", "torch.bool"}
 
 
-def validate_split(split: dict, num_ranks: int) -> None:
-    """A request's header (`PositionWise.split`): exactly its fields; one contiguous token range per rank of
-    the plan, covering [0, T); one part per range, each a few named tensors of known dtypes and small rank."""
+def validate_split(split: dict, plan: Plan) -> None:
+    """A request's header (`PositionWise.split`) against the plan it came with: exactly its fields, of their
+    types; one [start, end) pair of ints per rank of the plan, contiguous from 0 and covering [0, T) exactly
+    as the plan's `token_ranges` (the counts the cost model costed); the plan's codec; one part per range,
+    each a few named tensors of known dtypes and small rank."""
     if set(split) != set(_SPLIT_FIELDS):
         raise ControlError(f"request header fields {sorted(split)[:8]} are not {sorted(_SPLIT_FIELDS)}")
     for name, kind in _SPLIT_FIELDS.items():
         if (isinstance(split[name], bool) and kind is not bool) or not isinstance(split[name], kind):
             raise ControlError(f"request header: {name} must be {kind.__name__}")
     ranges, parts = split["ranges"], split["parts"]
-    if not 1 <= len(ranges) == num_ranks == len(parts) or split["generate"] < 0:
-        raise ControlError(f"request header: {len(ranges)} ranges and {len(parts)} parts for a plan of {num_ranks} "
-                           f"ranks (generate {split['generate']})")
+    if not 1 <= len(ranges) == len(plan.ranks) == len(parts) or split["generate"] < 0:
+        raise ControlError(f"request header: {len(ranges)} ranges and {len(parts)} parts for a plan of "
+                           f"{len(plan.ranks)} ranks (generate {split['generate']})")
     start = 0
     for pair in ranges:
         if not (isinstance(pair, list) and len(pair) == 2 and all(type(x) is int for x in pair)
                 and pair[0] == start < pair[1]):
             raise ControlError(f"request header: ranges {ranges[:8]!r} are not contiguous [start, end) pairs from 0")
         start = pair[1]
+    planned = [[r.start, r.end] for r in plan.token_ranges]
+    if ranges != planned:
+        raise ControlError(f"request header: ranges {ranges[:8]!r} are not the plan's {planned[:8]!r} "
+                           f"(T = {planned[-1][1]} tokens)")
+    if split["codec"] != plan.codec:
+        raise ControlError(f"request header: codec {split['codec'][:40]!r} is not the plan's {plan.codec!r}")
     for part in parts:
         if not isinstance(part, dict) or len(part) > 8 or not all(
                 isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], list) and len(spec[0]) <= 6
@@ -209,4 +223,5 @@ __all__ = [
     "decode_control",
     "encode_control",
     "validate_control",
+    "validate_split",
 ]

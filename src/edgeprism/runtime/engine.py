@@ -9,11 +9,12 @@ and `serve_workers()` on the others.
 Per request on rank 0: check the input at the edge → `choose_plan(profile, request, live link
 estimate with the healthy ranks, objective, limits)` →
 - local: rank 0 runs the reference model; nothing is sent, the workers stay waiting;
-- distributed: a sealed JSON header `{"op": "infer", ...}` to the plan's workers (edgeprism.runtime.control);
-  the plan's ranks run `PositionWise.forward` on their lane (rank 0 scatters raw input slices and
-  gathers the outputs). After the outputs are in, the plan's ranks all-gather a few numbers per rank
-  (bytes, staging, collective, per-layer link seconds): they fill the metrics row and feed the online
-  link estimate.
+- distributed: the request's one header, sealed JSON `{"op": "infer", ..., "plan", "split"}`, to the plan's
+  workers (edgeprism.runtime.control): the plan with its token ranges, and `PositionWise.split`'s ranges,
+  codec and raw parts' shapes; the plan's ranks run `PositionWise.forward` with it on their lane (no
+  second header; rank 0 scatters raw input slices and gathers the outputs). After the outputs are in,
+  the plan's ranks all-gather a few numbers per rank (bytes, staging, collective, per-layer link
+  seconds): they fill the metrics row and feed the online link estimate.
 
 Failures (docs/RELIABILITY.md). Every rank of a distributed request gives up on it after
 `max(min_stall_s, stall_factor × predicted latency)`; a dead peer usually fails it at once. Rank 0 then
@@ -43,7 +44,6 @@ from edgeprism.comm.auth import load_secret
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import PeerError
 from edgeprism.models.base import Inputs, ReferenceModel
-from edgeprism.partition.ranges import ranges_of
 from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import Limits, Plan, Request, choose_plan
 from edgeprism.profile.schema import Profile
@@ -275,6 +275,9 @@ class Engine(Rank0Side, WorkerSide):
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:
+            if sum(forced.token_counts) != num_tokens:
+                raise ValueError(f"the forced plan splits {sum(forced.token_counts)} tokens as "
+                                 f"{list(forced.token_counts)}; this request has {num_tokens}: make the plan for it")
             return forced, request, link
         plan = choose_plan(self.profile, request, link, objective or self.config.objective,
                            limits or self.config.limits)
@@ -299,7 +302,7 @@ class Engine(Rank0Side, WorkerSide):
                 one = DistContext(group_rank=0, world_size=1, backend="gloo", device=self.ctx.device,
                                   timeout_s=self.ctx.timeout_s)
                 alone = PositionWise(self.model, one)
-                split, parts = alone.split(inputs, ranges_of((request.num_tokens,)), generate=want.generate)
+                split, parts = alone.split(inputs, plan.token_ranges, generate=want.generate)  # [(0, T)]
                 outputs = {"tokens": alone.generate(inputs, want.generate, header=split, parts=parts)}
             else:
                 outputs = self.model(inputs, num_tokens=request.num_tokens)
