@@ -7,16 +7,15 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from devices import EDGEPRISM, join, stop
 from edgeprism.comm.auth import new_secret, seal, write_secret_file
 from edgeprism.comm.context import DistContext
 from edgeprism.models.loading import load_model
@@ -27,9 +26,6 @@ from edgeprism.runtime.control import ControlError, Mailbox, Session, encode_con
 from edgeprism.runtime.coordinator import read_status
 from edgeprism.runtime.engine import Engine
 
-EDGEPRISM = [str(Path(sys.executable).with_name("edgeprism"))]
-if not Path(EDGEPRISM[0]).exists():  # not installed as a script: the same entry point
-    EDGEPRISM = [sys.executable, "-m", "edgeprism.cli.main"]
 QUICK = ["--model", "vit-tiny-test", "--no-eval", "--batches", "1,2", "--repeats", "1", "--meter", "modelled"]
 
 
@@ -39,20 +35,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _join(address, secret_file, *extra):
-    return subprocess.Popen([*EDGEPRISM, "join", address, "--secret-file", str(secret_file), "--timeout", "30",
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
 
 
-def _stop(proc, sig=signal.SIGKILL, timeout_s=20.0):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def _wait_members(address, secret, members, timeout_s=60.0):
@@ -76,7 +60,7 @@ def secret_file(tmp_path):
 
 def test_profile_listen_measures_the_joined_device(tmp_path, secret_file):
     address = f"127.0.0.1:{_free_port()}"
-    device = _join(address, secret_file, "--cores", "0")
+    device = join(address, secret_file, "--cores", "0")
     out = tmp_path / "cluster.profile.json"
     try:
         done = subprocess.run([*EDGEPRISM, "profile", "--listen", address, "--world-size", "2", "--secret-file",
@@ -96,13 +80,13 @@ def test_profile_listen_measures_the_joined_device(tmp_path, secret_file):
         time.sleep(0.5)
         assert device.poll() is None
     finally:
-        _stop(device)
+        stop(device)
 
 
 def test_serve_without_profile_profiles_first_and_refuses_an_unlike_device(tmp_path, secret_file):
     address = f"127.0.0.1:{_free_port()}"
     secret = secret_file.read_bytes()
-    device = _join(address, secret_file, "--cores", "0")
+    device = join(address, secret_file, "--cores", "0")
     serve = subprocess.Popen([*EDGEPRISM, "serve", "--listen", address, "--world-size", "2", "--secret-file",
                               str(secret_file), "--model", "vit-tiny-test", "--input", "-"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -119,16 +103,16 @@ def test_serve_without_profile_profiles_first_and_refuses_an_unlike_device(tmp_p
         assert "no --profile: profiling the cluster" in text and "profiled in" in text
         _wait_members(address, secret, (0, 1))  # the profiled device joined the serving coordinator
 
-        assert _stop(device, signal.SIGINT) == 0  # it leaves; an unlike device takes its place
+        assert stop(device, signal.SIGINT) == 0  # it leaves; an unlike device takes its place
         _wait_members(address, secret, (0,))
-        unlike = _join(address, secret_file, "--cores", "0,1", "--no-retry")
+        unlike = join(address, secret_file, "--cores", "0,1", "--no-retry")
         others.append(unlike)
         assert unlike.wait(timeout=60) != 0
         reason = unlike.stderr.read()
         assert "matches none of the profile's free device ranks" in reason, reason
         assert "cpu, 2 cores" in reason and "rank 1: cpu, 1 core" in reason, reason
 
-        alike = _join(address, secret_file, "--cores", "1")  # one core, like the profiled device
+        alike = join(address, secret_file, "--cores", "1")  # one core, like the profiled device
         others.append(alike)
         _wait_members(address, secret, (0, 1))
         serve.stdin.write(json.dumps({"id": "r1", "synthetic": {"batch": 2, "image_size": 64}}) + "\n")
@@ -136,10 +120,10 @@ def test_serve_without_profile_profiles_first_and_refuses_an_unlike_device(tmp_p
         assert serve.wait(timeout=60) == 0, "".join(lines)[-3000:]
         assert json.loads(serve.stdout.read().splitlines()[-1])["id"] == "r1"
     finally:
-        _stop(serve)
-        _stop(device)
+        stop(serve)
+        stop(device)
         for proc in others:
-            _stop(proc)
+            stop(proc)
 
 
 def test_the_job_registry_refuses_unknown_names_and_arguments():

@@ -10,13 +10,12 @@ exact (equal to the single-device model).
 import json
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from devices import EDGEPRISM, join, stop
 from edgeprism.calibrate.checkpoint import save_checkpoint
 from edgeprism.comm.auth import new_secret, write_secret_file
 from edgeprism.models.config import get_config
@@ -31,9 +30,6 @@ VIT = get_config("vit-tiny-test")
 CONFIG = EngineConfig(min_stall_s=1.5, stall_factor=3.0, regroup_timeout_s=1.0, join_check_s=0.1, probe_every=0,
                       group_timeout_s=10.0, learn_compute=False, learn_link=False)
 LARGE = synthetic_inputs(VIT, 2, image_size=64, seed=3)  # 65 tokens: the planner takes every rank it has
-EDGEPRISM = [str(Path(sys.executable).with_name("edgeprism"))]
-if not Path(EDGEPRISM[0]).exists():  # not installed as a script: the same entry point
-    EDGEPRISM = [sys.executable, "-m", "edgeprism.cli.main"]
 
 
 def _profile(world_size):
@@ -41,10 +37,6 @@ def _profile(world_size):
                              seconds_per_image=3000, codecs=synthetic_codecs(VIT.hidden_size)[:1])
 
 
-def _join(address, secret_file, *extra):
-    return subprocess.Popen([*EDGEPRISM, "join", address, "--secret-file", str(secret_file), "--timeout", "20",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
 
 
 def _exact(engine, inputs, result):
@@ -64,14 +56,6 @@ def _wait_members(engine, members, timeout_s=60.0, count=None):
     raise AssertionError(f"members {engine.cluster_status()['members']}, expected {members}")
 
 
-def _stop(proc, sig=signal.SIGINT, timeout_s=20.0):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.fixture()
@@ -88,18 +72,18 @@ def test_devices_join_late_leave_die_and_rejoin_every_answer_exact(tmp_path, sec
         assert alone.metrics.mode == "local"
         _exact(engine, LARGE, alone)
 
-        devices.append(_join(engine.address, secret_file, "--cores", "0"))
+        devices.append(join(engine.address, secret_file, "--cores", "0"))
         _wait_members(engine, (0, 1))
         two = engine.infer(LARGE)
         assert two.metrics.mode == "distributed" and two.metrics.plan["ranks"] == [0, 1]
         _exact(engine, LARGE, two)
 
         wrong = write_secret_file(tmp_path / "wrong.secret", new_secret())
-        intruder = _join(engine.address, wrong, "--no-retry")
+        intruder = join(engine.address, wrong, "--no-retry")
         assert intruder.wait(timeout=60) == 3
         assert "secret" in intruder.stderr.read()
 
-        devices.append(_join(engine.address, secret_file, "--cores", "1"))  # a late device
+        devices.append(join(engine.address, secret_file, "--cores", "1"))  # a late device
         _wait_members(engine, (0, 1, 2))
         three = engine.infer(LARGE)
         assert three.metrics.plan["ranks"] == [0, 1, 2] and not three.metrics.fallback
@@ -112,7 +96,7 @@ def test_devices_join_late_leave_die_and_rejoin_every_answer_exact(tmp_path, sec
         assert shown.returncode == 0, shown.stderr
         assert json.loads(shown.stdout)["members"] == [0, 1, 2]
 
-        assert _stop(devices[1]) == 0  # Ctrl-C: the device says it leaves
+        assert stop(devices[1], signal.SIGINT) == 0  # Ctrl-C: the device says it leaves
         _wait_members(engine, (0, 1))
         after_leave = engine.infer(LARGE)
         assert after_leave.metrics.plan["ranks"] == [0, 1] and not after_leave.metrics.fallback
@@ -124,7 +108,7 @@ def test_devices_join_late_leave_die_and_rejoin_every_answer_exact(tmp_path, sec
         _exact(engine, LARGE, lost)
         assert lost.metrics.fallback or lost.metrics.mode == "local"
 
-        devices.append(_join(engine.address, secret_file, "--cores", "0"))  # the board comes back
+        devices.append(join(engine.address, secret_file, "--cores", "0"))  # the board comes back
         _wait_members(engine, None, count=2)  # as whichever rank is free when it asks (1 may not be yet)
         back = engine.infer(LARGE)
         assert len(back.metrics.plan["ranks"]) == 2 and not back.metrics.fallback
@@ -132,7 +116,7 @@ def test_devices_join_late_leave_die_and_rejoin_every_answer_exact(tmp_path, sec
     finally:
         engine.close()
         for proc in devices:
-            _stop(proc, signal.SIGKILL, 5.0)
+            stop(proc, signal.SIGKILL, 5.0)
 
 
 def test_a_device_with_other_weights_is_refused_with_the_reason(tmp_path, secret_file):
@@ -142,14 +126,14 @@ def test_a_device_with_other_weights_is_refused_with_the_reason(tmp_path, secret
     engine = launch_engine(2, "vit-tiny-test", _profile(2), config=CONFIG, local_workers=False,
                            bind_addr="127.0.0.1", port=0, secret_file=secret_file, checkpoint=str(mine))
     try:
-        device = _join(engine.address, secret_file, "--no-retry", "--checkpoint", str(theirs))
+        device = join(engine.address, secret_file, "--no-retry", "--checkpoint", str(theirs))
         code = device.wait(timeout=120)
         err = device.stderr.read()
         assert code == 2 and "weights" in err, err
         status = engine.cluster_status()
         assert status["members"] == [0]
         assert any("weights" in e["what"] for e in status["last_errors"])
-        unready = _join(engine.address, secret_file, "--no-retry")  # no --checkpoint where one is served
+        unready = join(engine.address, secret_file, "--no-retry")  # no --checkpoint where one is served
         assert unready.wait(timeout=120) == 2 and "--checkpoint" in unready.stderr.read()
     finally:
         engine.close()

@@ -1,0 +1,28 @@
+"""Helpers for tests that start `edgeprism` commands as separate processes (devices joining a coordinator)."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+EDGEPRISM = [str(Path(sys.executable).with_name("edgeprism"))]
+if not Path(EDGEPRISM[0]).exists():  # not installed as a script: the same entry point
+    EDGEPRISM = [sys.executable, "-m", "edgeprism.cli.main"]
+
+
+def join(address, secret_file, *extra, timeout_s=30, stdout=subprocess.DEVNULL):
+    """`edgeprism join ADDRESS --secret-file F ...` as its own process group (stderr kept for the test)."""
+    return subprocess.Popen([*EDGEPRISM, "join", address, "--secret-file", str(secret_file), "--timeout",
+                             str(timeout_s), *extra], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def stop(proc, sig=signal.SIGKILL, timeout_s=20.0):
+    """Send `sig` (if it still runs) and wait; kill it if it outlives `timeout_s`. Its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
