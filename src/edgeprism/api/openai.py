@@ -50,13 +50,19 @@ async def get_model(service: ApiService, request: Request, request_id: str):
     return model_card(service), []
 
 
+async def _checked_body(service: ApiService, request: Request, keys, task: str, what: str):
+    """(the request's JSON object, the model's IO): the body read within the size bound, its keys and model
+    checked, and the IO that serves `task` (a 4xx naming the problem otherwise)."""
+    body = await read_json_object(request, service.config.max_body_bytes)
+    check_keys(body, keys, what)
+    service.check_model(body.get("model"))
+    return body, service.require_io(task, what)
+
+
 # --- /v1/embeddings ---
 async def embeddings(service: ApiService, request: Request, request_id: str):
     config = service.config
-    body = await read_json_object(request, config.max_body_bytes)
-    check_keys(body, EMBEDDING_KEYS, "POST /v1/embeddings")
-    service.check_model(body.get("model"))
-    io = service.require_io("text-encoder", "POST /v1/embeddings")
+    body, io = await _checked_body(service, request, EMBEDDING_KEYS, "text-encoder", "POST /v1/embeddings")
     texts = string_list(body, "input", config.max_texts)
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
@@ -117,10 +123,7 @@ def _token_count(inputs: dict[str, torch.Tensor]) -> int:
 # --- /v1/completions ---
 async def completions(service: ApiService, request: Request, request_id: str):
     config = service.config
-    body = await read_json_object(request, config.max_body_bytes)
-    check_keys(body, COMPLETION_KEYS, "POST /v1/completions")
-    service.check_model(body.get("model"))
-    io = service.require_io("text-decoder", "POST /v1/completions")
+    body, io = await _checked_body(service, request, COMPLETION_KEYS, "text-decoder", "POST /v1/completions")
     prompts = string_list(body, "prompt", config.max_texts)
     max_new_tokens = integer(body, "max_tokens", 16, 1, config.max_completion_tokens)
     temperature = body.get("temperature")
