@@ -3,7 +3,7 @@
 
 import pytest
 
-from edgeprism.plan import LinkEstimate, Request, choose_plan
+from edgeprism.plan import Limits, LinkEstimate, Request, choose_plan
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.runtime.link_estimate import ComputeBiasEstimator
 
@@ -12,9 +12,10 @@ def test_local_compute_scale_moves_the_choice():
     profile = synthetic_profile("vit-base-patch16-224", 2)
     request = Request("vit-base-patch16-224", 8, 197)
     base = LinkEstimate(50e6, 3e-3)
-    assert choose_plan(profile, request, base).mode == "distributed"  # the profile's own answer
+    any_codec = Limits(None, allow_unmeasured_codecs=True)  # opt in: the synthetic profile's fast codecs are lossy
+    assert choose_plan(profile, request, base, limits=any_codec).mode == "distributed"  # the profile's own answer
     faster_local = LinkEstimate(50e6, 3e-3, local_compute_scale=0.3)
-    plan = choose_plan(profile, request, faster_local)
+    plan = choose_plan(profile, request, faster_local, limits=any_codec)
     assert plan.mode == "local"
     assert plan.predicted_latency_s == pytest.approx(
         0.3 * choose_plan(profile, Request("vit-base-patch16-224", 8, 197), LinkEstimate(1.0, 10.0)).predicted_latency_s

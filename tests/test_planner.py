@@ -12,6 +12,8 @@ from edgeprism.plan.cost import objective_score
 from edgeprism.plan.synthetic import synthetic_profile
 
 MODEL = "vit-base-patch16-224"
+ANY_CODEC = Limits(max_fidelity_loss=None, allow_unmeasured_codecs=True)
+"""The explicit opt-in to every profiled codec, lossy or unmeasured (the default budget admits neither)."""
 
 
 def _link(profile, **kw) -> LinkEstimate:
@@ -32,7 +34,7 @@ def test_small_requests_stay_local_when_the_exchange_dominates():
 
 def test_large_batches_go_distributed_with_compression():
     profile = synthetic_profile(world_size=4)
-    plan = choose_plan(profile, Request(MODEL, 16, 197), _link(profile))
+    plan = choose_plan(profile, Request(MODEL, 16, 197), _link(profile), limits=ANY_CODEC)
     assert plan.mode == "distributed" and len(plan.ranks) >= 2
     assert profile.codec(plan.codec).wire_bytes_per_token < profile.codec("fp32").wire_bytes_per_token
     assert sum(plan.token_counts) == 197 and min(plan.token_counts) >= 1
@@ -42,12 +44,12 @@ def test_large_batches_go_distributed_with_compression():
 def test_energy_objective_can_choose_differently_from_latency():
     profile = synthetic_profile(world_size=2)
     request, link = Request(MODEL, 8, 197), _link(profile)
-    fastest = choose_plan(profile, request, link, "latency")
-    thriftiest = choose_plan(profile, request, link, "energy")
+    fastest = choose_plan(profile, request, link, "latency", ANY_CODEC)
+    thriftiest = choose_plan(profile, request, link, "energy", ANY_CODEC)
     assert fastest.mode == "distributed" and thriftiest.mode == "local"
     assert thriftiest.predicted_energy_j < fastest.predicted_energy_j
     assert fastest.predicted_latency_s < thriftiest.predicted_latency_s
-    edp = choose_plan(profile, request, link, "edp")
+    edp = choose_plan(profile, request, link, "edp", ANY_CODEC)
     assert edp.predicted_latency_s * edp.predicted_energy_j <= min(
         p.predicted_latency_s * p.predicted_energy_j for p in (fastest, thriftiest)) + 1e-12
 
@@ -80,19 +82,22 @@ def test_unmeasured_codecs_are_excluded_under_a_budget_and_say_so():
     int4 = [c for c in candidates if c.plan.codec == "int4"]
     assert int4 and all("fidelity not measured" in c.excluded for c in int4)
     assert choose_plan(profile, request, link, "latency", limits).codec != "int4"
-    assert any(c.plan.codec == "int4" and c.excluded is None for c in enumerate_candidates(profile, request, link))
+    assert all(c.excluded and "--allow-unmeasured-codecs" in c.excluded
+               for c in enumerate_candidates(profile, request, link) if c.plan.codec == "int4")
+    assert any(c.plan.codec == "int4" and c.excluded is None
+               for c in enumerate_candidates(profile, request, link, "latency", ANY_CODEC))
 
 
 def test_latency_ceiling_excludes_and_falls_back_to_the_fastest():
     profile = synthetic_profile(world_size=2)
     request, link = Request(MODEL, 8, 197), _link(profile)
-    free = choose_plan(profile, request, link, "energy")
+    free = choose_plan(profile, request, link, "energy", ANY_CODEC)
     assert free.mode == "local"
-    capped = choose_plan(profile, request, link, "energy", Limits(max_latency_s=free.predicted_latency_s * 0.9))
+    capped = choose_plan(profile, request, link, "energy", dataclasses.replace(ANY_CODEC, max_latency_s=free.predicted_latency_s * 0.9))
     assert capped.mode == "distributed" and capped.within_limits
     assert capped.predicted_latency_s <= free.predicted_latency_s * 0.9
-    impossible = choose_plan(profile, request, link, "energy", Limits(max_latency_s=1e-3))
-    fastest = choose_plan(profile, request, link, "latency")
+    impossible = choose_plan(profile, request, link, "energy", dataclasses.replace(ANY_CODEC, max_latency_s=1e-3))
+    fastest = choose_plan(profile, request, link, "latency", ANY_CODEC)
     assert not impossible.within_limits and "no candidate meets" in impossible.reason
     assert (impossible.ranks, impossible.codec) == (fastest.ranks, fastest.codec)
 
@@ -100,15 +105,15 @@ def test_latency_ceiling_excludes_and_falls_back_to_the_fastest():
 def test_unhealthy_ranks_are_never_used():
     profile = synthetic_profile(world_size=4, device_speeds=(1.0, 2.0, 1.5, 1.2))
     request = Request(MODEL, 16, 197)
-    assert 1 in choose_plan(profile, request, _link(profile)).ranks
-    plan = choose_plan(profile, request, _link(profile, healthy_ranks=(0, 2, 3)))
+    assert 1 in choose_plan(profile, request, _link(profile), limits=ANY_CODEC).ranks
+    plan = choose_plan(profile, request, _link(profile, healthy_ranks=(0, 2, 3)), limits=ANY_CODEC)
     assert plan.mode == "distributed" and 1 not in plan.ranks
     assert choose_plan(profile, request, _link(profile, healthy_ranks=(0,))).mode == "local"
 
 
 def test_token_shares_follow_device_speed():
     profile = synthetic_profile(world_size=2, device_speeds=(1.0, 3.0))
-    plan = choose_plan(profile, Request(MODEL, 16, 197), _link(profile))
+    plan = choose_plan(profile, Request(MODEL, 16, 197), _link(profile), limits=ANY_CODEC)
     assert plan.mode == "distributed"
     assert plan.token_shares == pytest.approx((0.25, 0.75))
     assert plan.token_counts == (49, 148)
@@ -127,7 +132,8 @@ def test_deterministic_and_consistent_with_enumeration_and_predict():
     profile = synthetic_profile(world_size=4, device_speeds=(1.0, 0.6, 1.4, 0.9), staging=True)
     for objective, budget, batch, tokens, bandwidth in itertools.product(
             ("latency", "energy", "edp"), (None, 0.05), (1, 8), (50, 197), (20e6, 300e6)):
-        request, link, limits = Request(MODEL, batch, tokens), _link(profile, bandwidth_bps=bandwidth), Limits(budget)
+        request, link = Request(MODEL, batch, tokens), _link(profile, bandwidth_bps=bandwidth)
+        limits = Limits(budget, allow_unmeasured_codecs=budget is None)
         plan = choose_plan(profile, request, link, objective, limits)
         assert plan == choose_plan(profile, request, link, objective, limits)
         candidates = enumerate_candidates(profile, request, link, objective, limits)
@@ -172,7 +178,8 @@ def test_dominated_codecs_do_not_change_the_decision():
     worse = dataclasses.replace(base.codec("sm16+int8"), codec="sm16+int8-bloated", wire_bytes_per_token=1e4)
     profile = dataclasses.replace(base, codecs=base.codecs + (worse,))
     request, link = Request(MODEL, 16, 197), _link(profile)
-    assert choose_plan(profile, request, link).codec == choose_plan(base, request, link).codec
+    assert choose_plan(profile, request, link, limits=ANY_CODEC).codec == \
+        choose_plan(base, request, link, limits=ANY_CODEC).codec
 
 
 @pytest.mark.parametrize("model, tokens", [("gpt2-124m", 300), ("bert-base", 64)])
@@ -190,3 +197,32 @@ def test_pruning_never_loses_the_optimum(model, tokens):
             continue
         best = min(objective_score(objective, c.prediction.total_s, c.prediction.energy_j) for c in allowed)
         assert objective_score(objective, plan.predicted_latency_s, plan.predicted_energy_j) == pytest.approx(best)
+
+
+def test_faithful_by_default_only_measured_codecs_within_one_percent_or_lossless():
+    profile = synthetic_profile(world_size=2)
+    link = _link(profile, bandwidth_bps=1e9, latency_s=1e-4)  # a link on which compression would pay
+    lossy = choose_plan(profile, Request(MODEL, 32, 197), link, limits=ANY_CODEC)
+    assert lossy.mode == "distributed" and profile.codec(lossy.codec).fidelity_loss != 0.0, lossy
+    assert Limits().max_fidelity_loss == 0.01 and not Limits().allow_unmeasured_codecs
+    for batch, tokens, bandwidth in itertools.product((1, 8, 32), (50, 197), (5e6, 1e9)):
+        plan = choose_plan(profile, Request(MODEL, batch, tokens), _link(profile, bandwidth_bps=bandwidth))
+        entry = None if plan.mode == "local" else profile.codec(plan.codec)
+        assert entry is None or (entry.fidelity_loss is not None and entry.fidelity_loss <= 0.01), plan
+        assert plan.fidelity_loss == (0.0 if entry is None else entry.fidelity_loss)
+    assert "unmeasured fidelity" in choose_plan(profile, Request(MODEL, 32, 197), link).reason
+
+
+def test_unmeasured_lossless_codecs_count_as_zero_loss_and_opt_in_plans_say_unmeasured():
+    base = synthetic_profile(world_size=2)
+    unmeasured = tuple(dataclasses.replace(c, metric=None, value=None, reference_value=None, loss=None)
+                       for c in base.codecs)
+    profile = dataclasses.replace(base, codecs=unmeasured)
+    assert [c.codec for c in profile.codecs if c.fidelity_loss == 0.0] == ["fp32", "fp16"]
+    request, link = Request(MODEL, 32, 197), _link(profile, bandwidth_bps=1e9, latency_s=1e-4)
+    faithful = choose_plan(profile, request, link)
+    assert faithful.mode == "local" or faithful.codec in ("fp32", "fp16")
+    opted = choose_plan(profile, request, link, limits=Limits(allow_unmeasured_codecs=True))
+    assert opted.mode == "distributed" and opted.codec not in ("fp32", "fp16") and opted.fidelity_loss is None
+    assert "fidelity loss unmeasured" in str(opted)
+    assert Plan.from_json(opted.to_json()) == opted

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from edgeprism.comm.context import DistContext
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 from edgeprism.runtime.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ class DemoSpec:
     """Link preset per phase; the testbed switches between phases."""
     segment_means_codec: str = "sm16"
     objective: str = "latency"
-    max_fidelity_loss: float | None = None
+    max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
+    allow_unmeasured_codecs: bool = False
+    """The adaptive engine may use codecs of unmeasured fidelity (explicit opt-in; rows then say so)."""
     repeats: int = 1
     full_exchange_phases: int = 1
     """Static full exchange runs in this many leading phases only: on a sagging link it takes minutes per
@@ -75,7 +78,8 @@ def demo_rank(ctx: DistContext, args: dict, progress=None) -> None:
     others serve."""
     spec = DemoSpec.from_json(args["spec"])
     config = EngineConfig(objective=spec.objective, max_fidelity_loss=spec.max_fidelity_loss,
-                          max_batch=max(spec.batches), probe_every=0)
+                          allow_unmeasured_codecs=spec.allow_unmeasured_codecs, max_batch=max(spec.batches),
+                          probe_every=0)
     engine = Engine.from_profile(spec.model, spec.profile, seed=spec.seed, ctx=ctx, config=config)
     if ctx.is_root:
         drive(engine, spec)
@@ -91,7 +95,7 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
 
     rows = []
     config = engine.model.config
-    limits = Limits(spec.max_fidelity_loss, None)
+    limits = Limits(spec.max_fidelity_loss, None, spec.allow_unmeasured_codecs)
     total = sum(len(phase_strategies(spec, p)) for p in range(len(spec.links))) * len(spec.batches) * spec.repeats
     done = 0
     # Warm-up, not recorded: every plan shape once (first calls pay one-off allocation and set-up).
@@ -126,7 +130,8 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                                "energy_source": m.energy_source, "predicted_latency_s": m.predicted_latency_s,
                                "predicted_energy_j": m.predicted_energy_j, "mode": m.mode,
                                "codec": m.plan.get("codec") or "", "plan": _plan_label(m.plan),
-                               "bytes_exchanged": m.bytes_exchanged, "staging_s": m.staging_s,
+                               "bytes_exchanged": m.bytes_exchanged, "fidelity_loss": m.fidelity_loss,
+                               "staging_s": m.staging_s,
                                "collective_s": m.collective_s, "compute_s": m.compute_s,
                                "link_bandwidth_bps": m.link_bandwidth_bps, "link_latency_s": m.link_latency_s,
                                "request_id": m.request_id, "time_s": time.time()}
@@ -180,7 +185,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         table.append({"phase": key[0], "link": key[1], "batch": key[2], "strategy": key[3],
                       "latency_s": median["latency_s"], "energy_j": median["energy_j"],
                       "energy_source": median["energy_source"], "plan": median["plan"],
-                      "predicted_latency_s": median["predicted_latency_s"]})
+                      "predicted_latency_s": median["predicted_latency_s"],
+                      "fidelity_loss": median.get("fidelity_loss", 0.0)})
     return table
 
 

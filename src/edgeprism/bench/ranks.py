@@ -160,6 +160,7 @@ def _serve(strategy, inputs, request, batch, engine, peers, hf, followers, energ
         latency_s = time.perf_counter() - start
         return {"latency_s": latency_s, "energy_j": energy.compute_w * latency_s, "energy_source": "modelled",
                 "mode": "local", "plan": "transformers (1 device)", "codec": "", "bytes_exchanged": 0,
+                "fidelity_loss": 0.0,
                 "predicted_latency_s": None, "answer": hidden[:, -1] if engine.model.causal else hidden[:, 0]}
     if strategy in ("pipeline", "tensor_parallel"):
         peer = peers[strategy]
@@ -173,7 +174,7 @@ def _serve(strategy, inputs, request, batch, engine, peers, hf, followers, energ
             run = peer.run(inputs, layout)
             plan = f"tensor parallel x{engine.ctx.world_size}"
         return {"latency_s": run.latency_s, "energy_j": run.energy_j(energy.compute_w, energy.network_w),
-                "energy_source": "modelled", "mode": "distributed", "plan": plan, "codec": "",
+                "energy_source": "modelled", "mode": "distributed", "plan": plan, "codec": "", "fidelity_loss": 0.0,
                 "bytes_exchanged": run.bytes_exchanged, "predicted_latency_s": None,
                 "per_rank_wall_compute_link_bytes": [list(r) for r in run.per_rank], "answer": run.outputs["row"]}
     followers.engine_step()
@@ -186,6 +187,7 @@ def _serve(strategy, inputs, request, batch, engine, peers, hf, followers, energ
     return {"latency_s": latency_s, "engine_latency_s": m.latency_s, "energy_j": m.energy_j,
             "energy_source": m.energy_source, "mode": m.mode,
             "plan": label, "codec": m.plan.get("codec") or "", "bytes_exchanged": m.bytes_exchanged,
+            "fidelity_loss": m.fidelity_loss,
             "predicted_latency_s": m.predicted_latency_s, "staging_s": m.staging_s, "collective_s": m.collective_s,
             "compute_s": m.compute_s, "fallback": getattr(m, "fallback", ""),
             "answer": _answer_row(engine.model, result.outputs)}
@@ -226,7 +228,8 @@ def bench_rank(ctx: DistContext, args: dict[str, Any], progress: Progress) -> No
     reports each row as a progress line."""
     spec = JobSpec.from_dict(args)
     job = spec.job
-    config = EngineConfig(max_batch=max(job.batches), probe_every=0, max_fidelity_loss=job.max_fidelity_loss)
+    config = EngineConfig(max_batch=max(job.batches), probe_every=0, max_fidelity_loss=job.max_fidelity_loss,
+                          allow_unmeasured_codecs=job.allow_unmeasured_codecs)
     engine = Engine.from_profile(job.model.name, spec.profile, seed=job.seed, ctx=ctx, config=config)
     peers = _build_peers(engine.model, ctx, job.strategies)
     control = make_control(ctx, CONTROL_TIMEOUT_S)

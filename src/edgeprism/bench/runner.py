@@ -83,7 +83,8 @@ def _profile_path(scenario: Scenario, job: Job, session, out_dir: Path, reprofil
     from edgeprism.profile.profiler import ProfileOptions, run_profile
 
     emulation = session.testbed.emulation if session.testbed is not None else "none"
-    key = hashlib.sha256(json.dumps([job.batches, job.model.seq_len]).encode()).hexdigest()[:8]
+    key_parts = [job.batches, job.model.seq_len] + ([list(job.codecs)] if job.codecs else [])  # old keys stay
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:8]
     path = cache_dir() / "profiles" / f"bench-{job.model.label}-w{job.world_size}-{job.link}-{emulation}-{key}.json"
     if path.exists() and not reprofile:
         say(f"profile: cached {path}")
@@ -92,7 +93,7 @@ def _profile_path(scenario: Scenario, job: Job, session, out_dir: Path, reprofil
     options = ProfileOptions(model=job.model.name, world_size=job.world_size, link=link,
                              link_backend=scenario.backend, batches=tuple(sorted(set(job.batches))),
                              seq_lens=(job.model.seq_len,) if job.model.seq_len else None, evaluate=False,
-                             seed=job.seed)
+                             seed=job.seed, codecs=tuple(job.codecs))
     report = run_profile(options, session, progress=lambda done, total, what: say(f"  [{done}/{total}] {what}"),
                          message=lambda text: say(f"  {text}"))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
+
 ENGINE_STRATEGIES = ("local", "full_exchange", "segment_means", "adaptive")
 """Served by edgeprism's engine (static plans or its own)."""
 PEER_STRATEGIES = ("transformers", "pipeline", "tensor_parallel")
@@ -57,7 +59,9 @@ class Job:
     warmup: int
     seed: int
     skip_slower_than_s: float
-    max_fidelity_loss: float | None = None
+    max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
+    allow_unmeasured_codecs: bool = False
+    codecs: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -84,9 +88,16 @@ class Scenario:
     skip_slower_than_s: float = 120.0
     """A multi-device strategy whose wire time alone (bytes / link rate) exceeds this is not run; its row
     says `skipped` and carries that lower bound as `latency_lower_bound_s`."""
-    max_fidelity_loss: float | None = None
-    """The adaptive engine's fidelity budget (EngineConfig.max_fidelity_loss; None: any profiled codec).
-    Static strategies ignore it; every row's `max_abs_diff_vs_local` shows what each plan lost."""
+    max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
+    """The adaptive engine's fidelity budget (EngineConfig.max_fidelity_loss; default 1 %; None: any measured
+    loss). Static strategies ignore it; every row's `fidelity_loss` and `max_abs_diff_vs_local` show what
+    each plan lost."""
+    allow_unmeasured_codecs: bool = False
+    """Opt in: the adaptive engine may use codecs whose fidelity for this model was never measured (random
+    weights: speed only). Rows of such plans say `fidelity_loss` null."""
+    codecs: tuple[str, ...] = ()
+    """Codecs the measured profile records, hence all the adaptive engine may choose from (empty: the
+    standard family); e.g. only the quantising family measured faithful on real-weights models."""
     expected_minutes: float | None = None
     """Documentation: how long the whole scenario took on this project's machine."""
     description: str = ""
@@ -134,7 +145,8 @@ class Scenario:
     def jobs(self) -> list[Job]:
         """One job per (model case, world size, link), in that nesting order."""
         return [Job(self.name, case, world, link, tuple(self.batches), self.expanded_strategies(), self.repeats,
-                    self.warmup, self.seed, self.skip_slower_than_s, self.max_fidelity_loss)
+                    self.warmup, self.seed, self.skip_slower_than_s, self.max_fidelity_loss,
+                    self.allow_unmeasured_codecs, tuple(self.codecs))
                 for case in self.models for world in self.world_sizes for link in self.links]
 
     def to_dict(self) -> dict:
@@ -155,7 +167,7 @@ def scenario_from_dict(data: dict, default_name: str = "scenario") -> Scenario:
             raise ValueError(f"model entry {entry}: unknown keys {bad} (give name and, for text, seq_len)")
         models.append(ModelCase(str(entry["name"]), entry.get("seq_len")))
     tuples = {k: tuple(v) for k, v in data.items()
-              if k in ("links", "world_sizes", "batches", "strategies", "segment_means_codecs")}
+              if k in ("links", "world_sizes", "batches", "strategies", "segment_means_codecs", "codecs")}
     data.update(tuples)
     data.setdefault("name", default_name)
     return Scenario(models=tuple(models), **data)
@@ -205,6 +217,7 @@ class JobSpec:
         job["model"] = ModelCase(**job["model"])
         job["batches"] = tuple(job["batches"])
         job["strategies"] = tuple(job["strategies"])
+        job["codecs"] = tuple(job.get("codecs", ()))
         data["job"] = Job(**job)
         return cls(**data)
 

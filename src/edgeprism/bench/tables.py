@@ -41,6 +41,14 @@ def _point(row: dict) -> tuple:
     return (row["model_case"], row["world_size"], row["link"], row["batch"])
 
 
+def worst_fidelity_loss(rows: list[dict]) -> float | None:
+    """The largest measured `fidelity_loss` of these rows; None if any row's is unmeasured (or unrecorded)."""
+    losses = [r.get("fidelity_loss") for r in rows]
+    if any(loss is None for loss in losses):
+        return None
+    return max(losses, default=0.0)
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One entry per (point, strategy): median and spread of latency, median energy, the usual plan."""
     groups: dict[tuple, list[dict]] = {}
@@ -65,7 +73,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "energy_source": Counter(r["energy_source"] for r in timed).most_common(1)[0][0],
                     "plan": Counter(r["plan"] for r in timed).most_common(1)[0][0],
                     "bytes_exchanged": int(percentile(sorted(r.get("bytes_exchanged") or 0 for r in timed), 0.5)),
-                    "max_abs_diff_vs_local": max(diffs) if diffs else None})
+                    "max_abs_diff_vs_local": max(diffs) if diffs else None,
+                    "fidelity_loss": worst_fidelity_loss(timed)})
     return sorted(out, key=lambda r: (r["model_case"], r["world_size"], r["link"], r["batch"], r["strategy"]))
 
 
@@ -180,6 +189,10 @@ def goals(table: list[dict]) -> list[dict]:
     return out
 
 
+def _loss(value: float | None) -> str:
+    return "unmeasured" if value is None else f"{value:.2%}"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
@@ -245,20 +258,22 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
         for where, value in check["misses"]:
             lines.append(f"  - missed at {where}: {value:.3f}")
     lines += ["", "## Per strategy: median latency ms [25th–75th percentile] (n), plan, max |diff| vs local", "",
-              "| model | devices | link | batch | strategy | latency ms | n | energy J | plan | max abs diff |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | devices | link | batch | strategy | latency ms | n | energy J | plan | fidelity loss "
+              "| max abs diff |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         if r["skipped"]:
             bound = r.get("latency_lower_bound_s")
             latency = "not run" if bound is None else f"> {_ms(bound)} (skipped)"
             lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
-                         f"{latency} | 0 | — | {r.get('reason', '')} | — |")
+                         f"{latency} | 0 | — | {r.get('reason', '')} | — | — |")
             continue
         diff = r.get("max_abs_diff_vs_local")
         lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
                      f"{_ms(r['latency_median_s'])} [{_ms(r['latency_p25_s'])}–{_ms(r['latency_p75_s'])}] | "
                      f"{r['n']} | "
-                     f"{r['energy_median_j']:.2f} | {r['plan']} | {'—' if diff is None else f'{diff:.1e}'} |")
+                     f"{r['energy_median_j']:.2f} | {r['plan']} | {_loss(r.get('fidelity_loss'))} | "
+                     f"{'—' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+from edgeprism.cli.budget import ALLOW_UNMEASURED_HELP
 
 
 def add_parser(subparsers) -> None:
@@ -23,6 +26,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reprofile", action="store_true", help="ignore cached profiles (measured scenarios)")
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
     p.add_argument("--json", action="store_true", help="print ratios and goals as one JSON object")
+    p.add_argument("--allow-unmeasured-codecs", action="store_true",
+                   help=ALLOW_UNMEASURED_HELP + " (overrides the scenario's allow_unmeasured_codecs)")
     p.set_defaults(handler=handle)
 
 
@@ -42,6 +47,8 @@ def handle(args) -> int:
             raise ValueError(f"--from-rows {rows_path} does not exist")
     elif args.scenario:
         scenario = load_scenario(args.scenario)
+        if args.allow_unmeasured_codecs:
+            scenario = replace(scenario, allow_unmeasured_codecs=True)
         if scenario.expected_minutes:
             _say(f"scenario {scenario.name}: {len(scenario.jobs())} jobs, about {scenario.expected_minutes:g} min here")
         rows_path = run_scenario(scenario, out_dir, say=_say, reprofile=args.reprofile)

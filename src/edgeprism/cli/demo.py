@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from edgeprism.cli.budget import add_budget_arguments
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
@@ -24,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--links", default="wifi4,congested", help="link preset per phase (default wifi4,congested)")
     p.add_argument("--segment-means-codec", default="sm16", help="the static Segment Means strategy's codec")
     p.add_argument("--objective", choices=["latency", "energy", "edp"], default="latency")
-    p.add_argument("--max-fidelity-loss", type=float, help="fidelity budget for the adaptive plan (0..1)")
+    add_budget_arguments(p)
     p.add_argument("--profile", help="use this profile instead of profiling (must match model, 2 ranks, the link)")
     p.add_argument("--reprofile", action="store_true", help="ignore the cached profile")
     p.add_argument("--backend", choices=["auto", "netns", "loopback"], default="auto",
@@ -75,7 +77,7 @@ def handle(args) -> int:
         raise ValueError(f"--batches {list(args.batches)} must all be >= 1")
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
-    Limits(args.max_fidelity_loss, None)
+    Limits(args.max_fidelity_loss, None, args.allow_unmeasured_codecs)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / "rows.jsonl"
@@ -88,7 +90,8 @@ def handle(args) -> int:
         profile = _profile(args, session, links[0])
         spec = DemoSpec(model=args.model, profile=os.path.abspath(profile), batches=tuple(args.batches),
                         links=tuple(link.name for link in links), segment_means_codec=args.segment_means_codec,
-                        objective=args.objective, max_fidelity_loss=args.max_fidelity_loss, repeats=args.repeats,
+                        objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
+                        allow_unmeasured_codecs=args.allow_unmeasured_codecs, repeats=args.repeats,
                         rows_file=str(rows_file.resolve()), control_dir=control)
         _follow(session, spec, links, rows_file, control)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
@@ -100,7 +103,8 @@ def handle(args) -> int:
             handle_.write(json.dumps({**row, "emulation": emulation}) + "\n")
     report = {"model": args.model, "world_size": 2, "emulation": emulation, "links": [str(link) for link in links],
               "segment_means_codec": args.segment_means_codec, "objective": args.objective,
-              "max_fidelity_loss": args.max_fidelity_loss, "profile": profile,
+              "max_fidelity_loss": args.max_fidelity_loss, "allow_unmeasured_codecs": args.allow_unmeasured_codecs,
+              "fidelity": fidelity_note(rows, args.allow_unmeasured_codecs), "profile": profile,
               "demo_seconds": time.perf_counter() - started, "rows": table, "ratios": gains,
               "note": "2 emulated devices = 2 worker processes pinned to one core each on this machine; energy "
                       "is modelled from measured phase times unless energy_source says metered"}
@@ -161,12 +165,27 @@ def _follow(session, spec, links, rows_file: Path, control: str) -> None:
         raise failure[0]
 
 
+def fidelity_note(rows: list[dict], allow_unmeasured: bool) -> str:
+    """What the rows say about answers: which plans were measured faithful, which were not measured at all."""
+    unmeasured = sorted({r["strategy"] for r in rows if r.get("fidelity_loss", 0.0) is None})
+    adaptive = "adaptive: codecs of unmeasured fidelity allowed (--allow-unmeasured-codecs)" if allow_unmeasured \
+        else "adaptive: only codecs measured within the fidelity budget, or lossless (fp32/fp16/bf16)"
+    if not unmeasured:
+        return f"{adaptive}; every answer measured faithful"
+    return f"{adaptive}; answers of unmeasured fidelity (fidelity_loss null): {', '.join(unmeasured)}"
+
+
+def _loss(value) -> str:
+    return "?" if value is None else f"{value:.2%}"
+
+
 def format_table(report: dict) -> str:
     lines = [f"{report['model']} on 2 emulated devices ({report['emulation']}); latency (ms) and modelled energy (J)",
-             f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms':>11} {'energy J':>9}  plan"]
+             f"fidelity: {report.get('fidelity', '')}",
+             f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms':>11} {'energy J':>9} {'fid.loss':>8}  plan"]
     for r in report["rows"]:
         lines.append(f"{r['link']:<10} {r['batch']:>5} {r['strategy']:<14} {r['latency_s'] * 1e3:>11.1f} "
-                     f"{r['energy_j']:>9.2f}  {r['plan']}")
+                     f"{r['energy_j']:>9.2f} {_loss(r.get('fidelity_loss', 0.0)):>8}  {r['plan']}")
     lines.append("")
     lines.append(f"{'link':<10} {'batch':>5} {'adaptive vs full exchange':>27} {'energy vs full':>15} "
                  f"{'adaptive/oracle':>16}  adaptive plan")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from edgeprism.cli.budget import add_budget_arguments
 from edgeprism.plan import OBJECTIVES, Limits, LinkEstimate, Request, choose_plan, codec_exclusion, enumerate_candidates
 from edgeprism.profile.schema import Profile
 
@@ -26,8 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     size.add_argument("--tokens", type=int, default=None, help="tokens per row (text models; ViT: patches + 1)")
     size.add_argument("--image-size", type=int, default=None, help="image side in pixels (ViT models)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="latency")
-    parser.add_argument("--max-fidelity-loss", type=float, default=None,
-                        help="fidelity budget in [0, 1] (0.01 = 1 %% metric loss); unmeasured codecs are excluded")
+    add_budget_arguments(parser)
     parser.add_argument("--max-latency-s", type=float, default=None, help="latency ceiling in seconds")
     parser.add_argument("--bandwidth-bps", type=float, default=None,
                         help="live link bandwidth in bits/s (default: the profiled one)")
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         args.bandwidth_bps if args.bandwidth_bps is not None else profile.link.bandwidth_bps,
         args.latency_s if args.latency_s is not None else profile.link.latency_s,
         _healthy(args.healthy_ranks, profile.world_size))
-    limits = Limits(args.max_fidelity_loss, args.max_latency_s)
+    limits = Limits(args.max_fidelity_loss, args.max_latency_s, args.allow_unmeasured_codecs)
     candidates = enumerate_candidates(profile, request, link, args.objective, limits)
     plan = choose_plan(profile, request, link, args.objective, limits)
     excluded_codecs = {c.codec: why for c in profile.codecs if (why := codec_exclusion(c, limits)) is not None}
@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                         "world_size": profile.world_size, "profile_hash": profile.profile_hash()},
             "request": {"model_name": request.model_name, "batch": request.batch, "num_tokens": request.num_tokens},
             "objective": args.objective,
-            "limits": {"max_fidelity_loss": limits.max_fidelity_loss, "max_latency_s": limits.max_latency_s},
+            "limits": {"max_fidelity_loss": limits.max_fidelity_loss, "max_latency_s": limits.max_latency_s,
+                       "allow_unmeasured_codecs": limits.allow_unmeasured_codecs},
             "link": {"bandwidth_bps": link.bandwidth_bps, "latency_s": link.latency_s,
                      "healthy_ranks": link.healthy_ranks},
             "excluded_codecs": excluded_codecs,

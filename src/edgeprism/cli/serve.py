@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from edgeprism.cli.budget import add_budget_arguments
+
 log = logging.getLogger(__name__)
 
 
@@ -30,8 +32,7 @@ def add_parser(subparsers) -> None:
                         "join it (`edgeprism join ADDR:PORT`); no local workers are started. Needs --secret-file "
                         "off-loopback. docs/DEPLOY.md")
     p.add_argument("--objective", choices=["latency", "energy", "edp"], default="latency")
-    p.add_argument("--max-fidelity-loss", type=float, metavar="LOSS",
-                   help="largest normalised metric loss a codec may have, e.g. 0.02 (default: no budget)")
+    add_budget_arguments(p)
     p.add_argument("--max-latency", type=float, metavar="SECONDS", help="latency ceiling for the planner")
     p.add_argument("--max-batch", type=int, default=32, help="refuse requests with more rows (default 32)")
     p.add_argument("--fixed-link", action="store_true",
@@ -104,6 +105,7 @@ def handle(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} must be in 0..65535")
     config = EngineConfig(objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
+                          allow_unmeasured_codecs=args.allow_unmeasured_codecs,
                           max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
                           min_stall_s=args.min_stall, learn_compute=args.learn_compute,
                           learn_link=not args.fixed_link)

@@ -4,8 +4,10 @@ from edgeprism.compress.base import Codec, IdentityCodec, WireSpec, pack, spec_n
 from edgeprism.compress.codecs import DEFAULT_MAX_ANCHORS, QuantizedCodec, SegmentMeansCodec, count_dtype
 from edgeprism.compress.formats import FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat, ValueFormat
 from edgeprism.compress.registry import (
+                                         LOSSLESS_CODECS,
                                          codec_fingerprint,
                                          get_codec,
+                                         is_lossless,
                                          list_codecs,
                                          list_formats,
                                          mean_nbytes,
@@ -17,6 +19,7 @@ from edgeprism.compress.registry import (
 
 __all__ = [
                                          "DEFAULT_MAX_ANCHORS",
+                                         "LOSSLESS_CODECS",
                                          "Codec",
                                          "FloatFormat",
                                          "IdentityCodec",
@@ -30,6 +33,7 @@ __all__ = [
                                          "codec_fingerprint",
                                          "count_dtype",
                                          "get_codec",
+                                         "is_lossless",
                                          "list_codecs",
                                          "list_formats",
                                          "mean_nbytes",

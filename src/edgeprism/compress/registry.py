@@ -71,6 +71,17 @@ def list_codecs() -> list[str]:
     return list(_STANDARD)
 
 
+LOSSLESS_CODECS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+"""Float wire formats whose fidelity loss counts as 0 without a measurement (issue 16): fp32 is exact; fp16
+and bf16 only round each value to the wire dtype (relative error <= 2^-11 / 2^-8), far below any metric the
+profile measures. A measured loss, where the profile has one, is used instead."""
+
+
+def is_lossless(name: str) -> bool:
+    """True when codec `name` is one of `LOSSLESS_CODECS` (see there)."""
+    return name.strip().lower() in LOSSLESS_CODECS
+
+
 def list_formats() -> list[str]:
     return ["fp32", "fp16", "bf16", "int8", "int8c", "int4"]
 

@@ -2,9 +2,20 @@
 
 from edgeprism.plan.cost import apportion, predict, token_shares
 from edgeprism.plan.planner import choose_plan, codec_exclusion, enumerate_candidates, static_plan
-from edgeprism.plan.types import OBJECTIVES, Candidate, Limits, LinkEstimate, Objective, Plan, Prediction, Request
+from edgeprism.plan.types import (
+    DEFAULT_MAX_FIDELITY_LOSS,
+    OBJECTIVES,
+    Candidate,
+    Limits,
+    LinkEstimate,
+    Objective,
+    Plan,
+    Prediction,
+    Request,
+)
 
 __all__ = [
+    "DEFAULT_MAX_FIDELITY_LOSS",
     "OBJECTIVES",
     "Candidate",
     "Limits",

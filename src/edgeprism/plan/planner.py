@@ -2,6 +2,9 @@
 
 Pure: the decision is a function of (profile, request, live link estimate, objective, limits) only.
 
+Faithful by default: `Limits()` admits only codecs whose loss for this model was measured within 1 %
+(lossless float wires count as 0); a codec of unmeasured fidelity needs `allow_unmeasured_codecs`.
+
 Candidates are local, and for every group size k = 2..healthy ranks and every profiled codec, the
 distributed plan over rank 0 plus the k-1 fastest other healthy ranks. Other subsets of the same size
 are never better under the cost model: with shares proportional to speed the compute term falls as the
@@ -32,7 +35,7 @@ from edgeprism.plan.cost import (
 from edgeprism.plan.types import OBJECTIVES, Candidate, Limits, LinkEstimate, Plan, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
-_NO_LIMITS = Limits()
+_DEFAULT_LIMITS = Limits()
 _INF = float("inf")
 
 
@@ -61,8 +64,8 @@ def _groups(profile: Profile, link: LinkEstimate) -> list[tuple[int, ...]]:
 def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
     """`a` costs no more than `b` in every term of the cost model (fewer or equal vectors and bytes) and
     loses no more fidelity, so whenever `b` is admissible `a` is too and predicts no worse."""
-    loss_a = _INF if a.loss is None else a.loss
-    loss_b = _INF if b.loss is None else b.loss
+    loss_a = _INF if a.fidelity_loss is None else a.fidelity_loss
+    loss_b = _INF if b.fidelity_loss is None else b.fidelity_loss
     return (a.cr >= b.cr and a.extra_vectors_per_row <= b.extra_vectors_per_row
             and a.wire_bytes_per_token <= b.wire_bytes_per_token and a.wire_bytes_per_row <= b.wire_bytes_per_row
             and loss_a <= loss_b)
@@ -82,14 +85,14 @@ def _undominated_codecs(profile: Profile) -> tuple[CodecFidelity, ...]:
 
 def codec_exclusion(codec: CodecFidelity, limits: Limits) -> str | None:
     """Why `codec` may not be used under `limits`, or None if it may."""
-    budget = limits.max_fidelity_loss
-    if budget is None:
+    loss = codec.fidelity_loss
+    if limits.admits(loss):
         return None
-    if codec.loss is None:
-        return f"{codec.codec}: fidelity not measured, and a fidelity budget of {budget:.2%} is set"
-    if codec.loss > budget:
-        return f"{codec.codec}: {codec.metric or 'metric'} loss {codec.loss:.2%} exceeds the budget {budget:.2%}"
-    return None
+    if loss is None:
+        return (f"{codec.codec}: fidelity not measured for this model (measure it with `edgeprism profile`, "
+                f"or opt in with --allow-unmeasured-codecs)")
+    return (f"{codec.codec}: {codec.metric or 'metric'} loss {loss:.2%} exceeds the budget "
+            f"{limits.max_fidelity_loss:.2%}")
 
 
 def _plan(profile: Profile, objective: str, ranks: tuple[int, ...], counts: tuple[int, ...],
@@ -98,12 +101,12 @@ def _plan(profile: Profile, objective: str, ranks: tuple[int, ...], counts: tupl
         return Plan(mode="local", ranks=(0,), token_shares=(1.0,), token_counts=counts, codec="", cr=1, wire_dtype="",
                     predicted_latency_s=latency_s, predicted_energy_j=energy_j, energy_source=profile.energy.source,
                     objective=objective, reason=reason, within_limits=within,  # type: ignore[arg-type]
-                    profile_hash=profile.profile_hash())
+                    profile_hash=profile.profile_hash(), fidelity_loss=0.0)
     shares = token_shares([profile.device_speeds[r] for r in ranks])
     return Plan(mode="distributed", ranks=ranks, token_shares=shares, token_counts=counts, codec=codec.codec,
                 cr=codec.cr, wire_dtype=codec.wire_dtype, predicted_latency_s=latency_s, predicted_energy_j=energy_j,
                 energy_source=profile.energy.source, objective=objective, reason=reason,  # type: ignore[arg-type]
-                within_limits=within, profile_hash=profile.profile_hash())
+                within_limits=within, profile_hash=profile.profile_hash(), fidelity_loss=codec.fidelity_loss)
 
 
 def _describe(ranks: tuple[int, ...], codec: CodecFidelity | None) -> str:
@@ -111,7 +114,7 @@ def _describe(ranks: tuple[int, ...], codec: CodecFidelity | None) -> str:
 
 
 def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEstimate,
-                objective: str = "latency", limits: Limits = _NO_LIMITS) -> Plan:
+                objective: str = "latency", limits: Limits = _DEFAULT_LIMITS) -> Plan:
     """The best plan for `request` under `objective` within `limits`, with its prediction and reason.
 
     If no candidate meets `limits.max_latency_s`, the fastest fidelity-admissible one is returned with
@@ -122,12 +125,12 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     bandwidth_bps, link_latency_s = live_link_estimate.bandwidth_bps, live_link_estimate.latency_s
     ceiling = limits.max_latency_s
     budget = limits.max_fidelity_loss
-    codecs = profile.derived("plan.undominated_codecs", _undominated_codecs)
-    if budget is not None:
-        codecs = tuple(c for c in codecs if c.loss is not None and c.loss <= budget)
-        num_fidelity_excluded = sum(1 for c in profile.codecs if c.loss is None or c.loss > budget)
-    else:
-        num_fidelity_excluded = 0
+    codecs = tuple(c for c in profile.derived("plan.undominated_codecs", _undominated_codecs)
+                   if limits.admits(c.fidelity_loss))
+    losses = [c.fidelity_loss for c in profile.codecs]
+    num_over_budget = sum(1 for loss in losses if loss is not None and not limits.admits(loss))
+    num_unmeasured = sum(1 for loss in losses if loss is None and not limits.admits(None))
+    num_fidelity_excluded = num_over_budget + num_unmeasured
     num_admissible = len(profile.codecs) - num_fidelity_excluded
 
     local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
@@ -174,8 +177,10 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
                 best = (score, total_s, energy_j, ranks, counts, codec)
 
     notes = []
-    if num_fidelity_excluded:
-        notes.append(f"{num_fidelity_excluded} codec(s) over the {budget:.2%} fidelity budget or unmeasured")
+    if num_over_budget:
+        notes.append(f"{num_over_budget} codec(s) over the {budget:.2%} fidelity budget")
+    if num_unmeasured:
+        notes.append(f"{num_unmeasured} codec(s) of unmeasured fidelity (no --allow-unmeasured-codecs)")
     if num_over_ceiling:
         notes.append(f"some over the {ceiling * 1e3:.1f} ms ceiling")  # type: ignore[operator]
     tail = f"; excluded: {', '.join(notes)}" if notes else ""
@@ -191,7 +196,7 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
 
 
 def enumerate_candidates(profile: Profile, request: Request, live_link_estimate: LinkEstimate,
-                         objective: str = "latency", limits: Limits = _NO_LIMITS) -> list[Candidate]:
+                         objective: str = "latency", limits: Limits = _DEFAULT_LIMITS) -> list[Candidate]:
     """Every candidate with its prediction, including excluded ones and why (for `edgeprism plan`).
     Slower than `choose_plan` (it builds every Plan); the winner is the same."""
     _check(profile, request, objective)

@@ -53,19 +53,35 @@ class LinkEstimate:
             raise ValueError(f"link latency_s must be >= 0, got {self.latency_s}")
 
 
+DEFAULT_MAX_FIDELITY_LOSS = 0.01
+"""The default fidelity budget: a codec may lose at most 1 % of the model's metric (top-1 agreement >= 0.99),
+as measured for this model (issue 16: faithful by default)."""
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Constraints on the choice. `max_fidelity_loss` is the largest normalised metric loss in [0, 1]
-    a codec may have (None: no budget); `max_latency_s` a latency ceiling (None: none)."""
+    """Constraints on the choice.
 
-    max_fidelity_loss: float | None = None
+    `max_fidelity_loss` is the largest normalised metric loss in [0, 1] a codec may have, as measured
+    (`CodecFidelity.fidelity_loss`; default 1 %; None: any measured loss). A codec whose loss for this model
+    was never measured is used only when `allow_unmeasured_codecs` is set: an explicit opt-in, never a
+    default. `max_latency_s` is a latency ceiling (None: none)."""
+
+    max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
     max_latency_s: float | None = None
+    allow_unmeasured_codecs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_fidelity_loss is not None and not (0.0 <= self.max_fidelity_loss <= 1.0):
             raise ValueError(f"max_fidelity_loss must be in [0, 1] (0.01 = 1 %), got {self.max_fidelity_loss}")
         if self.max_latency_s is not None and not (self.max_latency_s > 0):
             raise ValueError(f"max_latency_s must be > 0, got {self.max_latency_s}")
+
+    def admits(self, fidelity_loss: float | None) -> bool:
+        """Whether a codec of this (measured, or None: unmeasured) fidelity loss may be used."""
+        if fidelity_loss is None:
+            return self.allow_unmeasured_codecs
+        return self.max_fidelity_loss is None or fidelity_loss <= self.max_fidelity_loss
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,9 @@ class Plan:
     within_limits: bool = True
     """False when no candidate met the latency ceiling and the fastest was taken instead."""
     profile_hash: str = ""
+    fidelity_loss: float | None = 0.0
+    """The codec's measured fidelity loss for this model (`CodecFidelity.fidelity_loss`): 0 for a local plan
+    and lossless codecs, None when unmeasured (a plan only an explicit opt-in allows)."""
 
     def __post_init__(self) -> None:
         # No counts at all: a candidate the planner could not split (`enumerate_candidates` lists it as excluded).
@@ -140,8 +159,9 @@ class Plan:
         if self.mode == "local":
             how = "local on rank 0"
         else:
+            loss = "unmeasured" if self.fidelity_loss is None else f"{self.fidelity_loss:.2%}"
             how = (f"distributed ranks={list(self.ranks)} tokens={list(self.token_counts)} codec={self.codec} "
-                   f"cr={self.cr} wire={self.wire_dtype}")
+                   f"cr={self.cr} wire={self.wire_dtype} fidelity loss {loss}")
         return (f"Plan[{how}; predicts {self.predicted_latency_s * 1e3:.1f} ms, {self.predicted_energy_j:.2f} J "
                 f"({self.energy_source}); {self.reason}]")
 

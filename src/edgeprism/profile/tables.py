@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgeprism.compress.base import Codec
-from edgeprism.compress.registry import get_codec, mean_nbytes
+from edgeprism.compress.registry import get_codec, is_lossless, mean_nbytes
 
 EnergySource = Literal["metered", "modelled"]
 LinkMedium = Literal["switched", "shared"]
@@ -228,6 +228,14 @@ class CodecFidelity:
                                  f"compress.registry.register_codec before planning") from None
             object.__setattr__(self, "_codec", codec)  # a cache, not data: not a dataclass field
         return codec
+
+    @property
+    def fidelity_loss(self) -> float | None:
+        """The loss the planner budgets for: the measured `loss`; 0 for an unmeasured lossless float wire
+        (`compress.registry.LOSSLESS_CODECS`); None when unmeasured (used only by explicit opt-in)."""
+        if self.loss is not None:
+            return self.loss
+        return 0.0 if is_lossless(self.codec) else None
 
     def num_vectors(self, num_tokens: int) -> int:
         """Vectors (K/V rows) a receiver attends to per row from a sender of `num_tokens` tokens: asked of

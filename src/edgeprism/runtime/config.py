@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgeprism.partition.transform import DEFAULT_SIZE_AWARE
-from edgeprism.plan import Limits
+from edgeprism.plan import DEFAULT_MAX_FIDELITY_LOSS, Limits
 
 
 @dataclass(frozen=True)
@@ -14,8 +14,12 @@ class EngineConfig:
     """How the engine plans and protects itself. Times in seconds."""
 
     objective: Literal["latency", "energy", "edp"] = "latency"
-    max_fidelity_loss: float | None = None
-    """Largest normalised metric loss a codec may have (None: any profiled codec)."""
+    max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
+    """Largest normalised metric loss a codec may have, as measured for this model (default 1 %; None: any
+    measured loss)."""
+    allow_unmeasured_codecs: bool = False
+    """Opt in to codecs whose fidelity for this model was never measured (random-weight demos, benchmarks
+    of speed only). Off by default: an answer is never traded for speed silently."""
     max_latency_s: float | None = None
     max_batch: int = 32
     """Requests with more rows are refused (ValueError for that request)."""
@@ -69,11 +73,11 @@ class EngineConfig:
         for name in ("regroup_timeout_s", "group_timeout_s", "join_check_s", "start_timeout_s", "idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be > 0")
-        Limits(self.max_fidelity_loss, self.max_latency_s)  # validates both
+        self.limits  # validates both  # noqa: B018
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_fidelity_loss, self.max_latency_s)
+        return Limits(self.max_fidelity_loss, self.max_latency_s, self.allow_unmeasured_codecs)
 
     def stall_s(self, predicted_latency_s: float) -> float:
         return max(self.min_stall_s, self.stall_factor * predicted_latency_s)

@@ -279,8 +279,11 @@ class Engine(Rank0Side, WorkerSide):
                 raise ValueError(f"the forced plan splits {sum(forced.token_counts)} tokens as "
                                  f"{list(forced.token_counts)}; this request has {num_tokens}: make the plan for it")
             return forced, request, link
-        plan = choose_plan(self.profile, request, link, objective or self.config.objective,
-                           limits or self.config.limits)
+        if limits is None:
+            limits = self.config.limits
+        elif self.config.allow_unmeasured_codecs:  # the engine's opt-in holds for a request's own budget
+            limits = replace(limits, allow_unmeasured_codecs=True)
+        plan = choose_plan(self.profile, request, link, objective or self.config.objective, limits)
         return plan, request, link
 
     def _checked_generate(self, num_tokens: int, generate: int) -> int:
@@ -390,7 +393,7 @@ class Engine(Rank0Side, WorkerSide):
 
 def _local_plan(plan: Plan, request: Request) -> Plan:
     return replace(plan, mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(request.num_tokens,), codec="",
-                   cr=1, wire_dtype="")
+                   cr=1, wire_dtype="", fidelity_loss=0.0)
 
 
 __all__ = ["Engine", "EngineConfig", "default_store"]

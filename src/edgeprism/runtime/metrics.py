@@ -42,6 +42,9 @@ class MetricsRow:
     link_latency_s: float
     blew_prediction: bool
     """latency_s exceeded the prediction by more than the engine's `blow_factor`."""
+    fidelity_loss: float | None = 0.0
+    """The answering plan's measured fidelity loss for this model (issue 16): 0 for local plans and lossless
+    codecs, None when the codec's loss was never measured (used by explicit opt-in only)."""
     fallback: str = ""
     """Why a distributed plan was rerun on rank 0 (a peer died, hung or was cut off); "" when it was not.
     latency_s then includes the failed attempt; `plan` and `mode` say what answered (local)."""
@@ -54,6 +57,8 @@ class MetricsRow:
 
     def __str__(self) -> str:
         how = self.mode if self.mode == "local" else f"{self.plan.get('codec')} over ranks {self.plan.get('ranks')}"
+        loss = self.fidelity_loss
+        how += " (fidelity loss unmeasured)" if loss is None else f" (fidelity loss {loss:.2%})"
         if self.fallback:
             how += f" (fallback: {self.fallback})"
         return (f"request {self.request_id}: {how}; {self.latency_s * 1e3:.1f} ms (predicted "

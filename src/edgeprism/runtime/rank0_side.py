@@ -146,7 +146,8 @@ class Rank0Side:
             bytes_exchanged=bytes_exchanged, layer_nbytes=layer_nbytes, staging_s=staging_s,
             collective_s=collective_s, compute_s=max(0.0, latency_s - staging_s - collective_s),
             emulated_delay_s=delay_s, link_bandwidth_bps=link.bandwidth_bps, link_latency_s=link.latency_s,
-            blew_prediction=latency_s > self.config.blow_factor * plan.predicted_latency_s, fallback=fallback)
+            blew_prediction=latency_s > self.config.blow_factor * plan.predicted_latency_s,
+            fidelity_loss=0.0 if plan.mode == "local" else plan.fidelity_loss, fallback=fallback)
 
     def _probe(self) -> None:
         """Measure the link over the largest lane: a synchronising exchange, then a small and a large one."""

@@ -6,7 +6,8 @@ A request for `edgeprism serve` (one JSON object per line, or one HTTP POST body
     {"id": "r2", "model_input": {"pixel_values": [[[[0.1, ...], ...], ...]]}}      # (B, C, H, W)
     {"id": "r3", "synthetic": {"batch": 4, "seq_len": 64}}                         # seeded random input
     optional per request: "objective": "latency"|"energy"|"edp", "max_fidelity_loss": 0.02,
-                          "max_latency_s": 0.5
+                          "max_latency_s": 0.5 (a request that sets either gets the default 1 % budget
+                          where it gives no max_fidelity_loss; the server's opt-in to unmeasured codecs holds)
 
 Model inputs may also sit at the top level ({"id": .., "input_ids": ..}). Everything a user can get
 wrong is a ValueError naming the numbers; the engine answers that request with the error and serves
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from edgeprism.models.base import Inputs
 from edgeprism.models.config import ModelConfig
-from edgeprism.plan.types import OBJECTIVES, Limits
+from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS, OBJECTIVES, Limits
 
 MAX_REQUEST_BYTES = 64 << 20
 """A request line or body larger than this is refused before it is parsed (64 MiB)."""
@@ -97,7 +98,8 @@ def parse_request(raw: Any, config: ModelConfig, max_batch: int, fallback_id: st
             value = raw.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"request {request_id}: {key} must be a number, got {value!r}")
-        limits = Limits(raw.get("max_fidelity_loss"), raw.get("max_latency_s"))
+        budget = raw.get("max_fidelity_loss")
+        limits = Limits(DEFAULT_MAX_FIDELITY_LOSS if budget is None else budget, raw.get("max_latency_s"))
     check_inputs(inputs, max_batch)
     return ParsedRequest(request_id, inputs, objective, limits)
 
