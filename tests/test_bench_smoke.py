@@ -36,6 +36,11 @@ def test_smoke_scenario_writes_rows_tables_and_plots(tmp_path, capsys):
         assert row["latency_s"] > 0 and row["energy_source"] == "modelled"
         if row["strategy"] in EXACT:
             assert row["max_abs_diff_vs_local"] <= 1e-4, row
+            assert row["fidelity_loss"] == 0.0, row
+        if row["strategy"] == "segment_means:sm4":
+            assert row["fidelity_loss"] != 0.0, row  # lossy, and labelled with the profile's (synthetic) loss
+        if row["strategy"] == "adaptive":  # faithful by default: within 1 %, no unmeasured codec unasked
+            assert row["fidelity_loss"] is not None and row["fidelity_loss"] <= 0.01, row
         # every engine request ran as planned: none failed over to a local rerun (switching to and from a
         # peer strategy must keep the engine's lanes)
         assert not row.get("fallback"), row

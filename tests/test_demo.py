@@ -27,3 +27,11 @@ def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
     full = [r for r in report["rows"] if r["strategy"] == "full_exchange"]
     assert all(r["plan"] == "fp32 x2" for r in full)
     assert (out / "summary.md").exists() and (out / "rows.jsonl").exists()
+    # Faithful by default (issue 16): random weights measure no fidelity, so the adaptive engine may use only
+    # lossless codecs; the forced Segment Means baseline is labelled unmeasured, exact plans 0.
+    loss = {r["strategy"]: {x["fidelity_loss"] for x in report["rows"] if x["strategy"] == r["strategy"]}
+            for r in report["rows"]}
+    assert loss["local"] == loss["full_exchange"] == {0.0} and loss["segment_means"] == {None}
+    assert loss["adaptive"] == {0.0}, loss
+    assert "unmeasured" in report["fidelity"] and "segment_means" in report["fidelity"]
+    assert "fidelity loss" in (out / "summary.md").read_text()
