@@ -93,7 +93,8 @@ def test_latency_ceiling_excludes_and_falls_back_to_the_fastest():
     request, link = Request(MODEL, 8, 197), _link(profile)
     free = choose_plan(profile, request, link, "energy", ANY_CODEC)
     assert free.mode == "local"
-    capped = choose_plan(profile, request, link, "energy", dataclasses.replace(ANY_CODEC, max_latency_s=free.predicted_latency_s * 0.9))
+    ceiling = dataclasses.replace(ANY_CODEC, max_latency_s=free.predicted_latency_s * 0.9)
+    capped = choose_plan(profile, request, link, "energy", ceiling)
     assert capped.mode == "distributed" and capped.within_limits
     assert capped.predicted_latency_s <= free.predicted_latency_s * 0.9
     impossible = choose_plan(profile, request, link, "energy", dataclasses.replace(ANY_CODEC, max_latency_s=1e-3))

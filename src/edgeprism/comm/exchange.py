@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -60,6 +64,45 @@ class ExchangeStats:
         return dict(self.__dict__)
 
 
+class PendingExchange:
+    """An exchange in flight (`Exchanger.start_all_gather_bytes`): `wait()` blocks until it is done and returns
+    what the blocking call would have; the seconds it blocked are `waited_s`."""
+
+    def __init__(self, finish: Callable[[], list[Tensor]]) -> None:
+        self._finish = finish
+        self.waited_s = 0.0
+
+    def wait(self) -> list[Tensor]:
+        start = time.perf_counter()
+        try:
+            return self._finish()
+        finally:
+            self.waited_s = time.perf_counter() - start
+
+
+class _Background:
+    """One daemon thread that runs an exchange's emulated delay and collective while the caller computes.
+    (Daemon: a collective stuck without a deadline must not keep the process from exiting.)"""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="edgeprism-exchange", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, future = self._jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # handed to the waiting caller
+                future.set_exception(err)
+
+    def submit(self, fn: Callable) -> Future:
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        return future
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,6 +121,7 @@ class Exchanger:
         """time.monotonic() by which every collective must be done (None: the group's own timeout)."""
         self._buffers: dict[tuple[str, int], Tensor] = {}
         self._pin = ctx.device.type == "cuda"
+        self._background: _Background | None = None
 
     # --- the group and bounded waits ---
     @property
@@ -154,6 +198,35 @@ class Exchanger:
         self.stats.add(kind, sent=max_size, received=max_size * (world - 1), staging_s=stage_out_s + stage_in_s,
                        collective_s=collective_s, delay_s=delay_s)
         return received
+
+    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> PendingExchange:
+        """`all_gather_bytes` in the background: stage now, then the (emulated) link and the collective run on
+        the exchanger's thread while the caller computes; `wait()` returns the payloads. One at a time: wait
+        for it before the next exchange of the same kind (the buffers are reused)."""
+        rank, world = self.ctx.group_rank, self.ctx.world_size
+        assert payload.dtype == torch.uint8 and payload.numel() == sizes[rank], (payload.shape, sizes, rank)
+        max_size = max(sizes)
+        staged, stage_out_s = self._to_cpu(payload, kind, max_size)
+        outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
+
+        def run() -> tuple[float, float]:
+            delay_s = self._delay(max_size, world - 1)
+            start = time.perf_counter()
+            self._wait(lambda: [self._pg.allgather([outputs], [staged])], f"all-gather of {kind}")
+            return delay_s, time.perf_counter() - start
+
+        if self._background is None:
+            self._background = _Background()
+        future = self._background.submit(run)
+
+        def finish() -> list[Tensor]:
+            delay_s, collective_s = future.result()
+            received, stage_in_s = self._to_device([outputs[i][: sizes[i]] for i in range(world)])
+            self.stats.add(kind, sent=max_size, received=max_size * (world - 1), staging_s=stage_out_s + stage_in_s,
+                           collective_s=collective_s, delay_s=delay_s)
+            return received
+
+        return PendingExchange(finish)
 
     def send_forward_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> list[Tensor | None]:
         """Causal exchange: rank p's payload goes only to ranks q > p; p receives from every q < p.

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from edgeprism.comm.context import DistContext
-from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats
+from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats, PendingExchange
 
 T = TypeVar("T")
 
@@ -58,6 +58,11 @@ class LoopbackExchanger:
         self.stats.add(kind, sent=max(sizes), received=max(sizes) * (world - 1), staging_s=0.0, collective_s=0.0,
                        delay_s=0.0)
         return gathered  # type: ignore[return-value]
+
+    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> PendingExchange:
+        """The same exchange, done at once (threads of one process: nothing to overlap)."""
+        gathered = self.all_gather_bytes(payload, sizes, kind)
+        return PendingExchange(lambda: gathered)
 
     def send_forward_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> list[Tensor | None]:
         rank, world = self.ctx.group_rank, self.ctx.world_size

@@ -55,6 +55,41 @@ class Block(Protocol):
                  kv: tuple[Tensor, Tensor] | None = None) -> Tensor: ...
 
 
+@runtime_checkable
+class SplitAttention(Protocol):
+    """An attention whose parts the transform can run separately (`SplitBlock`)."""
+
+    @property
+    def scale(self) -> float:
+        """The logits' scale (1 / sqrt(head_dim))."""
+        ...
+
+    def project_kv(self, x_kv: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def project_q(self, x_q: Tensor) -> Tensor:
+        """x_q (B, T_q, d) -> q (B, heads, T_q, head_dim)."""
+        ...
+
+    def project_out(self, heads: Tensor) -> Tensor:
+        """(B, heads, T_q, head_dim) attention output -> (B, T_q, d) through the output projection."""
+        ...
+
+
+@runtime_checkable
+class SplitBlock(Protocol):
+    """Optional, beside `Block`: a block whose attention the transform may split into parts (own keys while
+    the exchange is in flight, then the received ones, merged exactly; `partition/overlap.py`). Queries read
+    `kv_input(x)` like the keys do, the logits are `q · k * attn.scale + bias`, and
+    `after_attention(x, attn.project_out(heads))` is what `block(x, bias=..., kv=...)` returns. Blocks without
+    it (e.g. rotary attention that needs positions) run unsplit."""
+
+    attn: SplitAttention
+
+    def kv_input(self, residual: Tensor) -> Tensor: ...
+
+    def after_attention(self, x: Tensor, attended: Tensor) -> Tensor: ...
+
+
 def check_blocks(model: nn.Module) -> None:
     """Raise ValueError naming the first block of `model` that does not fit the `Block` protocol."""
     blocks = getattr(model, "blocks", None)

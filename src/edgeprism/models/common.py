@@ -46,12 +46,23 @@ class Attention(nn.Module):
         v = self.value(x_kv).view(batch, num_kv, self.num_heads, self.head_dim).transpose(1, 2)
         return k, v  # each (B, heads, T_kv, head_dim)
 
+    @property
+    def scale(self) -> float:
+        """The logits' scale, 1 / sqrt(head_dim)."""
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def project_q(self, x_q: Tensor) -> Tensor:
+        batch, num_q, _ = x_q.shape
+        return self.query(x_q).view(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, T_q, hd)
+
+    def project_out(self, heads: Tensor) -> Tensor:
+        """Attention output per head (B, heads, T_q, head_dim) -> (B, T_q, d) through the output projection."""
+        batch, _, num_q, _ = heads.shape
+        return self.output(heads.transpose(1, 2).reshape(batch, num_q, self.num_heads * self.head_dim))
+
     def attend(self, x_q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-        batch, num_q, d = x_q.shape
-        q = self.query(x_q).view(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)
-        # q: (B, heads, T_q, head_dim); bias broadcasts to (B, heads, T_q, T_kv)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(self.head_dim))
-        return self.output(out.transpose(1, 2).reshape(batch, num_q, d))  # (B, T_q, d)
+        q = self.project_q(x_q)  # (B, heads, T_q, head_dim); bias broadcasts to (B, heads, T_q, T_kv)
+        return self.project_out(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale))
 
     def forward(self, x_q: Tensor, x_kv: Tensor, bias: Tensor | None = None) -> Tensor:
         k, v = self.project_kv(x_kv)
@@ -103,7 +114,11 @@ class PreNormBlock(nn.Module):
         if kv is None:
             kv_in = h if context is None else torch.cat([h, self.norm1(context)], dim=1)  # (B, T_own + S, d)
             kv = self.attn.project_kv(kv_in)
-        x = x + self.scale1(self.attn.attend(h, kv[0], kv[1], bias))
+        return self.after_attention(x, self.attn.attend(h, kv[0], kv[1], bias))
+
+    def after_attention(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The rest of the block given the attention's projected output (B, T, d) for queries `x`."""
+        x = x + self.scale1(attended)
         return x + self.scale2(self.mlp(self.norm2(x)))
 
 
@@ -126,7 +141,11 @@ class PostNormBlock(nn.Module):
         if kv is None:
             kv_in = x if context is None else torch.cat([x, context], dim=1)  # (B, T_own + S, d)
             kv = self.attn.project_kv(kv_in)
-        h = self.norm1(x + self.attn.attend(x, kv[0], kv[1], bias))
+        return self.after_attention(x, self.attn.attend(x, kv[0], kv[1], bias))
+
+    def after_attention(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The rest of the block given the attention's projected output (B, T, d) for queries `x`."""
+        h = self.norm1(x + attended)
         return self.norm2(h + self.mlp(h))
 
 

@@ -19,8 +19,9 @@ from torch import Tensor
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
-from edgeprism.models.base import Block, Inputs, ReferenceModel, check_blocks
+from edgeprism.models.base import Block, Inputs, ReferenceModel, SplitBlock, check_blocks
 from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
+from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # BERT the two are the same thing, and at CR = 1 both are exact. `average="residual"` keeps rule 2.
 DEFAULT_SIZE_AWARE = True
 DEFAULT_AVERAGE: Literal["residual", "normed"] = "normed"
+# Overlap (partition/overlap.py): each encoder layer's all-gather runs in the background while the rank attends
+# over its own tokens; the received part is merged by log-sum-exp (exact). Measured in the README.
+DEFAULT_OVERLAP = True
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                                torch.uint8, torch.bool)}
@@ -113,7 +117,8 @@ class PositionWise:
 
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
                  size_aware: bool = DEFAULT_SIZE_AWARE, exchanger: Exchanger | None = None,
-                 average: Literal["residual", "normed"] = DEFAULT_AVERAGE, warn_clamped_ratio: bool = True) -> None:
+                 average: Literal["residual", "normed"] = DEFAULT_AVERAGE, warn_clamped_ratio: bool = True,
+                 overlap: bool = DEFAULT_OVERLAP) -> None:
         check_blocks(model)  # the declared contract (models.base.Block), checked before any collective
         self.model = model
         self.ctx = ctx
@@ -123,6 +128,8 @@ class PositionWise:
             raise ValueError(f"average {average!r} must be 'residual' or 'normed'")
         self.average = average
         self.exchanger = exchanger or Exchanger(ctx)
+        self.overlap = overlap and not model.causal and all(isinstance(b, SplitBlock) for b in model.block_list())
+        """Exchange overlapped with own-token attention (encoders whose blocks fit `SplitBlock`)."""
         self._requests = 0
         self._warned_ratio = not warn_clamped_ratio
         """One warning when a CR exceeds a rank's tokens (off where the caller reports it, e.g. evaluations)."""
@@ -309,14 +316,35 @@ class PositionWise:
                 if session is not None:
                     specs = [session.wire_spec(layer, batch, r.num_tokens, d) for r in ranges]
                     sizes = [spec_nbytes(s) for s in specs]
-                remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
-                hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
-                                                            self.size_aware, self.average, sent)
+                if self.overlap and self.ctx.world_size > 1:
+                    hidden, kv, remote_bias = self._overlapped(block, hidden, own_bias, sent, valid, anchor, specs,
+                                                               sizes, session, layer)
+                else:
+                    remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
+                    hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
+                                                                self.size_aware, self.average, sent)
                 if keep_cache:
                     state.kv_cache.append(kv)
                     state.remote_bias = remote_bias
             state.hidden = model.finish(hidden)
         return state
+
+    def _overlapped(self, block, hidden: Tensor, own_bias: Tensor, sent: Tensor, valid: Tensor, anchor: Tensor,
+                    specs: list, sizes: list[int], session, layer: int):
+        """One encoder block with its all-gather in flight while the own-token attention runs
+        (partition/overlap.py) -> what `block_with_remote` returns."""
+        pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes)
+        own = OwnPart(block, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
+        remote, counts = self._readable(list(pending.wait()), specs, sent, session, layer)
+        remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
+        remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
+        hidden, kv = own.finish(hidden, remote_kv_in, remote_bias)  # encoders keep no cache
+        return hidden, kv, remote_bias
+
+    def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session, layer: int) -> Tensor:
+        if session is not None:
+            return pack(session.encode(layer, hidden, valid, anchor))
+        return pack(self.codec.encode(hidden, valid, anchor))
 
     def _exchange(self, hidden: Tensor, valid: Tensor, anchor: Tensor, specs: list, sizes: list[int],
                   causal: bool, session=None, layer: int = 0) -> tuple[Tensor, Tensor]:
@@ -324,19 +352,23 @@ class PositionWise:
 
         With a codec `session` (stateful codecs), encode/decode go through it with the layer index and,
         for decode, the sender's rank."""
-        rank, world = self.ctx.group_rank, self.ctx.world_size
+        world = self.ctx.world_size
         batch, _, d = hidden.shape
         if world == 1:
             return hidden.new_zeros(batch, 0, d), hidden.new_zeros(batch, 0)
-        if session is not None:
-            payload = pack(session.encode(layer, hidden, valid, anchor))
-        else:
-            payload = pack(self.codec.encode(hidden, valid, anchor))
+        payload = self._encode(hidden, valid, anchor, session, layer)
         received: list[Tensor | None]
         if causal:  # docs/ARCHITECTURE.md rule 5: only ranks q < p are readable, so send only forward
             received = self.exchanger.send_forward_bytes(payload, sizes)
         else:
             received = list(self.exchanger.all_gather_bytes(payload, sizes))
+        return self._readable(received, specs, hidden, session, layer)
+
+    def _readable(self, received: list[Tensor | None], specs: list, hidden: Tensor, session,
+                  layer: int) -> tuple[Tensor, Tensor]:
+        """What this rank may read of the received payloads → (B, S_remote, d), (B, S_remote)."""
+        rank = self.ctx.group_rank
+        batch, _, d = hidden.shape
         vectors, counts = [], []
         for q, buffer in enumerate(received):
             if q == rank or buffer is None:

@@ -1,0 +1,96 @@
+"""Exchange overlapped with compute (partition/overlap.py): the two-part attention with its log-sum-exp
+merge equals attention over the union of the key sets, so the overlapped split equals the plain one (and,
+at CR = 1, one device: tests/test_partition.py runs the self-check, whose transform overlaps by default)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeprism.comm.loopback import LoopbackGroup
+from edgeprism.compress import get_codec
+from edgeprism.models.base import SplitBlock
+from edgeprism.models.common import key_padding_bias
+from edgeprism.models.loading import build_model
+from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.partition import overlap
+from edgeprism.partition.overlap import OwnPart, attention_part, merge_parts
+from edgeprism.partition.transform import PositionWise, own_key_bias, remote_key_bias
+
+TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_two_parts_merged_equal_attention_over_the_union(fused, monkeypatch):
+    if not fused:  # the plain-math path (non-CPU devices) must agree with the fused CPU kernel's
+        monkeypatch.setattr(overlap, "_FUSED_CPU", None)
+    torch.manual_seed(0)
+    batch, heads, num_q, num_own, num_remote, head_dim = 3, 4, 7, 7, 5, 16
+    q = torch.randn(batch, heads, num_q, head_dim)
+    k_own, v_own = torch.randn(2, batch, heads, num_own, head_dim)
+    k_rem, v_rem = torch.randn(2, batch, heads, num_remote, head_dim)
+    valid = torch.rand(batch, num_own) > 0.3
+    valid[:, 0] = True
+    own_bias = key_padding_bias(valid, torch.float32).expand(batch, 1, num_q, num_own)
+    counts = torch.tensor([[3, 1, 0, 2, 4]] * batch, dtype=torch.float32)  # one masked vector, size-aware logits
+    rem_bias = remote_key_bias(counts, True, torch.float32)  # (B, 1, 1, S)
+    merged = merge_parts(attention_part(q, k_own, v_own, own_bias, 0.25),
+                         attention_part(q, k_rem, v_rem, rem_bias, 0.25))
+    bias = torch.cat([own_bias, rem_bias.expand(batch, 1, num_q, num_remote)], dim=-1)
+    union = F.scaled_dot_product_attention(q, torch.cat([k_own, k_rem], 2), torch.cat([v_own, v_rem], 2),
+                                           attn_mask=bias, scale=0.25)
+    assert (merged - union).abs().max() <= TOLERANCE
+    nothing = attention_part(q, k_rem[:, :, :0], v_rem[:, :, :0], None, 0.25)  # an empty part changes nothing
+    alone = attention_part(q, k_own, v_own, own_bias, 0.25)
+    assert (merge_parts(alone, nothing) - alone[0]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["dinov2-tiny-test", "bert-tiny-test", "vit-tiny-test"])
+def test_own_part_then_remote_equals_the_block(name):
+    model = build_model(name)
+    block = model.block_list()[1]
+    assert isinstance(block, SplitBlock)
+    torch.manual_seed(1)
+    d = model.config.hidden_size
+    hidden, remote = torch.randn(2, 9, d), torch.randn(2, 4, d)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    own_bias = own_key_bias(valid, 0, 9, False, torch.float32)
+    rem_bias = remote_key_bias(torch.tensor([[2.0, 2, 1, 0]] * 2), True, torch.float32)
+    with torch.no_grad():
+        kv_in = block.kv_input(hidden)
+        got, kv = OwnPart(block, kv_in, own_bias).finish(hidden, remote, rem_bias, keep_kv=True)
+        full_kv = block.attn.project_kv(torch.cat([kv_in, remote], dim=1))
+        bias = torch.cat([own_bias, rem_bias.expand(2, 1, 9, -1)], dim=-1)
+        want = block(hidden, bias=bias, kv=full_kv)
+    assert (got - want).abs().max() <= TOLERANCE
+    assert kv is not None and (kv[0] - full_kv[0]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("codec", ["fp32", "sm4+int8"])
+def test_overlapped_split_equals_the_plain_split(codec):
+    model = build_model("dinov2-tiny-test")
+    inputs = synthetic_inputs(model.config, 2, seed=3)
+
+    def run(overlapped):
+        def rank_fn(ctx, exchanger):
+            engine = PositionWise(model, ctx, get_codec(codec), exchanger=exchanger, overlap=overlapped)
+            assert engine.overlap == overlapped
+            return engine.forward(inputs if ctx.is_root else None, shares=(0.6, 0.4))
+        return LoopbackGroup(2).run(rank_fn)[0]
+
+    plain, overlapped = run(False), run(True)
+    for key in plain:
+        assert (plain[key] - overlapped[key]).abs().max() <= TOLERANCE, key
+    if codec == "fp32":
+        local = model(inputs)
+        assert (overlapped["mean"] - local["mean"]).abs().max() <= TOLERANCE
+
+
+def test_decoders_run_unsplit():
+    model = build_model("gpt2-tiny-test")
+
+    def rank_fn(ctx, exchanger):
+        return PositionWise(model, ctx, exchanger=exchanger, overlap=True).overlap
+
+    assert LoopbackGroup(2).run(rank_fn) == [False, False]  # causal: vectors only travel forward, nothing to hide
