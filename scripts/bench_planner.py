@@ -23,7 +23,7 @@ def main() -> None:
         profile = synthetic_profile(world_size=world_size, device_speeds=[1.0 - 0.05 * r for r in range(world_size)])
         request = Request(profile.model.name, batch, 197)
         link = LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s)
-        limits = Limits(max_fidelity_loss=budget)
+        limits = Limits(max_fidelity_loss=budget, allow_unmeasured_codecs=budget is None)  # None: any codec
         plan = choose_plan(profile, request, link, objective, limits)
         seconds = min(timeit.repeat(lambda: choose_plan(profile, request, link, objective, limits),
                                     number=50, repeat=60)) / 50
