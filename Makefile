@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
-demo: venv
+demo: venv assets
 	$(VENV)/bin/edgeprism demo
 
 # The default suite includes the deployment test on real weights (MiniLM, DINOv2-S), so the assets come first.

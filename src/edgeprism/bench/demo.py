@@ -17,8 +17,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from edgeprism.bench.demo_data import DemoData
 from edgeprism.comm.context import DistContext
-from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 from edgeprism.runtime.engine import Engine, EngineConfig
 
@@ -32,6 +32,11 @@ STRATEGIES = (*STATIC, "adaptive")
 class DemoSpec:
     model: str = "vit-base-patch16-224"
     profile: str = ""
+    checkpoint: str = ""
+    """The model's weights ("": seeded random weights)."""
+    data: str = "synthetic"
+    """What is served (`bench.demo_data`): "fashion-mnist" real images scored by a probe, or "synthetic"."""
+    image_size: int | None = None
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     links: tuple[str, ...] = ("wifi4", "congested")
     """Link preset per phase; the testbed switches between phases."""
@@ -80,7 +85,8 @@ def demo_rank(ctx: DistContext, args: dict, progress=None) -> None:
     config = EngineConfig(objective=spec.objective, max_fidelity_loss=spec.max_fidelity_loss,
                           allow_unmeasured_codecs=spec.allow_unmeasured_codecs, max_batch=max(spec.batches),
                           probe_every=0)
-    engine = Engine.from_profile(spec.model, spec.profile, seed=spec.seed, ctx=ctx, config=config)
+    engine = Engine.from_profile(spec.model, spec.profile, checkpoint=spec.checkpoint or None, seed=spec.seed,
+                                 ctx=ctx, config=config)
     if ctx.is_root:
         drive(engine, spec)
         engine.close()
@@ -97,9 +103,10 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
     config = engine.model.config
     limits = Limits(spec.max_fidelity_loss, None, spec.allow_unmeasured_codecs)
     total = sum(len(phase_strategies(spec, p)) for p in range(len(spec.links))) * len(spec.batches) * spec.repeats
-    done = 0
+    done = offset = 0
+    data = DemoData(spec.data, engine.model, spec.image_size, spec.seed)
     # Warm-up, not recorded: every plan shape once (first calls pay one-off allocation and set-up).
-    warm_inputs = synthetic_inputs(config, min(spec.batches), seed=spec.seed)
+    warm_inputs, _ = data.batch(min(spec.batches), 0)
     warm_request = Request(config.name, min(spec.batches), engine.model.validate_input(warm_inputs))
     for mode, codec in (("local", None), ("distributed", "fp32"), ("distributed", spec.segment_means_codec)):
         engine.infer(warm_inputs, plan=static_plan(engine.profile, warm_request, engine.link_estimate, mode, codec))
@@ -109,10 +116,11 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
             if phase > 0:
                 wait_for_link_change(spec, phase)
             for batch in spec.batches:
-                inputs = synthetic_inputs(config, batch, seed=spec.seed + batch)
-                num_tokens = engine.model.validate_input(inputs)
-                request = Request(config.name, batch, num_tokens)
+                request = None
                 for repeat in range(spec.repeats):
+                    inputs, labels = data.batch(batch, offset)  # new images per round, the same for every strategy
+                    offset += batch
+                    request = request or Request(config.name, batch, engine.model.validate_input(inputs))
                     for strategy in phase_strategies(spec, phase):
                         link = engine.link_estimate
                         plan = None
@@ -134,7 +142,9 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                                "staging_s": m.staging_s,
                                "collective_s": m.collective_s, "compute_s": m.compute_s,
                                "link_bandwidth_bps": m.link_bandwidth_bps, "link_latency_s": m.link_latency_s,
-                               "request_id": m.request_id, "time_s": time.time()}
+                               "request_id": m.request_id, "time_s": time.time(), "data": spec.data,
+                               "probe_correct": data.correct(result.outputs, labels),
+                               "probe_total": None if labels is None else len(labels)}
                         rows.append(row)
                         out.write(json.dumps(row) + "\n")
                         out.flush()
@@ -182,12 +192,24 @@ def summarize(rows: list[dict]) -> list[dict]:
         mine = sorted((r for r in rows if (r["phase"], r["link"], r["batch"], r["strategy"]) == key),
                       key=lambda r: r["latency_s"])
         median = mine[len(mine) // 2]
-        table.append({"phase": key[0], "link": key[1], "batch": key[2], "strategy": key[3],
+        scored = [r for r in mine if r.get("probe_correct") is not None]
+        table.append({"probe_accuracy": (sum(r["probe_correct"] for r in scored) / sum(r["probe_total"] for r in scored)
+                                         if scored else None),
+                      "phase": key[0], "link": key[1], "batch": key[2], "strategy": key[3],
                       "latency_s": median["latency_s"], "energy_j": median["energy_j"],
                       "energy_source": median["energy_source"], "plan": median["plan"],
                       "predicted_latency_s": median["predicted_latency_s"],
                       "fidelity_loss": median.get("fidelity_loss", 0.0)})
     return table
+
+
+def accuracy_by_strategy(rows: list[dict]) -> dict[str, float]:
+    """Per strategy over every scored row of the run: the share of images the probe labelled correctly."""
+    out = {}
+    for strategy in sorted({r["strategy"] for r in rows if r.get("probe_correct") is not None}):
+        mine = [r for r in rows if r["strategy"] == strategy and r.get("probe_correct") is not None]
+        out[strategy] = sum(r["probe_correct"] for r in mine) / sum(r["probe_total"] for r in mine)
+    return out
 
 
 def ratios(table: list[dict]) -> list[dict]:

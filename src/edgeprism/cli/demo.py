@@ -13,6 +13,12 @@ from pathlib import Path
 
 from edgeprism.cli.budget import add_budget_arguments
 
+DEFAULT_DEMO_MODEL = "dinov2-s14"
+REAL_DATA = {"dinov2-s14": "fashion-mnist"}
+"""Models the demo serves real images to by default (their weights and probe come from `make assets`)."""
+DEMO_CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "lb4o4r", "lb3o4r", "sm4a+int8")
+"""Codecs a real-weights demo profiles (with measured fidelity); the static Segment Means codec is added."""
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
@@ -21,7 +27,15 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="profile, then serve a mixed workload adaptively vs static strategies",
                               description=__doc__)
-    p.add_argument("--model", default="vit-base-patch16-224")
+    p.add_argument("--model", default=DEFAULT_DEMO_MODEL,
+                   help=f"default {DEFAULT_DEMO_MODEL} with its real weights (`make assets`) on Fashion-MNIST "
+                        f"images at 224 px; vit-base-patch16-224: random weights, speed only")
+    p.add_argument("--data", choices=("auto", "synthetic", "fashion-mnist"), default="auto",
+                   help="what is served: auto = real images scored by a probe where the model has them "
+                        f"({', '.join(REAL_DATA)}), else seeded synthetic inputs")
+    p.add_argument("--checkpoint", help="the model's weights folder (default: the cached real weights with "
+                                        "--data fashion-mnist, else seeded random weights)")
+    p.add_argument("--image-size", type=int, help="image side in pixels (default 224 with real images)")
     p.add_argument("--batches", type=_ints, default=(1, 2, 4, 8, 16, 32), help="batch sizes (default 1..32)")
     p.add_argument("--links", default="wifi4,congested", help="link preset per phase (default wifi4,congested)")
     p.add_argument("--segment-means-codec", default="sm16", help="the static Segment Means strategy's codec")
@@ -49,13 +63,19 @@ def _profile(args, session, link) -> str:
 
     if args.profile:
         return args.profile
-    path = cache_dir() / "profiles" / f"{args.model}-w2-{link.name}-{session.testbed.emulation}.json"
+    real = args.data != "synthetic"
+    suffix = f"-{args.data}-{args.image_size}" if real else ""
+    path = cache_dir() / "profiles" / f"{args.model}-w2-{link.name}-{session.testbed.emulation}{suffix}.json"
     if path.exists() and not args.reprofile:
         _say(f"profile: using cached {path} (--reprofile to measure again)")
         return str(path)
     _say(f"profile: measuring {args.model} on 2 devices over {link} ({session.emulation}) ...")
+    # Real weights: every codec's fidelity is measured on the model's evaluation set, so the adaptive plan can
+    # use what is faithful; random weights measure nothing (only lossless codecs, or --allow-unmeasured-codecs).
+    codecs = tuple(dict.fromkeys((*DEMO_CODECS, args.segment_means_codec))) if real else ()
     options = ProfileOptions(model=args.model, world_size=2, link=link, link_backend=args.backend,
-                             batches=tuple(sorted(set(args.batches))), evaluate=False)
+                             batches=tuple(sorted(set(args.batches))), evaluate=real, checkpoint=args.checkpoint,
+                             image_size=args.image_size, codecs=codecs)
     report = run_profile(options, session, progress=lambda done, total, what: _say(f"  [{done}/{total}] {what}"),
                          message=lambda text: _say(f"  {text}"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,13 +85,23 @@ def _profile(args, session, link) -> str:
 
 
 def handle(args) -> int:
-    from edgeprism.bench.demo import DemoSpec, add_oracle, ratios, summarize
+    from edgeprism.bench.demo import DemoSpec, accuracy_by_strategy, add_oracle, ratios, summarize
     from edgeprism.models.config import get_config
     from edgeprism.plan.types import Limits
     from edgeprism.profile.link import LinkSession
     from edgeprism.testbed.presets import get_preset
 
     get_config(args.model)
+    if args.data == "auto":
+        args.data = REAL_DATA.get(args.model, "synthetic")
+    if args.data == "fashion-mnist":
+        from edgeprism.assets import dinov2_checkpoint_dir
+
+        args.image_size = args.image_size or 224
+        if not args.checkpoint:
+            if args.model != DEFAULT_DEMO_MODEL:
+                raise ValueError(f"--data fashion-mnist with {args.model}: give --checkpoint (real weights)")
+            args.checkpoint = str(dinov2_checkpoint_dir())  # ValueError naming `make assets` when missing
     links = [get_preset(name.strip()) for name in args.links.split(",")]
     if any(b < 1 for b in args.batches):
         raise ValueError(f"--batches {list(args.batches)} must all be >= 1")
@@ -88,7 +118,8 @@ def handle(args) -> int:
         emulation = session.testbed.emulation
         _say(f"testbed: 2 devices x 1 core, link {links[0]} ({emulation})")
         profile = _profile(args, session, links[0])
-        spec = DemoSpec(model=args.model, profile=os.path.abspath(profile), batches=tuple(args.batches),
+        spec = DemoSpec(model=args.model, profile=os.path.abspath(profile), checkpoint=args.checkpoint or "",
+                        data=args.data, image_size=args.image_size, batches=tuple(args.batches),
                         links=tuple(link.name for link in links), segment_means_codec=args.segment_means_codec,
                         objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
                         allow_unmeasured_codecs=args.allow_unmeasured_codecs, repeats=args.repeats,
@@ -101,7 +132,9 @@ def handle(args) -> int:
     with open(out_dir / "rows.jsonl", "w") as handle_:
         for row in rows:
             handle_.write(json.dumps({**row, "emulation": emulation}) + "\n")
-    report = {"model": args.model, "world_size": 2, "emulation": emulation, "links": [str(link) for link in links],
+    report = {"model": args.model, "data": args.data, "checkpoint": args.checkpoint or "random weights",
+              "image_size": args.image_size, "probe_accuracy": accuracy_by_strategy(rows), "world_size": 2,
+              "emulation": emulation, "links": [str(link) for link in links],
               "segment_means_codec": args.segment_means_codec, "objective": args.objective,
               "max_fidelity_loss": args.max_fidelity_loss, "allow_unmeasured_codecs": args.allow_unmeasured_codecs,
               "fidelity": fidelity_note(rows, args.allow_unmeasured_codecs), "profile": profile,
@@ -182,10 +215,15 @@ def _loss(value) -> str:
 def format_table(report: dict) -> str:
     lines = [f"{report['model']} on 2 emulated devices ({report['emulation']}); latency (ms) and modelled energy (J)",
              f"fidelity: {report.get('fidelity', '')}",
-             f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms':>11} {'energy J':>9} {'fid.loss':>8}  plan"]
+             f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms':>11} {'energy J':>9} {'fid.loss':>8} "
+             f"{'accuracy':>8}  plan"]
     for r in report["rows"]:
+        accuracy = "-" if r.get("probe_accuracy") is None else f"{r['probe_accuracy']:.1%}"
         lines.append(f"{r['link']:<10} {r['batch']:>5} {r['strategy']:<14} {r['latency_s'] * 1e3:>11.1f} "
-                     f"{r['energy_j']:>9.2f} {_loss(r.get('fidelity_loss', 0.0)):>8}  {r['plan']}")
+                     f"{r['energy_j']:>9.2f} {_loss(r.get('fidelity_loss', 0.0)):>8} {accuracy:>8}  {r['plan']}")
+    if report.get("probe_accuracy"):
+        lines.append("probe accuracy over every image served: " + ", ".join(
+            f"{strategy} {value:.1%}" for strategy, value in report["probe_accuracy"].items()))
     lines.append("")
     lines.append(f"{'link':<10} {'batch':>5} {'adaptive vs full exchange':>27} {'energy vs full':>15} "
                  f"{'adaptive/oracle':>16}  adaptive plan")

@@ -155,3 +155,9 @@ def eval_sets_for(model: str, limit: int | None = None, progress: Callable[[str]
         return synthetic_set(model)
     raise ValueError(f"no evaluation set for {model!r}; choose one of {', '.join(EVAL_MODELS)} "
                      f"(or a *-test preset for a synthetic smoke run)")
+
+
+def fashion_mnist_probe(model, train_limit: int = 1000, image_size: int = 224,
+                        progress: Callable[[str], None] | None = None) -> torch.nn.Linear:
+    """The DINOv2 Fashion-MNIST linear probe the `dinov2-s14` set scores with (fitted once, then cached)."""
+    return _cached_probe(model, train_limit, image_size, 8, progress)
