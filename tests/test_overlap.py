@@ -94,3 +94,21 @@ def test_decoders_run_unsplit():
         return PositionWise(model, ctx, exchanger=exchanger, overlap=True).overlap
 
     assert LoopbackGroup(2).run(rank_fn) == [False, False]  # causal: vectors only travel forward, nothing to hide
+
+
+def test_the_timeline_has_every_layer_and_adds_up():
+    model = build_model("vit-tiny-test")
+    inputs = synthetic_inputs(model.config, 2, seed=4)
+
+    def rank_fn(ctx, exchanger):
+        engine = PositionWise(model, ctx, get_codec("fp16"), exchanger=exchanger)
+        engine.forward(inputs if ctx.is_root else None)
+        return engine.timeline
+
+    for timeline in LoopbackGroup(2).run(rank_fn):
+        assert [t.layer for t in timeline.layers] == list(range(model.config.num_layers))
+        for t in timeline.layers:
+            assert min(t.encode_s, t.exchange_s, t.wait_s, t.compute_s) >= 0.0 and t.compute_s > 0.0, t
+        totals = timeline.totals()
+        assert set(totals) == {"encode_s", "exchange_s", "wait_s", "compute_s"}
+        assert [row["layer"] for row in timeline.to_rows()] == list(range(model.config.num_layers))

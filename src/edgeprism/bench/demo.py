@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from edgeprism.bench.demo_data import DemoData
+from edgeprism.bench.limits import limit_fields
 from edgeprism.comm.context import DistContext
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 from edgeprism.runtime.engine import Engine, EngineConfig
@@ -144,7 +145,9 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                                "link_bandwidth_bps": m.link_bandwidth_bps, "link_latency_s": m.link_latency_s,
                                "request_id": m.request_id, "time_s": time.time(), "data": spec.data,
                                "probe_correct": data.correct(result.outputs, labels),
-                               "probe_total": None if labels is None else len(labels)}
+                               "probe_total": None if labels is None else len(labels),
+                               "timeline": m.timeline,
+                               **limit_fields(engine.profile, request, m.plan, link, m.latency_s)}
                         rows.append(row)
                         out.write(json.dumps(row) + "\n")
                         out.flush()
@@ -199,7 +202,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                       "latency_s": median["latency_s"], "energy_j": median["energy_j"],
                       "energy_source": median["energy_source"], "plan": median["plan"],
                       "predicted_latency_s": median["predicted_latency_s"],
-                      "fidelity_loss": median.get("fidelity_loss", 0.0)})
+                      "fidelity_loss": median.get("fidelity_loss", 0.0),
+                      "limit_s": median.get("limit_s"), "achieved_over_limit": median.get("achieved_over_limit"),
+                      "compute_to_comm": median.get("compute_to_comm")})
     return table
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from edgeprism.bench.limits import limit_fields
 from edgeprism.bench.peers import head_row, input_layout
 from edgeprism.bench.pipeline import PipelinePeer
 from edgeprism.bench.scenarios import JobSpec
@@ -189,7 +190,8 @@ def _serve(strategy, inputs, request, batch, engine, peers, hf, followers, energ
             "plan": label, "codec": m.plan.get("codec") or "", "bytes_exchanged": m.bytes_exchanged,
             "fidelity_loss": m.fidelity_loss,
             "predicted_latency_s": m.predicted_latency_s, "staging_s": m.staging_s, "collective_s": m.collective_s,
-            "compute_s": m.compute_s, "fallback": getattr(m, "fallback", ""),
+            "compute_s": m.compute_s, "fallback": getattr(m, "fallback", ""), "timeline": m.timeline,
+            **limit_fields(engine.profile, request, m.plan, engine.link_estimate, latency_s),
             "answer": _answer_row(engine.model, result.outputs)}
 
 

@@ -49,6 +49,18 @@ def worst_fidelity_loss(rows: list[dict]) -> float | None:
     return max(losses, default=0.0)
 
 
+def _limit(timed: list[dict]) -> dict:
+    """The plan's physical limit (median over the rows that carry one) and achieved/limit = limit / median latency
+    (docs/METHODOLOGY.md)."""
+    limits = sorted(r["limit_s"] for r in timed if r.get("limit_s") is not None)
+    if not limits:
+        return {"limit_s": None, "achieved_over_limit": None, "compute_to_comm": None}
+    ratios = sorted(r["compute_to_comm"] for r in timed if r.get("compute_to_comm") is not None)
+    limit_s = percentile(limits, 0.5)
+    return {"limit_s": limit_s, "achieved_over_limit": limit_s / percentile(sorted(r["latency_s"] for r in timed), 0.5),
+            "compute_to_comm": percentile(ratios, 0.5) if ratios else None}
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One entry per (point, strategy): median and spread of latency, median energy, the usual plan."""
     groups: dict[tuple, list[dict]] = {}
@@ -74,7 +86,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "plan": Counter(r["plan"] for r in timed).most_common(1)[0][0],
                     "bytes_exchanged": int(percentile(sorted(r.get("bytes_exchanged") or 0 for r in timed), 0.5)),
                     "max_abs_diff_vs_local": max(diffs) if diffs else None,
-                    "fidelity_loss": worst_fidelity_loss(timed)})
+                    "fidelity_loss": worst_fidelity_loss(timed), **_limit(timed)})
     return sorted(out, key=lambda r: (r["model_case"], r["world_size"], r["link"], r["batch"], r["strategy"]))
 
 
@@ -189,6 +201,10 @@ def goals(table: list[dict]) -> list[dict]:
     return out
 
 
+def _opt(value: float | None, scale: float, spec: str) -> str:
+    return "—" if value is None else format(value * scale, spec)
+
+
 def _loss(value: float | None) -> str:
     return "unmeasured" if value is None else f"{value:.2%}"
 
@@ -259,21 +275,22 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
             lines.append(f"  - missed at {where}: {value:.3f}")
     lines += ["", "## Per strategy: median latency ms [25th–75th percentile] (n), plan, max |diff| vs local", "",
               "| model | devices | link | batch | strategy | latency ms | n | energy J | plan | fidelity loss "
-              "| max abs diff |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| limit ms | achieved/limit | compute/comm | max abs diff |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         if r["skipped"]:
             bound = r.get("latency_lower_bound_s")
             latency = "not run" if bound is None else f"> {_ms(bound)} (skipped)"
             lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
-                         f"{latency} | 0 | — | {r.get('reason', '')} | — | — |")
+                         f"{latency} | 0 | — | {r.get('reason', '')} | — | — | — | — | — |")
             continue
         diff = r.get("max_abs_diff_vs_local")
         lines.append(f"| {r['model_case']} | {r['world_size']} | {r['link']} | {r['batch']} | {r['strategy']} | "
                      f"{_ms(r['latency_median_s'])} [{_ms(r['latency_p25_s'])}–{_ms(r['latency_p75_s'])}] | "
                      f"{r['n']} | "
                      f"{r['energy_median_j']:.2f} | {r['plan']} | {_loss(r.get('fidelity_loss'))} | "
-                     f"{'—' if diff is None else f'{diff:.1e}'} |")
+                     f"{_opt(r.get('limit_s'), 1e3, '.1f')} | {_opt(r.get('achieved_over_limit'), 1, '.2f')} | "
+                     f"{_opt(r.get('compute_to_comm'), 1, '.2f')} | {'—' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines) + "\n"
 
 

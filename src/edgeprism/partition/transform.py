@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from edgeprism.models.base import Block, Inputs, ReferenceModel, SplitBlock, che
 from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
+from edgeprism.partition.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,8 @@ class PositionWise:
         self.exchanger = exchanger or Exchanger(ctx)
         self.overlap = overlap and not model.causal and all(isinstance(b, SplitBlock) for b in model.block_list())
         """Exchange overlapped with own-token attention (encoders whose blocks fit `SplitBlock`)."""
+        self.timeline = Timeline()
+        """This rank's last request, layer by layer (partition/timeline.py)."""
         self._requests = 0
         self._warned_ratio = not warn_clamped_ratio
         """One warning when a CR exceeds a rank's tokens (off where the caller reports it, e.g. evaluations)."""
@@ -308,7 +312,9 @@ class PositionWise:
             # its wire shapes may differ per layer. Stateless codecs have no `session`.
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
+            clock = self.timeline = Timeline()
             for layer, block in enumerate(model.block_list()):
+                clock.start_layer(self.exchanger.stats)
                 # What is sent (docs/ARCHITECTURE.md rule 2 and its measured departure, see DEFAULT_AVERAGE):
                 # the block's normalised K/V input ("normed", default; identical for post-LN BERT) or the
                 # residual stream.
@@ -323,6 +329,7 @@ class PositionWise:
                     remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
                     hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
                                                                 self.size_aware, self.average, sent)
+                clock.end_layer(layer, self.exchanger.stats)
                 if keep_cache:
                     state.kv_cache.append(kv)
                     state.remote_bias = remote_bias
@@ -335,16 +342,19 @@ class PositionWise:
         (partition/overlap.py) -> what `block_with_remote` returns."""
         pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes)
         own = OwnPart(block, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
-        remote, counts = self._readable(list(pending.wait()), specs, sent, session, layer)
+        with self.timeline.waiting():
+            received = pending.wait()
+        remote, counts = self._readable(received, specs, sent, session, layer)
         remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
         remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
         hidden, kv = own.finish(hidden, remote_kv_in, remote_bias)  # encoders keep no cache
         return hidden, kv, remote_bias
 
     def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session, layer: int) -> Tensor:
-        if session is not None:
-            return pack(session.encode(layer, hidden, valid, anchor))
-        return pack(self.codec.encode(hidden, valid, anchor))
+        with self.timeline.encoding():
+            if session is not None:
+                return pack(session.encode(layer, hidden, valid, anchor))
+            return pack(self.codec.encode(hidden, valid, anchor))
 
     def _exchange(self, hidden: Tensor, valid: Tensor, anchor: Tensor, specs: list, sizes: list[int],
                   causal: bool, session=None, layer: int = 0) -> tuple[Tensor, Tensor]:
@@ -358,13 +368,14 @@ class PositionWise:
             return hidden.new_zeros(batch, 0, d), hidden.new_zeros(batch, 0)
         payload = self._encode(hidden, valid, anchor, session, layer)
         received: list[Tensor | None]
-        if causal:  # docs/ARCHITECTURE.md rule 5: only ranks q < p are readable, so send only forward
-            received = self.exchanger.send_forward_bytes(payload, sizes)
-        else:
-            received = list(self.exchanger.all_gather_bytes(payload, sizes))
+        with self.timeline.waiting():
+            if causal:  # docs/ARCHITECTURE.md rule 5: only ranks q < p are readable, so send only forward
+                received = self.exchanger.send_forward_bytes(payload, sizes)
+            else:
+                received = list(self.exchanger.all_gather_bytes(payload, sizes))
         return self._readable(received, specs, hidden, session, layer)
 
-    def _readable(self, received: list[Tensor | None], specs: list, hidden: Tensor, session,
+    def _readable(self, received: Sequence[Tensor | None], specs: list, hidden: Tensor, session,
                   layer: int) -> tuple[Tensor, Tensor]:
         """What this rank may read of the received payloads → (B, S_remote, d), (B, S_remote)."""
         rank = self.ctx.group_rank

@@ -357,7 +357,7 @@ class Engine(Rank0Side, WorkerSide):
         energy_j, source = self._energy(request_id, phases)
         row = self._row(request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
                         rank0.staging_s, rank0.collective_s + control.collective_s,
-                        rank0.emulated_delay_s + control.emulated_delay_s)
+                        rank0.emulated_delay_s + control.emulated_delay_s, timeline=transform.timeline.to_rows())
         return outputs, row
 
     def _fall_back(self, err: PeerError, inputs, plan, request, link, request_id, want: Want, spent_s: float):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -45,6 +45,9 @@ class MetricsRow:
     fidelity_loss: float | None = 0.0
     """The answering plan's measured fidelity loss for this model (issue 16): 0 for local plans and lossless
     codecs, None when the codec's loss was never measured (used by explicit opt-in only)."""
+    timeline: list[dict[str, float]] = field(default_factory=list)
+    """Rank 0's layers of a distributed request: {layer, encode_s, exchange_s, wait_s, compute_s} each
+    (partition/timeline.py; exchange_s may overlap compute, wait_s is what it did not hide); [] when local."""
     fallback: str = ""
     """Why a distributed plan was rerun on rank 0 (a peer died, hung or was cut off); "" when it was not.
     latency_s then includes the failed attempt; `plan` and `mode` say what answered (local)."""
