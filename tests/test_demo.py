@@ -9,7 +9,7 @@ def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EDGEPRISM_HOME", str(tmp_path / "home"))
     out = tmp_path / "report"
     code = main(["demo", "--model", "vit-tiny-test", "--batches", "1,2", "--links", "wifi4,lan",
-                 "--backend", "loopback", "--out", str(out), "--json"])
+                 "--backend", "loopback", "--out", str(out), "--repeats", "2", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     strategies = {(r["link"], r["batch"], r["strategy"]) for r in report["rows"]}
@@ -35,3 +35,11 @@ def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
     assert loss["adaptive"] == {0.0}, loss
     assert "unmeasured" in report["fidelity"] and "segment_means" in report["fidelity"]
     assert "fidelity loss" in (out / "summary.md").read_text()
+    # Two interleaved rounds per point, with their spread; the host's load is reported beside the numbers.
+    assert all(r["n"] == 2 and r["latency_p25_s"] <= r["latency_s"] <= r["latency_p75_s"]
+               for r in report["rows"] if r["strategy"] != "oracle")
+    assert "load average" in report["host_load"] and report["data"] == "synthetic"
+    raw = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    split = [r for r in raw if r["mode"] == "distributed"]
+    assert split and all(len(r["timeline"]) == 2 and r["limit_s"] > 0 for r in split)  # vit-tiny-test: 2 layers
+    assert all(r["achieved_over_limit"] > 0 and r["sequential_limit_s"] >= r["limit_s"] for r in raw)

@@ -187,7 +187,7 @@ def _call_summary(r: JobResult) -> dict[str, Any]:
         "queue_ms": round(r.queue_s * 1e3, 3), "predicted_energy_j": m.predicted_energy_j, "energy_j": m.energy_j,
         "energy_source": m.energy_source, "bytes_exchanged": m.bytes_exchanged, "num_tokens": m.num_tokens,
         "rows": next(iter(r.inputs.values())).shape[0], "batch_rows": r.batch_rows, "batched_with": r.batched_with,
-        "fallback": m.fallback or None, "reason": plan.get("reason"),
+        "fallback": m.fallback or None, "reason": plan.get("reason"), "fidelity_loss": m.fidelity_loss,
     }
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from edgeprism.bench.demo_data import DemoData
 from edgeprism.bench.limits import limit_fields
+from edgeprism.bench.tables import percentile
 from edgeprism.comm.context import DistContext
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 from edgeprism.runtime.engine import Engine, EngineConfig
@@ -46,7 +47,8 @@ class DemoSpec:
     max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
     allow_unmeasured_codecs: bool = False
     """The adaptive engine may use codecs of unmeasured fidelity (explicit opt-in; rows then say so)."""
-    repeats: int = 1
+    repeats: int = 3
+    """Rounds per (phase, batch): every strategy serves each round's images once, in a rotated order."""
     full_exchange_phases: int = 1
     """Static full exchange runs in this many leading phases only: on a sagging link it takes minutes per
     request and is never the best choice, so later phases compare local, Segment Means and adaptive."""
@@ -122,7 +124,9 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                     inputs, labels = data.batch(batch, offset)  # new images per round, the same for every strategy
                     offset += batch
                     request = request or Request(config.name, batch, engine.model.validate_input(inputs))
-                    for strategy in phase_strategies(spec, phase):
+                    strategies = phase_strategies(spec, phase)
+                    shift = repeat % len(strategies)  # interleaved, the order rotated by one per round
+                    for strategy in strategies[shift:] + strategies[:shift]:
                         link = engine.link_estimate
                         plan = None
                         if strategy == "local":
@@ -196,7 +200,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                       key=lambda r: r["latency_s"])
         median = mine[len(mine) // 2]
         scored = [r for r in mine if r.get("probe_correct") is not None]
-        table.append({"probe_accuracy": (sum(r["probe_correct"] for r in scored) / sum(r["probe_total"] for r in scored)
+        latencies = [r["latency_s"] for r in mine]  # sorted
+        table.append({"latency_p25_s": percentile(latencies, 0.25), "latency_p75_s": percentile(latencies, 0.75),
+                      "n": len(latencies),
+                      "probe_accuracy": (sum(r["probe_correct"] for r in scored) / sum(r["probe_total"] for r in scored)
                                          if scored else None),
                       "phase": key[0], "link": key[1], "batch": key[2], "strategy": key[3],
                       "latency_s": median["latency_s"], "energy_j": median["energy_j"],

@@ -20,20 +20,24 @@ def write_markdown(path: Path, report: dict) -> None:
         f"- static Segment Means codec: {report['segment_means_codec']}; objective: {report['objective']}; "
         f"fidelity budget: {report['max_fidelity_loss']}",
         f"- fidelity: {report.get('fidelity', 'not recorded')}",
+        f"- host: {report.get('host_load', 'not recorded')}",
         f"- served: {report.get('data', 'synthetic')} inputs, weights: {report.get('checkpoint', 'random weights')}"
         + ("; probe accuracy over every image: "
            + ", ".join(f"{k} {v:.1%}" for k, v in report["probe_accuracy"].items())
            if report.get("probe_accuracy") else ""),
         f"- profile: `{report['profile']}`; run took {report['demo_seconds']:.0f} s",
         "",
-        "| link | batch | strategy | latency ms | energy J | energy source | fidelity loss | probe accuracy | plan |",
+        "| link | batch | strategy | latency ms, median [p25–p75] | energy J | energy source | fidelity loss "
+        "| probe accuracy | plan |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         loss = r.get("fidelity_loss", 0.0)
         loss_text = "unmeasured" if loss is None else f"{loss:.2%}"
         accuracy = "—" if r.get("probe_accuracy") is None else f"{r['probe_accuracy']:.1%}"
-        lines.append(f"| {r['link']} | {r['batch']} | {r['strategy']} | {r['latency_s'] * 1e3:.1f} | "
+        spread = ("" if r.get("latency_p25_s") is None
+                  else f" [{r['latency_p25_s'] * 1e3:.0f}–{r['latency_p75_s'] * 1e3:.0f}] (n={r['n']})")
+        lines.append(f"| {r['link']} | {r['batch']} | {r['strategy']} | {r['latency_s'] * 1e3:.1f}{spread} | "
                      f"{r['energy_j']:.2f} | {r['energy_source']} | {loss_text} | "
                      f"{accuracy} | {r['plan']} |")
     lines += ["", "| link | batch | adaptive latency vs full exchange | energy vs full exchange | adaptive / oracle "

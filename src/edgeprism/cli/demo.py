@@ -46,7 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", choices=["auto", "netns", "loopback"], default="auto",
                    help="testbed: netns (kernel-shaped links, root) or loopback (emulated in the transport)")
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
-    p.add_argument("--repeats", type=int, default=1, help="requests per (batch, strategy)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds per batch, interleaved (default 3; tables give the median and the spread)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the demo job is stopped")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=handle)
@@ -113,6 +114,7 @@ def handle(args) -> int:
     rows_file = out_dir / "rows.jsonl"
     rows_file.write_text("")
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with LinkSession(2, links[0], backend=args.backend, timeout_s=args.timeout) as session, \
             tempfile.TemporaryDirectory(prefix="edgeprism-demo-") as control:
         emulation = session.testbed.emulation
@@ -139,6 +141,7 @@ def handle(args) -> int:
               "max_fidelity_loss": args.max_fidelity_loss, "allow_unmeasured_codecs": args.allow_unmeasured_codecs,
               "fidelity": fidelity_note(rows, args.allow_unmeasured_codecs), "profile": profile,
               "demo_seconds": time.perf_counter() - started, "rows": table, "ratios": gains,
+              "host_load": host_load(load_before, os.getloadavg()[0]),
               "note": "2 emulated devices = 2 worker processes pinned to one core each on this machine; energy "
                       "is modelled from measured phase times unless energy_source says metered"}
     (out_dir / "summary.json").write_text(json.dumps(report, indent=1))
@@ -198,6 +201,15 @@ def _follow(session, spec, links, rows_file: Path, control: str) -> None:
         raise failure[0]
 
 
+def host_load(before: float, after: float) -> str:
+    """The 1-minute load average around the run, and whether the host was too busy for its numbers to stand."""
+    cores = os.cpu_count() or 1
+    busy = max(before, after) > cores
+    return (f"load average {before:.1f} before, {after:.1f} after, on {cores} cores"
+            + ("; BUSY: other work shared the cores, so latencies are slower and noisier than this host's own"
+               if busy else ""))
+
+
 def fidelity_note(rows: list[dict], allow_unmeasured: bool) -> str:
     """What the rows say about answers: which plans were measured faithful, which were not measured at all."""
     unmeasured = sorted({r["strategy"] for r in rows if r.get("fidelity_loss", 0.0) is None})
@@ -208,6 +220,12 @@ def fidelity_note(rows: list[dict], allow_unmeasured: bool) -> str:
     return f"{adaptive}; answers of unmeasured fidelity (fidelity_loss null): {', '.join(unmeasured)}"
 
 
+def _spread(row: dict) -> str:
+    if row.get("latency_p25_s") is None:
+        return f"{row['latency_s'] * 1e3:.1f}"
+    return f"{row['latency_s'] * 1e3:.1f} [{row['latency_p25_s'] * 1e3:.0f}-{row['latency_p75_s'] * 1e3:.0f}]"
+
+
 def _loss(value) -> str:
     return "?" if value is None else f"{value:.2%}"
 
@@ -215,11 +233,12 @@ def _loss(value) -> str:
 def format_table(report: dict) -> str:
     lines = [f"{report['model']} on 2 emulated devices ({report['emulation']}); latency (ms) and modelled energy (J)",
              f"fidelity: {report.get('fidelity', '')}",
-             f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms':>11} {'energy J':>9} {'fid.loss':>8} "
+             f"host: {report.get('host_load', '')}",
+             f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms [p25-p75]':>23} {'energy J':>9} {'fid.loss':>8} "
              f"{'accuracy':>8}  plan"]
     for r in report["rows"]:
         accuracy = "-" if r.get("probe_accuracy") is None else f"{r['probe_accuracy']:.1%}"
-        lines.append(f"{r['link']:<10} {r['batch']:>5} {r['strategy']:<14} {r['latency_s'] * 1e3:>11.1f} "
+        lines.append(f"{r['link']:<10} {r['batch']:>5} {r['strategy']:<14} {_spread(r):>23} "
                      f"{r['energy_j']:>9.2f} {_loss(r.get('fidelity_loss', 0.0)):>8} {accuracy:>8}  {r['plan']}")
     if report.get("probe_accuracy"):
         lines.append("probe accuracy over every image served: " + ", ".join(
