@@ -63,6 +63,7 @@ def test_embeddings_match_the_engine_and_carry_the_plan(client, engine, io):
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
     info = body["edgeprism"]
     assert info["mode"] == "local" and info["ranks"] == [0] and info["rows"] == 2 and info["batched_with"] >= 1
+    assert info["fidelity_loss"] == 0.0  # a local answer is exact
     assert info["energy_source"] == "modelled" and info["latency_ms"] > 0 and info["predicted_latency_ms"] > 0
     header = reply.headers["x-edgeprism-plan"]
     assert header.startswith("local ranks=0 ") and "latency_ms=" in header and "predicted_ms=" in header

@@ -35,7 +35,9 @@ class MetricsRow:
     collective_s: float
     """Rank 0's time inside collectives, including emulated link delay."""
     compute_s: float
-    """latency_s - staging_s - collective_s on rank 0 (model math, codec work, Python)."""
+    """latency_s - staging_s - collective_s on rank 0 (model math, codec work, Python). With the exchange
+    overlapped (encoders, partition/overlap.py) part of collective_s ran beside compute, so this is a lower
+    bound; `timeline` splits each layer exactly."""
     emulated_delay_s: float
     link_bandwidth_bps: float
     """The live link estimate the plan was chosen with."""
