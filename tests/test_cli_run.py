@@ -19,12 +19,13 @@ def test_run_vit_uneven_shares_matches_local(capsys):
     assert result["max_abs_diff"] <= 1e-5
     # fp32 full exchange: per layer each rank sends its padded message (9 tokens x 64 x 4 B + 9 mask bytes)
     assert result["bytes_exchanged"] == 2 * 3 * (9 * 64 * 4 + 9)
+    assert result["fidelity_loss"] == 0.0 and [t["layer"] for t in result["timeline"]] == [0, 1]
 
 
 def test_run_local_mode(capsys):
     assert main(["run", "--model", "bert-tiny-test", "--world-size", "1", "--json", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["mode"] == "local" and result["bytes_exchanged"] == 0
+    assert result["mode"] == "local" and result["bytes_exchanged"] == 0 and result["fidelity_loss"] == 0.0
 
 
 @pytest.mark.parametrize("argv,message", [

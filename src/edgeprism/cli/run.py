@@ -132,7 +132,9 @@ def format_result(result: dict) -> str:
              f"  staging        {result['staging_s'] * 1e3:9.2f} ms",
              f"  collective     {result['collective_s'] * 1e3:9.2f} ms  (link: {result['link']})",
              f"  emulated delay {result['emulated_delay_s'] * 1e3:9.2f} ms  (one-way latency added per message)",
-             f"  bytes exchanged {result['bytes_exchanged']:,} B per request (layer exchanges, all ranks)"]
+             f"  bytes exchanged {result['bytes_exchanged']:,} B per request (layer exchanges, all ranks)",
+             "  fidelity loss  " + ("unmeasured (a lossy codec named with --codec; measure it with `edgeprism eval`)"
+                                    if result.get("fidelity_loss", 0.0) is None else "0 (exact or a lossless wire)")]
     if "generated_ids" in result:
         lines.append(f"  generated {result['generate']} tokens per row; row 0: {result['generated_ids'][0]}")
         if "generated_match_fraction" in result:

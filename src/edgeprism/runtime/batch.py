@@ -21,7 +21,7 @@ import torch
 
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
-from edgeprism.compress.registry import get_codec
+from edgeprism.compress.registry import get_codec, is_lossless
 from edgeprism.models.gpt2 import greedy_generate
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
@@ -98,6 +98,7 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
                                   padded=spec.padded, seed=spec.seed + 1)
         inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
     latencies: list[float] = []
+    timeline: list[dict] = []
     outputs = None
     if spec.mode == "local":
         if not ctx.is_root:
@@ -126,6 +127,7 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
                 torch.cuda.synchronize()
             if i >= spec.warmup:
                 latencies.append(time.perf_counter() - start)
+        timeline = engine.timeline.to_rows()  # the last timed request's layers on this rank
         stats_rows = _gather_stats(ctx, engine.exchanger, engine.exchanger.stats)
         if spec.compare_local and not spec.generate:  # untimed: gather every hidden state for a strict comparison
             outputs = engine.forward(inputs, spec.shares, gather_hidden=True)
@@ -143,6 +145,9 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         "num_tokens": model.validate_input(inputs),
         "token_ranges": ranges,
         "codec": spec.codec if spec.mode != "local" else None,
+        # No profile here: exact plans and lossless wires lose 0; any other codec, named by the user, is unmeasured.
+        "fidelity_loss": 0.0 if spec.mode == "local" or is_lossless(spec.codec) else None,
+        "timeline": timeline,
         "size_aware": spec.size_aware,
         "backend": ctx.backend,
         "device": str(ctx.device),
