@@ -67,7 +67,7 @@ def test_own_part_then_remote_equals_the_block(name):
     assert kv is not None and (kv[0] - full_kv[0]).abs().max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("codec", ["fp32", "sm4+int8"])
+@pytest.mark.parametrize("codec", ["fp32", "sm4+int8", "delta:lb8o4:lb3o4r"])
 def test_overlapped_split_equals_the_plain_split(codec):
     model = build_model("dinov2-tiny-test")
     inputs = synthetic_inputs(model.config, 2, seed=3)
