@@ -36,7 +36,8 @@ def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
     assert "unmeasured" in report["fidelity"] and "segment_means" in report["fidelity"]
     assert "fidelity loss" in (out / "summary.md").read_text()
     # Two interleaved rounds per point, with their spread; the host's load is reported beside the numbers.
-    assert all(r["n"] == 2 and r["latency_p25_s"] <= r["latency_p75_s"] for r in report["rows"])
+    assert all(r["latency_p25_s"] <= r["latency_p75_s"] for r in report["rows"])
+    assert all(r["n"] == 2 for r in report["rows"] if r["strategy"] != "oracle")  # the oracle: one chosen row
     assert "load average" in report["host_load"] and report["data"] == "synthetic"
     raw = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     split = [r for r in raw if r["mode"] == "distributed"]
