@@ -128,7 +128,7 @@ def handle(args) -> int:
                         rows_file=str(rows_file.resolve()), control_dir=control)
         _follow(session, spec, links, rows_file, control)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    rows = add_oracle(rows)
+    rows = add_oracle(rows, args.max_fidelity_loss)
     table = summarize(rows)
     gains = ratios(table)
     with open(out_dir / "rows.jsonl", "w") as handle_:
