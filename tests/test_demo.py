@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from edgeprism.cli.main import main
 
 
@@ -43,3 +45,23 @@ def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
     split = [r for r in raw if r["mode"] == "distributed"]
     assert split and all(len(r["timeline"]) == 2 and r["limit_s"] > 0 for r in split)  # vit-tiny-test: 2 layers
     assert all(r["achieved_over_limit"] > 0 and r["sequential_limit_s"] >= r["limit_s"] for r in raw)
+
+
+@pytest.mark.slow
+def test_real_weights_demo_reports_probe_accuracy_and_stays_faithful(tmp_path, capsys):
+    """`make demo`'s default: DINOv2-S/14 with its real weights on Fashion-MNIST at 224 px (needs `make assets`;
+    the first run fits the probe and measures every codec's fidelity, minutes on a busy host)."""
+    from edgeprism import assets
+
+    try:
+        assets.dinov2_checkpoint_dir()
+    except assets.AssetMissingError as err:
+        pytest.skip(f"real weights not prepared: {err}")
+    code = main(["demo", "--batches", "1,4", "--links", "wifi4", "--repeats", "1", "--out", str(tmp_path), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "dinov2-s14" and report["data"] == "fashion-mnist" and report["image_size"] == 224
+    assert set(report["probe_accuracy"]) >= {"local", "full_exchange", "segment_means", "adaptive"}
+    assert report["probe_accuracy"]["local"] == report["probe_accuracy"]["full_exchange"]  # exact
+    adaptive = [r for r in report["rows"] if r["strategy"] == "adaptive"]
+    assert adaptive and all(r["fidelity_loss"] is not None and r["fidelity_loss"] <= 0.01 for r in adaptive)
