@@ -7,7 +7,17 @@ import itertools
 
 import pytest
 
-from edgeprism.plan import Candidate, Limits, LinkEstimate, Plan, Request, choose_plan, enumerate_candidates, predict
+from edgeprism.plan import (
+    Candidate,
+    Limits,
+    LinkEstimate,
+    Plan,
+    Request,
+    choose_plan,
+    codec_exclusion,
+    enumerate_candidates,
+    predict,
+)
 from edgeprism.plan.cost import objective_score
 from edgeprism.plan.synthetic import synthetic_profile
 
@@ -227,3 +237,17 @@ def test_unmeasured_lossless_codecs_count_as_zero_loss_and_opt_in_plans_say_unme
     assert opted.mode == "distributed" and opted.codec not in ("fp32", "fp16") and opted.fidelity_loss is None
     assert "fidelity loss unmeasured" in str(opted)
     assert Plan.from_json(opted.to_json()) == opted
+
+
+def test_an_allowed_codec_list_restricts_the_choice_and_unlisted_codecs_hide_nothing():
+    profile = synthetic_profile(world_size=2)
+    request, link = Request(MODEL, 32, 197), _link(profile, bandwidth_bps=1e9, latency_s=1e-4)
+    free = choose_plan(profile, request, link, limits=ANY_CODEC)
+    assert free.codec not in ("int8", "fp16"), free  # something lighter wins when everything is allowed
+    listed = dataclasses.replace(ANY_CODEC, codecs=("fp16", "int8"))
+    plan = choose_plan(profile, request, link, limits=listed)
+    assert plan.mode == "local" or plan.codec in ("fp16", "int8")
+    brute = [c for c in enumerate_candidates(profile, request, link, "latency", listed) if c.excluded is None]
+    assert {c.plan.codec for c in brute} <= {"", "fp16", "int8"}
+    assert plan.predicted_latency_s == pytest.approx(min(c.prediction.total_s for c in brute))
+    assert "not among the allowed codecs" in codec_exclusion(profile.codec("sm4"), listed)

@@ -231,7 +231,7 @@ def bench_rank(ctx: DistContext, args: dict[str, Any], progress: Progress) -> No
     spec = JobSpec.from_dict(args)
     job = spec.job
     config = EngineConfig(max_batch=max(job.batches), probe_every=0, max_fidelity_loss=job.max_fidelity_loss,
-                          allow_unmeasured_codecs=job.allow_unmeasured_codecs)
+                          allow_unmeasured_codecs=job.allow_unmeasured_codecs, codecs=job.adaptive_codecs)
     engine = Engine.from_profile(job.model.name, spec.profile, seed=job.seed, ctx=ctx, config=config)
     peers = _build_peers(engine.model, ctx, job.strategies)
     control = make_control(ctx, CONTROL_TIMEOUT_S)

@@ -62,6 +62,7 @@ class Job:
     max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
     allow_unmeasured_codecs: bool = False
     codecs: tuple[str, ...] = ()
+    adaptive_codecs: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -97,7 +98,10 @@ class Scenario:
     weights: speed only). Rows of such plans say `fidelity_loss` null."""
     codecs: tuple[str, ...] = ()
     """Codecs the measured profile records, hence all the adaptive engine may choose from (empty: the
-    standard family); e.g. only the quantising family measured faithful on real-weights models."""
+    standard family); the static strategies' codecs must be among them."""
+    adaptive_codecs: tuple[str, ...] = ()
+    """The adaptive engine plans only with these (EngineConfig.codecs; empty: any the profile has): e.g. the
+    quantising family measured faithful on the real-weights models, while Segment Means stays a baseline."""
     expected_minutes: float | None = None
     """Documentation: how long the whole scenario took on this project's machine."""
     description: str = ""
@@ -146,7 +150,7 @@ class Scenario:
         """One job per (model case, world size, link), in that nesting order."""
         return [Job(self.name, case, world, link, tuple(self.batches), self.expanded_strategies(), self.repeats,
                     self.warmup, self.seed, self.skip_slower_than_s, self.max_fidelity_loss,
-                    self.allow_unmeasured_codecs, tuple(self.codecs))
+                    self.allow_unmeasured_codecs, tuple(self.codecs), tuple(self.adaptive_codecs))
                 for case in self.models for world in self.world_sizes for link in self.links]
 
     def to_dict(self) -> dict:
@@ -167,7 +171,8 @@ def scenario_from_dict(data: dict, default_name: str = "scenario") -> Scenario:
             raise ValueError(f"model entry {entry}: unknown keys {bad} (give name and, for text, seq_len)")
         models.append(ModelCase(str(entry["name"]), entry.get("seq_len")))
     tuples = {k: tuple(v) for k, v in data.items()
-              if k in ("links", "world_sizes", "batches", "strategies", "segment_means_codecs", "codecs")}
+              if k in ("links", "world_sizes", "batches", "strategies", "segment_means_codecs", "codecs",
+                      "adaptive_codecs")}
     data.update(tuples)
     data.setdefault("name", default_name)
     return Scenario(models=tuple(models), **data)
@@ -218,6 +223,7 @@ class JobSpec:
         job["batches"] = tuple(job["batches"])
         job["strategies"] = tuple(job["strategies"])
         job["codecs"] = tuple(job.get("codecs", ()))
+        job["adaptive_codecs"] = tuple(job.get("adaptive_codecs", ()))
         data["job"] = Job(**job)
         return cls(**data)
 

@@ -19,6 +19,8 @@ group, or a codec within it, whose lower bound cannot beat the best so far is sk
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from edgeprism.plan.cost import (
     apportion,
     codec_terms,
@@ -72,10 +74,13 @@ def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
 
 
 def _undominated_codecs(profile: Profile) -> tuple[CodecFidelity, ...]:
+    return _undominated(profile.codecs)
+
+
+def _undominated(codecs: Sequence[CodecFidelity]) -> tuple[CodecFidelity, ...]:
     """Codecs worth evaluating in `choose_plan`: a codec dominated by another is dropped (between two
     that cost and lose the same, the one listed first stays). Ordered lightest on the wire first so
     that the best is found early and the bounds prune the rest (ties: profile order)."""
-    codecs = profile.codecs
     keep = []
     for j, b in enumerate(codecs):
         if not any(_dominates(a, b) and (i < j or not _dominates(b, a)) for i, a in enumerate(codecs) if i != j):
@@ -86,8 +91,10 @@ def _undominated_codecs(profile: Profile) -> tuple[CodecFidelity, ...]:
 def codec_exclusion(codec: CodecFidelity, limits: Limits) -> str | None:
     """Why `codec` may not be used under `limits`, or None if it may."""
     loss = codec.fidelity_loss
-    if limits.admits(loss):
+    if limits.allows(codec.codec, loss):
         return None
+    if limits.codecs is not None and codec.codec not in limits.codecs:
+        return f"{codec.codec}: not among the allowed codecs ({', '.join(limits.codecs)})"
     if loss is None:
         return (f"{codec.codec}: fidelity not measured for this model (measure it with `edgeprism profile`, "
                 f"or opt in with --allow-unmeasured-codecs)")
@@ -125,12 +132,16 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     bandwidth_bps, link_latency_s = live_link_estimate.bandwidth_bps, live_link_estimate.latency_s
     ceiling = limits.max_latency_s
     budget = limits.max_fidelity_loss
-    codecs = tuple(c for c in profile.derived("plan.undominated_codecs", _undominated_codecs)
-                   if limits.admits(c.fidelity_loss))
-    losses = [c.fidelity_loss for c in profile.codecs]
+    listed = profile.codecs if limits.codecs is None else [c for c in profile.codecs if c.codec in limits.codecs]
+    # Dominance is taken among the listed codecs only: an unlisted codec must not hide a listed one it dominates.
+    candidates = (profile.derived("plan.undominated_codecs", _undominated_codecs) if limits.codecs is None
+                  else _undominated(listed))
+    codecs = tuple(c for c in candidates if limits.admits(c.fidelity_loss))
+    num_unlisted = len(profile.codecs) - len(listed)
+    losses = [c.fidelity_loss for c in listed]
     num_over_budget = sum(1 for loss in losses if loss is not None and not limits.admits(loss))
     num_unmeasured = sum(1 for loss in losses if loss is None and not limits.admits(None))
-    num_fidelity_excluded = num_over_budget + num_unmeasured
+    num_fidelity_excluded = num_over_budget + num_unmeasured + num_unlisted
     num_admissible = len(profile.codecs) - num_fidelity_excluded
 
     local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
@@ -179,6 +190,8 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     notes = []
     if num_over_budget:
         notes.append(f"{num_over_budget} codec(s) over the {budget:.2%} fidelity budget")
+    if num_unlisted:
+        notes.append(f"{num_unlisted} codec(s) not among the allowed ones")
     if num_unmeasured:
         notes.append(f"{num_unmeasured} codec(s) of unmeasured fidelity (no --allow-unmeasured-codecs)")
     if num_over_ceiling:

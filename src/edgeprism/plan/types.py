@@ -70,12 +70,20 @@ class Limits:
     max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
     max_latency_s: float | None = None
     allow_unmeasured_codecs: bool = False
+    codecs: tuple[str, ...] | None = None
+    """Only these of the profile's codecs (None: any); the fidelity rules above still apply to them."""
 
     def __post_init__(self) -> None:
+        if self.codecs is not None:
+            object.__setattr__(self, "codecs", tuple(self.codecs))  # frozen: a list from JSON becomes a tuple
         if self.max_fidelity_loss is not None and not (0.0 <= self.max_fidelity_loss <= 1.0):
             raise ValueError(f"max_fidelity_loss must be in [0, 1] (0.01 = 1 %), got {self.max_fidelity_loss}")
         if self.max_latency_s is not None and not (self.max_latency_s > 0):
             raise ValueError(f"max_latency_s must be > 0, got {self.max_latency_s}")
+
+    def allows(self, codec: str, fidelity_loss: float | None) -> bool:
+        """Whether the profile's `codec` of this fidelity loss may be used (listed, and `admits` its loss)."""
+        return (self.codecs is None or codec in self.codecs) and self.admits(fidelity_loss)
 
     def admits(self, fidelity_loss: float | None) -> bool:
         """Whether a codec of this (measured, or None: unmeasured) fidelity loss may be used."""

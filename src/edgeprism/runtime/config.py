@@ -20,6 +20,9 @@ class EngineConfig:
     allow_unmeasured_codecs: bool = False
     """Opt in to codecs whose fidelity for this model was never measured (random-weight demos, benchmarks
     of speed only). Off by default: an answer is never traded for speed silently."""
+    codecs: tuple[str, ...] = ()
+    """Plan only with these of the profile's codecs (empty: any), e.g. the quantising family a benchmark
+    opts in to; the fidelity budget still applies to them."""
     max_latency_s: float | None = None
     max_batch: int = 32
     """Requests with more rows are refused (ValueError for that request)."""
@@ -77,7 +80,8 @@ class EngineConfig:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_fidelity_loss, self.max_latency_s, self.allow_unmeasured_codecs)
+        return Limits(self.max_fidelity_loss, self.max_latency_s, self.allow_unmeasured_codecs,
+                      tuple(self.codecs) or None)
 
     def stall_s(self, predicted_latency_s: float) -> float:
         return max(self.min_stall_s, self.stall_factor * predicted_latency_s)

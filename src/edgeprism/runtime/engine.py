@@ -281,8 +281,9 @@ class Engine(Rank0Side, WorkerSide):
             return forced, request, link
         if limits is None:
             limits = self.config.limits
-        elif self.config.allow_unmeasured_codecs:  # the engine's opt-in holds for a request's own budget
-            limits = replace(limits, allow_unmeasured_codecs=True)
+        else:  # the engine's opt-in and codec list hold for a request's own budget
+            limits = replace(limits, allow_unmeasured_codecs=limits.allow_unmeasured_codecs
+                             or self.config.allow_unmeasured_codecs, codecs=self.config.limits.codecs)
         plan = choose_plan(self.profile, request, link, objective or self.config.objective, limits)
         return plan, request, link
 
