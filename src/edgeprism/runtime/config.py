@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from edgeprism.partition.transform import DEFAULT_SIZE_AWARE
+from edgeprism.partition.transform import DEFAULT_OVERLAP, DEFAULT_SIZE_AWARE
 from edgeprism.plan import DEFAULT_MAX_FIDELITY_LOSS, Limits
 
 
@@ -34,6 +34,8 @@ class EngineConfig:
     learn_link: bool = True
     """Re-estimate the link from every distributed request's exchanges and from probes (off: plan by the
     profile's link alone, e.g. a fixed wired link or a test that must not depend on this host's noise)."""
+    overlap: bool = DEFAULT_OVERLAP
+    """Overlap each encoder layer's exchange with the own-token attention (partition/overlap.py; exact)."""
     size_aware: bool = DEFAULT_SIZE_AWARE
     """log(count) logit bias for received means (the measured default; see partition.transform)."""
     blow_factor: float = 2.0

@@ -320,7 +320,7 @@ class Engine(Rank0Side, WorkerSide):
 
     def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
         lane = self._lanes[tuple(plan.ranks)]
-        transform = lane.transform(self.model, plan.codec, self.config.size_aware)
+        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap)
         # The plan's ranges (the counts the cost model costed) and the request's one header: the workers
         # get everything the split needs in the control message below; nothing is broadcast again.
         split, parts = transform.split(inputs, plan.token_ranges, want.gather_hidden, want.generate)

@@ -122,14 +122,14 @@ class Lane:
     exchanger: Exchanger | None
     transforms: dict = field(default_factory=dict)
 
-    def transform(self, model: ReferenceModel, codec_name: str, size_aware: bool):
+    def transform(self, model: ReferenceModel, codec_name: str, size_aware: bool, overlap: bool = True):
         from edgeprism.compress.registry import get_codec
         from edgeprism.partition.transform import PositionWise
 
-        key = (codec_name, size_aware)
+        key = (codec_name, size_aware, overlap)
         if key not in self.transforms:
             self.transforms[key] = PositionWise(model, self.ctx, get_codec(codec_name), size_aware=size_aware,
-                                                exchanger=self.exchanger)
+                                                exchanger=self.exchanger, overlap=overlap)
         return self.transforms[key]
 
 

@@ -115,7 +115,7 @@ class WorkerSide:
                 return 0
             stats = start_recording(exchanger)
             start = time.perf_counter()
-            transform = lane.transform(self.model, plan.codec, self.config.size_aware)
+            transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap)
             split = message["split"]
             if split["generate"]:
                 transform.generate(None, split["generate"], header=split)
