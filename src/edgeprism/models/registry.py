@@ -116,8 +116,10 @@ def family_for_hf(model_type: str | None) -> FamilyEntry:
     for entry in _FAMILIES.values():
         if model_type in entry.hf_model_types and entry.config_from_hf is not None:
             return entry
-    known = sorted(t for e in _FAMILIES.values() for t in e.hf_model_types)
-    raise ValueError(f"config.json has model_type {model_type!r}; edgeprism loads {', '.join(known)} checkpoints")
+    supported = "; ".join(f"{e.name} ({', '.join(e.hf_model_types)})" for e in sorted(
+        _FAMILIES.values(), key=lambda e: e.name) if e.hf_model_types and e.config_from_hf is not None)
+    raise ValueError(f"config.json has model_type {model_type!r}, which edgeprism cannot load or split; supported "
+                     f"families (model_type): {supported}")
 
 
 __all__ = [
