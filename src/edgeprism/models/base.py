@@ -80,6 +80,23 @@ class KVExchangeBlock(Protocol):
                  positions: Tensor | None = None) -> Tensor: ...
 
 
+def block_kv(block: Block, residual: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values of residual-stream vectors at absolute `positions` (T,), each (B, kv_heads, T, head_dim),
+    through whichever contract the block declares."""
+    if isinstance(block, KVExchangeBlock):
+        return block.kv_from_wire(block.wire_kv(residual, positions))
+    return block.attn.project_kv(block.kv_input(residual))
+
+
+def call_block(block: Block, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None,
+               positions: Tensor) -> Tensor:
+    """`block(x, bias=, kv=)` for queries at absolute `positions`; blocks with position embeddings
+    (plain `Block`s) have them in `x` already, rotary ones (`KVExchangeBlock`) take them here."""
+    if isinstance(block, KVExchangeBlock):
+        return block(x, bias=bias, kv=kv, positions=positions)
+    return block(x, bias=bias, kv=kv)
+
+
 def check_blocks(model: nn.Module) -> None:
     """Raise ValueError naming the first block of `model` that does not fit the `Block` protocol."""
     blocks = getattr(model, "blocks", None)
