@@ -64,6 +64,17 @@ class ModelConfig:
         return self.num_kv_heads or self.num_heads
 
     @property
+    def exchanges_kv(self) -> bool:
+        """The family's blocks send rotated keys and values (`models.base.KVExchangeBlock`), so a receiver
+        projects nothing for what it receives."""
+        return get_family(self.family).exchange_width is not None
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of one MLP: 3 for SwiGLU (gate, up, down; the "silu" blocks here), else 2."""
+        return 3 if self.hidden_act == "silu" else 2
+
+    @property
     def exchange_width(self) -> int:
         """Features per token a rank sends per layer, as the family's blocks declare it (`FamilyEntry.
         exchange_width`; the hidden size unless the blocks exchange keys and values)."""
