@@ -16,7 +16,7 @@ from edgeprism.evaluate.settings import codec_variants
 from edgeprism.evaluate.user_data import NEAR_TIE_MARGIN, read_items, split_items
 from edgeprism.plan import Limits, codec_exclusion
 from edgeprism.profile.fidelity import codec_entries, load_fidelity_rows, select_rows
-from model_folders import WORDS, gpt2_folder, vit_folder
+from model_folders import WORDS, gpt2_folder, has_llama, llama_folder, vit_folder
 
 
 def _texts(path, count, seed=0):
@@ -118,3 +118,14 @@ def test_data_file_mistakes_are_named(tmp_path, capsys):
     folder = gpt2_folder(tmp_path / "gpt2")
     assert main(["eval", "--model", str(folder), "--calibration-fraction", "0.3", "--codec", "fp16"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not has_llama(), reason="no 'llama' family registered on this branch")
+def test_inputs_of_a_llama_folder_follow_its_family_contract(tmp_path):
+    """load_io asks the family's declared causality, so a Llama folder reads text as a decoder."""
+    from edgeprism.inputs.io import load_io
+    from edgeprism.models.loading import model_config
+
+    folder = llama_folder(tmp_path / "my-llama")
+    io = load_io(model_config(str(folder)), folder)
+    assert io.task == "text-decoder" and io.encode_prompts(["a cat"]) == [list(b"a cat")]
