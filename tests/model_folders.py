@@ -55,6 +55,17 @@ def bert_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def roberta_folder(folder: Path, seed: int = 0) -> Path:
+    """RoBERTa: BERT's blocks, one segment type, positions counted from pad_token_id + 1."""
+    transformers = _quiet_transformers()
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=66, type_vocab_size=1,
+                                        pad_token_id=1)
+    transformers.RobertaModel(config).save_pretrained(folder)
+    return folder
+
+
 def gpt2_folder(folder: Path, seed: int = 0) -> Path:
     """A byte-level GPT-2 (vocabulary 257, BOS = EOS = 256: edgeprism's byte tokenizer convention)."""
     transformers = _quiet_transformers()

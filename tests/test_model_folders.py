@@ -15,11 +15,13 @@ import torch
 from devices import join, stop
 from edgeprism.cli.main import main
 from edgeprism.comm.auth import new_secret, write_secret_file
+from edgeprism.compress.registry import get_codec
+from edgeprism.evaluate.fidelity import run_distributed
 from edgeprism.models.loading import folder_model_name, load_model, model_config, resolve_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.runtime import EngineConfig, launch_engine
-from model_folders import BUILDERS, bert_folder, has_llama, unsupported_folder, vit_folder
+from model_folders import BUILDERS, bert_folder, has_llama, roberta_folder, unsupported_folder, vit_folder
 
 FAMILIES = ["vit", "bert", "gpt2", pytest.param("llama", marks=pytest.mark.skipif(
     not has_llama(), reason="no 'llama' family registered on this branch (models/llama.py comes with it)"))]
@@ -56,6 +58,24 @@ def test_folder_models_match_transformers_on_the_same_weights(tmp_path):
         want = theirs(input_ids=ids)
     assert torch.allclose(got["hidden"], want.last_hidden_state, atol=1e-5)
     assert torch.allclose(got["pooled"], want.pooler_output, atol=1e-5)
+    roberta = roberta_folder(tmp_path / "roberta")  # positions from pad_token_id + 1; right-padded rows
+    ours = load_model(str(roberta))
+    assert (ours.config.position_offset, ours.config.max_positions) == (2, 64)
+    theirs = transformers.RobertaModel.from_pretrained(roberta).eval()
+    ids = torch.randint(3, 50, (2, 64), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 40:], ids[1, 40:] = 0, 1
+    with torch.no_grad():
+        got = ours({"input_ids": ids, "attention_mask": mask})
+        want = theirs(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(got["hidden"][0], want.last_hidden_state[0], atol=1e-5)
+    assert torch.allclose(got["hidden"][1, :40], want.last_hidden_state[1, :40], atol=1e-5)
+    assert torch.allclose(got["pooled"], want.pooler_output, atol=1e-5)
+    # and the split (3 ranks, uneven shares, padded rows) puts each rank's tokens at their offset positions
+    split, _ = run_distributed(ours, [{"input_ids": ids, "attention_mask": mask}], get_codec("fp32"), 3,
+                               (0.5, 0.2, 0.3), gather_hidden=True)
+    assert torch.allclose(split[0]["pooled"], got["pooled"], atol=1e-5)
+    assert torch.allclose(split[0]["hidden"][1, :40], got["hidden"][1, :40], atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["mpnet", "t5"])

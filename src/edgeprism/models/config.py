@@ -41,6 +41,9 @@ class ModelConfig:
     max_positions: int = 0
     type_vocab_size: int = 2
     pad_token_id: int = 0
+    position_offset: int = 0
+    """Index of the first token's position embedding: RoBERTa-style encoders start at pad_token_id + 1
+    (`max_positions` counts the usable positions after it). Left out of `config_hash` at its default."""
     # --- decoders with rotary positions (Llama family); left out of `config_hash` at their defaults ---
     num_kv_heads: int = 0
     """Key/value heads of grouped-query attention (0 = num_heads: plain multi-head attention)."""
@@ -123,7 +126,8 @@ class ModelConfig:
             raise ValueError(f"rope scaling type {self.rope_type!r} is not supported; use none, 'linear' or 'llama3'")
 
 
-_HASH_OMITS_AT_DEFAULT = ("num_kv_heads", "rope_theta", "rope_type", "rope_scaling", "tie_word_embeddings")
+_HASH_OMITS_AT_DEFAULT = ("position_offset", "num_kv_heads", "rope_theta", "rope_type", "rope_scaling",
+                          "tie_word_embeddings")
 """Fields added after profiles were recorded: at their defaults they leave older presets' hashes unchanged."""
 
 

@@ -98,31 +98,44 @@ def _bert_layers(config: ModelConfig) -> dict[str, str]:
             "output.dense": "mlp.fc_out", "output.LayerNorm": "norm2"}
 
 
+_ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
+"""BERT's blocks and embeddings, positions counted from pad_token_id + 1 (transformers'
+`create_position_ids_from_input_ids`: right-padded rows give their real tokens exactly these)."""
+
+
 def _bert_from_hf(hf_config: dict, name: str) -> ModelConfig:
+    pad = hf_config.get("pad_token_id", 1 if hf_config.get("model_type") in _ROBERTA_TYPES else 0)
+    offset = pad + 1 if hf_config.get("model_type") in _ROBERTA_TYPES else 0
     return ModelConfig(name, "bert", hidden_size=hf_config["hidden_size"], num_layers=hf_config["num_hidden_layers"],
                        num_heads=hf_config["num_attention_heads"], hidden_act=hf_config.get("hidden_act", "gelu"),
                        intermediate_size=hf_config["intermediate_size"],
                        layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12), vocab_size=hf_config["vocab_size"],
-                       max_positions=hf_config["max_position_embeddings"],
-                       type_vocab_size=hf_config.get("type_vocab_size", 2),
-                       pad_token_id=hf_config.get("pad_token_id", 0))
+                       max_positions=hf_config["max_position_embeddings"] - offset,
+                       type_vocab_size=hf_config.get("type_vocab_size", 2), pad_token_id=pad,
+                       position_offset=offset)
 
 
 def _bert_hf_config(c: ModelConfig) -> dict:
-    return {"model_type": "bert", "architectures": ["BertModel"], **_encoder_hf_common(c), "vocab_size": c.vocab_size,
-            "max_position_embeddings": c.max_positions, "type_vocab_size": c.type_vocab_size,
+    if c.position_offset and c.position_offset != c.pad_token_id + 1:
+        raise ValueError(f"{c.name}: position offset {c.position_offset} is not pad_token_id {c.pad_token_id} + 1, "
+                         f"which no transformers config.json can say")
+    kind, model = ("roberta", "RobertaModel") if c.position_offset else ("bert", "BertModel")
+    return {"model_type": kind, "architectures": [model], **_encoder_hf_common(c), "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.position_offset + c.max_positions, "type_vocab_size": c.type_vocab_size,
             "pad_token_id": c.pad_token_id}
 
 
 def _bert_twin(c: ModelConfig):
     transformers = _transformers()
-    config = transformers.BertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                                     intermediate_size=c.intermediate_size, max_position_embeddings=c.max_positions,
-                                     type_vocab_size=c.type_vocab_size, layer_norm_eps=c.layer_norm_eps,
-                                     pad_token_id=c.pad_token_id, hidden_act=c.hidden_act,
-                                     attn_implementation="sdpa")
-    return transformers.BertModel(config, add_pooling_layer=c.pooler == "dense_tanh")
+    config_class, model_class = ((transformers.RobertaConfig, transformers.RobertaModel) if c.position_offset
+                                 else (transformers.BertConfig, transformers.BertModel))
+    config = config_class(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                          num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                          intermediate_size=c.intermediate_size,
+                          max_position_embeddings=c.position_offset + c.max_positions,
+                          type_vocab_size=c.type_vocab_size, layer_norm_eps=c.layer_norm_eps,
+                          pad_token_id=c.pad_token_id, hidden_act=c.hidden_act, attn_implementation="sdpa")
+    return model_class(config, add_pooling_layer=c.pooler == "dense_tanh")
 
 
 BERT = FamilyEntry(
@@ -134,7 +147,8 @@ BERT = FamilyEntry(
          "embeddings.token_type_embeddings": "token_type_embeddings", "embeddings.LayerNorm": "embed_norm",
          "pooler.dense": "pooler"},
         _bert_layers),
-    hf_model_types=("bert",), config_from_hf=_bert_from_hf, hf_config=_bert_hf_config, reference_twin=_bert_twin)
+    hf_model_types=("bert", *_ROBERTA_TYPES), config_from_hf=_bert_from_hf, hf_config=_bert_hf_config,
+    reference_twin=_bert_twin)
 
 
 # ---- GPT-2 (GPT2Model) ----

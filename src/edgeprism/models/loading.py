@@ -31,7 +31,7 @@ from edgeprism.models.registry import family_for_hf, get_family
 
 log = logging.getLogger(__name__)
 
-_PREFIXES = ("vit.", "bert.", "transformer.", "backbone.", "dinov2.", "model.")
+_PREFIXES = ("vit.", "bert.", "roberta.", "transformer.", "backbone.", "dinov2.", "model.")
 _IGNORED_SUFFIXES = ("position_ids", "mask_token")
 _IGNORED_PATTERN = re.compile(r"^h\.\d+\.attn\.(masked_)?bias$")  # GPT-2's causal-mask buffers
 
