@@ -10,6 +10,9 @@ from typing import Literal
 
 from edgeprism.models.registry import Modality, get_family
 
+RopeType = Literal["default", "linear", "llama3"]
+"""Rotary frequency scalings the Llama family reads (transformers' `rope_type`)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -46,7 +49,7 @@ class ModelConfig:
     """Key/value heads of grouped-query attention (0 = num_heads: plain multi-head attention)."""
     rope_theta: float = 10000.0
     """Rotary base (transformers' `rope_theta`)."""
-    rope_type: Literal["default", "linear", "llama3"] = "default"
+    rope_type: RopeType = "default"
     """Rotary frequency scaling (transformers' `rope_scaling["rope_type"]`); its numbers in `rope_scaling`."""
     rope_scaling: tuple[tuple[str, float], ...] = ()
     """The scaling's parameters as (name, value) pairs: `factor` ("linear"); `factor`, `low_freq_factor`,
