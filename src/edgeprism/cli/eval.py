@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+
+log = logging.getLogger(__name__)
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,7 +47,8 @@ def add_parser(subparsers) -> None:
                    help="log(count) logit bias for received means (both = measure each)")
     p.add_argument("--average", choices=["residual", "normed", "both"], default="normed",
                    help="what Segment Means averages: the normalised K/V input (default) or the residual stream")
-    p.add_argument("--limit", type=int, help="requests per evaluation set (default: the set's own)")
+    p.add_argument("--limit", type=int, help="requests per evaluation set (default: the set's own; with --data: the "
+                                             "file's first N items)")
     p.add_argument("--checkpoint", help="evaluate these weights (e.g. `edgeprism calibrate --out DIR`) instead of "
                                         "the model's shipped ones; the data are the same")
     p.add_argument("--out", help="also append the rows as JSON lines to this file")
@@ -117,15 +121,17 @@ def _data_rows(args, codecs: list[str], shares, progress) -> list[dict]:
     from edgeprism.evaluate.settings import evaluate_user_data
     from edgeprism.evaluate.user_data import read_items, split_items
     from edgeprism.inputs.io import load_io
+    from edgeprism.models.config import list_presets
     from edgeprism.models.loading import load_model
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-    if args.cr:
-        raise ValueError("--cr is for the built-in evaluation sets; with --data give --codec smN")
+    if (args.size_aware, args.average) != ("on", "normed"):
+        log.warning("--size-aware %s / --average %s: eval --data measures the runtime's defaults only (what a "
+                    "profile imports); not applied", args.size_aware, args.average)
     model = load_model(args.model, args.checkpoint)
     io = load_io(model.config, args.checkpoint)
-    items = read_items(args.data, model.config.modality)
+    items = read_items(args.data, model.config.modality)[:args.limit]  # --limit: the file's first items
     calibration, report = split_items(items, args.calibration_fraction)
     progress(f"{model.config.name}: {len(report)} items to report on" +
              (f", {len(calibration)} to choose codec settings on" if calibration else "") +
@@ -136,8 +142,10 @@ def _data_rows(args, codecs: list[str], shares, progress) -> list[dict]:
         progress(f"{name}: {entry['chosen']} chosen on the calibration split ({entry['metric']})")
     if args.out:
         names = ",".join(dict.fromkeys(row["codec"] for row in rows))
-        progress(f"import into a profile: edgeprism profile --model {args.checkpoint or args.model} "
-                 f"--world-size {args.world_size} --codecs {names} --fidelity {args.out} ...")
+        model_args = (f"--model {args.model}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+                      if args.model in list_presets() else f"--model {args.checkpoint}")
+        progress(f"import into a profile: edgeprism profile {model_args} --world-size {args.world_size} "
+                 f"--codecs {names} --fidelity {args.out} ...")
     return rows
 
 
