@@ -205,6 +205,8 @@ def user_eval_set(name: str, model: ReferenceModel, io: ModelIO, batches: list[I
     if decoder or io.classifier is not None:
         with torch.no_grad():
             reference_answers = torch.cat(answers([model(b) for b in batches]))
+        if decoder and reference_answers.shape[0] == 0:
+            raise ValueError(f"{name}: no text has 2 tokens or more, so there is no next token to score")
         ties = {"near_ties": int((_margins(reference_answers) < NEAR_TIE_MARGIN).sum()),
                 "items": int(reference_answers.shape[0])}
     return EvalSet(name, model, batches, score, gather_hidden=decoder, description=f"{len(batches)} batches"), ties
