@@ -140,3 +140,22 @@ def test_a_served_folder_admits_the_same_folder_and_refuses_other_weights(tmp_pa
         engine.close()
         for proc in devices:
             stop(proc, signal.SIGKILL, 5.0)
+
+
+def test_plan_profile_check_and_calibrate_take_a_folder(tmp_path, capsys):
+    folder = vit_folder(tmp_path / "my-vit")
+    assert main(["plan", "--synthetic", str(folder), "--batch", "2", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["profile"]["model"] == "my-vit"
+    assert planned["profile"]["config_hash"] == model_config(str(folder)).config_hash()
+    profile_path = tmp_path / "my-vit.profile.json"
+    synthetic_profile(model_config(str(folder))).save(profile_path)
+    assert main(["profile", "--model", str(folder), "--check", str(profile_path), "--world-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    other = vit_folder(tmp_path / "my-vit-wide" / "my-vit", seed=0)  # same name, another architecture
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    assert main(["profile", "--model", str(other), "--check", str(profile_path), "--world-size", "2"]) == 2
+    assert "another my-vit architecture" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(folder), "--codec", "sm4", "--out", str(tmp_path / "out")]) == 2
+    assert "eval --model DIR --data" in capsys.readouterr().err  # not a calibration preset's shape
