@@ -1,6 +1,8 @@
 """The Llama-family reference decoder equals transformers' LlamaForCausalLM with the same random weights
 (<= 1e-4 fp32 on logits), for tied and untied heads and each rotary scaling it reads; configs round-trip."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from edgeprism.compress import get_codec
 from edgeprism.models.config import ModelConfig, get_config
 from edgeprism.models.families import LLAMA
 from edgeprism.models.loading import build_model, load_pretrained
-from edgeprism.models.registry import get_family
+from edgeprism.models.registry import get_family, register_family
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition.ranges import split_tokens
 from edgeprism.partition.transform import PositionWise
@@ -134,3 +136,12 @@ def test_planner_costs_smollm2_at_its_kv_width():
     assert fp32.wire_bytes_per_token == 4.0 * 384 + 1  # K/V floats and a count, not 576 floats
     plan = choose_plan(profile, Request("smollm2-135m", 1, 512), LinkEstimate(50e6, 3e-3))
     assert plan.token_counts and sum(plan.token_counts) == 512
+
+
+def test_a_kv_width_the_family_entry_does_not_declare_is_refused():
+    # The cost model charges the entry's width; a block sending another width must not build.
+    register_family(dataclasses.replace(LLAMA, name="llama-undeclared", exchange_width=None))
+    config = ModelConfig("llama-undeclared-tiny", "llama-undeclared", hidden_size=64, num_layers=1, num_heads=8,
+                         num_kv_heads=2, intermediate_size=8, vocab_size=10, max_positions=16)
+    with pytest.raises(ValueError, match="sends 32 features per token .* exchange_width 64"):
+        build_model(config)

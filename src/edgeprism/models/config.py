@@ -20,7 +20,7 @@ class ModelConfig:
 
     name: str
     family: str
-    """A registered family (`models.registry`): "vit", "bert", "gpt2", or one registered from outside."""
+    """A registered family (`models.registry`): "vit", "bert", "gpt2", "llama", or one registered from outside."""
     hidden_size: int
     num_layers: int
     num_heads: int
