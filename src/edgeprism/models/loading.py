@@ -66,10 +66,11 @@ def convert_hf_state_dict(config: ModelConfig, hf: dict[str, Tensor]) -> dict[st
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 break
+        untied_head = name.startswith("lm_head.") and "lm_head" in names.top and not config.tie_word_embeddings
         if (
             name.endswith(_IGNORED_SUFFIXES)
             or _IGNORED_PATTERN.match(name)
-            or name.startswith(("lm_head.", "classifier.", "cls."))
+            or (name.startswith(("lm_head.", "classifier.", "cls.")) and not untied_head)
         ):
             continue
         if name in ("embeddings.cls_token", "embeddings.position_embeddings"):  # bare parameters

@@ -75,6 +75,10 @@ class FamilyEntry:
     reference_twin: Callable[[Config], nn.Module] | None = None
     """ModelConfig -> the randomly initialised transformers model computing the same function
     (`bench.transformers_twin` copies our weights into it); None: no twin."""
+    exchange_width: Callable[[Config], int] | None = None
+    """ModelConfig -> features per token a rank sends per layer, when the family's blocks exchange their
+    keys and values (`models.base.KVExchangeBlock`: 2 · kv_heads · head_dim for Llama); None: they send
+    hidden-state vectors (hidden_size). The cost model charges this width (`ModelConfig.exchange_width`)."""
     pipeline_keys: tuple[str, ...] = field(default=())
     """The keys the pipeline peer passes between stages as positional tensors (unpadded requests);
     empty: the `input_keys` without attention_mask."""

@@ -64,10 +64,13 @@ def synthetic_compute(model_name: str = "vit-base-patch16-224",
     d_ref = ref.hidden_size
     ref_flops = ref.num_layers * (24 * d_ref**2 * ref_tokens + 4 * d_ref * ref_tokens**2)
     seconds_per_flop = seconds_per_image / ref_flops
-    d = get_config(model_name).hidden_size
-    mlp_ratio = get_config(model_name).intermediate_size / d
-    per_token_flops = (2 + 2 + 4 * mlp_ratio) * d * d  # Q and output projections, MLP (2 matmuls)
-    per_kv_flops = 4 * d * d  # K and V projections
+    config = get_config(model_name)
+    d, d_kv = config.hidden_size, config.kv_heads * config.head_dim
+    mlp_ratio = config.intermediate_size / d
+    per_token_flops = (2 + 2 + 2 * config.mlp_matrices * mlp_ratio) * d * d  # Q and output projections, MLP
+    per_kv_flops = 4 * d * d_kv  # K and V projections (plan/accounting.py's convention)
+    if config.exchanges_kv:  # received K/V arrive projected: only own tokens are projected
+        per_token_flops, per_kv_flops = per_token_flops + per_kv_flops, 0
     table = ComputeTable(fixed_s=2e-4, per_token_s=per_token_flops * seconds_per_flop,
                          per_kv_s=per_kv_flops * seconds_per_flop, per_token_kv_s=4 * d * seconds_per_flop,
                          request_overhead_s=5e-3)
@@ -101,7 +104,7 @@ def synthetic_profile(model_name: str = "vit-base-patch16-224", world_size: int 
                              method="synthetic", emulation="wifi4-like"),
         energy=EnergyModel(source=energy_source, idle_w=2.0, compute_w=6.0, staging_w=3.0,  # type: ignore[arg-type]
                            network_w=1.5, meter="synthetic"),
-        codecs=tuple(codecs) if codecs is not None else synthetic_codecs(config.hidden_size),
+        codecs=tuple(codecs) if codecs is not None else synthetic_codecs(config.exchange_width),
         input_bytes_per_token=input_bytes_per_token,
         output_bytes_per_row=4.0 * config.hidden_size if config.causal else 0.0,
         created_utc="1970-01-01T00:00:00Z", notes="synthetic profile for tests; not measured")

@@ -300,7 +300,7 @@ def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Seque
     else:
         rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
     selected = select_rows(rows, config.name, options.world_size)
-    entries = codec_entries(codecs, config.hidden_size, selected, num_layers=config.num_layers)
+    entries = codec_entries(codecs, config.exchange_width, selected, num_layers=config.num_layers)
     unmeasured = [e.codec for e in entries if e.loss is None]
     if rows and unmeasured:
         fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"
