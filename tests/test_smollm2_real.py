@@ -9,12 +9,16 @@ suite checks the converted folder alone against ids that comparison produced (a 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from edgeprism import assets
 from edgeprism.assets.datasets import gpt2_heldout_bytes
+from edgeprism.inputs.text import load_tokenizer
+from edgeprism.models.config import get_config
+from edgeprism.models.loading import build_model, config_from_hf, load_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -110,3 +114,36 @@ def test_perplexity_on_heldout_text_is_sane(ours):
     with torch.no_grad():
         perplexity = math.exp(model(ids, labels=ids).loss.item())
     assert 10 < perplexity < 60, perplexity
+
+
+def test_our_reference_model_equals_transformers_on_the_real_weights(folder, ours):
+    """edgeprism's Llama (the `smollm2-135m` preset with the folder's weights) against transformers'
+    LlamaForCausalLM on the same folder: <= 1e-4 fp32 on every position's logits. The preset's architecture is
+    the one the folder's config.json describes."""
+    model, tokenizer = ours
+    from_folder = config_from_hf(json.loads((folder / "config.json").read_text()), "smollm2-135m")
+    assert from_folder == get_config("smollm2-135m")
+    preset = build_model("smollm2-135m", seed=None)
+    load_checkpoint(preset, folder)
+    ids = tokenizer(PROMPTS[3] + "Red, yellow and blue.", return_tensors="pt").input_ids  # (1, T)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits  # (1, T, vocab)
+        out = preset({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        assert (preset.logits(out["hidden"]) - expected).abs().max().item() <= 1e-4
+        assert (out["logits_last"][0] - expected[0, -1]).abs().max().item() <= 1e-4
+
+
+def test_inputs_turn_strings_into_the_models_ids(folder, ours):
+    """edgeprism.inputs reads the folder's tokenizer.json: same ids as transformers, nothing added around a text
+    (the file says no BOS), control tokens whole, decoding drops them."""
+    _, tokenizer = ours
+    hf_config = json.loads((folder / "config.json").read_text())
+    text_tokenizer = load_tokenizer(folder, hf_config, "smollm2-135m", hf_config["vocab_size"])
+    assert (text_tokenizer.vocab_size, text_tokenizer.num_special_tokens) == (49152, 0)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                         add_generation_prompt=True)
+    for text in SAMPLE_TEXTS + [chat]:
+        assert list(text_tokenizer.encode(text).ids) == tokenizer(text).input_ids, text
+    ids = text_tokenizer.encode(chat).ids
+    assert ids[0] == hf_config["bos_token_id"] and ids.count(hf_config["eos_token_id"]) == 2  # <|im_start|>/<|im_end|>
+    assert text_tokenizer.decode(ids).startswith("system\nYou are a helpful AI assistant")
