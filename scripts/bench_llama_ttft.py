@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--codecs", default="fp32,fp16,int8,int4",
                    help="static 2-device plans, one per codec (those the profile has)")
     p.add_argument("--peers", default="transformers,llama.cpp", help="1-core peers to run (empty: none)")
-    p.add_argument("--decode-tokens", type=int, default=16, help="K of the decode rate (0: no decode requests)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="K of the decode rate (0: no decode requests)")
     p.add_argument("--decode-for", default=f"{LOCAL},{PLANNER},fp16,{HF},{LLAMA_CPP}",
                    help="strategies (names, or a codec for its 2-device plan) whose decode rate is measured")
     p.add_argument("--profile", default="synthetic", help="profile path; '{link}' is replaced; or 'synthetic'")
@@ -210,15 +210,15 @@ def inner(args) -> int:
                 shift = repeat % len(strategies)
                 for strategy in strategies[shift:] + strategies[:shift]:
                     ttft_s, first, about = timed(engine, peers, strategy, ids, inputs, plans, 1)
-                    decode = None
+                    total_s = decode = None
                     if args.decode_tokens and strategy in decode_for:
                         total_s = timed(engine, peers, strategy, ids, inputs, plans, 1 + args.decode_tokens)[0]
-                        decode = args.decode_tokens / max(total_s - ttft_s, 1e-9)
+                        decode = args.decode_tokens / (total_s - ttft_s) if total_s > ttft_s else None
                     if repeat < 0:
                         continue
                     rows.append({**facts, "strategy": strategy, "num_tokens": length, "repeat": repeat,
-                                 "ttft_s": ttft_s, "decode_tokens_per_s": decode,
-                                 "decode_tokens": args.decode_tokens if decode else 0, "first_token": first, **about,
+                                 "ttft_s": ttft_s, "ttft_plus_decode_s": total_s, "decode_tokens_per_s": decode,
+                                 "decode_tokens": args.decode_tokens if total_s else 0, "first_token": first, **about,
                                  "load_average_1m": os.getloadavg()[0], "time_s": time.time()})
                     print(f"[{link}] {length} tokens, repeat {repeat}: {strategy}: TTFT {ttft_s * 1e3:.0f} ms"
                           + (f", decode {decode:.1f} tok/s" if decode else "") + f" {about.get('plan', '')}",
@@ -248,6 +248,15 @@ def timed(engine, peers: Peers, strategy: str, ids: list[int], inputs, plans: di
     return seconds, int(result.outputs["tokens"][0, 0]), about
 
 
+def _decode_rate(rows: list[dict]) -> str:
+    """K / (median time for 1 + K tokens - median TTFT): medians first, so one noisy pair cannot flip the sign."""
+    pairs = [(r["ttft_s"], r["ttft_plus_decode_s"]) for r in rows if r.get("ttft_plus_decode_s")]
+    if not pairs:
+        return "-"
+    seconds = statistics.median(t for _, t in pairs) - statistics.median(t for t, _ in pairs)
+    return f"{rows[0]['decode_tokens'] / seconds:.1f}" if seconds > 0 else "n/a (noise)"
+
+
 def _spread(values) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -256,8 +265,9 @@ def table(rows: list[dict]) -> str:
     """TTFT per (link, strategy, length): median (min-max) over repeats, ratio to our one device on the same link."""
     lines = ["# Time to first token, SmolLM2-135M", "",
              "Seconds, median (min-max) over repeats; `vs 1 device` = median TTFT / median of `ours 1 device` on "
-             "the same link and length (below 1 = faster); decode = tokens/s after the prefill (median). Each link "
-             "is its own run: 1-core rows are measured again, interleaved with that link's 2-device rows.", ""]
+             "the same link and length (below 1 = faster); decode = K / (median time for 1 + K tokens - median "
+             "TTFT), tokens/s. Each link is its own run: 1-core rows are measured again, interleaved with that "
+             "link's 2-device rows.", ""]
     lengths = sorted({r["num_tokens"] for r in rows})
     for link in sorted({r["link"] for r in rows}):
         mine = [r for r in rows if r["link"] == link]
@@ -277,9 +287,7 @@ def table(rows: list[dict]) -> str:
                     continue
                 ttft = [r["ttft_s"] for r in here]
                 ratio = f"{statistics.median(ttft) / statistics.median(base):.2f}" if base else "-"
-                decode = [r["decode_tokens_per_s"] for r in here if r["decode_tokens_per_s"]]
-                cells.append(f"{_spread(ttft)} | {ratio} | {statistics.median(decode):.1f}" if decode
-                             else f"{_spread(ttft)} | {ratio} | -")
+                cells.append(f"{_spread(ttft)} | {ratio} | {_decode_rate(here)}")
                 plans |= {r.get("plan") or "-" for r in here}
                 local_first = {r["repeat"]: r["first_token"] for r in mine
                                if r["strategy"] == LOCAL and r["num_tokens"] == n}
