@@ -36,7 +36,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--uniform-weighting", dest="size_aware", action="store_false",
                    help="no log(count) logit bias for received means (default: size-aware, as measured best)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
-                   help="GPT-2: greedily generate N tokens after the prefill; the last rank decodes from its cache")
+                   help="decoders (GPT-2, Llama): greedily generate N tokens after the prefill; the last rank decodes "
+                        "from its cache; with --compare-local the prefill is compared too")
     p.add_argument("--compare-local", action="store_true", help="also run one device and report max_abs_diff")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1)

@@ -10,6 +10,9 @@ from typing import Literal
 
 from edgeprism.models.registry import Modality, get_family
 
+RopeType = Literal["default", "linear", "llama3"]
+"""Rotary frequency scalings the Llama family reads (transformers' `rope_type`)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -17,7 +20,7 @@ class ModelConfig:
 
     name: str
     family: str
-    """A registered family (`models.registry`): "vit", "bert", "gpt2", or one registered from outside."""
+    """A registered family (`models.registry`): "vit", "bert", "gpt2", "llama", or one registered from outside."""
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -46,7 +49,7 @@ class ModelConfig:
     """Key/value heads of grouped-query attention (0 = num_heads: plain multi-head attention)."""
     rope_theta: float = 10000.0
     """Rotary base (transformers' `rope_theta`)."""
-    rope_type: Literal["default", "linear", "llama3"] = "default"
+    rope_type: RopeType = "default"
     """Rotary frequency scaling (transformers' `rope_scaling["rope_type"]`); its numbers in `rope_scaling`."""
     rope_scaling: tuple[tuple[str, float], ...] = ()
     """The scaling's parameters as (name, value) pairs: `factor` ("linear"); `factor`, `low_freq_factor`,
@@ -182,7 +185,7 @@ register(ModelConfig("vit-fmnist-tiny", "vit", hidden_size=64, num_layers=4, num
 # as in real models; and SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json; weights: docs/DATA.md).
 register(ModelConfig("llama-tiny", "llama", hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2,
                      intermediate_size=128, layer_norm_eps=1e-5, hidden_act="silu", vocab_size=1000,
-                     max_positions=256, rope_theta=10000.0, tie_word_embeddings=False, pooler="none"))
+                     max_positions=1024, rope_theta=10000.0, tie_word_embeddings=False, pooler="none"))
 register(ModelConfig("smollm2-135m", "llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
                      intermediate_size=1536, layer_norm_eps=1e-5, hidden_act="silu", vocab_size=49152,
                      max_positions=8192, rope_theta=100000.0, tie_word_embeddings=True, pooler="none"))

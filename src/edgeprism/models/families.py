@@ -8,8 +8,10 @@ against. `models/__init__.py` imports this module, so the entries exist whenever
 
 from __future__ import annotations
 
+from typing import cast
+
 from edgeprism.models.bert import TEXT_KEYS, Bert
-from edgeprism.models.config import ModelConfig
+from edgeprism.models.config import ModelConfig, RopeType
 from edgeprism.models.gpt2 import GPT2
 from edgeprism.models.llama import LLAMA3_KEYS, Llama
 from edgeprism.models.registry import CheckpointNames, FamilyEntry, register_family
@@ -188,7 +190,7 @@ def _llama_layers(config: ModelConfig) -> dict[str, str]:
 _ROPE_PARAMS = {"default": (), "linear": ("factor",), "llama3": LLAMA3_KEYS}
 
 
-def _llama_rope(hf_config: dict) -> tuple[str, float, tuple[tuple[str, float], ...]]:
+def _llama_rope(hf_config: dict) -> tuple[RopeType, float, tuple[tuple[str, float], ...]]:
     """(rope type, base, scaling parameters) from config.json: transformers 4's `rope_theta` + `rope_scaling`
     or transformers 5's `rope_parameters`."""
     params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
@@ -200,7 +202,7 @@ def _llama_rope(hf_config: dict) -> tuple[str, float, tuple[tuple[str, float], .
     missing = [k for k in _ROPE_PARAMS[kind] if k not in params]
     if missing:
         raise ValueError(f"rope scaling {kind!r} lacks {', '.join(missing)} in config.json")
-    return kind, theta, tuple((k, float(params[k])) for k in _ROPE_PARAMS[kind])
+    return cast(RopeType, kind), theta, tuple((k, float(params[k])) for k in _ROPE_PARAMS[kind])
 
 
 def _llama_from_hf(hf_config: dict, name: str) -> ModelConfig:

@@ -68,6 +68,8 @@ class RMSNorm(nn.Module):
 class GroupedQueryAttention(nn.Module):
     """num_heads query heads sharing kv_heads key/value heads; no biases (Llama)."""
 
+    inv_freq: Tensor  # (head_dim // 2,) rotary inverse frequencies, a buffer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, hd = config.hidden_size, config.head_dim

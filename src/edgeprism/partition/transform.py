@@ -76,10 +76,9 @@ def own_key_bias(valid: Tensor, token_start: int, token_end: int, causal: bool, 
 
 def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", "normed"],
                      positions: Tensor | None = None) -> Tensor:
-    """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2, or its
-    measured departure): the residual stream, or the block's normalised K/V input ("normed"). A block that
-    declares `KVExchangeBlock` (rotary positions) sends its keys and values instead, rotated at the tokens'
-    absolute `positions` (n,), whatever `average` says: (B, n, exchange_width)."""
+    """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2 and its
+    departures): the residual stream, the block's normalised K/V input ("normed"), or, for a `KVExchangeBlock`
+    (rotary), its keys and values rotated at the tokens' absolute `positions` (n,): (B, n, exchange_width)."""
     if isinstance(block, KVExchangeBlock):
         assert positions is not None, "a rotary block's keys need their absolute positions"
         return block.wire_kv(hidden, positions)
@@ -93,9 +92,8 @@ def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Te
     """One block of the restructured attention (docs/ARCHITECTURE.md rules 3-5) for one rank.
 
     hidden (B, n_own, d) own residual stream at absolute `positions` (n_own,); own_bias (B, 1, n_own, n_own)
-    from `own_key_bias`; remote (B, S_remote, w) the decoded vectors this rank may read (w: the hidden size,
-    or the K/V width of a `KVExchangeBlock`) and counts (B, S_remote) the tokens each stands for; `sent`:
-    this rank's own `exchanged_states` if already computed.
+    from `own_key_bias`; remote (B, S_remote, exchange_width) the decoded vectors this rank may read and counts
+    (B, S_remote) the tokens each stands for; `sent`: this rank's own `exchanged_states` if already computed.
     Returns (new hidden (B, n_own, d), (k, v) over [own ; remote], remote bias (B, 1, 1, S_remote)).
     The distributed transform and the single-process emulation (`edgeprism.calibrate`) both call it.
     """
@@ -105,8 +103,8 @@ def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Te
     remote_bias = remote_key_bias(counts, size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
     bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
     if isinstance(block, KVExchangeBlock):  # received keys/values are used as they arrive
-        own_wire = sent if sent is not None else block.wire_kv(hidden, positions)
-        kv = block.kv_from_wire(torch.cat([own_wire, remote], dim=1))  # each (B, kv_heads, n_own + S_remote, hd)
+        own = sent if sent is not None else block.wire_kv(hidden, positions)
+        kv = block.kv_from_wire(torch.cat([own, remote], dim=1))  # each (B, kv_heads, n_own + S_remote, hd)
     else:
         own_kv_in = sent if (sent is not None and average == "normed") else block.kv_input(hidden)
         remote_kv_in = block.kv_input(remote) if average == "residual" else remote
@@ -136,6 +134,9 @@ class PositionWise:
         if average not in ("residual", "normed"):
             raise ValueError(f"average {average!r} must be 'residual' or 'normed'")
         self.average = average
+        if average != DEFAULT_AVERAGE and model.config.exchanges_kv:
+            log.warning("average=%r has no effect on %s: its blocks exchange rotated keys and values",
+                        average, model.config.name)
         self.exchanger = exchanger or Exchanger(ctx)
         self._requests = 0
         self._warned_ratio = not warn_clamped_ratio
