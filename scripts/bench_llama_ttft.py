@@ -133,12 +133,20 @@ class Peers:
                 out = self.hf.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                        do_sample=False)
             return int(out[0, len(ids)])
-        self.llama.reset()  # no prefix reuse: the whole prompt is evaluated again
-        self.llama.eval(ids)
-        first = token = int(np.argmax(self.llama.scores[self.llama.n_tokens - 1]))
+        import llama_cpp
+
+        llm = self.llama
+
+        def next_token() -> int:  # argmax of the last evaluated position's logits (llama.cpp keeps only those)
+            logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+        llm.reset()  # no prefix reuse: the whole prompt is evaluated again (eval drops the stale cache)
+        llm.eval(ids)
+        first = token = next_token()
         for _ in range(new_tokens - 1):
-            self.llama.eval([token])
-            token = int(np.argmax(self.llama.scores[self.llama.n_tokens - 1]))
+            llm.eval([token])
+            token = next_token()
         return first
 
 
