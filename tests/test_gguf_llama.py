@@ -167,3 +167,5 @@ def test_what_is_not_a_plain_llama_is_refused():
     assert gguf_llama.hf_tensor_name("blk.12.ffn_down.weight") == "model.layers.12.mlp.down_proj.weight"
     with pytest.raises(ValueError, match="'llama'"):
         gguf_llama.gguf_tokenizer_json({"tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="'default' is not built"):
+        gguf_llama.gguf_tokenizer_json({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default"})

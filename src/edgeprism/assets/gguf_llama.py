@@ -53,13 +53,12 @@ _GGML_CONTROL = 3
 """``tokenizer.ggml.token_type`` of a control token (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL), kept whole."""
 
 _PRE_TOKENIZERS = {
-    # llama.cpp's "smollm" (as "starcoder", "refact", "command-r"): every digit alone, then GPT-2's split. The
-    # same as the pre-tokenizer of SmolLM2's own tokenizer.json (Digits(individual_digits) + ByteLevel).
+    # llama.cpp's "smollm" (as its "starcoder"): every digit alone (\p{N}), then GPT-2's split. The same as the
+    # pre-tokenizer of SmolLM2's own tokenizer.json (Digits(individual_digits) + ByteLevel). llama.cpp's
+    # "default" is another split (punctuation runs, 3-digit groups): not built here, so refused.
     "smollm": ("digits", "gpt2"),
     "starcoder": ("digits", "gpt2"),
-    "refact": ("digits", "gpt2"),
     "gpt2": ("gpt2",),
-    "default": ("gpt2",),
 }
 
 
@@ -162,11 +161,11 @@ def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if kind != "gpt2":
         raise ValueError(f"tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is built here")
     if pre not in _PRE_TOKENIZERS:
-        raise ValueError(f"tokenizer.ggml.pre {pre!r} is not known here; known: {sorted(_PRE_TOKENIZERS)}")
+        raise ValueError(f"tokenizer.ggml.pre {pre!r} is not built here; known: {sorted(_PRE_TOKENIZERS)}")
     if meta.get("tokenizer.ggml.add_bos_token") or meta.get("tokenizer.ggml.add_eos_token"):
         raise ValueError("this GGUF asks for BOS/EOS to be added to every text; that post-processor is not built")
     tokens = list(meta["tokenizer.ggml.tokens"])
