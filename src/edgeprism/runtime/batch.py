@@ -99,7 +99,7 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
     latencies: list[float] = []
     timeline: list[dict] = []
-    outputs = None
+    outputs = prefill = None
     if spec.mode == "local":
         if not ctx.is_root:
             return None
@@ -129,8 +129,8 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
                 latencies.append(time.perf_counter() - start)
         timeline = engine.timeline.to_rows()  # the last timed request's layers on this rank
         stats_rows = _gather_stats(ctx, engine.exchanger, engine.exchanger.stats)
-        if spec.compare_local and not spec.generate:  # untimed: gather every hidden state for a strict comparison
-            outputs = engine.forward(inputs, spec.shares, gather_hidden=True)
+        if spec.compare_local:  # untimed: gather every hidden state for a strict comparison (the prefill's too)
+            prefill = engine.forward(inputs, spec.shares, gather_hidden=True)
         ranges = None
         if ctx.is_root:
             num_tokens = model.validate_input(inputs)
@@ -181,10 +181,11 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         if spec.compare_local:
             reference_ids = greedy_generate(model, inputs, spec.generate)
             result["generated_match_fraction"] = float((reference_ids == outputs).float().mean())
-    elif spec.compare_local:
+    if spec.compare_local and (prefill is not None or not spec.generate):
         with torch.no_grad():
             reference = model(inputs)
-        result["max_abs_diff"], result["max_abs_diff_per_output"] = _max_abs_diff(outputs, reference)
+        compared = prefill if prefill is not None else outputs
+        result["max_abs_diff"], result["max_abs_diff_per_output"] = _max_abs_diff(compared, reference)
     return result
 
 
