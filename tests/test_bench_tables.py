@@ -16,7 +16,8 @@ def _rows():
     rows = []
     for latency in (1.0, 1.2, 1.1):
         rows += [_row("local", latency), _row("transformers", latency * 0.99), _row("full_exchange", latency * 5),
-                 _row("segment_means:sm16", latency * 0.8, plan="sm16 x2"), _row("pipeline", latency * 1.1),
+                 {**_row("segment_means:sm16", latency * 0.8, plan="sm16 x2"), "fidelity_loss": 0.005},
+                 _row("pipeline", latency * 1.1),
                  _row("adaptive", latency * 0.82, plan="sm16 x2")]
     rows.append({**_row("tensor_parallel", 0.0), "skipped": True, "latency_s": None, "energy_j": None,
                  "latency_lower_bound_s": 50.0, "reason": "wire time"})
@@ -43,6 +44,16 @@ def test_summary_oracle_and_ratios():
     assert entry["ratio_is_upper_bound"] == ["tensor_parallel"]
     assert entry["latency_reduction_vs_full"] == pytest.approx(1 - 0.82 / 5)
     assert entry["local_over_transformers"] == pytest.approx(1 / 0.99)
+
+
+def test_the_oracle_is_held_to_the_fidelity_budget_too():
+    lossy = [{**r, "fidelity_loss": 0.14} if r["strategy"].startswith("segment_means") else r for r in _rows()]
+    unmeasured = [{**r, "fidelity_loss": None} if r["strategy"].startswith("segment_means") else r for r in _rows()]
+    for rows in (lossy, unmeasured):
+        by = {r["strategy"]: r for r in tables.add_oracle(tables.summarize(rows))}
+        assert by["oracle"]["oracle_of"] == "local", by["oracle"]  # sm16 is faster, but not faithful
+    by = {r["strategy"]: r for r in tables.add_oracle(tables.summarize(lossy), max_fidelity_loss=0.2)}
+    assert by["oracle"]["oracle_of"] == "segment_means:sm16"
 
 
 def test_goals_list_every_miss_and_markdown_says_so():

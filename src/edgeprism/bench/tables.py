@@ -14,6 +14,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
+
 log = logging.getLogger(__name__)
 
 PEERS = ("local", "transformers", "full_exchange", "pipeline", "tensor_parallel")
@@ -90,14 +92,25 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["model_case"], r["world_size"], r["link"], r["batch"], r["strategy"]))
 
 
-def add_oracle(summary: list[dict]) -> list[dict]:
-    """Append per point the hindsight oracle: the static strategy with the lowest median latency."""
+def _faithful(entry: dict, max_fidelity_loss: float | None) -> bool:
+    """Local and full exchange are exact; a Segment Means strategy counts only when its loss was measured
+    within the budget (the adaptive engine is held to it; issue 16)."""
+    if entry["strategy"] in ("local", "full_exchange"):
+        return True
+    loss = entry.get("fidelity_loss")
+    return loss is not None and (max_fidelity_loss is None or loss <= max_fidelity_loss)
+
+
+def add_oracle(summary: list[dict], max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS) -> list[dict]:
+    """Append per point the hindsight oracle: the static strategy with the lowest median latency, among those
+    within the fidelity budget (a Segment Means baseline of unmeasured or larger loss is no target)."""
     out = [r for r in summary if r["strategy"] != "oracle"]
     points: dict[tuple, list[dict]] = {}
     for r in out:
         points.setdefault(_point(r), []).append(r)
     for mine in points.values():
-        static = [r for r in mine if _is_static(r["strategy"]) and not r["skipped"]]
+        static = [r for r in mine if _is_static(r["strategy"]) and not r["skipped"]
+                  and _faithful(r, max_fidelity_loss)]
         if static:
             best = min(static, key=lambda r: r["latency_median_s"])
             best_energy = min(static, key=lambda r: r["energy_median_j"])
