@@ -29,7 +29,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "probe": {"epoch": int, "ranks": list, "nbytes": int, "stall_s": _NUMBER},
     "ping": {"epoch": int},
     "job": {"epoch": int, "name": str, "args": dict},
-    "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER},
+    "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER, "sealed": bool},
     "shutdown": {},
     "release": {},
     "evicted": {"reason": str, "rejoin": bool},
@@ -150,6 +150,8 @@ class Session:
     slot: int
     key: bytes
     sequence: int = 0
+    boot_nonce: bytes = b""
+    """Rank 0's boot nonce this session was admitted under (lane keys derive from it)."""
 
     @property
     def channel(self) -> bytes:

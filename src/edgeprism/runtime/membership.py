@@ -319,7 +319,7 @@ def join_cluster(store, secret: bytes | None, rank: int, digests: dict[str, byte
     store.delete_key(f"join/{slot}/reply")
     if blob == UNAUTHENTICATED:
         raise AuthError(f"rank 0 refused rank {rank}'s join: this process does not hold the cluster's secret")
-    session = Session(rank, slot, session_key(key, boot_nonce, slot, nonce))
+    session = Session(rank, slot, session_key(key, boot_nonce, slot, nonce), boot_nonce=boot_nonce)
     try:
         message = decode_control(session.key, b"admit", slot, blob)
     except ControlError as err:

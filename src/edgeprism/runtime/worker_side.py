@@ -13,8 +13,8 @@ from edgeprism.comm.exchange import PeerError
 from edgeprism.plan import Plan
 from edgeprism.runtime.cluster_jobs import lane_job_context, run_job_here
 from edgeprism.runtime.control import ControlError, Mailbox
-from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
-from edgeprism.runtime.membership import acknowledge, describe_self, join_cluster
+from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, start_digests, start_recording
+from edgeprism.runtime.membership import acknowledge, admission_key, describe_self, join_cluster
 from edgeprism.runtime.telemetry import probe_exchanges, sync, telemetry
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for both sides of the engine
@@ -71,10 +71,11 @@ class WorkerSide:
         self._epoch = message["epoch"]
         if self.ctx.group_rank not in members:
             return
+        keys = LaneKeys(admission_key(self._secret), self._mailbox.session.boot_nonce, message["sealed"])
         try:
             self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
                                             float(message["timeout_s"]), float(message["build_timeout_s"]),
-                                            self._bind_addr)
+                                            self._bind_addr, keys)
             self._members = members
         except RuntimeError as err:
             log.warning("rank %d: epoch %d did not connect: %s", self.ctx.group_rank, self._epoch, err)
