@@ -138,3 +138,44 @@ def test_a_lane_message_that_does_not_open_is_rerun_locally_and_its_sender_dropp
         again = engine.infer(inputs)
         assert again.metrics.mode == "distributed" and not again.metrics.fallback
         assert all(torch.allclose(v, reference[k], atol=1e-5, rtol=0) for k, v in again.outputs.items())
+
+
+def test_the_profile_records_sealing_per_codec_and_the_planner_charges_it_only_when_lanes_are_sealed():
+    from dataclasses import replace
+
+    from edgeprism.plan import Request, choose_plan
+    from edgeprism.plan.cost import predict
+    from edgeprism.plan.types import LinkEstimate
+    from edgeprism.profile.schema import Profile
+    from edgeprism.profile.sealing import SealingCost, SealingSample, codec_messages, fit_sealing, measure_sealing
+
+    base = synthetic_profile("vit-base-patch16-224", device_speeds=(1.0, 1.0, 1.0))
+    messages = codec_messages(base.codecs, 197, 3)
+    assert set(messages) == {c.codec for c in base.codecs} and messages["fp32"] > min(messages.values()) > 0
+    measured = measure_sealing(messages, repeats=3)
+    assert [s.codec for s in measured.samples] == list(messages) and measured.overhead_bytes == OVERHEAD_BYTES
+    assert all(s.seal_open_s > 0 for s in measured.samples)
+    line = fit_sealing([SealingSample("a", 1000, 3e-6), SealingSample("b", 3000, 5e-6)], "two points")
+    assert abs(line.per_message_s - 2e-6) < 1e-12 and abs(line.per_byte_s - 1e-9) < 1e-15
+    with pytest.raises(ValueError, match="sealing"):
+        SealingCost(OVERHEAD_BYTES, -1.0, 0.0)
+
+    # A profile without sealing keeps its JSON and hash; with it, the cost round-trips.
+    assert "sealing" not in base.to_json()
+    cost = SealingCost(OVERHEAD_BYTES, 20e-6, 1e-9, measured.samples, "test")
+    sealed_profile = replace(base, sealing=cost)
+    assert Profile.from_json(sealed_profile.to_json()).sealing == cost
+
+    request = Request(base.model.name, 1, 197)
+    plain_link, sealed_link = LinkEstimate(5e7, 2e-3), LinkEstimate(5e7, 2e-3, sealed=True)
+    plan = choose_plan(sealed_profile, request, sealed_link)
+    assert plan.mode == "distributed"
+    k, layers = len(plan.ranks), base.model.num_layers
+    unsealed = predict(sealed_profile, request, plan, plain_link)
+    sealed = predict(sealed_profile, request, plan, sealed_link)
+    assert predict(base, request, plan, sealed_link) == unsealed  # nothing measured: nothing charged
+    # every layer message carries the overhead (received by k - 1 ranks), and so do the scatter and the outputs
+    extra = sealed.wire_bytes - unsealed.wire_bytes
+    assert layers * (k - 1) * OVERHEAD_BYTES <= extra <= (layers + 1) * (k - 1) * OVERHEAD_BYTES, extra
+    assert sealed.staging_s > unsealed.staging_s + layers * 0.5 * k * cost.per_message_s
+    assert sealed.total_s > unsealed.total_s and sealed.compute_s == unsealed.compute_s

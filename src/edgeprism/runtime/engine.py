@@ -275,7 +275,8 @@ class Engine(Rank0Side, WorkerSide):
               forced: Plan | None = None):
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
-        link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale)
+        link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
+                       sealed=self.sealed)
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:
