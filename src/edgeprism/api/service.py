@@ -172,6 +172,8 @@ class ApiService:
 
 SECURITY_HELP = {
     "refused_joins": "Join requests refused since start (wrong or no secret, replayed, different start).",
+    "skipped_join_slots": "Join slots taken but never written, or jumped over, on the store (not by a device).",
+    "restored_store_keys": "Published store keys (boot nonce, cluster spec) found changed and written back.",
     "tampered_lane_messages": "Distributed requests failed by a lane message that did not open (sender dropped).",
     "sealed_lanes": "1 when every data-lane message is sealed (docs/SECURITY.md), else 0.",
 }

@@ -91,10 +91,17 @@ class Rank0Side:
         if rank in self._control.sessions:
             self._membership.evict(rank, f"a lane message did not open: {err}")
 
+    def pin_store_key(self, key: str, value: bytes) -> None:
+        """Rank 0: keep `key` at `value` in the store (restored between requests if someone changes it)."""
+        if self._membership is not None:
+            self._membership.pinned[key] = value
+
     def security_counts(self) -> dict[str, int]:
         """Rank 0: security events since start (served as gauges on /metrics, docs/SECURITY.md)."""
         membership = self._membership
-        return {"refused_joins": len(membership.refusals) if membership is not None else 0,
+        return {"refused_joins": membership.num_refused if membership is not None else 0,
+                "skipped_join_slots": membership.skipped_slots if membership is not None else 0,
+                "restored_store_keys": membership.restored if membership is not None else 0,
                 "tampered_lane_messages": self.tampered, "sealed_lanes": int(self.sealed)}
 
     def _end_epoch(self, why: str, stall_s: float) -> None:
