@@ -133,6 +133,22 @@ def _replay_drops_the_sender(engine, inputs, reference):
     assert again.metrics.mode == "distributed" and not again.metrics.fallback
     assert all(torch.allclose(v, reference[k], atol=1e-5, rtol=0) for k, v in again.outputs.items())
 
+    # Now the workers catch it: rank 0's counter goes back, so what it sends reads to them as a replay. They
+    # report it (sealed, over the store); rank 0 reruns the request and drops them (the link to rank 0 is
+    # what is not safe); they join again and serve.
+    engine._lanes[members].exchanger.sealer.sent = 0
+    caught = engine.infer(inputs)
+    assert caught.metrics.fallback
+    assert all(torch.allclose(v, reference[k], atol=1e-5, rtol=0) for k, v in caught.outputs.items())
+    deadline = time.monotonic() + 60
+    while engine.security_counts()["tampered_lane_messages"] < 2 or engine.healthy_ranks != members:
+        assert time.monotonic() < deadline, engine.cluster_status()
+        engine.maintain()
+        time.sleep(0.05)
+    assert any("from rank 0 did not open" in what for _, what in engine._membership.events)
+    last = engine.infer(inputs)
+    assert last.metrics.mode == "distributed" and not last.metrics.fallback
+
 
 def test_the_profile_records_sealing_per_codec_and_the_planner_charges_it_only_when_lanes_are_sealed():
     from dataclasses import replace

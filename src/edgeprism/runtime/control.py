@@ -36,6 +36,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "admitted": {"rank": int},
     "refused": {"reason": str},
     "leave": {},
+    "tamper": {"epoch": int, "rank": int},
 }
 """Every control op and its required fields with their JSON types (extra fields are refused)."""
 

@@ -25,6 +25,7 @@ from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, 
 from edgeprism.runtime.link_estimate import LinkObservation
 from edgeprism.runtime.membership import admission_key
 from edgeprism.runtime.metrics import MetricsRow
+from edgeprism.runtime.tamper import read_reports
 from edgeprism.runtime.telemetry import probe_exchanges
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for every side of the engine
@@ -45,7 +46,7 @@ class Rank0Side:
         if now >= self._next_join_check:  # also while a round is open: a replacement process settles it
             self._next_join_check = now + self.config.join_check_s
             left = membership.departures()
-            changed = bool(membership.admit_waiting() or left)
+            changed = bool(membership.admit_waiting() or left or self._tamper_reports())
         if membership.round is not None:
             if membership.poll_round() is None:
                 return
@@ -90,6 +91,19 @@ class Rank0Side:
         log.warning("rank %d's lane message did not open; dropping it (%s)", rank, err)
         if rank in self._control.sessions:
             self._membership.evict(rank, f"a lane message did not open: {err}")
+
+    def _tamper_reports(self) -> bool:
+        """Drop the peer a worker's authentic tamper report blames (the reporter itself when it blames rank 0)."""
+        dropped = False
+        for reporter, blamed, epoch in read_reports(self._store, self._control.sessions):
+            rank = reporter if blamed == 0 else blamed
+            self.tampered += 1
+            log.warning("rank %d reports that a lane message from rank %d in epoch %d did not open; dropping rank %d",
+                        reporter, blamed, epoch, rank)
+            if rank in self._control.sessions:
+                self._membership.evict(rank, f"rank {reporter}: a lane message from rank {blamed} did not open")
+                dropped = True
+        return dropped
 
     def pin_store_key(self, key: str, value: bytes) -> None:
         """Rank 0: keep `key` at `value` in the store (restored between requests if someone changes it)."""
