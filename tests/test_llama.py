@@ -18,6 +18,7 @@ from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import LinkEstimate, Request, choose_plan
 from edgeprism.plan.accounting import exchange_cost, layer_flops
 from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.profile.schema import Profile
 
 transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4
@@ -145,3 +146,11 @@ def test_a_kv_width_the_family_entry_does_not_declare_is_refused():
                          num_kv_heads=2, intermediate_size=8, vocab_size=10, max_positions=16)
     with pytest.raises(ValueError, match="sends 32 features per token .* exchange_width 64"):
         build_model(config)
+
+
+def test_a_scaled_llama_profile_round_trips_through_json():
+    config = LLAMA.config_from_hf({**LLAMA.hf_config(get_config("llama-tiny")), "rope_parameters": ROPES["llama3"]},
+                                  "llama-tiny")
+    assert config.rope_type == "llama3" and config.config_hash() != get_config("llama-tiny").config_hash()
+    profile = dataclasses.replace(synthetic_profile("llama-tiny"), model=config, config_hash=config.config_hash())
+    assert Profile.from_json(profile.to_json()) == profile

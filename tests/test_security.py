@@ -137,7 +137,10 @@ def test_sealed_messages_are_checked_for_size_and_mac_before_parsing():
     ({"op": "ping", "epoch": True}, "epoch must be int"),
     ({"op": "probe", "epoch": 1, "ranks": [0, 1], "nbytes": 1 << 40, "stall_s": 1.0}, "probe of"),
     ({"op": "probe", "epoch": 1, "ranks": [0, -1], "nbytes": 8, "stall_s": 1.0}, "rank numbers"),
-    ({"op": "epoch", "epoch": 1, "members": ["a"], "timeout_s": 1, "build_timeout_s": 1}, "rank numbers"),
+    ({"op": "epoch", "epoch": 1, "members": ["a"], "timeout_s": 1, "build_timeout_s": 1, "sealed": True},
+     "rank numbers"),
+    ({"op": "epoch", "epoch": 1, "members": [1], "timeout_s": 1, "build_timeout_s": 1, "sealed": 1},
+     "sealed must be bool"),
 ])
 def test_control_schema(message, problem):
     with pytest.raises(ControlError, match=problem):

@@ -166,7 +166,17 @@ class ApiService:
             "edgeprism_engine_failures": ("Distributed requests and probes that failed since start (engine.failures).",
                                           engine.failures),
             "edgeprism_queue_depth": ("Requests waiting for the engine thread.", self.batcher.depth),
+            **{f"edgeprism_{name}": (SECURITY_HELP[name], value) for name, value in engine.security_counts().items()},
         }
+
+
+SECURITY_HELP = {
+    "refused_joins": "Join requests refused since start (wrong or no secret, replayed, different start).",
+    "skipped_join_slots": "Join slots taken but never written, or jumped over, on the store (not by a device).",
+    "restored_store_keys": "Published store keys (boot nonce, cluster spec) found changed and written back.",
+    "tampered_lane_messages": "Distributed requests failed by a lane message that did not open (sender dropped).",
+    "sealed_lanes": "1 when every data-lane message is sealed (docs/SECURITY.md), else 0.",
+}
 
 
 def edgeprism_summary(results: list[JobResult], request_id: str) -> dict[str, Any]:

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fixed-link", action="store_true",
                    help="plan by the profile's link alone (default: re-estimate the link from every distributed "
                         "request and from probes)")
+    p.add_argument("--seal-lanes", choices=("auto", "on", "off"), default="auto",
+                   help="seal every data-lane message with ChaCha20-Poly1305 (default auto: on unless the lanes "
+                        "listen on loopback; docs/SECURITY.md)")
     p.add_argument("--learn-compute", action="store_true",
                    help="re-estimate local vs distributed compute online (default: plan by the profile's compute)")
     inputs = p.add_mutually_exclusive_group()
@@ -110,7 +113,7 @@ def handle(args) -> int:
                           allow_unmeasured_codecs=args.allow_unmeasured_codecs,
                           max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
                           min_stall_s=args.min_stall, learn_compute=args.learn_compute,
-                          learn_link=not args.fixed_link)
+                          learn_link=not args.fixed_link, seal_lanes=args.seal_lanes)
     if args.secret_file:
         from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
 

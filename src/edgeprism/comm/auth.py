@@ -16,9 +16,9 @@ checked for size and MAC before the JSON body is parsed. Slot numbers and sequen
 once, so a recorded message cannot be replayed; a boot nonce per rank 0 keeps a recording from an
 earlier cluster from being replayed into a new one.
 
-What this does not cover (docs/RELIABILITY.md): the tensors on the data lanes (GLOO) are neither
-authenticated nor encrypted, and anyone who reaches the store can delay or deny service. Run the
-cluster on a private network (or WireGuard) for confidentiality.
+The data lanes' tensors are sealed separately (edgeprism.comm.sealing, keys derived from the same secret).
+What this does not cover (docs/SECURITY.md): anyone who reaches the store can still delay or deny
+service.
 """
 
 from __future__ import annotations

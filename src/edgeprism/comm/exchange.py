@@ -8,6 +8,12 @@ Collectives are issued on the group's backend object directly (its ranks are gro
 works alike for the default group, `dist.new_group` groups and the engine's own `ProcessGroupGloo`
 epoch groups. With `deadline` set (a `time.monotonic()` value), every wait is bounded by it: a peer that
 died, hangs or sits behind a cut link raises `PeerError` by then instead of after the group's timeout.
+
+With a `sealer` set (an `edgeprism.comm.sealing.LaneSealer`, the engine's lanes when they are private),
+every message is sealed before it is staged for the wire and opened right after it arrives: what crosses
+the link is ciphertext, and a message that does not open is a `PeerError` (`TamperError`) like a dead
+peer. The sum-reduce then becomes sealed sends to rank 0 summed there in rank order (a transport cannot
+add ciphertexts). Sealing time counts as staging time and is also kept apart in `sealing_s`.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class ExchangeStats:
     staging_s: float = 0.0
     collective_s: float = 0.0
     emulated_delay_s: float = 0.0
+    sealing_s: float = 0.0
+    """Of staging_s: sealing and opening messages (0 when the lane is not sealed)."""
     per_kind_nbytes: dict[str, int] = field(default_factory=dict)
     per_kind_messages: dict[str, int] = field(default_factory=dict)
     """Operations per kind ("control", "scatter", "layer", "output"), sent or received."""
@@ -122,6 +130,9 @@ class Exchanger:
         self._buffers: dict[tuple[str, int], Tensor] = {}
         self._pin = ctx.device.type == "cuda"
         self._background: _Background | None = None
+        self._seal_s = 0.0
+        self.sealer = None
+        """A LaneSealer when this lane's messages are sealed (edgeprism.comm.sealing), else None."""
 
     # --- the group and bounded waits ---
     @property
@@ -149,6 +160,31 @@ class Exchanger:
     def reset_stats(self) -> ExchangeStats:
         stats, self.stats = self.stats, ExchangeStats()
         return stats
+
+    # --- sealing (a no-op without a sealer) ---
+    def _seal(self, payload: Tensor, kind: str) -> Tensor:
+        if self.sealer is None:
+            return payload
+        start = time.perf_counter()
+        sealed = self.sealer.seal(payload, kind)
+        self._seal_s += time.perf_counter() - start
+        return sealed
+
+    def _open(self, blob: Tensor, src: int, kind: str) -> Tensor:
+        if self.sealer is None:
+            return blob
+        start = time.perf_counter()
+        plain = self.sealer.open(blob, src, kind)
+        self._seal_s += time.perf_counter() - start
+        return plain
+
+    def _overhead(self) -> int:
+        return self.sealer.overhead if self.sealer is not None else 0
+
+    def _take_seal_s(self) -> float:
+        spent, self._seal_s = self._seal_s, 0.0
+        self.stats.sealing_s += spent
+        return spent
 
     # --- staging ---
     def _cpu_buffer(self, key: str, index: int, nbytes: int) -> Tensor:
@@ -187,6 +223,8 @@ class Exchanger:
         """
         rank, world = self.ctx.group_rank, self.ctx.world_size
         assert payload.dtype == torch.uint8 and payload.numel() == sizes[rank], (payload.shape, sizes, rank)
+        plain, payload = payload, self._seal(payload, kind)
+        sizes = [size + self._overhead() for size in sizes]
         max_size = max(sizes)
         staged, stage_out_s = self._to_cpu(payload, kind, max_size)
         outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
@@ -194,9 +232,14 @@ class Exchanger:
         start = time.perf_counter()
         self._wait(lambda: [self._pg.allgather([outputs], [staged])], f"all-gather of {kind}")
         collective_s = time.perf_counter() - start
-        received, stage_in_s = self._to_device([outputs[i][: sizes[i]] for i in range(world)])
-        self.stats.add(kind, sent=max_size, received=max_size * (world - 1), staging_s=stage_out_s + stage_in_s,
-                       collective_s=collective_s, delay_s=delay_s)
+        if self.sealer is None:
+            arrived = [outputs[i][: sizes[i]] for i in range(world)]
+        else:
+            arrived = [plain if i == rank else self._open(outputs[i][: sizes[i]], i, kind) for i in range(world)]
+        received, stage_in_s = self._to_device(arrived)
+        self.stats.add(kind, sent=max_size, received=max_size * (world - 1),
+                       staging_s=stage_out_s + stage_in_s + self._take_seal_s(), collective_s=collective_s,
+                       delay_s=delay_s)
         return received
 
     def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> PendingExchange:
@@ -205,6 +248,8 @@ class Exchanger:
         for it before the next exchange of the same kind (the buffers are reused)."""
         rank, world = self.ctx.group_rank, self.ctx.world_size
         assert payload.dtype == torch.uint8 and payload.numel() == sizes[rank], (payload.shape, sizes, rank)
+        plain, payload = payload, self._seal(payload, kind)  # sealed and opened on the caller's thread, in order
+        sizes = [size + self._overhead() for size in sizes]
         max_size = max(sizes)
         staged, stage_out_s = self._to_cpu(payload, kind, max_size)
         outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
@@ -221,9 +266,14 @@ class Exchanger:
 
         def finish() -> list[Tensor]:
             delay_s, collective_s = future.result()
-            received, stage_in_s = self._to_device([outputs[i][: sizes[i]] for i in range(world)])
-            self.stats.add(kind, sent=max_size, received=max_size * (world - 1), staging_s=stage_out_s + stage_in_s,
-                           collective_s=collective_s, delay_s=delay_s)
+            if self.sealer is None:
+                arrived = [outputs[i][: sizes[i]] for i in range(world)]
+            else:
+                arrived = [plain if i == rank else self._open(outputs[i][: sizes[i]], i, kind) for i in range(world)]
+            received, stage_in_s = self._to_device(arrived)
+            self.stats.add(kind, sent=max_size, received=max_size * (world - 1),
+                           staging_s=stage_out_s + stage_in_s + self._take_seal_s(), collective_s=collective_s,
+                           delay_s=delay_s)
             return received
 
         return PendingExchange(finish)
@@ -235,7 +285,10 @@ class Exchanger:
         """
         rank, world = self.ctx.group_rank, self.ctx.world_size
         receivers = list(range(rank + 1, world))
-        staged, stage_out_s = self._to_cpu(payload, kind, sizes[rank])
+        if receivers:  # sealed once; the same bytes go to every receiver
+            payload = self._seal(payload, kind)
+        sizes = [size + self._overhead() for size in sizes]
+        staged, stage_out_s = self._to_cpu(payload, kind, sizes[rank] if receivers else payload.numel())
         inbox = {q: self._cpu_buffer(kind, q, sizes[q]) for q in range(rank)}
         delay_s = self._delay(sizes[rank] * len(receivers), 1) if receivers or inbox else 0.0
         start = time.perf_counter()
@@ -243,32 +296,43 @@ class Exchanger:
         self._wait(lambda: [pg.send([staged], q, 0) for q in receivers]
                    + [pg.recv([inbox[q]], q, 0) for q in range(rank)], f"forward send of {kind}")
         collective_s = time.perf_counter() - start
-        moved, stage_in_s = self._to_device([inbox[q] for q in range(rank)])
+        moved, stage_in_s = self._to_device([self._open(inbox[q], q, kind) for q in range(rank)])
         self.stats.add(kind, sent=sizes[rank] * len(receivers), received=sum(sizes[:rank]),
-                       staging_s=stage_out_s + stage_in_s, collective_s=collective_s, delay_s=delay_s)
+                       staging_s=stage_out_s + stage_in_s + self._take_seal_s(), collective_s=collective_s,
+                       delay_s=delay_s)
         return [*moved, *([None] * (world - rank))]
 
     def send_tensor(self, tensor: Tensor, dst: int, kind: str) -> None:
-        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        flat = self._seal(tensor.detach().contiguous().view(-1).view(torch.uint8), kind)
         staged, stage_s = self._to_cpu(flat, f"{kind}-send", flat.numel())
         delay_s = self._delay(flat.numel(), 1)
         start = time.perf_counter()
         self._wait(lambda: [self._pg.send([staged], dst, 0)], f"send of {kind} to rank {dst}")
-        self.stats.add(kind, sent=flat.numel(), received=0, staging_s=stage_s,
+        self.stats.add(kind, sent=flat.numel(), received=0, staging_s=stage_s + self._take_seal_s(),
                        collective_s=time.perf_counter() - start, delay_s=delay_s)
 
     def recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, kind: str) -> Tensor:
-        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size() + self._overhead()
         buffer = self._cpu_buffer(f"{kind}-recv", src, nbytes)
         start = time.perf_counter()
         self._wait(lambda: [self._pg.recv([buffer], src, 0)], f"receive of {kind} from rank {src}")
         collective_s = time.perf_counter() - start
-        (moved,), stage_s = self._to_device([buffer])
-        self.stats.add(kind, sent=0, received=nbytes, staging_s=stage_s, collective_s=collective_s, delay_s=0.0)
+        (moved,), stage_s = self._to_device([self._open(buffer, src, kind)])
+        self.stats.add(kind, sent=0, received=nbytes, staging_s=stage_s + self._take_seal_s(),
+                       collective_s=collective_s, delay_s=0.0)
         return moved.view(dtype).view(shape)
 
     def reduce_sum_to_root(self, tensor: Tensor, kind: str = "output") -> Tensor:
-        """Exact float sum over ranks, result valid on rank 0."""
+        """Exact float sum over ranks, result valid on rank 0. Sealed: every other rank sends its tensor to
+        rank 0 (sealed), which adds them in rank order."""
+        if self.sealer is not None:
+            if not self.ctx.is_root:
+                self.send_tensor(tensor, dst=0, kind=kind)
+                return tensor
+            total = tensor.detach().to("cpu", copy=True).contiguous()
+            for src in range(1, self.ctx.world_size):
+                total += self.recv_tensor(tuple(tensor.shape), tensor.dtype, src, kind).to("cpu")
+            return total.to(tensor.device)
         cpu = tensor.detach().to("cpu", copy=True).contiguous()
         delay_s = self._delay(cpu.numel() * cpu.element_size(), self.ctx.world_size - 1)
         start = time.perf_counter()
@@ -283,22 +347,26 @@ class Exchanger:
             data = json.dumps(message, separators=(",", ":")).encode()
             if len(data) > MAX_CONTROL_BYTES:
                 raise ValueError(f"control message of {len(data)} bytes exceeds the {MAX_CONTROL_BYTES}-byte bound")
-            length = torch.tensor([len(data)], dtype=torch.int64)
+            wire = self._seal(torch.frombuffer(bytearray(data), dtype=torch.uint8), kind)
+            length = torch.tensor([wire.numel()], dtype=torch.int64)
         else:
             length = torch.zeros(1, dtype=torch.int64)
         delay_s = self._delay(8, 1)
         start = time.perf_counter()
         self._wait(lambda: [self._pg.broadcast(length, 0)], f"broadcast of a {kind} length")
         size = int(length.item())
-        if not 0 < size <= MAX_CONTROL_BYTES:
+        if not 0 < size <= MAX_CONTROL_BYTES + self._overhead():
             raise PeerError(f"control message length {size} is out of bounds; the peer is not an edgeprism rank")
-        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.ctx.is_root
-                  else torch.empty(size, dtype=torch.uint8))
+        buffer = wire if self.ctx.is_root else torch.empty(size, dtype=torch.uint8)
         self._wait(lambda: [self._pg.broadcast(buffer, 0)], f"broadcast of a {kind} message")
-        self.stats.add(kind, sent=size if self.ctx.is_root else 0, received=0 if self.ctx.is_root else size,
-                       staging_s=0.0, collective_s=time.perf_counter() - start, delay_s=delay_s)
+        collective_s = time.perf_counter() - start
         if self.ctx.is_root:
+            self.stats.add(kind, sent=size, received=0, staging_s=self._take_seal_s(), collective_s=collective_s,
+                           delay_s=delay_s)
             return message
+        buffer = self._open(buffer, 0, kind)
+        self.stats.add(kind, sent=0, received=size, staging_s=self._take_seal_s(), collective_s=collective_s,
+                       delay_s=delay_s)
         try:
             decoded = json.loads(bytes(buffer.numpy()).decode())
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:

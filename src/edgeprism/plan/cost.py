@@ -20,6 +20,11 @@ and once per request: a control header (one hop), the scatter of raw inputs from
 other rank, B · input_bytes_per_token · (N - n_0) bytes), and the outputs to rank 0 (a sum-reduce of
 k - 1 hops; decoders: one message), B · output_bytes_per_row per other rank — see `message_rounds`;
 each of the two after an idle link, so less a full burst.
+Sealed lanes (`LinkEstimate.sealed`, with the profile's measured `sealing` cost): every message carries
+`overhead_bytes` more (msg_q += overhead), and each rank seals its message and opens the k - 1 it
+receives per layer — half of (per_message_s · k + per_byte_s · sum_q msg_q), the profile having measured
+a seal + open pair; charged as staging (CPU work on the wire bytes) — plus a pair for each of the scatter's
+and the outputs' 2 (k - 1) messages once per request.
 The terms add up (the per-layer maxima are taken term by term, a slight over-estimate when the slowest
 computer is not the slowest stager). Energy sums over the plan's ranks: compute_w, staging_w and
 network_w over each phase and idle_w while waiting for the slowest rank; devices outside the plan are
@@ -59,6 +64,10 @@ class CostConstants(NamedTuple):
     staging_w: float
     network_w: float
     burst_bytes: float
+    seal_bytes: float = 0.0
+    """Bytes sealing adds to a message (0: lanes not sealed, or the profile has no sealing cost)."""
+    seal_message_s: float = 0.0
+    seal_byte_s: float = 0.0
 
 
 class GroupTerms(NamedTuple):
@@ -79,6 +88,8 @@ class GroupTerms(NamedTuple):
     min_total_s: float
     """Lower bound of the latency over the codecs the bound was taken for."""
     min_energy_j: float
+    setup_seal_s: float = 0.0
+    """Sealing and opening the scatter's and the outputs' messages (0 unless sealed)."""
 
 
 class CodecTerms(NamedTuple):
@@ -107,9 +118,11 @@ def local_terms(profile: Profile, batch: int, num_tokens: int, compute_scale: fl
     return compute_s, profile.energy.compute_w * compute_s
 
 
-def profile_constants(profile: Profile) -> CostConstants:
-    """The profile's numbers the hot loop needs, read once per planner call."""
-    c, st, e = profile.compute, profile.staging, profile.energy
+def profile_constants(profile: Profile, sealed: bool = False) -> CostConstants:
+    """The profile's numbers the hot loop needs, read once per planner call; `sealed`: the lanes are sealed
+    (charged when the profile measured what that costs)."""
+    c, st, e, seal = profile.compute, profile.staging, profile.energy, profile.sealing
+    charged = sealed and seal is not None
     return CostConstants(
         num_layers=profile.model.num_layers, causal=profile.model.causal, fixed_s=c.fixed_s,
         per_token_s=c.per_token_s, per_kv_s=c.per_kv_s, per_token_kv_s=c.per_token_kv_s,
@@ -119,7 +132,10 @@ def profile_constants(profile: Profile) -> CostConstants:
         h2d_s_per_byte=8.0 / st.h2d_bandwidth_bps if st.present else 0.0,
         shared_medium=profile.link.medium == "shared", input_bytes_per_token=profile.input_bytes_per_token,
         output_bytes_per_row=profile.output_bytes_per_row, idle_w=e.idle_w, compute_w=e.compute_w,
-        staging_w=e.staging_w, network_w=e.network_w, burst_bytes=profile.link.burst_bytes)
+        staging_w=e.staging_w, network_w=e.network_w, burst_bytes=profile.link.burst_bytes,
+        seal_bytes=float(seal.overhead_bytes) if charged else 0.0,  # type: ignore[union-attr]
+        seal_message_s=seal.per_message_s if charged else 0.0,  # type: ignore[union-attr]
+        seal_byte_s=seal.per_byte_s if charged else 0.0)  # type: ignore[union-attr]
 
 
 def message_rounds(num_layers: int, k: int, causal: bool) -> int:
@@ -176,8 +192,9 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
         own_layer_s.append(base[p] + slope[p] * (counts[p] + (seen if causal else all_fewest - fewest[p])))
         seen += fewest[p]
     overhead_s = overhead / speeds[0]
-    scatter_bytes = batch * in_bytes * (num_tokens - counts[0])
-    gather_bytes = batch * out_bytes * (k - 1)
+    scatter_bytes = batch * in_bytes * (num_tokens - counts[0]) + (k - 1) * c.seal_bytes
+    gather_bytes = (batch * out_bytes + c.seal_bytes) * (k - 1)
+    setup_seal_s = 2 * (k - 1) * c.seal_message_s + c.seal_byte_s * (scatter_bytes + gather_bytes)
     setup_network_s = 8.0 * (max(0.0, scatter_bytes - burst) + max(0.0, gather_bytes - burst)) / bandwidth_bps
     latency_s = message_rounds(num_layers, k, causal) * link_latency_s
     min_total_s = num_layers * max(own_layer_s) + overhead_s + setup_network_s + latency_s
@@ -185,7 +202,7 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
                     + network_w * k * (setup_network_s + latency_s))
     setup_wire_bytes = max(batch * in_bytes * max(counts[1:]), gather_bytes)
     return GroupTerms(tuple(counts), base, slope, min(counts), max(counts), num_tokens, overhead_s, setup_network_s,
-                      latency_s, setup_wire_bytes, min_total_s, min_energy_j)
+                      latency_s, setup_wire_bytes, min_total_s, min_energy_j, setup_seal_s)
 
 
 def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: CodecFidelity, bandwidth_bps: float,
@@ -201,7 +218,7 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     overhead_s, setup_network_s, latency_s = g.overhead_s, g.setup_network_s, g.latency_s
     setup_wire_bytes, min_total_s, min_energy_j = g.setup_wire_bytes, g.min_total_s, g.min_energy_j
     k = len(counts)
-    row_bytes = batch * codec.wire_bytes_per_row
+    row_bytes = batch * codec.wire_bytes_per_row + c.seal_bytes  # per message: sealing's nonce and tag too
     token_bytes = batch * codec.wire_bytes_per_token
 
     total_message = k * row_bytes + token_bytes * num_tokens
@@ -219,6 +236,12 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
                                       + h2d_s_per_byte * (k - 1) * total_message)
     else:
         layer_staging_s = sum_staging_s = 0.0
+    if c.seal_message_s or c.seal_byte_s:
+        # The profile measured a seal + open pair; per layer a rank seals its message and opens k - 1: about
+        # half a pair per message it touches, i.e. half of the pairs of all k messages.
+        layer_seal_s = 0.5 * (c.seal_message_s * k + c.seal_byte_s * total_message)
+        layer_staging_s += layer_seal_s
+        sum_staging_s += num_layers * k * layer_seal_s + g.setup_seal_s
     if objective is not None:
         bound_s = min_total_s + num_layers * (layer_network_s + layer_staging_s)
         bound_j = min_energy_j + network_w * k * num_layers * layer_network_s + staging_w * sum_staging_s
@@ -243,7 +266,7 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
         credit = min(burst, bandwidth_bps / 8.0 * max_layer_s)
         layer_network_s = 8.0 * air * max(0.0, max_received - credit) / bandwidth_bps
     compute_s = num_layers * max_layer_s + overhead_s
-    staging_s = num_layers * layer_staging_s
+    staging_s = num_layers * layer_staging_s + g.setup_seal_s
     network_s = num_layers * layer_network_s + setup_network_s
     total_s = compute_s + staging_s + network_s + latency_s
     # Every rank is busy computing, staging or on the link, and idle for the rest of total_s
@@ -257,10 +280,11 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
 
 
 def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], counts: Sequence[int],
-                      codec: CodecFidelity, bandwidth_bps: float, link_latency_s: float) -> CodecTerms:
+                      codec: CodecFidelity, bandwidth_bps: float, link_latency_s: float,
+                      sealed: bool = False) -> CodecTerms:
     """-> (compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes); speeds and counts are per
-    rank of the plan, rank 0 (the coordinator) first."""
-    constants = profile_constants(profile)
+    rank of the plan, rank 0 (the coordinator) first; `sealed`: the lanes are sealed."""
+    constants = profile_constants(profile, sealed)
     group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s)
     terms = codec_terms(constants, group, batch, codec, bandwidth_bps)
     assert terms is not None  # no objective, no pruning
@@ -289,7 +313,7 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
                          f"over ranks {plan.ranks}")
     speeds = [profile.device_speeds[r] for r in plan.ranks]
     terms = distributed_terms(profile, request.batch, speeds, plan.token_counts, profile.codec(plan.codec),
-                              link.bandwidth_bps, link.latency_s)
+                              link.bandwidth_bps, link.latency_s, link.sealed)
     return distributed_prediction(terms, profile)
 
 

@@ -156,7 +156,8 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     else:
         num_over_ceiling += 1
     speeds_all = profile.device_speeds
-    constants = profile.derived("plan.constants", profile_constants)
+    sealed = live_link_estimate.sealed
+    constants = profile.derived(f"plan.constants.sealed={sealed}", lambda p: profile_constants(p, sealed))
     for ranks in _groups(profile, live_link_estimate):
         if num_tokens < len(ranks):
             break
@@ -236,7 +237,7 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
         counts = apportion(num_tokens, speeds)
         for codec in profile.codecs:
             terms = distributed_terms(profile, batch, speeds, counts, codec, live_link_estimate.bandwidth_bps,
-                                      live_link_estimate.latency_s)
+                                      live_link_estimate.latency_s, live_link_estimate.sealed)
             prediction = distributed_prediction(terms, profile)
             plan = _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
                          prediction.explain())

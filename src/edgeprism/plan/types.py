@@ -43,6 +43,9 @@ class LinkEstimate:
     """How much slower (> 1) or faster (< 1) local compute runs than the profile predicts, relative to
     distributed compute — estimated online from measured requests (1.0: trust the profile). Load that
     changed since profiling hits one device and a pinned group differently."""
+    sealed: bool = False
+    """The data lanes seal every message (edgeprism.comm.sealing): the cost model charges the profile's
+    measured sealing cost (none when the profile has no `sealing`)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.local_compute_scale) and self.local_compute_scale > 0):

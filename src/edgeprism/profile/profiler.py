@@ -37,6 +37,7 @@ from edgeprism.profile.energy import measure_energy
 from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
 from edgeprism.profile.link import LinkSession
 from edgeprism.profile.schema import HostFacts, Profile
+from edgeprism.profile.sealing import codec_messages, measure_sealing
 from edgeprism.profile.staging import measure_staging
 from edgeprism.testbed.presets import LinkPreset
 
@@ -261,6 +262,9 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     entries, fidelity_note = fidelity_entries(options, config, codecs, say)
     phases["fidelity_s"] = time.perf_counter() - mark
     say(f"fidelity: {fidelity_note}")
+    sealing = measure_sealing(codec_messages(entries, token_counts[0], options.world_size))
+    say(f"sealing: {sealing.per_message_s * 1e6:.1f} us per message + {sealing.per_byte_s * 1e9:.2f} ns per byte "
+        f"(seal + open, {len(sealing.samples)} codecs)")
 
     notes = "; ".join([
         f"compute: {len(shapes)} block timings (batches {list(sampled)}, tokens {list(token_counts)}), "
@@ -278,7 +282,7 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
         device_speeds=speeds, host=host_facts(device), compute=table, staging=staging.table,
         link=link, energy=energy, codecs=entries,
         input_bytes_per_token=input_bytes_per_token(model, token_counts[0], options.world_size, options.image_size),
-        output_bytes_per_row=output_bytes_per_row(model),
+        output_bytes_per_row=output_bytes_per_row(model), sealing=sealing,
         created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), notes=notes)
     return ProfileReport(profile=profile, profile_seconds=time.perf_counter() - started, phase_seconds=phases,
                          sampled_batches=sampled, token_counts=token_counts, num_compute_points=len(shapes),

@@ -26,7 +26,9 @@ JSON sketch (schema_version 1)::
                   "cpu_model": "…", "staging": "…", "energy": {…EnergyModel…} or null}, …]}
 
 `devices` is optional (a profile of a joined cluster has one entry per rank; older files have none, and
-a profile without devices writes no `devices` key, so its hash is what it always was).
+a profile without devices writes no `devices` key, so its hash is what it always was). `sealing` likewise:
+`{"overhead_bytes": 28, "per_message_s": …, "per_byte_s": …, "samples": [{"codec": "fp32",
+"message_bytes": …, "seal_open_s": …}, …], "method": "…"}` (profile/sealing.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 
 from edgeprism.models.config import ModelConfig
 from edgeprism.profile.jsondata import from_json_dict, to_json_dict
+from edgeprism.profile.sealing import SealingCost
 from edgeprism.profile.tables import (
     CodecFidelity,
     ComputeSample,
@@ -84,6 +87,8 @@ class Profile:
     schema_version: int = SCHEMA_VERSION
     devices: tuple[DeviceDescription, ...] = ()
     """Each rank's device, when the profile was measured on a joined cluster (empty: not recorded)."""
+    sealing: SealingCost | None = None
+    """What sealing the data lanes costs per codec (profile/sealing.py); None: not measured, not charged."""
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -122,6 +127,8 @@ class Profile:
         data = to_json_dict(self)
         if not self.devices:
             del data["devices"]  # an older profile's JSON (and hash) stays what it was
+        if self.sealing is None:
+            del data["sealing"]  # likewise
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self, indent: int | None = 2) -> str:

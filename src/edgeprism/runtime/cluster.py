@@ -42,7 +42,15 @@ from edgeprism.comm.launch import WorkerError, core_assignment
 from edgeprism.models.loading import load_model, resolve_model
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
-from edgeprism.runtime.coordinator import PREFIX, Ticker, coordinator_spec, publish_spec, self_description, start_store
+from edgeprism.runtime.coordinator import (
+    PREFIX,
+    SPEC_KEY,
+    Ticker,
+    coordinator_spec,
+    publish_spec,
+    self_description,
+    start_store,
+)
 from edgeprism.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -243,6 +251,7 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
     engine = box["engine"]
     engine.workers = cluster
     engine.address = address
+    engine.pin_store_key(SPEC_KEY, prefixed.get(SPEC_KEY))  # restored if someone on the store overwrites it
     if not local_workers:
         ticker.append(Ticker(engine, prefixed, secret, config.join_check_s))
     return engine

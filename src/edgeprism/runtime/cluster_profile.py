@@ -45,6 +45,7 @@ from edgeprism.profile.profiler import (
     validate_options,
 )
 from edgeprism.profile.schema import DeviceDescription, EnergyModel, Profile, StagingSample, StagingTable
+from edgeprism.profile.sealing import codec_messages, measure_sealing
 from edgeprism.runtime.cluster import launch_engine
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.engine import Engine
@@ -141,6 +142,9 @@ def profile_cluster(engine: Engine, options: ProfileOptions, say: Callable[[str]
     entries, fidelity_note = fidelity_entries(options, config, codecs, say)
     phases["fidelity_s"] = time.perf_counter() - mark
     say(f"fidelity: {fidelity_note}")
+    sealing = measure_sealing(codec_messages(entries, token_counts[0], world))
+    say(f"sealing: {sealing.per_message_s * 1e6:.1f} us per message + {sealing.per_byte_s * 1e9:.2f} ns per byte "
+        f"(seal + open, {len(sealing.samples)} codecs)")
 
     devices = tuple(DeviceDescription(rank=rank, staging=r["staging"]["note"], energy=energies[rank], **r["device"])
                     for rank, r in enumerate(results))
@@ -158,7 +162,7 @@ def profile_cluster(engine: Engine, options: ProfileOptions, say: Callable[[str]
         host=host_facts(engine.ctx.device, devices[0].num_cores), compute=table, staging=staging, link=link,
         energy=energies[0], codecs=entries,
         input_bytes_per_token=input_bytes_per_token(model, token_counts[0], world, options.image_size),
-        output_bytes_per_row=output_bytes_per_row(model),
+        output_bytes_per_row=output_bytes_per_row(model), sealing=sealing,
         created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), notes=notes,
         devices=devices)
     return ProfileReport(profile=profile, profile_seconds=time.perf_counter() - started, phase_seconds=phases,

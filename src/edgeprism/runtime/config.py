@@ -61,6 +61,9 @@ class EngineConfig:
     """How often rank 0 looks, between requests, for workers (re)joining."""
     start_timeout_s: float = 300.0
     """How long rank 0 waits for every worker to join at start."""
+    seal_lanes: Literal["auto", "on", "off"] = "auto"
+    """Seal every data-lane message with an AEAD keyed per lane and epoch (edgeprism.comm.sealing,
+    docs/SECURITY.md). auto: on unless the lanes listen on loopback; on needs a cluster secret."""
     wait_for_workers: bool = True
     """Rank 0 waits at start until every rank has joined (a local cluster, torchrun). Off for a
     coordinator that devices join over the network whenever they come: it serves alone (locally) until
@@ -78,6 +81,8 @@ class EngineConfig:
         for name in ("regroup_timeout_s", "group_timeout_s", "join_check_s", "start_timeout_s", "idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be > 0")
+        if self.seal_lanes not in ("auto", "on", "off"):
+            raise ValueError(f"seal_lanes {self.seal_lanes!r} must be one of auto, on, off")
         self.limits  # validates both  # noqa: B018
 
     @property

@@ -29,17 +29,22 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "probe": {"epoch": int, "ranks": list, "nbytes": int, "stall_s": _NUMBER},
     "ping": {"epoch": int},
     "job": {"epoch": int, "name": str, "args": dict},
-    "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER},
+    "epoch": {"epoch": int, "members": list, "timeout_s": _NUMBER, "build_timeout_s": _NUMBER, "sealed": bool},
     "shutdown": {},
     "release": {},
     "evicted": {"reason": str, "rejoin": bool},
     "admitted": {"rank": int},
     "refused": {"reason": str},
     "leave": {},
+    "tamper": {"epoch": int, "rank": int},
 }
 """Every control op and its required fields with their JSON types (extra fields are refused)."""
 
 MAX_PROBE_BYTES = 64 << 20
+LOOKAHEAD_S = 1.0
+"""While waiting for message i, a worker looks this often for messages i + 1 .. i + LOOKAHEAD: one that
+someone on the store deleted or overwrote is then skipped instead of stalling the mailbox for good."""
+LOOKAHEAD = 4
 
 
 class ControlError(PeerError):
@@ -150,6 +155,8 @@ class Session:
     slot: int
     key: bytes
     sequence: int = 0
+    boot_nonce: bytes = b""
+    """Rank 0's boot nonce this session was admitted under (lane keys derive from it)."""
 
     @property
     def channel(self) -> bytes:
@@ -196,12 +203,21 @@ class Mailbox:
 
     def receive(self, timeout_s: float) -> dict:
         """The next message. One that fails authentication is logged, dropped and waited past (someone
-        who reaches the store can delay this worker, but not drive it)."""
+        who reaches the store can delay this worker, but not drive it); one that was deleted or overwritten
+        before we read it is skipped once a later one is there (it fails authentication at any other
+        sequence number, so skipping ahead never lets a message be replayed)."""
         session = self.session
-        key = session.key_of(session.sequence)
         deadline = time.monotonic() + timeout_s
         while True:
-            self.store.wait([key], timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+            key = session.key_of(session.sequence)
+            remaining_s = deadline - time.monotonic()
+            try:
+                self.store.wait([key], timedelta(seconds=max(min(remaining_s, LOOKAHEAD_S), 1e-3)))
+            except RuntimeError:  # DistStoreError: not there yet
+                if remaining_s <= LOOKAHEAD_S:
+                    raise
+                self._skip_lost()
+                continue
             blob = self.store.get(key)
             self.store.delete_key(key)
             try:
@@ -212,6 +228,16 @@ class Mailbox:
                 continue
             session.sequence += 1
             return message
+
+    def _skip_lost(self) -> None:
+        session = self.session
+        for ahead in range(1, LOOKAHEAD + 1):
+            if self.store.check([session.key_of(session.sequence + ahead)]):
+                log.warning("rank %d: control message %d never arrived (deleted or overwritten on the store); "
+                            "skipping to %d", session.rank, session.sequence, session.sequence + ahead)
+                self.refused += 1
+                session.sequence += ahead
+                return
 
 
 __all__ = [

@@ -121,16 +121,20 @@ def publish_spec(store, secret: bytes | None, boot_nonce: bytes, spec: ClusterSp
     store.set(SPEC_KEY, _sealed(secret, b"spec" + boot_nonce, spec.to_json()))
 
 
-def read_spec(store, secret: bytes | None, timeout_s: float) -> ClusterSpec:
-    """The coordinator's spec; AuthError when its seal does not verify with our secret."""
+def read_spec(store, secret: bytes | None, timeout_s: float, tries: int = 3, retry_s: float = 2.0) -> ClusterSpec:
+    """The coordinator's spec; AuthError when its seal does not verify with our secret `tries` times,
+    `retry_s` apart (the coordinator restores a spec or boot nonce that someone on the store overwrote)."""
     store.wait(["auth/boot", SPEC_KEY], timedelta(seconds=timeout_s))
-    boot_nonce = store.get("auth/boot")
-    try:
-        body = open_sealed(admission_key(secret), b"spec" + boot_nonce, 0, store.get(SPEC_KEY), MAX_SPEC_BYTES)
-    except AuthError:
-        raise AuthError("the coordinator's cluster spec failed authentication: this device's secret file differs "
-                        "from the coordinator's (copy the same file to every device)") from None
-    return ClusterSpec.from_json(body)
+    for attempt in range(tries):
+        boot_nonce = store.get("auth/boot")
+        try:
+            body = open_sealed(admission_key(secret), b"spec" + boot_nonce, 0, store.get(SPEC_KEY), MAX_SPEC_BYTES)
+            return ClusterSpec.from_json(body)
+        except AuthError:
+            if attempt + 1 < tries:
+                time.sleep(retry_s)
+    raise AuthError("the coordinator's cluster spec failed authentication: this device's secret file differs "
+                    "from the coordinator's (copy the same file to every device)")
 
 
 def publish_status(store, secret: bytes | None, status: dict) -> None:

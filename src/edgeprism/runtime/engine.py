@@ -43,6 +43,7 @@ import torch.distributed as dist
 from edgeprism.comm.auth import load_secret
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import PeerError
+from edgeprism.comm.sealing import lanes_sealed
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import Limits, Plan, Request, choose_plan
@@ -127,6 +128,8 @@ class Engine(Rank0Side, WorkerSide):
         self._control = self._membership = self._mailbox = None
         self.failures = 0
         """Distributed requests and probes that failed (and were answered locally)."""
+        self.tampered = 0  # failed requests whose lane message did not open (its sender was dropped)
+        self.sealed = False  # whether the lanes are sealed (rank 0 decides, per config.seal_lanes)
         profile.check(self.model.config, ctx.world_size, where="profile")
         if ctx.world_size == 1:
             log.info("engine ready on %s: %s (one rank)", ctx, profile)
@@ -139,6 +142,7 @@ class Engine(Rank0Side, WorkerSide):
                         "this cluster; edgeprism serve / launch_local make one for you")
         digests = start_digests(self.model, profile)
         if ctx.is_root:
+            self.sealed = lanes_sealed(config.seal_lanes, secret is not None, bind_addr)
             self._control = ControlChannel(self._store, ctx.link)
             self._membership = Membership(self._store, secret, ctx.world_size, digests, self._control, boot_nonce,
                                           devices=profile.devices)
@@ -271,7 +275,8 @@ class Engine(Rank0Side, WorkerSide):
               forced: Plan | None = None):
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
-        link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale)
+        link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
+                       sealed=self.sealed)
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:
@@ -368,6 +373,7 @@ class Engine(Rank0Side, WorkerSide):
                   f"({err}); rerun on rank 0")
         log.warning("request %s: %s", request_id, reason)
         self._end_epoch(f"request {request_id} failed", self.config.stall_s(plan.predicted_latency_s))
+        self._blame(err, plan)
         if self.meter is not None:  # the window restarts with the rerun; the failed part is in latency_s only
             self.meter.end_window(request_id)
             self.meter.begin_window(request_id)

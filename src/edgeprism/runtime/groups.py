@@ -2,10 +2,11 @@
 
 - One data *lane* per candidate rank subset containing rank 0: a GLOO group, its own DistContext
   (group-relative ranks) and Exchanger, and one PositionWise per codec. The engine builds the lanes of
-  an *epoch* (`build_epoch_lanes`) as `ProcessGroupGloo` objects over a `PrefixStore("epoch{n}/...")` of
-  the rendezvous store, over the members alive at the time, so that they can be rebuilt without the
-  dead rank, or with a returning one, while rank 0 keeps running; torch's default group cannot shrink
-  or grow. A broken epoch's groups are aborted and dropped on a background thread (`retire_lanes`):
+  an *epoch* (`build_epoch_lanes`) as `ProcessGroupGloo` objects over a `PrefixStore("epoch{n}-{tag}/...")`
+  of the rendezvous store (a tag only holders of the secret can compute: `LaneKeys`, which also seals
+  the lanes' messages when asked), over the members alive at the time, so that they can be rebuilt
+  without the dead rank, or with a returning one, while rank 0 keeps running; torch's default group
+  cannot shrink or grow. A broken epoch's groups are aborted and dropped on a background thread (`retire_lanes`):
   a group whose peer hangs blocks its destructor until the group's own timeout.
 - `make_lanes` / `make_control` build the same over the default group (`dist.new_group`), for callers
   that run under one fixed process group.
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger, ExchangeStats
+from edgeprism.comm.sealing import LaneSealer, lane_key, lane_store_tag
 from edgeprism.models.base import ReferenceModel
 from edgeprism.profile.schema import Profile
 
@@ -172,21 +174,46 @@ def gloo_group(store, group_rank: int, size: int, timeout_s: float, bind_addr: s
     return gloo(store, group_rank, size, options)
 
 
+@dataclass(frozen=True)
+class LaneKeys:
+    """What an epoch's lanes are keyed with: the cluster secret (the admission key when there is none) and
+    rank 0's boot nonce; `sealed`: whether every lane message is sealed (edgeprism.comm.sealing)."""
+
+    secret: bytes = field(repr=False)
+    boot_nonce: bytes
+    sealed: bool
+
+    def prefix(self, epoch: int) -> str:
+        return f"epoch{epoch}-{lane_store_tag(self.secret, self.boot_nonce, epoch)}/"
+
+    def sealer(self, epoch: int, ranks: tuple[int, ...], group_rank: int) -> LaneSealer | None:
+        if not self.sealed:
+            return None
+        return LaneSealer(lane_key(self.secret, self.boot_nonce, epoch, ranks), group_rank)
+
+
 def build_epoch_lanes(ctx: DistContext, store, epoch: int, profile: Profile, members: tuple[int, ...],
-                      timeout_s: float, build_timeout_s: float, bind_addr: str | None) -> dict[tuple[int, ...], Lane]:
+                      timeout_s: float, build_timeout_s: float, bind_addr: str | None,
+                      keys: LaneKeys | None = None) -> dict[tuple[int, ...], Lane]:
     """Collective over `members` (every member calls it with the same arguments): this epoch's lanes.
-    Connecting must finish within `build_timeout_s`; collectives later time out after `timeout_s`."""
+    Connecting must finish within `build_timeout_s`; collectives later time out after `timeout_s`.
+    `keys`: the lanes' rendezvous keys carry a tag only members can compute, and their messages are sealed
+    when `keys.sealed` (None: plain `epoch{n}/` keys, nothing sealed)."""
     lanes: dict[tuple[int, ...], Lane] = {}
+    epoch_prefix = keys.prefix(epoch) if keys is not None else f"epoch{epoch}/"
     try:
         for ranks in candidate_subsets(profile, members):
             if ctx.group_rank not in ranks:
                 lanes[ranks] = Lane(ranks, None, None)
                 continue
-            prefix = dist.PrefixStore(f"epoch{epoch}/lane{'-'.join(map(str, ranks))}/", store)
+            prefix = dist.PrefixStore(f"{epoch_prefix}lane{'-'.join(map(str, ranks))}/", store)
             group = gloo_group(prefix, ranks.index(ctx.group_rank), len(ranks), build_timeout_s, bind_addr)
             group.set_timeout(timedelta(seconds=timeout_s))
             sub = sub_context(ctx, ranks, group, timeout_s)
-            lanes[ranks] = Lane(ranks, sub, Exchanger(sub))
+            exchanger = Exchanger(sub)
+            if keys is not None:
+                exchanger.sealer = keys.sealer(epoch, ranks, sub.group_rank)
+            lanes[ranks] = Lane(ranks, sub, exchanger)
     except BaseException:
         retire_lanes(lanes, timeout_s)
         raise
@@ -221,6 +248,7 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, back
 __all__ = [
     "ALL_SUBSETS_UP_TO",
     "Lane",
+    "LaneKeys",
     "RecordingStats",
     "build_epoch_lanes",
     "candidate_subsets",

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 UNAUTHENTICATED = b"UNAUTHENTICATED"
 _NO_SECRET = b"edgeprism-no-secret"  # the key when no secret is configured (a warning says so)
 MAX_INFO_BYTES = 2048
+JOIN_WINDOW = 64
+"""Join slots rank 0 keeps open at once; a counter that jumps further was moved by someone on the store."""
+STALE_SLOT_S = 30.0
+"""A slot taken but not written for this long is skipped (its taker is not a joining device)."""
 
 
 def admission_key(secret: bytes | None) -> bytes:
@@ -71,15 +75,32 @@ class Membership:
         self.control = control
         self.boot_nonce = boot_nonce or os.urandom(NONCE_BYTES)
         self.store.set("auth/boot", self.boot_nonce)
+        self.pinned: dict[str, bytes] = {"auth/boot": self.boot_nonce}
+        """Keys rank 0 published that must keep their value (the boot nonce, a coordinator's sealed spec):
+        one found changed (someone on the store) is written back on every `admit_waiting`."""
+        self.restored = 0
         self._next_slot = 1
+        self._handled: set[int] = set()
+        """Slots at or after `_next_slot` already handled (a later slot can be written before an earlier)."""
+        self._unwritten: dict[int, float] = {}
+        """Slot → when it was first seen taken but unwritten."""
         self.round: LivenessRound | None = None
         self.joined: set[int] = set()
         """Ranks admitted since the current epoch was built (they wait for the next one)."""
         self.refusals: list[str] = []
+        """The first refusals (at most 50: a flood of bad joins must not grow rank 0's memory)."""
+        self.num_refused = 0
+        self.skipped_slots = 0
+        """Join slots taken but never written, or jumped over (someone on the store, not a device)."""
         self.events: list[tuple[float, str]] = []
         """(unix time, what happened) of refusals, evictions and departures: the cluster's last errors."""
         self.info: dict[int, dict] = {}
         """rank → what its process said of itself (`info/{slot}`), read when it is first asked for."""
+
+    def _refuse(self, reason: str) -> None:
+        self.num_refused += 1
+        if len(self.refusals) < 50:
+            self.refusals.append(reason)
 
     def _event(self, text: str) -> None:
         self.events = [*self.events[-49:], (time.time(), text)]
@@ -88,19 +109,27 @@ class Membership:
     def admit_waiting(self) -> list[int]:
         """Handle every complete join request in the store; returns the ranks admitted now."""
         admitted = []
+        self._restore_pinned()
         slots = self.store.add("join/slots", 0)
-        while self._next_slot <= slots:
-            slot = self._next_slot
+        now = time.monotonic()
+        if slots - self._next_slot >= JOIN_WINDOW:  # a jump no joining device makes (someone on the store)
+            self._event(f"join slots {self._next_slot}..{slots - JOIN_WINDOW} skipped: the counter jumped")
+            self.skipped_slots += slots - JOIN_WINDOW + 1 - self._next_slot
+            self._next_slot = slots - JOIN_WINDOW + 1
+        for slot in range(self._next_slot, slots + 1):
+            if slot in self._handled:
+                continue
             if not self.store.check([f"join/{slot}"]):
-                break  # taken but not written yet: next time
-            self._next_slot += 1
+                self._unwritten.setdefault(slot, now)  # taken but not written yet: next time
+                continue
+            self._handled.add(slot)
             blob = self.store.get(f"join/{slot}")
             self.store.delete_key(f"join/{slot}")
             try:
                 rank, nonce, digests = decode_join(self.key, self.boot_nonce, slot, blob)
             except AuthError as err:
                 log.warning("refused a join: %s", err)
-                self.refusals.append(str(err))
+                self._refuse(str(err))
                 self._event(f"refused a join: {err}")
                 self.store.set(f"join/{slot}/reply", UNAUTHENTICATED)
                 continue
@@ -112,7 +141,7 @@ class Membership:
             problem = self._problem(rank, digests) or self._device_problem(rank, said)
             if problem:
                 log.warning("refused %s's join: %s", f"rank {asked}" if asked else "a device", problem)
-                self.refusals.append(problem)
+                self._refuse(problem)
                 self._event(f"refused a join: {problem}")
                 self._reply(session, {"op": "refused", "reason": problem})
                 continue
@@ -129,7 +158,30 @@ class Membership:
             self.joined.add(rank)
             admitted.append(rank)
             log.info("admitted rank %d (slot %d)", rank, slot)
+        self._advance_slots(slots, now)
         return admitted
+
+    def _restore_pinned(self) -> None:
+        for key, value in self.pinned.items():
+            if not self.store.check([key]) or self.store.get(key) != value:
+                self.store.set(key, value)
+                self.restored += 1
+                log.warning("store key %s was deleted or overwritten (someone on the store); restored it", key)
+                self._event(f"store key {key} was deleted or overwritten; restored")
+
+    def _advance_slots(self, slots: int, now: float) -> None:
+        """Move past handled slots, and past slots taken but left unwritten for `STALE_SLOT_S` (a joining
+        device writes its request right after taking its slot; a stranger on the store may not)."""
+        while self._next_slot <= slots:
+            slot = self._next_slot
+            if slot not in self._handled:
+                if now - self._unwritten.get(slot, now) <= STALE_SLOT_S:
+                    return
+                self.skipped_slots += 1
+                self._event(f"skipped join slot {slot}: taken but never written within {STALE_SLOT_S:.0f} s")
+            self._handled.discard(slot)
+            self._unwritten.pop(slot, None)
+            self._next_slot += 1
 
     def _free_rank(self, said: dict | None = None) -> int:
         """The lowest rank no admitted process holds (-1 when the cluster is full); with the profile's device
@@ -319,7 +371,7 @@ def join_cluster(store, secret: bytes | None, rank: int, digests: dict[str, byte
     store.delete_key(f"join/{slot}/reply")
     if blob == UNAUTHENTICATED:
         raise AuthError(f"rank 0 refused rank {rank}'s join: this process does not hold the cluster's secret")
-    session = Session(rank, slot, session_key(key, boot_nonce, slot, nonce))
+    session = Session(rank, slot, session_key(key, boot_nonce, slot, nonce), boot_nonce=boot_nonce)
     try:
         message = decode_control(session.key, b"admit", slot, blob)
     except ControlError as err:

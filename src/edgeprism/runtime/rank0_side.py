@@ -17,12 +17,15 @@ import time
 from dataclasses import replace
 
 from edgeprism.comm.exchange import PeerError
+from edgeprism.comm.sealing import TamperError
 from edgeprism.plan import Plan, Request
 from edgeprism.plan.cost import predict
 from edgeprism.runtime.cluster_jobs import JobError, check_job, lane_job_context, run_job_here
-from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_recording
+from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, start_recording
 from edgeprism.runtime.link_estimate import LinkObservation
+from edgeprism.runtime.membership import admission_key
 from edgeprism.runtime.metrics import MetricsRow
+from edgeprism.runtime.tamper import read_reports
 from edgeprism.runtime.telemetry import probe_exchanges
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for every side of the engine
@@ -43,7 +46,7 @@ class Rank0Side:
         if now >= self._next_join_check:  # also while a round is open: a replacement process settles it
             self._next_join_check = now + self.config.join_check_s
             left = membership.departures()
-            changed = bool(membership.admit_waiting() or left)
+            changed = bool(membership.admit_waiting() or left or self._tamper_reports())
         if membership.round is not None:
             if membership.poll_round() is None:
                 return
@@ -62,12 +65,14 @@ class Rank0Side:
         self._epoch += 1
         members = tuple(sorted({0, *self._control.sessions}))
         config = self.config
+        keys = LaneKeys(admission_key(self._secret), self._membership.boot_nonce, self.sealed)
         self._control.broadcast_json({"op": "epoch", "epoch": self._epoch, "members": list(members),
                                       "timeout_s": config.group_timeout_s,
-                                      "build_timeout_s": config.regroup_timeout_s})
+                                      "build_timeout_s": config.regroup_timeout_s, "sealed": keys.sealed})
         try:
             self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
-                                            config.group_timeout_s, config.regroup_timeout_s, self._bind_addr)
+                                            config.group_timeout_s, config.regroup_timeout_s, self._bind_addr,
+                                            keys)
         except RuntimeError as err:  # a member left between answering and connecting
             log.warning("epoch %d over ranks %s did not connect: %s", self._epoch, list(members), err)
             self._end_epoch(f"epoch {self._epoch} did not connect", 0.0)
@@ -75,6 +80,43 @@ class Rank0Side:
         self._members = members
         self._membership.joined.clear()
         log.info("epoch %d: lanes over ranks %s", self._epoch, list(members))
+
+    def _blame(self, err: PeerError, plan: Plan) -> None:
+        """After a failed request: a lane message that did not open (TamperError) drops its sender, who must
+        join again (a new session, and new lane keys with the next epoch). docs/SECURITY.md."""
+        if not isinstance(err, TamperError) or not 0 < err.src < len(plan.ranks):
+            return
+        rank = plan.ranks[err.src]
+        self.tampered += 1
+        log.warning("rank %d's lane message did not open; dropping it (%s)", rank, err)
+        if rank in self._control.sessions:
+            self._membership.evict(rank, f"a lane message did not open: {err}")
+
+    def _tamper_reports(self) -> bool:
+        """Drop the peer a worker's authentic tamper report blames (the reporter itself when it blames rank 0)."""
+        dropped = False
+        for reporter, blamed, epoch in read_reports(self._store, self._control.sessions):
+            rank = reporter if blamed == 0 else blamed
+            self.tampered += 1
+            log.warning("rank %d reports that a lane message from rank %d in epoch %d did not open; dropping rank %d",
+                        reporter, blamed, epoch, rank)
+            if rank in self._control.sessions:
+                self._membership.evict(rank, f"rank {reporter}: a lane message from rank {blamed} did not open")
+                dropped = True
+        return dropped
+
+    def pin_store_key(self, key: str, value: bytes) -> None:
+        """Rank 0: keep `key` at `value` in the store (restored between requests if someone changes it)."""
+        if self._membership is not None:
+            self._membership.pinned[key] = value
+
+    def security_counts(self) -> dict[str, int]:
+        """Rank 0: security events since start (served as gauges on /metrics, docs/SECURITY.md)."""
+        membership = self._membership
+        return {"refused_joins": membership.num_refused if membership is not None else 0,
+                "skipped_join_slots": membership.skipped_slots if membership is not None else 0,
+                "restored_store_keys": membership.restored if membership is not None else 0,
+                "tampered_lane_messages": self.tampered, "sealed_lanes": int(self.sealed)}
 
     def _end_epoch(self, why: str, stall_s: float) -> None:
         """Stop using the current lanes and ask who is still there (answers due within the round)."""

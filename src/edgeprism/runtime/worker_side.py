@@ -10,11 +10,13 @@ import logging
 import time
 
 from edgeprism.comm.exchange import PeerError
+from edgeprism.comm.sealing import TamperError
 from edgeprism.plan import Plan
 from edgeprism.runtime.cluster_jobs import lane_job_context, run_job_here
 from edgeprism.runtime.control import ControlError, Mailbox
-from edgeprism.runtime.groups import build_epoch_lanes, retire_lanes, start_digests, start_recording
-from edgeprism.runtime.membership import acknowledge, describe_self, join_cluster
+from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, start_digests, start_recording
+from edgeprism.runtime.membership import acknowledge, admission_key, describe_self, join_cluster
+from edgeprism.runtime.tamper import report_tamper
 from edgeprism.runtime.telemetry import probe_exchanges, sync, telemetry
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for both sides of the engine
@@ -71,10 +73,11 @@ class WorkerSide:
         self._epoch = message["epoch"]
         if self.ctx.group_rank not in members:
             return
+        keys = LaneKeys(admission_key(self._secret), self._mailbox.session.boot_nonce, message["sealed"])
         try:
             self._lanes = build_epoch_lanes(self.ctx, self._store, self._epoch, self.profile, members,
                                             float(message["timeout_s"]), float(message["build_timeout_s"]),
-                                            self._bind_addr)
+                                            self._bind_addr, keys)
             self._members = members
         except RuntimeError as err:
             log.warning("rank %d: epoch %d did not connect: %s", self.ctx.group_rank, self._epoch, err)
@@ -127,6 +130,8 @@ class WorkerSide:
         except PeerError as err:
             log.warning("rank %d: request of epoch %d failed (%s); waiting for rank 0", self.ctx.group_rank,
                         self._epoch, err)
+            if isinstance(err, TamperError):  # rank 0 drops the sender (docs/SECURITY.md)
+                report_tamper(self._store, self._mailbox.session, self._epoch, lane.ranks[err.src])
             retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
             return 0
         finally:
