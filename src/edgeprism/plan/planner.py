@@ -33,7 +33,7 @@ from edgeprism.plan.cost import (
     objective_score,
     profile_constants,
 )
-from edgeprism.plan.shares import candidate_splits
+from edgeprism.plan.shares import SplitCache, candidate_splits
 from edgeprism.plan.types import OBJECTIVES, Candidate, Limits, LinkEstimate, Plan, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
@@ -163,10 +163,10 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         if best is not None and objective_score(
                 objective, *group_bound(constants, batch, num_tokens, speeds, link_latency_s)) >= best[0]:
             continue  # even a perfect split and a free link could not beat the best so far
-        memo: dict[float, list[tuple[int, ...]]] = {}
+        cache = SplitCache()
         split_terms: dict[tuple[int, ...], GroupTerms] = {}
         for codec in codecs:
-            for counts in candidate_splits(constants, batch, speeds, num_tokens, codec, memo):
+            for counts in candidate_splits(constants, batch, speeds, num_tokens, codec, cache):
                 group = split_terms.get(counts)
                 if group is None:
                     group = split_terms[counts] = group_terms(constants, batch, speeds, counts, bandwidth_bps,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from edgeprism.partition.ranges import apportion
 from edgeprism.plan.cost import CostConstants
@@ -31,6 +32,15 @@ SPLIT_BLENDS = (0.0, 0.25, 0.5)
 """Candidate splits: the balanced weights moved this fraction of the way to the equal split."""
 _BISECTIONS = 24
 """2^-24 of the level: far finer than one token of 4096."""
+
+
+@dataclass
+class SplitCache:
+    """Splits already found for one rank group and request (one planner call): the balanced weights at
+    the two ends rho = 0 and 1, and the splits per rho (codecs of one ratio share them)."""
+
+    ends: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    by_rho: dict[float, list[tuple[int, ...]]] = field(default_factory=dict)
 
 
 def visible_fraction(codec: CodecFidelity | None, num_tokens: int, causal: bool) -> float:
@@ -74,24 +84,22 @@ def balanced_weights(constants: CostConstants, batch: int, speeds: Sequence[floa
 
 
 def candidate_splits(constants: CostConstants, batch: int, speeds: Sequence[float], num_tokens: int,
-                     codec: CodecFidelity | None,
-                     memo: dict[float, list[tuple[int, ...]]] | None = None) -> list[tuple[int, ...]]:
+                     codec: CodecFidelity | None, cache: SplitCache | None = None) -> list[tuple[int, ...]]:
     """Whole-token splits to weigh for one group and codec: the balanced one first, then its blends
     towards equal shares (`SPLIT_BLENDS`), without repeats. Every rank gets at least one token.
-    `memo`: splits already found for this group and request, by rho (codecs of one ratio share them)."""
+    `cache`: what this planner call already found for the same group and request."""
     if max(speeds) == min(speeds):
         return [apportion(num_tokens, speeds)]  # equal devices: the equal split is balanced
+    cache = cache if cache is not None else SplitCache()
     rho = visible_fraction(codec, num_tokens, constants.causal)
-    if memo is not None and rho in memo:
-        return memo[rho]
-    # The two ends solved once per group (memo keys -1.0, -2.0), codecs in between interpolated: exact at
-    # CR 1 and close elsewhere (the rounding to whole tokens is coarser than the difference).
-    ends = memo.get(-1.0) if memo is not None else None
-    if ends is None:
-        ends = [tuple(float(w) for w in balanced_weights(constants, batch, speeds, num_tokens, r)) for r in (0.0, 1.0)]
-        if memo is not None:
-            memo[-1.0] = ends  # type: ignore[assignment]
-    balanced = [(1 - rho) * w0 + rho * w1 for w0, w1 in zip(*ends)]
+    if rho in cache.by_rho:
+        return cache.by_rho[rho]
+    # The two ends solved once per group, codecs in between interpolated: exact at CR 1 and close
+    # elsewhere (the rounding to whole tokens is coarser than the difference).
+    if cache.ends is None:
+        cache.ends = (balanced_weights(constants, batch, speeds, num_tokens, 0.0),
+                      balanced_weights(constants, batch, speeds, num_tokens, 1.0))
+    balanced = [(1 - rho) * w0 + rho * w1 for w0, w1 in zip(*cache.ends)]
     k = len(speeds)
     splits: list[tuple[int, ...]] = []
     for blend in SPLIT_BLENDS:
@@ -99,8 +107,7 @@ def candidate_splits(constants: CostConstants, batch: int, speeds: Sequence[floa
         counts = apportion(num_tokens, [max(w, 1e-9) for w in weights])
         if counts not in splits:
             splits.append(counts)
-    if memo is not None:
-        memo[rho] = splits
+    cache.by_rho[rho] = splits
     return splits
 
 
@@ -124,4 +131,4 @@ def split_grid(num_tokens: int, k: int, step: float = 0.05) -> list[tuple[int, .
     return sorted(set(out))
 
 
-__all__ = ["SPLIT_BLENDS", "balanced_weights", "candidate_splits", "split_grid", "visible_fraction"]
+__all__ = ["SPLIT_BLENDS", "SplitCache", "balanced_weights", "candidate_splits", "split_grid", "visible_fraction"]
