@@ -5,10 +5,10 @@
 One worker process, pinned to one core, sits in a fresh cgroup (`edgeprism.testbed.cpu`). For each CFS
 period and each quota (1.0, 0.5, 0.25 of a core) it times `--ops` matmuls of about a transformer layer's
 size at batch 1 (two 197x768 @ 768x3072: ~22 ms unthrottled here), one by one, in interleaved rounds.
-Printed per (period, quota): the median time per op, its ratio to the unthrottled median (ideal 1 / quota), and the spread: p90 / p10 of the per-op times
-(1.0 = every op took the same time). A throttled op either runs at once or waits for the next period, so
-the spread shows how finely the quota is cut; docs/TESTBED.md records the result and why the default
-period is what it is.
+Printed per (period, quota): the median time per op, its ratio to the unthrottled median (ideal
+1 / quota), and the spread: p90 / p10 of the per-op times (1.0 = every op took the same time). A
+throttled op either runs at once or waits for the next period, so the spread shows how finely the
+quota is cut; docs/TESTBED.md records the result and why the default period is what it is.
 """
 
 from __future__ import annotations
