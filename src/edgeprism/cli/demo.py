@@ -65,6 +65,12 @@ def _profile(args, session, link) -> str:
                              batches=tuple(sorted(set(args.batches))), evaluate=False)
     report = run_profile(options, session, progress=lambda done, total, what: _say(f"  [{done}/{total}] {what}"),
                          message=lambda text: _say(f"  {text}"))
+    measured = report.profile.device_speeds
+    if args.speeds and any(abs(m / measured[0] - s / args.speeds[0]) > 0.25 * s / args.speeds[0]
+                           for m, s in zip(measured, args.speeds)):
+        _say(f"WARNING: measured device speeds {measured} do not follow the quotas {list(args.speeds)} (the "
+             "machine is busier than the quotas assume: a quota caps, it does not reserve); not cached")
+        path = Path(tempfile.mkdtemp(prefix="edgeprism-profile-")) / path.name
     path.parent.mkdir(parents=True, exist_ok=True)
     report.profile.save(path)
     _say(f"profile: {report.profile_seconds:.0f} s, saved to {path}")
