@@ -56,8 +56,10 @@ def straggler_rank(ctx: DistContext, args: dict, progress=None) -> list[dict] | 
     """Rank function (`edgeprism.comm.job`): rank 0 serves the requests and reports one row per request
     (also as progress lines); the other ranks serve."""
     spec = StragglerSpec(**json.loads(args["spec"]))
+    # The device's speed is what changes here: plan by the profile's link (a shared host's noisy link
+    # estimate would move plans too and hide what the speed estimate does).
     engine = Engine.from_profile(spec.model, spec.profile, seed=spec.seed, ctx=ctx,
-                                 config=EngineConfig(max_batch=spec.batch, probe_every=0))
+                                 config=EngineConfig(max_batch=spec.batch, probe_every=0, learn_link=False))
     if not ctx.is_root:
         engine.serve_workers()
         return None
