@@ -81,10 +81,13 @@ def main() -> None:
         print(f"{row['request']:>3} {row['phase']:<9} {row['latency_s'] * 1e3:8.1f} ms  ranks {row['ranks']} "
               f"tokens {row['token_counts']} {row['codec']}  scales {scales}")
     slowed = [r for r in rows if r["phase"] == "slowed"]
-    after = next((i for i, r in enumerate(slowed) if not _waits_on(r, args.slow_rank)), None)
+    # counted from the first slowed request that ran on the device (before it, nothing could be seen)
+    first = next((i for i, r in enumerate(slowed) if args.slow_rank in r["ranks"]), None)
+    after = None if first is None else next(
+        (i - first for i, r in enumerate(slowed) if i > first and not _waits_on(r, args.slow_rank)), None)
     restored = [r for r in rows if r["phase"] == "restored"]
     back = next((i for i, r in enumerate(restored) if _waits_on(r, args.slow_rank)), None)
-    print(json.dumps({"requests_until_not_waiting": None if after is None else after + 1,
+    print(json.dumps({"requests_until_not_waiting": after,
                       "requests_until_taken_back": None if back is None else back + 1,
                       "load_average_end": os.getloadavg()}))
 

@@ -15,8 +15,9 @@ tokens or leaves the device out.
 A slowdown is a step, like a link change: an observation off the current estimate by more than
 `change_factor` replaces it at once (the planner reacts on the next request); smaller changes are
 averaged in (EWMA in log). A device the planner left out gives no more observations, so after
-`retry_after` requests without one its scale is forgotten (back to 1.0): the planner tries it again, and
-either it is restored (taken back) or the next request shows it slow again (left out again). Pure
+`retry_after` requests without one its scale is moved halfway (in log) back to its baseline: the planner
+tries it again with a moderate share, and either it is restored (the observation jumps back: taken
+back) or the request shows it slow again (left out again, having cost a moderate share, not a full one). Pure
 bookkeeping: no clock, no I/O; the engine feeds it.
 """
 
@@ -77,9 +78,10 @@ class ComputeSpeedEstimator:
                 continue
             self._unseen[rank] += 1
             if self._unseen[rank] >= self.retry_after and self.scale(rank) != 1.0:
-                log.info("rank %d unobserved for %d requests at scale %.3g: trying it again at its baseline",
-                         rank, self._unseen[rank], self.scale(rank))
-                self._log_speed[rank] = self._base(rank)
+                log.info("rank %d unobserved for %d requests at scale %.3g: trying it again halfway to its "
+                         "baseline", rank, self._unseen[rank], self.scale(rank))
+                base, current = self._base(rank), self._log_speed[rank]
+                self._log_speed[rank] = base if base is None or current is None else (base + current) / 2
                 self._unseen[rank] = 0
 
     def _observe(self, rank: int, log_speed: float) -> None:
