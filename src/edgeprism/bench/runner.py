@@ -72,20 +72,22 @@ def _profile_path(scenario: Scenario, job: Job, session, out_dir: Path, reprofil
 
     link = get_preset(job.link)
     if scenario.profile == "synthetic":
+        from edgeprism.models.loading import model_config
         from edgeprism.plan.synthetic import synthetic_profile
 
         path = out_dir / "profiles" / f"synthetic-{job.model.label}-w{job.world_size}-{job.link}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        synthetic_profile(job.model.name, world_size=job.world_size, device_speeds=job.speeds or None,
-                          bandwidth_bps=link.rate_bps,
+        synthetic_profile(model_config(job.model.name), world_size=job.world_size,
+                          device_speeds=job.speeds or None, bandwidth_bps=link.rate_bps,
                           latency_s=link.delay_s).save(path)
         return str(path), "synthetic (not measured: planner numbers only)"
     from edgeprism.assets import cache_dir
     from edgeprism.profile.profiler import ProfileOptions, run_profile
 
     emulation = session.testbed.emulation if session.testbed is not None else "none"
-    key = hashlib.sha256(json.dumps([job.batches, job.model.seq_len, *([list(job.speeds)] if job.speeds else [])])
-                         .encode()).hexdigest()[:8]
+    key = hashlib.sha256(json.dumps([job.batches, job.model.seq_len]
+                                    + ([os.path.abspath(job.model.name)] if os.path.isdir(job.model.name) else [])
+                                    + ([list(job.speeds)] if job.speeds else [])).encode()).hexdigest()[:8]
     path = cache_dir() / "profiles" / f"bench-{job.model.label}-w{job.world_size}-{job.link}-{emulation}-{key}.json"
     if path.exists() and not reprofile:
         say(f"profile: cached {path}")

@@ -21,6 +21,7 @@ Metrics are defined once in docs/METHODOLOGY.md.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,11 +40,13 @@ class ModelCase:
     """One model at one input size: `seq_len` tokens for text models, the native image for ViT."""
 
     name: str
+    """A preset name or a local checkpoint folder."""
     seq_len: int | None = None
 
     @property
     def label(self) -> str:
-        return self.name if self.seq_len is None else f"{self.name}@{self.seq_len}"
+        name = os.path.basename(os.path.normpath(self.name))  # a folder: its own name (labels name files)
+        return name if self.seq_len is None else f"{name}@{self.seq_len}"
 
 
 @dataclass(frozen=True)
@@ -102,13 +105,13 @@ class Scenario:
     description: str = ""
 
     def __post_init__(self) -> None:
-        from edgeprism.models.config import get_config
+        from edgeprism.models.loading import model_config
         from edgeprism.testbed.presets import get_preset
 
         if not self.models or not self.links:
             raise ValueError(f"scenario {self.name!r} needs at least one model and one link")
         for case in self.models:
-            config = get_config(case.name)
+            config = model_config(case.name)
             text = config.modality != "image"
             if text and case.seq_len is not None and not 1 <= case.seq_len <= config.max_positions:
                 raise ValueError(f"{case.name}: seq_len {case.seq_len} must be in 1..{config.max_positions}")

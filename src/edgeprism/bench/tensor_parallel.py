@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from edgeprism.bench.peers import PeerClock, PeerRun, broadcast_inputs, gather_clocks, head_row
 from edgeprism.comm.context import DistContext
 from edgeprism.models.base import ReferenceModel
+from edgeprism.models.common import MLP, Attention
 
 
 def _wait(tensor: Tensor) -> Tensor:
@@ -101,6 +102,10 @@ class TensorParallelPeer:
         config, world = model.config, ctx.world_size
         if world < 2:
             raise ValueError("the tensor-parallel peer needs at least 2 ranks")
+        if not all(isinstance(b.attn, Attention) and isinstance(b.mlp, MLP) for b in model.blocks):
+            raise ValueError(f"{config.name}: the tensor-parallel baseline shards models.common's Attention and MLP; "
+                             f"{type(model.blocks[0]).__name__} blocks (e.g. grouped-query attention, SwiGLU) "
+                             f"are not covered")
         if config.num_heads % world or config.intermediate_size % world:
             raise ValueError(f"{config.name} has {config.num_heads} heads and {config.intermediate_size} MLP columns; "
                              f"tensor parallelism over {world} ranks needs both divisible by {world}")

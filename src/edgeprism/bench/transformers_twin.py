@@ -1,6 +1,6 @@
 """Plain transformers with the reference model's weights: the "one device, no edgeprism" baseline.
 
-`transformers_twin(model)` builds `ViTModel` / `BertModel` / `GPT2Model` for the model's config and
+`transformers_twin(model)` builds `ViTModel` / `BertModel` / `GPT2Model` / `LlamaModel` for the model's config and
 copies our weights into it (the inverse of `models.loading.convert_hf_state_dict`, derived from it
 tensor by tensor, so the two mappings cannot drift apart). Same process, same threads, same input:
 the ratio local / transformers shows what edgeprism's local path costs on top of a plain forward.

@@ -86,12 +86,13 @@ def emulate(model: ReferenceModel, inputs: Inputs, codec: Codec, world_size: int
     valid = [model.valid_mask(part, batch, r.num_tokens).to(device) for part, r in zip(parts, ranges)]
     anchor = [model.anchor_mask(part, r.start, r.end).to(device) for part, r in zip(parts, ranges)]
     own_bias = [own_key_bias(v, r.start, r.end, causal, dtype) for v, r in zip(valid, ranges)]
+    positions = [torch.arange(r.start, r.end, device=device) for r in ranges]  # global token indices
     # one session per sender: it holds that sender's reconstruction as every receiver holds it
     sessions = [codec.session() if hasattr(codec, "session") else None for _ in ranges]
     # decoders send only forward (docs/ARCHITECTURE.md rule 5): the last rank's message has no reader
     senders = range(world_size - 1) if causal else range(world_size)
     for layer, block in enumerate(model.blocks):
-        sent = [exchanged_states(block, h, average) for h in hidden]
+        sent = [exchanged_states(block, h, average, pos) for h, pos in zip(hidden, positions)]
         received = {q: codec_roundtrip(codec, sent[q], valid[q], anchor[q], sessions[q], layer, q) for q in senders}
         new_hidden = []
         for p in range(world_size):
@@ -100,8 +101,9 @@ def emulate(model: ReferenceModel, inputs: Inputs, codec: Codec, world_size: int
                 remote = torch.cat([received[q][0] for q in readable], dim=1)  # (B, S_remote, d)
                 counts = torch.cat([received[q][1] for q in readable], dim=1)  # (B, S_remote)
             else:  # rank 0 of a decoder reads nobody
-                remote, counts = hidden[p].new_zeros(batch, 0, hidden[p].shape[-1]), hidden[p].new_zeros(batch, 0)
-            out, _, _ = block_with_remote(block, hidden[p], own_bias[p], remote, counts, size_aware, average, sent[p])
+                remote, counts = sent[p].new_zeros(batch, 0, sent[p].shape[-1]), hidden[p].new_zeros(batch, 0)
+            out, _, _ = block_with_remote(block, hidden[p], own_bias[p], remote, counts, size_aware, average, sent[p],
+                                          positions[p])
             new_hidden.append(out)
         hidden = new_hidden
     full = model.finish(torch.cat(hidden, dim=1))  # (B, T, d)

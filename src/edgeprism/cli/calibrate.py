@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
                     "differentiable single-process emulation of the position-wise split), then measure it "
                     "through the real distributed path on held-out data, before and after. See docs/CALIBRATION.md.")
     p.add_argument("--model", required=True, help="gpt2-shakespeare or vit-fmnist-tiny (trained into the cache "
-                                                   "on first use)")
+                                                   "on first use), or a checkpoint folder of the same shape")
     p.add_argument("--codec", required=True, help="codec to calibrate for, e.g. sm16, sm4a, sm4+int8")
     p.add_argument("--world-size", type=int, default=2, help="ranks the split is calibrated for (>= 2)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
@@ -39,8 +39,17 @@ def handle(args) -> int:
     from edgeprism.calibrate.tasks import CALIBRATION_MODELS
     from edgeprism.calibrate.train import CalibrationSettings
     from edgeprism.compress.registry import get_codec, parse_codec_list
-    from edgeprism.models.config import get_config
+    from edgeprism.models.config import get_config, list_presets
+    from edgeprism.models.loading import model_config
 
+    if args.model not in list_presets() and args.checkpoint:  # --model FOLDER: calibrate it as its preset's shape
+        config = model_config(args.model, args.checkpoint)
+        same = [name for name in CALIBRATION_MODELS if get_config(name).config_hash() == config.config_hash()]
+        if not same:
+            raise ValueError(f"--model {args.checkpoint}: a {config.family} of another shape than "
+                             f"{', '.join(CALIBRATION_MODELS)}, whose data calibrate trains on; measure its codecs on "
+                             f"your own data with `edgeprism eval --model DIR --data FILE --calibration-fraction 0.3`")
+        args.model = same[0]
     get_config(args.model)  # unknown model: the registry's message
     if args.model not in CALIBRATION_MODELS:
         raise ValueError(f"--model {args.model} has no calibration data here; calibrate supports "

@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from edgeprism.cli.model_arg import resolve_model_argument
+
 # Module names under edgeprism.cli, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
+        resolve_model_argument(args)
         return int(args.handler(args) or 0)
     except ValueError as err:
         # Users' mistakes: one clear line, no traceback.

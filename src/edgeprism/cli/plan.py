@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", metavar="FILE", help="profile JSON written by `edgeprism profile`")
     source.add_argument("--synthetic", metavar="MODEL",
-                        help="use a synthetic profile for MODEL instead (realistic numbers, not measured)")
+                        help="use a synthetic profile for MODEL (a preset or a checkpoint folder) instead "
+                             "(realistic numbers, not measured)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="expected world size (checked against the profile; with --synthetic: its size, default 2)")
     parser.add_argument("--batch", type=int, default=1, help="rows in the request (default 1)")
@@ -42,9 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _load_profile(args: argparse.Namespace) -> Profile:
     if args.synthetic:
+        from edgeprism.models.loading import model_config
         from edgeprism.plan.synthetic import synthetic_profile
 
-        return synthetic_profile(args.synthetic, world_size=args.world_size or 2)
+        return synthetic_profile(model_config(args.synthetic), world_size=args.world_size or 2)
     return Profile.load(args.profile, expect_world_size=args.world_size)
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from edgeprism.cli.model_arg import CHECKPOINT_HELP, MODEL_HELP
 from edgeprism.profile.profiler import DEFAULT_BATCHES
 
 
@@ -38,8 +39,8 @@ def add_parser(subparsers) -> None:
                                           "pinned to its own core), the staging copies, the link (through the "
                                           "runtime's collectives) and the energy per phase; record each codec's "
                                           "wire cost and fidelity.")
-    p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-base, minilm-l6")
-    p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--world-size", type=int, default=2, help="devices the profile is for (default 2)")
     p.add_argument("--link", metavar="PRESET", help="emulated link between the devices: wifi5, wifi4, congested, lan "
                                                     "(default: unshaped loopback)")
@@ -124,10 +125,11 @@ def _options(args):
 
 def check(args) -> int:
     """Load and check an existing profile; with --validate, validate it against fresh runs on --link."""
-    from edgeprism.models.config import get_config
+    from edgeprism.models.loading import model_config
     from edgeprism.profile.schema import Profile
 
-    profile = Profile.load(args.check, expect_model=get_config(args.model), expect_world_size=args.world_size)
+    profile = Profile.load(args.check, expect_model=model_config(args.model, args.checkpoint),
+                           expect_world_size=args.world_size)
     out = {"profile": args.check, "ok": True, "profile_hash": profile.profile_hash(), "summary": str(profile)}
     if args.validate:
         options = _options(args)

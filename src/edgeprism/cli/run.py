@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from edgeprism.cli.model_arg import CHECKPOINT_HELP, MODEL_HELP
 from edgeprism.comm.launch import JobSession
 from edgeprism.runtime.batch import BatchSpec, batch_rank
 
@@ -23,8 +24,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run one batch locally or distributed, and report what it cost",
                               description="Run one synthetic batch through a model, locally or split by token "
                                           "position over N workers (each pinned to its own core).")
-    p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-tiny-test")
-    p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--world-size", type=int, default=2, help="number of ranks (emulated devices); default 2")
     p.add_argument("--shares", type=_shares, help="token share per rank, summing to 1 (default equal)")
     p.add_argument("--mode", choices=["local", "distributed"], help="default: distributed if world size > 1")
@@ -36,7 +37,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--uniform-weighting", dest="size_aware", action="store_false",
                    help="no log(count) logit bias for received means (default: size-aware, as measured best)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
-                   help="GPT-2: greedily generate N tokens after the prefill; the last rank decodes from its cache")
+                   help="decoders (GPT-2, Llama): greedily generate N tokens after the prefill; the last rank decodes "
+                        "from its cache; with --compare-local the prefill is compared too")
     p.add_argument("--compare-local", action="store_true", help="also run one device and report max_abs_diff")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1)
@@ -55,7 +57,7 @@ def add_parser(subparsers) -> None:
 def validate(args) -> BatchSpec:
     """Every user mistake is caught here, before any worker starts."""
     from edgeprism.compress.registry import get_codec
-    from edgeprism.models.loading import build_model, load_checkpoint
+    from edgeprism.models.loading import build_model, load_model
     from edgeprism.models.synthetic import synthetic_inputs
     from edgeprism.partition.ranges import split_tokens, validate_shares
 
@@ -67,9 +69,8 @@ def validate(args) -> BatchSpec:
         raise ValueError(f"--repeats {args.repeats} must be >= 1 and --warmup {args.warmup} >= 0")
     mode = args.mode or ("distributed" if args.world_size > 1 else "local")
     get_codec(args.codec)
-    model = build_model(args.model, seed=None)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+    # a preset's architecture alone; with a checkpoint (a folder --model included) its weights are checked too
+    model = load_model(args.model, args.checkpoint) if args.checkpoint else build_model(args.model, seed=None)
     config = model.config
     if config.modality == "image" and args.seq_len:
         raise ValueError(f"--seq-len is for text models; {config.name} is a ViT: use --image-size")

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from edgeprism.cli.model_arg import CHECKPOINT_HELP, MODEL_HELP
+
 log = logging.getLogger(__name__)
 
 
@@ -16,8 +18,8 @@ def add_parser(subparsers) -> None:
                     "JSON requests, one per line from --input, or POSTed to /infer with --http. Each answer is one "
                     "JSON line on stdout; a bad request gets {\"id\": ..., \"error\": ...} and serving goes on. "
                     "Request format: see edgeprism.runtime.requests.")
-    p.add_argument("--model", required=True, help="preset name, e.g. vit-base-patch16-224, bert-tiny-test")
-    p.add_argument("--checkpoint", help="local Hugging Face checkpoint directory (default: seeded random weights)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when there is no checkpoint")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--profile", metavar="FILE", help="profile JSON written by `edgeprism profile` (with --listen "
@@ -77,6 +79,7 @@ def add_parser(subparsers) -> None:
 
 
 def _profile(args, listen=None):
+    from edgeprism.models.loading import model_config
     from edgeprism.plan.synthetic import synthetic_profile
     from edgeprism.profile.schema import Profile
     from edgeprism.runtime.cluster_profile import profile_for_serving
@@ -90,7 +93,7 @@ def _profile(args, listen=None):
     if args.synthetic_profile:
         log.warning("planning from a synthetic profile for %s: its numbers are not measured on this machine",
                     args.model)
-        return synthetic_profile(args.model, world_size=args.world_size)
+        return synthetic_profile(model_config(args.model, args.checkpoint), world_size=args.world_size)
     return Profile.load(args.profile, expect_world_size=args.world_size)
 
 

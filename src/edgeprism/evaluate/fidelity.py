@@ -124,7 +124,7 @@ def fp32_exchange_bytes(model: ReferenceModel, batches: Iterable[Inputs], world_
     (all-gather: every rank sends the largest message; causal: each message once per later rank)."""
     from edgeprism.compress.base import IdentityCodec
 
-    codec, d, total = IdentityCodec(), model.config.hidden_size, 0
+    codec, d, total = IdentityCodec(), model.config.exchange_width, 0  # features per token on the wire
     for batch in batches:
         rows = next(iter(batch.values())).shape[0]
         ranges = split_tokens(model.validate_input(batch), shares or equal_shares(world_size))

@@ -26,7 +26,14 @@ from edgeprism.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 Task = Literal["text-encoder", "image-encoder", "text-decoder"]
-TASKS: dict[str, Task] = {"bert": "text-encoder", "vit": "image-encoder", "gpt2": "text-decoder"}
+
+
+def task_of(config: ModelConfig) -> Task:
+    """What a model does with inputs, from its family's declared modality and causality (any registered
+    family, Llama's included): images are encoded, causal text is decoded, other text is encoded."""
+    if config.modality == "image":
+        return "image-encoder"
+    return "text-decoder" if config.causal else "text-encoder"
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,10 +192,9 @@ def _first_id(value) -> int | None:
 
 def load_io(config: ModelConfig, checkpoint: str | os.PathLike | None, *,
             max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelIO:
-    """The `ModelIO` of `config` (family vit | bert | gpt2) with the files of the `checkpoint` folder (or None)."""
-    if config.family not in TASKS:
-        raise ValueError(f"{config.name} has family {config.family!r}; load_io knows {sorted(TASKS)}")
-    task = TASKS[config.family]
+    """The `ModelIO` of `config` (any registered family: `task_of`) with the files of the `checkpoint` folder
+    (or None)."""
+    task = task_of(config)
     folder = Path(checkpoint) if checkpoint is not None else None
     if folder is not None and not folder.is_dir():
         raise ValueError(f"checkpoint folder {folder} does not exist")

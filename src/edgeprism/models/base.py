@@ -55,6 +55,48 @@ class Block(Protocol):
                  kv: tuple[Tensor, Tensor] | None = None) -> Tensor: ...
 
 
+@runtime_checkable
+class KVExchangeBlock(Protocol):
+    """A `Block` whose attention reads token positions (rotary) declares this as well, and its ranks then
+    exchange keys and values instead of hidden states: each sender rotates its keys at its tokens' *global*
+    positions, so a receiver never needs a remote token's position (a Segment Means vector has none), and a
+    grouped-query block sends 2 · kv_heads · head_dim features per token (SmolLM2: 384 against d = 576).
+
+    - `kv_width`: features per token on the wire; equal to `ModelConfig.exchange_width` (the family entry's
+      `exchange_width`), which the cost model charges;
+    - `wire_kv(residual, positions)`: (B, n, kv_width) = [keys ; values] of residual-stream vectors at absolute
+      positions (n,), keys already rotated;
+    - `kv_from_wire(wire)`: (k, v), each (B, kv_heads, n, head_dim), of such vectors (own or received);
+    - `block(x, bias=..., kv=(k, v), positions=...)`: as `Block`, with the queries' absolute positions.
+    """
+
+    kv_width: int
+
+    def wire_kv(self, residual: Tensor, positions: Tensor) -> Tensor: ...
+
+    def kv_from_wire(self, wire: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def __call__(self, x: Tensor, *, bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None,
+                 positions: Tensor | None = None) -> Tensor: ...
+
+
+def block_kv(block: Block, residual: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values of residual-stream vectors at absolute `positions` (T,), each (B, kv_heads, T, head_dim),
+    through whichever contract the block declares."""
+    if isinstance(block, KVExchangeBlock):
+        return block.kv_from_wire(block.wire_kv(residual, positions))
+    return block.attn.project_kv(block.kv_input(residual))
+
+
+def call_block(block: Block, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None,
+               positions: Tensor) -> Tensor:
+    """`block(x, bias=, kv=)` for queries at absolute `positions`; blocks with position embeddings
+    (plain `Block`s) have them in `x` already, rotary ones (`KVExchangeBlock`) take them here."""
+    if isinstance(block, KVExchangeBlock):
+        return block(x, bias=bias, kv=kv, positions=positions)
+    return block(x, bias=bias, kv=kv)
+
+
 def check_blocks(model: nn.Module) -> None:
     """Raise ValueError naming the first block of `model` that does not fit the `Block` protocol."""
     blocks = getattr(model, "blocks", None)
@@ -68,6 +110,12 @@ def check_blocks(model: nn.Module) -> None:
         if missing:
             raise ValueError(f"{name}: block {i} ({type(block).__name__}) lacks {', '.join(missing)}; "
                              f"blocks must fit edgeprism.models.base.Block (see docs/ADDING.md)")
+        config = getattr(model, "config", None)
+        if config is not None:
+            width = block.kv_width if isinstance(block, KVExchangeBlock) else config.hidden_size
+            if width != config.exchange_width:
+                raise ValueError(f"{name}: block {i} sends {width} features per token but the family entry declares "
+                                 f"exchange_width {config.exchange_width}; make FamilyEntry.exchange_width agree")
 
 
 class ReferenceModel(nn.Module):

@@ -47,7 +47,7 @@ class Bert(ReferenceModel):
         self.config = config
         d = config.hidden_size
         self.word_embeddings = nn.Embedding(config.vocab_size, d)
-        self.position_embeddings = nn.Embedding(config.max_positions, d)
+        self.position_embeddings = nn.Embedding(config.position_offset + config.max_positions, d)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
         self.embed_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList(PostNormBlock(config) for _ in range(config.num_layers))
@@ -77,7 +77,8 @@ class Bert(ReferenceModel):
 
     def embed(self, part: Inputs, token_start: int, token_end: int) -> Tensor:
         ids = part["input_ids"]
-        positions = torch.arange(token_start, token_end, device=ids.device)
+        offset = self.config.position_offset  # RoBERTa-style: positions start at pad_token_id + 1
+        positions = torch.arange(token_start + offset, token_end + offset, device=ids.device)
         types = part.get("token_type_ids")
         if types is None:
             types = torch.zeros_like(ids)

@@ -45,8 +45,9 @@ class GPT2(ReferenceModel):
         return {"last": last_row, "logits_last": self.logits(last_row)}
 
 
-def greedy_generate(model: GPT2, inputs: Inputs, max_new_tokens: int) -> Tensor:
-    """Single-device greedy decoding by full recomputation (the reference for distributed decode)."""
+def greedy_generate(model: ReferenceModel, inputs: Inputs, max_new_tokens: int) -> Tensor:
+    """Single-device greedy decoding by full recomputation (the reference for distributed decode) of any
+    decoder whose head gives `logits_last` (GPT-2, Llama)."""
     ids = inputs["input_ids"]
     generated = []
     with torch.no_grad():

@@ -75,6 +75,10 @@ class FamilyEntry:
     reference_twin: Callable[[Config], nn.Module] | None = None
     """ModelConfig -> the randomly initialised transformers model computing the same function
     (`bench.transformers_twin` copies our weights into it); None: no twin."""
+    exchange_width: Callable[[Config], int] | None = None
+    """ModelConfig -> features per token a rank sends per layer, when the family's blocks exchange their
+    keys and values (`models.base.KVExchangeBlock`: 2 · kv_heads · head_dim for Llama); None: they send
+    hidden-state vectors (hidden_size). The cost model charges this width (`ModelConfig.exchange_width`)."""
     pipeline_keys: tuple[str, ...] = field(default=())
     """The keys the pipeline peer passes between stages as positional tensors (unpadded requests);
     empty: the `input_keys` without attention_mask."""
@@ -116,8 +120,10 @@ def family_for_hf(model_type: str | None) -> FamilyEntry:
     for entry in _FAMILIES.values():
         if model_type in entry.hf_model_types and entry.config_from_hf is not None:
             return entry
-    known = sorted(t for e in _FAMILIES.values() for t in e.hf_model_types)
-    raise ValueError(f"config.json has model_type {model_type!r}; edgeprism loads {', '.join(known)} checkpoints")
+    supported = "; ".join(f"{e.name} ({', '.join(e.hf_model_types)})" for e in sorted(
+        _FAMILIES.values(), key=lambda e: e.name) if e.hf_model_types and e.config_from_hf is not None)
+    raise ValueError(f"config.json has model_type {model_type!r}, which edgeprism cannot load or split; supported "
+                     f"families (model_type): {supported}")
 
 
 __all__ = [

@@ -49,7 +49,8 @@ def text_inputs_with_types(config: ModelConfig, batch: int, generator: torch.Gen
     """`text_inputs` plus token_type_ids: segment A for the first half of each row, B for the second."""
     inputs = text_inputs(config, batch, generator, seq_len, image_size, padded)
     types = torch.zeros_like(inputs["input_ids"])
-    types[:, types.shape[1] // 2:] = 1
+    if config.type_vocab_size > 1:  # RoBERTa-style encoders have one segment type
+        types[:, types.shape[1] // 2:] = 1
     inputs["token_type_ids"] = types
     return inputs
 

@@ -21,7 +21,7 @@ from edgeprism.partition.transform import PositionWise
 
 # (model, batch, seq_len, padded): every family, batch > 1, padded text.
 CASES = (("vit-tiny-test", 2, None, False), ("dinov2-tiny-test", 2, None, False),
-         ("bert-tiny-test", 3, 21, True), ("gpt2-tiny-test", 2, 19, False))
+         ("bert-tiny-test", 3, 21, True), ("gpt2-tiny-test", 2, 19, False), ("llama-tiny", 2, 19, True))
 
 
 def selfcheck(ctx: DistContext, args: dict[str, Any], progress: Any = None) -> dict | None:

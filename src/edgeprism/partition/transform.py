@@ -19,7 +19,7 @@ from torch import Tensor
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
-from edgeprism.models.base import Block, Inputs, ReferenceModel, check_blocks
+from edgeprism.models.base import Block, Inputs, KVExchangeBlock, ReferenceModel, block_kv, call_block, check_blocks
 from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
 
@@ -74,31 +74,43 @@ def own_key_bias(valid: Tensor, token_start: int, token_end: int, causal: bool, 
     return bias.expand(batch, 1, num_own, num_own)
 
 
-def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", "normed"]) -> Tensor:
-    """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2, or its
-    measured departure): the residual stream, or the block's normalised K/V input ("normed")."""
+def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", "normed"],
+                     positions: Tensor | None = None) -> Tensor:
+    """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2 and its
+    departures): the residual stream, the block's normalised K/V input ("normed"), or, for a `KVExchangeBlock`
+    (rotary), its keys and values rotated at the tokens' absolute `positions` (n,): (B, n, exchange_width)."""
+    if isinstance(block, KVExchangeBlock):
+        assert positions is not None, "a rotary block's keys need their absolute positions"
+        return block.wire_kv(hidden, positions)
     return hidden if average == "residual" else block.kv_input(hidden)
 
 
 def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
                       size_aware: bool, average: Literal["residual", "normed"],
-                      sent: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+                      sent: Tensor | None = None,
+                      positions: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
     """One block of the restructured attention (docs/ARCHITECTURE.md rules 3-5) for one rank.
 
-    hidden (B, n_own, d) own residual stream; own_bias (B, 1, n_own, n_own) from `own_key_bias`;
-    remote (B, S_remote, d) the decoded vectors this rank may read and counts (B, S_remote) the
-    tokens each stands for; `sent`: this rank's own `exchanged_states` if already computed.
+    hidden (B, n_own, d) own residual stream at absolute `positions` (n_own,); own_bias (B, 1, n_own, n_own)
+    from `own_key_bias`; remote (B, S_remote, exchange_width) the decoded vectors this rank may read and counts
+    (B, S_remote) the tokens each stands for; `sent`: this rank's own `exchanged_states` if already computed.
     Returns (new hidden (B, n_own, d), (k, v) over [own ; remote], remote bias (B, 1, 1, S_remote)).
     The distributed transform and the single-process emulation (`edgeprism.calibrate`) both call it.
     """
     batch, num_own, _ = hidden.shape
+    if positions is None:
+        positions = torch.arange(num_own, device=hidden.device)
     remote_bias = remote_key_bias(counts, size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
     bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
-    own_kv_in = sent if (sent is not None and average == "normed") else block.kv_input(hidden)
-    remote_kv_in = block.kv_input(remote) if average == "residual" else remote
-    kv_in = torch.cat([own_kv_in, remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
-    kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
-    return block(hidden, bias=bias, kv=kv), kv, remote_bias  # hidden: (B, n_own, d)
+    if isinstance(block, KVExchangeBlock):  # received keys/values are used as they arrive
+        own = sent if sent is not None else block.wire_kv(hidden, positions)
+        kv = block.kv_from_wire(torch.cat([own, remote], dim=1))  # each (B, kv_heads, n_own + S_remote, hd)
+    else:
+        own_kv_in = sent if (sent is not None and average == "normed") else block.kv_input(hidden)
+        remote_kv_in = block.kv_input(remote) if average == "residual" else remote
+        kv_in = torch.cat([own_kv_in, remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
+        kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
+    return call_block(block, hidden, bias, kv, positions), kv, remote_bias  # hidden: (B, n_own, d)
 
 
 class PositionWise:
@@ -122,6 +134,9 @@ class PositionWise:
         if average not in ("residual", "normed"):
             raise ValueError(f"average {average!r} must be 'residual' or 'normed'")
         self.average = average
+        if average != DEFAULT_AVERAGE and model.config.exchanges_kv:
+            log.warning("average=%r has no effect on %s: its blocks exchange rotated keys and values",
+                        average, model.config.name)
         self.exchanger = exchanger or Exchanger(ctx)
         self._requests = 0
         self._warned_ratio = not warn_clamped_ratio
@@ -251,11 +266,12 @@ class PositionWise:
             for step in range(1, steps):
                 x = model.embed({"input_ids": token[:, None]}, position, position + 1)  # (B, 1, d)
                 bias = torch.cat([prefix_bias, prefix_bias.new_zeros(batch, 1, 1, step)], dim=-1)
+                here = torch.arange(position, position + 1, device=x.device)  # the new token's absolute position
                 for layer, block in enumerate(model.block_list()):
-                    k_new, v_new = block.attn.project_kv(block.kv_input(x))
+                    k_new, v_new = block_kv(block, x, here)
                     k, v = (torch.cat([cache[layer][0], k_new], dim=2), torch.cat([cache[layer][1], v_new], dim=2))
-                    cache[layer] = (k, v)  # (B, heads, n_own + S_remote + step, head_dim)
-                    x = block(x, bias=bias, kv=(k, v))
+                    cache[layer] = (k, v)  # (B, kv_heads, n_own + S_remote + step, head_dim)
+                    x = call_block(block, x, bias, (k, v), here)
                 token = model.logits(model.finish(x)[:, -1]).argmax(-1)
                 generated.append(token)
                 position += 1
@@ -291,27 +307,28 @@ class PositionWise:
         causal = model.causal
         with torch.no_grad():
             hidden = model.embed(part, own.start, own.end)  # (B, n_own, d)
-            batch, num_own, d = hidden.shape
+            batch, num_own, _ = hidden.shape
             valid = model.valid_mask(part, batch, num_own).to(hidden.device)
             anchor = model.anchor_mask(part, own.start, own.end).to(hidden.device)
             own_bias = own_key_bias(valid, own.start, own.end, causal, hidden.dtype)  # (B, 1, n_own, n_own)
-            specs = [codec.wire_spec(batch, r.num_tokens, d) for r in ranges]
+            positions = torch.arange(own.start, own.end, device=hidden.device)  # global token indices (n_own,)
+            width = model.config.exchange_width  # features per token on the wire: d, or a rotary block's K/V
+            specs = [codec.wire_spec(batch, r.num_tokens, width) for r in ranges]
             sizes = [spec_nbytes(s) for s in specs]
             # A stateful codec (e.g. delta coding across layers) keeps per-request state in a session;
             # its wire shapes may differ per layer. Stateless codecs have no `session`.
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
             for layer, block in enumerate(model.block_list()):
-                # What is sent (docs/ARCHITECTURE.md rule 2 and its measured departure, see DEFAULT_AVERAGE):
-                # the block's normalised K/V input ("normed", default; identical for post-LN BERT) or the
-                # residual stream.
-                sent = exchanged_states(block, hidden, self.average)
+                # What is sent (docs/ARCHITECTURE.md rule 2 and its departures): the block's normalised K/V input
+                # (DEFAULT_AVERAGE), the residual stream, or a rotary block's rotated keys and values.
+                sent = exchanged_states(block, hidden, self.average, positions)
                 if session is not None:
-                    specs = [session.wire_spec(layer, batch, r.num_tokens, d) for r in ranges]
+                    specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
                     sizes = [spec_nbytes(s) for s in specs]
                 remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
                 hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
-                                                            self.size_aware, self.average, sent)
+                                                            self.size_aware, self.average, sent, positions)
                 if keep_cache:
                     state.kv_cache.append(kv)
                     state.remote_bias = remote_bias

@@ -16,10 +16,15 @@ FLOP convention (matmul FLOPs, 2 per multiply-add, per layer, for a rank with n 
 attends to r remote vectors, batch B; single device: n = N, r = 0):
 
     Q projection        2·B·n·d²
-    K, V projections    2·2·B·(n + r)·d²
+    K, V projections    2·2·B·(n + r)·d·d_kv     (d_kv = kv_heads·head_dim, d without grouped-query attention;
+                                                  n alone where blocks exchange rotated K/V: received rows
+                                                  arrive projected)
     scores QKᵀ, A·V     2·2·B·n·(n + r)·d        (dense: a causal mask does not skip work)
     output projection   2·B·n·d²
-    MLP                 2·2·B·n·d·d_mlp
+    MLP                 2·m·B·n·d·d_mlp          (m = 2 matrices; 3 for SwiGLU)
+
+Bytes are charged at the model's `exchange_width` per token (the hidden size, or 2·d_kv for blocks that
+exchange keys and values: SmolLM2 sends 384 features per token, not 576).
 
 LayerNorm, softmax, GELU, biases, residual adds, embeddings and the task head are left out: at
 BERT-base sizes the elementwise work is under 0.5 % of a layer (256 tokens: ≈ 0.015 GFLOP against
@@ -49,12 +54,13 @@ FLOWS: tuple[Flow, ...] = ("all_gather", "to_higher_ranks")
 
 def layer_flops(config: ModelConfig, num_own_tokens: int, num_remote_vectors: int = 0, batch: int = 1) -> int:
     """Matmul FLOPs of one block for `num_own_tokens` queries over own + remote keys (module convention)."""
-    d, d_mlp = config.hidden_size, config.intermediate_size
+    d, d_mlp, d_kv = config.hidden_size, config.intermediate_size, config.kv_heads * config.head_dim
     n, kv = num_own_tokens, num_own_tokens + num_remote_vectors
+    projected = n if config.exchanges_kv else kv  # K/V rows this rank projects
     q_and_out = 2 * 2 * n * d * d
-    k_and_v = 2 * 2 * kv * d * d
+    k_and_v = 2 * 2 * projected * d * d_kv
     attention = 2 * 2 * n * kv * d
-    mlp = 2 * 2 * n * d * d_mlp
+    mlp = 2 * config.mlp_matrices * n * d * d_mlp
     return batch * (q_and_out + k_and_v + attention + mlp)
 
 
@@ -153,7 +159,7 @@ def exchange_cost(config: ModelConfig, token_shares: tuple[int, ...] | list[int]
     if flow not in FLOWS:
         raise ValueError(f"flow {flow!r} is not one of {', '.join(FLOWS)}")
     codec = _as_codec(codec)
-    d, ranks = config.hidden_size, len(shares)
+    d, ranks = config.exchange_width, len(shares)  # features per token on the wire
 
     def senders_to(p: int) -> range:
         return range(p) if flow == "to_higher_ranks" else range(ranks)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from edgeprism.models.config import get_config
+from edgeprism.models.config import ModelConfig, get_config
 from edgeprism.profile.schema import (
     CodecFidelity,
     ComputeSample,
@@ -56,18 +56,22 @@ def synthetic_codecs(hidden_size: int) -> tuple[CodecFidelity, ...]:
     return tuple(out)
 
 
-def synthetic_compute(model_name: str = "vit-base-patch16-224",
+def synthetic_compute(model_name: str | ModelConfig = "vit-base-patch16-224",
                       seconds_per_image: float = VIT_B16_SECONDS_PER_IMAGE) -> ComputeTable:
-    """A compute table for `model_name` whose FLOP rate makes ViT-B/16 take `seconds_per_image`."""
+    """A compute table for `model_name` (a preset, or a config such as a checkpoint folder's) whose FLOP
+    rate makes ViT-B/16 take `seconds_per_image`."""
+    config = get_config(model_name) if isinstance(model_name, str) else model_name
     ref = get_config("vit-base-patch16-224")
     ref_tokens = ref.num_tokens()
     d_ref = ref.hidden_size
     ref_flops = ref.num_layers * (24 * d_ref**2 * ref_tokens + 4 * d_ref * ref_tokens**2)
     seconds_per_flop = seconds_per_image / ref_flops
-    d = get_config(model_name).hidden_size
-    mlp_ratio = get_config(model_name).intermediate_size / d
-    per_token_flops = (2 + 2 + 4 * mlp_ratio) * d * d  # Q and output projections, MLP (2 matmuls)
-    per_kv_flops = 4 * d * d  # K and V projections
+    d, d_kv = config.hidden_size, config.kv_heads * config.head_dim
+    mlp_ratio = config.intermediate_size / d
+    per_token_flops = (2 + 2 + 2 * config.mlp_matrices * mlp_ratio) * d * d  # Q and output projections, MLP
+    per_kv_flops = 4 * d * d_kv  # K and V projections (plan/accounting.py's convention)
+    if config.exchanges_kv:  # received K/V arrive projected: only own tokens are projected
+        per_token_flops, per_kv_flops = per_token_flops + per_kv_flops, 0
     table = ComputeTable(fixed_s=2e-4, per_token_s=per_token_flops * seconds_per_flop,
                          per_kv_s=per_kv_flops * seconds_per_flop, per_token_kv_s=4 * d * seconds_per_flop,
                          request_overhead_s=5e-3)
@@ -77,13 +81,14 @@ def synthetic_compute(model_name: str = "vit-base-patch16-224",
                         table.request_overhead_s, samples)
 
 
-def synthetic_profile(model_name: str = "vit-base-patch16-224", world_size: int = 2,
+def synthetic_profile(model_name: str | ModelConfig = "vit-base-patch16-224", world_size: int = 2,
                       device_speeds: Sequence[float] | None = None, bandwidth_bps: float = 50e6,
                       latency_s: float = 3e-3, medium: str = "switched", staging: bool = False,
                       energy_source: str = "modelled", codecs: Sequence[CodecFidelity] | None = None,
                       seconds_per_image: float = VIT_B16_SECONDS_PER_IMAGE) -> Profile:
-    """A complete, valid profile with realistic numbers (see the module docstring for their sources)."""
-    config = get_config(model_name)
+    """A complete, valid profile with realistic numbers (see the module docstring for their sources);
+    `model_name` a preset, or the config of a checkpoint folder (`models.loading.model_config`)."""
+    config = get_config(model_name) if isinstance(model_name, str) else model_name
     speeds = tuple(float(s) for s in device_speeds) if device_speeds is not None else (1.0,) * world_size
     if config.modality == "image":
         input_bytes_per_token = 4.0 * config.num_channels * config.patch_size**2  # float32 pixels
@@ -95,13 +100,13 @@ def synthetic_profile(model_name: str = "vit-base-patch16-224", world_size: int 
         model=config, config_hash=config.config_hash(), world_size=len(speeds), device_speeds=speeds,
         host=HostFacts(cpu_model="synthetic 1-core", num_cores=1, torch_version="synthetic",
                        device_kind="cuda:synthetic" if staging else "cpu"),
-        compute=synthetic_compute(model_name, seconds_per_image),
+        compute=synthetic_compute(config, seconds_per_image),
         staging=stage,
         link=LinkMeasurement(latency_s=latency_s, bandwidth_bps=bandwidth_bps, medium=medium,  # type: ignore[arg-type]
                              method="synthetic", emulation="wifi4-like"),
         energy=EnergyModel(source=energy_source, idle_w=2.0, compute_w=6.0, staging_w=3.0,  # type: ignore[arg-type]
                            network_w=1.5, meter="synthetic"),
-        codecs=tuple(codecs) if codecs is not None else synthetic_codecs(config.hidden_size),
+        codecs=tuple(codecs) if codecs is not None else synthetic_codecs(config.exchange_width),
         input_bytes_per_token=input_bytes_per_token,
         output_bytes_per_row=4.0 * config.hidden_size if config.causal else 0.0,
         created_utc="1970-01-01T00:00:00Z", notes="synthetic profile for tests; not measured")

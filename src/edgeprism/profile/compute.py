@@ -28,7 +28,7 @@ import torch
 
 from edgeprism.comm.context import pin_cpu
 from edgeprism.compress.registry import num_vectors
-from edgeprism.models.base import ReferenceModel
+from edgeprism.models.base import KVExchangeBlock, ReferenceModel, call_block
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.profile.schema import ComputeSample, ComputeTable
 
@@ -155,12 +155,13 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: int = 0) -> Callable[[], None]:
     """One block for one rank's share, as `forward_shard` runs it through the `Block` protocol (bias shaped
     likewise), ready to time."""
-    d = model.config.hidden_size
+    d, width = model.config.hidden_size, model.config.exchange_width
     block = model.block_list()[0]
     generator = torch.Generator().manual_seed(seed)
     batch, n, kv = shape.batch, shape.num_own_tokens, shape.num_kv_vectors
     hidden = torch.randn(batch, n, d, generator=generator).to(device)  # (B, n, d)
-    context = torch.randn(batch, kv - n, d, generator=generator).to(device) if kv > n else None  # (B, S, d)
+    context = torch.randn(batch, kv - n, width, generator=generator).to(device) if kv > n else None  # (B, S, w)
+    positions = torch.arange(n, device=device)
     if shape.kind == "local" and not model.causal:
         bias = torch.zeros(batch, 1, 1, kv, device=device)  # as the reference forward: (B, 1, 1, T)
     else:
@@ -172,8 +173,12 @@ def block_call(model: ReferenceModel, shape: Shape, device: torch.device, seed: 
                 block(hidden, bias=bias)
                 return
             # as `block_with_remote` with the default "normed" exchange: own K/V input, received vectors as sent
-            kv = block.attn.project_kv(torch.cat([block.kv_input(hidden), context], dim=1))  # (B, heads, kv, hd)
-            block(hidden, bias=bias, kv=kv)
+            # (a rotary block's received vectors are keys and values already: nothing to project)
+            if isinstance(block, KVExchangeBlock):
+                kv = block.kv_from_wire(torch.cat([block.wire_kv(hidden, positions), context], dim=1))
+            else:
+                kv = block.attn.project_kv(torch.cat([block.kv_input(hidden), context], dim=1))  # (B, heads, kv, hd)
+            call_block(block, hidden, bias, kv, positions)
 
     return run
 

@@ -28,8 +28,8 @@ import torch
 
 from edgeprism.compress.registry import get_codec, list_codecs
 from edgeprism.models.base import ReferenceModel
-from edgeprism.models.config import ModelConfig, get_config
-from edgeprism.models.loading import load_model
+from edgeprism.models.config import ModelConfig
+from edgeprism.models.loading import load_model, model_config
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
 from edgeprism.profile.compute_job import measure_on_session
@@ -176,7 +176,7 @@ def usable_cores() -> int:
 
 def validate_options(options: ProfileOptions) -> None:
     """Every user mistake, before anything is measured."""
-    config = get_config(options.model)  # unknown model: ValueError listing the known ones
+    config = model_config(options.model, options.checkpoint)  # unknown model: ValueError listing the presets
     for n in token_counts_for(config, options):
         if n < options.world_size:
             raise ValueError(f"{n} tokens cannot be split over {options.world_size} ranks")
@@ -300,7 +300,7 @@ def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Seque
     else:
         rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
     selected = select_rows(rows, config.name, options.world_size)
-    entries = codec_entries(codecs, config.hidden_size, selected, num_layers=config.num_layers)
+    entries = codec_entries(codecs, config.exchange_width, selected, num_layers=config.num_layers)
     unmeasured = [e.codec for e in entries if e.loss is None]
     if rows and unmeasured:
         fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"

@@ -98,7 +98,7 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
                                   padded=spec.padded, seed=spec.seed + 1)
         inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
     latencies: list[float] = []
-    outputs = None
+    outputs = prefill = None
     if spec.mode == "local":
         if not ctx.is_root:
             return None
@@ -127,8 +127,8 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
             if i >= spec.warmup:
                 latencies.append(time.perf_counter() - start)
         stats_rows = _gather_stats(ctx, engine.exchanger, engine.exchanger.stats)
-        if spec.compare_local and not spec.generate:  # untimed: gather every hidden state for a strict comparison
-            outputs = engine.forward(inputs, spec.shares, gather_hidden=True)
+        if spec.compare_local:  # untimed: gather every hidden state for a strict comparison (the prefill's too)
+            prefill = engine.forward(inputs, spec.shares, gather_hidden=True)
         ranges = None
         if ctx.is_root:
             num_tokens = model.validate_input(inputs)
@@ -176,10 +176,11 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         if spec.compare_local:
             reference_ids = greedy_generate(model, inputs, spec.generate)
             result["generated_match_fraction"] = float((reference_ids == outputs).float().mean())
-    elif spec.compare_local:
+    if spec.compare_local and (prefill is not None or not spec.generate):
         with torch.no_grad():
             reference = model(inputs)
-        result["max_abs_diff"], result["max_abs_diff_per_output"] = _max_abs_diff(outputs, reference)
+        compared = prefill if prefill is not None else outputs
+        result["max_abs_diff"], result["max_abs_diff_per_output"] = _max_abs_diff(compared, reference)
     return result
 
 

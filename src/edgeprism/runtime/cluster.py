@@ -39,7 +39,7 @@ import torch.distributed as dist
 from edgeprism.comm.auth import NONCE_BYTES, SECRET_FILE_ENV, load_secret, new_secret, write_secret_file
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.launch import WorkerError, core_assignment
-from edgeprism.models.loading import load_model
+from edgeprism.models.loading import load_model, resolve_model
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.coordinator import PREFIX, Ticker, coordinator_spec, publish_spec, self_description, start_store
@@ -165,6 +165,7 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
     testbed's network namespaces). `local_workers=False`: start no workers — devices join over the network
     (`edgeprism join`), and rank 0 serves alone until they do. `model_obj`: the model, already loaded."""
     config = config or EngineConfig()
+    model, checkpoint = resolve_model(model, checkpoint)  # a checkpoint folder: (its model's name, the folder)
     if model_obj is None:
         model_obj = load_model(model, checkpoint, seed=seed)  # user mistakes surface here, before any worker starts
     if not isinstance(profile, Profile):
