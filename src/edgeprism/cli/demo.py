@@ -1,5 +1,6 @@
-"""`edgeprism demo`: 2 emulated devices on a WiFi link, profiled, then a mixed workload served by
-every strategy side by side, with a link change in the middle. Prints the table; writes a report."""
+"""`edgeprism demo`: 2 emulated devices on a WiFi link (or one per `--speeds` value, each with that CPU
+quota), profiled, then a mixed workload served by every strategy side by side, with a link change in
+the middle. Prints the table; writes a report."""
 
 from __future__ import annotations
 
