@@ -12,9 +12,12 @@ model: the compute term falls as the group's total speed rises, and the link ter
 codec only (one power model per profile). Ties keep the earlier candidate: local, then smaller groups,
 then codecs lightest on the wire first (profile order among equals), then the balanced split.
 
-Speed (< 100 µs a call for a few ranks and codecs): tables that depend on the profile alone (rank order,
-the codecs no other codec dominates, the cost constants) are derived once per profile instance; a rank
-group, or a codec within it, whose lower bound cannot beat the best so far is skipped.
+Speed (< 100 µs a call for a few ranks and codecs of equal speed; devices of different speeds cost
+more: `scripts/bench_planner.py` at load ~7 on this 2-core VM, 60-85 µs over 2 ranks, 150-430 µs over 4,
+0.4-1.2 ms over 8, 3-5x the equal-speed figures): tables that depend on the profile alone (rank order,
+the codecs no other codec dominates, the cost constants, the balanced splits of recent requests) are
+derived once per profile instance; a rank group, or a codec within it, whose lower bound cannot beat
+the best so far is skipped; only the best codec of a group tries the blends towards equal shares.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         num_over_ceiling += 1
     speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
     constants = profile.derived("plan.constants", profile_constants)
+    ends_memo = profile.derived("plan.split_ends", _new_memo)
     for ranks in _groups(profile, live_link_estimate):
         if num_tokens < len(ranks):
             break
@@ -163,10 +167,18 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         if best is not None and objective_score(
                 objective, *group_bound(constants, batch, num_tokens, speeds, link_latency_s)) >= best[0]:
             continue  # even a perfect split and a free link could not beat the best so far
-        cache = SplitCache()
+        cache = SplitCache(ends_memo=ends_memo)
         split_terms: dict[tuple[int, ...], GroupTerms] = {}
-        for codec in codecs:
-            for counts in candidate_splits(constants, batch, speeds, num_tokens, codec, cache):
+        # Every codec at the balanced split first; then the blends towards equal shares for the codec
+        # that did best in this group only (the blends trade compute balance for a smaller padded
+        # message, the same trade for every codec: weighing them for all codecs costs 3x for no gain seen).
+        group_best: CodecFidelity | None = None
+        group_score = _INF
+        rounds = [(codec, 0) for codec in codecs]
+        while rounds:
+            codec, first_split = rounds.pop(0)
+            splits = candidate_splits(constants, batch, speeds, num_tokens, codec, cache, blends=first_split > 0)
+            for counts in splits[first_split:]:
                 group = split_terms.get(counts)
                 if group is None:
                     group = split_terms[counts] = group_terms(constants, batch, speeds, counts, bandwidth_bps,
@@ -185,8 +197,12 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
                     num_over_ceiling += 1
                     continue
                 score = objective_score(objective, total_s, energy_j)
+                if score < group_score:
+                    group_best, group_score = codec, score
                 if best is None or score < best[0]:
                     best = (score, total_s, energy_j, ranks, counts, codec)
+            if not rounds and first_split == 0 and group_best is not None:
+                rounds.append((group_best, 1))
 
     notes = []
     if num_fidelity_excluded:
@@ -239,6 +255,10 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
                          prediction.explain())
             out.append(Candidate(plan, prediction, codec_exclusion(codec, limits) or over_ceiling(prediction.total_s)))
     return out
+
+
+def _new_memo(_profile: Profile) -> dict:
+    return {}
 
 
 def _local_scale(profile: Profile, link: LinkEstimate) -> float:

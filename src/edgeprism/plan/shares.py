@@ -30,6 +30,9 @@ from edgeprism.profile.schema import CodecFidelity
 
 SPLIT_BLENDS = (0.0, 0.25, 0.5)
 """Candidate splits: the balanced weights moved this fraction of the way to the equal split."""
+RHO_STEPS = 50
+ENDS_MEMO_SIZE = 512
+"""Balanced ends kept per profile instance across planner calls (cleared when full)."""
 _BISECTIONS = 24
 """2^-24 of the level: far finer than one token of 4096."""
 
@@ -37,10 +40,13 @@ _BISECTIONS = 24
 @dataclass
 class SplitCache:
     """Splits already found for one rank group and request (one planner call): the balanced weights at
-    the two ends rho = 0 and 1, and the splits per rho (codecs of one ratio share them)."""
+    the two ends rho = 0 and 1, and the splits per rho (codecs of one ratio share them). `ends_memo`: the
+    ends by (speeds, batch, tokens) across calls — a pure function's results, kept by the planner on the
+    profile instance (`Profile.derived`), so a stream of alike requests solves them once."""
 
     ends: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     by_rho: dict[float, list[tuple[int, ...]]] = field(default_factory=dict)
+    ends_memo: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] | None = None
 
 
 def visible_fraction(codec: CodecFidelity | None, num_tokens: int, causal: bool) -> float:
@@ -84,30 +90,41 @@ def balanced_weights(constants: CostConstants, batch: int, speeds: Sequence[floa
 
 
 def candidate_splits(constants: CostConstants, batch: int, speeds: Sequence[float], num_tokens: int,
-                     codec: CodecFidelity | None, cache: SplitCache | None = None) -> list[tuple[int, ...]]:
-    """Whole-token splits to weigh for one group and codec: the balanced one first, then its blends
-    towards equal shares (`SPLIT_BLENDS`), without repeats. Every rank gets at least one token.
+                     codec: CodecFidelity | None, cache: SplitCache | None = None,
+                     blends: bool = True) -> list[tuple[int, ...]]:
+    """Whole-token splits to weigh for one group and codec: the balanced one first, then (`blends`) its
+    blends towards equal shares (`SPLIT_BLENDS`), without repeats. Every rank gets at least one token.
     `cache`: what this planner call already found for the same group and request."""
     if max(speeds) == min(speeds):
         return [apportion(num_tokens, speeds)]  # equal devices: the equal split is balanced
     cache = cache if cache is not None else SplitCache()
-    rho = visible_fraction(codec, num_tokens, constants.causal)
-    if rho in cache.by_rho:
-        return cache.by_rho[rho]
+    # rho to 1/50: the split moves by less than a token between neighbours, and codecs of about one
+    # ratio (sm4, sm4a, sm4+int8) share one entry
+    rho = round(visible_fraction(codec, num_tokens, constants.causal) * RHO_STEPS) / RHO_STEPS
+    key = rho if blends else -1.0 - rho
+    if key in cache.by_rho:
+        return cache.by_rho[key]
     # The two ends solved once per group, codecs in between interpolated: exact at CR 1 and close
     # elsewhere (the rounding to whole tokens is coarser than the difference).
     if cache.ends is None:
-        cache.ends = (balanced_weights(constants, batch, speeds, num_tokens, 0.0),
-                      balanced_weights(constants, batch, speeds, num_tokens, 1.0))
+        memo_key = (tuple(speeds), batch, num_tokens)
+        cache.ends = None if cache.ends_memo is None else cache.ends_memo.get(memo_key)
+        if cache.ends is None:
+            cache.ends = (balanced_weights(constants, batch, speeds, num_tokens, 0.0),
+                          balanced_weights(constants, batch, speeds, num_tokens, 1.0))
+            if cache.ends_memo is not None:
+                if len(cache.ends_memo) >= ENDS_MEMO_SIZE:
+                    cache.ends_memo.clear()
+                cache.ends_memo[memo_key] = cache.ends
     balanced = [(1 - rho) * w0 + rho * w1 for w0, w1 in zip(*cache.ends)]
     k = len(speeds)
     splits: list[tuple[int, ...]] = []
-    for blend in SPLIT_BLENDS:
+    for blend in SPLIT_BLENDS if blends else SPLIT_BLENDS[:1]:
         weights = [(1 - blend) * w + blend * num_tokens / k for w in balanced]
         counts = apportion(num_tokens, [max(w, 1e-9) for w in weights])
         if counts not in splits:
             splits.append(counts)
-    cache.by_rho[rho] = splits
+    cache.by_rho[key] = splits
     return splits
 
 
