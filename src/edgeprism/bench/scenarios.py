@@ -10,6 +10,8 @@
     segment_means_codecs = ["sm4"]
     repeats = 3
     profile = "synthetic"       # or "measure" (cached per model, world size, link and emulation)
+    device_speeds = [[1.0, 0.4], [0.5, 0.5, 0.5, 0.5]]   # optional: devices of these CPU quotas (cores,
+                                # fastest first; testbed cgroups) instead of world_sizes of whole cores
 
 A *job* is one (model case, world size, link): one testbed, one profile, one torchrun job in which
 every strategy serves every batch, interleaved request by request (see `bench.ranks`).
@@ -24,11 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-ENGINE_STRATEGIES = ("local", "full_exchange", "segment_means", "adaptive")
+ENGINE_STRATEGIES = ("local", "full_exchange", "segment_means", "equal_split", "adaptive")
 """Served by edgeprism's engine (static plans or its own)."""
 PEER_STRATEGIES = ("transformers", "pipeline", "tensor_parallel")
 """The other ways to run the model: plain transformers on one device, and two multi-device peers."""
-STRATEGIES = ("local", "transformers", "full_exchange", "segment_means", "pipeline", "tensor_parallel", "adaptive")
+STRATEGIES = ("local", "transformers", "full_exchange", "segment_means", "equal_split", "pipeline", "tensor_parallel",
+              "adaptive")
+"""`equal_split`: the adaptive plan's codec over every device with equal token shares (mixed devices)."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,13 @@ class Job:
     seed: int
     skip_slower_than_s: float
     max_fidelity_loss: float | None = None
+    speeds: tuple[float, ...] = ()
+    """CPU quota per device in cores (testbed cgroups); empty: whole cores."""
 
     @property
     def label(self) -> str:
-        return f"{self.model.label} x{self.world_size} {self.link}"
+        devices = f"x{self.world_size}" if not self.speeds else "[" + ",".join(f"{s:g}" for s in self.speeds) + "]"
+        return f"{self.model.label} {devices} {self.link}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,9 @@ class Scenario:
     max_fidelity_loss: float | None = None
     """The adaptive engine's fidelity budget (EngineConfig.max_fidelity_loss; None: any profiled codec).
     Static strategies ignore it; every row's `max_abs_diff_vs_local` shows what each plan lost."""
+    device_speeds: tuple[tuple[float, ...], ...] = ()
+    """Mixed devices: one job per entry, its devices' CPU quotas in cores, fastest first (replaces
+    `world_sizes`; the testbed limits each host with a cgroup, `testbed.cpu`)."""
     expected_minutes: float | None = None
     """Documentation: how long the whole scenario took on this project's machine."""
     description: str = ""
@@ -109,6 +119,9 @@ class Scenario:
                 raise ValueError(f"{case.name} is an image model: give no seq_len (it uses its native image)")
         for link in self.links:
             get_preset(link)
+        for speeds in self.device_speeds:
+            if len(speeds) < 2 or speeds[0] != max(speeds) or min(speeds) <= 0:
+                raise ValueError(f"device_speeds entry {list(speeds)}: give >= 2 quotas > 0, the fastest first")
         if any(w < 2 for w in self.world_sizes):
             raise ValueError(f"world_sizes {list(self.world_sizes)} must all be >= 2")
         if not self.batches or any(b < 1 for b in self.batches):
@@ -136,9 +149,11 @@ class Scenario:
 
     def jobs(self) -> list[Job]:
         """One job per (model case, world size, link), in that nesting order."""
-        return [Job(self.name, case, world, link, tuple(self.batches), self.expanded_strategies(), self.repeats,
-                    self.warmup, self.seed, self.skip_slower_than_s, self.max_fidelity_loss)
-                for case in self.models for world in self.world_sizes for link in self.links]
+        devices = [tuple(s) for s in self.device_speeds] or [(1.0,) * w for w in self.world_sizes]
+        return [Job(self.name, case, len(speeds), link, tuple(self.batches), self.expanded_strategies(), self.repeats,
+                    self.warmup, self.seed, self.skip_slower_than_s, self.max_fidelity_loss,
+                    speeds if self.device_speeds else ())
+                for case in self.models for speeds in devices for link in self.links]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +175,8 @@ def scenario_from_dict(data: dict, default_name: str = "scenario") -> Scenario:
     tuples = {k: tuple(v) for k, v in data.items()
               if k in ("links", "world_sizes", "batches", "strategies", "segment_means_codecs")}
     data.update(tuples)
+    if "device_speeds" in data:
+        data["device_speeds"] = tuple(tuple(float(s) for s in entry) for entry in data["device_speeds"])
     data.setdefault("name", default_name)
     return Scenario(models=tuple(models), **data)
 
@@ -208,6 +225,7 @@ class JobSpec:
         job["model"] = ModelCase(**job["model"])
         job["batches"] = tuple(job["batches"])
         job["strategies"] = tuple(job["strategies"])
+        job["speeds"] = tuple(job.get("speeds", ()))
         data["job"] = Job(**job)
         return cls(**data)
 
