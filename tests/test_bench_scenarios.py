@@ -25,6 +25,17 @@ def test_every_shipped_scenario_expands_into_jobs(path):
     assert jobs and all(job.batches and job.strategies for job in jobs)
 
 
+def test_mixed_device_scenarios_expand_one_job_per_device_set():
+    jobs = load_scenario(BENCHMARKS / "devices-4x-wifi4.toml").jobs()
+    assert [(j.world_size, j.speeds) for j in jobs] == [(3, (0.5,) * 3), (4, (0.5,) * 4)]
+    assert jobs[1].label == "vit-base-patch16-224 [0.5,0.5,0.5,0.5] wifi4"
+    mixed = load_scenario(BENCHMARKS / "devices-mixed-wifi4.toml").jobs()
+    assert mixed[0].speeds == (1.0, 0.4) and "equal_split" in mixed[0].strategies
+    spec = JobSpec(mixed[0], "/p.json", {}, 50e6)
+    assert JobSpec.from_json(spec.to_json()) == spec
+    assert load_scenario(BENCHMARKS / "smoke.toml").jobs()[0].speeds == ()
+
+
 def test_job_spec_round_trip():
     job = load_scenario(BENCHMARKS / "smoke.toml").jobs()[0]
     spec = JobSpec(job, "/p.json", {"git_sha": "abc"}, 50e6)
@@ -38,6 +49,7 @@ def test_job_spec_round_trip():
     ({"models": ["vit-tiny-test"], "links": ["carrier-pigeon"]}, "carrier-pigeon"),
     ({"models": ["vit-tiny-test"], "links": ["wifi4"], "world_sizes": [1]}, "world_sizes"),
     ({"models": ["vit-tiny-test"], "links": ["wifi4"], "repeat": 3}, "unknown scenario keys"),
+    ({"models": ["vit-tiny-test"], "links": ["wifi4"], "device_speeds": [[0.4, 1.0]]}, "the fastest first"),
 ])
 def test_bad_scenarios_name_the_value(data, message):
     with pytest.raises(ValueError, match=message):

@@ -7,6 +7,11 @@ The `oracle` is derived afterwards: per (phase, batch) the best static strategy 
 measured within the fidelity budget. Between
 phases the link changes (the testbed reshapes it), and the adaptive plan must follow.
 
+Devices of different speeds (`speeds`, CPU quotas on the testbed; the fastest is rank 0) add
+`equal_split` (the adaptive plan's codec over every device with equal token shares), optionally
+`split:a/b/...` (the same with fixed shares in steps of `share_step`, which the oracle then includes),
+and `fast_alone` (derived: the `local` rows, which run on the fastest device).
+
 Rank 0 of a `torchrun` job (one rank per testbed host) runs `drive`; the other ranks serve.
 """
 
@@ -22,6 +27,8 @@ from edgeprism.bench.demo_data import DemoData
 from edgeprism.bench.limits import limit_fields
 from edgeprism.bench.tables import percentile
 from edgeprism.comm.context import DistContext
+from edgeprism.partition.ranges import apportion
+from edgeprism.plan import static_plan
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 from edgeprism.runtime.engine import Engine, EngineConfig
 
@@ -29,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STATIC = ("local", "full_exchange", "segment_means")
 STRATEGIES = (*STATIC, "adaptive")
+ORDER = ("local", "fast_alone", "full_exchange", "segment_means", "equal_split", "adaptive", "oracle")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,10 @@ class DemoSpec:
     control_dir: str = ""
     """Rank 0 writes `phase-N.request` here and waits for `phase-N.ack` from the driver (link changed)."""
     seed: int = 0
+    speeds: tuple[float, ...] = ()
+    """CPU quota per device in cores (rank order, fastest first); empty: whole cores, no mixed strategies."""
+    share_step: float = 0.0
+    """> 0: also measure every split in share steps of this size (`split:` strategies, for the oracle)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -66,6 +78,7 @@ class DemoSpec:
         data = json.loads(text)
         data["batches"] = tuple(data["batches"])
         data["links"] = tuple(data["links"])
+        data["speeds"] = tuple(data.get("speeds", ()))
         return cls(**data)
 
 
@@ -137,6 +150,8 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                         elif strategy == "segment_means":
                             plan = static_plan(engine.profile, request, link, "distributed",
                                                spec.segment_means_codec)
+                        elif strategy == "equal_split" or strategy.startswith("split:"):
+                            plan = _fixed_split(engine, inputs, request, strategy, spec, limits)
                         result = engine.infer(inputs, objective=spec.objective, limits=limits, plan=plan)
                         m = result.metrics
                         row = {"phase": phase, "link": link_name, "batch": batch, "repeat": repeat,
@@ -164,7 +179,52 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
 
 
 def phase_strategies(spec: DemoSpec, phase: int) -> tuple[str, ...]:
-    return STRATEGIES if phase < spec.full_exchange_phases else tuple(s for s in STRATEGIES if s != "full_exchange")
+    strategies = STRATEGIES if phase < spec.full_exchange_phases else tuple(
+        s for s in STRATEGIES if s != "full_exchange")
+    if spec.speeds:
+        strategies = (*strategies, "equal_split", *share_sweep(len(spec.speeds), spec.share_step))
+    return strategies
+
+
+def share_sweep(world_size: int, step: float) -> tuple[str, ...]:
+    """`split:a/b/...` labels (percent per rank) of every split in steps of `step` (none for step 0)."""
+    if step <= 0:
+        return ()
+    units = round(1 / step)
+    out: list[str] = []
+
+    def rec(prefix: list[int], left: int, slots: int) -> None:
+        if slots == 1:
+            out.append("split:" + "/".join(str(round(u * step * 100)) for u in (*prefix, left)))
+            return
+        for u in range(1, left - slots + 2):
+            rec([*prefix, u], left - u, slots - 1)
+
+    rec([], units, world_size)
+    return tuple(out)
+
+
+def _fixed_split(engine, inputs, request, strategy: str, spec: DemoSpec, limits):
+    """A static plan over every device with the adaptive plan's codec: equal shares, or the label's."""
+    world = engine.ctx.world_size
+    adaptive = engine.plan_for(inputs, spec.objective, limits)
+    codec = adaptive.codec if adaptive.mode == "distributed" else spec.segment_means_codec
+    weights = [1.0] * world if strategy == "equal_split" else [float(x) for x in strategy[6:].split("/")]
+    counts = apportion(request.num_tokens, weights)
+    return static_plan(engine.profile, request, engine.link_estimate, "distributed", codec, tuple(range(world)),
+                       spec.objective, token_counts=counts)
+
+
+def add_fast_alone(rows: list[dict], speeds: tuple[float, ...]) -> list[dict]:
+    """The fastest device alone: the `local` rows (rank 0 is the fastest), labelled as such."""
+    if not speeds:
+        return list(rows)
+    label = f"local on rank 0 ({speeds[0]:g} core, the fastest)"
+    return [*rows, *({**r, "strategy": "fast_alone", "plan": label} for r in rows if r["strategy"] == "local")]
+
+
+def _is_static(strategy: str) -> bool:
+    return strategy in STATIC or strategy == "equal_split" or strategy.startswith("split:")
 
 
 def _plan_label(plan: dict) -> str:
@@ -186,7 +246,7 @@ def add_oracle(rows: list[dict], max_fidelity_loss: float | None = DEFAULT_MAX_F
     keys = sorted({(r["phase"], r["link"], r["batch"]) for r in rows})
     for phase, _link, batch in keys:
         best = None
-        for strategy in STATIC:
+        for strategy in sorted({r["strategy"] for r in rows if _is_static(r["strategy"])}):
             mine = [r for r in rows if (r["phase"], r["batch"], r["strategy"]) == (phase, batch, strategy)]
             if not mine or not _faithful(mine, max_fidelity_loss):
                 continue
@@ -202,8 +262,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     """One line per (phase, batch, strategy): median latency and energy over repeats."""
     table = []
     for key in sorted({(r["phase"], r["link"], r["batch"], r["strategy"]) for r in rows},
-                      key=lambda k: (k[0], k[2], ("local", "full_exchange", "segment_means", "adaptive",
-                                                   "oracle").index(k[3]))):
+                      key=lambda k: (k[0], k[2], ORDER.index(k[3]) if k[3] in ORDER else len(ORDER), k[3])):
         mine = sorted((r for r in rows if (r["phase"], r["link"], r["batch"], r["strategy"]) == key),
                       key=lambda r: r["latency_s"])
         median = mine[len(mine) // 2]
@@ -245,6 +304,8 @@ def ratios(table: list[dict]) -> list[dict]:
                     "energy_reduction_vs_full": 1 - a["energy_j"] / f["energy_j"] if f else None,
                     "adaptive_over_oracle": a["latency_s"] / o["latency_s"],
                     "adaptive_over_local": a["latency_s"] / loc["latency_s"],
+                    **({"adaptive_over_equal_split": a["latency_s"] / get["equal_split"]["latency_s"]}
+                       if "equal_split" in get else {}),
                     "adaptive_plan": a["plan"], "oracle_plan": o["plan"]})
     return out
 

@@ -31,7 +31,7 @@ from edgeprism.comm.exchange import Exchanger
 from edgeprism.comm.job import Progress
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
-from edgeprism.plan import Request, static_plan
+from edgeprism.plan import Request, choose_plan, static_plan
 from edgeprism.runtime.engine import Engine, EngineConfig
 from edgeprism.runtime.groups import make_control
 
@@ -140,7 +140,7 @@ def drive(spec, engine, peers: dict, hf, control, emit: Progress) -> None:
 def _point(job, batch: int, num_tokens: int) -> dict:
     return {"scenario": job.scenario, "model": job.model.name, "model_case": job.model.label,
             "seq_len": job.model.seq_len, "num_tokens": num_tokens, "link": job.link, "world_size": job.world_size,
-            "batch": batch, "interleaving": "request"}
+            "batch": batch, "interleaving": "request", "device_speeds": list(job.speeds)}
 
 
 def _static(strategy: str, profile, request, engine):
@@ -150,6 +150,13 @@ def _static(strategy: str, profile, request, engine):
         return static_plan(profile, request, engine.link_estimate, "distributed", "fp32")
     if strategy.startswith("segment_means:"):
         return static_plan(profile, request, engine.link_estimate, "distributed", strategy.split(":", 1)[1])
+    if strategy == "equal_split":  # the adaptive plan's codec (or sm16) over every device, equal shares
+        adaptive = choose_plan(profile, request, engine.link_estimate)
+        world = profile.world_size
+        counts = tuple(request.num_tokens // world + (r < request.num_tokens % world) for r in range(world))
+        return static_plan(profile, request, engine.link_estimate, "distributed",
+                           adaptive.codec if adaptive.mode == "distributed" else "sm16", tuple(range(world)),
+                           token_counts=counts)
     return None
 
 

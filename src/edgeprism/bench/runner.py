@@ -77,7 +77,8 @@ def _profile_path(scenario: Scenario, job: Job, session, out_dir: Path, reprofil
 
         path = out_dir / "profiles" / f"synthetic-{job.model.label}-w{job.world_size}-{job.link}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        synthetic_profile(model_config(job.model.name), world_size=job.world_size, bandwidth_bps=link.rate_bps,
+        synthetic_profile(model_config(job.model.name), world_size=job.world_size,
+                          device_speeds=job.speeds or None, bandwidth_bps=link.rate_bps,
                           latency_s=link.delay_s).save(path)
         return str(path), "synthetic (not measured: planner numbers only)"
     from edgeprism.assets import cache_dir
@@ -86,6 +87,7 @@ def _profile_path(scenario: Scenario, job: Job, session, out_dir: Path, reprofil
     emulation = session.testbed.emulation if session.testbed is not None else "none"
     key_parts = [job.batches, job.model.seq_len] + ([os.path.abspath(job.model.name)] if
                                                     os.path.isdir(job.model.name) else [])
+    key_parts += [list(job.speeds)] if job.speeds else []
     key_parts += [list(job.codecs)] if job.codecs else []  # old keys stay
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:8]
     path = cache_dir() / "profiles" / f"bench-{job.model.label}-w{job.world_size}-{job.link}-{emulation}-{key}.json"
@@ -123,7 +125,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, say: Callable[[str], N
         link = get_preset(job.link)
         started = time.perf_counter()
         say(f"job {index + 1}/{len(jobs)}: {job.label}")
-        with LinkSession(job.world_size, link, backend=scenario.backend, timeout_s=job_timeout_s) as session:
+        with LinkSession(job.world_size, link, backend=scenario.backend, timeout_s=job_timeout_s,
+                         speeds=job.speeds or None) as session:
             emulation = session.testbed.emulation
             profile, profile_source = _profile_path(scenario, job, session, out_dir, reprofile, say)
             job_rows = out_dir / "jobs" / f"{index:03d}.jsonl"

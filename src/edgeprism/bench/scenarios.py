@@ -10,6 +10,8 @@
     segment_means_codecs = ["sm4"]
     repeats = 3
     profile = "synthetic"       # or "measure" (cached per model, world size, link and emulation)
+    device_speeds = [[1.0, 0.4], [0.5, 0.5, 0.5, 0.5]]   # optional: devices of these CPU quotas (cores,
+                                # fastest first; testbed cgroups) instead of world_sizes of whole cores
 
 A *job* is one (model case, world size, link): one testbed, one profile, one torchrun job in which
 every strategy serves every batch, interleaved request by request (see `bench.ranks`).
@@ -26,11 +28,13 @@ from typing import Literal
 
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 
-ENGINE_STRATEGIES = ("local", "full_exchange", "segment_means", "adaptive")
+ENGINE_STRATEGIES = ("local", "full_exchange", "segment_means", "equal_split", "adaptive")
 """Served by edgeprism's engine (static plans or its own)."""
 PEER_STRATEGIES = ("transformers", "pipeline", "tensor_parallel")
 """The other ways to run the model: plain transformers on one device, and two multi-device peers."""
-STRATEGIES = ("local", "transformers", "full_exchange", "segment_means", "pipeline", "tensor_parallel", "adaptive")
+STRATEGIES = ("local", "transformers", "full_exchange", "segment_means", "equal_split", "pipeline", "tensor_parallel",
+              "adaptive")
+"""`equal_split`: the adaptive plan's codec over every device with equal token shares (mixed devices)."""
 
 
 @dataclass(frozen=True)
@@ -63,13 +67,16 @@ class Job:
     seed: int
     skip_slower_than_s: float
     max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS
+    speeds: tuple[float, ...] = ()
+    """CPU quota per device in cores (testbed cgroups); empty: whole cores."""
     allow_unmeasured_codecs: bool = False
     codecs: tuple[str, ...] = ()
     adaptive_codecs: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
-        return f"{self.model.label} x{self.world_size} {self.link}"
+        devices = f"x{self.world_size}" if not self.speeds else "[" + ",".join(f"{s:g}" for s in self.speeds) + "]"
+        return f"{self.model.label} {devices} {self.link}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ class Scenario:
     adaptive_codecs: tuple[str, ...] = ()
     """The adaptive engine plans only with these (EngineConfig.codecs; empty: any the profile has): e.g. the
     quantising family measured faithful on the real-weights models, while Segment Means stays a baseline."""
+    device_speeds: tuple[tuple[float, ...], ...] = ()
+    """Mixed devices: one job per entry, its devices' CPU quotas in cores, fastest first (replaces
+    `world_sizes`; the testbed limits each host with a cgroup, `testbed.cpu`)."""
     expected_minutes: float | None = None
     """Documentation: how long the whole scenario took on this project's machine."""
     description: str = ""
@@ -124,6 +134,9 @@ class Scenario:
                 raise ValueError(f"{case.name} is an image model: give no seq_len (it uses its native image)")
         for link in self.links:
             get_preset(link)
+        for speeds in self.device_speeds:
+            if len(speeds) < 2 or speeds[0] != max(speeds) or min(speeds) <= 0:
+                raise ValueError(f"device_speeds entry {list(speeds)}: give >= 2 quotas > 0, the fastest first")
         if any(w < 2 for w in self.world_sizes):
             raise ValueError(f"world_sizes {list(self.world_sizes)} must all be >= 2")
         if not self.batches or any(b < 1 for b in self.batches):
@@ -151,10 +164,12 @@ class Scenario:
 
     def jobs(self) -> list[Job]:
         """One job per (model case, world size, link), in that nesting order."""
-        return [Job(self.name, case, world, link, tuple(self.batches), self.expanded_strategies(), self.repeats,
+        devices = [tuple(s) for s in self.device_speeds] or [(1.0,) * w for w in self.world_sizes]
+        return [Job(self.name, case, len(speeds), link, tuple(self.batches), self.expanded_strategies(), self.repeats,
                     self.warmup, self.seed, self.skip_slower_than_s, self.max_fidelity_loss,
-                    self.allow_unmeasured_codecs, tuple(self.codecs), tuple(self.adaptive_codecs))
-                for case in self.models for world in self.world_sizes for link in self.links]
+                    speeds if self.device_speeds else (), self.allow_unmeasured_codecs, tuple(self.codecs),
+                    tuple(self.adaptive_codecs))
+                for case in self.models for speeds in devices for link in self.links]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,6 +192,8 @@ def scenario_from_dict(data: dict, default_name: str = "scenario") -> Scenario:
               if k in ("links", "world_sizes", "batches", "strategies", "segment_means_codecs", "codecs",
                       "adaptive_codecs")}
     data.update(tuples)
+    if "device_speeds" in data:
+        data["device_speeds"] = tuple(tuple(float(s) for s in entry) for entry in data["device_speeds"])
     data.setdefault("name", default_name)
     return Scenario(models=tuple(models), **data)
 
@@ -227,6 +244,7 @@ class JobSpec:
         job["strategies"] = tuple(job["strategies"])
         job["codecs"] = tuple(job.get("codecs", ()))
         job["adaptive_codecs"] = tuple(job.get("adaptive_codecs", ()))
+        job["speeds"] = tuple(job.get("speeds", ()))
         data["job"] = Job(**job)
         return cls(**data)
 

@@ -26,7 +26,7 @@ GOAL_LOCAL_OVER_TRANSFORMERS = 1.03
 
 
 def _is_static(strategy: str) -> bool:
-    return strategy in ("local", "full_exchange") or strategy.startswith("segment_means:")
+    return strategy in ("local", "full_exchange", "equal_split") or strategy.startswith("segment_means:")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

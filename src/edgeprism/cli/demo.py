@@ -1,5 +1,6 @@
-"""`edgeprism demo`: 2 emulated devices on a WiFi link, profiled, then a mixed workload served by
-every strategy side by side, with a link change in the middle. Prints the table; writes a report."""
+"""`edgeprism demo`: 2 emulated devices on a WiFi link (or one per `--speeds` value, each with that CPU
+quota), profiled, then a mixed workload served by every strategy side by side, with a link change in
+the middle. Prints the table; writes a report."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from edgeprism.cli.budget import add_budget_arguments
+from edgeprism.cli.testbed import parse_speeds
 
 DEFAULT_DEMO_MODEL = "dinov2-s14"
 REAL_DATA = {"dinov2-s14": "fashion-mnist"}
@@ -51,6 +53,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds per batch, interleaved (default 3; tables give the median and the spread)")
+    p.add_argument("--speeds", type=parse_speeds, metavar="S0,S1,...",
+                   help="devices of these CPU quotas in cores, fastest first (testbed cgroups, root): one device "
+                        "per value; adds the strategies equal_split and fast_alone (default: 2 whole cores)")
+    p.add_argument("--share-step", type=float, default=0.0,
+                   help="with --speeds: also measure every split in share steps of this size (the oracle's)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the demo job is stopped")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=handle)
@@ -69,19 +76,28 @@ def _profile(args, session, link) -> str:
         return args.profile
     real = args.data != "synthetic"
     suffix = f"-{args.data}-{args.image_size}-e{args.eval_limit}" if real else ""
-    path = cache_dir() / "profiles" / f"{args.model}-w2-{link.name}-{session.testbed.emulation}{suffix}.json"
+    world = session.world_size
+    quotas = "" if not args.speeds else "-s" + "_".join(f"{s:g}" for s in args.speeds)
+    path = (cache_dir() / "profiles"
+            / f"{args.model}-w{world}{quotas}-{link.name}-{session.testbed.emulation}{suffix}.json")
     if path.exists() and not args.reprofile:
         _say(f"profile: using cached {path} (--reprofile to measure again)")
         return str(path)
-    _say(f"profile: measuring {args.model} on 2 devices over {link} ({session.emulation}) ...")
+    _say(f"profile: measuring {args.model} on {world} devices over {link} ({session.emulation}) ...")
     # Real weights: every codec's fidelity is measured on the model's evaluation set, so the adaptive plan can
     # use what is faithful; random weights measure nothing (only lossless codecs, or --allow-unmeasured-codecs).
     codecs = tuple(dict.fromkeys((*DEMO_CODECS, args.segment_means_codec))) if real else ()
-    options = ProfileOptions(model=args.model, world_size=2, link=link, link_backend=args.backend,
+    options = ProfileOptions(model=args.model, world_size=world, link=link, link_backend=args.backend,
                              batches=tuple(sorted(set(args.batches))), evaluate=real, checkpoint=args.checkpoint,
                              image_size=args.image_size, codecs=codecs, eval_limit=args.eval_limit)
     report = run_profile(options, session, progress=lambda done, total, what: _say(f"  [{done}/{total}] {what}"),
                          message=lambda text: _say(f"  {text}"))
+    measured = report.profile.device_speeds
+    if args.speeds and any(abs(m / measured[0] - s / args.speeds[0]) > 0.25 * s / args.speeds[0]
+                           for m, s in zip(measured, args.speeds)):
+        _say(f"WARNING: measured device speeds {measured} do not follow the quotas {list(args.speeds)} (the "
+             "machine is busier than the quotas assume: a quota caps, it does not reserve); not cached")
+        path = Path(tempfile.mkdtemp(prefix="edgeprism-profile-")) / path.name
     path.parent.mkdir(parents=True, exist_ok=True)
     report.profile.save(path)
     _say(f"profile: {report.profile_seconds:.0f} s, saved to {path}")
@@ -89,7 +105,7 @@ def _profile(args, session, link) -> str:
 
 
 def handle(args) -> int:
-    from edgeprism.bench.demo import DemoSpec, accuracy_by_strategy, add_oracle, ratios, summarize
+    from edgeprism.bench.demo import DemoSpec, accuracy_by_strategy, add_fast_alone, add_oracle, ratios, summarize
     from edgeprism.models.config import get_config
     from edgeprism.plan.types import Limits
     from edgeprism.profile.link import LinkSession
@@ -112,41 +128,51 @@ def handle(args) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats} must be >= 1")
     Limits(args.max_fidelity_loss, None, args.allow_unmeasured_codecs)
+    speeds = tuple(args.speeds or ())
+    if speeds and speeds[0] != max(speeds):
+        raise ValueError(f"--speeds {list(speeds)}: put the fastest device first (rank 0 coordinates and runs "
+                         "the local and fast_alone strategies)")
+    if args.share_step and not (speeds and 0 < args.share_step <= 0.5):
+        raise ValueError(f"--share-step {args.share_step} needs --speeds and a step in (0, 0.5]")
+    world = len(speeds) or 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_file = out_dir / "rows.jsonl"
     rows_file.write_text("")
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    with LinkSession(2, links[0], backend=args.backend, timeout_s=args.timeout) as session, \
+    with LinkSession(world, links[0], backend=args.backend, timeout_s=args.timeout, speeds=speeds or None) as session, \
             tempfile.TemporaryDirectory(prefix="edgeprism-demo-") as control:
         emulation = session.testbed.emulation
-        _say(f"testbed: 2 devices x 1 core, link {links[0]} ({emulation})")
+        _say(f"testbed: {world} devices ({session.testbed.describe()}), link {links[0]} ({emulation})")
         profile = _profile(args, session, links[0])
         spec = DemoSpec(model=args.model, profile=os.path.abspath(profile), checkpoint=args.checkpoint or "",
                         data=args.data, image_size=args.image_size, batches=tuple(args.batches),
                         links=tuple(link.name for link in links), segment_means_codec=args.segment_means_codec,
                         objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
                         allow_unmeasured_codecs=args.allow_unmeasured_codecs, repeats=args.repeats,
-                        rows_file=str(rows_file.resolve()), control_dir=control)
+                        rows_file=str(rows_file.resolve()), control_dir=control, speeds=speeds,
+                        share_step=args.share_step)
         _follow(session, spec, links, rows_file, control)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    rows = add_oracle(rows, args.max_fidelity_loss)
+    rows = add_oracle(add_fast_alone(rows, speeds), args.max_fidelity_loss)
     table = summarize(rows)
     gains = ratios(table)
     with open(out_dir / "rows.jsonl", "w") as handle_:
         for row in rows:
             handle_.write(json.dumps({**row, "emulation": emulation}) + "\n")
     report = {"model": args.model, "data": args.data, "checkpoint": args.checkpoint or "random weights",
-              "image_size": args.image_size, "probe_accuracy": accuracy_by_strategy(rows), "world_size": 2,
-              "emulation": emulation, "links": [str(link) for link in links],
+              "image_size": args.image_size, "probe_accuracy": accuracy_by_strategy(rows), "world_size": world,
+              "speeds": list(speeds), "emulation": emulation, "links": [str(link) for link in links],
               "segment_means_codec": args.segment_means_codec, "objective": args.objective,
               "max_fidelity_loss": args.max_fidelity_loss, "allow_unmeasured_codecs": args.allow_unmeasured_codecs,
               "fidelity": fidelity_note(rows, args.allow_unmeasured_codecs), "profile": profile,
               "demo_seconds": time.perf_counter() - started, "rows": table, "ratios": gains,
               "host_load": host_load(load_before, os.getloadavg()[0]),
-              "note": "2 emulated devices = 2 worker processes pinned to one core each on this machine; energy "
-                      "is modelled from measured phase times unless energy_source says metered"}
+              "note": f"{world} emulated devices = {world} worker processes pinned to cores"
+                      + (f" with CPU quotas {list(speeds)} (cgroups)" if speeds else ", one core each")
+                      + " on this machine; energy is modelled from measured phase times unless energy_source says "
+                        "metered"}
     (out_dir / "summary.json").write_text(json.dumps(report, indent=1))
     from edgeprism.bench.report import write_markdown, write_plots
 
@@ -234,7 +260,8 @@ def _loss(value) -> str:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['model']} on 2 emulated devices ({report['emulation']}); latency (ms) and modelled energy (J)",
+    lines = [f"{report['model']} on {report['world_size']} emulated devices ({report['emulation']}); "
+             "latency (ms) and modelled energy (J)",
              f"fidelity: {report.get('fidelity', '')}",
              f"host: {report.get('host_load', '')}",
              f"{'link':<10} {'batch':>5} {'strategy':<14} {'latency ms [p25-p75]':>23} {'energy J':>9} {'fid.loss':>8} "

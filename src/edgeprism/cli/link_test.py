@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from edgeprism.cli.testbed import add_link_arguments, add_testbed_arguments
+from edgeprism.cli.testbed import add_link_arguments, add_testbed_arguments, host_speeds
 from edgeprism.profile.link import run_link_test
 from edgeprism.testbed.linktest import LinkMeasurement
 from edgeprism.testbed.net import Testbed
@@ -45,8 +45,9 @@ def _handler(args: argparse.Namespace) -> int:
         link = testbed.link
     else:
         link = resolve_link(args.link, args.rate, args.delay)
-        with Testbed(args.hosts, link, cores_per_host=args.cores_per_host, subnet=args.subnet,
-                     backend=args.backend) as testbed:
+        hosts, speeds = host_speeds(args)
+        with Testbed(hosts, link, cores_per_host=args.cores_per_host, subnet=args.subnet,
+                     backend=args.backend, speeds=speeds) as testbed:
             measurement = run_link_test(testbed, timeout_s=args.timeout_s)
     row = link_test_row(measurement, link, testbed)
     if args.json:

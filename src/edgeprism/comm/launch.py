@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,15 +225,19 @@ class JobSession:
 
     With a `link`: one testbed host per rank joined by that emulated link (`edgeprism.testbed`: netns +
     tbf as root, else loopback with the link emulated in the transport, or as `backend` says). Without:
-    plain local processes on loopback. `run` starts a job on them (`run_job`)."""
+    plain local processes on loopback. `run` starts a job on them (`run_job`). `speeds`: a CPU quota per
+    testbed host in cores (`testbed.cpu`; needs a link)."""
 
     def __init__(self, world_size: int, link: LinkPreset | None = None, backend: str = "auto",
-                 cores_per_worker: int = 1, timeout_s: float = 600.0) -> None:
+                 cores_per_worker: int = 1, timeout_s: float = 600.0, speeds: Sequence[float] | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world size {world_size} must be >= 1")
         if backend not in ("auto", "netns", "loopback"):
             raise ValueError(f"link backend {backend!r}: choose auto, netns or loopback")
+        if speeds is not None and link is None:
+            raise ValueError(f"device speeds {list(speeds)} need a testbed: give a link too")
         self.world_size = world_size
+        self.speeds = None if speeds is None else tuple(speeds)
         self.link = link
         self.backend = backend
         self.cores_per_worker = cores_per_worker
@@ -243,7 +247,7 @@ class JobSession:
     def __enter__(self) -> JobSession:
         if self.link is not None:
             self.testbed = Testbed(self.world_size, self.link, cores_per_host=self.cores_per_worker,
-                                   backend=self.backend).up()  # type: ignore[arg-type]
+                                   backend=self.backend, speeds=self.speeds).up()  # type: ignore[arg-type]
         return self
 
     def __exit__(self, *exc: object) -> None:

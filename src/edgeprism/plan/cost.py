@@ -291,6 +291,23 @@ def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], cou
     return terms
 
 
+def rank_compute_s(profile: Profile, batch: int, counts: Sequence[int], codec: CodecFidelity) -> list[float]:
+    """Predicted compute seconds of each rank of a plan at speed 1.0 (the same layer formula as
+    `codec_terms`; rank 0 also pays the request overhead). Measured seconds over these give a device's
+    live speed (`runtime.compute_estimate`)."""
+    constants = profile_constants(profile)
+    k = len(counts)
+    group = group_terms(constants, batch, [1.0] * k, counts, 1.0, 0.0)
+    segments = [codec.num_vectors(n) for n in counts]
+    out, seen = [], 0
+    for p in range(k):
+        kv = counts[p] + (seen if constants.causal else sum(segments) - segments[p])
+        seen += segments[p]
+        out.append(constants.num_layers * (group.base[p] + group.slope[p] * kv)
+                   + (constants.request_overhead_s if p == 0 else 0.0))
+    return out
+
+
 def num_exchanges(profile: Profile) -> int:
     """Collective rounds of a distributed request: the header, the scatter, one exchange per layer and
     the output collection."""
@@ -302,7 +319,9 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
     if request.model_name != profile.model.name:
         raise ValueError(f"request is for model {request.model_name}, the profile for {profile.model.name}")
     if plan.mode == "local":
-        compute_s, energy_j = local_terms(profile, request.batch, request.num_tokens, link.local_compute_scale)
+        scale = 1.0 if link.device_speed_scale is None else link.device_speed_scale[0]
+        compute_s, energy_j = local_terms(profile, request.batch, request.num_tokens,
+                                          link.local_compute_scale / scale)
         return local_prediction(compute_s, energy_j, profile.energy.source)
     if not plan.ranks or plan.ranks[0] != 0 or len(set(plan.ranks)) != len(plan.ranks):
         raise ValueError(f"plan ranks {plan.ranks} must be distinct and start with the coordinator, rank 0")
@@ -311,7 +330,8 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
     if len(plan.token_counts) != len(plan.ranks) or sum(plan.token_counts) != request.num_tokens:
         raise ValueError(f"plan token counts {plan.token_counts} do not split {request.num_tokens} tokens "
                          f"over ranks {plan.ranks}")
-    speeds = [profile.device_speeds[r] for r in plan.ranks]
+    live_speeds = link.effective_speeds(profile.device_speeds)
+    speeds = [live_speeds[r] for r in plan.ranks]
     terms = distributed_terms(profile, request.batch, speeds, plan.token_counts, profile.codec(plan.codec),
                               link.bandwidth_bps, link.latency_s, link.sealed)
     return distributed_prediction(terms, profile)
@@ -352,5 +372,6 @@ __all__ = [
     "objective_score",
     "predict",
     "profile_constants",
+    "rank_compute_s",
     "token_shares",
 ]

@@ -6,15 +6,21 @@ Faithful by default: `Limits()` admits only codecs whose loss for this model was
 (lossless float wires count as 0); a codec of unmeasured fidelity needs `allow_unmeasured_codecs`.
 
 Candidates are local, and for every group size k = 2..healthy ranks and every profiled codec, the
-distributed plan over rank 0 plus the k-1 fastest other healthy ranks. Other subsets of the same size
-are never better under the cost model: with shares proportional to speed the compute term falls as the
-group's total speed rises, and the link terms depend on k and the codec only (one power model per profile).
-Ties keep the earlier candidate: local, then smaller groups, then codecs lightest on the wire first
-(profile order among equals).
+distributed plan over rank 0 plus the k-1 fastest other healthy ranks, each with the token splits of
+`plan.shares.candidate_splits` (balanced to the devices' speeds, and blends towards equal shares). Speeds
+are the profile's times the live per-device scale (`LinkEstimate.device_speed_scale`: a straggler slowed
+since profiling counts at its measured speed), so a slow device gets a small share, or is left out when
+the groups without it score better. Other subsets of the same size are never better under the cost
+model: the compute term falls as the group's total speed rises, and the link terms depend on k and the
+codec only (one power model per profile). Ties keep the earlier candidate: local, then smaller groups,
+then codecs lightest on the wire first (profile order among equals), then the balanced split.
 
-Speed (< 100 µs a call for a few ranks and codecs): tables that depend on the profile alone (rank order,
-the codecs no other codec dominates, the cost constants) are derived once per profile instance; a rank
-group, or a codec within it, whose lower bound cannot beat the best so far is skipped.
+Speed (< 100 µs a call for a few ranks and codecs of equal speed; devices of different speeds cost
+more: `scripts/bench_planner.py` at load ~7 on this 2-core VM, 60-85 µs over 2 ranks, 150-430 µs over 4,
+0.4-1.2 ms over 8, 3-5x the equal-speed figures): tables that depend on the profile alone (rank order,
+the codecs no other codec dominates, the cost constants, the balanced splits of recent requests) are
+derived once per profile instance; a rank group, or a codec within it, whose lower bound cannot beat
+the best so far is skipped; only the best codec of a group tries the blends towards equal shares.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from edgeprism.plan.cost import (
-    apportion,
+    CodecTerms,
+    CostConstants,
+    GroupTerms,
     codec_terms,
     distributed_prediction,
     distributed_terms,
@@ -32,8 +40,8 @@ from edgeprism.plan.cost import (
     local_terms,
     objective_score,
     profile_constants,
-    token_shares,
 )
+from edgeprism.plan.shares import SplitCache, candidate_splits
 from edgeprism.plan.types import OBJECTIVES, Candidate, Limits, LinkEstimate, Plan, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
@@ -55,8 +63,13 @@ def _rank_order(profile: Profile) -> tuple[int, ...]:
 
 
 def _groups(profile: Profile, link: LinkEstimate) -> list[tuple[int, ...]]:
-    """Rank groups to consider, one per size >= 2: rank 0 plus the fastest other healthy ranks."""
-    order = profile.derived("plan.rank_order", _rank_order)
+    """Rank groups to consider, one per size >= 2: rank 0 plus the fastest other healthy ranks (at their
+    live speeds)."""
+    if link.device_speed_scale is None:
+        order = profile.derived("plan.rank_order", _rank_order)
+    else:
+        speeds = link.effective_speeds(profile.device_speeds)
+        order = tuple(sorted(range(1, profile.world_size), key=lambda r: (-speeds[r], r)))
     if link.healthy_ranks is not None:
         healthy = set(link.healthy_ranks)
         order = tuple(r for r in order if r in healthy)
@@ -109,7 +122,7 @@ def _plan(profile: Profile, objective: str, ranks: tuple[int, ...], counts: tupl
                     predicted_latency_s=latency_s, predicted_energy_j=energy_j, energy_source=profile.energy.source,
                     objective=objective, reason=reason, within_limits=within,  # type: ignore[arg-type]
                     profile_hash=profile.profile_hash(), fidelity_loss=0.0)
-    shares = token_shares([profile.device_speeds[r] for r in ranks])
+    shares = tuple(n / sum(counts) for n in counts)
     return Plan(mode="distributed", ranks=ranks, token_shares=shares, token_counts=counts, codec=codec.codec,
                 cr=codec.cr, wire_dtype=codec.wire_dtype, predicted_latency_s=latency_s, predicted_energy_j=energy_j,
                 energy_source=profile.energy.source, objective=objective, reason=reason,  # type: ignore[arg-type]
@@ -144,7 +157,7 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     num_fidelity_excluded = num_over_budget + num_unmeasured + num_unlisted
     num_admissible = len(profile.codecs) - num_fidelity_excluded
 
-    local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
+    local_s, local_j = local_terms(profile, batch, num_tokens, _local_scale(profile, live_link_estimate))
     # An option: (score, latency_s, energy_j, ranks, counts, codec or None for local).
     best: tuple[float, float, float, tuple[int, ...], tuple[int, ...], CodecFidelity | None] | None = None
     fastest: tuple[float, float, tuple[int, ...], tuple[int, ...], CodecFidelity | None] = (
@@ -155,9 +168,9 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         best = (objective_score(objective, local_s, local_j), local_s, local_j, (0,), (num_tokens,), None)
     else:
         num_over_ceiling += 1
-    speeds_all = profile.device_speeds
-    sealed = live_link_estimate.sealed
-    constants = profile.derived(f"plan.constants.sealed={sealed}", lambda p: profile_constants(p, sealed))
+    speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
+    constants = _constants(profile, live_link_estimate.sealed)
+    ends_memo = profile.derived(f"plan.split_ends.sealed={live_link_estimate.sealed}", _new_memo)
     for ranks in _groups(profile, live_link_estimate):
         if num_tokens < len(ranks):
             break
@@ -168,25 +181,42 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         if best is not None and objective_score(
                 objective, *group_bound(constants, batch, num_tokens, speeds, link_latency_s)) >= best[0]:
             continue  # even a perfect split and a free link could not beat the best so far
-        counts = apportion(num_tokens, speeds)
-        group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s, codecs)
-        if best is not None and objective_score(objective, group.min_total_s, group.min_energy_j) >= best[0]:
-            continue  # no codec can beat the best so far: every term is at least its group lower bound
-        for codec in codecs:
-            terms = codec_terms(constants, group, batch, codec, bandwidth_bps, objective,
-                                _INF if best is None else best[0])
-            if terms is None:
-                continue  # its lower bound cannot beat the best so far
-            energy_j = terms.energy_j
-            total_s = terms.compute_s + terms.staging_s + terms.network_s + terms.latency_s
-            if total_s < fastest[0]:
-                fastest = (total_s, energy_j, ranks, counts, codec)
-            if ceiling is not None and total_s > ceiling:
-                num_over_ceiling += 1
-                continue
-            score = objective_score(objective, total_s, energy_j)
-            if best is None or score < best[0]:
-                best = (score, total_s, energy_j, ranks, counts, codec)
+        cache = SplitCache(ends_memo=ends_memo)
+        split_terms: dict[tuple[int, ...], GroupTerms] = {}
+        # Every codec at the balanced split first; then the blends towards equal shares for the codec
+        # that did best in this group only (the blends trade compute balance for a smaller padded
+        # message, the same trade for every codec: weighing them for all codecs costs 3x for no gain seen).
+        group_best: CodecFidelity | None = None
+        group_score = _INF
+        rounds = [(codec, 0) for codec in codecs]
+        while rounds:
+            codec, first_split = rounds.pop(0)
+            splits = candidate_splits(constants, batch, speeds, num_tokens, codec, cache, blends=first_split > 0)
+            for counts in splits[first_split:]:
+                group = split_terms.get(counts)
+                if group is None:
+                    group = split_terms[counts] = group_terms(constants, batch, speeds, counts, bandwidth_bps,
+                                                              link_latency_s, codecs)
+                if best is not None and objective_score(objective, group.min_total_s, group.min_energy_j) >= best[0]:
+                    continue  # every term is at least its lower bound for this split
+                terms = codec_terms(constants, group, batch, codec, bandwidth_bps, objective,
+                                    _INF if best is None else best[0])
+                if terms is None:
+                    continue  # its lower bound cannot beat the best so far
+                energy_j = terms.energy_j
+                total_s = terms.compute_s + terms.staging_s + terms.network_s + terms.latency_s
+                if total_s < fastest[0]:
+                    fastest = (total_s, energy_j, ranks, counts, codec)
+                if ceiling is not None and total_s > ceiling:
+                    num_over_ceiling += 1
+                    continue
+                score = objective_score(objective, total_s, energy_j)
+                if score < group_score:
+                    group_best, group_score = codec, score
+                if best is None or score < best[0]:
+                    best = (score, total_s, energy_j, ranks, counts, codec)
+            if not rounds and first_split == 0 and group_best is not None:
+                rounds.append((group_best, 1))
 
     notes = []
     if num_over_budget:
@@ -224,20 +254,20 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
             return f"predicted {latency_s * 1e3:.1f} ms exceeds the {ceiling * 1e3:.1f} ms ceiling"
         return None
 
-    local_s, local_j = local_terms(profile, batch, num_tokens, live_link_estimate.local_compute_scale)
+    local_s, local_j = local_terms(profile, batch, num_tokens, _local_scale(profile, live_link_estimate))
     out.append(Candidate(_plan(profile, objective, (0,), (num_tokens,), None, local_s, local_j, "local reference"),
                          local_prediction(local_s, local_j, source), over_ceiling(local_s)))
+    speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
+    constants = _constants(profile, live_link_estimate.sealed)
     for ranks in _groups(profile, live_link_estimate):
-        speeds = [profile.device_speeds[r] for r in ranks]
+        speeds = [speeds_all[r] for r in ranks]
         if num_tokens < len(ranks):
             why = f"{num_tokens} tokens cannot give {len(ranks)} ranks one token each"
             for codec in profile.codecs:
                 out.append(Candidate(_plan(profile, objective, ranks, (), codec, 0.0, 0.0, why), None, why))
             continue
-        counts = apportion(num_tokens, speeds)
         for codec in profile.codecs:
-            terms = distributed_terms(profile, batch, speeds, counts, codec, live_link_estimate.bandwidth_bps,
-                                      live_link_estimate.latency_s, live_link_estimate.sealed)
+            counts, terms = best_split(constants, batch, speeds, num_tokens, codec, live_link_estimate, objective)
             prediction = distributed_prediction(terms, profile)
             plan = _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
                          prediction.explain())
@@ -245,16 +275,53 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
     return out
 
 
-__all__ = ["choose_plan", "codec_exclusion", "enumerate_candidates"]
+def _new_memo(_profile: Profile) -> dict:
+    return {}
+
+
+def _local_scale(profile: Profile, link: LinkEstimate) -> float:
+    """How much slower than profiled rank 0 runs alone: the live local bias over rank 0's live speed scale."""
+    scale = link.device_speed_scale
+    return link.local_compute_scale / (1.0 if scale is None else scale[0])
+
+
+def _constants(profile: Profile, sealed: bool) -> CostConstants:
+    """The profile's cost constants, memoised per profile and sealing (sealed lanes add bytes and time)."""
+    return profile.derived(f"plan.constants.sealed={sealed}", lambda p: profile_constants(p, sealed))
+
+
+def best_split(constants: CostConstants, batch: int, speeds: list[float], num_tokens: int, codec: CodecFidelity,
+               link: LinkEstimate, objective: str) -> tuple[tuple[int, ...], CodecTerms]:
+    """The candidate split (`plan.shares.candidate_splits`) of one group and codec that scores best under
+    `objective`, with its terms (the balanced split on ties)."""
+    best: tuple[float, tuple[int, ...], CodecTerms] | None = None
+    for counts in candidate_splits(constants, batch, speeds, num_tokens, codec):
+        group = group_terms(constants, batch, speeds, counts, link.bandwidth_bps, link.latency_s)
+        terms = codec_terms(constants, group, batch, codec, link.bandwidth_bps)
+        assert terms is not None  # no objective, no pruning
+        score = objective_score(objective, terms.compute_s + terms.staging_s + terms.network_s + terms.latency_s,
+                                terms.energy_j)
+        if best is None or score < best[0]:
+            best = (score, counts, terms)
+    assert best is not None
+    return best[1], best[2]
+
+
+__all__ = ["best_split", "choose_plan", "codec_exclusion", "enumerate_candidates"]
 
 
 def static_plan(profile: Profile, request: Request, live_link_estimate: LinkEstimate, mode: str,
-                codec: str | None = None, ranks: tuple[int, ...] | None = None, objective: str = "latency") -> Plan:
-    """The plan a *static* strategy would run (local, or distributed with a fixed codec over fixed ranks),
-    with the cost model's prediction — for baselines in the demo and benchmarks, not for serving."""
+                codec: str | None = None, ranks: tuple[int, ...] | None = None, objective: str = "latency",
+                token_counts: tuple[int, ...] | None = None) -> Plan:
+    """The plan a *static* strategy would run (local, or distributed with a fixed codec over fixed ranks,
+    split as the planner would or as `token_counts` says), with the cost model's prediction — for
+    baselines in the demo and benchmarks, not for serving."""
     if mode not in ("local", "distributed"):
         raise ValueError(f"mode {mode!r} must be 'local' or 'distributed'")
     wanted_ranks = tuple(ranks) if ranks is not None else tuple(range(profile.world_size))
+    if mode == "distributed" and token_counts is not None:
+        return _fixed_split_plan(profile, request, live_link_estimate, codec or "", wanted_ranks,
+                                 tuple(token_counts), objective)
     for candidate in enumerate_candidates(profile, request, live_link_estimate, objective):
         plan = candidate.plan
         if mode == "local" and plan.mode == "local":
@@ -265,3 +332,19 @@ def static_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     known = sorted({c.codec for c in profile.codecs})
     raise ValueError(f"no {mode} plan with codec {codec!r} over ranks {list(wanted_ranks)} in this profile; "
                      f"profiled codecs: {', '.join(known)}")
+
+
+def _fixed_split_plan(profile: Profile, request: Request, link: LinkEstimate, codec_name: str,
+                      ranks: tuple[int, ...], counts: tuple[int, ...], objective: str) -> Plan:
+    if len(counts) != len(ranks) or sum(counts) != request.num_tokens or min(counts) < 1:
+        raise ValueError(f"token counts {list(counts)} must give each of ranks {list(ranks)} at least one of the "
+                         f"request's {request.num_tokens} tokens")
+    if not ranks or ranks[0] != 0 or any(not 0 <= r < profile.world_size for r in ranks):
+        raise ValueError(f"ranks {list(ranks)} must start with rank 0 and lie in the profile's {profile.world_size}")
+    codec = profile.codec(codec_name)
+    speeds = link.effective_speeds(profile.device_speeds)
+    terms = distributed_terms(profile, request.batch, [speeds[r] for r in ranks], counts, codec,
+                              link.bandwidth_bps, link.latency_s, link.sealed)
+    prediction = distributed_prediction(terms, profile)
+    return _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
+                 f"static split {list(counts)}: {prediction.explain()}")

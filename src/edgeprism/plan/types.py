@@ -46,8 +46,24 @@ class LinkEstimate:
     sealed: bool = False
     """The data lanes seal every message (edgeprism.comm.sealing): the cost model charges the profile's
     measured sealing cost (none when the profile has no `sealing`)."""
+    device_speed_scale: tuple[float, ...] | None = None
+    """Per rank (rank order): measured speed / the profile's speed, estimated online from each rank's
+    compute time (`runtime.compute_estimate`): 0.25 = that device now runs at a quarter of its profiled
+    speed (a straggler). None: trust the profile's speeds."""
+
+    def effective_speeds(self, profile_speeds: tuple[float, ...]) -> tuple[float, ...]:
+        """The profile's device speeds times the live scale (the profile's alone when there is none)."""
+        scale = self.device_speed_scale
+        if scale is None:
+            return profile_speeds
+        if len(scale) != len(profile_speeds):
+            raise ValueError(f"device_speed_scale has {len(scale)} values for {len(profile_speeds)} devices")
+        return tuple(s * f for s, f in zip(profile_speeds, scale))
 
     def __post_init__(self) -> None:
+        if self.device_speed_scale is not None and not all(
+                math.isfinite(f) and f > 0 for f in self.device_speed_scale):
+            raise ValueError(f"device_speed_scale must be finite and > 0, got {self.device_speed_scale}")
         if not (math.isfinite(self.local_compute_scale) and self.local_compute_scale > 0):
             raise ValueError(f"local_compute_scale must be > 0, got {self.local_compute_scale}")
         if not (math.isfinite(self.bandwidth_bps) and self.bandwidth_bps > 0):

@@ -36,6 +36,10 @@ class EngineConfig:
     profile's link alone, e.g. a fixed wired link or a test that must not depend on this host's noise)."""
     overlap: bool = DEFAULT_OVERLAP
     """Overlap each encoder layer's exchange with the own-token attention (partition/overlap.py; exact)."""
+    learn_speeds: bool = True
+    """Estimate each device's compute speed from its timings in every distributed request, so that a
+    device slowed since profiling (a straggler) is re-shared or left out, and taken back once restored
+    (`runtime.compute_estimate`)."""
     size_aware: bool = DEFAULT_SIZE_AWARE
     """log(count) logit bias for received means (the measured default; see partition.transform)."""
     blow_factor: float = 2.0

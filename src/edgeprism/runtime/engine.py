@@ -48,6 +48,7 @@ from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import Limits, Plan, Request, choose_plan
 from edgeprism.profile.schema import Profile
+from edgeprism.runtime.compute_estimate import ComputeSpeedEstimator
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.control import ControlChannel, Mailbox
 from edgeprism.runtime.groups import retire_lanes, start_digests, start_recording
@@ -120,6 +121,7 @@ class Engine(Rank0Side, WorkerSide):
         self.history: deque[MetricsRow] = deque(maxlen=config.history)
         self.estimator = OnlineLinkEstimator.from_profile(profile)
         self.compute_bias = ComputeBiasEstimator()
+        self.speed_estimator = ComputeSpeedEstimator(ctx.world_size)
         self._dtype = next(self.model.parameters()).dtype
         self._lanes: dict = {}
         self._epoch = 0
@@ -243,6 +245,7 @@ class Engine(Rank0Side, WorkerSide):
             if plan.mode == "local":
                 self._local_streak += 1
                 outputs, row = self._run_local(inputs, plan, request, link, request_id, want)
+                self._learn_speeds(plan, request, ())
             else:
                 self._local_streak = 0
                 start = time.perf_counter()
@@ -276,7 +279,7 @@ class Engine(Rank0Side, WorkerSide):
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
         link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
-                       sealed=self.sealed)
+                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales())
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:
@@ -356,6 +359,8 @@ class Engine(Rank0Side, WorkerSide):
             lane.exchanger.deadline = None
         if len(per_rank) == len(plan.ranks) and self.config.learn_link:
             self.estimator.update(observations(per_rank, len(plan.ranks), self.model.config.num_layers))
+        if (plan.mode, tuple(plan.ranks), plan.codec) in self._seen_plans:  # a first request pays set-up
+            self._learn_speeds(plan, request, per_rank)
         rank0 = per_rank[0]
         bytes_exchanged = int(sum(r.nbytes_sent for r in per_rank)) + control.nbytes_sent
         layer_nbytes = int(sum(r.layer_nbytes for r in per_rank))

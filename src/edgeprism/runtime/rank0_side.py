@@ -19,7 +19,7 @@ from dataclasses import replace
 from edgeprism.comm.exchange import PeerError
 from edgeprism.comm.sealing import TamperError
 from edgeprism.plan import Plan, Request
-from edgeprism.plan.cost import predict
+from edgeprism.plan.cost import predict, rank_compute_s
 from edgeprism.runtime.cluster_jobs import JobError, check_job, lane_job_context, run_job_here
 from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, start_recording
 from edgeprism.runtime.link_estimate import LinkObservation
@@ -164,6 +164,18 @@ class Rank0Side:
         link = replace(self.estimator.estimate(), local_compute_scale=1.0)  # the profile's own prediction
         predicted = predict(self.profile, request, plan, link).compute_s
         self.compute_bias.update(plan.mode, row.compute_s, predicted)
+
+    def _learn_speeds(self, plan: Plan, request: Request, per_rank) -> None:
+        """Fold each plan rank's compute seconds (wall less staging and link) into the per-device speed
+        estimate (`runtime.compute_estimate`); a local request only ages the devices' last observations."""
+        if not self.config.learn_speeds:
+            return
+        if plan.mode == "local" or len(per_rank) != len(plan.ranks):
+            self.speed_estimator.update((), (), ())
+            return
+        predicted = rank_compute_s(self.profile, request.batch, plan.token_counts, self.profile.codec(plan.codec))
+        measured = [r.wall_s - r.staging_s - r.collective_s - r.emulated_delay_s for r in per_rank]
+        self.speed_estimator.update(plan.ranks, predicted, measured)
 
     def _energy(self, request_id: str, phases: list[tuple[float, float, float, float]]) -> tuple[float, str]:
         """Measured energy of the plan's ranks. Modelled from each rank's (wall, staging, link) seconds with

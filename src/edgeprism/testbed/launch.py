@@ -40,10 +40,8 @@ class LaunchError(RuntimeError):
 
 def torchrun_command(testbed: Testbed, host: Host, argv: list[str], run_id: str) -> list[str]:
     """The command line that starts `host`'s torchrun node."""
-    prefix = ["ip", "netns", "exec", host.netns] if host.netns is not None else []
     return [
-        *prefix,
-        "taskset", "-c", ",".join(str(c) for c in host.cores),
+        *testbed.command_prefix(host),  # its CPU group, its namespace, its cores
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={testbed.num_hosts}",
         f"--node-rank={host.index}",  # informational: c10d orders nodes by --local-addr (see net.py)

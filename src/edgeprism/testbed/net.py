@@ -29,8 +29,10 @@ import secrets
 import socket
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
+from edgeprism.testbed import cpu
 from edgeprism.testbed.emulation import LinkMode, write_link_file
 from edgeprism.testbed.netns import (
     Host,
@@ -70,6 +72,8 @@ class Testbed:
     `subnet`: an IPv4 /24 or larger for the hosts' addresses; None picks a free 10.77.x.0/24.
     `persistent`: keep the testbed when this process exits (`edgeprism testbed up`); otherwise
     `cleanup_stale()` may remove it once this process is gone.
+    `speeds`: a CPU quota per host in cores (0.5 = half a core; `testbed.cpu`), enforced by one cgroup per
+    host; hosts are packed onto cores so that no core is promised more than 1.0. None: whole cores.
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -82,6 +86,7 @@ class Testbed:
         subnet: str | None = None,
         backend: Backend = "auto",
         persistent: bool = False,
+        speeds: Sequence[float] | None = None,
     ) -> None:
         if not 1 <= num_hosts <= MAX_HOSTS:
             raise ValueError(f"num_hosts={num_hosts}; the testbed makes 1 to {MAX_HOSTS} hosts")
@@ -89,6 +94,16 @@ class Testbed:
             raise ValueError(f"cores_per_host={cores_per_host}; give each host at least 1 core")
         if backend not in ("auto", "netns", "loopback"):
             raise ValueError(f"backend={backend!r}; choose 'auto', 'netns' or 'loopback'")
+        if speeds is not None:
+            speeds = tuple(float(v) for v in speeds)
+            if len(speeds) != num_hosts:
+                raise ValueError(f"{len(speeds)} speeds {list(speeds)} for {num_hosts} hosts: give one per host")
+            for v in speeds:
+                cpu.check_speed(v)
+            if max(speeds) > cores_per_host:
+                raise ValueError(f"speed {max(speeds)} cores exceeds the {cores_per_host} core(s) each host is "
+                                 "pinned to; raise --cores-per-host")
+        self.speeds: tuple[float, ...] | None = speeds
         self.num_hosts = num_hosts
         self.link = link
         self.cores_per_host = cores_per_host
@@ -100,6 +115,7 @@ class Testbed:
         self.hosts: list[Host] = []
         self.namespaces: list[str] = []
         self.is_up = False
+        self._cpu: cpu.CpuController | None = None
         self.link_file = link_path(self.tag)
         self.state_file = state_path(self.tag)
 
@@ -138,6 +154,8 @@ class Testbed:
 
     def _assign_cores(self) -> list[tuple[int, ...]]:
         available = sorted(os.sched_getaffinity(0))
+        if self.speeds is not None and self.cores_per_host == 1:
+            return cpu.pack_cores(self.speeds, available)
         needed = self.num_hosts * self.cores_per_host
         if needed > len(available):
             warnings.warn(
@@ -164,6 +182,7 @@ class Testbed:
             "namespaces": self.namespaces,
             "hosts": [dataclasses.asdict(h) for h in self.hosts],
             "rdzv_port": self.rdzv_port,
+            "cpu_controller": None if self._cpu is None else [self._cpu.root, self._cpu.version],
         }
         write_state(self.state_file, state)
 
@@ -171,6 +190,14 @@ class Testbed:
         if self.is_up:
             return self
         cores = self._assign_cores()
+        speeds = self.speeds or (None,) * self.num_hosts
+        if self.speeds is not None:
+            self._cpu = cpu.find_controller()
+            if self._cpu is None:
+                warnings.warn(f"host speeds {list(self.speeds)} NOT enforced: {cpu.quota_missing()}; every host "
+                              "gets its whole core(s)", stacklevel=2)
+        groups = [None if self._cpu is None else cpu.group_path(self._cpu, f"{PREFIX}{self.tag}-h{i}")
+                  for i in range(self.num_hosts)]
         try:
             if self.backend == "netns":
                 net = pick_subnet(self._requested_subnet)
@@ -179,7 +206,7 @@ class Testbed:
                 addresses = [str(net.network_address + FIRST_HOST_OFFSET + i) for i in range(self.num_hosts)]
                 self.namespaces = [f"{PREFIX}{self.tag}-h{i}" for i in range(self.num_hosts)] + [self._switch_ns]
                 self.hosts = [
-                    Host(i, f"{PREFIX}{self.tag}-h{i}", HOST_IFNAME, addresses[i], cores[i])
+                    Host(i, f"{PREFIX}{self.tag}-h{i}", HOST_IFNAME, addresses[i], cores[i], speeds[i], groups[i])
                     for i in range(self.num_hosts)
                 ]
                 # State first: a run killed half-way leaves a file that names what to remove.
@@ -189,9 +216,11 @@ class Testbed:
             else:
                 self.rdzv_port = _free_port()
                 self.hosts = [
-                    Host(i, None, "lo", f"127.0.1.{FIRST_HOST_OFFSET + i}", cores[i]) for i in range(self.num_hosts)
+                    Host(i, None, "lo", f"127.0.1.{FIRST_HOST_OFFSET + i}", cores[i], speeds[i], groups[i])
+                    for i in range(self.num_hosts)
                 ]
                 self._write_state()
+            self._make_groups()
             write_link_file(self.link_file, self.link, self.link_mode)
         except BaseException:
             self.down()
@@ -203,6 +232,33 @@ class Testbed:
     @property
     def _switch_ns(self) -> str:
         return f"{PREFIX}{self.tag}-sw"
+
+    def _make_groups(self) -> None:
+        for host in self.hosts:
+            if self._cpu is not None and host.cgroup is not None and host.speed is not None:
+                cpu.make_group(self._cpu, os.path.basename(host.cgroup), host.speed)
+
+    def command_prefix(self, host: Host) -> list[str]:
+        """What runs a command on `host`: into its CPU group (if it has a quota), into its namespace (netns
+        testbed), pinned to its cores. Every process a host starts goes through this."""
+        enter = cpu.enter_prefix(host.cgroup) if host.cgroup is not None else []
+        netns = ["ip", "netns", "exec", host.netns] if host.netns is not None else []
+        return [*enter, *netns, "taskset", "-c", ",".join(str(c) for c in host.cores)]
+
+    def set_speed(self, index: int, speed: float) -> None:
+        """Change host `index`'s CPU quota while jobs run (a straggler: lower it; restored: raise it)."""
+        if not 0 <= index < self.num_hosts:
+            raise ValueError(f"host {index}: this testbed has hosts 0..{self.num_hosts - 1}")
+        host = self.hosts[index]
+        if self._cpu is None or host.cgroup is None:
+            raise ValueError(f"host {index} has no CPU group (testbed made without --speeds, or {cpu.quota_missing()})")
+        if speed > len(host.cores):
+            raise ValueError(f"speed {speed} exceeds host {index}'s {len(host.cores)} core(s)")
+        cpu.set_quota(self._cpu, host.cgroup, speed)
+        self.hosts[index] = dataclasses.replace(host, speed=speed)
+        self.speeds = tuple(h.speed or float(len(h.cores)) for h in self.hosts)
+        self._write_state()
+        log.info("testbed %s host %d speed %.3g -> %.3g cores", self.tag, index, host.speed, speed)
 
     # -- live changes and teardown -------------------------------------------------------------
 
@@ -226,6 +282,9 @@ class Testbed:
         (and with them every veth, bridge and qdisc), the link and state files."""
         for ns in self.namespaces:
             delete_netns(ns)
+        for host in self.hosts:
+            if host.cgroup is not None:
+                cpu.remove_group(host.cgroup)
         for path in (self.link_file, self.state_file):
             try:
                 os.unlink(path)
@@ -234,7 +293,9 @@ class Testbed:
         self.is_up = False
 
     def describe(self) -> str:
-        hosts = ", ".join(f"{h.netns or 'lo'}={h.address} cores {list(h.cores)}" for h in self.hosts)
+        hosts = ", ".join(f"{h.netns or 'lo'}={h.address} cores {list(h.cores)}"
+                          + ("" if h.speed is None else f" speed {h.speed:g}" + ("" if h.cgroup else " (NOT enforced)"))
+                          for h in self.hosts)
         if self.backend == "netns":
             how = f"netns+tbf: kernel tbf {self.link.rate_bps / 1e6:g} Mbit/s each way, transport delay"
         else:
@@ -261,6 +322,10 @@ class Testbed:
         tb.link = LinkPreset.from_json(state["link"])
         tb.hosts = [Host(**{**h, "cores": tuple(h["cores"])}) for h in state["hosts"]]
         tb.cores_per_host = len(tb.hosts[0].cores) if tb.hosts else 1
+        tb.speeds = None if all(h.speed is None for h in tb.hosts) else tuple(
+            h.speed or float(len(h.cores)) for h in tb.hosts)
+        controller = state.get("cpu_controller")
+        tb._cpu = None if controller is None else cpu.CpuController(controller[0], int(controller[1]))
         tb.persistent = state["owner_pid"] is None
         tb.tag = state["tag"]
         tb._requested_subnet = tb.subnet = state["subnet"]
@@ -291,12 +356,17 @@ def status() -> dict[str, Any]:
             "subnet": state.get("subnet"),
             "link": state["link"],
             "hosts": [h["address"] for h in state["hosts"]],
+            "speeds": [h.get("speed") for h in state["hosts"]],
+            "cpu_quotas": [None if not h.get("cgroup") else cpu.read_quota(h["cgroup"]) for h in state["hosts"]],
             "persistent": owner is None,
             "owner_alive": owner is None or pid_alive(owner),
         })
     known = {ns for s in read_states() for ns in s.get("namespaces", [])}
     orphans = sorted(ns for ns in namespaces if ns not in known)
-    return {"state_dir": state_dir(), "testbeds": testbeds, "namespaces": namespaces, "orphan_namespaces": orphans}
+    known_groups = {h.get("cgroup") for s in read_states() for h in s.get("hosts", [])}
+    orphan_groups = [g for g in cpu.list_groups(cpu.find_controller(), PREFIX) if g not in known_groups]
+    return {"state_dir": state_dir(), "testbeds": testbeds, "namespaces": namespaces, "orphan_namespaces": orphans,
+            "orphan_cgroups": orphan_groups}
 
 
 def cleanup_stale(everything: bool = False) -> list[str]:
@@ -304,11 +374,13 @@ def cleanup_stale(everything: bool = False) -> list[str]:
     state file names. `everything=True` also removes live and persistent testbeds. Returns what went."""
     removed: list[str] = []
     known: set[str] = set()
+    known_groups: set[str] = set()
     for state in read_states():
         owner = state.get("owner_pid")
         stale = owner is not None and not pid_alive(owner)
         if not (stale or everything):
             known.update(state.get("namespaces", []))
+            known_groups.update(h["cgroup"] for h in state.get("hosts", []) if h.get("cgroup"))
             continue
         tb = Testbed.attach(state["tag"])
         tb.down()
@@ -319,5 +391,17 @@ def cleanup_stale(everything: bool = False) -> list[str]:
         if ns.startswith(PREFIX) and ns not in known and (everything or netns_age_s(ns) > 10.0):
             delete_netns(ns)
             removed.append(f"netns {ns}")
+    # CPU groups with no state file (made after the state file, so the same reasoning holds).
+    for group in cpu.list_groups(cpu.find_controller(), PREFIX):
+        if group not in known_groups and (everything or _age_s(group) > 10.0):
+            cpu.remove_group(group)
+            removed.append(f"cgroup {group}")
     return removed
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return float("inf")
 

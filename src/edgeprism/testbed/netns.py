@@ -36,6 +36,10 @@ class Host:
     address: str
     """This host's own address (inside its namespace); on loopback a 127.0.1.x alias."""
     cores: tuple[int, ...]
+    speed: float | None = None
+    """CPU quota in cores (0.5 = half a core), or None for the whole of `cores`."""
+    cgroup: str | None = None
+    """The CPU group that enforces `speed` (`testbed.cpu`), or None when unlimited."""
 
 
 def run_cmd(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
