@@ -116,6 +116,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Gather:
+    """One all-gather of byte payloads, staged: `run` crosses the (emulated) link, `finish` opens, copies back
+    and records what it cost. Shared by `Exchanger.all_gather_bytes` and its background twin."""
+
+    def __init__(self, exchanger: Exchanger, kind: str, plain: Tensor, sizes: list[int], max_size: int,
+                 staged: Tensor, stage_out_s: float, outputs: list[Tensor]) -> None:
+        self.exchanger, self.kind, self.plain, self.sizes, self.max_size = exchanger, kind, plain, sizes, max_size
+        self.staged, self.stage_out_s, self.outputs = staged, stage_out_s, outputs
+
+    def run(self) -> tuple[float, float]:
+        """-> (emulated delay seconds, collective seconds)."""
+        ex, world = self.exchanger, self.exchanger.ctx.world_size
+        delay_s = ex._delay(self.max_size, world - 1)
+        start = time.perf_counter()
+        ex._wait(lambda: [ex._pg.allgather([self.outputs], [self.staged])], f"all-gather of {self.kind}")
+        return delay_s, time.perf_counter() - start
+
+    def finish(self, delay_s: float, collective_s: float) -> list[Tensor]:
+        ex = self.exchanger
+        rank, world = ex.ctx.group_rank, ex.ctx.world_size
+        cut = [self.outputs[i][: self.sizes[i]] for i in range(world)]
+        arrived = cut if ex.sealer is None else [self.plain if i == rank else ex._open(cut[i], i, self.kind)
+                                                 for i in range(world)]
+        received, stage_in_s = ex._to_device(arrived)
+        ex.stats.add(self.kind, sent=self.max_size, received=self.max_size * (world - 1),
+                     staging_s=self.stage_out_s + stage_in_s + ex._take_seal_s(), collective_s=collective_s,
+                     delay_s=delay_s)
+        return received
+
+
 class Exchanger:
     """Staged, timed collectives over the context's group. Reuses its CPU buffers across calls.
 
@@ -221,6 +251,23 @@ class Exchanger:
 
         GLOO's all-gather needs equal shapes, so payloads are padded to max(sizes) and cut back.
         """
+        gather = self._stage_gather(payload, sizes, kind)
+        delay_s, collective_s = gather.run()
+        return gather.finish(delay_s, collective_s)
+
+    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> PendingExchange:
+        """`all_gather_bytes` in the background: stage now, then the (emulated) link and the collective run on
+        the exchanger's thread while the caller computes; `wait()` returns the payloads. One at a time: wait
+        for it before the next exchange of the same kind (the buffers are reused)."""
+        gather = self._stage_gather(payload, sizes, kind)  # sealed and opened on the caller's thread, in order
+        if self._background is None:
+            self._background = _Background()
+        future = self._background.submit(gather.run)
+        return PendingExchange(lambda: gather.finish(*future.result()))
+
+    def _stage_gather(self, payload: Tensor, sizes: list[int], kind: str) -> _Gather:
+        """Seal and stage this rank's payload for an all-gather of `kind` (the shared first half of the sync and
+        the background all-gather)."""
         rank, world = self.ctx.group_rank, self.ctx.world_size
         assert payload.dtype == torch.uint8 and payload.numel() == sizes[rank], (payload.shape, sizes, rank)
         plain, payload = payload, self._seal(payload, kind)
@@ -228,55 +275,7 @@ class Exchanger:
         max_size = max(sizes)
         staged, stage_out_s = self._to_cpu(payload, kind, max_size)
         outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
-        delay_s = self._delay(max_size, world - 1)
-        start = time.perf_counter()
-        self._wait(lambda: [self._pg.allgather([outputs], [staged])], f"all-gather of {kind}")
-        collective_s = time.perf_counter() - start
-        if self.sealer is None:
-            arrived = [outputs[i][: sizes[i]] for i in range(world)]
-        else:
-            arrived = [plain if i == rank else self._open(outputs[i][: sizes[i]], i, kind) for i in range(world)]
-        received, stage_in_s = self._to_device(arrived)
-        self.stats.add(kind, sent=max_size, received=max_size * (world - 1),
-                       staging_s=stage_out_s + stage_in_s + self._take_seal_s(), collective_s=collective_s,
-                       delay_s=delay_s)
-        return received
-
-    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> PendingExchange:
-        """`all_gather_bytes` in the background: stage now, then the (emulated) link and the collective run on
-        the exchanger's thread while the caller computes; `wait()` returns the payloads. One at a time: wait
-        for it before the next exchange of the same kind (the buffers are reused)."""
-        rank, world = self.ctx.group_rank, self.ctx.world_size
-        assert payload.dtype == torch.uint8 and payload.numel() == sizes[rank], (payload.shape, sizes, rank)
-        plain, payload = payload, self._seal(payload, kind)  # sealed and opened on the caller's thread, in order
-        sizes = [size + self._overhead() for size in sizes]
-        max_size = max(sizes)
-        staged, stage_out_s = self._to_cpu(payload, kind, max_size)
-        outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
-
-        def run() -> tuple[float, float]:
-            delay_s = self._delay(max_size, world - 1)
-            start = time.perf_counter()
-            self._wait(lambda: [self._pg.allgather([outputs], [staged])], f"all-gather of {kind}")
-            return delay_s, time.perf_counter() - start
-
-        if self._background is None:
-            self._background = _Background()
-        future = self._background.submit(run)
-
-        def finish() -> list[Tensor]:
-            delay_s, collective_s = future.result()
-            if self.sealer is None:
-                arrived = [outputs[i][: sizes[i]] for i in range(world)]
-            else:
-                arrived = [plain if i == rank else self._open(outputs[i][: sizes[i]], i, kind) for i in range(world)]
-            received, stage_in_s = self._to_device(arrived)
-            self.stats.add(kind, sent=max_size, received=max_size * (world - 1),
-                           staging_s=stage_out_s + stage_in_s + self._take_seal_s(), collective_s=collective_s,
-                           delay_s=delay_s)
-            return received
-
-        return PendingExchange(finish)
+        return _Gather(self, kind, plain, sizes, max_size, staged, stage_out_s, outputs)
 
     def send_forward_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> list[Tensor | None]:
         """Causal exchange: rank p's payload goes only to ranks q > p; p receives from every q < p.
