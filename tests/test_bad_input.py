@@ -28,7 +28,8 @@ GOOD = json.dumps({"id": "good", "synthetic": {"batch": 2, "seq_len": 96}})
 def engine():
     profile = synthetic_profile("bert-tiny-test", device_speeds=(1.0, 1.0), bandwidth_bps=1e9, latency_s=1e-4,
                                 seconds_per_image=3000, codecs=synthetic_codecs(BERT.hidden_size)[:1])
-    with launch_local(2, "bert-tiny-test", profile, config=EngineConfig(max_batch=4, learn_compute=False)) as engine:
+    config = EngineConfig(max_batch=4, learn_compute=False, learn_link=False, learn_speeds=False)  # the profile plans
+    with launch_local(2, "bert-tiny-test", profile, config=config) as engine:
         yield engine
 
 

@@ -28,7 +28,7 @@ from edgeprism.runtime.coordinator import read_status
 VIT = get_config("vit-tiny-test")
 # Plans by the profile alone: what is tested here is membership, not the live link estimate.
 CONFIG = EngineConfig(min_stall_s=1.5, stall_factor=3.0, regroup_timeout_s=1.0, join_check_s=0.1, probe_every=0,
-                      group_timeout_s=10.0, learn_compute=False, learn_link=False)
+                      group_timeout_s=10.0, learn_compute=False, learn_link=False, learn_speeds=False)
 LARGE = synthetic_inputs(VIT, 2, image_size=64, seed=3)  # 65 tokens: the planner takes every rank it has
 
 

@@ -105,7 +105,8 @@ def test_model_argument_mistakes_are_named(tmp_path):
         resolve_model(str(folder))
 
 
-CONFIG = EngineConfig(join_check_s=0.1, probe_every=0, group_timeout_s=10.0, learn_compute=False, learn_link=False)
+CONFIG = EngineConfig(join_check_s=0.1, probe_every=0, group_timeout_s=10.0, learn_compute=False, learn_link=False,
+                      learn_speeds=False)
 
 
 def test_a_served_folder_admits_the_same_folder_and_refuses_other_weights(tmp_path):

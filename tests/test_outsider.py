@@ -44,7 +44,8 @@ def _settle(engine, condition, timeout_s=60.0):
 
 
 def test_a_stranger_on_the_store_reads_nothing_useful_and_cannot_stop_or_fool_the_cluster():
-    config = EngineConfig(join_check_s=0.05, learn_compute=False, learn_link=False, seal_lanes="on", min_stall_s=5.0)
+    config = EngineConfig(join_check_s=0.05, learn_compute=False, learn_link=False, learn_speeds=False,
+                          seal_lanes="on", min_stall_s=5.0)
     inputs = synthetic_inputs(VIT, 2, seed=7)
     with launch_local(2, "vit-tiny-test", _profile(), config=config) as engine:
         with torch.no_grad():

@@ -21,7 +21,8 @@ from edgeprism.testbed.presets import LinkPreset
 VIT = get_config("vit-tiny-test")
 FP32_ONLY = synthetic_codecs(VIT.hidden_size)[:1]
 CONFIG = EngineConfig(min_stall_s=1.5, stall_factor=3.0, regroup_timeout_s=1.0, join_check_s=0.2, probe_every=0,
-                      group_timeout_s=10.0, learn_compute=False)  # plans from the profile: deterministic
+                      group_timeout_s=10.0, learn_compute=False,
+                      learn_speeds=False)  # plans from the profile: deterministic
 LARGE = synthetic_inputs(VIT, 2, image_size=64, seed=3)  # 65 tokens: the planner takes all three ranks
 
 

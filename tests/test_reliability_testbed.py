@@ -30,7 +30,8 @@ DRIVER = textwrap.dedent('''
     profile = synthetic_profile("vit-tiny-test", device_speeds=(1.0, 1.0, 1.0), bandwidth_bps=1e9, latency_s=1e-4,
                                 seconds_per_image=3000, codecs=synthetic_codecs(vit.hidden_size)[:1])
     config = EngineConfig(min_stall_s=1.5, stall_factor=3.0, regroup_timeout_s=1.5, join_check_s=0.2, probe_every=0,
-                          group_timeout_s=10.0, learn_compute=False)  # plans from the profile: deterministic
+                          group_timeout_s=10.0, learn_compute=False,
+                          learn_speeds=False)  # plans from the profile: deterministic
     batch = synthetic_inputs(vit, 2, image_size=64, seed=3)
     workers = {r: (["ip", "netns", "exec", hosts[r][0]], hosts[r][1]) for r in range(1, len(hosts))}
     out = {}

@@ -84,7 +84,7 @@ def test_subsets_exactness_idle_workers_and_bad_requests(monkeypatch):
     small = synthetic_inputs(VIT, 2, seed=2)  # 17 tokens: the planner takes ranks [0, 1]
     large = synthetic_inputs(VIT, 2, image_size=64, seed=3)  # 65 tokens: all three ranks, uneven shares
     # The plans below follow from the profile: no online link estimate (3 ranks on 2 cores make a noisy link).
-    config = EngineConfig(max_batch=2, learn_compute=False, learn_link=False)
+    config = EngineConfig(max_batch=2, learn_compute=False, learn_link=False, learn_speeds=False)
     # rank 2 at 0.4: worth its fixed per-layer cost (K/V rows of every token) for 65 tokens, not for 17
     with launch_local(3, "vit-tiny-test", _profile((1.0, 1.0, 0.4)), config=config) as engine:
         for inputs, ranks in ((small, [0, 1]), (large, [0, 1, 2]), (small, [0, 1])):
@@ -196,7 +196,7 @@ def test_one_splitter_one_header_one_input_check(monkeypatch):
         return header, parts
 
     monkeypatch.setattr(PositionWise, "split", recording_split)
-    config = EngineConfig(learn_compute=False, learn_link=False)
+    config = EngineConfig(learn_compute=False, learn_link=False, learn_speeds=False)
     with launch_local(3, "vit-tiny-test", profile, config=config) as engine:
         checks = []
         real_validate = engine.model.validate_input

@@ -58,7 +58,8 @@ def test_intruders_cannot_join_or_drive_and_every_socket_is_on_loopback():
     # Plans by the profile alone (learn_link off): on a busy host the live link estimate can tip this tiny
     # request to local, and this test is about intruders, not planning.
     with launch_local(
-        2, "vit-tiny-test", _profile(), config=EngineConfig(join_check_s=0.05, learn_compute=False, learn_link=False)
+        2, "vit-tiny-test", _profile(), config=EngineConfig(join_check_s=0.05, learn_compute=False, learn_link=False,
+                                                        learn_speeds=False)
     ) as engine:
         assert engine.infer(batch).metrics.mode == "distributed"
         store = _client(engine)
