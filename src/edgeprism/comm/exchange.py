@@ -160,8 +160,6 @@ class Exchanger:
         self._buffers: dict[tuple[str, int], Tensor] = {}
         self._pin = ctx.device.type == "cuda"
         self._background: _Background | None = None
-        self._draining: dict[str, list] = {}
-        """Forward sends posted but not yet waited for, per kind (`send_forward_bytes`, `finish_sends`)."""
         self._seal_s = 0.0
         self.sealer = None
         """A LaneSealer when this lane's messages are sealed (edgeprism.comm.sealing), else None."""
@@ -282,14 +280,10 @@ class Exchanger:
     def send_forward_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> list[Tensor | None]:
         """Causal exchange: rank p's payload goes only to ranks q > p; p receives from every q < p.
 
-        Returns a list indexed by source rank (None where nothing was received, i.e. q >= p). The sends are
-        posted, not waited for: they drain over the link while this rank computes its next layer, and the
-        next exchange of `kind` (its staging buffer is reused) or `finish_sends` waits for them. A decoder's
-        rank 0 thus never waits on the link; a later rank waits only for what it reads.
+        Returns a list indexed by source rank (None where nothing was received, i.e. q >= p).
         """
         rank, world = self.ctx.group_rank, self.ctx.world_size
         receivers = list(range(rank + 1, world))
-        self.finish_sends(kind)
         if receivers:  # sealed once; the same bytes go to every receiver
             payload = self._seal(payload, kind)
         sizes = [size + self._overhead() for size in sizes]
@@ -298,30 +292,14 @@ class Exchanger:
         delay_s = self._delay(sizes[rank] * len(receivers), 1) if receivers or inbox else 0.0
         start = time.perf_counter()
         pg = self._pg
-        try:
-            self._draining[kind] = [pg.send([staged], q, 0) for q in receivers]
-        except RuntimeError as err:  # a peer whose connection is already closed fails here
-            raise PeerError(f"forward send of {kind} on rank {rank} failed: {err}") from err
-        self._wait(lambda: [pg.recv([inbox[q]], q, 0) for q in range(rank)], f"forward receive of {kind}")
+        self._wait(lambda: [pg.send([staged], q, 0) for q in receivers]
+                   + [pg.recv([inbox[q]], q, 0) for q in range(rank)], f"forward send of {kind}")
         collective_s = time.perf_counter() - start
         moved, stage_in_s = self._to_device([self._open(inbox[q], q, kind) for q in range(rank)])
         self.stats.add(kind, sent=sizes[rank] * len(receivers), received=sum(sizes[:rank]),
                        staging_s=stage_out_s + stage_in_s + self._take_seal_s(), collective_s=collective_s,
                        delay_s=delay_s)
         return [*moved, *([None] * (world - rank))]
-
-    def finish_sends(self, kind: str = "layer") -> None:
-        """Wait (within the deadline) for the forward sends of `kind` still draining; the wait counts as
-        collective time. A failed send is a PeerError."""
-        sends = self._draining.pop(kind, None)
-        if sends:
-            start = time.perf_counter()
-            self._wait(lambda: sends, f"forward send of {kind}")
-            self.stats.collective_s += time.perf_counter() - start  # a wait, not another exchange
-
-    def drop_sends(self) -> None:
-        """Forget sends left draining by a request that failed (its group is being replaced)."""
-        self._draining.clear()
 
     def send_tensor(self, tensor: Tensor, dst: int, kind: str) -> None:
         flat = self._seal(tensor.detach().contiguous().view(-1).view(torch.uint8), kind)

@@ -71,12 +71,6 @@ class LoopbackExchanger:
                        collective_s=0.0, delay_s=0.0)
         return [gathered[q] if q < rank else None for q in range(world)]  # type: ignore[misc]
 
-    def finish_sends(self, kind: str = "layer") -> None:
-        """Forward sends complete at once here (the objects are shared in memory)."""
-
-    def drop_sends(self) -> None:
-        """Nothing is ever left draining here."""
-
     def send_tensor(self, tensor: Tensor, dst: int, kind: str) -> None:
         shared = self.shared
         with shared.lock:

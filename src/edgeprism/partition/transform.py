@@ -341,30 +341,25 @@ class PositionWise:
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
             clock = self.timeline = Timeline()
-            try:
-                for layer, block in enumerate(model.block_list()):
-                    clock.start_layer(self.exchanger.stats)
-                    # What is sent (docs/ARCHITECTURE.md rule 2 and its departures): the block's normalised K/V input
-                    # (DEFAULT_AVERAGE), the residual stream, or a rotary block's rotated keys and values.
-                    sent = exchanged_states(block, hidden, self.average, positions)
-                    if session is not None:
-                        specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
-                        sizes = [spec_nbytes(s) for s in specs]
-                    if self.overlap and self.ctx.world_size > 1:
-                        hidden, kv, remote_bias = self._overlapped(block, hidden, own_bias, sent, valid, anchor, specs,
-                                                                   sizes, session, layer)
-                    else:
-                        remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
-                        hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
-                                                                    self.size_aware, self.average, sent, positions)
-                    clock.end_layer(layer, self.exchanger.stats)
-                    if keep_cache:
-                        state.kv_cache.append(kv)
-                        state.remote_bias = remote_bias
-            except BaseException:
-                self.exchanger.drop_sends()  # the request failed: its group is being replaced
-                raise
-            self.exchanger.finish_sends()  # a decoder's last forward sends, left draining while it computed
+            for layer, block in enumerate(model.block_list()):
+                clock.start_layer(self.exchanger.stats)
+                # What is sent (docs/ARCHITECTURE.md rule 2 and its departures): the block's normalised K/V input
+                # (DEFAULT_AVERAGE), the residual stream, or a rotary block's rotated keys and values.
+                sent = exchanged_states(block, hidden, self.average, positions)
+                if session is not None:
+                    specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
+                    sizes = [spec_nbytes(s) for s in specs]
+                if self.overlap and self.ctx.world_size > 1:
+                    hidden, kv, remote_bias = self._overlapped(block, hidden, own_bias, sent, valid, anchor, specs,
+                                                               sizes, session, layer)
+                else:
+                    remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
+                    hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
+                                                                self.size_aware, self.average, sent, positions)
+                clock.end_layer(layer, self.exchanger.stats)
+                if keep_cache:
+                    state.kv_cache.append(kv)
+                    state.remote_bias = remote_bias
             state.hidden = model.finish(hidden)
         return state
 
