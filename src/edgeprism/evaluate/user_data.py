@@ -144,12 +144,7 @@ def label_indices(io: ModelIO, items: Sequence[DataItem], order: list[int]) -> t
 
 def _class_logits(io: ModelIO, outputs: Outputs, inputs: Inputs) -> torch.Tensor:
     assert io.classifier is not None
-    embeddings = io.embeddings(outputs, inputs) if io.classifier.input == "embedding" else None
-    num_tokens = None
-    if "pixel_values" in inputs and io.patch_size:
-        height, width = inputs["pixel_values"].shape[-2:]
-        num_tokens = (height // io.patch_size) * (width // io.patch_size) + 1
-    features = io.classifier.features(outputs, inputs, embeddings, num_tokens)
+    features = io.class_features(outputs, inputs)
     return F.linear(features.float(), io.classifier.weight, io.classifier.bias)  # (B, classes)
 
 

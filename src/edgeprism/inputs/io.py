@@ -143,13 +143,17 @@ class ModelIO:
             raise ValueError(f"top_k is {top_k}; ask for at least 1 label")
         if self.classifier is None:
             return None
+        return self.classifier.top_k(self.class_features(outputs, inputs), top_k)
+
+    def class_features(self, outputs: dict[str, Tensor], inputs: dict[str, Tensor]) -> Tensor:
+        """What the checkpoint's classifier reads for each row (its pooled embedding or a model output)."""
+        assert self.classifier is not None, "class_features needs a checkpoint with a classifier"
         embeddings = self.embeddings(outputs, inputs) if self.classifier.input == "embedding" else None
         num_tokens = None
         if "pixel_values" in inputs and self.patch_size:
             height, width = inputs["pixel_values"].shape[-2:]
             num_tokens = (height // self.patch_size) * (width // self.patch_size) + 1
-        features = self.classifier.features(outputs, inputs, embeddings, num_tokens)
-        return self.classifier.top_k(features, top_k)
+        return self.classifier.features(outputs, inputs, embeddings, num_tokens)
 
     # --- checks ---
     def _tokenizer(self, what: str, decoder: bool = False) -> TextTokenizer:
