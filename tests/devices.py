@@ -1,9 +1,16 @@
 """Helpers for tests that start `edgeprism` commands as separate processes (devices joining a coordinator)."""
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from edgeprism.testbed.net import Testbed
+from edgeprism.testbed.presets import get_preset
 
 EDGEPRISM = [str(Path(sys.executable).with_name("edgeprism"))]
 if not Path(EDGEPRISM[0]).exists():  # not installed as a script: the same entry point
@@ -26,3 +33,15 @@ def stop(proc, sig=signal.SIGKILL, timeout_s=20.0):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def wifi4_testbed(num_hosts, what):
+    """A generator for a module fixture: `num_hosts` namespaces over wifi4, taken down afterwards; `what` (the
+    test) is skipped with a reason without root or iproute2."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip(f"{what} needs root and iproute2 (network namespaces)")
+    tb = Testbed(num_hosts, get_preset("wifi4"), backend="netns").up()
+    try:
+        yield tb
+    finally:
+        tb.down()

@@ -11,7 +11,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from devices import wifi4_testbed
 from edgeprism import assets
 from edgeprism.comm.auth import new_secret, write_secret_file
 from edgeprism.inputs import load_io
 from edgeprism.models.loading import load_model
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-from edgeprism.testbed.net import Testbed
-from edgeprism.testbed.presets import get_preset
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(900)]
 
@@ -58,13 +56,7 @@ def _folder(name):
 
 @pytest.fixture(scope="module")
 def testbed():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("the kernel testbed needs root and iproute2")
-    tb = Testbed(2, get_preset("wifi4"), backend="netns").up()
-    try:
-        yield tb
-    finally:
-        tb.down()
+    yield from wifi4_testbed(2, "the kernel testbed")
 
 
 def _passages(count, words=120):

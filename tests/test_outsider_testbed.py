@@ -12,7 +12,6 @@ can fail), and the events are counted in /metrics. docs/SECURITY.md.
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,12 +21,10 @@ import time
 import pytest
 import torch
 
-from devices import EDGEPRISM
+from devices import EDGEPRISM, wifi4_testbed
 from edgeprism.comm.auth import new_secret, write_secret_file
 from edgeprism.models.loading import load_model
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
-from edgeprism.testbed.net import Testbed
-from edgeprism.testbed.presets import get_preset
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -112,13 +109,7 @@ OUTSIDER = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def testbed():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("the outsider test needs root and iproute2 (network namespaces)")
-    tb = Testbed(3, get_preset("wifi4"), backend="netns").up()
-    try:
-        yield tb
-    finally:
-        tb.down()
+    yield from wifi4_testbed(3, "the outsider test")
 
 
 class Net:
