@@ -11,8 +11,9 @@ import threading
 
 from edgeprism.comm.auth import SECRET_FILE_ENV, AuthError, load_secret
 from edgeprism.comm.context import parse_cores
-from edgeprism.runtime.coordinator import Device, DeviceOptions, parse_address, read_status
-from edgeprism.testbed.emulation import EmulatedLink
+from edgeprism.runtime.coordinator import ClusterSpec, Device, DeviceOptions, parse_address, read_status
+from edgeprism.runtime.succession import Succession, Successor, parse_coordinators
+from edgeprism.testbed.emulation import LINK_FILE_ENV, EmulatedLink
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +24,16 @@ def add_parser(subparsers) -> None:
                     "serve the coordinator's distributed requests. The coordinator assigns the rank, checks the model, "
                     "weights and profile digests, and takes the device in between two requests. Ctrl-C leaves "
                     "cleanly; a lost coordinator is joined again with backoff. docs/DEPLOY.md")
-    p.add_argument("address", metavar="ADDR:PORT", help="the coordinator's --listen address")
+    p.add_argument("address", metavar="ADDR:PORT", nargs="?",
+                   help="the coordinator's --listen address (or give --coordinators)")
+    p.add_argument("--coordinators", metavar="A:P,B:P,...",
+                   help="the succession list, the same on every machine: join the first address that serves, and "
+                        "take over at --listen when every earlier one is gone (docs/DEPLOY.md, failover)")
+    p.add_argument("--listen", metavar="ADDR:PORT",
+                   help="with --coordinators: this device's own entry of the list, where it serves when promoted")
+    p.add_argument("--http", metavar="ADDR:PORT",
+                   help="with --coordinators: where a promoted device serves the HTTP API (default: the --listen "
+                        "host and the coordinator's --port)")
     p.add_argument("--secret-file", metavar="FILE",
                    help=f"the cluster secret, the same file as the coordinator's (default: ${SECRET_FILE_ENV})")
     p.add_argument("--checkpoint", metavar="DIR",
@@ -65,9 +75,13 @@ def handle(args) -> int:
         raise ValueError(f"--rank {args.rank} must be >= 0 (0: any free rank)")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint} is not a folder")
-    parse_address(args.address)  # a malformed address is named before anything else
+    succession = _succession(args)
+    address = args.address or (succession.addresses[0] if succession else None)
+    if address is None:
+        raise ValueError("give the coordinator's ADDR:PORT, or --coordinators A:P,B:P,... with --listen")
+    parse_address(address)  # a malformed address is named before anything else
     secret = _secret(args.secret_file)
-    options = DeviceOptions(address=args.address, checkpoint=args.checkpoint, device=args.device,
+    options = DeviceOptions(address=address, checkpoint=args.checkpoint, device=args.device,
                             cores=parse_cores(args.cores), rank=args.rank, bind_addr=args.bind,
                             connect_timeout_s=args.timeout, retry=not args.no_retry)
     link = EmulatedLink.from_env(os.environ)  # the testbed's emulated link, when this device runs on one
@@ -76,13 +90,64 @@ def handle(args) -> int:
         if not args.quiet:
             print(f"edgeprism join: {text}", file=sys.stderr, flush=True)
 
-    say(f"connecting to {args.address} ...")
-    device = Device(options, secret, link=link, on_event=say)
+    if succession is not None:
+        secret_file = args.secret_file or os.environ[SECRET_FILE_ENV]
+        say(f"looking for the coordinator among {','.join(succession.others)} ...")
+        successor = Successor(succession, options, secret, secret_file, link=link, on_event=say,
+                              link_file=os.environ.get(LINK_FILE_ENV) or None,
+                              serve=lambda engine, spec, stop: serve_promoted(engine, spec, stop, succession.own,
+                                                                              args.http, args.checkpoint, say))
+        return run_until_stopped(successor, say)
+    say(f"connecting to {address} ...")
+    return run_until_stopped(Device(options, secret, link=link, on_event=say), say)
+
+
+def _succession(args) -> Succession | None:
+    if not args.coordinators:
+        if args.listen or args.http:
+            raise ValueError("--listen and --http are for --coordinators (a device that may take over)")
+        return None
+    if args.no_retry or args.rank:
+        raise ValueError(f"--coordinators walks the list for good: it takes neither --no-retry nor --rank "
+                         f"{args.rank}")
+    if not args.listen:
+        raise ValueError(f"--coordinators {args.coordinators} needs --listen ADDR:PORT, this device's own entry")
+    if args.http:
+        parse_address(args.http)
+    return Succession(parse_coordinators(args.coordinators), args.listen.strip())
+
+
+def serve_promoted(engine, spec: ClusterSpec, stop: threading.Event, own: str, http: str | None,
+                   checkpoint: str | None, say) -> None:
+    """What a promoted device serves until `stop`: the HTTP API when the cluster served one (the spec's
+    `service`), at `http` or the --listen host and the coordinator's port; else the store alone."""
+    service = spec.service
+    if service is None or service.get("http_port") is None:
+        say(f"coordinating at {own} (the cluster served no HTTP API)")
+        stop.wait()
+        return
+    from edgeprism.api import ApiConfig, serve_http
+    from edgeprism.inputs import load_io
+
+    host, port = parse_address(http) if http else (parse_address(own)[0], int(service["http_port"]))
+    try:
+        io = load_io(engine.model.config, checkpoint)
+    except ValueError as err:  # e.g. a random-weight text preset has no tokenizer: tensors only
+        say(f"only POST /infer (tensor requests) is served: {err}")
+        io = None
+    config = ApiConfig(model_name=service.get("served_model_name"), dynamic_batching=service["dynamic_batching"],
+                       batch_window_s=service["batch_window_s"], outputs_mode=service["outputs"])
+    serve_http(engine, io, host, port, config, stop=stop,
+               on_ready=lambda h, p: say(f"listening on http://{h}:{p} as the coordinator"))
+
+
+def run_until_stopped(runner: Device | Successor, say) -> int:
+    """Run `runner` on a thread of its own until it ends or Ctrl-C / SIGTERM (then leave and exit)."""
     outcome: dict = {}
 
     def serve() -> None:
         try:
-            outcome["served"] = device.run()
+            outcome["served"] = runner.run()
         except BaseException as err:  # re-raised on the main thread, which alone receives Ctrl-C
             outcome["error"] = err
 
@@ -96,7 +161,7 @@ def handle(args) -> int:
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
-        device.leave()
+        runner.leave()
         sys.stderr.flush()
         os._exit(0)  # the serving thread may sit in a C++ wait; nothing of it needs finishing
     error = outcome.get("error")
@@ -105,7 +170,8 @@ def handle(args) -> int:
         return 3
     if error is not None:
         raise error
-    say(f"done after {outcome['served']} distributed requests")
+    if outcome.get("served") is not None:
+        say(f"done after {outcome['served']} distributed requests")
     return 0
 
 

@@ -32,6 +32,10 @@ def add_parser(subparsers) -> None:
                    help="be the coordinator of real devices: serve the rendezvous store on ADDR:PORT and let devices "
                         "join it (`edgeprism join ADDR:PORT`); no local workers are started. Needs --secret-file "
                         "off-loopback. docs/DEPLOY.md")
+    p.add_argument("--coordinators", metavar="A:P,B:P,...",
+                   help="with --listen and --http: the succession list (--listen is one of them), the same on every "
+                        "machine: devices given it take over when this coordinator dies, and this one joins a "
+                        "coordinator that already serves instead of starting a second cluster (docs/DEPLOY.md)")
     p.add_argument("--objective", choices=["latency", "energy", "edp"], default="latency")
     add_budget_arguments(p)
     p.add_argument("--max-latency", type=float, metavar="SECONDS", help="latency ceiling for the planner")
@@ -119,11 +123,17 @@ def handle(args) -> int:
 
         load_secret({SECRET_FILE_ENV: args.secret_file})  # a bad secret file is the user's error, named now
     listen = _listen(args)
+    if args.coordinators and not (listen and args.http and (args.profile or args.synthetic_profile) and args.port):
+        raise ValueError(f"--coordinators {args.coordinators} needs --listen (this machine's entry), --http with a "
+                         f"fixed --port (clients retry that port at the next address; got {args.port}) and --profile "
+                         f"or --synthetic-profile")
     if args.cores:
         from edgeprism.comm.context import parse_cores, pin_cpu
 
         pin_cpu(parse_cores(args.cores))
     profile = _profile(args, listen)
+    if args.coordinators:
+        return _serve_succession(args, config, profile)
     stream = None if args.http else sys.stdin if args.input == "-" else _open(args.input)
     if listen:
         print(f"edgeprism serve: coordinator of {args.model} for {args.world_size - 1} device(s); devices join with "
@@ -162,6 +172,41 @@ def handle(args) -> int:
     print(f"edgeprism serve: {served} served, {refused} refused"
           + (f", {failures} rerun on rank 0 after a lost peer" if failures else ""), file=sys.stderr, flush=True)
     return 0
+
+
+def _serve_succession(args, config, profile) -> int:
+    """--coordinators: coordinate (store, rank 0, HTTP) unless another address of the list already serves,
+    then be a device of it that takes over in its turn (edgeprism.runtime.succession)."""
+    from dataclasses import replace
+
+    from edgeprism.cli.join import run_until_stopped, serve_promoted
+    from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
+    from edgeprism.models.loading import resolve_model
+    from edgeprism.runtime.coordinator import DeviceOptions, coordinator_spec
+    from edgeprism.runtime.succession import Succession, Successor, parse_coordinators
+    from edgeprism.testbed.emulation import LINK_FILE_ENV, EmulatedLink
+
+    succession = Succession(parse_coordinators(args.coordinators), args.listen.strip())
+    model, checkpoint = resolve_model(args.model, args.checkpoint)
+    service = {"http_port": args.port, "served_model_name": args.served_model_name,
+               "dynamic_batching": not args.no_batching, "batch_window_s": args.batch_window_ms / 1e3,
+               "outputs": args.outputs}
+    spec = coordinator_spec(model, args.seed, checkpoint is not None, args.world_size, args.timeout,
+                            replace(config, wait_for_workers=False), profile, succession.addresses, service)
+    link_file = args.link_file or None
+    env = {LINK_FILE_ENV: link_file} if link_file else {}
+
+    def say(text: str) -> None:
+        print(f"edgeprism serve: {text}", file=sys.stderr, flush=True)
+
+    options = DeviceOptions(address=succession.own, checkpoint=checkpoint, connect_timeout_s=args.timeout)
+    secret = load_secret({SECRET_FILE_ENV: args.secret_file})
+    http = f"{args.host}:{args.port}"
+    successor = Successor(succession, options, secret, args.secret_file, link=EmulatedLink.from_env(env),
+                          on_event=say, spec=spec, link_file=link_file,
+                          serve=lambda engine, spec, stop: serve_promoted(engine, spec, stop, succession.own, http,
+                                                                          checkpoint, say))
+    return run_until_stopped(successor, say)
 
 
 def _await_profiled_devices(engine, timeout_s: float = 120.0) -> None:

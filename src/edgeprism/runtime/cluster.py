@@ -165,13 +165,16 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
                   start_timeout_s: float = 120.0, meter=None, bind_addr: str = "127.0.0.1",
                   secret_file: str | os.PathLike | None = None,
                   worker_hosts: dict[int, tuple[list[str], str]] | None = None, port: int = 0,
-                  local_workers: bool = True, model_obj=None) -> Engine:
+                  local_workers: bool = True, model_obj=None, coordinators: tuple[str, ...] = (),
+                  service: dict | None = None) -> Engine:
     """Start an engine of `world_size` ranks; this process is rank 0. `profile` is a Profile or a path;
     `link_file` an emulated link file (edgeprism.testbed.emulation) every rank follows; `bind_addr` and
     `port` where the store and rank 0's lanes listen; `secret_file` the cluster secret (default: a fresh
     one); `worker_hosts` rank → (command prefix, bind address) for local workers on other hosts (the
     testbed's network namespaces). `local_workers=False`: start no workers — devices join over the network
-    (`edgeprism join`), and rank 0 serves alone until they do. `model_obj`: the model, already loaded."""
+    (`edgeprism join`), and rank 0 serves alone until they do. `model_obj`: the model, already loaded.
+    `coordinators`, `service`: the succession list and the HTTP settings a successor takes over, published in
+    the sealed spec (edgeprism.runtime.succession)."""
     config = config or EngineConfig()
     model, checkpoint = resolve_model(model, checkpoint)  # a checkpoint folder: (its model's name, the folder)
     if model_obj is None:
@@ -204,7 +207,7 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
     if not local_workers:
         config = replace(config, wait_for_workers=False)
     publish_spec(prefixed, secret, boot_nonce, coordinator_spec(model, seed, checkpoint is not None, world_size,
-                                                                timeout_s, config, profile))
+                                                                timeout_s, config, profile, coordinators, service))
     cluster = None
     if local_workers:
         cluster = LocalCluster(world_size, address, os.path.abspath(checkpoint) if checkpoint else None,

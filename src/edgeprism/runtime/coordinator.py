@@ -73,6 +73,12 @@ class ClusterSpec:
     """EngineConfig fields."""
     profile: dict[str, Any]
     """The profile the coordinator plans with (every rank must hold the same one)."""
+    coordinators: tuple[str, ...] = ()
+    """The succession list (HOST:PORT, in order) when the cluster fails over (edgeprism.runtime.succession);
+    empty: this coordinator has no successor."""
+    service: dict[str, Any] | None = None
+    """What a promoted successor serves besides the store: the coordinator's HTTP API settings
+    (`http_port`, `served_model_name`, `dynamic_batching`, `batch_window_s`, `outputs`); None: no HTTP."""
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -84,6 +90,7 @@ class ClusterSpec:
         if not isinstance(data, dict) or set(data) != names:
             raise ValueError(f"cluster spec has fields {sorted(data) if isinstance(data, dict) else data!r}, "
                              f"expected {sorted(names)}: coordinator and device run different edgeprism versions")
+        data["coordinators"] = tuple(data["coordinators"])
         return cls(**data)
 
 
@@ -198,9 +205,11 @@ class Ticker:
 
 
 def coordinator_spec(model_name: str, seed: int, checkpoint: bool, world_size: int, timeout_s: float,
-                     config: EngineConfig, profile: Profile) -> ClusterSpec:
+                     config: EngineConfig, profile: Profile, coordinators: tuple[str, ...] = (),
+                     service: dict[str, Any] | None = None) -> ClusterSpec:
     return ClusterSpec(model=model_name, seed=seed, checkpoint=checkpoint, world_size=world_size,
-                       timeout_s=timeout_s, config=dataclasses.asdict(config), profile=profile.to_dict())
+                       timeout_s=timeout_s, config=dataclasses.asdict(config), profile=profile.to_dict(),
+                       coordinators=tuple(coordinators), service=service)
 
 
 # --- the device's side ---
@@ -224,6 +233,9 @@ class DeviceOptions:
     full_retry_s: float = 2.0
     """How often to ask again while the cluster is full (a lost device's rank frees when rank 0's liveness
     round gives up on it)."""
+    coordinators: tuple[str, ...] = ()
+    """The succession list this device was given (edgeprism.runtime.succession); a coordinator publishing
+    another one is refused (ValueError). Empty: no check."""
 
 
 class ClusterFull(RuntimeError):
@@ -243,8 +255,19 @@ class Device:
         self.host, self.port = parse_address(options.address)
         self.session = None
         """The current admission (None while not admitted)."""
+        self.spec: ClusterSpec | None = None
+        """The last cluster spec read from a coordinator (what a promoted successor starts with)."""
         self.served = 0
         self._loaded: dict[tuple, ReferenceModel] = {}
+
+    def connect_to(self, address: str) -> None:
+        """Join the coordinator at `address` from the next `run()` on (a succession list's walk)."""
+        self.host, self.port = parse_address(address)
+
+    @property
+    def model(self) -> ReferenceModel | None:
+        """The model loaded for the last spec (None before the first)."""
+        return next(iter(self._loaded.values()), None)
 
     def run(self) -> int:
         """Serve until the coordinator ends the session (no retry) or forever (retry). Returns the number of
@@ -298,6 +321,11 @@ class Device:
         store = dist.TCPStore(self.host, self.port, None, False, timedelta(seconds=options.connect_timeout_s))
         prefixed = dist.PrefixStore(PREFIX, store)
         spec = read_spec(prefixed, secret, options.connect_timeout_s)
+        if options.coordinators and tuple(spec.coordinators) != tuple(options.coordinators):
+            raise ValueError(f"the coordinator at {self.host}:{self.port} has the succession list "
+                             f"{','.join(spec.coordinators) or '(none)'}, this device "
+                             f"{','.join(options.coordinators)}: give every machine the same --coordinators")
+        self.spec = spec
         if spec.checkpoint and options.checkpoint is None:
             raise ValueError(f"the coordinator serves {spec.model} with weights from a checkpoint; give this device "
                              f"its copy of the same checkpoint folder with --checkpoint DIR")
