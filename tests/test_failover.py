@@ -21,6 +21,7 @@ from edgeprism.models.config import get_config
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
+from edgeprism.runtime import EngineConfig, launch_engine
 from edgeprism.runtime.coordinator import ClusterSpec
 from edgeprism.runtime.succession import Succession, parse_coordinators, sweep
 
@@ -118,6 +119,7 @@ def test_coordinator_sigkill_the_next_address_answers_exactly_and_the_old_one_re
         procs[0].wait()
         after = client.post("/infer", REQUEST)
         took_s = time.monotonic() - killed
+        print(f"first answer at the next address {took_s:.2f} s after the SIGKILL")
         assert after.url == urls[1], after
         assert took_s < FAILOVER_BOUND_S, f"the next coordinator answered {took_s:.1f} s after the SIGKILL"
         _exact(after, expected)
@@ -135,3 +137,35 @@ def test_coordinator_sigkill_the_next_address_answers_exactly_and_the_old_one_re
             stop(proc, signal.SIGKILL, 5.0)
         for i, proc in enumerate(procs):
             print(f"--- process {i} stderr ---\n{proc.stderr.read()[-3000:]}")
+
+
+def test_a_later_coordinator_steps_down_when_an_earlier_one_serves(tmp_path):
+    """A split brain healing: B coordinates (A was unreachable), then A serves again as coordinator (the
+    other side of a partition); B sees an earlier address serving, steps down and joins A as a device."""
+    secret = write_secret_file(tmp_path / "cluster.secret", new_secret())
+    profile = synthetic_profile("vit-tiny-test", device_speeds=(1.0,) * 2, bandwidth_bps=1e9, latency_s=1e-4,
+                                seconds_per_image=3000, codecs=synthetic_codecs(VIT.hidden_size)[:1])
+    profile.save(tmp_path / "profile.json")
+    stores = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    http_b, = _free_ports(1)
+    b = subprocess.Popen([*EDGEPRISM, "serve", "--model", "vit-tiny-test", "--profile", str(tmp_path / "profile.json"),
+                          "--world-size", "2", "--listen", stores[1], "--coordinators", ",".join(stores), "--http",
+                          "--host", "127.0.0.1", "--port", str(http_b), "--secret-file", str(secret)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    engine = None
+    try:
+        _wait_members(f"http://127.0.0.1:{http_b}", [0])  # B coordinates alone: nothing serves at A
+        host, port = stores[0].split(":")
+        engine = launch_engine(2, "vit-tiny-test", profile, config=EngineConfig(join_check_s=0.1, learn_link=False),
+                               local_workers=False, bind_addr=host, port=int(port), secret_file=secret,
+                               coordinators=tuple(stores))
+        deadline = time.monotonic() + 30
+        while engine.cluster_status()["members"] != [0, 1]:
+            assert time.monotonic() < deadline, f"B did not step down and join A: {engine.cluster_status()['members']}"
+            time.sleep(0.2)
+        assert sweep((stores[1],), secret.read_bytes(), 1.0) is None  # B no longer serves a cluster of its own
+    finally:
+        if engine is not None:
+            engine.close()
+        stop(b, signal.SIGKILL, 5.0)
+        print(b.stderr.read()[-2000:])

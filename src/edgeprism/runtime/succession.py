@@ -29,6 +29,7 @@ never told what to serve), so a cold cluster is started by `edgeprism serve`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -189,6 +190,8 @@ class Successor:
             stepped_down = stop.is_set()
             stop.set()
             engine.close()
+            del engine
+            gc.collect()  # the store stops serving with its last reference: no stale spec left to find here
         if stepped_down:
             self.on_event(f"stepped down at {succession.own}: an earlier coordinator serves")
         return stepped_down
