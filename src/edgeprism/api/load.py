@@ -4,8 +4,11 @@
         --requests 200 --synthetic-tokens 128-256 --json
 
 `--concurrency` clients (asyncio + httpx, one connection pool) send at most `--requests` requests, and
-none after `--duration` seconds, only to `--url`. Texts come from `--texts FILE` (one per line, used
-in turn) or are synthetic: `--synthetic-tokens LOW-HIGH` words of a small vocabulary per text (about
+none after `--duration` seconds, only to `--url`. A cluster with a succession of coordinators
+(docs/DEPLOY.md) is given as several comma-separated URLs in the succession order: a request whose
+connection fails goes to the next one (round and round, for at most `--failover` seconds), its latency
+counted from its first send; the report counts these moves (`failovers`). Texts come from `--texts FILE`
+(one per line, used in turn) or are synthetic: `--synthetic-tokens LOW-HIGH` words of a small vocabulary per text (about
 one token each), drawn with a fixed seed. The report: throughput (requests/s and rows/s), latency
 percentiles in ms (p50 / p95 / p99), errors by status, and what the server said about batching (the
 mean `batched_with` of the answers). Run it against a server with and without dynamic batching to get
@@ -49,11 +52,17 @@ class LoadConfig:
     model: str | None = None
     """The served model name (default: the first of GET /v1/models)."""
     seed: int = 0
+    failover_s: float = 30.0
+    """With several URLs: how long a request keeps moving to the next one after connection failures."""
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"--url {self.url!r} must be an http(s) URL like http://127.0.0.1:8000")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"--url {url!r} must be an http(s) URL like http://127.0.0.1:8000 (several: "
+                                 f"comma-separated)")
+        if self.failover_s < 0:
+            raise ValueError(f"--failover {self.failover_s} must be >= 0")
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"--endpoint {self.endpoint!r} must be one of {', '.join(ENDPOINTS)}")
         if self.concurrency < 1 or self.requests < 1 or self.texts_per_request < 1 or self.max_tokens < 1:
@@ -64,6 +73,11 @@ class LoadConfig:
         low, high = self.synthetic_tokens
         if not 1 <= low <= high:
             raise ValueError(f"--synthetic-tokens {low}-{high} must be LOW-HIGH with 1 <= LOW <= HIGH")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """`url` split at commas: the coordinators' base URLs in the succession order."""
+        return tuple(u.strip().rstrip("/") for u in self.url.split(",") if u.strip())
 
 
 @dataclass
@@ -84,6 +98,8 @@ class LoadReport:
     batched_with_mean: float | None
     plan_modes: dict[str, int]
     first_error: str | None = None
+    failovers: int = 0
+    """Requests moved to the next URL after a connection failure (several URLs only)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +111,8 @@ class LoadReport:
                  f"  throughput {self.throughput_rps:.1f} req/s, {self.rows_per_s:.1f} rows/s",
                  f"  latency ms p50 {lat.get('p50', 0):.1f}  p95 {lat.get('p95', 0):.1f}  p99 {lat.get('p99', 0):.1f}",
                  f"  errors {self.errors}" + (f" {self.error_statuses} (first: {self.first_error})"
-                                              if self.errors else "")]
+                                              if self.errors else "")
+                 + (f"; {self.failovers} moves to the next URL" if self.failovers else "")]
         if self.batched_with_mean is not None:
             lines.append(f"  mean requests per engine call {self.batched_with_mean:.2f}; plans {self.plan_modes}")
         return "\n".join(lines)
@@ -141,11 +158,33 @@ async def run_load(config: LoadConfig) -> LoadReport:
     first_error: list[str] = []
     issued = 0
     rows_done = 0
+    urls = config.urls
+    current = 0  # the URL that answered last
+    failovers = 0
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
-    async with httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s, limits=limits) as client:
+
+    async def post(client, path: str, body: dict):
+        """POST to the current URL; on a connection failure move to the next (several URLs, `failover_s`)."""
+        nonlocal current, failovers
+        first_failure = None
+        while True:
+            tried = current
+            try:
+                return await client.post(urls[tried] + path, json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError):
+                now = time.perf_counter()
+                first_failure = now if first_failure is None else first_failure
+                if len(urls) == 1 or now - first_failure > config.failover_s:
+                    raise
+                failovers += 1
+                if current == tried:  # another client may have moved on already
+                    current = (tried + 1) % len(urls)
+                await asyncio.sleep(0.1 if current == 0 else 0.0)
+
+    async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
         model = config.model
         if model is None and config.endpoint != "infer":
-            reply = await client.get("/v1/models")
+            reply = await client.get(urls[0] + "/v1/models")
             reply.raise_for_status()
             model = reply.json()["data"][0]["id"]
         start = time.perf_counter()
@@ -161,7 +200,7 @@ async def run_load(config: LoadConfig) -> LoadReport:
                 body = _body(config, model or "", texts, number)
                 sent = time.perf_counter()
                 try:
-                    reply = await client.post(ENDPOINTS[config.endpoint], json=body)
+                    reply = await post(client, ENDPOINTS[config.endpoint], body)
                     status = str(reply.status_code)
                     answer = reply.json() if reply.headers.get("content-type", "").startswith("application/json") \
                         else {}
@@ -193,7 +232,7 @@ async def run_load(config: LoadConfig) -> LoadReport:
         latency_ms={"p50": percentile(ordered, 50), "p95": percentile(ordered, 95), "p99": percentile(ordered, 99),
                     "mean": sum(ordered) / len(ordered) if ordered else 0.0, "max": ordered[-1] if ordered else 0.0},
         batched_with_mean=sum(batched) / len(batched) if batched else None, plan_modes=dict(modes),
-        first_error=first_error[0] if first_error else None)
+        first_error=first_error[0] if first_error else None, failovers=failovers)
 
 
 def _token_range(text: str) -> tuple[int, int]:
@@ -206,7 +245,10 @@ def _token_range(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
     p = argparse.ArgumentParser(prog="python -m edgeprism.api.load", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000 (only it is contacted)")
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000 (only it is contacted); "
+                                                "a succession of coordinators: their URLs, comma-separated, in order")
+    p.add_argument("--failover", type=float, default=30.0, metavar="SECONDS",
+                   help="with several URLs: how long a request keeps trying the next one (default 30)")
     p.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="embeddings")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--requests", type=int, default=200, help="requests in all (default 200)")
@@ -235,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
     config = LoadConfig(url=args.url, endpoint=args.endpoint, concurrency=args.concurrency, requests=args.requests,
                         duration_s=args.duration, timeout_s=args.timeout, texts=texts,
                         synthetic_tokens=args.synthetic_tokens, texts_per_request=args.texts_per_request,
-                        max_tokens=args.max_tokens, model=args.model, seed=args.seed)
+                        max_tokens=args.max_tokens, model=args.model, seed=args.seed, failover_s=args.failover)
     return config, args.json
 
 
