@@ -9,7 +9,8 @@ an answer) it goes to the next one in the list, round and round until one answer
 passed since the first failure. An HTTP answer of any status (4xx, 5xx) is an answer: it is returned, not
 retried elsewhere (the server saw the request). A request whose connection broke after it was sent may
 have run on the dead coordinator; every edgeprism request is idempotent (no state changes), so sending it
-again is safe. Only the standard library: a client machine needs nothing else.
+again is safe. The module uses only the standard library and no other edgeprism module: a client machine
+without edgeprism's `serve` extra can copy this one file.
 """
 
 from __future__ import annotations
