@@ -91,7 +91,9 @@ def handle(args) -> int:
             print(f"edgeprism join: {text}", file=sys.stderr, flush=True)
 
     if succession is not None:
-        secret_file = args.secret_file or os.environ[SECRET_FILE_ENV]
+        secret_file = args.secret_file or os.environ.get(SECRET_FILE_ENV)
+        if not secret_file:  # a promoted device serves with the same file (a fresh secret would lock all out)
+            raise ValueError(f"--coordinators needs the secret as a file: --secret-file FILE or ${SECRET_FILE_ENV}")
         say(f"looking for the coordinator among {','.join(succession.others)} ...")
         successor = Successor(succession, options, secret, secret_file, link=link, on_event=say,
                               link_file=os.environ.get(LINK_FILE_ENV) or None,
