@@ -16,6 +16,7 @@ import torch
 
 from devices import EDGEPRISM, stop
 from edgeprism.api.client import FailoverClient
+from edgeprism.cli.main import main
 from edgeprism.comm.auth import new_secret, write_secret_file
 from edgeprism.models.config import get_config
 from edgeprism.models.loading import load_model
@@ -169,3 +170,16 @@ def test_a_later_coordinator_steps_down_when_an_earlier_one_serves(tmp_path):
             engine.close()
         stop(b, signal.SIGKILL, 5.0)
         print(b.stderr.read()[-2000:])
+
+
+def test_coordinators_options_are_checked_with_the_reason(tmp_path, capsys):
+    secret = write_secret_file(tmp_path / "cluster.secret", new_secret())
+    listing = "127.0.0.1:29401,127.0.0.1:29402"
+    for argv, needle in (
+            (["join", "--coordinators", listing, "--listen", "127.0.0.1:29403"], "not in --coordinators"),
+            (["join", "--coordinators", listing], "needs --listen"),
+            (["join", "--listen", "127.0.0.1:29401", "127.0.0.1:29401"], "are for --coordinators"),
+            (["serve", "--model", "vit-tiny-test", "--synthetic-profile", "--listen", "127.0.0.1:29401",
+              "--coordinators", listing], "--http")):
+        assert main([*argv, "--secret-file", str(secret)]) == 2, argv  # the CLI's entry point, in this process
+        assert needle in capsys.readouterr().err, argv
