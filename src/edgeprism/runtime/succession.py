@@ -148,6 +148,7 @@ class Successor:
 
     def run(self) -> None:
         succession = self.succession
+        waiting = False
         while True:
             found = sweep(succession.others, self.secret, succession.probe_timeout_s)
             if found is None and self.device.spec is not None:
@@ -157,10 +158,14 @@ class Successor:
                     if not self._coordinate(self.device.spec):
                         return
                     continue
-            if found is None:
-                self.on_event(f"no coordinator serves at {','.join(succession.others)} yet; looking again")
+            if found is None:  # never a member: it cannot take over what it was never told
+                if not waiting:
+                    self.on_event(f"no coordinator serves at {','.join(succession.others)} yet; looking every "
+                                  f"{succession.promote_delay_s:.0f} s")
+                waiting = True
                 time.sleep(succession.promote_delay_s)
                 continue
+            waiting = False
             address, _ = found
             self.on_event(f"{address} coordinates the cluster; joining it")
             self.device.connect_to(address)
