@@ -9,7 +9,8 @@ be admitted as any free rank (edgeprism.runtime.membership); the coordinator che
 (model config, weights, profile) and takes it into the next epoch's lanes between two requests. A device
 that leaves (Ctrl-C) says so and is planned around; one that dies is noticed by the next request that
 needs it (rerun on rank 0) and by the liveness round after it. A device whose coordinator goes away, or
-that was dropped, keeps trying to join again, with backoff, until it is stopped.
+that was dropped, keeps trying to join again, with backoff, until it is stopped. With a succession list
+of coordinators a device instead walks the list and may take over (edgeprism.runtime.succession).
 
 Store keys under `edgeprism/` (besides membership's): `cluster/spec` (sealed ClusterSpec) and
 `cluster/status` (sealed `Engine.cluster_status()`, rewritten every `join_check_s` by the coordinator's

@@ -141,7 +141,6 @@ class Successor:
                           bind_addr=options.bind_addr or parse_address(succession.own)[0])
         self.device = Device(options, secret, link=link, on_event=on_event)
         self.device.spec = spec
-        self.promotions = 0
 
     def leave(self) -> bool:
         return self.device.leave()
@@ -176,7 +175,6 @@ class Successor:
         service (False)."""
         succession = self.succession
         host, port = parse_address(succession.own)
-        self.promotions += 1
         self.on_event(f"no earlier coordinator answers: coordinating the cluster at {succession.own} "
                       f"({spec.model}, world size {spec.world_size})")
         model = self.device.model
