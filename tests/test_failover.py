@@ -6,6 +6,7 @@ equal to the single-device model's, and C is B's member. The old coordinator, st
 device instead of starting a second cluster.
 """
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import torch
 
 from devices import EDGEPRISM, stop
 from edgeprism.api.client import FailoverClient
+from edgeprism.api.load import LoadConfig, run_load
 from edgeprism.cli.main import main
 from edgeprism.comm.auth import new_secret, write_secret_file
 from edgeprism.models.config import get_config
@@ -27,9 +29,10 @@ from edgeprism.runtime.coordinator import ClusterSpec
 from edgeprism.runtime.succession import Succession, parse_coordinators, sweep
 
 VIT = get_config("vit-tiny-test")
+BERT = get_config("bert-tiny-test")
 FAILOVER_BOUND_S = 30.0
 """From the SIGKILL to the first answer at the next address (measured: docs/RELIABILITY.md)."""
-REQUEST = {"id": "r", "synthetic": {"batch": 2, "image_size": 64, "seed": 3}}  # 65 tokens: every rank plans in
+REQUEST = {"id": "r", "synthetic": {"batch": 2, "seq_len": 64, "seed": 3}}  # 64 tokens: every rank plans in
 
 
 def _free_ports(count):
@@ -43,9 +46,9 @@ def _free_ports(count):
 
 
 def _expected():
-    model = load_model("vit-tiny-test", seed=0)
+    model = load_model("bert-tiny-test", seed=0)
     with torch.no_grad():
-        return model(synthetic_inputs(VIT, 2, image_size=64, seed=3))
+        return model(synthetic_inputs(BERT, 2, seq_len=64, seed=3))
 
 
 def _exact(reply, expected):
@@ -86,8 +89,8 @@ def test_succession_rule_is_checked_and_ordered():
 def test_coordinator_sigkill_the_next_address_answers_exactly_and_the_old_one_rejoins(tmp_path):
     secret = write_secret_file(tmp_path / "cluster.secret", new_secret())
     profile = tmp_path / "profile.json"
-    synthetic_profile("vit-tiny-test", device_speeds=(1.0,) * 3, bandwidth_bps=1e9, latency_s=1e-4,
-                      seconds_per_image=3000, codecs=synthetic_codecs(VIT.hidden_size)[:1]).save(profile)
+    synthetic_profile("bert-tiny-test", device_speeds=(1.0,) * 3, bandwidth_bps=1e9, latency_s=1e-4,
+                      seconds_per_image=3000, codecs=synthetic_codecs(BERT.hidden_size)[:1]).save(profile)
     stores = [f"127.0.0.1:{p}" for p in _free_ports(3)]
     http_ports = _free_ports(3)
     urls = [f"http://127.0.0.1:{p}" for p in http_ports]
@@ -95,7 +98,7 @@ def test_coordinator_sigkill_the_next_address_answers_exactly_and_the_old_one_re
     common = ["--secret-file", str(secret), "--coordinators", listing, "--timeout", "30"]
 
     def serve_a():
-        return subprocess.Popen([*EDGEPRISM, "serve", "--model", "vit-tiny-test", "--profile", str(profile),
+        return subprocess.Popen([*EDGEPRISM, "serve", "--model", "bert-tiny-test", "--profile", str(profile),
                                  "--world-size", "3", "--listen", stores[0], "--http", "--host", "127.0.0.1", "--port",
                                  str(http_ports[0]), "--outputs", "full", "--fixed-link", "--min-stall", "1.5",
                                  *common], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -128,6 +131,9 @@ def test_coordinator_sigkill_the_next_address_answers_exactly_and_the_old_one_re
         re_formed = client.post("/infer", REQUEST)
         assert re_formed.body["metrics"]["plan"]["ranks"] == [0, 1] and not re_formed.body["metrics"]["fallback"]
         _exact(re_formed, expected)
+        load = asyncio.run(run_load(LoadConfig(url=f"{urls[0]},{urls[1]}", endpoint="infer", concurrency=2,
+                                               requests=4, synthetic_tokens=(16, 32), failover_s=10.0)))
+        assert (load.ok, load.errors) == (4, 0) and load.failovers >= 1, load  # A is dead: every request to B
 
         procs[0] = serve_a()  # the old coordinator comes back: it finds B serving and joins it as a device
         _wait_members(urls[1], [0, 1, 2])
