@@ -12,7 +12,7 @@ import threading
 from edgeprism.comm.auth import SECRET_FILE_ENV, AuthError, load_secret
 from edgeprism.comm.context import parse_cores
 from edgeprism.runtime.coordinator import ClusterSpec, Device, DeviceOptions, parse_address, read_status
-from edgeprism.runtime.succession import Succession, Successor, parse_coordinators
+from edgeprism.runtime.succession import Succession, Successor, parse_coordinators, sweep
 from edgeprism.testbed.emulation import LINK_FILE_ENV, EmulatedLink
 
 
@@ -53,7 +53,8 @@ def add_parser(subparsers) -> None:
                               description="Read the coordinator's cluster status (members, devices, speeds, link "
                                           "estimate, last errors), checked with the cluster secret.")
     c.add_argument("action", choices=["status"])
-    c.add_argument("address", metavar="ADDR:PORT")
+    c.add_argument("address", metavar="ADDR:PORT",
+                   help="the coordinator; or a succession list A:P,B:P,... (the status of whichever serves)")
     c.add_argument("--secret-file", metavar="FILE", help=f"the cluster secret (default: ${SECRET_FILE_ENV})")
     c.add_argument("--json", action="store_true", help="the status as JSON")
     c.add_argument("--timeout", type=float, default=10.0)
@@ -178,7 +179,13 @@ def run_until_stopped(runner: Device | Successor, say) -> int:
 
 
 def handle_status(args) -> int:
-    status = read_status(args.address, _secret(args.secret_file), args.timeout)
+    secret = _secret(args.secret_file)
+    if "," in args.address:  # a succession list: the earliest address that serves is the coordinator
+        found = sweep(parse_coordinators(args.address), secret, min(args.timeout, 2.0))
+        if found is None:
+            raise ValueError(f"no address of {args.address} serves this cluster (down, or another secret)")
+        args.address = found[0]
+    status = read_status(args.address, secret, args.timeout)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
