@@ -87,6 +87,20 @@ def test_succession_rule_is_checked_and_ordered():
     assert ClusterSpec.from_json(spec.to_json()) == spec
 
 
+def test_only_a_store_sealed_with_our_secret_counts_as_serving(tmp_path):
+    ours = write_secret_file(tmp_path / "ours.secret", new_secret())
+    profile = synthetic_profile("vit-tiny-test", world_size=2, codecs=synthetic_codecs(VIT.hidden_size)[:1])
+    engine = launch_engine(2, "vit-tiny-test", profile, local_workers=False, port=0, secret_file=ours,
+                           coordinators=("127.0.0.1:1", "127.0.0.1:2"), service={"http_port": 8000})
+    try:
+        found = sweep((engine.address,), ours.read_bytes(), 2.0)
+        assert found is not None and found[1].coordinators == ("127.0.0.1:1", "127.0.0.1:2")
+        assert found[1].service == {"http_port": 8000}
+        assert sweep((engine.address,), new_secret(), 2.0) is None  # another cluster's (or a stranger's) store
+    finally:
+        engine.close()
+
+
 def test_coordinator_sigkill_the_next_address_answers_exactly_and_the_old_one_rejoins(tmp_path, capsys):
     secret = write_secret_file(tmp_path / "cluster.secret", new_secret())
     profile = tmp_path / "profile.json"
