@@ -24,11 +24,13 @@ from collections.abc import Callable
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from edgeprism.api import openai
+from edgeprism.api.auth import BearerAuth, HttpAccess, check_exposure, load_api_key
 from edgeprism.api.batching import Job
 from edgeprism.api.config import ApiConfig
 from edgeprism.api.errors import ApiError
@@ -40,15 +42,15 @@ from edgeprism.runtime.serving import format_outputs
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def make_app(engine, io: ModelIOLike | None, config: ApiConfig = ApiConfig(),
-             on_reply: Callable[[dict], None] | None = None) -> Starlette:
+             on_reply: Callable[[dict], None] | None = None, access: HttpAccess = HttpAccess()) -> Starlette:
     """The API over `engine` (rank 0 of a running engine). `io` turns texts / images into inputs and
     outputs into answers (None: only /infer and the status endpoints). The engine thread starts with
-    the first request and stops at the app's shutdown; `app.state.service` holds the batcher and metrics."""
+    the first request and stops at the app's shutdown; `app.state.service` holds the batcher and metrics.
+    `access.api_key_file`: every path but /health (and /metrics when `metrics_open`) needs the key (api.auth)."""
     service = ApiService(engine, io, config, on_reply)
+    key = load_api_key(access.api_key_file) if access.api_key_file is not None else None
 
     def route(path: str, endpoint: str, handler, methods: list[str], native: bool = False) -> Route:
         async def handle(request: Request) -> Response:
@@ -87,7 +89,14 @@ def make_app(engine, io: ModelIOLike | None, config: ApiConfig = ApiConfig(),
         route("/v1/cluster", "/v1/cluster", cluster, ["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    def refused(path: str, code: str) -> None:
+        service.metrics.inc("edgeprism_http_unauthorized_total", code=code)
+        service.metrics.inc("edgeprism_http_requests_total", endpoint=path if path in known else "other", status="401")
+
+    known = {r.path for r in routes}
+    middleware = [Middleware(BearerAuth, key=key, open_paths=access.open_paths(), on_refused=refused)] if key else []
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
+                    middleware=middleware)
     app.state.service = service
     return app
 
@@ -137,11 +146,14 @@ async def cluster(service: ApiService, request: Request, request_id: str):
 # --- running it ---
 def serve_http(engine, io: ModelIOLike | None, host: str = "127.0.0.1", port: int = 8000,
                config: ApiConfig = ApiConfig(), on_reply: Callable[[dict], None] | None = None,
-               on_ready: Callable[[str, int], None] | None = None, stop: threading.Event | None = None) -> None:
+               on_ready: Callable[[str, int], None] | None = None, stop: threading.Event | None = None,
+               access: HttpAccess = HttpAccess()) -> None:
     """Serve the API with uvicorn on host:port until Ctrl-C (SIGINT), SIGTERM or `stop` is set, then
     return (after the requests in progress are answered). Prints nothing itself (uvicorn's log goes to
     the `uvicorn` loggers); `on_ready(host, port)` is called once it listens (the bound port when `port`
-    is 0), `on_reply` after every answer (see ApiService). Signals are caught only on the main thread."""
+    is 0), `on_reply` after every answer (see ApiService). Signals are caught only on the main thread.
+    `access`: the API key and TLS (api.auth); a ValueError, before anything listens, for an address off
+    loopback with neither a key nor `access.insecure`."""
     try:
         import uvicorn
     except ImportError as err:
@@ -149,12 +161,17 @@ def serve_http(engine, io: ModelIOLike | None, host: str = "127.0.0.1", port: in
 
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} must be in 0..65535")
-    if host not in LOOPBACK:
-        log.warning("serving on %s: the API has no authentication; anyone who can reach it can run requests", host)
+    check_exposure(host, port, access)
+    app = make_app(engine, io, config, on_reply, access)  # a bad key file is named before anything listens
+    uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=30,
+                               ssl_certfile=access.tls_cert_file, ssl_keyfile=access.tls_key_file)
+    try:
+        uv_config.load()  # reads the certificate and key now, so that a bad one is the caller's ValueError
+    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+        raise ValueError(f"cannot serve TLS with certificate {access.tls_cert_file} and key {access.tls_key_file}: "
+                         f"{err}") from None
     sock = _bind(host, port)  # here, so that a port in use is the caller's ValueError, not uvicorn's exit
-    app = make_app(engine, io, config, on_reply)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=30))
+    server = uvicorn.Server(uv_config)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -9,14 +9,17 @@ an answer) it goes to the next one in the list, round and round until one answer
 passed since the first failure. An HTTP answer of any status (4xx, 5xx) is an answer: it is returned, not
 retried elsewhere (the server saw the request). A request whose connection broke after it was sent may
 have run on the dead coordinator; every edgeprism request is idempotent (no state changes), so sending it
-again is safe. The module uses only the standard library and no other edgeprism module: a client machine
-without edgeprism's `serve` extra can copy this one file.
+again is safe. `api_key` is sent as `Authorization: Bearer <key>` to every URL (a server started with
+`--api-key-file`); `ca_file` is the PEM certificate (or CA) that https URLs must present (a self-signed
+server certificate), default: the system's CAs. The module uses only the standard library and no other
+edgeprism module: a client machine without edgeprism's `serve` extra can copy this one file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +43,7 @@ class FailoverClient:
     """POST/GET JSON against the first of `urls` that answers (see the module docstring). Times in seconds."""
 
     def __init__(self, urls: list[str] | tuple[str, ...], timeout_s: float = 60.0, retry_for_s: float = 30.0,
-                 pause_s: float = 0.25) -> None:
+                 pause_s: float = 0.25, api_key: str | None = None, ca_file: str | None = None) -> None:
         urls = tuple(u.rstrip("/") for u in urls)
         for url in urls:
             parts = urlsplit(url)
@@ -52,6 +55,12 @@ class FailoverClient:
             raise ValueError(f"timeout_s {timeout_s} must be > 0, retry_for_s {retry_for_s} and pause_s {pause_s} "
                              f">= 0")
         self.urls, self.timeout_s, self.retry_for_s, self.pause_s = urls, timeout_s, retry_for_s, pause_s
+        if api_key is not None and (not api_key.strip() or any(c.isspace() for c in api_key.strip())):
+            raise ValueError("api_key must be one word (the content of the server's --api-key-file)")
+        self._headers = {"content-type": "application/json"}
+        if api_key is not None:
+            self._headers["authorization"] = f"Bearer {api_key.strip()}"
+        self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
         self.current = 0
         """Index of the URL that answered last."""
         self.failovers = 0
@@ -86,10 +95,9 @@ class FailoverClient:
                     time.sleep(self.pause_s)  # a whole round failed: the successor may still be starting
 
     def _send(self, url: str, method: str, path: str, data: bytes | None) -> Reply:
-        request = urllib.request.Request(url + path, data=data, method=method,
-                                         headers={"content-type": "application/json"})
+        request = urllib.request.Request(url + path, data=data, method=method, headers=self._headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._tls) as reply:
                 status, text = reply.status, reply.read()
         except urllib.error.HTTPError as err:
             status, text = err.code, err.read()

@@ -9,7 +9,9 @@ none after `--duration` seconds, only to `--url`. A cluster with a succession of
 connection fails goes to the next one (round and round, for at most `--failover` seconds), its latency
 counted from its first send; the report counts these moves (`failovers`). Texts come from `--texts FILE`
 (one per line, used in turn) or are synthetic: `--synthetic-tokens LOW-HIGH` words of a small vocabulary per text (about
-one token each), drawn with a fixed seed. The report: throughput (requests/s and rows/s), latency
+one token each), drawn with a fixed seed. A server started with `--api-key-file` is given the key with
+`--api-key-file FILE` (sent as `Authorization: Bearer <key>`); an https server with a self-signed
+certificate, that certificate with `--ca-file`. The report: throughput (requests/s and rows/s), latency
 percentiles in ms (p50 / p95 / p99), errors by status, and what the server said about batching (the
 mean `batched_with` of the answers). Run it against a server with and without dynamic batching to get
 the ratios.
@@ -24,7 +26,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 ENDPOINTS = {"embeddings": "/v1/embeddings", "completions": "/v1/completions", "infer": "/infer"}
@@ -54,6 +56,10 @@ class LoadConfig:
     seed: int = 0
     failover_s: float = 30.0
     """With several URLs: how long a request keeps moving to the next one after connection failures."""
+    api_key: str | None = field(default=None, repr=False)
+    """Sent as `Authorization: Bearer <key>` (a server with `--api-key-file`)."""
+    ca_file: str | None = None
+    """PEM certificate (or CA) https URLs must present; None: the system's CAs."""
 
     def __post_init__(self) -> None:
         for url in self.urls:
@@ -181,7 +187,9 @@ async def run_load(config: LoadConfig) -> LoadReport:
                     current = (tried + 1) % len(urls)
                 await asyncio.sleep(0.1 if current == 0 else 0.0)
 
-    async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
+    headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits, headers=headers,
+                                 verify=_tls_context(config.ca_file)) as client:
         model = config.model
         if model is None and config.endpoint != "infer":
             reply = await client.get(urls[0] + "/v1/models")
@@ -235,6 +243,23 @@ async def run_load(config: LoadConfig) -> LoadReport:
         first_error=first_error[0] if first_error else None, failovers=failovers)
 
 
+def _tls_context(ca_file: str | None):
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+
+
+def _read_key(path: str) -> str:
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as err:
+        raise ValueError(f"cannot read the API key from {path}: {err.strerror}") from None
+    if not key:
+        raise ValueError(f"the API key file {path} is empty")
+    return key
+
+
 def _token_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     try:
@@ -263,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
     p.add_argument("--max-tokens", type=int, default=16, help="completions: tokens to generate (default 16)")
     p.add_argument("--model", help="the served model name (default: the first of GET /v1/models)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key-file", metavar="FILE", help="the server's API key (sent as Authorization: Bearer)")
+    p.add_argument("--ca-file", metavar="FILE", help="https: the PEM certificate or CA the server must present")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = p.parse_args(argv)
     texts: tuple[str, ...] = ()
@@ -277,7 +304,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
     config = LoadConfig(url=args.url, endpoint=args.endpoint, concurrency=args.concurrency, requests=args.requests,
                         duration_s=args.duration, timeout_s=args.timeout, texts=texts,
                         synthetic_tokens=args.synthetic_tokens, texts_per_request=args.texts_per_request,
-                        max_tokens=args.max_tokens, model=args.model, seed=args.seed, failover_s=args.failover)
+                        max_tokens=args.max_tokens, model=args.model, seed=args.seed, failover_s=args.failover,
+                        api_key=_read_key(args.api_key_file) if args.api_key_file else None, ca_file=args.ca_file)
     return config, args.json
 
 

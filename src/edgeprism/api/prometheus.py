@@ -107,6 +107,7 @@ class ApiMetrics:
 
 HELP = {
     "edgeprism_http_requests_total": "HTTP requests answered, by endpoint and status code.",
+    "edgeprism_http_unauthorized_total": "HTTP requests refused 401 for a missing or wrong API key, by code.",
     "edgeprism_errors_total": "Requests that failed in the engine (HTTP 500), by endpoint.",
     "edgeprism_fallbacks_total": "Engine calls whose distributed plan failed and was rerun on rank 0.",
     "edgeprism_bytes_exchanged_total": "Bytes the plan's ranks put on the wire, summed over engine calls.",

@@ -130,6 +130,7 @@ def serve_promoted(engine, spec: ClusterSpec, stop: threading.Event, own: str, h
         stop.wait()
         return
     from edgeprism.api import ApiConfig, serve_http
+    from edgeprism.api.auth import HttpAccess
     from edgeprism.inputs import load_io
 
     host, port = parse_address(http) if http else (parse_address(own)[0], int(service["http_port"]))
@@ -140,8 +141,10 @@ def serve_promoted(engine, spec: ClusterSpec, stop: threading.Event, own: str, h
         io = None
     config = ApiConfig(model_name=service.get("served_model_name"), dynamic_batching=service["dynamic_batching"],
                        batch_window_s=service["batch_window_s"], outputs_mode=service["outputs"])
-    serve_http(engine, io, host, port, config, stop=stop,
-               on_ready=lambda h, p: say(f"listening on http://{h}:{p} as the coordinator"))
+    access = HttpAccess.from_service(service.get("access"))  # the same key / TLS file paths, read on this machine
+    scheme = "https" if access.tls else "http"
+    serve_http(engine, io, host, port, config, stop=stop, access=access,
+               on_ready=lambda h, p: say(f"listening on {scheme}://{h}:{p} as the coordinator"))
 
 
 def run_until_stopped(runner: Device | Successor, say) -> int:

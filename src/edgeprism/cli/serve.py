@@ -63,7 +63,17 @@ def add_parser(subparsers) -> None:
                    help="--http: how long a request waits for others to batch with (default 5 ms)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="--http: the model name clients send (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="--http address (default 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="--http address (default 127.0.0.1, this machine only; another "
+                                                       "address needs --api-key-file or --http-insecure)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="--http: every request but /health must carry `Authorization: Bearer <key>` with the key in "
+                        "FILE (>= 16 characters: `openssl rand -hex 32 > api.key`); docs/API.md")
+    p.add_argument("--metrics-open", action="store_true", help="--http: serve /metrics without the API key")
+    p.add_argument("--tls-cert", metavar="FILE", help="--http: serve HTTPS with this PEM certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="--http: the PEM private key of --tls-cert")
+    p.add_argument("--http-insecure", action="store_true",
+                   help="--http: allow serving off loopback without an API key (on purpose, e.g. behind a proxy "
+                        "that authenticates)")
     p.add_argument("--port", type=int, default=8000, help="--http port (default 8000; 0 picks a free one)")
     p.add_argument("--outputs", choices=["summary", "full", "none"], default="summary",
                    help="summary: output shapes and logits argmax; full: every value")
@@ -118,6 +128,7 @@ def handle(args) -> int:
                           max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
                           min_stall_s=args.min_stall, learn_compute=args.learn_compute,
                           learn_link=not args.fixed_link, seal_lanes=args.seal_lanes)
+    access = _access(args)
     if args.secret_file:
         from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
 
@@ -133,7 +144,7 @@ def handle(args) -> int:
         pin_cpu(parse_cores(args.cores))
     profile = _profile(args, listen)
     if args.coordinators:
-        return _serve_succession(args, config, profile)
+        return _serve_succession(args, config, profile, access)
     stream = None if args.http else sys.stdin if args.input == "-" else _open(args.input)
     if listen:
         print(f"edgeprism serve: coordinator of {args.model} for {args.world_size - 1} device(s); devices join with "
@@ -161,7 +172,7 @@ def handle(args) -> int:
         if listen and not (args.profile or args.synthetic_profile):
             _await_profiled_devices(engine)
         if args.http:
-            _serve_http(engine, args, write)
+            _serve_http(engine, args, write, access)
             return 0
         try:
             served, refused = serve_lines(engine, stream, write, args.outputs)
@@ -174,7 +185,7 @@ def handle(args) -> int:
     return 0
 
 
-def _serve_succession(args, config, profile) -> int:
+def _serve_succession(args, config, profile, access) -> int:
     """--coordinators: coordinate (store, rank 0, HTTP) unless another address of the list already serves,
     then be a device of it that takes over in its turn (edgeprism.runtime.succession)."""
     from dataclasses import replace
@@ -190,7 +201,7 @@ def _serve_succession(args, config, profile) -> int:
     model, checkpoint = resolve_model(args.model, args.checkpoint)
     service = {"http_port": args.port, "served_model_name": args.served_model_name,
                "dynamic_batching": not args.no_batching, "batch_window_s": args.batch_window_ms / 1e3,
-               "outputs": args.outputs}
+               "outputs": args.outputs, "access": access.to_service()}  # file paths, never the key
     spec = coordinator_spec(model, args.seed, checkpoint is not None, args.world_size, args.timeout,
                             replace(config, wait_for_workers=False), profile, succession.addresses, service)
     link_file = args.link_file or None
@@ -224,7 +235,7 @@ def _await_profiled_devices(engine, timeout_s: float = 120.0) -> None:
         say(f"serving without them for now: {err}")
 
 
-def _serve_http(engine, args, write) -> None:
+def _serve_http(engine, args, write, access) -> None:
     """The HTTP API until Ctrl-C / SIGTERM; inputs read with the checkpoint's own files where it has them."""
     from edgeprism.api import ApiConfig, serve_http
     from edgeprism.inputs import load_io
@@ -238,9 +249,31 @@ def _serve_http(engine, args, write) -> None:
                        batch_window_s=args.batch_window_ms / 1e3, outputs_mode=args.outputs)
 
     def ready(host: str, port: int) -> None:
-        print(f"edgeprism serve: listening on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        scheme = "https" if access.tls else "http"
+        print(f"edgeprism serve: listening on {scheme}://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
 
-    serve_http(engine, io, args.host, args.port, config, on_reply=write, on_ready=ready)
+    serve_http(engine, io, args.host, args.port, config, on_reply=write, on_ready=ready, access=access)
+
+
+def _access(args):
+    """The HTTP API's protection (edgeprism.api.auth), checked before anything starts: a missing key file,
+    half a TLS pair, or an address off loopback with neither a key nor --http-insecure is the user's error now."""
+    from edgeprism.api.auth import HttpAccess, check_exposure, load_api_key
+
+    access = HttpAccess(api_key_file=args.api_key_file, metrics_open=args.metrics_open, tls_cert_file=args.tls_cert,
+                        tls_key_file=args.tls_key, insecure=args.http_insecure)
+    if not args.http:
+        if access != HttpAccess():
+            raise ValueError("--api-key-file, --metrics-open, --tls-cert, --tls-key and --http-insecure are for --http")
+        return access
+    if access.api_key_file is not None:
+        load_api_key(access.api_key_file)
+    check_exposure(args.host, args.port, access)
+    if args.coordinators:  # a promoted device serves at its own --listen host: the same rule there
+        from edgeprism.runtime.coordinator import parse_address
+
+        check_exposure(parse_address(args.listen)[0], args.port, access)
+    return access
 
 
 def _listen(args) -> tuple[str, int] | None:

@@ -1,0 +1,211 @@
+"""The HTTP API's protection (edgeprism.api.auth) over a real one-rank bert-tiny-test engine: a bearer API
+key (missing / wrong → 401 in OpenAI's shape, right → the engine's answer), /health open and /metrics
+closed unless asked, TLS with a self-signed certificate made here (an answer over https, the key and the
+certificate given to the failover client), the refusal to open an unprotected API off loopback, and a
+promoted coordinator serving with the protection its cluster spec names (file paths, never the key)."""
+
+import datetime
+import ipaddress
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from starlette.testclient import TestClient
+
+from api_adapters import WordIO
+from edgeprism.api import ApiConfig, make_app, serve_http
+from edgeprism.api.auth import HttpAccess, check_exposure, is_loopback
+from edgeprism.api.client import FailoverClient
+from edgeprism.cli.join import serve_promoted
+from edgeprism.cli.main import main
+from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.runtime import launch_local
+from edgeprism.runtime.coordinator import ClusterSpec
+
+MODEL = "bert-tiny-test"
+KEY = "k3y-" + "0123456789abcdef" * 2
+REQUEST = {"id": "r1", "synthetic": {"batch": 1, "seq_len": 16, "seed": 5}}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("key") / "api.key"
+    path.write_text(KEY + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+    folder = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeprism test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def _embed(client, **headers):
+    return client.post("/v1/embeddings", json={"model": "tiny", "input": ["the quick brown fox"]}, headers=headers)
+
+
+def test_api_key_missing_or_wrong_is_401_in_openai_shape_and_the_right_one_answers(engine, key_file):
+    io = WordIO("text-encoder", MODEL, vocab_size=1000, max_tokens=32)
+    app = make_app(engine, io, ApiConfig(model_name="tiny"), access=HttpAccess(api_key_file=str(key_file)))
+    with TestClient(app) as client:
+        for headers, code in (({}, "missing_api_key"), ({"authorization": "Bearer "}, "missing_api_key"),
+                              ({"authorization": f"Basic {KEY}"}, "missing_api_key"),
+                              ({"authorization": "Bearer " + KEY[:-1] + "x"}, "invalid_api_key"),
+                              ({"authorization": "Bearer " + KEY + "0"}, "invalid_api_key")):
+            reply = _embed(client, **headers)
+            assert reply.status_code == 401, (headers, reply.text)
+            error = reply.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+            assert error["type"] == "invalid_request_error" and KEY not in reply.text
+            assert reply.headers["www-authenticate"].startswith("Bearer")
+        assert client.post("/infer", json=REQUEST).status_code == 401
+        assert client.get("/v1/models").status_code == 401 and client.get("/metrics").status_code == 401
+
+        reply = _embed(client, authorization=f"Bearer {KEY}")
+        assert reply.status_code == 200, reply.text
+        expected = engine.infer(io.encode_texts(["the quick brown fox"])).outputs["mean"][0]
+        assert torch.allclose(torch.tensor(reply.json()["data"][0]["embedding"]), expected, atol=1e-5)
+        assert _embed(client, authorization=f"bearer  {KEY} ").status_code == 200  # scheme case, spaces
+
+        assert client.get("/health").status_code == 200  # a liveness probe needs no key
+        metrics = client.get("/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+        assert 'edgeprism_http_unauthorized_total{code="invalid_api_key"} 2' in metrics
+        assert 'edgeprism_http_unauthorized_total{code="missing_api_key"} 6' in metrics
+        assert 'edgeprism_http_requests_total{endpoint="/v1/embeddings",status="401"} 5' in metrics
+
+    opened = make_app(engine, io, ApiConfig(model_name="tiny"),
+                      access=HttpAccess(api_key_file=str(key_file), metrics_open=True))
+    with TestClient(opened) as client:
+        assert client.get("/metrics").status_code == 200 and _embed(client).status_code == 401
+
+
+def test_a_bad_key_file_or_half_a_tls_pair_is_refused_with_the_reason(engine, tmp_path):
+    short = tmp_path / "short.key"
+    short.write_text("abc")
+    for path, needle in ((short, "at least 16"), (tmp_path / "none.key", "cannot read")):
+        with pytest.raises(ValueError, match=needle):
+            make_app(engine, None, access=HttpAccess(api_key_file=str(path)))
+    with pytest.raises(ValueError, match="both a certificate and its key"):
+        HttpAccess(tls_cert_file="cert.pem")
+
+
+def _serve_in_thread(engine, access, host="127.0.0.1"):
+    """serve_http on a free port in a thread; returns (port, stop, thread)."""
+    ready, stop = threading.Event(), threading.Event()
+    bound = {}
+
+    def on_ready(h, p):
+        bound["port"] = p
+        ready.set()
+
+    thread = threading.Thread(target=serve_http, args=(engine, None, host, 0, ApiConfig()),
+                              kwargs=dict(on_ready=on_ready, stop=stop, access=access), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the server did not start"
+    return bound["port"], stop, thread
+
+
+def _exact(reply, engine):
+    assert reply.status == 200, reply.body
+    inputs = synthetic_inputs(engine.model.config, 1, seq_len=16, seed=5)
+    with torch.no_grad():
+        expected = engine.model(inputs)["mean"]
+    assert reply.body["outputs"]["mean"]["shape"] == list(expected.shape)
+
+
+def test_tls_with_a_self_signed_certificate_answers_over_https(engine, key_file, tls_files):
+    cert, key = tls_files
+    port, stop, thread = _serve_in_thread(engine, HttpAccess(api_key_file=str(key_file), tls_cert_file=cert,
+                                                             tls_key_file=key))
+    try:
+        url = f"https://127.0.0.1:{port}"
+        _exact(FailoverClient([url], api_key=KEY, ca_file=cert, retry_for_s=0).post("/infer", REQUEST), engine)
+        assert FailoverClient([url], ca_file=cert, retry_for_s=0).post("/infer", REQUEST).status == 401
+        with pytest.raises(ConnectionError):  # the system's CAs do not trust a self-signed certificate
+            FailoverClient([url], api_key=KEY, retry_for_s=0).post("/infer", REQUEST)
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to the TLS port
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read()
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def test_an_unprotected_api_is_refused_off_loopback(engine, key_file, tmp_path, capsys):
+    assert is_loopback("127.0.0.1") and is_loopback("127.3.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("edge1.lan")
+    check_exposure("127.0.0.1", 8000, HttpAccess())
+    check_exposure("0.0.0.0", 8000, HttpAccess(api_key_file=str(key_file)))
+    check_exposure("0.0.0.0", 8000, HttpAccess(insecure=True))
+    with pytest.raises(ValueError, match="refusing to serve the HTTP API on 0.0.0.0:8000 without an API key"):
+        serve_http(engine, None, "0.0.0.0", 8000)
+    # the command refuses before it loads or starts anything, and says how
+    argv = ["serve", "--model", MODEL, "--synthetic-profile", "--world-size", "1", "--http", "--host", "0.0.0.0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--api-key-file FILE" in err and "--http-insecure" in err and "openssl rand" in err
+    assert main(["serve", "--model", MODEL, "--synthetic-profile", "--api-key-file", str(key_file)]) == 2
+    assert "are for --http" in capsys.readouterr().err
+
+
+def test_a_promoted_coordinator_serves_with_the_key_and_tls_its_spec_names(engine, key_file, tls_files):
+    cert, key = tls_files
+    access = HttpAccess(api_key_file=str(key_file), tls_cert_file=cert, tls_key_file=key)
+    service = {"http_port": 8000, "served_model_name": None, "dynamic_batching": True, "batch_window_s": 0.005,
+               "outputs": "summary", "access": access.to_service()}
+    spec = ClusterSpec(model=MODEL, seed=0, checkpoint=False, world_size=1, timeout_s=10.0, config={},
+                       profile={}, coordinators=("127.0.0.1:29400",), service=service)
+    assert KEY not in spec.to_json().decode() and str(key_file) in spec.to_json().decode()
+    spec = ClusterSpec.from_json(spec.to_json())  # as a device reads it from the store
+    said, stop = [], threading.Event()
+    thread = threading.Thread(target=serve_promoted, args=(engine, spec, stop, "127.0.0.1:29400", "127.0.0.1:0",
+                                                           None, said.append), daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            found = [re.search(r"listening on https://127.0.0.1:(\d+)", s) for s in said]
+            if any(found):
+                break
+            stop.wait(0.1)
+        port = int(next(m for m in found if m).group(1))
+        url = f"https://127.0.0.1:{port}"
+        _exact(FailoverClient([url], api_key=KEY, ca_file=cert, retry_for_s=0).post("/infer", REQUEST), engine)
+        refused = FailoverClient([url], api_key="x" * 20, ca_file=cert, retry_for_s=0).post("/infer", REQUEST)
+        assert refused.status == 401 and refused.body["error"]["code"] == "invalid_api_key", json.dumps(refused.body)
+    finally:
+        stop.set()
+        thread.join(30)
