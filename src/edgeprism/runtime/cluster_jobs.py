@@ -7,6 +7,12 @@ that group (an all-gather of JSON), never through files:
 
     results = engine.run_job("link", {"latency_repeats": 20, "bandwidth_target_s": 0.25, "timeout_s": 120})
 
+Over sealed lanes (`--seal-lanes`, edgeprism.comm.sealing) every result crosses sealed with the lane's
+key and counter (kind "job"), so a stranger in the path can neither read a device's description nor
+forge the measurements the planner will trust: a result that does not open fails the job on every rank
+(after an unsealed one-byte verdict keeps the ranks in step) with a `TamperError` naming its sender. The
+link test's and compute grid's own payloads are synthetic bytes (no input) and cross as they are.
+
 A job's name picks an entry of `JOBS`, a fixed registry: nothing received is ever run as code, and the
 arguments are checked against the entry's schema (`check_job`) on both sides. A job runs in two steps,
 each ending in an all-gather: *prepare* (check what this rank has: a meter asked for, a device) and
@@ -35,6 +41,8 @@ import torch
 import torch.distributed as dist
 
 from edgeprism.comm.context import DistContext
+from edgeprism.comm.exchange import PeerError
+from edgeprism.comm.sealing import OVERHEAD_BYTES, LaneSealer, TamperError
 from edgeprism.energy.detect import METER_KINDS
 from edgeprism.energy.model import get_power_model
 from edgeprism.models.base import ReferenceModel
@@ -70,6 +78,8 @@ class JobContext:
     pair: Any = None
     """The lane of the group's ranks 0 and 1 (the link test's one-way part, > 2 ranks); None elsewhere."""
     progress: ProgressFn | None = None
+    sealer: LaneSealer | None = None
+    """The lane's sealer when its messages are sealed: the job's results cross sealed (kind "job")."""
 
 
 @dataclass(frozen=True)
@@ -226,24 +236,55 @@ def lane_job_context(lanes: Mapping, members: tuple[int, ...], model: ReferenceM
         return None
     pair_lane = lanes.get(tuple(members[:2])) if len(members) > 2 else None
     pair = pair_lane.ctx.group if pair_lane is not None and pair_lane.ctx is not None else None
-    return JobContext(lane.ctx, model, pair, progress)
+    sealer = lane.exchanger.sealer if lane.exchanger is not None else None
+    return JobContext(lane.ctx, model, pair, progress, sealer)
 
 
-def all_gather_json(ctx: DistContext, value: Any) -> list[Any]:
-    """Collective over `ctx.group`: every rank's JSON value, in group-rank order."""
+def all_gather_json(ctx: DistContext, value: Any, sealer: LaneSealer | None = None) -> list[Any]:
+    """Collective over `ctx.group`: every rank's JSON value, in group-rank order. With `sealer`, each value
+    crosses sealed; TamperError (on the rank that caught it) or PeerError (on the others) when one did not open."""
     body = json.dumps(value, separators=(",", ":")).encode()
     if len(body) > MAX_RESULT_BYTES:
         body = json.dumps({"error": f"result of {len(body)} bytes exceeds {MAX_RESULT_BYTES}"}).encode()
+    if sealer is None:
+        return [json.loads(b) for b in _all_gather_bytes(ctx, body)]
+    own = ctx.group_rank
+    sealed = sealer.seal(torch.frombuffer(bytearray(body), dtype=torch.uint8), "job").numpy().tobytes()
+    values: list[Any] = []
+    caught: TamperError | None = None
+    for src, blob in enumerate(_all_gather_bytes(ctx, sealed)):
+        if src == own:
+            values.append(json.loads(body))
+            continue
+        try:
+            values.append(json.loads(sealer.open(torch.frombuffer(bytearray(blob), dtype=torch.uint8), src, "job")
+                                     .numpy().tobytes()))
+        except TamperError as err:
+            caught = caught or err
+            values.append(None)
+    # Every rank learns whether any rank caught one, so that all leave the job together (not one per timeout).
+    flags = [torch.zeros(1, dtype=torch.uint8) for _ in range(ctx.world_size)]
+    dist.all_gather(flags, torch.tensor([int(caught is not None)], dtype=torch.uint8), group=ctx.group)
+    if caught is not None:
+        raise caught
+    reporters = [rank for rank, flag in enumerate(flags) if flag.item()]
+    if reporters:
+        raise PeerError(f"lane ranks {reporters} could not open a sealed job result (tampered on the way)")
+    return values
+
+
+def _all_gather_bytes(ctx: DistContext, body: bytes) -> list[bytes]:
+    """Collective over `ctx.group`: every rank's bytes (1..MAX_RESULT_BYTES + a seal), in group-rank order."""
     lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(ctx.world_size)]
     dist.all_gather(lengths, torch.tensor([len(body)], dtype=torch.int64), group=ctx.group)
     sizes = [int(t.item()) for t in lengths]
-    if not all(0 < n <= MAX_RESULT_BYTES for n in sizes):
-        raise JobError(f"ranks sent results of {sizes} bytes; each must be 1..{MAX_RESULT_BYTES}")
+    if not all(0 < n <= MAX_RESULT_BYTES + OVERHEAD_BYTES for n in sizes):
+        raise JobError(f"ranks sent results of {sizes} bytes; each must be 1..{MAX_RESULT_BYTES + OVERHEAD_BYTES}")
     padded = torch.zeros(max(sizes), dtype=torch.uint8)
     padded[:len(body)] = torch.frombuffer(bytearray(body), dtype=torch.uint8)
     gathered = [torch.empty(max(sizes), dtype=torch.uint8) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, padded, group=ctx.group)
-    return [json.loads(bytes(t[:n].numpy()).decode()) for t, n in zip(gathered, sizes)]
+    return [bytes(t[:n].numpy()) for t, n in zip(gathered, sizes)]
 
 
 def _step(body: Callable[[], Any], group_rank: int) -> tuple[Any, dict]:
@@ -264,11 +305,12 @@ def run_job_here(job_ctx: JobContext, name: str, args: dict, ranks: tuple[int, .
     ctx.group.set_timeout(timedelta(seconds=float(args["timeout_s"])))  # compute: others wait while rank 0 runs alone
     try:
         run, ready = _step(lambda: job.prepare(job_ctx, args), ctx.group_rank)
-        readies = all_gather_json(ctx, {"error": ready["error"]} if "error" in ready else {"ok": True})
+        readies = all_gather_json(ctx, {"error": ready["error"]} if "error" in ready else {"ok": True},
+                                  job_ctx.sealer)
         outcomes = readies
         if not any("error" in r for r in readies):
             _, result = _step(run, ctx.group_rank)
-            outcomes = all_gather_json(ctx, result)
+            outcomes = all_gather_json(ctx, result, job_ctx.sealer)
     finally:
         ctx.group.set_timeout(timedelta(seconds=ctx.timeout_s))
     if not ctx.is_root:

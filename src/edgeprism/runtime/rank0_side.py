@@ -84,9 +84,13 @@ class Rank0Side:
     def _blame(self, err: PeerError, plan: Plan) -> None:
         """After a failed request: a lane message that did not open (TamperError) drops its sender, who must
         join again (a new session, and new lane keys with the next epoch). docs/SECURITY.md."""
-        if not isinstance(err, TamperError) or not 0 < err.src < len(plan.ranks):
+        self._blame_lane(err, tuple(plan.ranks))
+
+    def _blame_lane(self, err: BaseException, ranks: tuple[int, ...]) -> None:
+        """`_blame` on the lane over `ranks` (a request's plan, or a job's members)."""
+        if not isinstance(err, TamperError) or not 0 < err.src < len(ranks):
             return
-        rank = plan.ranks[err.src]
+        rank = ranks[err.src]
         self.tampered += 1
         log.warning("rank %d's lane message did not open; dropping it (%s)", rank, err)
         if rank in self._control.sessions:
@@ -155,6 +159,7 @@ class Rank0Side:
                 return run_job_here(context, name, args, members)
             except (PeerError, RuntimeError) as err:  # JobError included: a rank may have left mid-collective
                 self.failures += 1
+                self._blame_lane(err, members)  # a sealed result that did not open drops its sender
                 self._end_epoch(f"job {name} failed", 0.0)
                 if isinstance(err, JobError):
                     raise

@@ -93,6 +93,8 @@ class WorkerSide:
         except (PeerError, RuntimeError) as err:
             log.warning("rank %d: job %s of epoch %d failed (%s); waiting for rank 0", self.ctx.group_rank,
                         message["name"], self._epoch, err)
+            if isinstance(err, TamperError):  # a sealed result that did not open: rank 0 drops the sender
+                report_tamper(self._store, self._mailbox.session, self._epoch, self._members[err.src])
             retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
 
     def _take_part(self, message: dict) -> int:
