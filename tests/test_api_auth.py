@@ -1,14 +1,20 @@
-"""The HTTP API's protection (edgeprism.api.auth) over a real one-rank bert-tiny-test engine: a bearer API
+"""The HTTP API's protection (edgeprism.api.auth) over a real two-rank bert-tiny-test engine: a bearer API
 key (missing / wrong → 401 in OpenAI's shape, right → the engine's answer), /health open and /metrics
 closed unless asked, TLS with a self-signed certificate made here (an answer over https, the key and the
 certificate given to the failover client), the refusal to open an unprotected API off loopback, and a
-promoted coordinator serving with the protection its cluster spec names (file paths, never the key)."""
+promoted coordinator serving with the protection its cluster spec names (file paths, never the key).
+Then the store's side (edgeprism.api.store_watch): /metrics shows a fresh client's round trip to the
+rendezvous store and the keys a stranger floods it with, a store that does not answer counts as a stall,
+and a coordinator raises its open-files limit so that idle connections cannot exhaust its descriptors."""
 
 import datetime
 import ipaddress
 import json
 import re
+import resource
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -28,12 +34,13 @@ from api_adapters import WordIO
 from edgeprism.api import ApiConfig, make_app, serve_http
 from edgeprism.api.auth import HttpAccess, check_exposure, is_loopback
 from edgeprism.api.client import FailoverClient
+from edgeprism.api.store_watch import StoreWatch
 from edgeprism.cli.join import serve_promoted
 from edgeprism.cli.main import main
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.runtime import launch_local
-from edgeprism.runtime.coordinator import ClusterSpec
+from edgeprism.runtime.coordinator import ClusterSpec, raise_open_files_limit
 
 MODEL = "bert-tiny-test"
 KEY = "k3y-" + "0123456789abcdef" * 2
@@ -42,7 +49,7 @@ REQUEST = {"id": "r1", "synthetic": {"batch": 1, "seq_len": 16, "seed": 5}}
 
 @pytest.fixture(scope="module")
 def engine():
-    with launch_local(1, MODEL, synthetic_profile(MODEL, world_size=1)) as engine:
+    with launch_local(2, MODEL, synthetic_profile(MODEL, world_size=2)) as engine:
         yield engine
 
 
@@ -209,3 +216,54 @@ def test_a_promoted_coordinator_serves_with_the_key_and_tls_its_spec_names(engin
     finally:
         stop.set()
         thread.join(30)
+
+
+def _gauge(text, name):
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_metrics_show_the_store_round_trip_and_a_flood_of_keys(engine):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    app = make_app(engine, None, ApiConfig(store_watch_s=0.1))
+    with TestClient(app) as client:
+        time.sleep(0.5)
+        first = client.get("/metrics").text
+        assert 0 <= _gauge(first, "edgeprism_store_probe_seconds") < 5 and _gauge(first, "edgeprism_store_stalls") == 0
+        assert _gauge(first, "edgeprism_process_rss_bytes") > 1e7
+        host, _, port = engine.address.rpartition(":")
+        stranger = dist.TCPStore(host, int(port), None, False, timedelta(seconds=10))
+        keys = _gauge(first, "edgeprism_store_keys")
+        for i in range(200):
+            stranger.set(f"flood/{i}", b"x" * 64)
+        deadline = time.monotonic() + 30
+        while _gauge(client.get("/metrics").text, "edgeprism_store_keys") < keys + 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for i in range(200):
+            stranger.delete_key(f"flood/{i}")
+
+
+def test_a_store_that_does_not_answer_is_a_stall():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    watch = StoreWatch(f"127.0.0.1:{port}", interval_s=1.0, stall_s=0.5, timeout_s=1.0)
+    watch.probe_once()
+    gauges = watch.gauges()
+    assert gauges["edgeprism_store_probe_seconds"][1] == -1 and gauges["edgeprism_store_stalls"][1] == 1
+
+
+def test_a_coordinator_raises_its_open_files_limit_to_the_hard_one():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the hard open-files limit is {hard}: nothing to raise to")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # a device's low default
+        raise_open_files_limit()
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -65,9 +65,13 @@ def make_app(engine, io: ModelIOLike | None, config: ApiConfig = ApiConfig(),
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         service.batcher.start()
+        if service.store_watch is not None:
+            service.store_watch.start()
         try:
             yield
         finally:
+            if service.store_watch is not None:
+                service.store_watch.stop()
             await run_in_threadpool(service.batcher.close)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -31,6 +31,10 @@ class ApiConfig:
     """What POST /infer returns of the outputs: shapes (and logits argmax), every value, or nothing."""
     top_k: int = 5
     """Labels per row when a classifier answers (/v1/classify, `labels` on /v1/embeddings)."""
+    store_watch_s: float = 5.0
+    """How often a fresh client probes the engine's rendezvous store for /metrics (api.store_watch); 0: never."""
+    store_stall_s: float = 1.0
+    """A store probe slower than this (or failed) counts as a stall."""
 
     def __post_init__(self) -> None:
         if not self.batch_window_s >= 0:
@@ -42,6 +46,9 @@ class ApiConfig:
         if self.max_texts is not None and self.max_batch is not None and self.max_texts > self.max_batch:
             raise ValueError(f"max_texts {self.max_texts} exceeds max_batch {self.max_batch}: one request is served "
                              f"in one engine call")
+        if self.store_watch_s < 0 or not self.store_stall_s > 0:
+            raise ValueError(f"store_watch_s {self.store_watch_s} must be >= 0 and store_stall_s {self.store_stall_s} "
+                             f"> 0")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes {self.max_body_bytes} must be >= 1")
         if self.max_completion_tokens < 1 or self.top_k < 1:

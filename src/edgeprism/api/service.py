@@ -18,6 +18,7 @@ from edgeprism.api.config import ApiConfig
 from edgeprism.api.errors import ApiError, bad_request, engine_failure
 from edgeprism.api.model_io import ModelIOLike, Task
 from edgeprism.api.prometheus import BATCH_BUCKETS, LATENCY_BUCKETS_S, ApiMetrics
+from edgeprism.api.store_watch import StoreWatch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class ApiService:
         self.batcher = Batcher(self.config.max_batch, self.config.batch_window_s, self.config.dynamic_batching,
                                engine.model.config.pad_token_id, on_call=self._on_call)
         self._ids = itertools.count(1)
+        address = getattr(engine, "address", None)  # the store rank 0 hosts (None: a torchrun job's store)
+        self.store_watch = (StoreWatch(address, self.config.store_watch_s, self.config.store_stall_s)
+                            if address and self.config.store_watch_s > 0 else None)
+        """Probes the rendezvous store for /metrics (started and stopped with the app)."""
         if io is not None and io.max_tokens > engine.model.config.max_positions > 0:
             log.warning("the model adapter allows %d tokens but %s has %d positions; longer texts will be refused",
                         io.max_tokens, engine.model.config.name, engine.model.config.max_positions)
@@ -167,6 +172,7 @@ class ApiService:
                                           engine.failures),
             "edgeprism_queue_depth": ("Requests waiting for the engine thread.", self.batcher.depth),
             **{f"edgeprism_{name}": (SECURITY_HELP[name], value) for name, value in engine.security_counts().items()},
+            **(self.store_watch.gauges() if self.store_watch is not None else {}),
         }
 
 
