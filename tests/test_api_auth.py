@@ -5,7 +5,8 @@ certificate given to the failover client), the refusal to open an unprotected AP
 promoted coordinator serving with the protection its cluster spec names (file paths, never the key).
 Then the store's side (edgeprism.api.store_watch): /metrics shows a fresh client's round trip to the
 rendezvous store and the keys a stranger floods it with, a store that does not answer counts as a stall,
-and a coordinator raises its open-files limit so that idle connections cannot exhaust its descriptors."""
+a coordinator raises its open-files limit so that idle connections cannot exhaust its descriptors, and a
+store started with an allow list (edgeprism.runtime.store_filter) never sees a stranger's connection."""
 
 import datetime
 import ipaddress
@@ -40,7 +41,8 @@ from edgeprism.cli.main import main
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.runtime import launch_local
-from edgeprism.runtime.coordinator import ClusterSpec, raise_open_files_limit
+from edgeprism.runtime.coordinator import ClusterSpec, raise_open_files_limit, start_store
+from edgeprism.runtime.store_filter import filter_program, parse_allow
 
 MODEL = "bert-tiny-test"
 KEY = "k3y-" + "0123456789abcdef" * 2
@@ -187,6 +189,8 @@ def test_an_unprotected_api_is_refused_off_loopback(engine, key_file, tmp_path, 
     assert "--api-key-file FILE" in err and "--http-insecure" in err and "openssl rand" in err
     assert main(["serve", "--model", MODEL, "--synthetic-profile", "--api-key-file", str(key_file)]) == 2
     assert "are for --http" in capsys.readouterr().err
+    assert main(["serve", "--model", MODEL, "--synthetic-profile", "--store-allow", "10.0.0.2"]) == 2
+    assert "is for --listen" in capsys.readouterr().err
 
 
 def test_a_promoted_coordinator_serves_with_the_key_and_tls_its_spec_names(engine, key_file, tls_files):
@@ -267,3 +271,31 @@ def test_a_coordinator_raises_its_open_files_limit_to_the_hard_one():
         assert raised == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _connects(source, port):
+    with socket.socket() as s:
+        s.bind((source, 0))
+        s.settimeout(1.0)
+        try:
+            s.connect(("127.0.0.1", port))
+            return True
+        except OSError:  # the filter dropped the SYN: the connect times out
+            return False
+
+
+def test_a_store_with_an_allow_list_drops_strangers_packets_and_serves_its_members():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        parse_allow("192.168.1.300")
+    with pytest.raises(ValueError, match="1..64"):
+        filter_program(parse_allow(",".join(f"10.0.{i}.1" for i in range(65))))
+    store, port = start_store("127.0.0.1", 0, 10.0, allow=parse_allow("127.0.0.3, 10.8.0.0/24"))
+    assert _connects("127.0.0.3", port) and _connects("127.0.0.1", port)  # a member; this host itself
+    assert not _connects("127.0.0.2", port)  # a stranger: the store never sees it
+    member = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=10))
+    member.set("k", b"v")
+    assert store.get("k") == b"v"

@@ -32,6 +32,10 @@ def add_parser(subparsers) -> None:
                    help="be the coordinator of real devices: serve the rendezvous store on ADDR:PORT and let devices "
                         "join it (`edgeprism join ADDR:PORT`); no local workers are started. Needs --secret-file "
                         "off-loopback. docs/DEPLOY.md")
+    p.add_argument("--store-allow", metavar="ADDR,NET/N,...",
+                   help="with --listen: only these IPv4 addresses or networks (the devices'; this host and the "
+                        "--coordinators are added) reach the rendezvous store; the kernel drops everyone else's "
+                        "packets (Linux; docs/SECURITY.md). Default: every address")
     p.add_argument("--coordinators", metavar="A:P,B:P,...",
                    help="with --listen and --http: the succession list (--listen is one of them), the same on every "
                         "machine: devices given it take over when this coordinator dies, and this one joins a "
@@ -165,7 +169,8 @@ def handle(args) -> int:
             print(f"edgeprism serve: request {reply['id']}: {how}, {m['latency_s'] * 1e3:.1f} ms (predicted "
                   f"{m['predicted_latency_s'] * 1e3:.1f})", file=sys.stderr, flush=True)
 
-    where = dict(bind_addr=listen[0], port=listen[1], local_workers=False) if listen else {}
+    where = dict(bind_addr=listen[0], port=listen[1], local_workers=False,
+                 store_allow=_store_allow(args)) if listen else {}
     with launch_engine(args.world_size, args.model, profile, checkpoint=args.checkpoint, seed=args.seed,
                        config=config, cores_per_worker=args.cores_per_worker, link_file=args.link_file,
                        timeout_s=args.timeout, secret_file=args.secret_file, **where) as engine:
@@ -201,7 +206,8 @@ def _serve_succession(args, config, profile, access) -> int:
     model, checkpoint = resolve_model(args.model, args.checkpoint)
     service = {"http_port": args.port, "served_model_name": args.served_model_name,
                "dynamic_batching": not args.no_batching, "batch_window_s": args.batch_window_ms / 1e3,
-               "outputs": args.outputs, "access": access.to_service()}  # file paths, never the key
+               "outputs": args.outputs, "access": access.to_service(),  # file paths, never the key
+               "store_allow": ",".join(str(n) for n in _store_allow(args))}
     spec = coordinator_spec(model, args.seed, checkpoint is not None, args.world_size, args.timeout,
                             replace(config, wait_for_workers=False), profile, succession.addresses, service)
     link_file = args.link_file or None
@@ -276,14 +282,31 @@ def _access(args):
     return access
 
 
+def _store_allow(args) -> tuple:
+    """--store-allow's networks, with every --coordinators host (each must reach whichever serves); ()."""
+    from edgeprism.runtime.coordinator import parse_address
+    from edgeprism.runtime.store_filter import parse_allow
+
+    if args.store_allow is None:
+        return ()
+    networks = parse_allow(args.store_allow)
+    if not networks:
+        raise ValueError(f"--store-allow {args.store_allow!r} names no address")
+    hosts = [parse_address(a.strip())[0] for a in (args.coordinators or "").split(",") if a.strip()]
+    return tuple(dict.fromkeys((*networks, *parse_allow(",".join(hosts)))))
+
+
 def _listen(args) -> tuple[str, int] | None:
     """(host, port) of --listen, checked: the devices prove they hold the secret file (on loopback too: they
     read the same file); every interface only if the address says so."""
     from edgeprism.runtime.coordinator import parse_address
 
     if not args.listen:
+        if args.store_allow is not None:
+            raise ValueError("--store-allow is for --listen (the store a coordinator serves)")
         return None
     host, port = parse_address(args.listen)
+    _store_allow(args)  # a bad list is named before anything starts
     if not args.secret_file:
         raise ValueError(f"--listen {args.listen} needs --secret-file FILE, the secret every device proves it holds "
                          f"(at least 16 random bytes, mode 600: `head -c 32 /dev/urandom > cluster.secret && chmod 600 "

@@ -166,7 +166,7 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
                   secret_file: str | os.PathLike | None = None,
                   worker_hosts: dict[int, tuple[list[str], str]] | None = None, port: int = 0,
                   local_workers: bool = True, model_obj=None, coordinators: tuple[str, ...] = (),
-                  service: dict | None = None) -> Engine:
+                  service: dict | None = None, store_allow: tuple = ()) -> Engine:
     """Start an engine of `world_size` ranks; this process is rank 0. `profile` is a Profile or a path;
     `link_file` an emulated link file (edgeprism.testbed.emulation) every rank follows; `bind_addr` and
     `port` where the store and rank 0's lanes listen; `secret_file` the cluster secret (default: a fresh
@@ -174,7 +174,8 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
     testbed's network namespaces). `local_workers=False`: start no workers — devices join over the network
     (`edgeprism join`), and rank 0 serves alone until they do. `model_obj`: the model, already loaded.
     `coordinators`, `service`: the succession list and the HTTP settings a successor takes over, published in
-    the sealed spec (edgeprism.runtime.succession)."""
+    the sealed spec (edgeprism.runtime.succession). `store_allow`: IPv4 networks whose packets alone reach the
+    store besides this host's (edgeprism.runtime.store_filter; empty: every address)."""
     config = config or EngineConfig()
     model, checkpoint = resolve_model(model, checkpoint)  # a checkpoint folder: (its model's name, the folder)
     if model_obj is None:
@@ -197,7 +198,7 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
         secret_file = write_secret_file(Path(tmp.name) / "secret", new_secret())
     secret = load_secret({SECRET_FILE_ENV: os.fspath(secret_file)})
     try:
-        store, port = start_store(bind_addr, port, timeout_s)
+        store, port = start_store(bind_addr, port, timeout_s, store_allow)
     except BaseException:
         tmp.cleanup()
         raise

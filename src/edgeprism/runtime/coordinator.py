@@ -48,6 +48,7 @@ from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.engine import Engine
 from edgeprism.runtime.groups import start_digests
 from edgeprism.runtime.membership import admission_key, announce_leave, join_cluster
+from edgeprism.runtime.store_filter import attach_allow_filter
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +181,10 @@ def raise_open_files_limit() -> None:
                         "can exhaust this process's descriptors", soft, err)
 
 
-def start_store(host: str, port: int, timeout_s: float):
+def start_store(host: str, port: int, timeout_s: float, allow: tuple = ()):
     """(store, port): the rendezvous store served on host:port (never all interfaces unless the host says
-    so). Port 0 picks a free one. The store stops serving when the last reference to it goes."""
+    so). Port 0 picks a free one. The store stops serving when the last reference to it goes. `allow`:
+    IPv4 networks (besides this host) whose packets alone reach the store (edgeprism.runtime.store_filter)."""
     raise_open_files_limit()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -193,6 +195,12 @@ def start_store(host: str, port: int, timeout_s: float):
         listener.close()
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} (is the address this machine's, and the "
                          f"port free?)") from None
+    if allow:
+        try:
+            attach_allow_filter(listener, allow, host)
+        except ValueError:
+            listener.close()
+            raise
     listener.listen(128)
     port = listener.getsockname()[1]
     store = dist.TCPStore(host, port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False,

@@ -47,6 +47,7 @@ from edgeprism.runtime.cluster import launch_engine
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.coordinator import PREFIX, ClusterSpec, Device, DeviceOptions, parse_address, read_spec
 from edgeprism.runtime.engine import Engine
+from edgeprism.runtime.store_filter import parse_allow
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ class Successor:
                                config=EngineConfig(**spec.config), timeout_s=spec.timeout_s, bind_addr=host,
                                port=port, secret_file=self.secret_file, local_workers=False, model_obj=model,
                                link_file=self.link_file,
-                               coordinators=succession.addresses, service=spec.service)
+                               coordinators=succession.addresses, service=spec.service,
+                               store_allow=parse_allow(str((spec.service or {}).get("store_allow") or "")))
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_earlier, args=(stop,), name="edgeprism-step-down", daemon=True)
         watcher.start()
