@@ -87,7 +87,7 @@ class Cluster:
                                                  "--profile", str(self.profile), "--listen", self.listen,
                                                  "--world-size", "2", "--secret-file", str(self.secret), "--http",
                                                  "--host", self.h0.address, "--port", str(HTTP_PORT),
-                                                 "--fixed-link", "--min-stall", "20"])
+                                                 "--http-insecure", "--fixed-link", "--min-stall", "20"])
         self._await_line(self.coordinator, r"listening on http://")
 
     def _start(self, host, argv):

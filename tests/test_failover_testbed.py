@@ -88,7 +88,8 @@ def test_coordinator_sigkill_on_wifi4_the_next_device_serves_embeddings(testbed,
     common = ["--coordinators", ",".join(stores), "--secret-file", str(secret), "--checkpoint", str(folder)]
     procs = [_start(testbed, hosts[0], [EDGEPRISM, "serve", "--model", "minilm-l6", "--profile", str(profile),
                                         "--world-size", "3", "--listen", stores[0], "--http", "--host",
-                                        hosts[0].address, "--port", str(HTTP_PORT), "--fixed-link", *common])]
+                                        hosts[0].address, "--port", str(HTTP_PORT), "--http-insecure", "--fixed-link",
+                                        *common])]
     procs += [_start(testbed, hosts[i], [EDGEPRISM, "join", "--listen", stores[i], *common]) for i in (1, 2)]
     body = {"model": "minilm-l6", "input": texts}
 

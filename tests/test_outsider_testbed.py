@@ -175,8 +175,8 @@ def _cluster(net, seal, tmp):
     coordinator = net.start(net.h0.netns, [*EDGEPRISM, "serve", "--model", MODEL, "--profile",
                                            str(tmp / "profile.json"), "--listen", listen, "--world-size", "2",
                                            "--secret-file", str(secret), "--http", "--host", net.h0.address,
-                                           "--port", str(HTTP_PORT), "--fixed-link", "--min-stall", "20",
-                                           "--outputs", "full", "--seal-lanes", seal])
+                                           "--port", str(HTTP_PORT), "--http-insecure", "--fixed-link", "--min-stall",
+                                           "20", "--outputs", "full", "--seal-lanes", seal])
     _await_line(coordinator, r"listening on http://")
     device = net.start(net.h1.netns, [*EDGEPRISM, "join", listen, "--secret-file", str(secret)])
     deadline = time.monotonic() + 120
