@@ -8,6 +8,7 @@ rendezvous store and the keys a stranger floods it with, a store that does not a
 a coordinator raises its open-files limit so that idle connections cannot exhaust its descriptors, and a
 store started with an allow list (edgeprism.runtime.store_filter) never sees a stranger's connection."""
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -35,6 +36,7 @@ from api_adapters import WordIO
 from edgeprism.api import ApiConfig, make_app, serve_http
 from edgeprism.api.auth import HttpAccess, check_exposure, is_loopback
 from edgeprism.api.client import FailoverClient
+from edgeprism.api.load import LoadConfig, run_load
 from edgeprism.api.store_watch import StoreWatch
 from edgeprism.cli.join import serve_promoted
 from edgeprism.cli.main import main
@@ -165,6 +167,11 @@ def test_tls_with_a_self_signed_certificate_answers_over_https(engine, key_file,
         url = f"https://127.0.0.1:{port}"
         _exact(FailoverClient([url], api_key=KEY, ca_file=cert, retry_for_s=0).post("/infer", REQUEST), engine)
         assert FailoverClient([url], ca_file=cert, retry_for_s=0).post("/infer", REQUEST).status == 401
+        report = asyncio.run(run_load(LoadConfig(url=url, endpoint="infer", concurrency=2, requests=4,
+                                                 synthetic_tokens=(8, 16), api_key=KEY, ca_file=cert)))
+        assert report.ok == 4 and report.errors == 0, report.first_error
+        refused = asyncio.run(run_load(LoadConfig(url=url, endpoint="infer", requests=1, ca_file=cert)))
+        assert refused.error_statuses == {"401": 1}
         with pytest.raises(ConnectionError):  # the system's CAs do not trust a self-signed certificate
             FailoverClient([url], api_key=KEY, retry_for_s=0).post("/infer", REQUEST)
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to the TLS port
