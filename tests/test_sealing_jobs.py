@@ -1,7 +1,9 @@
 """Measurement jobs over sealed lanes (edgeprism.runtime.cluster_jobs, docs/SECURITY.md): with
 `seal_lanes="on"`, a profile job's results cross the lane sealed (kind "job"), the job still measures, and
 a result that does not open (here: a replay, as someone on the path re-sending a recorded one would make)
-fails the job on every rank, drops its sender, and the sender joins again and measures the next job."""
+fails the job on every rank, drops its sender, and the sender joins again and measures the next job; when
+the worker is the one that catches it, its sealed report makes rank 0 drop it (the link to rank 0 is what
+is not safe), and it joins again."""
 
 import time
 
@@ -44,3 +46,16 @@ def test_a_link_job_over_sealed_lanes_measures_and_a_tampered_result_is_refused_
             time.sleep(0.05)
         again = engine.run_job("link", LINK_JOB)
         assert again[0]["link"]["bandwidth_bps"] > 0
+
+        # Rank 0's counter goes back: what it sends reads to rank 1 as a replay. Rank 1 refuses it, every rank
+        # leaves the job, rank 1 reports it, and rank 0 drops rank 1, which joins again.
+        engine._lanes[members].exchanger.sealer.sent = 0
+        with pytest.raises(RuntimeError, match="could not open a sealed job result"):
+            engine.run_job("link", LINK_JOB)
+        deadline = time.monotonic() + 60
+        while engine.security_counts()["tampered_lane_messages"] < 2 or engine.healthy_ranks != members:
+            assert time.monotonic() < deadline, engine.cluster_status()
+            engine.maintain()
+            time.sleep(0.05)
+        assert any("from rank 0 did not open" in what for _, what in engine._membership.events)
+        assert engine.run_job("link", LINK_JOB)[0]["link"]["bandwidth_bps"] > 0
