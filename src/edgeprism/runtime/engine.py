@@ -52,8 +52,9 @@ from edgeprism.runtime.compute_estimate import ComputeSpeedEstimator
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.control import ControlChannel, Mailbox
 from edgeprism.runtime.groups import retire_lanes, start_digests, start_recording
+from edgeprism.runtime.joining import describe_self, join_cluster
 from edgeprism.runtime.link_estimate import ComputeBiasEstimator, OnlineLinkEstimator
-from edgeprism.runtime.membership import Membership, describe_self, join_cluster
+from edgeprism.runtime.membership import Membership
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.rank0_side import Rank0Side
 from edgeprism.runtime.requests import check_inputs
