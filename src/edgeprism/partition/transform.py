@@ -31,6 +31,7 @@ from edgeprism.models.base import (
 )
 from edgeprism.models.common import key_padding_bias
 from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias, remote_key_bias
+from edgeprism.partition.microbatch import LayerSteps, interleave, row_slices
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
 from edgeprism.partition.timeline import Timeline
@@ -79,7 +80,7 @@ class PositionWise:
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
                  size_aware: bool = DEFAULT_SIZE_AWARE, exchanger: Exchanger | None = None,
                  average: Literal["residual", "normed"] = DEFAULT_AVERAGE, warn_clamped_ratio: bool = True,
-                 overlap: bool = DEFAULT_OVERLAP) -> None:
+                 overlap: bool = DEFAULT_OVERLAP, micro_batches: int = 1) -> None:
         check_blocks(model)  # the declared contract (models.base.Block), checked before any collective
         self.model = model
         self.ctx = ctx
@@ -95,6 +96,11 @@ class PositionWise:
         self.overlap = overlap and not model.causal and all(
             isinstance(b, SplitBlock) and not isinstance(b, KVExchangeBlock) for b in model.block_list())
         """Exchange overlapped with own-token attention (encoders whose blocks fit `SplitBlock`)."""
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches if self.overlap else 1
+        """Rows run as this many micro-batches, one exchanging while another computes (partition/microbatch.py;
+        only on the overlapped path)."""
         self.timeline = Timeline()
         """This rank's last request, layer by layer (partition/timeline.py)."""
         self._requests = 0
@@ -279,6 +285,13 @@ class PositionWise:
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
             clock = self.timeline = Timeline()
+            if self.overlap and self.ctx.world_size > 1:  # encoders: exchanges hidden behind compute
+                rows = row_slices(batch, self.micro_batches)
+                hidden = torch.cat(interleave(
+                    [self._overlapped_layers(hidden[r], own_bias[r], valid[r], anchor[r], ranges, slot)
+                     for slot, r in enumerate(rows)], len(model.block_list()), clock, self.exchanger.stats))
+                state.hidden = model.finish(hidden)
+                return state
             for layer, block in enumerate(model.block_list()):
                 clock.start_layer(self.exchanger.stats)
                 # What is sent (docs/ARCHITECTURE.md rule 2 and its departures): the block's normalised K/V input
@@ -287,13 +300,9 @@ class PositionWise:
                 if session is not None:
                     specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
                     sizes = [spec_nbytes(s) for s in specs]
-                if self.overlap and self.ctx.world_size > 1:
-                    hidden, kv, remote_bias = self._overlapped(block, hidden, own_bias, sent, valid, anchor, specs,
-                                                               sizes, session, layer)
-                else:
-                    remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
-                    hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
-                                                                self.size_aware, self.average, sent, positions)
+                remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
+                hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
+                                                            self.size_aware, self.average, sent, positions)
                 clock.end_layer(layer, self.exchanger.stats)
                 if keep_cache:
                     state.kv_cache.append(kv)
@@ -301,19 +310,30 @@ class PositionWise:
             state.hidden = model.finish(hidden)
         return state
 
-    def _overlapped(self, block, hidden: Tensor, own_bias: Tensor, sent: Tensor, valid: Tensor, anchor: Tensor,
-                    specs: list, sizes: list[int], session, layer: int):
-        """One encoder block with its all-gather in flight while the own-token attention runs
-        (partition/overlap.py) -> what `block_with_remote` returns."""
-        pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes)
-        own = OwnPart(block, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
-        with self.timeline.waiting():
-            received = pending.wait()
-        remote, counts = self._readable(received, specs, sent, session, layer)
-        remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
-        remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
-        hidden, kv = own.finish(hidden, remote_kv_in, remote_bias)  # encoders keep no cache
-        return hidden, kv, remote_bias
+    def _overlapped_layers(self, hidden: Tensor, own_bias: Tensor, valid: Tensor, anchor: Tensor,
+                           ranges: tuple[TokenRange, ...], slot: int) -> LayerSteps:
+        """An encoder's blocks for these rows (B_slice, n_own, d), each with its all-gather in flight while the own-
+        token attention runs (partition/overlap.py); yields once per layer with the exchange started, for
+        `interleave` to run another micro-batch meanwhile (partition/microbatch.py) -> the last hidden states."""
+        batch, width = hidden.shape[0], self.model.config.exchange_width
+        session = self.codec.session() if hasattr(self.codec, "session") else None  # per micro-batch
+        specs = [self.codec.wire_spec(batch, r.num_tokens, width) for r in ranges]
+        for layer, block in enumerate(self.model.block_list()):
+            sent = exchanged_states(block, hidden, self.average)  # (B_slice, n_own, d)
+            if session is not None:
+                specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
+            sizes = [spec_nbytes(s) for s in specs]
+            pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes,
+                                                            slot=slot)
+            own = OwnPart(block, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
+            yield
+            with self.timeline.waiting():
+                received = pending.wait()
+            remote, counts = self._readable(received, specs, sent, session, layer)
+            remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B_slice, 1, 1, S_remote)
+            remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
+            hidden, _ = own.finish(hidden, remote_kv_in, remote_bias)  # encoders keep no cache
+        return hidden
 
     def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session, layer: int) -> Tensor:
         with self.timeline.encoding():
