@@ -100,7 +100,7 @@ class PositionWise:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches if self.overlap else 1
         """Rows run as this many micro-batches, one exchanging while another computes (partition/microbatch.py;
-        only on the overlapped path)."""
+        only on the overlapped path). Rank 0's value travels in the request's header."""
         self.timeline = Timeline()
         """This rank's last request, layer by layer (partition/timeline.py)."""
         self._requests = 0
@@ -151,7 +151,7 @@ class PositionWise:
         self._warn_if_ratio_exceeds(ranges)
         self._requests += 1
         header = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges], "codec": self.codec.name,
-                  "gather_hidden": gather_hidden, "generate": generate,
+                  "gather_hidden": gather_hidden, "generate": generate, "micro_batches": self.micro_batches,
                   "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
         return header, parts
 
@@ -183,7 +183,7 @@ class PositionWise:
             header, parts = self._announce(inputs, shares, gather_hidden, 0)
         ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
         part = self._scatter(parts, header["parts"])
-        state = self.forward_shard(part, ranges)
+        state = self.forward_shard(part, ranges, micro_batches=header.get("micro_batches", 1))
         return self._collect(state, ranges, header["gather_hidden"])
 
     def generate(self, inputs: Inputs | None, max_new_tokens: int, shares: tuple[float, ...] | None = None,
@@ -265,8 +265,10 @@ class PositionWise:
         payload = self.exchanger.recv_tensor((spec_nbytes(wire_spec),), torch.uint8, src=0, kind="scatter")
         return {key: tensor.to(ctx.device) for key, tensor in zip(sorted(spec), unpack(payload, wire_spec))}
 
-    def forward_shard(self, part: Inputs, ranges: tuple[TokenRange, ...], keep_cache: bool = False) -> ShardState:
-        """This rank's layers: embed own tokens, then per block exchange and attend."""
+    def forward_shard(self, part: Inputs, ranges: tuple[TokenRange, ...], keep_cache: bool = False,
+                      micro_batches: int = 1) -> ShardState:
+        """This rank's layers: embed own tokens, then per block exchange and attend; `micro_batches` as rank 0's
+        header says (every rank must issue the same exchanges)."""
         model, codec = self.model, self.codec
         own = ranges[self.ctx.group_rank]
         causal = model.causal
@@ -286,7 +288,7 @@ class PositionWise:
             state = ShardState(own, hidden, valid)
             clock = self.timeline = Timeline()
             if self.overlap and self.ctx.world_size > 1:  # encoders: exchanges hidden behind compute
-                rows = row_slices(batch, self.micro_batches)
+                rows = row_slices(batch, micro_batches)
                 hidden = torch.cat(interleave(
                     [self._overlapped_layers(hidden[r], own_bias[r], valid[r], anchor[r], ranges, slot)
                      for slot, r in enumerate(rows)], len(model.block_list()), clock, self.exchanger.stats))
