@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -327,7 +327,8 @@ class PositionWise:
             sizes = [spec_nbytes(s) for s in specs]
             pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes,
                                                             slot=slot)
-            own = OwnPart(block, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
+            split = cast(SplitBlock, block)  # `self.overlap` checked every block once
+            own = OwnPart(split, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
             yield
             with self.timeline.waiting():
                 received = pending.wait()
