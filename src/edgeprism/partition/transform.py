@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
@@ -25,12 +24,10 @@ from edgeprism.models.base import (
     KVExchangeBlock,
     ReferenceModel,
     SplitBlock,
-    block_kv,
-    call_block,
     check_blocks,
 )
-from edgeprism.models.common import key_padding_bias
 from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias, remote_key_bias
+from edgeprism.partition.decode import ShardState, greedy_decode
 from edgeprism.partition.microbatch import LayerSteps, interleave, row_slices
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
@@ -53,18 +50,6 @@ DEFAULT_OVERLAP = True
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                                torch.uint8, torch.bool)}
-
-
-@dataclass
-class ShardState:
-    """One rank's part of a request after the last block."""
-
-    token_range: TokenRange
-    hidden: Tensor  # (B, n_own, d), after the model's final norm
-    valid: Tensor  # (B, n_own) bool
-    kv_cache: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    """Per layer (k, v) over [own tokens ; received vectors] — kept for decoding (causal models)."""
-    remote_bias: Tensor | None = None  # (B, 1, 1, S_remote) bias of the received vectors
 
 
 class PositionWise:
@@ -204,7 +189,7 @@ class PositionWise:
         last = ctx.world_size - 1
         is_last = ctx.group_rank == last
         state = self.forward_shard(part, ranges, keep_cache=is_last)
-        tokens = self._decode(state, header["generate"]) if is_last else None
+        tokens = greedy_decode(model, state, header["generate"]) if is_last else None
         if ctx.world_size == 1:
             return tokens
         batch = state.hidden.shape[0]
@@ -215,32 +200,6 @@ class PositionWise:
         if ctx.is_root:
             return self.exchanger.recv_tensor((batch, header["generate"]), torch.int64, src=last, kind="output")
         return None
-
-    def _decode(self, state: ShardState, steps: int) -> Tensor:
-        """Greedy tokens from the last rank's cache: own exact K/V + received vectors' K/V."""
-        model = self.model
-        with torch.no_grad():
-            batch = state.hidden.shape[0]
-            position = state.token_range.end
-            assert state.remote_bias is not None, "forward_shard sets it"
-            prefix_bias = torch.cat([key_padding_bias(state.valid, state.hidden.dtype),
-                                     state.remote_bias], dim=-1)  # (B, 1, 1, n_own + S_remote)
-            token = model.logits(state.hidden[:, -1]).argmax(-1)  # (B,)
-            generated = [token]
-            cache = list(state.kv_cache)
-            for step in range(1, steps):
-                x = model.embed({"input_ids": token[:, None]}, position, position + 1)  # (B, 1, d)
-                bias = torch.cat([prefix_bias, prefix_bias.new_zeros(batch, 1, 1, step)], dim=-1)
-                here = torch.arange(position, position + 1, device=x.device)  # the new token's absolute position
-                for layer, block in enumerate(model.block_list()):
-                    k_new, v_new = block_kv(block, x, here)
-                    k, v = (torch.cat([cache[layer][0], k_new], dim=2), torch.cat([cache[layer][1], v_new], dim=2))
-                    cache[layer] = (k, v)  # (B, kv_heads, n_own + S_remote + step, head_dim)
-                    x = call_block(block, x, bias, (k, v), here)
-                token = model.logits(model.finish(x)[:, -1]).argmax(-1)
-                generated.append(token)
-                position += 1
-            return torch.stack(generated, dim=1)  # (B, steps)
 
     def _warn_if_ratio_exceeds(self, ranges: tuple[TokenRange, ...]) -> None:
         """A CR above a rank's token count is clamped (one segment per row), with one warning."""
