@@ -26,7 +26,7 @@ def _plan(counts, codec="fp32") -> Plan:
 
 
 def _profile():
-    """Layer seconds = 0.01 + 1e-4 · B · kv: at 100 own + 100 received tokens, 0.03 s of which 0.01 s own-key."""
+    """Layer seconds = 0.01 + 1e-4 · B · kv: at 100 own + 100 received tokens, 0.03 s; the own-key work 1.5e-4 · n_own = 0.015 s."""
     return dataclasses.replace(synthetic_profile(), codecs=(FP32,),
                                compute=ComputeTable(fixed_s=FIXED_S, per_token_s=0.0, per_kv_s=PER_KV_S,
                                                     per_token_kv_s=0.0))
@@ -46,7 +46,7 @@ def test_overlap_hides_the_own_key_work_behind_a_long_exchange():
     link = LinkEstimate(bandwidth_bps=8e6, latency_s=0.002)  # 1 MB/s: 0.3073 s per layer on the wire
     plain = predict(profile, request, _plan((100, 100)), link)
     overlapped = predict(profile, request, _plan((100, 100)), dataclasses.replace(link, overlap=True))
-    own_s = 100 * PER_KV_S
+    own_s = 1.5 * 100 * PER_KV_S  # own K/V projections and the Q projection (half of theirs)
     assert overlapped.compute_s == pytest.approx(plain.compute_s) == pytest.approx(12 * (FIXED_S + 200 * PER_KV_S))
     assert overlapped.network_s == pytest.approx(plain.network_s - 12 * own_s)
     assert overlapped.latency_s == pytest.approx(plain.latency_s)
@@ -61,7 +61,7 @@ def test_a_short_exchange_hides_entirely_wire_and_hops():
     plain = predict(profile, request, _plan((100, 100)), dataclasses.replace(link, overlap=False))
     overlapped = predict(profile, request, _plan((100, 100)), link)
     layer_wire_s = 100 * 3073 * 8 / 8e9
-    assert layer_wire_s + 0.002 < 100 * PER_KV_S  # the own-key work is longer than the exchange
+    assert layer_wire_s + 0.002 < 1.5 * 100 * PER_KV_S  # the own-key work is longer than the exchange
     assert overlapped.network_s == pytest.approx(plain.network_s - 12 * layer_wire_s)
     assert overlapped.latency_s == pytest.approx(plain.latency_s - 12 * 0.002)  # only the per-request rounds left
     assert overlapped.total_s == pytest.approx(plain.total_s - 12 * (layer_wire_s + 0.002))
@@ -75,9 +75,9 @@ def test_two_micro_batches_by_hand():
     compute_s = FIXED_S + 4 * 200 * PER_KV_S  # one layer of the whole batch
     wire_s = 4 * 100 * 3073 / 1e6  # one layer's bytes at 1 MB/s
     assert two.compute_s == pytest.approx(one.compute_s + 12 * FIXED_S)  # a second fixed cost per layer
-    layer_s = pipelined_layer_s(compute_s + FIXED_S, 4 * 100 * PER_KV_S, wire_s / 2 + 0.002, 2)
+    layer_s = pipelined_layer_s(compute_s + FIXED_S, 1.5 * 4 * 100 * PER_KV_S, wire_s / 2 + 0.002, 2)
     assert layer_s == pytest.approx(wire_s + 2 * 0.002)  # link-bound: two slices in turn
-    setup_s = one.total_s - 12 * pipelined_layer_s(compute_s, 4 * 100 * PER_KV_S, wire_s + 0.002, 1)
+    setup_s = one.total_s - 12 * pipelined_layer_s(compute_s, 1.5 * 4 * 100 * PER_KV_S, wire_s + 0.002, 1)
     assert two.total_s == pytest.approx(setup_s + 12 * layer_s)
     assert two.total_s < one.total_s
 

@@ -23,7 +23,8 @@ each of the two after an idle link, so less a full burst.
 Overlap (`CostConstants.overlap`, `micro_batches`; plan/pipeline.py): per layer the critical path is
     max(C, (C - own) / m + x, m · x)    instead of C + network + latency,
 C the slowest rank's layer compute (m micro-batches pay the fixed cost m times), own its own-key work
-(slope · n_own; 0 without overlap), x one micro-batch's exchange (network / m + hops · link latency). What
+(Q/K/V projections of its n_own tokens and their attention: B · n_own · (1.5 · per_kv_s + per_token_kv_s ·
+n_own); 0 without overlap), x one micro-batch's exchange (network / m + hops · link latency). What
 this hides comes off network_s first, then off latency_s (both stay critical-path seconds).
 Sealed lanes (`LinkEstimate.sealed`, with the profile's measured `sealing` cost): every message carries
 `overhead_bytes` more (msg_q += overhead), and each rank seals its message and opens the k - 1 it
@@ -42,7 +43,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from edgeprism.partition.ranges import apportion
-from edgeprism.plan.pipeline import pipelined_layers
+from edgeprism.plan.pipeline import own_key_s, pipelined_layers
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
@@ -107,6 +108,8 @@ class GroupTerms(NamedTuple):
     """Sealing and opening the scatter's and the outputs' messages (0 unless sealed)."""
     fixed: tuple[float, ...] = ()
     """Per rank: the layer's fixed seconds (paid once per micro-batch), at the rank's speed."""
+    own: tuple[float, ...] = ()
+    """Per rank: the layer's own-key seconds, what may run beside the exchange (plan/pipeline.py `own_key_s`)."""
     layer_latency_s: float = 0.0
     """One layer's exchange hops × link latency."""
 
@@ -229,7 +232,8 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
     setup_wire_bytes = max(batch * in_bytes * max(counts[1:]), gather_bytes)
     return GroupTerms(tuple(counts), base, slope, min(counts), max(counts), num_tokens, overhead_s, setup_network_s,
                       latency_s, setup_wire_bytes, min_total_s, min_energy_j, setup_seal_s,
-                      tuple(a / speed for speed in speeds), layer_latency_s)
+                      fixed=tuple(a / speed for speed in speeds), layer_latency_s=layer_latency_s,
+                      own=tuple(own_key_s(b_kv, b_tok_kv, batch, n) / speed for n, speed in zip(counts, speeds)))
 
 
 def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: CodecFidelity, bandwidth_bps: float,
@@ -296,7 +300,8 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     if c.pipelined:
         m = min(c.micro_batches, batch)
         max_layer_s, sum_layer_s, layer_hidden_s = pipelined_layers(
-            g.base, g.slope, g.fixed, counts, segments, c.overlap, m, layer_network_s, g.layer_latency_s)
+            g.base, g.slope, g.fixed, g.own if c.overlap else (), counts, segments, m, layer_network_s,
+            g.layer_latency_s)
         latency_s += num_layers * (m - 1) * g.layer_latency_s  # every micro-batch pays its hops
     compute_s = num_layers * max_layer_s + overhead_s
     staging_s = num_layers * layer_staging_s + g.setup_seal_s
