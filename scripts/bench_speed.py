@@ -84,7 +84,7 @@ def main() -> None:
         return
     print(f"{result['model']} x{result['world_size']}, codec {result['codec']}, {result['emulation']}; load "
           f"{load_before[0]:.1f} -> {result['load_avg_after'][0]:.1f} on {os.cpu_count()} cores; "
-          f"{args.repeats} repeats; profile {'none' if profile is None else profile.model.name + ' ' + profile.link.emulation}")
+          f"{args.repeats} repeats; profile {'none' if profile is None else profile.link.emulation}")
     print(f"{'batch':>5} {'variant':>8} {'median ms':>10} {'min-max ms':>15} {'/plain':>7} {'pred ms':>8} "
           f"{'err':>6}  {'timeline encode/wait/compute ms':>31}")
     for p in result["points"]:

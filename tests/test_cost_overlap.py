@@ -26,7 +26,7 @@ def _plan(counts, codec="fp32") -> Plan:
 
 
 def _profile():
-    """Layer seconds = 0.01 + 1e-4 · B · kv: at 100 own + 100 received tokens, 0.03 s; the own-key work 1.5e-4 · n_own = 0.015 s."""
+    """Layer seconds = 0.01 + 1e-4 · B · kv: 100 own + 100 received tokens: 0.03 s; own-key work 1.5e-4 · B · n_own."""
     return dataclasses.replace(synthetic_profile(), codecs=(FP32,),
                                compute=ComputeTable(fixed_s=FIXED_S, per_token_s=0.0, per_kv_s=PER_KV_S,
                                                     per_token_kv_s=0.0))
