@@ -12,11 +12,14 @@ from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress import get_codec
 from edgeprism.models.base import SplitBlock
 from edgeprism.models.common import key_padding_bias
+from edgeprism.models.config import get_config
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition import overlap
 from edgeprism.partition.overlap import OwnPart, attention_part, merge_parts
 from edgeprism.partition.transform import PositionWise, own_key_bias, remote_key_bias
+from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
+from edgeprism.runtime import EngineConfig, launch_local
 
 TOLERANCE = 1e-5
 
@@ -144,3 +147,19 @@ def test_micro_batches_need_one_at_least():
     model = build_model("vit-tiny-test")
     with pytest.raises(ValueError, match="micro_batches must be >= 1, got 0"):
         LoopbackGroup(1).run(lambda ctx, exchanger: PositionWise(model, ctx, exchanger=exchanger, micro_batches=0))
+
+
+def test_the_engine_runs_micro_batches_as_one_batch():
+    """EngineConfig.micro_batches reaches the workers in the request header; answers stay the local model's."""
+    config = get_config("vit-tiny-test")
+    profile = synthetic_profile("vit-tiny-test", bandwidth_bps=1e9, latency_s=1e-4, seconds_per_image=3000,
+                                codecs=synthetic_codecs(config.hidden_size)[:1])  # fp32 only: exact
+    engine_config = EngineConfig(micro_batches=2, learn_compute=False, learn_link=False, learn_speeds=False)
+    inputs = synthetic_inputs(config, 3, seed=6)
+    with launch_local(2, "vit-tiny-test", profile, config=engine_config) as engine:
+        result = engine.infer(inputs)
+        assert result.metrics.mode == "distributed", result.metrics.plan
+        with torch.no_grad():
+            reference = engine.model(inputs)
+        for key, value in result.outputs.items():
+            assert (value - reference[key]).abs().max() <= TOLERANCE, key
