@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from edgeprism.partition.transform import DEFAULT_OVERLAP, DEFAULT_SIZE_AWARE
+from edgeprism.partition.transform import DEFAULT_MICRO_BATCHES, DEFAULT_OVERLAP, DEFAULT_SIZE_AWARE
 from edgeprism.plan import DEFAULT_MAX_FIDELITY_LOSS, Limits
 
 
@@ -36,7 +36,7 @@ class EngineConfig:
     profile's link alone, e.g. a fixed wired link or a test that must not depend on this host's noise)."""
     overlap: bool = DEFAULT_OVERLAP
     """Overlap each encoder layer's exchange with the own-token attention (partition/overlap.py; exact)."""
-    micro_batches: int = 1
+    micro_batches: int = DEFAULT_MICRO_BATCHES
     """Run an encoder's batch as this many micro-batches, one exchanging while another computes
     (partition/microbatch.py; exact; with `overlap` only). The cost model costs it (plan/pipeline.py)."""
     learn_speeds: bool = True
