@@ -280,7 +280,8 @@ class Engine(Rank0Side, WorkerSide):
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
         link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
-                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales())
+                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales(),
+                       overlap=self.config.overlap, micro_batches=self.config.micro_batches)
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:
@@ -329,7 +330,8 @@ class Engine(Rank0Side, WorkerSide):
 
     def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
         lane = self._lanes[tuple(plan.ranks)]
-        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap)
+        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap,
+                                   self.config.micro_batches)
         # The plan's ranges (the counts the cost model costed) and the request's one header: the workers
         # get everything the split needs in the control message below; nothing is broadcast again.
         split, parts = transform.split(inputs, plan.token_ranges, want.gather_hidden, want.generate)
