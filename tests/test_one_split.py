@@ -138,6 +138,7 @@ def _bad(split, **change):
     ({"codec": "int8"}, "not the plan's 'fp32'"),
     ({"generate": -1}, "generate -1"),
     ({"gather_hidden": 1}, "gather_hidden must be bool"),
+    ({"micro_batches": 0}, "micro_batches 0 is not in"),
     ({"parts": [{"x": [[2, 19], "torch.float64"]}] * 3}, "named tensor shapes"),
 ])
 def test_the_infer_header_is_checked_against_its_plan(change, problem):
@@ -145,7 +146,7 @@ def test_the_infer_header_is_checked_against_its_plan(change, problem):
                 codec="fp32", cr=1, wire_dtype="fp32", predicted_latency_s=0.1, predicted_energy_j=1.0,
                 energy_source="modelled", objective="latency", reason="test")
     split = {"request": 1, "ranges": [[0, 19], [19, 30], [30, 37]], "codec": "fp32", "gather_hidden": False,
-             "generate": 0, "parts": [{"input_ids": [[2, n], "torch.int64"]} for n in (19, 11, 7)]}
+             "generate": 0, "parts": [{"input_ids": [[2, n], "torch.int64"]} for n in (19, 11, 7)], "micro_batches": 1}
     assert validate_control(_infer_message(plan, split))["split"] == split
     with pytest.raises(ControlError, match=problem):
         validate_control(_infer_message(plan, _bad(split, **change)))

@@ -12,11 +12,14 @@ from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress import get_codec
 from edgeprism.models.base import SplitBlock
 from edgeprism.models.common import key_padding_bias
+from edgeprism.models.config import get_config
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition import overlap
 from edgeprism.partition.overlap import OwnPart, attention_part, merge_parts
 from edgeprism.partition.transform import PositionWise, own_key_bias, remote_key_bias
+from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
+from edgeprism.runtime import EngineConfig, launch_local
 
 TOLERANCE = 1e-5
 
@@ -112,3 +115,51 @@ def test_the_timeline_has_every_layer_and_adds_up():
         totals = timeline.totals()
         assert set(totals) == {"encode_s", "exchange_s", "wait_s", "compute_s"}
         assert [row["layer"] for row in timeline.to_rows()] == list(range(model.config.num_layers))
+
+
+@pytest.mark.parametrize(("name", "codec", "world", "batch"), [
+    ("dinov2-tiny-test", "fp32", 2, 3), ("vit-tiny-test", "fp32", 3, 4), ("bert-tiny-test", "fp32", 2, 5),
+    ("dinov2-tiny-test", "delta:lb8o4:lb3o4r", 2, 4)])
+def test_micro_batches_equal_the_whole_batch(name, codec, world, batch):
+    """Two micro-batches (partition/microbatch.py) give the whole batch's answer: at CR = 1 the single device's."""
+    model = build_model(name)
+    inputs = synthetic_inputs(model.config, batch, seed=5)
+    shares = (0.6, 0.4) if world == 2 else (0.5, 0.3, 0.2)
+
+    def run(micro_batches):
+        def rank_fn(ctx, exchanger):
+            engine = PositionWise(model, ctx, get_codec(codec), exchanger=exchanger, micro_batches=micro_batches)
+            out = engine.forward(inputs if ctx.is_root else None, shares=shares)
+            return out, [t.layer for t in engine.timeline.layers]
+        return LoopbackGroup(world).run(rank_fn)
+
+    whole, split = run(1), run(2)
+    for (out, layers), (want, _) in zip(split, whole):
+        assert layers == list(range(model.config.num_layers))
+        for key in want or {}:
+            assert out is not None and (out[key] - want[key]).abs().max() <= TOLERANCE, key
+    if codec == "fp32":
+        local = model(inputs)
+        assert (split[0][0]["mean"] - local["mean"]).abs().max() <= TOLERANCE
+
+
+def test_micro_batches_need_one_at_least():
+    model = build_model("vit-tiny-test")
+    with pytest.raises(ValueError, match="micro_batches must be >= 1, got 0"):
+        LoopbackGroup(1).run(lambda ctx, exchanger: PositionWise(model, ctx, exchanger=exchanger, micro_batches=0))
+
+
+def test_the_engine_runs_micro_batches_as_one_batch():
+    """EngineConfig.micro_batches reaches the workers in the request header; answers stay the local model's."""
+    config = get_config("vit-tiny-test")
+    profile = synthetic_profile("vit-tiny-test", bandwidth_bps=1e9, latency_s=1e-4, seconds_per_image=3000,
+                                codecs=synthetic_codecs(config.hidden_size)[:1])  # fp32 only: exact
+    engine_config = EngineConfig(micro_batches=2, learn_compute=False, learn_link=False, learn_speeds=False)
+    inputs = synthetic_inputs(config, 3, seed=6)
+    with launch_local(2, "vit-tiny-test", profile, config=engine_config) as engine:
+        result = engine.infer(inputs)
+        assert result.metrics.mode == "distributed", result.metrics.plan
+        with torch.no_grad():
+            reference = engine.model(inputs)
+        for key, value in result.outputs.items():
+            assert (value - reference[key]).abs().max() <= TOLERANCE, key

@@ -26,7 +26,7 @@ from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.runtime import EngineConfig, launch_local
 from edgeprism.runtime.control import MAX_CONTROL_BYTES, ControlError, decode_control, encode_control, validate_control
 from edgeprism.runtime.groups import start_digests
-from edgeprism.runtime.membership import join_cluster
+from edgeprism.runtime.joining import join_cluster
 
 VIT = get_config("vit-tiny-test")
 SRC = Path(__file__).resolve().parents[1] / "src" / "edgeprism"

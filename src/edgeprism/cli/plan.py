@@ -9,6 +9,10 @@ import sys
 from edgeprism.cli.budget import add_budget_arguments
 from edgeprism.plan import OBJECTIVES, Limits, LinkEstimate, Request, choose_plan, codec_exclusion, enumerate_candidates
 from edgeprism.profile.schema import Profile
+from edgeprism.runtime.config import EngineConfig
+
+SERVED = EngineConfig()
+"""How the engine runs a plan by default (overlap, micro-batches): what `edgeprism plan` predicts for."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     link = LinkEstimate(
         args.bandwidth_bps if args.bandwidth_bps is not None else profile.link.bandwidth_bps,
         args.latency_s if args.latency_s is not None else profile.link.latency_s,
-        _healthy(args.healthy_ranks, profile.world_size))
+        _healthy(args.healthy_ranks, profile.world_size),
+        overlap=SERVED.overlap, micro_batches=SERVED.micro_batches)  # costed as the engine serves by default
     limits = Limits(args.max_fidelity_loss, args.max_latency_s, args.allow_unmeasured_codecs)
     candidates = enumerate_candidates(profile, request, link, args.objective, limits)
     plan = choose_plan(profile, request, link, args.objective, limits)

@@ -255,26 +255,29 @@ class Exchanger:
         delay_s, collective_s = gather.run()
         return gather.finish(delay_s, collective_s)
 
-    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> PendingExchange:
+    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer",
+                               slot: int = 0) -> PendingExchange:
         """`all_gather_bytes` in the background: stage now, then the (emulated) link and the collective run on
-        the exchanger's thread while the caller computes; `wait()` returns the payloads. One at a time: wait
-        for it before the next exchange of the same kind (the buffers are reused)."""
-        gather = self._stage_gather(payload, sizes, kind)  # sealed and opened on the caller's thread, in order
+        the exchanger's thread while the caller computes; `wait()` returns the payloads. One at a time per
+        `slot`: wait for it before the next exchange of the same kind and slot (the buffers are reused); exchanges
+        in flight at once (micro-batches) take different slots and cross the link in the order started."""
+        gather = self._stage_gather(payload, sizes, kind, slot)  # sealed and opened on the caller's thread, in order
         if self._background is None:
             self._background = _Background()
         future = self._background.submit(gather.run)
         return PendingExchange(lambda: gather.finish(*future.result()))
 
-    def _stage_gather(self, payload: Tensor, sizes: list[int], kind: str) -> _Gather:
-        """Seal and stage this rank's payload for an all-gather of `kind` (the shared first half of the sync and
-        the background all-gather)."""
+    def _stage_gather(self, payload: Tensor, sizes: list[int], kind: str, slot: int = 0) -> _Gather:
+        """Seal and stage this rank's payload for an all-gather of `kind` into the buffers of `slot` (the shared
+        first half of the sync and the background all-gather)."""
         rank, world = self.ctx.group_rank, self.ctx.world_size
         assert payload.dtype == torch.uint8 and payload.numel() == sizes[rank], (payload.shape, sizes, rank)
         plain, payload = payload, self._seal(payload, kind)
         sizes = [size + self._overhead() for size in sizes]
         max_size = max(sizes)
-        staged, stage_out_s = self._to_cpu(payload, kind, max_size)
-        outputs = [self._cpu_buffer(kind, i, max_size) for i in range(world)]
+        key = kind if slot == 0 else f"{kind}#{slot}"
+        staged, stage_out_s = self._to_cpu(payload, key, max_size)
+        outputs = [self._cpu_buffer(key, i, max_size) for i in range(world)]
         return _Gather(self, kind, plain, sizes, max_size, staged, stage_out_s, outputs)
 
     def send_forward_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> list[Tensor | None]:

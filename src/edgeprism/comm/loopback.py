@@ -59,8 +59,9 @@ class LoopbackExchanger:
                        delay_s=0.0)
         return gathered  # type: ignore[return-value]
 
-    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer") -> PendingExchange:
-        """The same exchange, done at once (threads of one process: nothing to overlap)."""
+    def start_all_gather_bytes(self, payload: Tensor, sizes: list[int], kind: str = "layer",
+                               slot: int = 0) -> PendingExchange:
+        """The same exchange, done at once (threads of one process: nothing to overlap; no buffers, so no slots)."""
         gathered = self.all_gather_bytes(payload, sizes, kind)
         return PendingExchange(lambda: gathered)
 

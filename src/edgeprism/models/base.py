@@ -18,7 +18,7 @@ from typing import Protocol, cast, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from edgeprism.models.common import causal_bias, key_padding_bias
+from edgeprism.models.common import CAUSAL_SQUARE, Bias, causal_bias, key_padding_bias
 from edgeprism.models.config import ModelConfig
 
 Inputs = dict[str, Tensor]
@@ -51,7 +51,7 @@ class Block(Protocol):
 
     def kv_input(self, residual: Tensor) -> Tensor: ...
 
-    def __call__(self, x: Tensor, *, bias: Tensor | None = None,
+    def __call__(self, x: Tensor, *, bias: Bias = None,
                  kv: tuple[Tensor, Tensor] | None = None) -> Tensor: ...
 
 
@@ -111,7 +111,7 @@ class KVExchangeBlock(Protocol):
 
     def kv_from_wire(self, wire: Tensor) -> tuple[Tensor, Tensor]: ...
 
-    def __call__(self, x: Tensor, *, bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None,
+    def __call__(self, x: Tensor, *, bias: Bias = None, kv: tuple[Tensor, Tensor] | None = None,
                  positions: Tensor | None = None) -> Tensor: ...
 
 
@@ -123,7 +123,7 @@ def block_kv(block: Block, residual: Tensor, positions: Tensor) -> tuple[Tensor,
     return block.attn.project_kv(block.kv_input(residual))
 
 
-def call_block(block: Block, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None,
+def call_block(block: Block, x: Tensor, bias: Bias, kv: tuple[Tensor, Tensor] | None,
                positions: Tensor) -> Tensor:
     """`block(x, bias=, kv=)` for queries at absolute `positions`; blocks with position embeddings
     (plain `Block`s) have them in `x` already, rotary ones (`KVExchangeBlock`) take them here."""
@@ -216,10 +216,12 @@ class ReferenceModel(nn.Module):
         num_tokens = self.validate_input(inputs) if num_tokens is None else num_tokens
         hidden = self.embed(inputs, 0, num_tokens)  # (B, T, d)
         valid = self.valid_mask(inputs, hidden.shape[0], num_tokens).to(hidden.device)
-        bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, T)
-        if self.causal:
-            positions = torch.arange(num_tokens, device=hidden.device)
-            bias = bias + causal_bias(positions, positions, hidden.dtype)  # (B, 1, T, T)
+        bias: Bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, T)
+        if self.causal and bool(valid.all()):
+            bias = CAUSAL_SQUARE  # the same mask, on SDPA's fused causal path
+        elif self.causal:
+            positions = torch.arange(num_tokens, device=hidden.device)  # bias (B, 1, T, T) below
+            bias = key_padding_bias(valid, hidden.dtype) + causal_bias(positions, positions, hidden.dtype)
         for block in self.blocks:
             hidden = block(hidden, bias=bias)
         hidden = self.finish(hidden)

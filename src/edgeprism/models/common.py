@@ -8,6 +8,7 @@ rank's own tokens as queries and [own tokens ; received vectors] as keys/values.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,28 @@ from edgeprism.models.config import ModelConfig
 def mask_value(dtype: torch.dtype) -> float:
     """Additive bias for a masked key: finite, so a row with every key masked gives no NaN."""
     return torch.finfo(dtype).min
+
+
+@dataclass(frozen=True)
+class CausalSquare:
+    """An attention bias that is exactly the square causal mask over positions 0..T-1 with no padding key.
+    Passed instead of the explicit (T, T) tensor so that attention takes SDPA's fused causal path
+    (`is_causal`), which skips the masked half (1.5x faster attention at 1024 tokens on one core here;
+    equal results). Only the single-device reference builds it; every other bias stays a tensor."""
+
+
+CAUSAL_SQUARE = CausalSquare()
+Bias = Tensor | CausalSquare | None
+"""What attention adds to its logits: an additive tensor broadcasting to (B, heads, T_q, T_kv), the causal
+marker, or nothing."""
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> Tensor:
+    """Softmax attention (B, heads, T_q, head_dim) of q over k, v with `bias` added to the logits."""
+    if isinstance(bias, CausalSquare):
+        assert q.shape[-2] == k.shape[-2], "the causal marker is for a square mask (queries = keys)"
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def activation(name: str):
@@ -60,11 +83,11 @@ class Attention(nn.Module):
         batch, _, num_q, _ = heads.shape
         return self.output(heads.transpose(1, 2).reshape(batch, num_q, self.num_heads * self.head_dim))
 
-    def attend(self, x_q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    def attend(self, x_q: Tensor, k: Tensor, v: Tensor, bias: Bias) -> Tensor:
         q = self.project_q(x_q)  # (B, heads, T_q, head_dim); bias broadcasts to (B, heads, T_q, T_kv)
-        return self.project_out(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale))
+        return self.project_out(attention(q, k, v, bias, self.scale))
 
-    def forward(self, x_q: Tensor, x_kv: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x_q: Tensor, x_kv: Tensor, bias: Bias = None) -> Tensor:
         k, v = self.project_kv(x_kv)
         return self.attend(x_q, k, v, bias)
 
@@ -106,7 +129,7 @@ class PreNormBlock(nn.Module):
         """What K/V projections read for a residual-stream vector (own token or received mean)."""
         return self.norm1(residual)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None,
+    def forward(self, x: Tensor, context: Tensor | None = None, bias: Bias = None,
                 kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x (B, T_own, d); context (B, S, d) residual-stream vectors appended as keys/values only;
         kv: precomputed (k, v) for the keys/values instead of `context` (decode cache)."""
@@ -136,7 +159,7 @@ class PostNormBlock(nn.Module):
     def kv_input(self, residual: Tensor) -> Tensor:
         return residual
 
-    def forward(self, x: Tensor, context: Tensor | None = None, bias: Tensor | None = None,
+    def forward(self, x: Tensor, context: Tensor | None = None, bias: Bias = None,
                 kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if kv is None:
             kv_in = x if context is None else torch.cat([x, context], dim=1)  # (B, T_own + S, d)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.models.bert import validate_text
+from edgeprism.models.common import Bias, attention
 from edgeprism.models.config import ModelConfig
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -90,13 +91,13 @@ class GroupedQueryAttention(nn.Module):
         v = self.value(x_kv).view(batch, num_kv, self.kv_heads, self.head_dim).transpose(1, 2)
         return rotate(k, self.inv_freq, positions), v
 
-    def attend(self, x_q: Tensor, positions: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    def attend(self, x_q: Tensor, positions: Tensor, k: Tensor, v: Tensor, bias: Bias) -> Tensor:
         batch, num_q, _ = x_q.shape
         q = self.query(x_q).view(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)
         q = rotate(q, self.inv_freq, positions)  # (B, heads, T_q, head_dim)
         group = self.num_heads // self.kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, heads, T_kv, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(self.head_dim))
+        out = attention(q, k, v, bias, 1.0 / math.sqrt(self.head_dim))
         return self.output(out.transpose(1, 2).reshape(batch, num_q, self.num_heads * self.head_dim))  # (B, T_q, d)
 
 
@@ -137,7 +138,7 @@ class LlamaBlock(nn.Module):
         kv = wire.view(batch, num, 2 * heads, self.attn.head_dim).transpose(1, 2)  # (B, 2 * kv_heads, n, head_dim)
         return kv[:, :heads], kv[:, heads:]
 
-    def forward(self, x: Tensor, bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None,
+    def forward(self, x: Tensor, bias: Bias = None, kv: tuple[Tensor, Tensor] | None = None,
                 positions: Tensor | None = None) -> Tensor:
         """x (B, T_own, d) at absolute `positions` (default 0..T_own-1); kv: (k, v) to attend to instead of
         x's own (received and cached keys/values included)."""

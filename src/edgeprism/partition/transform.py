@@ -11,8 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -21,16 +20,15 @@ from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
 from edgeprism.models.base import (
-    Block,
     Inputs,
     KVExchangeBlock,
     ReferenceModel,
     SplitBlock,
-    block_kv,
-    call_block,
     check_blocks,
 )
-from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
+from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias, remote_key_bias
+from edgeprism.partition.decode import ShardState, greedy_decode
+from edgeprism.partition.microbatch import LayerSteps, interleave, row_slices
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
 from edgeprism.partition.timeline import Timeline
@@ -49,83 +47,13 @@ DEFAULT_AVERAGE: Literal["residual", "normed"] = "normed"
 # Overlap (partition/overlap.py): each encoder layer's all-gather runs in the background while the rank attends
 # over its own tokens; the received part is merged by log-sum-exp (exact). Measured in the README.
 DEFAULT_OVERLAP = True
+# Micro-batches (partition/microbatch.py): a batch of B >= 2 rows runs as 2 slices, one exchanging while the other
+# computes. Measured (scripts/bench_speed.py, wifi4, 2 devices of one core, host shared, paired): at batch 8 0.60x
+# of the plain split's latency for ViT-B/16 fp16 (overlap alone 0.89x) and 0.58x for DINOv2-S fp16 (0.74x).
+DEFAULT_MICRO_BATCHES = 2
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                                torch.uint8, torch.bool)}
-
-
-@dataclass
-class ShardState:
-    """One rank's part of a request after the last block."""
-
-    token_range: TokenRange
-    hidden: Tensor  # (B, n_own, d), after the model's final norm
-    valid: Tensor  # (B, n_own) bool
-    kv_cache: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    """Per layer (k, v) over [own tokens ; received vectors] — kept for decoding (causal models)."""
-    remote_bias: Tensor | None = None  # (B, 1, 1, S_remote) bias of the received vectors
-
-
-def remote_key_bias(counts: Tensor, size_aware: bool, dtype: torch.dtype) -> Tensor:
-    """counts (B, S) of real tokens per received vector → additive bias (B, 1, 1, S).
-
-    A vector standing for 0 tokens is masked; with size-aware weighting a vector standing for k
-    tokens adds log k to its logit (as if its key were repeated k times; rule 4 of docs/ARCHITECTURE.md).
-    """
-    bias = torch.zeros(counts.shape, dtype=dtype, device=counts.device)
-    if size_aware:
-        bias = bias + torch.log(counts.clamp_min(1.0)).to(dtype)
-    return bias.masked_fill(counts <= 0, mask_value(dtype))[:, None, None, :]
-
-
-def own_key_bias(valid: Tensor, token_start: int, token_end: int, causal: bool, dtype: torch.dtype) -> Tensor:
-    """A rank's bias over its own keys: padding masked, and (decoders) the causal mask over absolute
-    positions [token_start, token_end) → (B, 1, n_own, n_own)."""
-    batch, num_own = valid.shape
-    bias = key_padding_bias(valid, dtype)  # (B, 1, 1, n_own)
-    if causal:
-        positions = torch.arange(token_start, token_end, device=valid.device)
-        bias = bias + causal_bias(positions, positions, dtype)  # (B, 1, n_own, n_own)
-    return bias.expand(batch, 1, num_own, num_own)
-
-
-def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", "normed"],
-                     positions: Tensor | None = None) -> Tensor:
-    """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2 and its
-    departures): the residual stream, the block's normalised K/V input ("normed"), or, for a `KVExchangeBlock`
-    (rotary), its keys and values rotated at the tokens' absolute `positions` (n,): (B, n, exchange_width)."""
-    if isinstance(block, KVExchangeBlock):
-        assert positions is not None, "a rotary block's keys need their absolute positions"
-        return block.wire_kv(hidden, positions)
-    return hidden if average == "residual" else block.kv_input(hidden)
-
-
-def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
-                      size_aware: bool, average: Literal["residual", "normed"],
-                      sent: Tensor | None = None,
-                      positions: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
-    """One block of the restructured attention (docs/ARCHITECTURE.md rules 3-5) for one rank.
-
-    hidden (B, n_own, d) own residual stream at absolute `positions` (n_own,); own_bias (B, 1, n_own, n_own)
-    from `own_key_bias`; remote (B, S_remote, exchange_width) the decoded vectors this rank may read and counts
-    (B, S_remote) the tokens each stands for; `sent`: this rank's own `exchanged_states` if already computed.
-    Returns (new hidden (B, n_own, d), (k, v) over [own ; remote], remote bias (B, 1, 1, S_remote)).
-    The distributed transform and the single-process emulation (`edgeprism.calibrate`) both call it.
-    """
-    batch, num_own, _ = hidden.shape
-    if positions is None:
-        positions = torch.arange(num_own, device=hidden.device)
-    remote_bias = remote_key_bias(counts, size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
-    bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
-    if isinstance(block, KVExchangeBlock):  # received keys/values are used as they arrive
-        own = sent if sent is not None else block.wire_kv(hidden, positions)
-        kv = block.kv_from_wire(torch.cat([own, remote], dim=1))  # each (B, kv_heads, n_own + S_remote, hd)
-    else:
-        own_kv_in = sent if (sent is not None and average == "normed") else block.kv_input(hidden)
-        remote_kv_in = block.kv_input(remote) if average == "residual" else remote
-        kv_in = torch.cat([own_kv_in, remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
-        kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
-    return call_block(block, hidden, bias, kv, positions), kv, remote_bias  # hidden: (B, n_own, d)
 
 
 class PositionWise:
@@ -141,7 +69,7 @@ class PositionWise:
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
                  size_aware: bool = DEFAULT_SIZE_AWARE, exchanger: Exchanger | None = None,
                  average: Literal["residual", "normed"] = DEFAULT_AVERAGE, warn_clamped_ratio: bool = True,
-                 overlap: bool = DEFAULT_OVERLAP) -> None:
+                 overlap: bool = DEFAULT_OVERLAP, micro_batches: int = DEFAULT_MICRO_BATCHES) -> None:
         check_blocks(model)  # the declared contract (models.base.Block), checked before any collective
         self.model = model
         self.ctx = ctx
@@ -157,6 +85,11 @@ class PositionWise:
         self.overlap = overlap and not model.causal and all(
             isinstance(b, SplitBlock) and not isinstance(b, KVExchangeBlock) for b in model.block_list())
         """Exchange overlapped with own-token attention (encoders whose blocks fit `SplitBlock`)."""
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches if self.overlap else 1
+        """Rows run as this many micro-batches, one exchanging while another computes (partition/microbatch.py;
+        only on the overlapped path). Rank 0's value travels in the request's header."""
         self.timeline = Timeline()
         """This rank's last request, layer by layer (partition/timeline.py)."""
         self._requests = 0
@@ -207,7 +140,7 @@ class PositionWise:
         self._warn_if_ratio_exceeds(ranges)
         self._requests += 1
         header = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges], "codec": self.codec.name,
-                  "gather_hidden": gather_hidden, "generate": generate,
+                  "gather_hidden": gather_hidden, "generate": generate, "micro_batches": self.micro_batches,
                   "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
         return header, parts
 
@@ -239,7 +172,7 @@ class PositionWise:
             header, parts = self._announce(inputs, shares, gather_hidden, 0)
         ranges = tuple(TokenRange(i, s, e) for i, (s, e) in enumerate(header["ranges"]))
         part = self._scatter(parts, header["parts"])
-        state = self.forward_shard(part, ranges)
+        state = self.forward_shard(part, ranges, micro_batches=header.get("micro_batches", 1))
         return self._collect(state, ranges, header["gather_hidden"])
 
     def generate(self, inputs: Inputs | None, max_new_tokens: int, shares: tuple[float, ...] | None = None,
@@ -260,7 +193,7 @@ class PositionWise:
         last = ctx.world_size - 1
         is_last = ctx.group_rank == last
         state = self.forward_shard(part, ranges, keep_cache=is_last)
-        tokens = self._decode(state, header["generate"]) if is_last else None
+        tokens = greedy_decode(model, state, header["generate"]) if is_last else None
         if ctx.world_size == 1:
             return tokens
         batch = state.hidden.shape[0]
@@ -271,32 +204,6 @@ class PositionWise:
         if ctx.is_root:
             return self.exchanger.recv_tensor((batch, header["generate"]), torch.int64, src=last, kind="output")
         return None
-
-    def _decode(self, state: ShardState, steps: int) -> Tensor:
-        """Greedy tokens from the last rank's cache: own exact K/V + received vectors' K/V."""
-        model = self.model
-        with torch.no_grad():
-            batch = state.hidden.shape[0]
-            position = state.token_range.end
-            assert state.remote_bias is not None, "forward_shard sets it"
-            prefix_bias = torch.cat([key_padding_bias(state.valid, state.hidden.dtype),
-                                     state.remote_bias], dim=-1)  # (B, 1, 1, n_own + S_remote)
-            token = model.logits(state.hidden[:, -1]).argmax(-1)  # (B,)
-            generated = [token]
-            cache = list(state.kv_cache)
-            for step in range(1, steps):
-                x = model.embed({"input_ids": token[:, None]}, position, position + 1)  # (B, 1, d)
-                bias = torch.cat([prefix_bias, prefix_bias.new_zeros(batch, 1, 1, step)], dim=-1)
-                here = torch.arange(position, position + 1, device=x.device)  # the new token's absolute position
-                for layer, block in enumerate(model.block_list()):
-                    k_new, v_new = block_kv(block, x, here)
-                    k, v = (torch.cat([cache[layer][0], k_new], dim=2), torch.cat([cache[layer][1], v_new], dim=2))
-                    cache[layer] = (k, v)  # (B, kv_heads, n_own + S_remote + step, head_dim)
-                    x = call_block(block, x, bias, (k, v), here)
-                token = model.logits(model.finish(x)[:, -1]).argmax(-1)
-                generated.append(token)
-                position += 1
-            return torch.stack(generated, dim=1)  # (B, steps)
 
     def _warn_if_ratio_exceeds(self, ranges: tuple[TokenRange, ...]) -> None:
         """A CR above a rank's token count is clamped (one segment per row), with one warning."""
@@ -321,8 +228,10 @@ class PositionWise:
         payload = self.exchanger.recv_tensor((spec_nbytes(wire_spec),), torch.uint8, src=0, kind="scatter")
         return {key: tensor.to(ctx.device) for key, tensor in zip(sorted(spec), unpack(payload, wire_spec))}
 
-    def forward_shard(self, part: Inputs, ranges: tuple[TokenRange, ...], keep_cache: bool = False) -> ShardState:
-        """This rank's layers: embed own tokens, then per block exchange and attend."""
+    def forward_shard(self, part: Inputs, ranges: tuple[TokenRange, ...], keep_cache: bool = False,
+                      micro_batches: int = 1) -> ShardState:
+        """This rank's layers: embed own tokens, then per block exchange and attend; `micro_batches` as rank 0's
+        header says (every rank must issue the same exchanges)."""
         model, codec = self.model, self.codec
         own = ranges[self.ctx.group_rank]
         causal = model.causal
@@ -341,6 +250,13 @@ class PositionWise:
             session = codec.session() if hasattr(codec, "session") else None
             state = ShardState(own, hidden, valid)
             clock = self.timeline = Timeline()
+            if self.overlap and self.ctx.world_size > 1:  # encoders: exchanges hidden behind compute
+                rows = row_slices(batch, micro_batches)
+                hidden = torch.cat(interleave(
+                    [self._overlapped_layers(hidden[r], own_bias[r], valid[r], anchor[r], ranges, slot)
+                     for slot, r in enumerate(rows)], len(model.block_list()), clock, self.exchanger.stats))
+                state.hidden = model.finish(hidden)
+                return state
             for layer, block in enumerate(model.block_list()):
                 clock.start_layer(self.exchanger.stats)
                 # What is sent (docs/ARCHITECTURE.md rule 2 and its departures): the block's normalised K/V input
@@ -349,13 +265,9 @@ class PositionWise:
                 if session is not None:
                     specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
                     sizes = [spec_nbytes(s) for s in specs]
-                if self.overlap and self.ctx.world_size > 1:
-                    hidden, kv, remote_bias = self._overlapped(block, hidden, own_bias, sent, valid, anchor, specs,
-                                                               sizes, session, layer)
-                else:
-                    remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
-                    hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
-                                                                self.size_aware, self.average, sent, positions)
+                remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
+                hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
+                                                            self.size_aware, self.average, sent, positions)
                 clock.end_layer(layer, self.exchanger.stats)
                 if keep_cache:
                     state.kv_cache.append(kv)
@@ -363,19 +275,31 @@ class PositionWise:
             state.hidden = model.finish(hidden)
         return state
 
-    def _overlapped(self, block, hidden: Tensor, own_bias: Tensor, sent: Tensor, valid: Tensor, anchor: Tensor,
-                    specs: list, sizes: list[int], session, layer: int):
-        """One encoder block with its all-gather in flight while the own-token attention runs
-        (partition/overlap.py) -> what `block_with_remote` returns."""
-        pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes)
-        own = OwnPart(block, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
-        with self.timeline.waiting():
-            received = pending.wait()
-        remote, counts = self._readable(received, specs, sent, session, layer)
-        remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
-        remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
-        hidden, kv = own.finish(hidden, remote_kv_in, remote_bias)  # encoders keep no cache
-        return hidden, kv, remote_bias
+    def _overlapped_layers(self, hidden: Tensor, own_bias: Tensor, valid: Tensor, anchor: Tensor,
+                           ranges: tuple[TokenRange, ...], slot: int) -> LayerSteps:
+        """An encoder's blocks for these rows (B_slice, n_own, d), each with its all-gather in flight while the own-
+        token attention runs (partition/overlap.py); yields once per layer with the exchange started, for
+        `interleave` to run another micro-batch meanwhile (partition/microbatch.py) -> the last hidden states."""
+        batch, width = hidden.shape[0], self.model.config.exchange_width
+        session = self.codec.session() if hasattr(self.codec, "session") else None  # per micro-batch
+        specs = [self.codec.wire_spec(batch, r.num_tokens, width) for r in ranges]
+        for layer, block in enumerate(self.model.block_list()):
+            sent = exchanged_states(block, hidden, self.average)  # (B_slice, n_own, d)
+            if session is not None:
+                specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
+            sizes = [spec_nbytes(s) for s in specs]
+            pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes,
+                                                            slot=slot)
+            split = cast(SplitBlock, block)  # `self.overlap` checked every block once
+            own = OwnPart(split, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
+            yield
+            with self.timeline.waiting():
+                received = pending.wait()
+            remote, counts = self._readable(received, specs, sent, session, layer)
+            remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B_slice, 1, 1, S_remote)
+            remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
+            hidden, _ = own.finish(hidden, remote_kv_in, remote_bias)  # encoders keep no cache
+        return hidden
 
     def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session, layer: int) -> Tensor:
         with self.timeline.encoding():

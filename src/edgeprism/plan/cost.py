@@ -20,6 +20,12 @@ and once per request: a control header (one hop), the scatter of raw inputs from
 other rank, B · input_bytes_per_token · (N - n_0) bytes), and the outputs to rank 0 (a sum-reduce of
 k - 1 hops; decoders: one message), B · output_bytes_per_row per other rank — see `message_rounds`;
 each of the two after an idle link, so less a full burst.
+Overlap (`CostConstants.overlap`, `micro_batches`; plan/pipeline.py): per layer the critical path is
+    max(C, (C - own) / m + x, m · x)    instead of C + network + latency,
+C the slowest rank's layer compute (m micro-batches pay the fixed cost m times), own its own-key work
+(Q/K/V projections of its n_own tokens and their attention: B · n_own · (1.5 · per_kv_s + per_token_kv_s ·
+n_own); 0 without overlap), x one micro-batch's exchange (network / m + hops · link latency). What
+this hides comes off network_s first, then off latency_s (both stay critical-path seconds).
 Sealed lanes (`LinkEstimate.sealed`, with the profile's measured `sealing` cost): every message carries
 `overhead_bytes` more (msg_q += overhead), and each rank seals its message and opens the k - 1 it
 receives per layer — half of (per_message_s · k + per_byte_s · sum_q msg_q), the profile having measured
@@ -37,6 +43,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from edgeprism.partition.ranges import apportion
+from edgeprism.plan.pipeline import own_key_s, pipelined_layers
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
 
@@ -68,6 +75,15 @@ class CostConstants(NamedTuple):
     """Bytes sealing adds to a message (0: lanes not sealed, or the profile has no sealing cost)."""
     seal_message_s: float = 0.0
     seal_byte_s: float = 0.0
+    overlap: bool = False
+    """The runtime overlaps each layer's exchange with its own-key attention (encoders only)."""
+    micro_batches: int = 1
+    """The runtime splits a batch into this many micro-batches (at most one per row; encoders only)."""
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether a layer's exchange may hide behind compute (plan/pipeline.py)."""
+        return self.overlap or self.micro_batches > 1
 
 
 class GroupTerms(NamedTuple):
@@ -90,6 +106,12 @@ class GroupTerms(NamedTuple):
     min_energy_j: float
     setup_seal_s: float = 0.0
     """Sealing and opening the scatter's and the outputs' messages (0 unless sealed)."""
+    fixed: tuple[float, ...] = ()
+    """Per rank: the layer's fixed seconds (paid once per micro-batch), at the rank's speed."""
+    own: tuple[float, ...] = ()
+    """Per rank: the layer's own-key seconds, what may run beside the exchange (plan/pipeline.py `own_key_s`)."""
+    layer_latency_s: float = 0.0
+    """One layer's exchange hops × link latency."""
 
 
 class CodecTerms(NamedTuple):
@@ -118,9 +140,11 @@ def local_terms(profile: Profile, batch: int, num_tokens: int, compute_scale: fl
     return compute_s, profile.energy.compute_w * compute_s
 
 
-def profile_constants(profile: Profile, sealed: bool = False) -> CostConstants:
+def profile_constants(profile: Profile, sealed: bool = False, overlap: bool = False,
+                      micro_batches: int = 1) -> CostConstants:
     """The profile's numbers the hot loop needs, read once per planner call; `sealed`: the lanes are sealed
-    (charged when the profile measured what that costs)."""
+    (charged when the profile measured what that costs); `overlap`, `micro_batches`: how the runtime hides the
+    exchange (plan/pipeline.py; decoders do neither)."""
     c, st, e, seal = profile.compute, profile.staging, profile.energy, profile.sealing
     charged = sealed and seal is not None
     return CostConstants(
@@ -135,7 +159,9 @@ def profile_constants(profile: Profile, sealed: bool = False) -> CostConstants:
         staging_w=e.staging_w, network_w=e.network_w, burst_bytes=profile.link.burst_bytes,
         seal_bytes=float(seal.overhead_bytes) if charged else 0.0,  # type: ignore[union-attr]
         seal_message_s=seal.per_message_s if charged else 0.0,  # type: ignore[union-attr]
-        seal_byte_s=seal.per_byte_s if charged else 0.0)  # type: ignore[union-attr]
+        seal_byte_s=seal.per_byte_s if charged else 0.0,  # type: ignore[union-attr]
+        overlap=overlap and not profile.model.causal,
+        micro_batches=1 if profile.model.causal else max(1, micro_batches))
 
 
 def message_rounds(num_layers: int, k: int, causal: bool) -> int:
@@ -161,7 +187,8 @@ def group_bound(constants: CostConstants, batch: int, num_tokens: int, speeds: S
     work = k * a + (b_tok + b_kv) * batch * num_tokens + b_tok_kv * batch * num_tokens * num_tokens / k
     latency_s = message_rounds(num_layers, k, c.causal) * link_latency_s
     overhead_s = overhead / speeds[0]
-    min_total_s = num_layers * work / sum(speeds) + overhead_s + latency_s
+    hideable_s = num_layers * (k - 1) * link_latency_s if c.pipelined else 0.0  # per-layer hops may hide
+    min_total_s = num_layers * work / sum(speeds) + overhead_s + latency_s - hideable_s
     min_energy_j = compute_w * (num_layers * work / max(speeds) + overhead_s) + network_w * k * latency_s
     return min_total_s, min_energy_j
 
@@ -197,12 +224,16 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
     setup_seal_s = 2 * (k - 1) * c.seal_message_s + c.seal_byte_s * (scatter_bytes + gather_bytes)
     setup_network_s = 8.0 * (max(0.0, scatter_bytes - burst) + max(0.0, gather_bytes - burst)) / bandwidth_bps
     latency_s = message_rounds(num_layers, k, causal) * link_latency_s
-    min_total_s = num_layers * max(own_layer_s) + overhead_s + setup_network_s + latency_s
+    layer_latency_s = (1 if causal else k - 1) * link_latency_s
+    hideable_s = num_layers * layer_latency_s if c.pipelined else 0.0  # per-layer hops may hide behind compute
+    min_total_s = num_layers * max(own_layer_s) + overhead_s + setup_network_s + latency_s - hideable_s
     min_energy_j = (compute_w * (num_layers * sum(own_layer_s) + overhead_s)
                     + network_w * k * (setup_network_s + latency_s))
     setup_wire_bytes = max(batch * in_bytes * max(counts[1:]), gather_bytes)
     return GroupTerms(tuple(counts), base, slope, min(counts), max(counts), num_tokens, overhead_s, setup_network_s,
-                      latency_s, setup_wire_bytes, min_total_s, min_energy_j, setup_seal_s)
+                      latency_s, setup_wire_bytes, min_total_s, min_energy_j, setup_seal_s,
+                      fixed=tuple(a / speed for speed in speeds), layer_latency_s=layer_latency_s,
+                      own=tuple(own_key_s(b_kv, b_tok_kv, batch, n) / speed for n, speed in zip(counts, speeds)))
 
 
 def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: CodecFidelity, bandwidth_bps: float,
@@ -242,8 +273,8 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
         layer_seal_s = 0.5 * (c.seal_message_s * k + c.seal_byte_s * total_message)
         layer_staging_s += layer_seal_s
         sum_staging_s += num_layers * k * layer_seal_s + g.setup_seal_s
-    if objective is not None:
-        bound_s = min_total_s + num_layers * (layer_network_s + layer_staging_s)
+    if objective is not None:  # pipelined, the network may hide behind compute: only staging adds for sure
+        bound_s = min_total_s + num_layers * (layer_staging_s + (0.0 if c.pipelined else layer_network_s))
         bound_j = min_energy_j + network_w * k * num_layers * layer_network_s + staging_w * sum_staging_s
         if objective_score(objective, bound_s, bound_j) >= beat:
             return None
@@ -265,26 +296,37 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     if burst > 0.0:  # the bucket refills at the link rate while the layer computes
         credit = min(burst, bandwidth_bps / 8.0 * max_layer_s)
         layer_network_s = 8.0 * air * max(0.0, max_received - credit) / bandwidth_bps
+    layer_hidden_s = 0.0
+    if c.pipelined:
+        m = min(c.micro_batches, batch)
+        max_layer_s, sum_layer_s, layer_hidden_s = pipelined_layers(
+            g.base, g.slope, g.fixed, g.own if c.overlap else (), counts, segments, m, layer_network_s,
+            g.layer_latency_s)
+        latency_s += num_layers * (m - 1) * g.layer_latency_s  # every micro-batch pays its hops
     compute_s = num_layers * max_layer_s + overhead_s
     staging_s = num_layers * layer_staging_s + g.setup_seal_s
     network_s = num_layers * layer_network_s + setup_network_s
+    link_s = network_s + latency_s  # the link's busy time, hidden or not
+    hidden_network_s = min(num_layers * layer_hidden_s, num_layers * layer_network_s)
+    network_s -= hidden_network_s  # critical-path seconds: what compute did not hide, network first
+    latency_s -= num_layers * layer_hidden_s - hidden_network_s
     total_s = compute_s + staging_s + network_s + latency_s
     # Every rank is busy computing, staging or on the link, and idle for the rest of total_s
-    # (never negative: each rank's phases are bounded by the critical-path terms).
+    # (never negative: each rank's phases are bounded by the critical-path terms; overlapped phases count once).
     sum_compute_s = num_layers * sum_layer_s + overhead_s
-    link_s = network_s + latency_s
     energy_j = (compute_w * sum_compute_s + staging_w * sum_staging_s + network_w * k * link_s
-                + idle_w * (k * total_s - sum_compute_s - sum_staging_s - k * link_s))
+                + idle_w * max(0.0, k * total_s - sum_compute_s - sum_staging_s - k * link_s))
     wire_bytes = num_layers * max_received + setup_wire_bytes
     return CodecTerms(compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes)
 
 
 def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], counts: Sequence[int],
                       codec: CodecFidelity, bandwidth_bps: float, link_latency_s: float,
-                      sealed: bool = False) -> CodecTerms:
+                      sealed: bool = False, overlap: bool = False, micro_batches: int = 1) -> CodecTerms:
     """-> (compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes); speeds and counts are per
-    rank of the plan, rank 0 (the coordinator) first; `sealed`: the lanes are sealed."""
-    constants = profile_constants(profile, sealed)
+    rank of the plan, rank 0 (the coordinator) first; `sealed`: the lanes are sealed; `overlap`,
+    `micro_batches`: how the runtime hides the exchange (plan/pipeline.py)."""
+    constants = profile_constants(profile, sealed, overlap, micro_batches)
     group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s)
     terms = codec_terms(constants, group, batch, codec, bandwidth_bps)
     assert terms is not None  # no objective, no pruning
@@ -333,7 +375,7 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
     live_speeds = link.effective_speeds(profile.device_speeds)
     speeds = [live_speeds[r] for r in plan.ranks]
     terms = distributed_terms(profile, request.batch, speeds, plan.token_counts, profile.codec(plan.codec),
-                              link.bandwidth_bps, link.latency_s, link.sealed)
+                              link.bandwidth_bps, link.latency_s, link.sealed, link.overlap, link.micro_batches)
     return distributed_prediction(terms, profile)
 
 

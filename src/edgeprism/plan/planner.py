@@ -169,8 +169,8 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     else:
         num_over_ceiling += 1
     speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
-    constants = _constants(profile, live_link_estimate.sealed)
-    ends_memo = profile.derived(f"plan.split_ends.sealed={live_link_estimate.sealed}", _new_memo)
+    constants = _constants(profile, live_link_estimate)
+    ends_memo = profile.derived(f"plan.split_ends.{_mode_key(live_link_estimate)}", _new_memo)
     for ranks in _groups(profile, live_link_estimate):
         if num_tokens < len(ranks):
             break
@@ -258,7 +258,7 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
     out.append(Candidate(_plan(profile, objective, (0,), (num_tokens,), None, local_s, local_j, "local reference"),
                          local_prediction(local_s, local_j, source), over_ceiling(local_s)))
     speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
-    constants = _constants(profile, live_link_estimate.sealed)
+    constants = _constants(profile, live_link_estimate)
     for ranks in _groups(profile, live_link_estimate):
         speeds = [speeds_all[r] for r in ranks]
         if num_tokens < len(ranks):
@@ -285,9 +285,15 @@ def _local_scale(profile: Profile, link: LinkEstimate) -> float:
     return link.local_compute_scale / (1.0 if scale is None else scale[0])
 
 
-def _constants(profile: Profile, sealed: bool) -> CostConstants:
-    """The profile's cost constants, memoised per profile and sealing (sealed lanes add bytes and time)."""
-    return profile.derived(f"plan.constants.sealed={sealed}", lambda p: profile_constants(p, sealed))
+def _mode_key(link: LinkEstimate) -> str:
+    return f"sealed={link.sealed},overlap={link.overlap},micro_batches={link.micro_batches}"
+
+
+def _constants(profile: Profile, link: LinkEstimate) -> CostConstants:
+    """The profile's cost constants, memoised per profile, sealing (sealed lanes add bytes and time) and how the
+    runtime hides the exchange (overlap, micro-batches)."""
+    return profile.derived(f"plan.constants.{_mode_key(link)}",
+                           lambda p: profile_constants(p, link.sealed, link.overlap, link.micro_batches))
 
 
 def best_split(constants: CostConstants, batch: int, speeds: list[float], num_tokens: int, codec: CodecFidelity,
@@ -344,7 +350,7 @@ def _fixed_split_plan(profile: Profile, request: Request, link: LinkEstimate, co
     codec = profile.codec(codec_name)
     speeds = link.effective_speeds(profile.device_speeds)
     terms = distributed_terms(profile, request.batch, [speeds[r] for r in ranks], counts, codec,
-                              link.bandwidth_bps, link.latency_s, link.sealed)
+                              link.bandwidth_bps, link.latency_s, link.sealed, link.overlap, link.micro_batches)
     prediction = distributed_prediction(terms, profile)
     return _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
                  f"static split {list(counts)}: {prediction.explain()}")

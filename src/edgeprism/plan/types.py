@@ -50,6 +50,11 @@ class LinkEstimate:
     """Per rank (rank order): measured speed / the profile's speed, estimated online from each rank's
     compute time (`runtime.compute_estimate`): 0.25 = that device now runs at a quarter of its profiled
     speed (a straggler). None: trust the profile's speeds."""
+    overlap: bool = False
+    """The runtime overlaps each layer's exchange with its own-key attention (`EngineConfig.overlap`): the cost
+    model credits what that hides (plan/pipeline.py). False: the sequential model."""
+    micro_batches: int = 1
+    """The runtime runs a batch as this many micro-batches (`EngineConfig.micro_batches`; plan/pipeline.py)."""
 
     def effective_speeds(self, profile_speeds: tuple[float, ...]) -> tuple[float, ...]:
         """The profile's device speeds times the live scale (the profile's alone when there is none)."""
@@ -64,6 +69,8 @@ class LinkEstimate:
         if self.device_speed_scale is not None and not all(
                 math.isfinite(f) and f > 0 for f in self.device_speed_scale):
             raise ValueError(f"device_speed_scale must be finite and > 0, got {self.device_speed_scale}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if not (math.isfinite(self.local_compute_scale) and self.local_compute_scale > 0):
             raise ValueError(f"local_compute_scale must be > 0, got {self.local_compute_scale}")
         if not (math.isfinite(self.bandwidth_bps) and self.bandwidth_bps > 0):

@@ -88,7 +88,8 @@ def validate_control(message: object) -> dict:
     return message
 
 
-_SPLIT_FIELDS = {"request": int, "ranges": list, "codec": str, "gather_hidden": bool, "generate": int, "parts": list}
+_SPLIT_FIELDS = {"request": int, "ranges": list, "codec": str, "gather_hidden": bool, "generate": int, "parts": list,
+                 "micro_batches": int}
 """The request's one header (`PositionWise.split`), carried in the "infer" op's `split` field."""
 _PART_DTYPES = {"torch.int64", "torch.int32", "torch.float32", "torch.float16", "torch.bfloat16", "torch.bool"}
 
@@ -117,6 +118,8 @@ def validate_split(split: dict, plan: Plan) -> None:
     if ranges != planned:
         raise ControlError(f"request header: ranges {ranges[:8]!r} are not the plan's {planned[:8]!r} "
                            f"(T = {planned[-1][1]} tokens)")
+    if not 1 <= split["micro_batches"] <= 64:
+        raise ControlError(f"request header: micro_batches {split['micro_batches']} is not in [1, 64]")
     if split["codec"] != plan.codec:
         raise ControlError(f"request header: codec {split['codec'][:40]!r} is not the plan's {plan.codec!r}")
     for part in parts:

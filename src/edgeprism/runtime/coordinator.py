@@ -47,7 +47,7 @@ from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.engine import Engine
 from edgeprism.runtime.groups import start_digests
-from edgeprism.runtime.membership import admission_key, announce_leave, join_cluster
+from edgeprism.runtime.joining import admission_key, announce_leave, join_cluster
 from edgeprism.runtime.store_filter import attach_allow_filter
 
 log = logging.getLogger(__name__)

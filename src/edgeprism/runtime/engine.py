@@ -52,8 +52,9 @@ from edgeprism.runtime.compute_estimate import ComputeSpeedEstimator
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.control import ControlChannel, Mailbox
 from edgeprism.runtime.groups import retire_lanes, start_digests, start_recording
+from edgeprism.runtime.joining import describe_self, join_cluster
 from edgeprism.runtime.link_estimate import ComputeBiasEstimator, OnlineLinkEstimator
-from edgeprism.runtime.membership import Membership, describe_self, join_cluster
+from edgeprism.runtime.membership import Membership
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.rank0_side import Rank0Side
 from edgeprism.runtime.requests import check_inputs
@@ -279,7 +280,8 @@ class Engine(Rank0Side, WorkerSide):
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
         link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
-                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales())
+                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales(),
+                       overlap=self.config.overlap, micro_batches=self.config.micro_batches)
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:
@@ -328,7 +330,8 @@ class Engine(Rank0Side, WorkerSide):
 
     def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
         lane = self._lanes[tuple(plan.ranks)]
-        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap)
+        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap,
+                                   self.config.micro_batches)
         # The plan's ranges (the counts the cost model costed) and the request's one header: the workers
         # get everything the split needs in the control message below; nothing is broadcast again.
         split, parts = transform.split(inputs, plan.token_ranges, want.gather_hidden, want.generate)

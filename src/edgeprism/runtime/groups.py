@@ -124,14 +124,16 @@ class Lane:
     exchanger: Exchanger | None
     transforms: dict = field(default_factory=dict)
 
-    def transform(self, model: ReferenceModel, codec_name: str, size_aware: bool, overlap: bool = True):
+    def transform(self, model: ReferenceModel, codec_name: str, size_aware: bool, overlap: bool = True,
+                  micro_batches: int = 1):
         from edgeprism.compress.registry import get_codec
         from edgeprism.partition.transform import PositionWise
 
-        key = (codec_name, size_aware, overlap)
+        key = (codec_name, size_aware, overlap, micro_batches)
         if key not in self.transforms:
             self.transforms[key] = PositionWise(model, self.ctx, get_codec(codec_name), size_aware=size_aware,
-                                                exchanger=self.exchanger, overlap=overlap)
+                                                exchanger=self.exchanger, overlap=overlap,
+                                                micro_batches=micro_batches)
         return self.transforms[key]
 
 

@@ -22,8 +22,8 @@ from edgeprism.plan import Plan, Request
 from edgeprism.plan.cost import predict, rank_compute_s
 from edgeprism.runtime.cluster_jobs import JobError, check_job, lane_job_context, run_job_here
 from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, start_recording
+from edgeprism.runtime.joining import admission_key
 from edgeprism.runtime.link_estimate import LinkObservation
-from edgeprism.runtime.membership import admission_key
 from edgeprism.runtime.metrics import MetricsRow
 from edgeprism.runtime.tamper import read_reports
 from edgeprism.runtime.telemetry import probe_exchanges

@@ -15,7 +15,7 @@ from edgeprism.plan import Plan
 from edgeprism.runtime.cluster_jobs import lane_job_context, run_job_here
 from edgeprism.runtime.control import ControlError, Mailbox
 from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, start_digests, start_recording
-from edgeprism.runtime.membership import acknowledge, admission_key, describe_self, join_cluster
+from edgeprism.runtime.joining import acknowledge, admission_key, describe_self, join_cluster
 from edgeprism.runtime.tamper import report_tamper
 from edgeprism.runtime.telemetry import probe_exchanges, sync, telemetry
 

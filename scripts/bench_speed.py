@@ -1,0 +1,105 @@
+"""Where a split request's time goes, measured against the cost model (issue 16 items 2, 3, 5; a printout, not a
+test): 2 emulated devices of one core over one link preset, per batch the same requests run on rank 0 alone
+("local") and split with the exchange after compute ("plain"), overlapped with own-key attention ("overlap") and
+overlapped with 2 micro-batches ("mb2"), interleaved request by request (each variant first in turn).
+
+    python scripts/bench_speed.py                       # ViT-B/16, int8, wifi4, batches 1,8, 3 repeats
+    python scripts/bench_speed.py --model dinov2-s14 --codec fp16 --batches 1,8 --repeats 5
+
+Prints per variant the median latency with min-max, the paired ratio to "plain" (same round), the cost model's
+prediction for that variant (the profile's compute and link; overlap and micro-batches as run) and its error,
+and rank 0's per-layer timeline summed over the layers (encode / wait / compute), with the host load before and
+after: a busy host (other jobs on these cores) makes every number slower and the ratios noisier.
+--profile defaults to ~/.cache/edgeprism/profiles/<model>-w2-<link>-netns+tbf*.json (made by `make assets` /
+`edgeprism profile`); without one the prediction columns are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from edgeprism.bench.overlap import VARIANTS, overlap_rank
+from edgeprism.comm.launch import JobSession
+from edgeprism.models.config import get_config
+from edgeprism.partition.ranges import equal_shares, split_tokens
+from edgeprism.plan import LinkEstimate, Request
+from edgeprism.plan.planner import static_plan
+from edgeprism.profile.schema import Profile
+from edgeprism.testbed.presets import get_preset
+
+
+def _profile(args) -> Profile | None:
+    if args.profile:
+        return Profile.from_json(Path(args.profile).read_text())
+    folder = Path.home() / ".cache" / "edgeprism" / "profiles"
+    found = sorted(folder.glob(f"{args.model}-w2-{args.link}-netns+tbf*.json"), key=lambda p: len(p.name))
+    return Profile.from_json(found[0].read_text()) if found else None
+
+
+def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, variant: str) -> float | None:
+    if profile is None or all(c.codec != codec for c in profile.codecs):
+        return None
+    num_tokens = get_config(model).num_tokens()
+    overlap, micro_batches = VARIANTS.get(variant, (False, 1))
+    link = LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s, overlap=overlap,
+                        micro_batches=micro_batches)
+    request = Request(profile.model.name, batch, num_tokens)
+    if variant == "local":
+        return static_plan(profile, request, link, "local").predicted_latency_s
+    counts = tuple(r.num_tokens for r in split_tokens(num_tokens, equal_shares(2)))  # as PositionWise splits
+    return static_plan(profile, request, link, "distributed", codec=codec, token_counts=counts).predicted_latency_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit-base-patch16-224")
+    parser.add_argument("--link", default="wifi4")
+    parser.add_argument("--codec", default="int8")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", default="local,plain,overlap,mb2")
+    parser.add_argument("--profile", default="", help="profile JSON for the predictions (default: see above)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "netns", "loopback"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    profile = _profile(args)
+    load_before = os.getloadavg()
+    with JobSession(2, get_preset(args.link), backend=args.backend, timeout_s=1800) as session:
+        result = session.run(overlap_rank, {"model": args.model, "codec": args.codec, "repeats": args.repeats,
+                                            "warmup": args.warmup, "variants": names,
+                                            "batches": [int(b) for b in args.batches.split(",")]},
+                             on_progress=print)
+        result["emulation"] = session.emulation
+    result["load_avg_before"], result["load_avg_after"] = load_before, os.getloadavg()
+    for point in result["points"]:
+        for name in names:
+            point[f"{name}_predicted_s"] = _predicted_s(profile, args.model, args.codec, point["batch"], name)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['model']} x{result['world_size']}, codec {result['codec']}, {result['emulation']}; load "
+          f"{load_before[0]:.1f} -> {result['load_avg_after'][0]:.1f} on {os.cpu_count()} cores; "
+          f"{args.repeats} repeats; profile {'none' if profile is None else profile.link.emulation}")
+    print(f"{'batch':>5} {'variant':>8} {'median ms':>10} {'min-max ms':>15} {'/plain':>7} {'pred ms':>8} "
+          f"{'err':>6}  {'timeline encode/wait/compute ms':>31}")
+    for p in result["points"]:
+        for name in names:
+            times = p[f"{name}_s"]
+            median, predicted = p[f"{name}_median_s"], p[f"{name}_predicted_s"]
+            ratio = p.get(f"{name}_over_plain_median")
+            timeline = p.get(f"{name}_timeline_s")
+            print(f"{p['batch']:>5} {name:>8} {median * 1e3:>10.1f} {min(times) * 1e3:>7.1f}-{max(times) * 1e3:<7.1f} "
+                  f"{'' if ratio is None else f'{ratio:.3f}':>7} "
+                  f"{'' if predicted is None else f'{predicted * 1e3:.1f}':>8} "
+                  f"{'' if predicted is None else f'{(predicted - median) / median:+.0%}':>6}  "
+                  + ("" if timeline is None else "{:.1f} / {:.1f} / {:.1f}".format(
+                      *(timeline[k] * 1e3 for k in ("encode_s", "wait_s", "compute_s")))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""One rank's step through one block of the position-wise split: the biases over its own keys and the received
+vectors, what it sends, and the block over [own tokens ; received vectors] (docs/ARCHITECTURE.md rules 2-5).
+
+Plain functions of tensors: the distributed transform (`partition/transform.py`), its overlapped twin
+(`partition/overlap.py`) and the single-process emulation (`edgeprism.calibrate`) all call them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from edgeprism.models.base import Block, KVExchangeBlock, call_block
+from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
+
+
+def remote_key_bias(counts: Tensor, size_aware: bool, dtype: torch.dtype) -> Tensor:
+    """counts (B, S) of real tokens per received vector → additive bias (B, 1, 1, S).
+
+    A vector standing for 0 tokens is masked; with size-aware weighting a vector standing for k
+    tokens adds log k to its logit (as if its key were repeated k times; rule 4 of docs/ARCHITECTURE.md).
+    """
+    bias = torch.zeros(counts.shape, dtype=dtype, device=counts.device)
+    if size_aware:
+        bias = bias + torch.log(counts.clamp_min(1.0)).to(dtype)
+    return bias.masked_fill(counts <= 0, mask_value(dtype))[:, None, None, :]
+
+
+def own_key_bias(valid: Tensor, token_start: int, token_end: int, causal: bool, dtype: torch.dtype) -> Tensor:
+    """A rank's bias over its own keys: padding masked, and (decoders) the causal mask over absolute
+    positions [token_start, token_end) → (B, 1, n_own, n_own)."""
+    batch, num_own = valid.shape
+    bias = key_padding_bias(valid, dtype)  # (B, 1, 1, n_own)
+    if causal:
+        positions = torch.arange(token_start, token_end, device=valid.device)
+        bias = bias + causal_bias(positions, positions, dtype)  # (B, 1, n_own, n_own)
+    return bias.expand(batch, 1, num_own, num_own)
+
+
+def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", "normed"],
+                     positions: Tensor | None = None) -> Tensor:
+    """What a rank encodes and sends of its own tokens at `block` (docs/ARCHITECTURE.md rule 2 and its
+    departures): the residual stream, the block's normalised K/V input ("normed"), or, for a `KVExchangeBlock`
+    (rotary), its keys and values rotated at the tokens' absolute `positions` (n,): (B, n, exchange_width)."""
+    if isinstance(block, KVExchangeBlock):
+        assert positions is not None, "a rotary block's keys need their absolute positions"
+        return block.wire_kv(hidden, positions)
+    return hidden if average == "residual" else block.kv_input(hidden)
+
+
+def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
+                      size_aware: bool, average: Literal["residual", "normed"],
+                      sent: Tensor | None = None,
+                      positions: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+    """One block of the restructured attention (docs/ARCHITECTURE.md rules 3-5) for one rank.
+
+    hidden (B, n_own, d) own residual stream at absolute `positions` (n_own,); own_bias (B, 1, n_own, n_own)
+    from `own_key_bias`; remote (B, S_remote, exchange_width) the decoded vectors this rank may read and counts
+    (B, S_remote) the tokens each stands for; `sent`: this rank's own `exchanged_states` if already computed.
+    Returns (new hidden (B, n_own, d), (k, v) over [own ; remote], remote bias (B, 1, 1, S_remote)).
+    The distributed transform and the single-process emulation (`edgeprism.calibrate`) both call it.
+    """
+    batch, num_own, _ = hidden.shape
+    if positions is None:
+        positions = torch.arange(num_own, device=hidden.device)
+    remote_bias = remote_key_bias(counts, size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
+    bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
+    if isinstance(block, KVExchangeBlock):  # received keys/values are used as they arrive
+        own = sent if sent is not None else block.wire_kv(hidden, positions)
+        kv = block.kv_from_wire(torch.cat([own, remote], dim=1))  # each (B, kv_heads, n_own + S_remote, hd)
+    else:
+        own_kv_in = sent if (sent is not None and average == "normed") else block.kv_input(hidden)
+        remote_kv_in = block.kv_input(remote) if average == "residual" else remote
+        kv_in = torch.cat([own_kv_in, remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
+        kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
+    return call_block(block, hidden, bias, kv, positions), kv, remote_bias  # hidden: (B, n_own, d)
+
+
+__all__ = ["block_with_remote", "exchanged_states", "own_key_bias", "remote_key_bias"]
