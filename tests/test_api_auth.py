@@ -43,8 +43,8 @@ from edgeprism.cli.main import main
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.runtime import launch_local
-from edgeprism.runtime.coordinator import ClusterSpec, raise_open_files_limit, start_store
-from edgeprism.runtime.store_filter import filter_program, parse_allow
+from edgeprism.runtime.coordinator import ClusterSpec, start_store
+from edgeprism.runtime.store_filter import filter_program, parse_allow, raise_open_files_limit
 
 MODEL = "bert-tiny-test"
 KEY = "k3y-" + "0123456789abcdef" * 2

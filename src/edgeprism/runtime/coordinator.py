@@ -48,7 +48,7 @@ from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.engine import Engine
 from edgeprism.runtime.groups import start_digests
 from edgeprism.runtime.joining import admission_key, announce_leave, join_cluster
-from edgeprism.runtime.store_filter import attach_allow_filter
+from edgeprism.runtime.store_filter import attach_allow_filter, raise_open_files_limit
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +159,6 @@ def read_status(address: str, secret: bytes | None, timeout_s: float = 10.0) -> 
     prefixed.wait([STATUS_KEY], timedelta(seconds=timeout_s))
     body = open_sealed(admission_key(secret), b"status", 0, prefixed.get(STATUS_KEY), MAX_SPEC_BYTES)
     return json.loads(body.decode())
-
-
-def raise_open_files_limit() -> None:
-    """Raise this process's soft limit of open files to its hard limit. The store accepts every connection
-    into this process, so with a device's default soft limit (often 1024) a stranger holding ~1000 idle
-    connections would leave rank 0 no descriptor for new lanes, HTTP clients or files
-    (scripts/store_flood.py --nofile 1024; docs/SECURITY.md). The hard limit is usually far higher."""
-    try:
-        import resource
-    except ImportError:  # not a POSIX system
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default ceiling (fs.nr_open)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            log.info("open files limit raised from %d to %d (the store accepts every connection)", soft, target)
-        except (ValueError, OSError) as err:
-            log.warning("could not raise the open files limit from %d (%s): a flood of connections to the store "
-                        "can exhaust this process's descriptors", soft, err)
 
 
 def start_store(host: str, port: int, timeout_s: float, allow: tuple = ()):

@@ -1,4 +1,5 @@
-"""Keep strangers off the rendezvous store: a kernel socket filter on its listening socket.
+"""Keep strangers off the rendezvous store: a kernel socket filter on its listening socket, and enough
+descriptors that idle connections cannot starve rank 0 (`raise_open_files_limit`).
 
 torch's `TCPStore` accepts every connection and has no access control (docs/SECURITY.md). The coordinator
 creates the store's listening socket itself (`coordinator.start_store`), so it can attach a classic BPF
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import logging
 import socket
 import struct
+
+log = logging.getLogger(__name__)
 
 MAX_NETWORKS = 64
 """Most networks in one filter (a jump offset is one byte: 3 instructions per network)."""
@@ -81,4 +85,24 @@ def attach_allow_filter(sock: socket.socket, networks: tuple[ipaddress.IPv4Netwo
         raise ValueError(f"cannot attach the store's address filter: {err.strerror}") from None
 
 
-__all__ = ["MAX_NETWORKS", "attach_allow_filter", "filter_program", "parse_allow"]
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit. The store accepts every connection
+    into this process, so with a device's default soft limit (often 1024) a stranger holding ~1000 idle
+    connections would leave rank 0 no descriptor for new lanes, HTTP clients or files
+    (scripts/store_flood.py --nofile 1024; docs/SECURITY.md). The hard limit is usually far higher."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default ceiling (fs.nr_open)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open files limit raised from %d to %d (the store accepts every connection)", soft, target)
+        except (ValueError, OSError) as err:
+            log.warning("could not raise the open files limit from %d (%s): a flood of connections to the store "
+                        "can exhaust this process's descriptors", soft, err)
+
+
+__all__ = ["MAX_NETWORKS", "attach_allow_filter", "filter_program", "parse_allow", "raise_open_files_limit"]
