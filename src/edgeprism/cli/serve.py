@@ -275,7 +275,7 @@ def _access(args):
     if access.api_key_file is not None:
         load_api_key(access.api_key_file)
     check_exposure(args.host, args.port, access)
-    if args.coordinators:  # a promoted device serves at its own --listen host: the same rule there
+    if args.coordinators and args.listen:  # a promoted device serves at its own --listen host: the same rule there
         from edgeprism.runtime.coordinator import parse_address
 
         check_exposure(parse_address(args.listen)[0], args.port, access)
