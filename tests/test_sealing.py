@@ -80,7 +80,7 @@ def test_a_sealed_cluster_answers_exactly_as_one_device_and_drops_a_peer_whose_m
     layer message 28 bytes longer, and the sum-reduce replaced by sealed sends; then a replayed message."""
     vit, gpt = get_config("vit-tiny-test"), get_config("gpt2-tiny-test")
     config = EngineConfig(max_batch=2, learn_compute=False, learn_link=False, learn_speeds=False,
-                          seal_lanes="on", join_check_s=0.05,
+                          seal_lanes="on", join_check_s=0.05, micro_batches=1,  # one layer message per layer
                           regroup_timeout_s=2.0, min_stall_s=2.0)
     for cfg, inputs, extra in ((vit, synthetic_inputs(vit, 2, image_size=64, seed=3), {"gather_hidden": True}),
                                (gpt, synthetic_inputs(gpt, 1, seq_len=24, seed=4), {"generate": 3})):
