@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
     add_budget_arguments(p)
     p.add_argument("--profile", help="use this profile instead of profiling (must match model, 2 ranks, the link)")
     p.add_argument("--reprofile", action="store_true", help="ignore the cached profile")
+    p.add_argument("--medium", choices=("switched", "shared"), default="switched",
+                   help="testbed: each device its own link (default), or one shared channel (netns)")
     p.add_argument("--backend", choices=["auto", "netns", "loopback"], default="auto",
                    help="testbed: netns (kernel-shaped links, root) or loopback (emulated in the transport)")
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
@@ -145,7 +147,8 @@ def handle(args) -> int:
     rows_file.write_text("")
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    with LinkSession(world, links[0], backend=args.backend, timeout_s=args.timeout, speeds=speeds or None) as session, \
+    with LinkSession(world, links[0], backend=args.backend, timeout_s=args.timeout, speeds=speeds or None,
+                     medium=args.medium) as session, \
             tempfile.TemporaryDirectory(prefix="edgeprism-demo-") as control:
         emulation = session.testbed.emulation
         _say(f"testbed: {world} devices ({session.testbed.describe()}), link {links[0]} ({emulation})")
