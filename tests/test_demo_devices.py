@@ -93,3 +93,24 @@ def test_demo_with_speeds_end_to_end(tmp_path, capsys, monkeypatch):
     strategies = {r["strategy"] for r in report["rows"]}
     assert {"local", "fast_alone", "equal_split", "adaptive", "oracle", "split:75/25"} <= strategies
     assert "adaptive_over_equal_split" in report["ratios"][0]
+
+
+def test_bench_tables_world_oracle_spans_world_sizes_of_the_same_devices():
+    from edgeprism.bench import tables
+
+    def row(world, strategy, latency_s, speeds=0.5):
+        return {"model_case": "vit-base-patch16-224", "world_size": world, "link": "wifi4", "batch": 8,
+                "strategy": strategy, "latency_s": latency_s, "energy_j": latency_s, "energy_source": "modelled",
+                "plan": strategy, "bytes_exchanged": 0, "skipped": False, "device_speeds": [speeds] * world,
+                "fidelity_loss": 0.0}
+
+    rows = [row(2, "local", 7.0), row(2, "equal_split", 3.0), row(2, "adaptive", 3.1),
+            row(4, "local", 7.2), row(4, "equal_split", 4.0), row(4, "adaptive", 3.2),
+            row(3, "equal_split", 1.0, speeds=0.9)]  # other devices: never this point's oracle
+    summary = tables.add_world_oracle(tables.add_oracle(tables.summarize(rows)))
+    four = next(r for r in tables.ratios(summary) if r["world_size"] == 4)
+    assert four["adaptive_over_oracle"] == pytest.approx(3.2 / 4.0)  # the oracle at 4 devices only
+    assert four["adaptive_over_world_oracle"] == pytest.approx(3.2 / 3.0)  # 2 of the same devices did better
+    assert four["world_oracle_plan"].startswith("equal_split x2")
+    goal = next(g for g in tables.goals(tables.ratios(summary)) if "world sizes" in g["goal"])
+    assert not goal["met"] and goal["points"] == 2
