@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from edgeprism.bench import tables
 from edgeprism.bench.demo import DemoSpec, add_oracle, phase_strategies, ratios, summarize
 from edgeprism.bench.demo_devices import (
     add_fast_alone,
@@ -96,8 +97,6 @@ def test_demo_with_speeds_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_tables_world_oracle_spans_world_sizes_of_the_same_devices():
-    from edgeprism.bench import tables
-
     def row(world, strategy, latency_s, speeds=0.5):
         return {"model_case": "vit-base-patch16-224", "world_size": world, "link": "wifi4", "batch": 8,
                 "strategy": strategy, "latency_s": latency_s, "energy_j": latency_s, "energy_source": "modelled",

@@ -1,12 +1,20 @@
 """The planner over devices of different speeds (synthetic profiles): uneven shares near the best split, a
 slow device left out, live speeds (stragglers), and the all-gather over P ranks on a shared medium."""
 
+import os
+import shutil
+import subprocess
+import warnings
+
 import pytest
 
 from edgeprism.plan import Limits, LinkEstimate, Request, choose_plan, predict, static_plan
 from edgeprism.plan.cost import profile_constants, rank_compute_s
 from edgeprism.plan.shares import balanced_weights, candidate_splits, split_grid
 from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.profile.link import link_section
+from edgeprism.testbed.net import Testbed
+from edgeprism.testbed.presets import get_preset
 
 ANY_CODEC = Limits(None, allow_unmeasured_codecs=True)
 """Opt in to the synthetic profile's lossy codecs: these tests are about shares and speeds (issue 16: faithful by
@@ -116,15 +124,6 @@ def test_split_grid_covers_5_percent_steps():
 
 
 def test_a_shared_medium_profile_takes_the_channel_rate_and_the_testbed_builds_one_channel():
-    import os
-    import shutil
-    import subprocess
-    import warnings
-
-    from edgeprism.profile.link import link_section
-    from edgeprism.testbed.net import Testbed
-    from edgeprism.testbed.presets import get_preset
-
     raw = {"latency_s": 0.004, "bandwidth_bps": 6.0e7, "allgather_bandwidth_bps": 3.0e7, "world_size": 2,
            "hops": 1, "latency_nbytes": 64, "bandwidth_nbytes": 1 << 20}
     shared = link_section(raw, "netns+tbf+air", medium="shared")
