@@ -113,3 +113,8 @@ def test_bench_tables_world_oracle_spans_world_sizes_of_the_same_devices():
     assert four["world_oracle_plan"].startswith("equal_split x2")
     goal = next(g for g in tables.goals(tables.ratios(summary)) if "world sizes" in g["goal"])
     assert not goal["met"] and goal["points"] == 2
+    # two pairs of other speeds are two points, not one
+    pairs = [{**row(2, s, t), "device_speeds": list(speeds)} for speeds in ((1.0, 0.4), (1.0, 0.7))
+             for s, t in (("local", 3.0), ("adaptive", 2.5))]
+    entries = tables.ratios(tables.add_oracle(tables.summarize(pairs)))
+    assert sorted(e["device_speeds"] for e in entries) == [[1.0, 0.4], [1.0, 0.7]]
