@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--slow-at", type=int, default=6)
     parser.add_argument("--restore-at", type=int, default=14)
     parser.add_argument("--factor", type=float, default=0.25)
+    parser.add_argument("--allow-unmeasured-codecs", action="store_true",
+                        help="opt in to codecs of unmeasured fidelity (random weights); labelled in the output")
     args = parser.parse_args()
     speeds = tuple(float(s) for s in args.speeds.split(","))
     link = get_preset(args.link)
@@ -62,7 +64,9 @@ def main() -> None:
         print(f"profile {path}")
         spec = StragglerSpec(model=args.model, profile=str(path), batch=args.batch, requests=args.requests,
                              slow_rank=args.slow_rank, slow_at=args.slow_at, restore_at=args.restore_at,
-                             control_dir=control)
+                             control_dir=control, allow_unmeasured_codecs=args.allow_unmeasured_codecs)
+        print("codecs: " + ("of unmeasured fidelity allowed (opted in: speed only)" if args.allow_unmeasured_codecs
+                            else "faithful only (lossless, or measured within the budget)"))
         result: list = []
         thread = threading.Thread(target=lambda: result.append(session.run(straggler_rank, {"spec": spec.to_json()},
                                                                            dist_backend="gloo")), daemon=True)

@@ -27,8 +27,8 @@ def test_every_shipped_scenario_expands_into_jobs(path):
 
 def test_mixed_device_scenarios_expand_one_job_per_device_set():
     jobs = load_scenario(BENCHMARKS / "devices-4x-wifi4.toml").jobs()
-    assert [(j.world_size, j.speeds) for j in jobs] == [(3, (0.5,) * 3), (4, (0.5,) * 4)]
-    assert jobs[1].label == "vit-base-patch16-224 [0.5,0.5,0.5,0.5] wifi4"
+    assert [(j.world_size, j.speeds) for j in jobs] == [(2, (0.5,) * 2), (3, (0.5,) * 3), (4, (0.5,) * 4)]
+    assert jobs[2].label == "vit-base-patch16-224 [0.5,0.5,0.5,0.5] wifi4"
     mixed = load_scenario(BENCHMARKS / "devices-mixed-wifi4.toml").jobs()
     assert mixed[0].speeds == (1.0, 0.4) and "equal_split" in mixed[0].strategies
     spec = JobSpec(mixed[0], "/p.json", {}, 50e6)

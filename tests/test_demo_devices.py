@@ -5,8 +5,19 @@ import shutil
 
 import pytest
 
-from edgeprism.bench.demo import DemoSpec, add_fast_alone, add_oracle, phase_strategies, ratios, share_sweep, summarize
+from edgeprism.bench import tables
+from edgeprism.bench.demo import DemoSpec, add_oracle, phase_strategies, ratios, summarize
+from edgeprism.bench.demo_devices import (
+    add_fast_alone,
+    codec_class,
+    device_codecs,
+    device_plan,
+    share_sweep,
+    world_sizes,
+)
 from edgeprism.cli.main import main
+from edgeprism.plan import Limits, LinkEstimate, Request
+from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.testbed import cpu
 
 
@@ -33,6 +44,38 @@ def test_strategies_sweep_fast_alone_and_oracle_over_splits():
     assert gains["adaptive_over_oracle"] == pytest.approx(2.0 / 1.9)
 
 
+def test_world_sizes_in_the_oracle_and_faithful_codecs_only():
+    spec = DemoSpec(speeds=(0.5, 0.5, 0.5, 0.5))
+    assert world_sizes(4) == ("world:2", "world:3") and world_sizes(2) == ()
+    assert phase_strategies(spec, 0)[-3:] == ("equal_split", "world:2", "world:3")
+    profile = synthetic_profile(world_size=4, device_speeds=(0.5, 0.5, 0.5, 0.5))
+    allowed = device_codecs(profile, (), spec.speeds)
+    assert allowed and all(c.cr == 1 for c in profile.codecs if c.codec in allowed)
+    assert any(c.cr > 1 for c in profile.codecs) and "fp16" in allowed  # Segment Means is out, lossless in
+    assert device_codecs(profile, (), ()) is None and device_codecs(profile, ("fp16",), spec.speeds) == ("fp16",)
+    with pytest.raises(ValueError, match="not in the profile"):
+        device_codecs(profile, ("nope",), spec.speeds)
+    limits = Limits(allow_unmeasured_codecs=True, codecs=allowed)
+    link = LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s)
+    request = Request("vit-base-patch16-224", 8, 197)
+    plans = {s: device_plan(profile, request, link, s, "latency", limits)
+             for s in ("world:2", "world:3", "equal_split")}
+    assert [p.ranks for p in plans.values()] == [(0, 1), (0, 1, 2), (0, 1, 2, 3)]
+    assert all(p.cr == 1 for p in plans.values()) and plans["equal_split"].token_counts == (50, 49, 49, 49)
+    assert device_plan(profile, request, link, "world:2", "latency", Limits(codecs=("sm16",))) is None
+    assert codec_class({"mode": "local"}, 0.0, 0.01) == "exact"
+    assert codec_class({"mode": "distributed", "codec": "bf16", "cr": 1}, 0.0, 0.01) == "lossless"
+    assert codec_class({"mode": "distributed", "codec": "int8", "cr": 1}, None, 0.01) == "unmeasured (opted in)"
+    assert codec_class({"mode": "distributed", "codec": "sm16", "cr": 16}, None, 0.01).startswith("segment-means")
+    assert codec_class({"mode": "distributed", "codec": "int8", "cr": 1}, 0.02, 0.01) == "measured over budget"
+    # the oracle is the best over every world size: here 3 devices
+    rows = [_row("local", 7.0), _row("equal_split", 4.0), _row("world:2", 4.5), _row("world:3", 3.5),
+            _row("segment_means", 2.0), _row("adaptive", 3.6)]
+    rows[-2]["fidelity_loss"] = None  # the Segment Means baseline: unmeasured, never the target
+    gains = ratios(summarize(add_oracle(rows)))[0]
+    assert gains["oracle_plan"].startswith("world:3") and gains["adaptive_over_oracle"] == pytest.approx(3.6 / 3.5)
+
+
 def test_speeds_must_put_the_fastest_first(tmp_path, capsys):
     assert main(["demo", "--model", "vit-tiny-test", "--speeds", "0.4,1.0", "--out", str(tmp_path)]) == 2
     assert "put the fastest device first" in capsys.readouterr().err
@@ -51,3 +94,27 @@ def test_demo_with_speeds_end_to_end(tmp_path, capsys, monkeypatch):
     strategies = {r["strategy"] for r in report["rows"]}
     assert {"local", "fast_alone", "equal_split", "adaptive", "oracle", "split:75/25"} <= strategies
     assert "adaptive_over_equal_split" in report["ratios"][0]
+
+
+def test_bench_tables_world_oracle_spans_world_sizes_of_the_same_devices():
+    def row(world, strategy, latency_s, speeds=0.5):
+        return {"model_case": "vit-base-patch16-224", "world_size": world, "link": "wifi4", "batch": 8,
+                "strategy": strategy, "latency_s": latency_s, "energy_j": latency_s, "energy_source": "modelled",
+                "plan": strategy, "bytes_exchanged": 0, "skipped": False, "device_speeds": [speeds] * world,
+                "fidelity_loss": 0.0}
+
+    rows = [row(2, "local", 7.0), row(2, "equal_split", 3.0), row(2, "adaptive", 3.1),
+            row(4, "local", 7.2), row(4, "equal_split", 4.0), row(4, "adaptive", 3.2),
+            row(3, "equal_split", 1.0, speeds=0.9)]  # other devices: never this point's oracle
+    summary = tables.add_world_oracle(tables.add_oracle(tables.summarize(rows)))
+    four = next(r for r in tables.ratios(summary) if r["world_size"] == 4)
+    assert four["adaptive_over_oracle"] == pytest.approx(3.2 / 4.0)  # the oracle at 4 devices only
+    assert four["adaptive_over_world_oracle"] == pytest.approx(3.2 / 3.0)  # 2 of the same devices did better
+    assert four["world_oracle_plan"].startswith("equal_split x2")
+    goal = next(g for g in tables.goals(tables.ratios(summary)) if "world sizes" in g["goal"])
+    assert not goal["met"] and goal["points"] == 2
+    # two pairs of other speeds are two points, not one
+    pairs = [{**row(2, s, t), "device_speeds": list(speeds)} for speeds in ((1.0, 0.4), (1.0, 0.7))
+             for s, t in (("local", 3.0), ("adaptive", 2.5))]
+    entries = tables.ratios(tables.add_oracle(tables.summarize(pairs)))
+    assert sorted(e["device_speeds"] for e in entries) == [[1.0, 0.4], [1.0, 0.7]]

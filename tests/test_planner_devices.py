@@ -1,12 +1,20 @@
 """The planner over devices of different speeds (synthetic profiles): uneven shares near the best split, a
 slow device left out, live speeds (stragglers), and the all-gather over P ranks on a shared medium."""
 
+import os
+import shutil
+import subprocess
+import warnings
+
 import pytest
 
 from edgeprism.plan import Limits, LinkEstimate, Request, choose_plan, predict, static_plan
 from edgeprism.plan.cost import profile_constants, rank_compute_s
 from edgeprism.plan.shares import balanced_weights, candidate_splits, split_grid
 from edgeprism.plan.synthetic import synthetic_profile
+from edgeprism.profile.link import link_section
+from edgeprism.testbed.net import Testbed
+from edgeprism.testbed.presets import get_preset
 
 ANY_CODEC = Limits(None, allow_unmeasured_codecs=True)
 """Opt in to the synthetic profile's lossy codecs: these tests are about shares and speeds (issue 16: faithful by
@@ -113,3 +121,26 @@ def test_split_grid_covers_5_percent_steps():
     grid = split_grid(197, 2)
     assert len(grid) == 19 and (10, 187) in grid and (187, 10) in grid
     assert all(sum(c) == 197 for c in split_grid(197, 4))
+
+
+def test_a_shared_medium_profile_takes_the_channel_rate_and_the_testbed_builds_one_channel():
+    raw = {"latency_s": 0.004, "bandwidth_bps": 6.0e7, "allgather_bandwidth_bps": 3.0e7, "world_size": 2,
+           "hops": 1, "latency_nbytes": 64, "bandwidth_nbytes": 1 << 20}
+    shared = link_section(raw, "netns+tbf+air", medium="shared")
+    assert shared.medium == "shared" and shared.bandwidth_bps == 6.0e7 and "SHARED" in shared.method
+    assert link_section(raw).bandwidth_bps == 3.0e7  # switched: the per-rank all-gather rate
+    with pytest.raises(ValueError, match="kernel testbed"):
+        Testbed(2, get_preset("wifi4"), backend="loopback", medium="shared")
+    if os.geteuid() != 0 or shutil.which("tc") is None:
+        pytest.skip("the shared-medium testbed needs root and iproute2 (network namespaces)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 hosts on a 2-core machine share cores: nothing computes here
+        tb = Testbed(3, get_preset("wifi4"), backend="netns", medium="shared").up()
+    with tb:
+        switch = tb.namespaces[-1]
+        qdiscs = subprocess.run(["tc", "-n", switch, "qdisc", "show"], capture_output=True, text=True).stdout
+        filters = [subprocess.run(["tc", "-n", switch, "filter", "show", "dev", f"h{i}", "ingress"],
+                                  capture_output=True, text=True).stdout for i in range(3)]
+        assert tb.emulation == "netns+tbf+air" and "qdisc tbf 1: dev air" in qdiscs
+        assert not any(f"tbf 1: dev h{i} " in qdiscs for i in range(3))  # no per-host link: one channel
+        assert all("Redirect to device air" in f for f in filters), filters

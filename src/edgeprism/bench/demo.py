@@ -7,10 +7,10 @@ The `oracle` is derived afterwards: per (phase, batch) the best static strategy 
 measured within the fidelity budget. Between
 phases the link changes (the testbed reshapes it), and the adaptive plan must follow.
 
-Devices of different speeds (`speeds`, CPU quotas on the testbed; the fastest is rank 0) add
-`equal_split` (the adaptive plan's codec over every device with equal token shares), optionally
-`split:a/b/...` (the same with fixed shares in steps of `share_step`, which the oracle then includes),
-and `fast_alone` (derived: the `local` rows, which run on the fastest device).
+Devices of different speeds or counts (`speeds`, CPU quotas on the testbed; the fastest is rank 0) add
+`equal_split`, `world:k` for every group size between one device and all, optionally `split:a/b/...` share
+sweeps, and `fast_alone` (`bench.demo_devices`): the oracle is then the best over every world size and the
+measured shares. With devices, every plan but the Segment Means baseline sends every token (faithful codecs).
 
 Rank 0 of a `torchrun` job (one rank per testbed host) runs `drive`; the other ranks serve.
 """
@@ -24,12 +24,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from edgeprism.bench.demo_data import DemoData
+from edgeprism.bench.demo_devices import codec_class, device_codecs, device_plan, share_sweep, world_sizes
 from edgeprism.bench.limits import limit_fields
 from edgeprism.bench.tables import percentile
 from edgeprism.comm.context import DistContext
-from edgeprism.partition.ranges import apportion
-from edgeprism.plan import static_plan
-from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
+from edgeprism.plan import Request, static_plan
+from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS, Limits
 from edgeprism.runtime.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class DemoSpec:
     """CPU quota per device in cores (rank order, fastest first); empty: whole cores, no mixed strategies."""
     share_step: float = 0.0
     """> 0: also measure every split in share steps of this size (`split:` strategies, for the oracle)."""
+    codecs: tuple[str, ...] = ()
+    """Plan only with these of the profile's codecs (`Limits.codecs`); empty: with `speeds` the codecs that send
+    every token (no Segment Means, `bench.demo_devices.device_codecs`), else any (under the fidelity rules)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -79,6 +82,7 @@ class DemoSpec:
         data["batches"] = tuple(data["batches"])
         data["links"] = tuple(data["links"])
         data["speeds"] = tuple(data.get("speeds", ()))
+        data["codecs"] = tuple(data.get("codecs", ()))
         return cls(**data)
 
 
@@ -113,12 +117,10 @@ def demo_rank(ctx: DistContext, args: dict, progress=None) -> None:
 
 def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
     """Rank 0: serve the workload with every strategy; append one JSON row per request to rows_file."""
-    from edgeprism.plan import Request, static_plan
-    from edgeprism.plan.types import Limits
-
     rows = []
     config = engine.model.config
-    limits = Limits(spec.max_fidelity_loss, None, spec.allow_unmeasured_codecs)
+    limits = Limits(spec.max_fidelity_loss, None, spec.allow_unmeasured_codecs,
+                    device_codecs(engine.profile, spec.codecs, spec.speeds))
     total = sum(len(phase_strategies(spec, p)) for p in range(len(spec.links))) * len(spec.batches) * spec.repeats
     done = offset = 0
     data = DemoData(spec.data, engine.model, spec.image_size, spec.seed)
@@ -150,8 +152,10 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                         elif strategy == "segment_means":
                             plan = static_plan(engine.profile, request, link, "distributed",
                                                spec.segment_means_codec)
-                        elif strategy == "equal_split" or strategy.startswith("split:"):
-                            plan = _fixed_split(engine, inputs, request, strategy, spec, limits)
+                        elif strategy == "equal_split" or strategy.startswith(("split:", "world:")):
+                            plan = device_plan(engine.profile, request, link, strategy, spec.objective, limits)
+                            if plan is None:
+                                continue  # no codec admitted over that group
                         result = engine.infer(inputs, objective=spec.objective, limits=limits, plan=plan)
                         m = result.metrics
                         row = {"phase": phase, "link": link_name, "batch": batch, "repeat": repeat,
@@ -160,6 +164,8 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                                "predicted_energy_j": m.predicted_energy_j, "mode": m.mode,
                                "codec": m.plan.get("codec") or "", "plan": _plan_label(m.plan),
                                "bytes_exchanged": m.bytes_exchanged, "fidelity_loss": m.fidelity_loss,
+                               "codec_class": codec_class(m.plan, m.fidelity_loss, spec.max_fidelity_loss),
+                               "world_size": len(m.plan.get("ranks", [0])),
                                "staging_s": m.staging_s,
                                "collective_s": m.collective_s, "compute_s": m.compute_s,
                                "link_bandwidth_bps": m.link_bandwidth_bps, "link_latency_s": m.link_latency_s,
@@ -182,49 +188,13 @@ def phase_strategies(spec: DemoSpec, phase: int) -> tuple[str, ...]:
     strategies = STRATEGIES if phase < spec.full_exchange_phases else tuple(
         s for s in STRATEGIES if s != "full_exchange")
     if spec.speeds:
-        strategies = (*strategies, "equal_split", *share_sweep(len(spec.speeds), spec.share_step))
+        strategies = (*strategies, "equal_split", *world_sizes(len(spec.speeds)),
+                      *share_sweep(len(spec.speeds), spec.share_step))
     return strategies
 
 
-def share_sweep(world_size: int, step: float) -> tuple[str, ...]:
-    """`split:a/b/...` labels (percent per rank) of every split in steps of `step` (none for step 0)."""
-    if step <= 0:
-        return ()
-    units = round(1 / step)
-    out: list[str] = []
-
-    def rec(prefix: list[int], left: int, slots: int) -> None:
-        if slots == 1:
-            out.append("split:" + "/".join(str(round(u * step * 100)) for u in (*prefix, left)))
-            return
-        for u in range(1, left - slots + 2):
-            rec([*prefix, u], left - u, slots - 1)
-
-    rec([], units, world_size)
-    return tuple(out)
-
-
-def _fixed_split(engine, inputs, request, strategy: str, spec: DemoSpec, limits):
-    """A static plan over every device with the adaptive plan's codec: equal shares, or the label's."""
-    world = engine.ctx.world_size
-    adaptive = engine.plan_for(inputs, spec.objective, limits)
-    codec = adaptive.codec if adaptive.mode == "distributed" else spec.segment_means_codec
-    weights = [1.0] * world if strategy == "equal_split" else [float(x) for x in strategy[6:].split("/")]
-    counts = apportion(request.num_tokens, weights)
-    return static_plan(engine.profile, request, engine.link_estimate, "distributed", codec, tuple(range(world)),
-                       spec.objective, token_counts=counts)
-
-
-def add_fast_alone(rows: list[dict], speeds: tuple[float, ...]) -> list[dict]:
-    """The fastest device alone: the `local` rows (rank 0 is the fastest), labelled as such."""
-    if not speeds:
-        return list(rows)
-    label = f"local on rank 0 ({speeds[0]:g} core, the fastest)"
-    return [*rows, *({**r, "strategy": "fast_alone", "plan": label} for r in rows if r["strategy"] == "local")]
-
-
 def _is_static(strategy: str) -> bool:
-    return strategy in STATIC or strategy == "equal_split" or strategy.startswith("split:")
+    return strategy in STATIC or strategy == "equal_split" or strategy.startswith(("split:", "world:"))
 
 
 def _plan_label(plan: dict) -> str:
@@ -276,7 +246,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                       "latency_s": median["latency_s"], "energy_j": median["energy_j"],
                       "energy_source": median["energy_source"], "plan": median["plan"],
                       "predicted_latency_s": median["predicted_latency_s"],
-                      "fidelity_loss": median.get("fidelity_loss", 0.0),
+                      "fidelity_loss": median.get("fidelity_loss", 0.0), "codec_class": median.get("codec_class"),
+                      "world_size": median.get("world_size"),
                       "limit_s": median.get("limit_s"), "achieved_over_limit": median.get("achieved_over_limit"),
                       "compute_to_comm": median.get("compute_to_comm")})
     return table
@@ -306,7 +277,10 @@ def ratios(table: list[dict]) -> list[dict]:
                     "adaptive_over_local": a["latency_s"] / loc["latency_s"],
                     **({"adaptive_over_equal_split": a["latency_s"] / get["equal_split"]["latency_s"]}
                        if "equal_split" in get else {}),
-                    "adaptive_plan": a["plan"], "oracle_plan": o["plan"]})
+                    **({"adaptive_over_fast_alone": a["latency_s"] / get["fast_alone"]["latency_s"]}
+                       if "fast_alone" in get else {}),
+                    "adaptive_plan": a["plan"], "adaptive_codec_class": a.get("codec_class"),
+                    "oracle_plan": o["plan"], "oracle_world_size": o.get("world_size")})
     return out
 
 

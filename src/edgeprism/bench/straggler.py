@@ -37,6 +37,9 @@ class StragglerSpec:
     """Request index before which it is restored."""
     control_dir: str = ""
     seed: int = 0
+    allow_unmeasured_codecs: bool = False
+    """Opt in to codecs of unmeasured fidelity (random weights: faithful codecs over wifi4 keep ViT-B local, and a
+    local plan waits on no device, so the straggler would show nothing); the output says so."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -59,7 +62,8 @@ def straggler_rank(ctx: DistContext, args: dict, progress=None) -> list[dict] | 
     # The device's speed is what changes here: plan by the profile's link (a shared host's noisy link
     # estimate would move plans too and hide what the speed estimate does).
     engine = Engine.from_profile(spec.model, spec.profile, seed=spec.seed, ctx=ctx,
-                                 config=EngineConfig(max_batch=spec.batch, probe_every=0, learn_link=False))
+                                 config=EngineConfig(max_batch=spec.batch, probe_every=0, learn_link=False,
+                                                     allow_unmeasured_codecs=spec.allow_unmeasured_codecs))
     if not ctx.is_root:
         engine.serve_workers()
         return None

@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
     add_budget_arguments(p)
     p.add_argument("--profile", help="use this profile instead of profiling (must match model, 2 ranks, the link)")
     p.add_argument("--reprofile", action="store_true", help="ignore the cached profile")
+    p.add_argument("--medium", choices=("switched", "shared"), default="switched",
+                   help="testbed: each device its own link (default), or one shared channel (netns)")
     p.add_argument("--backend", choices=["auto", "netns", "loopback"], default="auto",
                    help="testbed: netns (kernel-shaped links, root) or loopback (emulated in the transport)")
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
@@ -56,6 +58,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--speeds", type=parse_speeds, metavar="S0,S1,...",
                    help="devices of these CPU quotas in cores, fastest first (testbed cgroups, root): one device "
                         "per value; adds the strategies equal_split and fast_alone (default: 2 whole cores)")
+    p.add_argument("--codecs", type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()), default=(),
+                   help="plan only with these of the profile's codecs (default with --speeds: those that send every "
+                        "token, i.e. no Segment Means; the fidelity budget still applies)")
     p.add_argument("--share-step", type=float, default=0.0,
                    help="with --speeds: also measure every split in share steps of this size (the oracle's)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the demo job is stopped")
@@ -105,7 +110,8 @@ def _profile(args, session, link) -> str:
 
 
 def handle(args) -> int:
-    from edgeprism.bench.demo import DemoSpec, accuracy_by_strategy, add_fast_alone, add_oracle, ratios, summarize
+    from edgeprism.bench.demo import DemoSpec, accuracy_by_strategy, add_oracle, ratios, summarize
+    from edgeprism.bench.demo_devices import add_fast_alone
     from edgeprism.models.config import get_config
     from edgeprism.plan.types import Limits
     from edgeprism.profile.link import LinkSession
@@ -141,7 +147,8 @@ def handle(args) -> int:
     rows_file.write_text("")
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    with LinkSession(world, links[0], backend=args.backend, timeout_s=args.timeout, speeds=speeds or None) as session, \
+    with LinkSession(world, links[0], backend=args.backend, timeout_s=args.timeout, speeds=speeds or None,
+                     medium=args.medium) as session, \
             tempfile.TemporaryDirectory(prefix="edgeprism-demo-") as control:
         emulation = session.testbed.emulation
         _say(f"testbed: {world} devices ({session.testbed.describe()}), link {links[0]} ({emulation})")
@@ -152,7 +159,7 @@ def handle(args) -> int:
                         objective=args.objective, max_fidelity_loss=args.max_fidelity_loss,
                         allow_unmeasured_codecs=args.allow_unmeasured_codecs, repeats=args.repeats,
                         rows_file=str(rows_file.resolve()), control_dir=control, speeds=speeds,
-                        share_step=args.share_step)
+                        share_step=args.share_step, codecs=args.codecs)
         _follow(session, spec, links, rows_file, control)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
     rows = add_oracle(add_fast_alone(rows, speeds), args.max_fidelity_loss)
@@ -167,6 +174,8 @@ def handle(args) -> int:
               "segment_means_codec": args.segment_means_codec, "objective": args.objective,
               "max_fidelity_loss": args.max_fidelity_loss, "allow_unmeasured_codecs": args.allow_unmeasured_codecs,
               "fidelity": fidelity_note(rows, args.allow_unmeasured_codecs), "profile": profile,
+              "codecs": list(args.codecs) or ("every-token codecs of the profile (no Segment Means)" if speeds
+                                              else "any of the profile's"),
               "demo_seconds": time.perf_counter() - started, "rows": table, "ratios": gains,
               "host_load": host_load(load_before, os.getloadavg()[0]),
               "note": f"{world} emulated devices = {world} worker processes pinned to cores"
@@ -269,7 +278,8 @@ def format_table(report: dict) -> str:
     for r in report["rows"]:
         accuracy = "-" if r.get("probe_accuracy") is None else f"{r['probe_accuracy']:.1%}"
         lines.append(f"{r['link']:<10} {r['batch']:>5} {r['strategy']:<14} {_spread(r):>23} "
-                     f"{r['energy_j']:>9.2f} {_loss(r.get('fidelity_loss', 0.0)):>8} {accuracy:>8}  {r['plan']}")
+                     f"{r['energy_j']:>9.2f} {_loss(r.get('fidelity_loss', 0.0)):>8} {accuracy:>8}  {r['plan']}"
+                     + (f" [{r['codec_class']}]" if r.get("codec_class") else ""))
     if report.get("probe_accuracy"):
         lines.append("probe accuracy over every image served: " + ", ".join(
             f"{strategy} {value:.1%}" for strategy, value in report["probe_accuracy"].items()))

@@ -47,7 +47,7 @@ def _handler(args: argparse.Namespace) -> int:
         link = resolve_link(args.link, args.rate, args.delay)
         hosts, speeds = host_speeds(args)
         with Testbed(hosts, link, cores_per_host=args.cores_per_host, subnet=args.subnet,
-                     backend=args.backend, speeds=speeds) as testbed:
+                     backend=args.backend, speeds=speeds, medium=args.medium) as testbed:
             measurement = run_link_test(testbed, timeout_s=args.timeout_s)
     row = link_test_row(measurement, link, testbed)
     if args.json:

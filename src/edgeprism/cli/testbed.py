@@ -52,6 +52,9 @@ def add_testbed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-quota", type=float, metavar="CORES",
                         help="the same CPU quota for every host (same as --speeds Q,Q,...)")
     parser.add_argument("--subnet", help="private IPv4 range for the hosts (default: a free 10.77.x.0/24)")
+    parser.add_argument("--medium", choices=("switched", "shared"), default="switched",
+                        help="switched: each host its own full-duplex link (default); shared: one channel for all "
+                             "hosts and both directions, like one WiFi channel (netns only)")
     parser.add_argument(
         "--backend", choices=("auto", "netns", "loopback"), default="auto",
         help="netns: kernel-shaped links (root); loopback: all emulated in the transport; auto: netns if possible",
@@ -97,7 +100,7 @@ def _up(args: argparse.Namespace) -> int:
     link = resolve_link(args.link, args.rate, args.delay)
     hosts, speeds = host_speeds(args)
     tb = Testbed(hosts, link, cores_per_host=args.cores_per_host, subnet=args.subnet,
-                 backend=args.backend, persistent=True, speeds=speeds)
+                 backend=args.backend, persistent=True, speeds=speeds, medium=args.medium)
     tb.up()
     _print_testbed(tb, args.json)
     return 0

@@ -229,7 +229,8 @@ class JobSession:
     testbed host in cores (`testbed.cpu`; needs a link)."""
 
     def __init__(self, world_size: int, link: LinkPreset | None = None, backend: str = "auto",
-                 cores_per_worker: int = 1, timeout_s: float = 600.0, speeds: Sequence[float] | None = None) -> None:
+                 cores_per_worker: int = 1, timeout_s: float = 600.0, speeds: Sequence[float] | None = None,
+                 medium: str = "switched") -> None:
         if world_size < 1:
             raise ValueError(f"world size {world_size} must be >= 1")
         if backend not in ("auto", "netns", "loopback"):
@@ -238,6 +239,7 @@ class JobSession:
             raise ValueError(f"device speeds {list(speeds)} need a testbed: give a link too")
         self.world_size = world_size
         self.speeds = None if speeds is None else tuple(speeds)
+        self.medium = medium
         self.link = link
         self.backend = backend
         self.cores_per_worker = cores_per_worker
@@ -247,7 +249,8 @@ class JobSession:
     def __enter__(self) -> JobSession:
         if self.link is not None:
             self.testbed = Testbed(self.world_size, self.link, cores_per_host=self.cores_per_worker,
-                                   backend=self.backend, speeds=self.speeds).up()  # type: ignore[arg-type]
+                                   backend=self.backend, speeds=self.speeds,  # type: ignore[arg-type]
+                                   medium=self.medium).up()  # type: ignore[arg-type]
         return self
 
     def __exit__(self, *exc: object) -> None:

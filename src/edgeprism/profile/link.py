@@ -26,7 +26,7 @@ class LinkSession(JobSession):
     def measure_link(self) -> tuple[LinkMeasurement, dict[str, Any]]:
         """The link test through the runtime's own collectives → (the profile's link section, raw result)."""
         raw = self.run(linktest.link_test_rank, {})
-        return link_section(raw, self.emulation), raw
+        return link_section(raw, self.emulation, getattr(self.testbed, "medium", "switched")), raw
 
 
 def run_link_test(testbed: Testbed, timeout_s: float = 180.0, latency_repeats: int = 20) -> linktest.LinkMeasurement:
@@ -36,11 +36,15 @@ def run_link_test(testbed: Testbed, timeout_s: float = 180.0, latency_repeats: i
     return linktest.LinkMeasurement.from_json(raw)
 
 
-def link_section(raw: Mapping[str, Any], emulation: str = "") -> LinkMeasurement:
+def link_section(raw: Mapping[str, Any], emulation: str = "", medium: str = "switched") -> LinkMeasurement:
     """The profile's link from a link test: the per-rank all-gather rate (what every layer's exchange
-    gets, with every link busy both ways) and the one-hop latency of a small all-gather."""
+    gets, with every link busy both ways) and the one-hop latency of a small all-gather. On a shared medium
+    the bandwidth is the one channel's rate (the one-way broadcast), which the cost model divides among the
+    ranks' transfers (`plan.cost`: P x the switched all-gather time; docs/TESTBED.md measured it)."""
     allgather_bps = float(raw["allgather_bandwidth_bps"])
     one_way_bps = float(raw["bandwidth_bps"])
+    if medium == "shared":
+        allgather_bps = one_way_bps
     if not (allgather_bps > 0 and allgather_bps != float("inf")):
         raise ValueError(f"the link test measured no usable all-gather rate ({allgather_bps} bit/s); "
                          "the link is too fast for its sizes — re-run with a slower --link or longer target")
@@ -55,9 +59,10 @@ def link_section(raw: Mapping[str, Any], emulation: str = "") -> LinkMeasurement
               f"{float(raw['latency_s']) * 1e3:.3g} ms); bandwidth = per-rank all-gather rate "
               f"at {raw['bandwidth_nbytes']} B ({allgather_bps / 1e6:.2f} Mbit/s; one-way broadcast "
               f"{one_way_bps / 1e6:.2f} Mbit/s); burst = bytes a broadcast after an idle gap sends at line rate "
-              f"({burst_bytes / 1024:.1f} KiB)")
+              f"({burst_bytes / 1024:.1f} KiB)"
+              + ("; SHARED medium: bandwidth = the one channel's one-way rate" if medium == "shared" else ""))
     described = raw.get("emulation", "none")
-    return LinkMeasurement(latency_s=latency_s, bandwidth_bps=allgather_bps, medium="switched",
+    return LinkMeasurement(latency_s=latency_s, bandwidth_bps=allgather_bps, medium=medium,  # type: ignore[arg-type]
                            method=method, emulation=f"{emulation} [{described}]" if emulation else "",
                            burst_bytes=burst_bytes)
 

@@ -363,7 +363,7 @@ class Engine(Rank0Side, WorkerSide):
         if len(per_rank) == len(plan.ranks) and self.config.learn_link:
             self.estimator.update(observations(per_rank, len(plan.ranks), self.model.config.num_layers))
         if (plan.mode, tuple(plan.ranks), plan.codec) in self._seen_plans:  # a first request pays set-up
-            self._learn_speeds(plan, request, per_rank)
+            self._learn_speeds(plan, request, per_rank, decoded=bool(want.generate))
         rank0 = per_rank[0]
         bytes_exchanged = int(sum(r.nbytes_sent for r in per_rank)) + control.nbytes_sent
         layer_nbytes = int(sum(r.layer_nbytes for r in per_rank))

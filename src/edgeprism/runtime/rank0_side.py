@@ -170,9 +170,11 @@ class Rank0Side:
         predicted = predict(self.profile, request, plan, link).compute_s
         self.compute_bias.update(plan.mode, row.compute_s, predicted)
 
-    def _learn_speeds(self, plan: Plan, request: Request, per_rank) -> None:
+    def _learn_speeds(self, plan: Plan, request: Request, per_rank, decoded: bool = False) -> None:
         """Fold each plan rank's compute seconds (wall less staging and link) into the per-device speed
-        estimate (`runtime.compute_estimate`); a local request only ages the devices' last observations."""
+        estimate (`runtime.compute_estimate`); a local request only ages the devices' last observations.
+        `decoded`: the plan's last rank also decoded new tokens alone after the prefill, which its prediction
+        does not hold, so it is left out of this request."""
         if not self.config.learn_speeds:
             return
         if plan.mode == "local" or len(per_rank) != len(plan.ranks):
@@ -180,7 +182,7 @@ class Rank0Side:
             return
         predicted = rank_compute_s(self.profile, request.batch, plan.token_counts, self.profile.codec(plan.codec))
         measured = [r.wall_s - r.staging_s - r.collective_s - r.emulated_delay_s for r in per_rank]
-        self.speed_estimator.update(plan.ranks, predicted, measured)
+        self.speed_estimator.update(plan.ranks, predicted, measured, exclude=(plan.ranks[-1],) if decoded else ())
 
     def _energy(self, request_id: str, phases: list[tuple[float, float, float, float]]) -> tuple[float, str]:
         """Measured energy of the plan's ranks. Modelled from each rank's (wall, staging, link) seconds with

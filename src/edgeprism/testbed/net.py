@@ -36,6 +36,7 @@ from edgeprism.testbed import cpu
 from edgeprism.testbed.emulation import LinkMode, write_link_file
 from edgeprism.testbed.netns import (
     Host,
+    Medium,
     build_star,
     delete_netns,
     kernel_testbed_missing,
@@ -74,6 +75,7 @@ class Testbed:
     `cleanup_stale()` may remove it once this process is gone.
     `speeds`: a CPU quota per host in cores (0.5 = half a core; `testbed.cpu`), enforced by one cgroup per
     host; hosts are packed onto cores so that no core is promised more than 1.0. None: whole cores.
+    `medium`: "switched" (each host its own full-duplex link) or "shared" (one channel, `netns.shape`).
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -87,6 +89,7 @@ class Testbed:
         backend: Backend = "auto",
         persistent: bool = False,
         speeds: Sequence[float] | None = None,
+        medium: Medium = "switched",
     ) -> None:
         if not 1 <= num_hosts <= MAX_HOSTS:
             raise ValueError(f"num_hosts={num_hosts}; the testbed makes 1 to {MAX_HOSTS} hosts")
@@ -103,7 +106,10 @@ class Testbed:
             if max(speeds) > cores_per_host:
                 raise ValueError(f"speed {max(speeds)} cores exceeds the {cores_per_host} core(s) each host is "
                                  "pinned to; raise --cores-per-host")
+        if medium not in ("switched", "shared"):
+            raise ValueError(f"medium={medium!r}; choose 'switched' or 'shared' (one channel, netns only)")
         self.speeds: tuple[float, ...] | None = speeds
+        self.medium: Medium = medium
         self.num_hosts = num_hosts
         self.link = link
         self.cores_per_host = cores_per_host
@@ -112,6 +118,9 @@ class Testbed:
         self._requested_subnet = subnet
         self.subnet: str | None = None
         self.backend: Literal["netns", "loopback"] = self._choose_backend(backend)
+        if medium == "shared" and self.backend != "netns":
+            raise ValueError("medium='shared' needs the kernel testbed (root, ip, tc): the loopback fallback "
+                             "emulates each rank's link in its own transport and has no channel to share")
         self.hosts: list[Host] = []
         self.namespaces: list[str] = []
         self.is_up = False
@@ -140,7 +149,9 @@ class Testbed:
     @property
     def emulation(self) -> str:
         """How the link is made: "netns+tbf" or "loopback-transport"."""
-        return "netns+tbf" if self.backend == "netns" else "loopback-transport"
+        if self.backend != "netns":
+            return "loopback-transport"
+        return "netns+tbf" if self.medium == "switched" else "netns+tbf+air"
 
     @property
     def link_mode(self) -> LinkMode:
@@ -182,6 +193,7 @@ class Testbed:
             "namespaces": self.namespaces,
             "hosts": [dataclasses.asdict(h) for h in self.hosts],
             "rdzv_port": self.rdzv_port,
+            "medium": self.medium,
             "cpu_controller": None if self._cpu is None else [self._cpu.root, self._cpu.version],
         }
         write_state(self.state_file, state)
@@ -212,7 +224,7 @@ class Testbed:
                 # State first: a run killed half-way leaves a file that names what to remove.
                 self._write_state()
                 build_star(self.namespaces, self._switch_ns, self.hosts, net.prefixlen)
-                shape("add", self._switch_ns, self.hosts, self.link.rate_bps)
+                shape("add", self._switch_ns, self.hosts, self.link.rate_bps, self.medium)
             else:
                 self.rdzv_port = _free_port()
                 self.hosts = [
@@ -269,7 +281,7 @@ class Testbed:
         old, self.link = self.link, link
         try:
             if self.backend == "netns":
-                shape("change", self._switch_ns, self.hosts, link.rate_bps)
+                shape("change", self._switch_ns, self.hosts, link.rate_bps, self.medium)
             write_link_file(self.link_file, link, self.link_mode)
             self._write_state()
         except BaseException:
@@ -297,7 +309,9 @@ class Testbed:
                           + ("" if h.speed is None else f" speed {h.speed:g}" + ("" if h.cgroup else " (NOT enforced)"))
                           for h in self.hosts)
         if self.backend == "netns":
-            how = f"netns+tbf: kernel tbf {self.link.rate_bps / 1e6:g} Mbit/s each way, transport delay"
+            how = (f"netns+tbf: kernel tbf {self.link.rate_bps / 1e6:g} Mbit/s each way, transport delay"
+                   if self.medium == "switched" else
+                   f"netns+tbf+air: ONE shared channel of {self.link.rate_bps / 1e6:g} Mbit/s, transport delay")
         else:
             how = "loopback-transport: rate AND delay EMULATED in the transport (no root / no ip)"
         return f"[{how}] {hosts}"
@@ -332,6 +346,7 @@ class Testbed:
         tb.backend = state["backend"]
         tb.namespaces = state["namespaces"]
         tb.rdzv_port = state["rdzv_port"]
+        tb.medium = state.get("medium", "switched")
         tb.link_file = state["link_file"]
         tb.state_file = path
         tb.is_up = True

@@ -130,9 +130,30 @@ def tbf_args(rate_bps: float) -> list[str]:
     return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst_bytes(rate_bps)), "limit", str(limit)]
 
 
-def shape(verb: Literal["add", "change"], switch_ns: str, hosts: Sequence[Host], rate_bps: float) -> None:
-    """Add or change the tbf on both directions of every host's link."""
+AIR = "air"
+"""The shared medium's one queue: an ifb device in the switch namespace."""
+Medium = Literal["switched", "shared"]
+
+
+def shape(verb: Literal["add", "change"], switch_ns: str, hosts: Sequence[Host], rate_bps: float,
+          medium: Medium = "switched") -> None:
+    """Add or change the shaping. "switched": a tbf on both directions of every host's link (each device has
+    its own full-duplex link to the switch). "shared": one WiFi channel — every frame any host sends into the
+    switch is redirected (ingress of its bridge port, `mirred`) through one ifb device, `air`, whose single
+    tbf all hosts and both directions share (half-duplex, like one channel; frames then go on to the bridge).
+    """
     tbf = tbf_args(rate_bps)
+    if medium == "shared":
+        if verb == "add":
+            run_cmd(["ip", "-n", switch_ns, "link", "add", AIR, "type", "ifb"])
+            run_cmd(["ip", "-n", switch_ns, "link", "set", AIR, "up"])
+            for host in hosts:
+                port = f"h{host.index}"
+                run_cmd(["tc", "-n", switch_ns, "qdisc", "add", "dev", port, "handle", "ffff:", "ingress"])
+                run_cmd(["tc", "-n", switch_ns, "filter", "add", "dev", port, "parent", "ffff:", "protocol", "all",
+                         "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", AIR])
+        run_cmd(["tc", "-n", switch_ns, "qdisc", verb, "dev", AIR, "root", "handle", "1:", *tbf])
+        return
     for host in hosts:
         # Upload: egress of the device's eth0. Download: egress of its bridge port.
         run_cmd(["tc", "-n", host.netns, "qdisc", verb, "dev", host.ifname, "root", "handle", "1:", *tbf])
