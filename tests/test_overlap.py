@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress import get_codec
-from edgeprism.models.base import SplitBlock
+from edgeprism.models.base import KVExchangeBlock, SplitBlock, SplitKVBlock
 from edgeprism.models.common import key_padding_bias
 from edgeprism.models.config import get_config
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition import overlap
+from edgeprism.partition.attend import block_with_remote
 from edgeprism.partition.overlap import OwnPart, attention_part, merge_parts
 from edgeprism.partition.transform import PositionWise, own_key_bias, remote_key_bias
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
@@ -68,6 +69,32 @@ def test_own_part_then_remote_equals_the_block(name):
         want = block(hidden, bias=bias, kv=full_kv)
     assert (got - want).abs().max() <= TOLERANCE
     assert kv is not None and (kv[0] - full_kv[0]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("num_remote", [0, 6])
+def test_a_rotary_decoder_block_in_causal_parts_equals_the_explicit_mask(fused, num_remote, monkeypatch):
+    """A decoder rank with no padding: own keys on the fused causal kernel + the earlier ranks' keys, merged,
+    equals the block over [own ; remote] with the explicit causal bias (rank 0 receives nothing)."""
+    if not fused:
+        monkeypatch.setattr(overlap, "_FUSED_CPU", None)
+    model = build_model("llama-tiny")
+    block = model.block_list()[1]
+    assert isinstance(block, SplitKVBlock) and isinstance(block, KVExchangeBlock)
+    torch.manual_seed(2)
+    start, num_own = num_remote, 8
+    hidden = torch.randn(2, num_own, model.config.hidden_size)
+    positions = torch.arange(start, start + num_own)
+    with torch.no_grad():
+        remote = block.wire_kv(torch.randn(2, num_remote, model.config.hidden_size), torch.arange(num_remote))
+        valid = torch.ones(2, num_own, dtype=torch.bool)
+        own_bias = own_key_bias(valid, start, start + num_own, True, torch.float32)
+        counts = torch.ones(2, num_remote)
+        args = (block, hidden, own_bias, remote, counts, True, "normed", None, positions)
+        want, want_kv, _ = block_with_remote(*args, own_causal_square=False)
+        got, got_kv, _ = block_with_remote(*args, own_causal_square=True)
+    assert (got - want).abs().max() <= TOLERANCE
+    assert all((a - b).abs().max() <= TOLERANCE for a, b in zip(got_kv, want_kv))  # the decode cache alike
 
 
 @pytest.mark.parametrize("codec", ["fp32", "sm4+int8", "delta:lb8o4:lb3o4r"])

@@ -115,6 +115,38 @@ class KVExchangeBlock(Protocol):
                  positions: Tensor | None = None) -> Tensor: ...
 
 
+@runtime_checkable
+class SplitRotaryAttention(Protocol):
+    """The attention of a `SplitKVBlock`, in the parts the transform runs separately."""
+
+    @property
+    def scale(self) -> float: ...
+
+    def project_q(self, x_q: Tensor, positions: Tensor) -> Tensor:
+        """x_q (B, T_q, d) normed inputs at absolute `positions` -> rotated q (B, heads, T_q, head_dim)."""
+        ...
+
+    def expand_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, kv_heads, T, head_dim) each -> (B, heads, T, head_dim): grouped heads repeated for the queries."""
+        ...
+
+    def project_out(self, heads: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class SplitKVBlock(Protocol):
+    """Optional, beside `KVExchangeBlock`: a rotary block whose attention the transform may run in two parts
+    over disjoint key sets, merged exactly by their log-sum-exp (`partition/overlap.py`): a decoder rank's own
+    keys under the square causal mask (the fused causal kernel) and the earlier ranks' received keys, which
+    every own query sees. `after_attention(x, attn.project_out(heads))` is what `block(x, kv=...)` returns."""
+
+    attn: SplitRotaryAttention
+
+    def kv_input(self, residual: Tensor) -> Tensor: ...
+
+    def after_attention(self, x: Tensor, attended: Tensor) -> Tensor: ...
+
+
 def block_kv(block: Block, residual: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values of residual-stream vectors at absolute `positions` (T,), each (B, kv_heads, T, head_dim),
     through whichever contract the block declares."""

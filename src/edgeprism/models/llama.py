@@ -91,14 +91,27 @@ class GroupedQueryAttention(nn.Module):
         v = self.value(x_kv).view(batch, num_kv, self.kv_heads, self.head_dim).transpose(1, 2)
         return rotate(k, self.inv_freq, positions), v
 
-    def attend(self, x_q: Tensor, positions: Tensor, k: Tensor, v: Tensor, bias: Bias) -> Tensor:
+    @property
+    def scale(self) -> float:
+        """The logits' scale, 1 / sqrt(head_dim)."""
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def project_q(self, x_q: Tensor, positions: Tensor) -> Tensor:
         batch, num_q, _ = x_q.shape
         q = self.query(x_q).view(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)
-        q = rotate(q, self.inv_freq, positions)  # (B, heads, T_q, head_dim)
+        return rotate(q, self.inv_freq, positions)  # (B, heads, T_q, head_dim)
+
+    def expand_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         group = self.num_heads // self.kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, heads, T_kv, head_dim)
-        out = attention(q, k, v, bias, 1.0 / math.sqrt(self.head_dim))
-        return self.output(out.transpose(1, 2).reshape(batch, num_q, self.num_heads * self.head_dim))  # (B, T_q, d)
+        return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, heads, T_kv, head_dim)
+
+    def project_out(self, heads: Tensor) -> Tensor:
+        batch, _, num_q, _ = heads.shape
+        return self.output(heads.transpose(1, 2).reshape(batch, num_q, self.num_heads * self.head_dim))  # (B, T_q, d)
+
+    def attend(self, x_q: Tensor, positions: Tensor, k: Tensor, v: Tensor, bias: Bias) -> Tensor:
+        q = self.project_q(x_q, positions)
+        return self.project_out(attention(q, *self.expand_kv(k, v), bias, self.scale))
 
 
 class SwiGLU(nn.Module):
@@ -114,7 +127,7 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """x + attn(RMSNorm(x)); x + mlp(RMSNorm(x)). Fits `Block` and `KVExchangeBlock`."""
+    """x + attn(RMSNorm(x)); x + mlp(RMSNorm(x)). Fits `Block`, `KVExchangeBlock` and `SplitKVBlock`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -147,7 +160,11 @@ class LlamaBlock(nn.Module):
         h = self.norm1(x)
         if kv is None:
             kv = self.attn.project_kv(h, positions)
-        x = x + self.attn.attend(h, positions, kv[0], kv[1], bias)
+        return self.after_attention(x, self.attn.attend(h, positions, kv[0], kv[1], bias))
+
+    def after_attention(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The rest of the block given the attention's projected output (B, T, d) for queries `x`."""
+        x = x + attended
         return x + self.mlp(self.norm2(x))
 
 

@@ -7,13 +7,14 @@ Plain functions of tensors: the distributed transform (`partition/transform.py`)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
 
-from edgeprism.models.base import Block, KVExchangeBlock, call_block
+from edgeprism.models.base import Block, KVExchangeBlock, SplitKVBlock, call_block
 from edgeprism.models.common import causal_bias, key_padding_bias, mask_value
+from edgeprism.partition.overlap import attention_part, merge_parts
 
 
 def remote_key_bias(counts: Tensor, size_aware: bool, dtype: torch.dtype) -> Tensor:
@@ -52,13 +53,15 @@ def exchanged_states(block: Block, hidden: Tensor, average: Literal["residual", 
 
 def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Tensor, counts: Tensor,
                       size_aware: bool, average: Literal["residual", "normed"],
-                      sent: Tensor | None = None,
-                      positions: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+                      sent: Tensor | None = None, positions: Tensor | None = None,
+                      own_causal_square: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
     """One block of the restructured attention (docs/ARCHITECTURE.md rules 3-5) for one rank.
 
     hidden (B, n_own, d) own residual stream at absolute `positions` (n_own,); own_bias (B, 1, n_own, n_own)
     from `own_key_bias`; remote (B, S_remote, exchange_width) the decoded vectors this rank may read and counts
     (B, S_remote) the tokens each stands for; `sent`: this rank's own `exchanged_states` if already computed.
+    `own_causal_square`: own_bias is exactly the causal mask (a decoder rank with no padding), so a `SplitKVBlock`
+    attends in two fused parts (`causal_block_in_parts`) instead of through the explicit bias.
     Returns (new hidden (B, n_own, d), (k, v) over [own ; remote], remote bias (B, 1, 1, S_remote)).
     The distributed transform and the single-process emulation (`edgeprism.calibrate`) both call it.
     """
@@ -66,6 +69,9 @@ def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Te
     if positions is None:
         positions = torch.arange(num_own, device=hidden.device)
     remote_bias = remote_key_bias(counts, size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
+    if own_causal_square and isinstance(block, KVExchangeBlock) and isinstance(block, SplitKVBlock):
+        own = sent if sent is not None else block.wire_kv(hidden, positions)
+        return causal_block_in_parts(block, hidden, positions, own, remote, remote_bias)
     bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
     if isinstance(block, KVExchangeBlock):  # received keys/values are used as they arrive
         own = sent if sent is not None else block.wire_kv(hidden, positions)
@@ -78,4 +84,21 @@ def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Te
     return call_block(block, hidden, bias, kv, positions), kv, remote_bias  # hidden: (B, n_own, d)
 
 
-__all__ = ["block_with_remote", "exchanged_states", "own_key_bias", "remote_key_bias"]
+def causal_block_in_parts(block: SplitKVBlock, hidden: Tensor, positions: Tensor, own: Tensor, remote: Tensor,
+                          remote_bias: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+    """A decoder rank's rotary block with no padding: attention over its own keys under the square causal mask
+    (the fused causal kernel skips the masked half) and over the earlier ranks' received keys, which every own
+    query sees, merged by their log-sum-exp (exact up to rounding). own (B, n_own, kv_width) and remote
+    (B, S_remote, kv_width) are wire K/V; returns what `block_with_remote` returns."""
+    attn = block.attn
+    q = attn.project_q(block.kv_input(hidden), positions)  # (B, heads, n_own, head_dim)
+    k_own, v_own = cast(KVExchangeBlock, block).kv_from_wire(own)  # each (B, kv_heads, n_own, head_dim)
+    k_remote, v_remote = cast(KVExchangeBlock, block).kv_from_wire(remote)  # each (B, kv_heads, S_remote, hd)
+    own_part = attention_part(q, *attn.expand_kv(k_own, v_own), None, attn.scale, causal=True)
+    remote_part = attention_part(q, *attn.expand_kv(k_remote, v_remote), remote_bias, attn.scale)
+    heads = merge_parts(own_part, remote_part)  # (B, heads, n_own, head_dim)
+    kv = (torch.cat([k_own, k_remote], dim=2), torch.cat([v_own, v_remote], dim=2))
+    return block.after_attention(hidden, attn.project_out(heads)), kv, remote_bias
+
+
+__all__ = ["block_with_remote", "causal_block_in_parts", "exchanged_states", "own_key_bias", "remote_key_bias"]

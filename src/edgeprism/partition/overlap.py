@@ -16,21 +16,28 @@ import torch
 from torch import Tensor
 
 from edgeprism.models.base import SplitBlock
+from edgeprism.models.common import causal_bias
 
 _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def attention_part(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def attention_part(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+                   causal: bool = False) -> tuple[Tensor, Tensor]:
     """Softmax attention of q (B, h, T_q, hd) over one key set k, v (B, h, T_k, hd) with additive `bias`
     (broadcasting to (B, h, T_q, T_k)) -> (out (B, h, T_q, hd), lse (B, h, T_q, 1)), where lse is the
-    log-sum-exp of the part's logits. On CPU torch's fused kernel returns both; elsewhere the plain math."""
+    log-sum-exp of the part's logits. `causal` (no `bias`, T_q = T_k): query i sees keys 0..i, the fused
+    kernel skipping the rest. On CPU torch's fused kernel returns both; elsewhere the plain math."""
     if k.shape[-2] == 0:  # nothing to attend to: a part that adds nothing to the merge
         return q.new_zeros(q.shape[:-1] + v.shape[-1:]), q.new_full(q.shape[:-1] + (1,), float("-inf"))
+    assert not causal or (bias is None and q.shape[-2] == k.shape[-2]), "causal: a square part with no bias"
     if _FUSED_CPU is not None and q.device.type == "cpu" and q.dtype == torch.float32:
         mask = None if bias is None else bias.expand(q.shape[0], -1, q.shape[2], k.shape[2])
-        out, lse = _FUSED_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = _FUSED_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         return out, lse.unsqueeze(-1)
     logits = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, h, T_q, T_k)
+    if causal:
+        positions = torch.arange(q.shape[-2], device=q.device)
+        bias = causal_bias(positions, positions, q.dtype)  # (1, 1, T_q, T_k)
     if bias is not None:
         logits = logits + bias
     top = logits.amax(dim=-1, keepdim=True)

@@ -241,6 +241,7 @@ class PositionWise:
             valid = model.valid_mask(part, batch, num_own).to(hidden.device)
             anchor = model.anchor_mask(part, own.start, own.end).to(hidden.device)
             own_bias = own_key_bias(valid, own.start, own.end, causal, hidden.dtype)  # (B, 1, n_own, n_own)
+            own_causal_square = causal and bool(valid.all())  # own_bias is the bare causal mask
             positions = torch.arange(own.start, own.end, device=hidden.device)  # global token indices (n_own,)
             width = model.config.exchange_width  # features per token on the wire: d, or a rotary block's K/V
             specs = [codec.wire_spec(batch, r.num_tokens, width) for r in ranges]
@@ -267,7 +268,8 @@ class PositionWise:
                     sizes = [spec_nbytes(s) for s in specs]
                 remote, counts = self._exchange(sent, valid, anchor, specs, sizes, causal, session, layer)
                 hidden, kv, remote_bias = block_with_remote(block, hidden, own_bias, remote, counts,
-                                                            self.size_aware, self.average, sent, positions)
+                                                            self.size_aware, self.average, sent, positions,
+                                                            own_causal_square)
                 clock.end_layer(layer, self.exchanger.stats)
                 if keep_cache:
                     state.kv_cache.append(kv)
