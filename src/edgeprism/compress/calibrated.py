@@ -1,0 +1,382 @@
+"""A codec whose rotation, outlier handling and bits come from data, not from a random seed ("tc:<digest>").
+
+Transform coding (the KLT / PCA rotation of a calibration split, Huang & Schultheiss 1963) per layer:
+a layer's exchanged vectors x (d values) are sent as
+
+1. z = U^T (x - mu) / sigma: the PCA coordinates of the calibration split's vectors at this layer,
+   each divided by its calibration standard deviation (U orthogonal, columns in falling variance);
+2. one fp16 scale per vector, s = RMS(z), so a token far larger than usual (BERT's [CLS]/[SEP],
+   a massive-activation token) keeps its relative precision;
+3. component i quantised to `bits[i]` bits (0..8) at the MSE-optimal Lloyd-Max levels of a unit
+   Gaussian, in units of s; bits by reverse water-filling on the calibration variances (greedy:
+   each next bit goes where it removes the most squared error, `allocate_bits`), so the channels
+   that carry outliers on the calibration data (the high-variance directions) get up to 8 bits and
+   the quiet ones 0-2 — the outlier channels are picked by the data, per layer.
+
+Nothing is random: the same calibration vectors give the same mu, U (eigenvector signs fixed: the
+largest-|.| entry of each column positive), sigma and bits, hence the same bytes. The state is data
+(`LayerTransform`, one per exchange) identified by the SHA-256 of its canonical bytes; the codec's
+name carries 12 hex digits of it, and every rank loads the same file (`save` / `load_calibrated`).
+
+Wire of layer l: [codes of the components with w bits, packed, one tensor per width w present
+(B, S, ceil(n_w·w/8)) uint8 ..., scale (B, S, 1) fp16, valid mask (B, ceil(S/8)) uint8].
+Bytes per vector: sum_w ceil(n_w·w/8) + 2 (+ the mask bits per message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from edgeprism.compress.base import EveryTokenCodec, WireSpec, check_inputs
+from edgeprism.compress.lowbit import ROTATION_SEED, pack_bits, rotation_matrix, unpack_bits
+
+MAX_BITS = 8
+KEEP_CHOICES = (0, 8, 16, 32, 64, 128, 384)
+"""Leading principal components coded on their own that `fit_layer` tries (the rest rotated together)."""
+OUTLIER_BYTES = 4
+"""An exact component: fp16 value + int16 index."""
+NAME_PREFIX = "tc:"
+DIGEST_CHARS = 12
+
+
+@lru_cache(maxsize=None)
+def gaussian_levels(bits: int) -> tuple[tuple[float, ...], float]:
+    """(the 2^bits MSE-optimal reconstruction levels of a unit Gaussian, ascending; their MSE).
+
+    Lloyd's iteration on the density (centroid of [a, b] = (phi(a) - phi(b)) / (Phi(b) - Phi(a))),
+    started from the companding levels (point density ~ phi^(1/3): the quantiles of N(0, 3), Panter & Dite
+    1951), in float64; reproduces Max (1960) Table I (`lowbit.LLOYD_MAX_GAUSSIAN`)."""
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"Gaussian levels for {bits} bits: bits must be in 1..{MAX_BITS}")
+    count = 2 ** bits
+
+    def pdf(t: Tensor) -> Tensor:
+        return torch.exp(-0.5 * t.nan_to_num(posinf=1e3, neginf=-1e3).pow(2)) / math.sqrt(2 * math.pi)
+
+    quantiles = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    levels = math.sqrt(3) * torch.special.ndtri(quantiles)  # (2^bits,)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    for _ in range(3000):
+        edges = torch.cat([-inf, (levels[1:] + levels[:-1]) / 2, inf])  # (2^bits + 1,)
+        mass = torch.special.ndtr(edges[1:]) - torch.special.ndtr(edges[:-1])
+        levels = (pdf(edges[:-1]) - pdf(edges[1:])) / mass.clamp_min(1e-300)
+    edges = torch.cat([-inf, (levels[1:] + levels[:-1]) / 2, inf])
+    a, b = edges[:-1], edges[1:]
+    mass = torch.special.ndtr(b) - torch.special.ndtr(a)
+    # per cell: E[X^2] - 2c E[X] + c^2 P, with E[X^2; a<X<b] = P + a phi(a) - b phi(b)
+    tail = (a.nan_to_num(neginf=0.0) * pdf(a)) - (b.nan_to_num(posinf=0.0) * pdf(b))
+    mse = float((mass + tail - 2 * levels * (pdf(a) - pdf(b)) + levels.pow(2) * mass).sum())
+    return tuple(float(v) for v in levels), mse
+
+
+def level_mse(bits: int) -> float:
+    """Squared error of a unit Gaussian at `bits` bits (1.0 at 0 bits: the value is sent as its mean)."""
+    return 1.0 if bits == 0 else gaussian_levels(bits)[1]
+
+
+def allocate_bits(variances: Tensor, code_bytes: int) -> tuple[int, ...]:
+    """Bits per component (0..8) whose packed codes fit `code_bytes`, greedy on squared error.
+
+    Each next bit goes to the component where it removes the most error (variance × the drop of
+    `level_mse`), ties to the lower index; then, while the width groups' byte rounding overshoots,
+    the bit that adds the least error is taken back. Deterministic in (variances, code_bytes)."""
+    if code_bytes < 0:
+        raise ValueError(f"code bytes per vector {code_bytes} must be >= 0")
+    var = [float(v) for v in variances]
+    bits = [0] * len(var)
+    heap = [(-(v * (level_mse(0) - level_mse(1))), i) for i, v in enumerate(var)]
+    heapq.heapify(heap)
+    for _ in range(code_bytes * 8):
+        if not heap:
+            break
+        _gain, i = heapq.heappop(heap)
+        bits[i] += 1
+        if bits[i] < MAX_BITS:
+            heapq.heappush(heap, (-(var[i] * (level_mse(bits[i]) - level_mse(bits[i] + 1))), i))
+    while packed_code_bytes(bits) > code_bytes:
+        i = min((j for j, b in enumerate(bits) if b > 0),
+                key=lambda j: (var[j] * (level_mse(bits[j] - 1) - level_mse(bits[j])), -j))
+        bits[i] -= 1
+    return tuple(bits)
+
+
+def packed_code_bytes(bits: tuple[int, ...] | list[int]) -> int:
+    """Bytes of one vector's codes: each width's components packed together, ceil(n_w·w/8) per width."""
+    return sum(math.ceil(sum(1 for b in bits if b == w) * w / 8) for w in range(1, MAX_BITS + 1))
+
+
+@dataclass(frozen=True)
+class LayerTransform:
+    """One exchange's calibrated state: mean (d,), basis (d, d) orthogonal (columns = components in falling
+    variance), sigma (d,) calibration std per component, bits per component, and `outliers`: per vector,
+    the components with the largest quantisation error sent exact (fp16 value, uint16 index). Tensors float32."""
+
+    mean: Tensor
+    basis: Tensor
+    sigma: Tensor
+    bits: tuple[int, ...]
+    outliers: int = 0
+    keep: int = 0
+    """Leading principal components kept unrotated (the rest are mixed); recorded for the report."""
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.mean.shape[0])
+
+    def widths(self) -> list[tuple[int, Tensor]]:
+        """[(w, component indices with w bits)] for each width present, ascending."""
+        bits = torch.tensor(self.bits)
+        return [(w, torch.nonzero(bits == w).flatten()) for w in range(1, MAX_BITS + 1) if bool((bits == w).any())]
+
+    def wire_spec(self, batch: int, num_vectors: int) -> WireSpec:
+        k = min(self.outliers, self.hidden_size)
+        return [*[((batch, num_vectors, math.ceil(len(index) * w / 8)), torch.uint8) for w, index in self.widths()],
+                ((batch, num_vectors, 1), torch.float16),
+                ((batch, num_vectors, k), torch.int16), ((batch, num_vectors, k), torch.float16)]
+
+    def _dequantise(self, codes: list[Tensor], scale: Tensor) -> Tensor:
+        """Packed codes per width + scale (B, S, 1) fp16 -> PCA coordinates y (B, S, d), sigma applied."""
+        batch, num_vectors, _ = scale.shape
+        z = torch.zeros(batch, num_vectors, self.hidden_size)  # (B, S, d); 0-bit components sit at the mean
+        for (w, index), packed in zip(self.widths(), codes):
+            levels = torch.tensor(gaussian_levels(w)[0], dtype=torch.float32)
+            z[..., index] = levels[unpack_bits(packed, w, len(index))]
+        return z * scale.to(torch.float32) * self.sigma
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        y = (x.to(torch.float32) - self.mean) @ self.basis  # (B, S, d) PCA coordinates
+        z = y / self.sigma  # standardised
+        k = min(self.outliers, self.hidden_size)
+        quantised = torch.tensor(self.bits) > 0
+        # the scale ignores the k largest |z| (they travel exact), so one outlier does not coarsen the rest
+        tamed = z.abs().scatter(-1, z.abs().topk(k, dim=-1).indices, 0.0) if k else z.abs()
+        scale = tamed[..., quantised].pow(2).mean(-1, keepdim=True).sqrt().to(torch.float16)  # (B, S, 1)
+        s = scale.to(torch.float32)
+        z = z / torch.where(s > 0, s, torch.ones_like(s))
+        codes = []
+        for w, index in self.widths():
+            levels = torch.tensor(gaussian_levels(w)[0], dtype=torch.float32)
+            codes.append(pack_bits(torch.bucketize(z[..., index].contiguous(), (levels[1:] + levels[:-1]) / 2), w))
+        error = (y - self._dequantise(codes, scale)).abs()  # (B, S, d), in the units of x
+        index = error.topk(k, dim=-1).indices  # (B, S, k): the components the codes serve worst
+        return [*codes, scale.contiguous(), index.to(torch.int16).contiguous(),
+                torch.gather(y, -1, index).to(torch.float16).contiguous()]
+
+    def decode(self, wire: list[Tensor]) -> Tensor:
+        *codes, scale, index, values = wire
+        y = self._dequantise(codes, scale).scatter(-1, index.to(torch.int64), values.to(torch.float32))
+        return y @ self.basis.T + self.mean  # (B, S, d)
+
+
+def fit_layer(samples: Tensor, code_bytes: int, outliers: int = 0, keep: int | None = None,
+              seed: int = ROTATION_SEED) -> LayerTransform:
+    """One layer's transform from its calibration vectors (N, d): PCA; the `keep` leading components stay
+    as they are, the other d - keep are mixed by a fixed orthogonal rotation (`lowbit.rotation_matrix` of
+    their count and `seed`), which makes them alike and close to Gaussian (the heavy tails of single
+    components spread out); `outliers` exact components per vector (4 bytes each); bits for the rest of
+    `code_bytes`. `keep=None`: the `KEEP_CHOICES` value with the least mean relative squared error per sample vector."""
+    if samples.dim() != 2 or samples.shape[0] < 2:
+        raise ValueError(f"calibration vectors have shape {tuple(samples.shape)}; need (N >= 2, hidden)")
+    x = samples.to(torch.float64)
+    hidden = x.shape[1]
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)  # (d, d)
+    eigenvalues, vectors = torch.linalg.eigh(cov)  # ascending
+    order = torch.argsort(eigenvalues, descending=True, stable=True)
+    vectors = vectors[:, order]
+    pivot = vectors.abs().argmax(0)  # sign convention: the largest-|.| entry of each column is positive
+    vectors = vectors * torch.sign(vectors[pivot, torch.arange(hidden)]).unsqueeze(0)
+    if keep is None:
+        candidates = [fit_layer(samples, code_bytes, outliers, k, seed) for k in KEEP_CHOICES if k <= hidden]
+        probe = samples[:: max(1, samples.shape[0] // 4096)].unsqueeze(0).to(torch.float32)  # (1, <=4096+, d)
+
+        def error(t: LayerTransform) -> float:  # mean relative squared error per vector
+            return float(((t.decode(t.encode(probe)) - probe).pow(2).sum(-1) / probe.pow(2).sum(-1).clamp_min(1e-30)).mean())
+
+        return min(candidates, key=lambda t: (error(t), t.keep))
+    if keep < hidden:
+        rest = rotation_matrix(hidden - keep, seed).to(torch.float64)  # (d - keep, d - keep)
+        vectors = torch.cat([vectors[:, :keep], vectors[:, keep:] @ rest], dim=1)
+    variances = ((x - mean) @ vectors).pow(2).sum(0) / (x.shape[0] - 1)  # (d,) per basis direction
+    floor = max(float(variances.max()) * 1e-12, 1e-20)
+    sigma = variances.clamp_min(floor).sqrt()
+    bits = allocate_bits(variances, code_bytes - OUTLIER_BYTES * outliers)
+    return LayerTransform(mean.to(torch.float32), vectors.to(torch.float32), sigma.to(torch.float32), bits,
+                          outliers, keep)
+
+
+def state_digest(layers: tuple[LayerTransform, ...]) -> str:
+    """SHA-256 (hex) of the layers' canonical bytes: float32 little-endian tensors, bits as bytes."""
+    digest = hashlib.sha256(b"edgeprism-tc/1")
+    for layer in layers:
+        for tensor in (layer.mean, layer.basis, layer.sigma):
+            digest.update(tensor.to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
+        digest.update(bytes(layer.bits) + layer.outliers.to_bytes(4, "little") + layer.keep.to_bytes(4, "little"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TransformCodec(EveryTokenCodec):
+    """Per-layer calibrated transform coding (module doc). Stateful only in the layer index: the
+    transform drives it through `session()`; stateless use (`encode`/`decode`) is layer 0's transform."""
+
+    digest: str
+    layers: tuple[LayerTransform, ...] = field(compare=False, repr=False, hash=False)
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a calibrated codec needs at least one layer's transform")
+        widths = {layer.hidden_size for layer in self.layers}
+        if len(widths) != 1:
+            raise ValueError(f"calibrated layers have different widths {sorted(widths)}")
+
+    @property
+    def name(self) -> str:
+        return NAME_PREFIX + self.digest[:DIGEST_CHARS]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layers[0].hidden_size
+
+    def layer(self, layer: int) -> LayerTransform:
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"codec {self.name} was calibrated for {len(self.layers)} exchanges (layers); "
+                             f"layer {layer} has no transform: calibrate it on this model")
+        return self.layers[layer]
+
+    def _check_width(self, hidden_size: int) -> None:
+        if hidden_size != self.hidden_size:
+            raise ValueError(f"codec {self.name} was calibrated on {self.hidden_size} features per token; "
+                             f"this exchange has {hidden_size}")
+
+    def layer_wire_spec(self, layer: int, batch: int, num_tokens: int, hidden_size: int) -> WireSpec:
+        self._check_width(hidden_size)
+        return [*self.layer(layer).wire_spec(batch, num_tokens), ((batch, math.ceil(num_tokens / 8)), torch.uint8)]
+
+    def layer_nbytes(self, layer: int, batch: int, num_tokens: int, hidden_size: int) -> int:
+        return sum(math.prod(s) * torch.empty((), dtype=t).element_size()
+                   for s, t in self.layer_wire_spec(layer, batch, num_tokens, hidden_size))
+
+    def encode_layer(self, layer: int, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
+        check_inputs(hidden, valid, anchor, self.name)
+        self._check_width(hidden.shape[-1])
+        x = hidden.to(torch.float32) * valid.unsqueeze(-1)  # (B, n, d), padding zeroed
+        return [*self.layer(layer).encode(x), pack_bits(valid.to(torch.int64), 1)]
+
+    def decode_layer(self, layer: int, wire: list[Tensor]) -> tuple[Tensor, Tensor]:
+        *values, mask = wire
+        vectors = self.layer(layer).decode(values)  # (B, n, d)
+        counts = unpack_bits(mask, 1, vectors.shape[1]).to(torch.float32)  # (B, n)
+        return vectors * counts.unsqueeze(-1), counts
+
+    # --- stateless use: layer 0 ---
+    def wire_spec(self, batch: int, num_tokens: int, hidden_size: int) -> WireSpec:
+        return self.layer_wire_spec(0, batch, num_tokens, hidden_size)
+
+    def encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
+        return self.encode_layer(0, hidden, valid, anchor)
+
+    def decode(self, wire: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.decode_layer(0, wire)
+
+    def session(self) -> TransformSession:
+        return TransformSession(self)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass
+class TransformSession:
+    """What `PositionWise` drives per request: each layer's message in that layer's transform."""
+
+    codec: TransformCodec
+
+    def wire_spec(self, layer: int, batch: int, num_tokens: int, hidden_size: int) -> WireSpec:
+        return self.codec.layer_wire_spec(layer, batch, num_tokens, hidden_size)
+
+    def encode(self, layer: int, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
+        return self.codec.encode_layer(layer, hidden, valid, anchor)
+
+    def decode(self, layer: int, sender: int, wire: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.codec.decode_layer(layer, wire)
+
+
+def fit_codec(samples: list[Tensor], code_bytes: int | list[int], outliers: int = 0,
+              description: str = "") -> TransformCodec:
+    """A calibrated codec from each exchange's calibration vectors (one (N_l, d) tensor per layer) and
+    the code bytes per vector (one number, or one per layer)."""
+    per_layer = [code_bytes] * len(samples) if isinstance(code_bytes, int) else list(code_bytes)
+    if len(per_layer) != len(samples):
+        raise ValueError(f"{len(per_layer)} code-byte budgets for {len(samples)} layers; give one per layer")
+    layers = tuple(fit_layer(x, b, outliers) for x, b in zip(samples, per_layer))
+    return TransformCodec(state_digest(layers), layers, description)
+
+
+# --- the state as a file every rank reads ---
+
+def calibration_dir() -> Path:
+    """`$EDGEPRISM_HOME/codecs` or `~/.cache/edgeprism/codecs` (the assets cache: `assets.cache_dir`, which
+    this lowest room may not import, resolves the home the same way)."""
+    home = os.environ.get("EDGEPRISM_HOME")
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "edgeprism") / "codecs"
+
+
+def save(codec: TransformCodec, folder: str | Path | None = None) -> Path:
+    """Write the codec's state to `folder/<digest>.safetensors` (default `calibration_dir()`); return the path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder) if folder is not None else calibration_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, layer in enumerate(codec.layers):
+        tensors[f"{i}.mean"], tensors[f"{i}.basis"] = layer.mean.contiguous(), layer.basis.contiguous()
+        tensors[f"{i}.sigma"] = layer.sigma.contiguous()
+        tensors[f"{i}.bits"] = torch.tensor(layer.bits, dtype=torch.uint8)
+        tensors[f"{i}.outliers"] = torch.tensor([layer.outliers, layer.keep], dtype=torch.int32)
+    path = folder / f"{codec.digest}.safetensors"
+    save_file(tensors, str(path), metadata={"layers": str(len(codec.layers)), "digest": codec.digest,
+                                            "description": json.dumps(codec.description)})
+    return path
+
+
+def load_calibrated(name_or_path: str | Path, folder: str | Path | None = None) -> TransformCodec:
+    """The codec named "tc:<12 hex>" (its file in `folder`, default `calibration_dir()`) or stored at a path.
+    ValueError when the file is missing or its content does not hash to its name."""
+    from safetensors import safe_open
+
+    text = str(name_or_path)
+    if text.lower().startswith(NAME_PREFIX):
+        prefix = text[len(NAME_PREFIX):].strip().lower()
+        base = Path(folder) if folder is not None else calibration_dir()
+        matches = sorted(base.glob(f"{prefix}*.safetensors")) if len(prefix) >= DIGEST_CHARS else []
+        if len(matches) != 1:
+            raise ValueError(f"codec {text!r}: {len(matches)} calibration files {base}/{prefix}*.safetensors; "
+                             f"copy the file from the machine that calibrated it (scripts/bench_fidelity_calibrated.py "
+                             f"writes it) or set EDGEPRISM_HOME")
+        path = matches[0]
+    else:
+        path = Path(text)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        layers = tuple(LayerTransform(handle.get_tensor(f"{i}.mean"), handle.get_tensor(f"{i}.basis"),
+                                      handle.get_tensor(f"{i}.sigma"),
+                                      tuple(int(b) for b in handle.get_tensor(f"{i}.bits")),
+                                      *(int(v) for v in handle.get_tensor(f"{i}.outliers")))
+                       for i in range(int(meta.get("layers", "0"))))
+    digest = state_digest(layers)
+    if digest != path.stem:
+        raise ValueError(f"calibration file {path} hashes to {digest[:DIGEST_CHARS]}, not its name "
+                         f"{path.stem[:DIGEST_CHARS]}: the file was changed or truncated")
+    return TransformCodec(digest, layers, json.loads(meta.get("description", '""')))
