@@ -36,7 +36,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "fidelity-calibrated"
 HELDOUT = REPO_ROOT / "tests" / "fixtures" / "heldout_licenses.txt"
-BASELINES = ("lb4o4r", "delta:lb4o4r:lb4o4r:lb3o4r*3:lb4o4r", "lb3o4r")
+BASELINES = ("delta:lb4o4r:lb4o4r:lb3o4r*3:lb4o4r",)
 NEAR_TIE = 0.01
 WORLD_SIZE = 2
 

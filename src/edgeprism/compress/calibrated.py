@@ -38,11 +38,12 @@ import torch
 from torch import Tensor
 
 from edgeprism.compress.base import EveryTokenCodec, WireSpec, check_inputs
-from edgeprism.compress.lowbit import ROTATION_SEED, pack_bits, rotation_matrix, unpack_bits
+from edgeprism.compress.lowbit import pack_bits, unpack_bits
 
 MAX_BITS = 8
-KEEP_CHOICES = (0, 8, 16, 32, 64, 128, 384)
-"""Leading principal components coded on their own that `fit_layer` tries (the rest rotated together)."""
+FIT_VECTORS = 8192
+"""At most this many calibration vectors (evenly strided) fit the levels."""
+LLOYD_ITERATIONS = 30
 OUTLIER_BYTES = 4
 """An exact component: fp16 value + int16 index."""
 NAME_PREFIX = "tc:"
@@ -117,17 +118,18 @@ def packed_code_bytes(bits: tuple[int, ...] | list[int]) -> int:
 
 @dataclass(frozen=True)
 class LayerTransform:
-    """One exchange's calibrated state: mean (d,), basis (d, d) orthogonal (columns = components in falling
-    variance), sigma (d,) calibration std per component, bits per component, and `outliers`: per vector,
-    the components with the largest quantisation error sent exact (fp16 value, uint16 index). Tensors float32."""
+    """One exchange's calibrated state: mean (d,), basis (d, d) orthogonal (columns = components), sigma (d,)
+    calibration std per component, bits per component, `levels`: for each width w present (ascending), the
+    reconstruction levels (n_w, 2^w) of its components (in units of sigma · the vector's scale), and
+    `outliers`: per vector, the components the codes serve worst sent exact (fp16 value, int16 index).
+    Tensors float32."""
 
     mean: Tensor
     basis: Tensor
     sigma: Tensor
     bits: tuple[int, ...]
+    levels: tuple[Tensor, ...]
     outliers: int = 0
-    keep: int = 0
-    """Leading principal components kept unrotated (the rest are mixed); recorded for the report."""
 
     @property
     def hidden_size(self) -> int:
@@ -144,17 +146,9 @@ class LayerTransform:
                 ((batch, num_vectors, 1), torch.float16),
                 ((batch, num_vectors, k), torch.int16), ((batch, num_vectors, k), torch.float16)]
 
-    def _dequantise(self, codes: list[Tensor], scale: Tensor) -> Tensor:
-        """Packed codes per width + scale (B, S, 1) fp16 -> PCA coordinates y (B, S, d), sigma applied."""
-        batch, num_vectors, _ = scale.shape
-        z = torch.zeros(batch, num_vectors, self.hidden_size)  # (B, S, d); 0-bit components sit at the mean
-        for (w, index), packed in zip(self.widths(), codes):
-            levels = torch.tensor(gaussian_levels(w)[0], dtype=torch.float32)
-            z[..., index] = levels[unpack_bits(packed, w, len(index))]
-        return z * scale.to(torch.float32) * self.sigma
-
-    def encode(self, x: Tensor) -> list[Tensor]:
-        y = (x.to(torch.float32) - self.mean) @ self.basis  # (B, S, d) PCA coordinates
+    def _scaled(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> PCA coordinates y (B, S, d), z = y / sigma / scale, scale (B, S, 1) fp16."""
+        y = (x.to(torch.float32) - self.mean) @ self.basis  # (B, S, d)
         z = y / self.sigma  # standardised
         k = min(self.outliers, self.hidden_size)
         quantised = torch.tensor(self.bits) > 0
@@ -162,11 +156,23 @@ class LayerTransform:
         tamed = z.abs().scatter(-1, z.abs().topk(k, dim=-1).indices, 0.0) if k else z.abs()
         scale = tamed[..., quantised].pow(2).mean(-1, keepdim=True).sqrt().to(torch.float16)  # (B, S, 1)
         s = scale.to(torch.float32)
-        z = z / torch.where(s > 0, s, torch.ones_like(s))
-        codes = []
-        for w, index in self.widths():
-            levels = torch.tensor(gaussian_levels(w)[0], dtype=torch.float32)
-            codes.append(pack_bits(torch.bucketize(z[..., index].contiguous(), (levels[1:] + levels[:-1]) / 2), w))
+        return y, z / torch.where(s > 0, s, torch.ones_like(s)), scale
+
+    def _dequantise(self, codes: list[Tensor], scale: Tensor) -> Tensor:
+        """Packed codes per width + scale (B, S, 1) fp16 -> PCA coordinates y (B, S, d), sigma applied."""
+        batch, num_vectors, _ = scale.shape
+        z = torch.zeros(batch, num_vectors, self.hidden_size)  # (B, S, d); 0-bit components sit at the mean
+        for (w, index), levels, packed in zip(self.widths(), self.levels, codes):
+            code = unpack_bits(packed, w, len(index))  # (B, S, n_w)
+            z[..., index] = torch.gather(levels.expand(batch, num_vectors, *levels.shape), -1,
+                                         code.unsqueeze(-1)).squeeze(-1)
+        return z * scale.to(torch.float32) * self.sigma
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        y, z, scale = self._scaled(x)
+        codes = [pack_bits(quantise(z[..., index], levels), w)
+                 for (w, index), levels in zip(self.widths(), self.levels)]
+        k = min(self.outliers, self.hidden_size)
         error = (y - self._dequantise(codes, scale)).abs()  # (B, S, d), in the units of x
         index = error.topk(k, dim=-1).indices  # (B, S, k): the components the codes serve worst
         return [*codes, scale.contiguous(), index.to(torch.int16).contiguous(),
@@ -178,13 +184,31 @@ class LayerTransform:
         return y @ self.basis.T + self.mean  # (B, S, d)
 
 
-def fit_layer(samples: Tensor, code_bytes: int, outliers: int = 0, keep: int | None = None,
-              seed: int = ROTATION_SEED) -> LayerTransform:
-    """One layer's transform from its calibration vectors (N, d): PCA; the `keep` leading components stay
-    as they are, the other d - keep are mixed by a fixed orthogonal rotation (`lowbit.rotation_matrix` of
-    their count and `seed`), which makes them alike and close to Gaussian (the heavy tails of single
-    components spread out); `outliers` exact components per vector (4 bytes each); bits for the rest of
-    `code_bytes`. `keep=None`: the `KEEP_CHOICES` value with the least mean relative squared error per sample vector."""
+def quantise(values: Tensor, levels: Tensor) -> Tensor:
+    """values (..., n) -> index of the nearest of each component's ascending levels (n, L), int64."""
+    edges = (levels[:, 1:] + levels[:, :-1]) / 2  # (n, L - 1)
+    flat = values.reshape(-1, values.shape[-1]).T.contiguous()  # (n, M)
+    return torch.searchsorted(edges.contiguous(), flat).T.reshape(values.shape)
+
+
+def fit_levels(samples: Tensor, bits: int, iterations: int = LLOYD_ITERATIONS) -> Tensor:
+    """Lloyd's algorithm per component on calibration values (M, n) -> levels (n, 2^bits), ascending: starts
+    from the unit-Gaussian levels times each component's RMS, so heavy tails get levels of their own."""
+    rms = samples.pow(2).mean(0).sqrt().clamp_min(1e-12)  # (n,)
+    levels = torch.tensor(gaussian_levels(bits)[0]).unsqueeze(0) * rms.unsqueeze(1)  # (n, L)
+    values = samples.T.contiguous()  # (n, M)
+    for _ in range(iterations):
+        codes = torch.searchsorted(((levels[:, 1:] + levels[:, :-1]) / 2).contiguous(), values)  # (n, M)
+        sums = torch.zeros_like(levels).scatter_add_(1, codes, values)
+        counts = torch.zeros_like(levels).scatter_add_(1, codes, torch.ones_like(values))
+        levels = torch.where(counts > 0, sums / counts.clamp_min(1), levels).sort(dim=1).values
+    return levels
+
+
+def fit_layer(samples: Tensor, code_bytes: int, outliers: int = 0) -> LayerTransform:
+    """One layer's transform from its calibration vectors (N, d): PCA, `outliers` exact components per vector
+    (4 bytes each), bits for the rest of `code_bytes` (`allocate_bits`), and each component's levels fitted
+    to its calibration values (`fit_levels`)."""
     if samples.dim() != 2 or samples.shape[0] < 2:
         raise ValueError(f"calibration vectors have shape {tuple(samples.shape)}; need (N >= 2, hidden)")
     x = samples.to(torch.float64)
@@ -193,35 +217,27 @@ def fit_layer(samples: Tensor, code_bytes: int, outliers: int = 0, keep: int | N
     cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)  # (d, d)
     eigenvalues, vectors = torch.linalg.eigh(cov)  # ascending
     order = torch.argsort(eigenvalues, descending=True, stable=True)
-    vectors = vectors[:, order]
+    eigenvalues, vectors = eigenvalues[order].clamp_min(0), vectors[:, order]
     pivot = vectors.abs().argmax(0)  # sign convention: the largest-|.| entry of each column is positive
     vectors = vectors * torch.sign(vectors[pivot, torch.arange(hidden)]).unsqueeze(0)
-    if keep is None:
-        candidates = [fit_layer(samples, code_bytes, outliers, k, seed) for k in KEEP_CHOICES if k <= hidden]
-        probe = samples[:: max(1, samples.shape[0] // 4096)].unsqueeze(0).to(torch.float32)  # (1, <=4096+, d)
-
-        def error(t: LayerTransform) -> float:  # mean relative squared error per vector
-            return float(((t.decode(t.encode(probe)) - probe).pow(2).sum(-1) / probe.pow(2).sum(-1).clamp_min(1e-30)).mean())
-
-        return min(candidates, key=lambda t: (error(t), t.keep))
-    if keep < hidden:
-        rest = rotation_matrix(hidden - keep, seed).to(torch.float64)  # (d - keep, d - keep)
-        vectors = torch.cat([vectors[:, :keep], vectors[:, keep:] @ rest], dim=1)
-    variances = ((x - mean) @ vectors).pow(2).sum(0) / (x.shape[0] - 1)  # (d,) per basis direction
-    floor = max(float(variances.max()) * 1e-12, 1e-20)
-    sigma = variances.clamp_min(floor).sqrt()
-    bits = allocate_bits(variances, code_bytes - OUTLIER_BYTES * outliers)
-    return LayerTransform(mean.to(torch.float32), vectors.to(torch.float32), sigma.to(torch.float32), bits,
-                          outliers, keep)
+    sigma = eigenvalues.clamp_min(max(float(eigenvalues[0]) * 1e-12, 1e-20)).sqrt()
+    bits = allocate_bits(eigenvalues, code_bytes - OUTLIER_BYTES * outliers)
+    draft = LayerTransform(mean.float(), vectors.float(), sigma.float(), bits, (), outliers)
+    probe = samples[:: max(1, samples.shape[0] // FIT_VECTORS)].to(torch.float32).unsqueeze(0)  # (1, M, d)
+    _, z, _ = draft._scaled(probe)
+    levels = tuple(fit_levels(z[0][:, index], w) for w, index in draft.widths())
+    return LayerTransform(mean.float(), vectors.float(), sigma.float(), bits, levels, outliers)
 
 
-def state_digest(layers: tuple[LayerTransform, ...]) -> str:
-    """SHA-256 (hex) of the layers' canonical bytes: float32 little-endian tensors, bits as bytes."""
-    digest = hashlib.sha256(b"edgeprism-tc/1")
+def state_digest(layers: tuple[LayerTransform, ...], delta: bool = False) -> str:
+    """SHA-256 (hex) of the layers' canonical bytes (float32 little-endian tensors, bits as bytes) and the mode."""
+    digest = hashlib.sha256(b"edgeprism-tc/1" + (b"+delta" if delta else b""))
     for layer in layers:
         for tensor in (layer.mean, layer.basis, layer.sigma):
             digest.update(tensor.to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
-        digest.update(bytes(layer.bits) + layer.outliers.to_bytes(4, "little") + layer.keep.to_bytes(4, "little"))
+        for levels in layer.levels:
+            digest.update(levels.to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
+        digest.update(bytes(layer.bits) + layer.outliers.to_bytes(4, "little"))
     return digest.hexdigest()
 
 
@@ -232,6 +248,9 @@ class TransformCodec(EveryTokenCodec):
 
     digest: str
     layers: tuple[LayerTransform, ...] = field(compare=False, repr=False, hash=False)
+    delta: bool = False
+    """Layers > 0 send the residual against the shared reconstruction of the layer before (closed loop, as
+    `compress.delta`); their transforms are fitted on those residuals."""
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -299,29 +318,56 @@ class TransformCodec(EveryTokenCodec):
 
 @dataclass
 class TransformSession:
-    """What `PositionWise` drives per request: each layer's message in that layer's transform."""
+    """What `PositionWise` drives per request: each layer's message in that layer's transform; with `delta`,
+    this rank's reconstruction of its own tokens and each sender's, as receivers hold them."""
 
     codec: TransformCodec
+    own: Tensor | None = None  # (B, n_own, d)
+    peers: dict[int, Tensor] = field(default_factory=dict)
 
     def wire_spec(self, layer: int, batch: int, num_tokens: int, hidden_size: int) -> WireSpec:
         return self.codec.layer_wire_spec(layer, batch, num_tokens, hidden_size)
 
     def encode(self, layer: int, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
-        return self.codec.encode_layer(layer, hidden, valid, anchor)
+        if not self.codec.delta:
+            return self.codec.encode_layer(layer, hidden, valid, anchor)
+        x = hidden.to(torch.float32) * valid.unsqueeze(-1)  # (B, n, d), padding zeroed
+        if layer > 0:
+            assert self.own is not None, "layer 0 sets the session's reconstruction"
+            x = x - self.own
+        wire = self.codec.encode_layer(layer, x, valid, anchor)
+        step = self.codec.decode_layer(layer, wire)[0]
+        self.own = step if layer == 0 or self.own is None else self.own + step
+        return wire
 
     def decode(self, layer: int, sender: int, wire: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return self.codec.decode_layer(layer, wire)
+        vectors, counts = self.codec.decode_layer(layer, wire)
+        if self.codec.delta:
+            vectors = vectors if layer == 0 else self.peers[sender] + vectors
+            self.peers[sender] = vectors
+        return vectors, counts
 
 
-def fit_codec(samples: list[Tensor], code_bytes: int | list[int], outliers: int = 0,
+def fit_codec(samples: list[Tensor], code_bytes: int | list[int], outliers: int = 0, delta: bool = False,
               description: str = "") -> TransformCodec:
-    """A calibrated codec from each exchange's calibration vectors (one (N_l, d) tensor per layer) and
-    the code bytes per vector (one number, or one per layer)."""
+    """A calibrated codec from each exchange's calibration vectors (one (N, d) tensor per layer, the same
+    tokens in the same order at every layer when `delta`) and the code bytes per vector (one number, or one
+    per layer). With `delta` each layer is fitted on the closed-loop residuals the layers before it leave."""
     per_layer = [code_bytes] * len(samples) if isinstance(code_bytes, int) else list(code_bytes)
     if len(per_layer) != len(samples):
         raise ValueError(f"{len(per_layer)} code-byte budgets for {len(samples)} layers; give one per layer")
-    layers = tuple(fit_layer(x, b, outliers) for x, b in zip(samples, per_layer))
-    return TransformCodec(state_digest(layers), layers, description)
+    if delta and len({x.shape[0] for x in samples}) != 1:
+        raise ValueError(f"delta calibration needs the same tokens at every layer; got {[x.shape[0] for x in samples]}")
+    layers: list[LayerTransform] = []
+    recon: Tensor | None = None
+    for x, budget in zip(samples, per_layer):
+        target = x if recon is None or not delta else x - recon
+        layer = fit_layer(target, budget, outliers)
+        layers.append(layer)
+        if delta:
+            step = torch.cat([layer.decode(layer.encode(chunk.unsqueeze(0)))[0] for chunk in target.split(4096)])
+            recon = step if recon is None else recon + step
+    return TransformCodec(state_digest(tuple(layers), delta), tuple(layers), delta, description)
 
 
 # --- the state as a file every rank reads ---
@@ -344,9 +390,12 @@ def save(codec: TransformCodec, folder: str | Path | None = None) -> Path:
         tensors[f"{i}.mean"], tensors[f"{i}.basis"] = layer.mean.contiguous(), layer.basis.contiguous()
         tensors[f"{i}.sigma"] = layer.sigma.contiguous()
         tensors[f"{i}.bits"] = torch.tensor(layer.bits, dtype=torch.uint8)
-        tensors[f"{i}.outliers"] = torch.tensor([layer.outliers, layer.keep], dtype=torch.int32)
+        tensors[f"{i}.outliers"] = torch.tensor([layer.outliers], dtype=torch.int32)
+        for j, levels in enumerate(layer.levels):
+            tensors[f"{i}.levels.{j}"] = levels.contiguous()
     path = folder / f"{codec.digest}.safetensors"
     save_file(tensors, str(path), metadata={"layers": str(len(codec.layers)), "digest": codec.digest,
+                                            "delta": "1" if codec.delta else "0",
                                             "description": json.dumps(codec.description)})
     return path
 
@@ -370,13 +419,18 @@ def load_calibrated(name_or_path: str | Path, folder: str | Path | None = None) 
         path = Path(text)
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
-        layers = tuple(LayerTransform(handle.get_tensor(f"{i}.mean"), handle.get_tensor(f"{i}.basis"),
-                                      handle.get_tensor(f"{i}.sigma"),
-                                      tuple(int(b) for b in handle.get_tensor(f"{i}.bits")),
-                                      *(int(v) for v in handle.get_tensor(f"{i}.outliers")))
-                       for i in range(int(meta.get("layers", "0"))))
-    digest = state_digest(layers)
+        keys = set(handle.keys())
+        layers = []
+        for i in range(int(meta.get("layers", "0"))):
+            bits = tuple(int(b) for b in handle.get_tensor(f"{i}.bits"))
+            levels = tuple(handle.get_tensor(f"{i}.levels.{j}") for j in range(sum(f"{i}.levels.{j}" in keys
+                                                                                   for j in range(MAX_BITS))))
+            outliers = int(handle.get_tensor(f"{i}.outliers")[0])
+            layers.append(LayerTransform(handle.get_tensor(f"{i}.mean"), handle.get_tensor(f"{i}.basis"),
+                                         handle.get_tensor(f"{i}.sigma"), bits, levels, outliers))
+    delta = meta.get("delta") == "1"
+    digest = state_digest(tuple(layers), delta)
     if digest != path.stem:
         raise ValueError(f"calibration file {path} hashes to {digest[:DIGEST_CHARS]}, not its name "
                          f"{path.stem[:DIGEST_CHARS]}: the file was changed or truncated")
-    return TransformCodec(digest, layers, json.loads(meta.get("description", '""')))
+    return TransformCodec(digest, tuple(layers), delta, json.loads(meta.get("description", '""')))
