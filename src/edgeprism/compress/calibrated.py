@@ -31,7 +31,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ NAME_PREFIX = "tc:"
 DIGEST_CHARS = 12
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaussian_levels(bits: int) -> tuple[tuple[float, ...], float]:
     """(the 2^bits MSE-optimal reconstruction levels of a unit Gaussian, ascending; their MSE).
 

@@ -121,7 +121,8 @@ def layer_sensitivity(model: ReferenceModel, batches: Sequence[Inputs], world_si
         reference = [model(b)[key] for b in batches]
     out = []
     for layer in range(model.config.num_layers):
-        outputs, _ = run_distributed(model, list(batches), NoiseCodec(layer=layer, relative=relative), world_size, shares)
+        noisy = NoiseCodec(layer=layer, relative=relative)
+        outputs, _ = run_distributed(model, list(batches), noisy, world_size, shares)
         cosine = torch.cat([F.cosine_similarity(r, o[key], dim=-1) for r, o in zip(reference, outputs)])
         out.append(max(float(1 - cosine.mean()), 1e-12))
     return out
