@@ -178,6 +178,20 @@ def write_tables(rows: list[dict], path: Path, command: str) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def write_fidelity_rows(rows: list[dict], path: Path) -> None:
+    """The rows in the `edgeprism eval --out` format, one per (codec, set, metric), for `edgeprism profile
+    --fidelity FILE` (the profile keeps each codec's worst row; tc: codecs need their state file there too)."""
+    from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE
+
+    with path.open("w") as handle:
+        for r in rows:
+            for metric, key in (("pooled_cosine", "cosine_mean"), ("top1_agreement", "intent_agreement")):
+                handle.write(json.dumps({"eval_set": f"minilm-{r['set']}", "model": "minilm-l6", "codec": r["codec"],
+                                         "world_size": WORLD_SIZE, "size_aware": DEFAULT_SIZE_AWARE,
+                                         "average": DEFAULT_AVERAGE, "metric": metric, "value": r[key],
+                                         "reference_value": 1.0, "num_requests": r["items"]}) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=200, help="items per set (passages, held-out)")
@@ -204,6 +218,7 @@ def main() -> None:
                 handle.write(json.dumps({**common, **row}) + "\n")
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
     write_tables(rows, out_dir / "tables.md", rows[-1].get("command", command) if rows else command)
+    write_fidelity_rows(rows, out_dir / "fidelity-rows.jsonl")
     log(f"wrote {out_dir / 'tables.md'}")
 
 
