@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -102,7 +103,7 @@ def seeded_rotation(name: str, seed: int | None, hidden_size: int):
 
 
 def run(args) -> list[dict]:
-    from edgeprism.compress.calibrated import save
+    from edgeprism.compress.calibrated_state import save
     from edgeprism.evaluate.calibrated import calibrate_codec
     from edgeprism.evaluate.fidelity import fp32_exchange_bytes, run_distributed
 
@@ -212,7 +213,7 @@ def main() -> None:
     command = "python scripts/bench_fidelity_calibrated.py " + " ".join(sys.argv[1:])
     if not args.tables_only:
         common = {"torch_version": torch.__version__, "threads": args.threads, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "load_1min": round(__import__("os").getloadavg()[0], 2), "command": command}
+                  "load_1min": round(os.getloadavg()[0], 2), "command": command}
         with rows_path.open("a") as handle:
             for row in run(args):
                 handle.write(json.dumps({**common, **row}) + "\n")

@@ -36,7 +36,8 @@ from collections.abc import Callable
 import torch
 
 from edgeprism.compress.base import Codec, IdentityCodec
-from edgeprism.compress.calibrated import NAME_PREFIX, load_calibrated
+from edgeprism.compress.calibrated import NAME_PREFIX
+from edgeprism.compress.calibrated_state import load_calibrated
 from edgeprism.compress.codecs import DEFAULT_MAX_ANCHORS, QuantizedCodec, SegmentMeansCodec
 from edgeprism.compress.delta import DeltaCodec
 from edgeprism.compress.formats import FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat, ValueFormat
