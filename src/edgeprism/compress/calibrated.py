@@ -16,7 +16,7 @@ a layer's exchanged vectors x (d values) are sent as
 Nothing is random: the same calibration vectors give the same mu, U (eigenvector signs fixed: the
 largest-|.| entry of each column positive), sigma and bits, hence the same bytes. The state is data
 (`LayerTransform`, one per exchange) identified by the SHA-256 of its canonical bytes; the codec's
-name carries 12 hex digits of it, and every rank loads the same file (`save` / `load_calibrated`).
+name carries 12 hex digits of it, and every rank loads the same file (`calibrated_state.py`).
 
 Wire of layer l: [codes of the components with w bits, packed, one tensor per width w present
 (B, S, ceil(n_w·w/8)) uint8 ..., scale (B, S, 1) fp16, valid mask (B, ceil(S/8)) uint8].
