@@ -18,6 +18,9 @@ Grammar (case-insensitive, surrounding spaces ignored)::
                                      outlier channels, "r": fixed rotation (compress/lowbit.py); alone,
                                      the valid mask travels as bits (PackedMaskCodec)
 
+    tc:<12 hex>             calibrated on data (compress/calibrated.py): PCA rotation, bits per
+                            component and layer; read from calibration_dir()/<digest>.safetensors
+
 `fp32`/`fp16`/`bf16` alone are `IdentityCodec`; `sm1` decodes to the same values as `fp32`.
 A codec outside the grammar is one module plus one `register_codec(name, factory)` line (docs/ADDING.md);
 registered names are looked up before the grammar.
@@ -33,6 +36,8 @@ from collections.abc import Callable
 import torch
 
 from edgeprism.compress.base import Codec, IdentityCodec
+from edgeprism.compress.calibrated import NAME_PREFIX
+from edgeprism.compress.calibrated_state import load_calibrated
 from edgeprism.compress.codecs import DEFAULT_MAX_ANCHORS, QuantizedCodec, SegmentMeansCodec
 from edgeprism.compress.delta import DeltaCodec
 from edgeprism.compress.formats import FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat, ValueFormat
@@ -142,6 +147,10 @@ def get_codec(name: str) -> Codec:
     text = name.strip().lower()
     if text in _REGISTERED:
         return _REGISTERED[text]()
+    if text.startswith(NAME_PREFIX):  # calibrated on data: its state file, loaded once, then registered
+        codec = load_calibrated(text)
+        register_codec(codec.name, lambda: codec)
+        return codec
     if text.startswith("delta:"):
         return _parse_delta(text, name)
     parts = text.split("+")
