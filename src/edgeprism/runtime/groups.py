@@ -227,6 +227,9 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, back
     `background=False` drops them here and now (closing with no request in flight): a group still alive
     on a daemon thread when the interpreter exits aborts the process in its C++ destructor."""
     groups = [lane.ctx.group for lane in lanes.values() if lane.ctx is not None]
+    for lane in lanes.values():
+        if lane.exchanger is not None:
+            lane.exchanger.close()  # its background thread would otherwise keep the group alive for good
     lanes.clear()
     if not groups:
         return
