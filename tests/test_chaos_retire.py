@@ -4,7 +4,8 @@ subprocesses; each round one peer is SIGKILLed and the other stopped (SIGSTOP, a
 fails, `retire_lanes` frees the group on its daemon thread, and meanwhile this process opens pipes and
 runs subprocesses (taking the lowest free descriptor numbers: those the group's sockets just released).
 Every pipe must still be the same open file after the group is gone, and the descriptors the groups
-held must all be closed (none leaked)."""
+held must all be closed (none leaked: an exchanger's background thread once kept every retired group
+alive, and with it its sockets, threads and buffers)."""
 
 import os
 import signal
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from edgeprism.comm.context import DistContext
+from edgeprism.comm.exchange import Exchanger
 from edgeprism.runtime.groups import Lane, gloo_group, retire_lanes
 
 PEER = '''
@@ -28,6 +30,8 @@ port, prefix, rank = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
 group = gloo_group(dist.PrefixStore(prefix, store), rank, 3, 120.0, "127.0.0.1")
 group.allreduce([torch.ones(4)]).wait()
+outputs = [torch.empty(64, dtype=torch.uint8) for _ in range(3)]
+group.allgather([outputs], [torch.full((64,), rank, dtype=torch.uint8)]).wait()  # rank 0's background gather
 print("connected", flush=True)
 time.sleep(600)
 '''
@@ -55,6 +59,11 @@ def test_retiring_groups_with_dead_and_hung_peers_spares_reused_descriptors():
         try:
             group = gloo_group(dist.PrefixStore(prefix, store), 0, 3, 120.0, "127.0.0.1")
             group.allreduce([torch.ones(4)]).wait()
+            ctx = DistContext(group_rank=0, world_size=3, backend="gloo", device=torch.device("cpu"),
+                              timeout_s=GROUP_TIMEOUT_S, group=group)
+            exchanger = Exchanger(ctx)  # its background thread once held the group for good (leaked per epoch)
+            gathered = exchanger.start_all_gather_bytes(torch.zeros(64, dtype=torch.uint8), [64] * 3).wait()
+            assert [int(t[0]) for t in gathered] == [0, 1, 2]
             assert [p.stdout.readline().strip() for p in peers] == ["connected", "connected"]
             group.set_timeout(timedelta(seconds=GROUP_TIMEOUT_S))
             held_by_group = _fds() - baseline
@@ -66,10 +75,8 @@ def test_retiring_groups_with_dead_and_hung_peers_spares_reused_descriptors():
             except RuntimeError:
                 pass  # the dead peer's reset, or the hung one's timeout: either way the lane is broken
             del work
-            ctx = DistContext(group_rank=0, world_size=3, backend="gloo", device=torch.device("cpu"),
-                              timeout_s=GROUP_TIMEOUT_S, group=group)
-            lanes = {(0, 1, 2): Lane((0, 1, 2), ctx, None)}
-            del group, ctx
+            lanes = {(0, 1, 2): Lane((0, 1, 2), ctx, exchanger)}
+            del group, ctx, exchanger, gathered
             retire_lanes(lanes, linger_s=GROUP_TIMEOUT_S + 0.5)
             pipes, owners = [], []
             deadline = time.monotonic() + GROUP_TIMEOUT_S + 1.5
@@ -94,5 +101,6 @@ def test_retiring_groups_with_dead_and_hung_peers_spares_reused_descriptors():
                 peer.kill()
                 peer.wait()
                 peer.stdout.close()
+        assert not [t for t in threading.enumerate() if t.name == "edgeprism-exchange"]
         leaked = _fds() - baseline
         assert not leaked, f"descriptors left open after round {round_}: {sorted(leaked)}"
