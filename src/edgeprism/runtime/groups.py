@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import json
@@ -221,11 +222,12 @@ def build_epoch_lanes(ctx: DistContext, store, epoch: int, profile: Profile, mem
 
 
 def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, background: bool = True) -> None:
-    """Abort the lanes' groups and keep them on a daemon thread for `linger_s` (the groups' timeout): a
+    """End the lanes' exchangers and keep their groups on a daemon thread for `linger_s` (the groups' timeout): a
     group's destructor waits for an operation stuck on a hung peer, and that wait must not fall on the
     thread that serves requests. After the timeout the stuck operation has failed and dropping is quick.
-    `background=False` drops them here and now (closing with no request in flight): a group still alive
-    on a daemon thread when the interpreter exits aborts the process in its C++ destructor."""
+    `background=False` drops them here and now (closing with no request in flight). A group must not be
+    destroyed on a daemon thread while the interpreter exits (the process aborts in its C++ destructor): at
+    exit the thread stops freeing and keeps what it holds."""
     groups = [lane.ctx.group for lane in lanes.values() if lane.ctx is not None]
     for lane in lanes.values():
         if lane.exchanger is not None:
@@ -238,13 +240,31 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, back
     # descriptor" on an unrelated pipe). The destructor alone waits out a stuck operation (the group's
     # timeout) on the daemon thread below and closes each socket once.
 
-    def drop(held=groups) -> None:
-        time.sleep(linger_s)
-        held.clear()
-
     if not background:
-        drop()
+        time.sleep(linger_s)
+        groups.clear()
         return
+    exiting, freeing = threading.Event(), threading.Lock()
+
+    def at_exit() -> None:
+        # The interpreter is ending: a group destroyed on a daemon thread from now on dies in its C++
+        # destructor (the thread is unwound when it next takes the GIL: "terminate called without an active
+        # exception"). Stop the thread from freeing, and let a destruction already under way finish (quick:
+        # it starts only after the linger, when no operation is stuck any more).
+        exiting.set()
+        if freeing.acquire(timeout=linger_s + 5.0):
+            freeing.release()
+
+    def drop(held=groups) -> None:
+        exiting.wait(linger_s)
+        with freeing:
+            if not exiting.is_set():
+                held.clear()
+        atexit.unregister(at_exit)
+        if exiting.is_set():
+            threading.Event().wait()  # park with the groups: they go with the process
+
+    atexit.register(at_exit)
     threading.Thread(target=drop, name="edgeprism-retire-groups", daemon=True).start()
 
 
