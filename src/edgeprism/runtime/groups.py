@@ -197,18 +197,27 @@ def build_epoch_lanes(ctx: DistContext, store, epoch: int, profile: Profile, mem
                       timeout_s: float, build_timeout_s: float, bind_addr: str | None,
                       keys: LaneKeys | None = None) -> dict[tuple[int, ...], Lane]:
     """Collective over `members` (every member calls it with the same arguments): this epoch's lanes.
-    Connecting must finish within `build_timeout_s`; collectives later time out after `timeout_s`.
+    Connecting all of them must finish within `build_timeout_s` (RuntimeError otherwise); collectives later
+    time out after `timeout_s`.
     `keys`: the lanes' rendezvous keys carry a tag only members can compute, and their messages are sealed
     when `keys.sealed` (None: plain `epoch{n}/` keys, nothing sealed)."""
     lanes: dict[tuple[int, ...], Lane] = {}
     epoch_prefix = keys.prefix(epoch) if keys is not None else f"epoch{epoch}/"
+    # One deadline for the whole epoch, not `build_timeout_s` per lane: with a member unreachable, each of
+    # the up to 7 lanes that include it would wait it out in turn (29 s of a chaos run's rank 0, all requests
+    # queued behind it, where 5 s was meant).
+    deadline = time.monotonic() + build_timeout_s
     try:
         for ranks in candidate_subsets(profile, members):
             if ctx.group_rank not in ranks:
                 lanes[ranks] = Lane(ranks, None, None)
                 continue
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise RuntimeError(f"epoch {epoch}: lanes over {list(members)} did not connect within "
+                                   f"{build_timeout_s:g} s ({len(lanes)} of them built)")
             prefix = dist.PrefixStore(f"{epoch_prefix}lane{'-'.join(map(str, ranks))}/", store)
-            group = gloo_group(prefix, ranks.index(ctx.group_rank), len(ranks), build_timeout_s, bind_addr)
+            group = gloo_group(prefix, ranks.index(ctx.group_rank), len(ranks), remaining_s, bind_addr)
             group.set_timeout(timedelta(seconds=timeout_s))
             sub = sub_context(ctx, ranks, group, timeout_s)
             exchanger = Exchanger(sub)
