@@ -99,16 +99,27 @@ class _Background:
 
     def _loop(self) -> None:
         while True:
-            fn, future = self._jobs.get()
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, future = job
             try:
                 future.set_result(fn())
             except BaseException as err:  # handed to the waiting caller
                 future.set_exception(err)
+            # Drop the finished job before waiting for the next: its gather holds the exchanger, and with it the
+            # lane's process group, which would otherwise outlive the lane's retirement (its sockets, threads
+            # and buffers leaked once per broken epoch).
+            del job, fn, future
 
     def submit(self, fn: Callable) -> Future:
         future: Future = Future()
         self._jobs.put((fn, future))
         return future
+
+    def close(self) -> None:
+        """End the thread once the jobs already submitted are done (it holds nothing afterwards)."""
+        self._jobs.put(None)
 
 
 def _sync(device: torch.device) -> None:
@@ -266,6 +277,13 @@ class Exchanger:
             self._background = _Background()
         future = self._background.submit(gather.run)
         return PendingExchange(lambda: gather.finish(*future.result()))
+
+    def close(self) -> None:
+        """Stop the background thread (if `start_all_gather_bytes` made one); the exchanger is not used after
+        this. Called when its lane is retired (edgeprism.runtime.groups.retire_lanes)."""
+        if self._background is not None:
+            self._background.close()
+            self._background = None
 
     def _stage_gather(self, payload: Tensor, sizes: list[int], kind: str, slot: int = 0) -> _Gather:
         """Seal and stage this rank's payload for an all-gather of `kind` into the buffers of `slot` (the shared

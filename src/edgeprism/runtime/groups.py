@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import json
@@ -198,18 +199,27 @@ def build_epoch_lanes(ctx: DistContext, store, epoch: int, profile: Profile, mem
                       timeout_s: float, build_timeout_s: float, bind_addr: str | None,
                       keys: LaneKeys | None = None) -> dict[tuple[int, ...], Lane]:
     """Collective over `members` (every member calls it with the same arguments): this epoch's lanes.
-    Connecting must finish within `build_timeout_s`; collectives later time out after `timeout_s`.
+    Connecting all of them must finish within `build_timeout_s` (RuntimeError otherwise); collectives later
+    time out after `timeout_s`.
     `keys`: the lanes' rendezvous keys carry a tag only members can compute, and their messages are sealed
     when `keys.sealed` (None: plain `epoch{n}/` keys, nothing sealed)."""
     lanes: dict[tuple[int, ...], Lane] = {}
     epoch_prefix = keys.prefix(epoch) if keys is not None else f"epoch{epoch}/"
+    # One deadline for the whole epoch, not `build_timeout_s` per lane: with a member unreachable, each of
+    # the up to 7 lanes that include it would wait it out in turn (29 s of a chaos run's rank 0, all requests
+    # queued behind it, where 5 s was meant).
+    deadline = time.monotonic() + build_timeout_s
     try:
         for ranks in candidate_subsets(profile, members):
             if ctx.group_rank not in ranks:
                 lanes[ranks] = Lane(ranks, None, None)
                 continue
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise RuntimeError(f"epoch {epoch}: lanes over {list(members)} did not connect within "
+                                   f"{build_timeout_s:g} s ({len(lanes)} of them built)")
             prefix = dist.PrefixStore(f"{epoch_prefix}lane{'-'.join(map(str, ranks))}/", store)
-            group = gloo_group(prefix, ranks.index(ctx.group_rank), len(ranks), build_timeout_s, bind_addr)
+            group = gloo_group(prefix, ranks.index(ctx.group_rank), len(ranks), remaining_s, bind_addr)
             group.set_timeout(timedelta(seconds=timeout_s))
             sub = sub_context(ctx, ranks, group, timeout_s)
             exchanger = Exchanger(sub)
@@ -223,12 +233,16 @@ def build_epoch_lanes(ctx: DistContext, store, epoch: int, profile: Profile, mem
 
 
 def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, background: bool = True) -> None:
-    """Abort the lanes' groups and keep them on a daemon thread for `linger_s` (the groups' timeout): a
+    """End the lanes' exchangers and keep their groups on a daemon thread for `linger_s` (the groups' timeout): a
     group's destructor waits for an operation stuck on a hung peer, and that wait must not fall on the
     thread that serves requests. After the timeout the stuck operation has failed and dropping is quick.
-    `background=False` drops them here and now (closing with no request in flight): a group still alive
-    on a daemon thread when the interpreter exits aborts the process in its C++ destructor."""
+    `background=False` drops them here and now (closing with no request in flight). A group must not be
+    destroyed on a daemon thread while the interpreter exits (the process aborts in its C++ destructor): at
+    exit the thread stops freeing and keeps what it holds."""
     groups = [lane.ctx.group for lane in lanes.values() if lane.ctx is not None]
+    for lane in lanes.values():
+        if lane.exchanger is not None:
+            lane.exchanger.close()  # its background thread would otherwise keep the group alive for good
     lanes.clear()
     if not groups:
         return
@@ -237,13 +251,31 @@ def retire_lanes(lanes: dict[tuple[int, ...], Lane], linger_s: float = 0.0, back
     # descriptor" on an unrelated pipe). The destructor alone waits out a stuck operation (the group's
     # timeout) on the daemon thread below and closes each socket once.
 
-    def drop(held=groups) -> None:
-        time.sleep(linger_s)
-        held.clear()
-
     if not background:
-        drop()
+        time.sleep(linger_s)
+        groups.clear()
         return
+    exiting, freeing = threading.Event(), threading.Lock()
+
+    def at_exit() -> None:
+        # The interpreter is ending: a group destroyed on a daemon thread from now on dies in its C++
+        # destructor (the thread is unwound when it next takes the GIL: "terminate called without an active
+        # exception"). Stop the thread from freeing, and let a destruction already under way finish (quick:
+        # it starts only after the linger, when no operation is stuck any more).
+        exiting.set()
+        if freeing.acquire(timeout=linger_s + 5.0):
+            freeing.release()
+
+    def drop(held=groups) -> None:
+        exiting.wait(linger_s)
+        with freeing:
+            if not exiting.is_set():
+                held.clear()
+        atexit.unregister(at_exit)
+        if exiting.is_set():
+            threading.Event().wait()  # park with the groups: they go with the process
+
+    atexit.register(at_exit)
     threading.Thread(target=drop, name="edgeprism-retire-groups", daemon=True).start()
 
 
