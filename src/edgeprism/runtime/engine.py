@@ -193,7 +193,12 @@ class Engine(Rank0Side, WorkerSide):
 
     @property
     def link_estimate(self):
-        return self.estimator.estimate()
+        """What the planner is given for the next request: the live link estimate with the live compute and
+        device-speed corrections, sealing, and how this engine hides the exchange (overlap, micro-batches), so
+        that a plan made outside (a benchmark's static strategy) is costed as the engine's own are."""
+        return replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
+                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales(),
+                       overlap=self.config.overlap, micro_batches=self.config.micro_batches)
 
     @property
     def healthy_ranks(self) -> tuple[int, ...]:
@@ -279,9 +284,7 @@ class Engine(Rank0Side, WorkerSide):
               forced: Plan | None = None):
         batch = next(iter(inputs.values())).shape[0]
         request = Request(self.model.config.name, batch, num_tokens)
-        link = replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
-                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales(),
-                       overlap=self.config.overlap, micro_batches=self.config.micro_batches)
+        link = self.link_estimate
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
         if forced is not None:
