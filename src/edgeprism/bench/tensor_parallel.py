@@ -18,13 +18,12 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgeprism.bench.peers import PeerClock, PeerRun, broadcast_inputs, gather_clocks, head_row
 from edgeprism.comm.context import DistContext
 from edgeprism.models.base import ReferenceModel
-from edgeprism.models.common import MLP, Attention
+from edgeprism.models.common import MLP, Attention, Bias, attention
 
 
 def _wait(tensor: Tensor) -> Tensor:
@@ -68,14 +67,14 @@ class _ShardedAttention(nn.Module):
         v = self.value(x_kv).view(batch, num_kv, self.num_heads, self.head_dim).transpose(1, 2)
         return k, v  # each (B, heads/P, T_kv, head_dim)
 
-    def attend(self, x_q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    def attend(self, x_q: Tensor, k: Tensor, v: Tensor, bias: Bias) -> Tensor:
         batch, num_q, _ = x_q.shape
         q = self.query(x_q).view(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(self.head_dim))
+        out = attention(q, k, v, bias, 1.0 / math.sqrt(self.head_dim))
         self._accounting.before(tuple(x_q.shape))
         return self._accounting.after(self.output(out.transpose(1, 2).reshape(batch, num_q, -1)))  # (B, T_q, d)
 
-    def forward(self, x_q: Tensor, x_kv: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x_q: Tensor, x_kv: Tensor, bias: Bias = None) -> Tensor:
         k, v = self.project_kv(x_kv)
         return self.attend(x_q, k, v, bias)
 
