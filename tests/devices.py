@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,13 @@ def wifi4_testbed(num_hosts, what):
         yield tb
     finally:
         tb.down()
+
+
+def maintain_until(engine, done, timeout_s=60.0):
+    """Let rank 0 take joins and settle liveness rounds (`engine.maintain()`) until `done()`; fails with the
+    cluster's status after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, engine.cluster_status()
+        engine.maintain()
+        time.sleep(0.05)

@@ -16,9 +16,9 @@ from edgeprism.models.config import get_config
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition import overlap
-from edgeprism.partition.attend import block_with_remote
+from edgeprism.partition.attend import block_with_remote, own_key_bias, remote_key_bias
 from edgeprism.partition.overlap import OwnPart, attention_part, merge_parts
-from edgeprism.partition.transform import PositionWise, own_key_bias, remote_key_bias
+from edgeprism.partition.transform import PositionWise
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.runtime import EngineConfig, launch_local
 

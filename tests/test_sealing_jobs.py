@@ -5,10 +5,10 @@ fails the job on every rank, drops its sender, and the sender joins again and me
 the worker is the one that catches it, its sealed report makes rank 0 drop it (the link to rank 0 is what
 is not safe), and it joins again."""
 
-import time
 
 import pytest
 
+from devices import maintain_until
 from edgeprism.models.config import get_config
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.runtime import EngineConfig, launch_local
@@ -39,11 +39,7 @@ def test_a_link_job_over_sealed_lanes_measures_and_a_tampered_result_is_refused_
         assert engine.security_counts()["tampered_lane_messages"] == 1
         assert any("rank 1 dropped: a lane message did not open" in what for _, what in engine._membership.events)
 
-        deadline = time.monotonic() + 60  # rank 1 joins again (a new session, new lane keys) and measures
-        while engine.healthy_ranks != members:
-            assert time.monotonic() < deadline, engine.cluster_status()
-            engine.maintain()
-            time.sleep(0.05)
+        maintain_until(engine, lambda: engine.healthy_ranks == members)  # rank 1 joins again (new lane keys)
         again = engine.run_job("link", LINK_JOB)
         assert again[0]["link"]["bandwidth_bps"] > 0
 
@@ -52,10 +48,7 @@ def test_a_link_job_over_sealed_lanes_measures_and_a_tampered_result_is_refused_
         engine._lanes[members].exchanger.sealer.sent = 0
         with pytest.raises(RuntimeError, match="could not open a sealed job result"):
             engine.run_job("link", LINK_JOB)
-        deadline = time.monotonic() + 60
-        while engine.security_counts()["tampered_lane_messages"] < 2 or engine.healthy_ranks != members:
-            assert time.monotonic() < deadline, engine.cluster_status()
-            engine.maintain()
-            time.sleep(0.05)
+        maintain_until(engine, lambda: engine.security_counts()["tampered_lane_messages"] >= 2
+                       and engine.healthy_ranks == members)
         assert any("from rank 0 did not open" in what for _, what in engine._membership.events)
         assert engine.run_job("link", LINK_JOB)[0]["link"]["bandwidth_bps"] > 0

@@ -27,14 +27,9 @@ from edgeprism.compress.base import Codec
 from edgeprism.compress.codecs import SegmentMeansCodec
 from edgeprism.compress.formats import FloatFormat
 from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias
 from edgeprism.partition.ranges import equal_shares, split_tokens
-from edgeprism.partition.transform import (
-    DEFAULT_AVERAGE,
-    DEFAULT_SIZE_AWARE,
-    block_with_remote,
-    exchanged_states,
-    own_key_bias,
-)
+from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE
 
 Outputs = dict[str, Tensor]
 
