@@ -248,12 +248,14 @@ class ReferenceModel(nn.Module):
         num_tokens = self.validate_input(inputs) if num_tokens is None else num_tokens
         hidden = self.embed(inputs, 0, num_tokens)  # (B, T, d)
         valid = self.valid_mask(inputs, hidden.shape[0], num_tokens).to(hidden.device)
-        bias: Bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, T)
+        bias: Bias
         if self.causal and bool(valid.all()):
-            bias = CAUSAL_SQUARE  # the same mask, on SDPA's fused causal path
-        elif self.causal:
-            positions = torch.arange(num_tokens, device=hidden.device)  # bias (B, 1, T, T) below
-            bias = key_padding_bias(valid, hidden.dtype) + causal_bias(positions, positions, hidden.dtype)
+            bias = CAUSAL_SQUARE  # the causal mask with no padding, on SDPA's fused causal path
+        else:
+            bias = key_padding_bias(valid, hidden.dtype)  # (B, 1, 1, T)
+            if self.causal:
+                positions = torch.arange(num_tokens, device=hidden.device)
+                bias = bias + causal_bias(positions, positions, hidden.dtype)  # (B, 1, T, T)
         for block in self.blocks:
             hidden = block(hidden, bias=bias)
         hidden = self.finish(hidden)
