@@ -8,7 +8,7 @@
    links), starts `edgeprism serve --listen --http` on host 0 and `edgeprism join` on the others, exactly
    as docs/DEPLOY.md does, with a synthetic lossless profile (fp32 only) that favours splitting;
 3. sends `requests` requests (one text each, texts drawn with the seed) from `clients` concurrent HTTP
-   clients inside host 0's namespace (`chaos_client.py`), while `testbed.chaos.ChaosRunner` applies a
+   clients inside host 0's namespace (`bench/chaos_client.py`), while `testbed.chaos.ChaosRunner` applies a
    seeded fault schedule (SIGKILL + restart, link cut, CPU quota lowered, link sag) to the devices;
 4. checks every answer against its reference (cosine >= `min_cosine`) and summarises: requests, lost (no
    200 after the client's retries), mismatches, fallbacks (answers rerun on rank 0 after a failure, and
@@ -47,7 +47,8 @@ from edgeprism.testbed.net import Testbed
 from edgeprism.testbed.presets import get_preset
 
 log = logging.getLogger(__name__)
-CLIENT = Path(__file__).with_name("chaos_client.py")
+CLIENT = "edgeprism.bench.chaos_client"
+"""The load client, run as `python -m` inside host 0's namespace."""
 PORT, HTTP_PORT = 29400, 8000
 
 
@@ -184,7 +185,7 @@ class Deployment:
         self.join(host)
 
     def client(self, *argv: str, timeout_s: float | None = None) -> None:
-        cmd = ["ip", "netns", "exec", str(self.h0.netns), sys.executable, str(CLIENT), *argv]
+        cmd = ["ip", "netns", "exec", str(self.h0.netns), sys.executable, "-m", CLIENT, *argv]
         with open(self.workdir / "client.log", "a") as logfile:
             subprocess.run(cmd, check=True, stdout=logfile, stderr=logfile, timeout=timeout_s)
 

@@ -1,9 +1,10 @@
-"""The HTTP side of the chaos run (edgeprism.bench.chaos), run as a file inside the coordinator's network
-namespace (`ip netns exec NS python chaos_client.py ...`): standard library only, so it starts fast and
-imports nothing of edgeprism. Writes files, never stdout.
+"""The HTTP side of the chaos run (edgeprism.bench.chaos), run inside the coordinator's network namespace
+(`ip netns exec NS python -m edgeprism.bench.chaos_client ...`). Its one HTTP client is
+`edgeprism.api.client.FailoverClient` (standard library only, like this module, so it starts fast and
+imports no model code). Writes files, never stdout.
 
-    chaos_client.py get URL OUT.json         one GET, {"status", "body"} to OUT.json
-    chaos_client.py load PLAN.json OUT.jsonl  the requests of PLAN from its `clients` threads
+    python -m edgeprism.bench.chaos_client get URL OUT.json         one GET, {"status", "body"} to OUT.json
+    python -m edgeprism.bench.chaos_client load PLAN.json OUT.jsonl  the requests of PLAN from `clients` threads
 
 PLAN: {"url", "model", "texts": [...], "references": [[...], ...], "order": [text index per request],
 "clients", "attempts", "timeout_s", "backoff_s"}. Each request POSTs one text to /v1/embeddings and is
@@ -12,69 +13,59 @@ final. One JSON line per request: index, text, ok, status, attempts, latency_ms 
 answer, retries included), mode, ranks, codec, fallback, cosine against the text's reference.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import math
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+from typing import Any
+from urllib.parse import urlsplit
 
-log = logging.getLogger("chaos_client")
+from edgeprism.api.client import FailoverClient
 
-
-def _send(url, body, timeout_s):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
-                                     headers={} if data is None else {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            raw = response.read()
-            status = response.status
-    except urllib.error.HTTPError as err:
-        raw, status = err.read(), err.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, {"raw": raw.decode(errors="replace")}
+log = logging.getLogger(__name__)
 
 
-def _cosine(a, b):
+def _cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm > 0 else 0.0
 
 
-def one_request(plan, index):
+def plan_client(plan: dict[str, Any]) -> FailoverClient:
+    """The client of one load thread: PLAN's URL, sends bounded by `attempts` alone, 5xx answers retried."""
+    return FailoverClient([plan["url"]], timeout_s=plan["timeout_s"], retry_for_s=math.inf,
+                          pause_s=plan["backoff_s"], retry_server_errors=True, max_attempts=plan["attempts"])
+
+
+def one_request(plan: dict[str, Any], index: int, client: FailoverClient) -> dict[str, Any]:
+    """The row of request `index` of PLAN (see the module docstring)."""
     text = plan["order"][index]
     body = {"model": plan["model"], "input": [plan["texts"][text]]}
-    row = {"index": index, "text": text, "ok": False, "status": None, "attempts": 0, "error": None}
+    row: dict[str, Any] = {"index": index, "text": text, "ok": False, "status": None, "attempts": 0, "error": None}
     start = time.monotonic()
-    for attempt in range(1, plan["attempts"] + 1):
-        row["attempts"] = attempt
-        try:
-            status, answer = _send(plan["url"] + "/v1/embeddings", body, plan["timeout_s"])
-        except (OSError, urllib.error.URLError) as err:  # no answer (refused, reset, timeout): retried
-            row["status"], row["error"] = None, f"{type(err).__name__}: {err}"
+    try:
+        reply = client.post("/v1/embeddings", body)
+    except ConnectionError as err:  # no answer to the last send (refused, reset, timeout)
+        row.update(attempts=plan["attempts"], error=f"{type(err).__name__}: {err}")
+    else:
+        row.update(status=reply.status, attempts=reply.attempts)
+        answer = reply.body
+        if reply.status == 200:
+            meta = answer.get("edgeprism", {})
+            got = answer["data"][0]["embedding"]
+            row.update(ok=True, mode=meta.get("mode"), ranks=meta.get("ranks"), codec=meta.get("codec"),
+                       fallback=bool(meta.get("fallback")), cosine=_cosine(got, plan["references"][text]))
         else:
-            row["status"] = status
-            if status == 200:
-                meta = answer.get("edgeprism", {})
-                got = answer["data"][0]["embedding"]
-                row.update(ok=True, error=None, mode=meta.get("mode"), ranks=meta.get("ranks"),
-                           codec=meta.get("codec"), fallback=bool(meta.get("fallback")),
-                           cosine=_cosine(got, plan["references"][text]))
-                break
-            row["error"] = str(answer.get("error", answer))[:300]
-            if status < 500:
-                break
-        time.sleep(plan["backoff_s"])
+            row["error"] = str(answer.get("error", answer) if isinstance(answer, dict) else answer)[:300]
     row["latency_ms"] = round((time.monotonic() - start) * 1e3, 3)
     return row
 
 
-def load(plan_path, out_path):
+def load(plan_path: str, out_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
     total = len(plan["order"])
@@ -82,14 +73,15 @@ def load(plan_path, out_path):
     state = {"next": 0, "done": 0}
     out = open(out_path, "w")
 
-    def client():
+    def client_thread() -> None:
+        client = plan_client(plan)
         while True:
             with lock:
                 index = state["next"]
                 if index >= total:
                     return
                 state["next"] += 1
-            row = one_request(plan, index)
+            row = one_request(plan, index, client)
             with lock:
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -97,7 +89,7 @@ def load(plan_path, out_path):
                 if state["done"] % 100 == 0:
                     log.info("%d/%d answered", state["done"], total)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(plan["clients"])]
+    threads = [threading.Thread(target=client_thread, daemon=True) for _ in range(plan["clients"])]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -105,12 +97,20 @@ def load(plan_path, out_path):
     out.close()
 
 
-def main(argv):
+def get(url: str, out_path: str) -> None:
+    """One GET of a full URL, no retry; a body that is not JSON is written as {"raw": text}."""
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc}"
+    reply = FailoverClient([base], timeout_s=30.0, max_attempts=1).get(url[len(base):] or "/")
+    body = reply.body if isinstance(reply.body, (dict, list)) else {"raw": reply.body}
+    with open(out_path, "w") as f:
+        json.dump({"status": reply.status, "body": body}, f)
+
+
+def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s chaos-client %(message)s")
     if argv[0] == "get":
-        status, body = _send(argv[1], None, 30.0)
-        with open(argv[2], "w") as f:
-            json.dump({"status": status, "body": body}, f)
+        get(argv[1], argv[2])
     elif argv[0] == "load":
         load(argv[1], argv[2])
     else:
