@@ -69,18 +69,16 @@ def block_with_remote(block: Block, hidden: Tensor, own_bias: Tensor, remote: Te
     if positions is None:
         positions = torch.arange(num_own, device=hidden.device)
     remote_bias = remote_key_bias(counts, size_aware, hidden.dtype)  # (B, 1, 1, S_remote)
+    own = sent if sent is not None else exchanged_states(block, hidden, average, positions)  # (B, n_own, width)
     if own_causal_square and isinstance(block, KVExchangeBlock) and isinstance(block, SplitKVBlock):
-        own = sent if sent is not None else block.wire_kv(hidden, positions)
         return causal_block_in_parts(block, hidden, positions, own, remote, remote_bias)
-    bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)
+    wire = torch.cat([own, remote], dim=1)  # (B, n_own + S_remote, width): own and received rows alike
     if isinstance(block, KVExchangeBlock):  # received keys/values are used as they arrive
-        own = sent if sent is not None else block.wire_kv(hidden, positions)
-        kv = block.kv_from_wire(torch.cat([own, remote], dim=1))  # each (B, kv_heads, n_own + S_remote, hd)
-    else:
-        own_kv_in = sent if (sent is not None and average == "normed") else block.kv_input(hidden)
-        remote_kv_in = block.kv_input(remote) if average == "residual" else remote
-        kv_in = torch.cat([own_kv_in, remote_kv_in], dim=1)  # (B, n_own + S_remote, d)
+        kv = block.kv_from_wire(wire)  # each (B, kv_heads, n_own + S_remote, hd)
+    else:  # the K/V input per token: the rows themselves ("normed"), or normalised here ("residual")
+        kv_in = block.kv_input(wire) if average == "residual" else wire  # (B, n_own + S_remote, d)
         kv = block.attn.project_kv(kv_in)  # each (B, heads, n_own + S_remote, head_dim)
+    bias = torch.cat([own_bias, remote_bias.expand(batch, 1, num_own, -1)], dim=-1)  # (B, 1, n_own, n_own + S)
     return call_block(block, hidden, bias, kv, positions), kv, remote_bias  # hidden: (B, n_own, d)
 
 
