@@ -1,4 +1,5 @@
-"""The cost model: predicted latency and energy of a plan, from the profile alone. Pure arithmetic.
+"""The cost model: predicted latency and energy of a plan, from the profile alone. Pure arithmetic over the
+profile's numbers as `CostConstants` (read once: plan/constants.py).
 
 Local (rank 0 alone):
     compute_s = (L · t_layer(B, N, N) + request_overhead_s) / speed_0;  energy = compute_w · compute_s.
@@ -43,47 +44,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from edgeprism.partition.ranges import apportion
+from edgeprism.plan.constants import CostConstants, profile_constants
 from edgeprism.plan.pipeline import own_key_s, pipelined_layers
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
-
-
-class CostConstants(NamedTuple):
-    """The profile's numbers the planner's hot loop needs, read once per profile (plain floats)."""
-
-    num_layers: int
-    causal: bool
-    fixed_s: float
-    per_token_s: float
-    per_kv_s: float
-    per_token_kv_s: float
-    request_overhead_s: float
-    staged: bool
-    stage_latency_s: float
-    """d2h + h2d latency of one exchange's staging copies."""
-    d2h_s_per_byte: float
-    h2d_s_per_byte: float
-    shared_medium: bool
-    input_bytes_per_token: float
-    output_bytes_per_row: float
-    idle_w: float
-    compute_w: float
-    staging_w: float
-    network_w: float
-    burst_bytes: float
-    seal_bytes: float = 0.0
-    """Bytes sealing adds to a message (0: lanes not sealed, or the profile has no sealing cost)."""
-    seal_message_s: float = 0.0
-    seal_byte_s: float = 0.0
-    overlap: bool = False
-    """The runtime overlaps each layer's exchange with its own-key attention (encoders only)."""
-    micro_batches: int = 1
-    """The runtime splits a batch into this many micro-batches (at most one per row; encoders only)."""
-
-    @property
-    def pipelined(self) -> bool:
-        """Whether a layer's exchange may hide behind compute (plan/pipeline.py)."""
-        return self.overlap or self.micro_batches > 1
 
 
 class GroupTerms(NamedTuple):
@@ -138,30 +102,6 @@ def local_terms(profile: Profile, batch: int, num_tokens: int, compute_scale: fl
     layer_s = c.layer_seconds(batch, num_tokens, num_tokens)
     compute_s = compute_scale * (profile.model.num_layers * layer_s + c.request_overhead_s) / profile.device_speeds[0]
     return compute_s, profile.energy.compute_w * compute_s
-
-
-def profile_constants(profile: Profile, sealed: bool = False, overlap: bool = False,
-                      micro_batches: int = 1) -> CostConstants:
-    """The profile's numbers the hot loop needs, read once per planner call; `sealed`: the lanes are sealed
-    (charged when the profile measured what that costs); `overlap`, `micro_batches`: how the runtime hides the
-    exchange (plan/pipeline.py; decoders do neither)."""
-    c, st, e, seal = profile.compute, profile.staging, profile.energy, profile.sealing
-    charged = sealed and seal is not None
-    return CostConstants(
-        num_layers=profile.model.num_layers, causal=profile.model.causal, fixed_s=c.fixed_s,
-        per_token_s=c.per_token_s, per_kv_s=c.per_kv_s, per_token_kv_s=c.per_token_kv_s,
-        request_overhead_s=c.request_overhead_s, staged=st.present,
-        stage_latency_s=st.d2h_latency_s + st.h2d_latency_s,
-        d2h_s_per_byte=8.0 / st.d2h_bandwidth_bps if st.present else 0.0,
-        h2d_s_per_byte=8.0 / st.h2d_bandwidth_bps if st.present else 0.0,
-        shared_medium=profile.link.medium == "shared", input_bytes_per_token=profile.input_bytes_per_token,
-        output_bytes_per_row=profile.output_bytes_per_row, idle_w=e.idle_w, compute_w=e.compute_w,
-        staging_w=e.staging_w, network_w=e.network_w, burst_bytes=profile.link.burst_bytes,
-        seal_bytes=float(seal.overhead_bytes) if charged else 0.0,  # type: ignore[union-attr]
-        seal_message_s=seal.per_message_s if charged else 0.0,  # type: ignore[union-attr]
-        seal_byte_s=seal.per_byte_s if charged else 0.0,  # type: ignore[union-attr]
-        overlap=overlap and not profile.model.causal,
-        micro_batches=1 if profile.model.causal else max(1, micro_batches))
 
 
 def message_rounds(num_layers: int, k: int, causal: bool) -> int:

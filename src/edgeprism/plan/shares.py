@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgeprism.partition.ranges import apportion
-from edgeprism.plan.cost import CostConstants
+from edgeprism.plan.constants import CostConstants
 from edgeprism.profile.schema import CodecFidelity
 
 SPLIT_BLENDS = (0.0, 0.25, 0.5)
