@@ -9,7 +9,8 @@ import warnings
 import pytest
 
 from edgeprism.testbed import cpu
-from edgeprism.testbed.net import Testbed, cleanup_stale, status
+from edgeprism.testbed.leftovers import cleanup_stale, status
+from edgeprism.testbed.net import Testbed
 from edgeprism.testbed.presets import get_preset
 
 CPU_LINE = "import os; print([l.split(':', 2)[2] for l in open('/proc/self/cgroup') if l.split(':')[1] == 'cpu'][0])"

@@ -9,7 +9,8 @@ import warnings
 import pytest
 
 from edgeprism.testbed import net, netns
-from edgeprism.testbed.net import Testbed, cleanup_stale, status
+from edgeprism.testbed.leftovers import cleanup_stale, status
+from edgeprism.testbed.net import Testbed
 from edgeprism.testbed.presets import get_preset
 
 HAVE_IP = shutil.which("ip") is not None and shutil.which("tc") is not None

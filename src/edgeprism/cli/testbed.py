@@ -12,7 +12,8 @@ import json
 import logging
 from typing import Any
 
-from edgeprism.testbed.net import Testbed, cleanup_stale, status
+from edgeprism.testbed.leftovers import cleanup_stale, status
+from edgeprism.testbed.net import Testbed
 from edgeprism.testbed.presets import LINK_PRESETS, parse_delay, parse_rate, resolve_link
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,10 @@ one-way delay is added per message by the transport (`emulation.EmulatedLink`), 
 has no netem. Without root or `ip`/`tc`, the testbed falls back to loopback with the whole link
 emulated in the transport, and says so.
 
-This module owns a testbed's lifecycle (up, set_link, down, attach, status, cleanup); the pieces it uses
-are `netns` (the ip/tc commands and the star topology), `subnets` (choosing a free address range) and
-`registry` (the state files that let another process find and remove a testbed).
+This module owns one testbed's lifecycle (up, set_link, set_speed, down, attach); the pieces it uses are
+`netns` (the ip/tc commands and the star topology), `subnets` (choosing a free address range) and
+`registry` (the state files that let another process find and remove a testbed). What exists on the
+machine across testbeds, and removing what killed runs left, is `leftovers`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import socket
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from edgeprism.testbed import cpu
 from edgeprism.testbed.emulation import LinkMode, write_link_file
@@ -41,18 +42,15 @@ from edgeprism.testbed.netns import (
     delete_netns,
     kernel_testbed_missing,
     kill_netns_processes,
-    netns_age_s,
-    netns_list,
-    netns_pids,
     shape,
 )
 from edgeprism.testbed.presets import LinkPreset
-from edgeprism.testbed.registry import PREFIX, link_path, pid_alive, read_states, state_dir, state_path, write_state
+from edgeprism.testbed.registry import PREFIX, link_path, state_dir, state_path, write_state
 from edgeprism.testbed.subnets import pick_subnet
 
 # Host, kill_netns_processes, state_dir and PREFIX live in netns/registry; they are re-exported here because
 # net is the testbed's public face (launch.py and the CLI import them from here).
-__all__ = ["PREFIX", "Host", "Testbed", "cleanup_stale", "kill_netns_processes", "state_dir", "status"]
+__all__ = ["PREFIX", "Host", "Testbed", "kill_netns_processes", "state_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -357,66 +355,3 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def status() -> dict[str, Any]:
-    """What exists now: testbeds with state files, and any ep- namespaces (with their process ids)."""
-    namespaces = {ns: netns_pids(ns) for ns in netns_list() if ns.startswith(PREFIX)}
-    testbeds = []
-    for state in read_states():
-        owner = state.get("owner_pid")
-        testbeds.append({
-            "tag": state["tag"],
-            "backend": state["backend"],
-            "subnet": state.get("subnet"),
-            "link": state["link"],
-            "hosts": [h["address"] for h in state["hosts"]],
-            "speeds": [h.get("speed") for h in state["hosts"]],
-            "cpu_quotas": [None if not h.get("cgroup") else cpu.read_quota(h["cgroup"]) for h in state["hosts"]],
-            "persistent": owner is None,
-            "owner_alive": owner is None or pid_alive(owner),
-        })
-    known = {ns for s in read_states() for ns in s.get("namespaces", [])}
-    orphans = sorted(ns for ns in namespaces if ns not in known)
-    known_groups = {h.get("cgroup") for s in read_states() for h in s.get("hosts", [])}
-    orphan_groups = [g for g in cpu.list_groups(cpu.find_controller(), PREFIX) if g not in known_groups]
-    return {"state_dir": state_dir(), "testbeds": testbeds, "namespaces": namespaces, "orphan_namespaces": orphans,
-            "orphan_cgroups": orphan_groups}
-
-
-def cleanup_stale(everything: bool = False) -> list[str]:
-    """Remove leftovers of killed runs: testbeds whose owning process is gone and ep- namespaces no
-    state file names. `everything=True` also removes live and persistent testbeds. Returns what went."""
-    removed: list[str] = []
-    known: set[str] = set()
-    known_groups: set[str] = set()
-    for state in read_states():
-        owner = state.get("owner_pid")
-        stale = owner is not None and not pid_alive(owner)
-        if not (stale or everything):
-            known.update(state.get("namespaces", []))
-            known_groups.update(h["cgroup"] for h in state.get("hosts", []) if h.get("cgroup"))
-            continue
-        tb = Testbed.attach(state["tag"])
-        tb.down()
-        removed.append(f"testbed {state['tag']}")
-    # Namespaces with no state file: a state file is written before any namespace, so these belong to
-    # a run whose files were deleted by hand. Spare ones younger than a few seconds (being created).
-    for ns in netns_list():
-        if ns.startswith(PREFIX) and ns not in known and (everything or netns_age_s(ns) > 10.0):
-            delete_netns(ns)
-            removed.append(f"netns {ns}")
-    # CPU groups with no state file (made after the state file, so the same reasoning holds).
-    for group in cpu.list_groups(cpu.find_controller(), PREFIX):
-        if group not in known_groups and (everything or _age_s(group) > 10.0):
-            cpu.remove_group(group)
-            removed.append(f"cgroup {group}")
-    return removed
-
-
-def _age_s(path: str) -> float:
-    try:
-        return time.time() - os.stat(path).st_mtime
-    except OSError:
-        return float("inf")
-

@@ -1,5 +1,5 @@
 """The testbed registry: one state file per live testbed, so another process (`edgeprism testbed down`,
-`cleanup_stale`) can find and remove what a testbed made. A state file is written before any namespace."""
+`leftovers.cleanup_stale`) can find and remove what a testbed made. A state file is written before any namespace."""
 
 from __future__ import annotations
 
