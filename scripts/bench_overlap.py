@@ -14,35 +14,19 @@ import argparse
 import json
 import os
 
-from edgeprism.bench.overlap import overlap_rank
-from edgeprism.comm.launch import JobSession
-from edgeprism.testbed.presets import get_preset
+from edgeprism.bench.overlap import add_overlap_arguments, run_overlap
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-base-patch16-224")
-    parser.add_argument("--link", default="wifi4")
-    parser.add_argument("--codec", default="fp16")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--backend", default="auto", choices=("auto", "netns", "loopback"))
-    parser.add_argument("--json", action="store_true")
+    add_overlap_arguments(parser, codec="fp16", repeats=5)
     args = parser.parse_args()
-    load_before = os.getloadavg()
-    with JobSession(2, get_preset(args.link), backend=args.backend, timeout_s=1800) as session:
-        result = session.run(overlap_rank, {"model": args.model, "codec": args.codec, "repeats": args.repeats,
-                                            "warmup": args.warmup,
-                                            "batches": [int(b) for b in args.batches.split(",")]},
-                             on_progress=print)
-        result["emulation"] = session.emulation
-    result["load_avg_before"], result["load_avg_after"] = load_before, os.getloadavg()
+    result = run_overlap(args, on_progress=print)
     if args.json:
         print(json.dumps(result))
         return
     print(f"{result['model']} x{result['world_size']}, codec {result['codec']}, {result['emulation']}; "
-          f"load {load_before[0]:.1f} -> {result['load_avg_after'][0]:.1f} on {os.cpu_count()} cores")
+          f"load {result['load_avg_before'][0]:.1f} -> {result['load_avg_after'][0]:.1f} on {os.cpu_count()} cores")
     print(f"{'batch':>5} {'overlap ms':>11} {'plain ms':>9} {'overlap/plain':>14}")
     for p in result["points"]:
         print(f"{p['batch']:>5} {p['overlap_median_s'] * 1e3:>11.1f} {p['plain_median_s'] * 1e3:>9.1f} "

@@ -21,14 +21,12 @@ import json
 import os
 from pathlib import Path
 
-from edgeprism.bench.overlap import VARIANTS, overlap_rank
-from edgeprism.comm.launch import JobSession
+from edgeprism.bench.overlap import VARIANTS, add_overlap_arguments, run_overlap
 from edgeprism.models.config import get_config
 from edgeprism.partition.ranges import equal_shares, split_tokens
 from edgeprism.plan import LinkEstimate, Request
 from edgeprism.plan.planner import static_plan
 from edgeprism.profile.schema import Profile
-from edgeprism.testbed.presets import get_preset
 
 
 def _profile(args) -> Profile | None:
@@ -55,27 +53,13 @@ def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, va
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-base-patch16-224")
-    parser.add_argument("--link", default="wifi4")
-    parser.add_argument("--codec", default="int8")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_overlap_arguments(parser, codec="int8", repeats=3)
     parser.add_argument("--variants", default="local,plain,overlap,mb2")
     parser.add_argument("--profile", default="", help="profile JSON for the predictions (default: see above)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "netns", "loopback"))
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     names = args.variants.split(",")
     profile = _profile(args)
-    load_before = os.getloadavg()
-    with JobSession(2, get_preset(args.link), backend=args.backend, timeout_s=1800) as session:
-        result = session.run(overlap_rank, {"model": args.model, "codec": args.codec, "repeats": args.repeats,
-                                            "warmup": args.warmup, "variants": names,
-                                            "batches": [int(b) for b in args.batches.split(",")]},
-                             on_progress=print)
-        result["emulation"] = session.emulation
-    result["load_avg_before"], result["load_avg_after"] = load_before, os.getloadavg()
+    result = run_overlap(args, names, on_progress=print)
     for point in result["points"]:
         for name in names:
             point[f"{name}_predicted_s"] = _predicted_s(profile, args.model, args.codec, point["batch"], name)
@@ -83,7 +67,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"{result['model']} x{result['world_size']}, codec {result['codec']}, {result['emulation']}; load "
-          f"{load_before[0]:.1f} -> {result['load_avg_after'][0]:.1f} on {os.cpu_count()} cores; "
+          f"{result['load_avg_before'][0]:.1f} -> {result['load_avg_after'][0]:.1f} on {os.cpu_count()} cores; "
           f"{args.repeats} repeats; profile {'none' if profile is None else profile.link.emulation}")
     print(f"{'batch':>5} {'variant':>8} {'median ms':>10} {'min-max ms':>15} {'/plain':>7} {'pred ms':>8} "
           f"{'err':>6}  {'timeline encode/wait/compute ms':>31}")

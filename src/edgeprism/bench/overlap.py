@@ -1,20 +1,26 @@
 """What hiding the exchange behind compute buys: the same requests through the position-wise split with the overlap
 off, on, and on with micro-batches, interleaved request by request on one job's ranks, beside rank 0 alone
-(`scripts/bench_overlap.py`, `scripts/bench_speed.py`)."""
+(`scripts/bench_overlap.py`, `scripts/bench_speed.py`: their shared options are `add_overlap_arguments`, their
+shared run `run_overlap`)."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from edgeprism.comm.context import DistContext
+from edgeprism.comm.launch import JobSession
 from edgeprism.compress.registry import get_codec
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition.transform import PositionWise
+from edgeprism.testbed.presets import get_preset
 
 VARIANTS: dict[str, tuple[bool, int]] = {"plain": (False, 1), "overlap": (True, 1), "mb2": (True, 2)}
 """name -> (overlap, micro_batches); "local" is rank 0 running the reference model alone."""
@@ -70,4 +76,34 @@ def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict 
     return out if ctx.is_root else None
 
 
-__all__ = ["VARIANTS", "overlap_rank"]
+def add_overlap_arguments(parser: argparse.ArgumentParser, codec: str, repeats: int) -> None:
+    """The options of an overlap run (`run_overlap`), with the script's default codec and repeats."""
+    parser.add_argument("--model", default="vit-base-patch16-224")
+    parser.add_argument("--link", default="wifi4")
+    parser.add_argument("--codec", default=codec)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--backend", default="auto", choices=("auto", "netns", "loopback"))
+    parser.add_argument("--json", action="store_true")
+
+
+def run_overlap(args: argparse.Namespace, variants: Sequence[str] | None = None,
+                on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`overlap_rank` on 2 emulated devices of one core over the link preset `args.link`, with the options of
+    `add_overlap_arguments` (`variants`: None runs overlap and plain). Its result, plus the job's `emulation` and
+    the host's load averages before and after (`load_avg_before`, `load_avg_after`): a busy host makes every
+    number slower and the ratios noisier."""
+    load_before = os.getloadavg()
+    job = {"model": args.model, "codec": args.codec, "repeats": args.repeats, "warmup": args.warmup,
+           "batches": [int(b) for b in args.batches.split(",")]}
+    if variants is not None:
+        job["variants"] = list(variants)
+    with JobSession(2, get_preset(args.link), backend=args.backend, timeout_s=1800) as session:
+        result = session.run(overlap_rank, job, on_progress=on_progress)
+        result["emulation"] = session.emulation
+    result["load_avg_before"], result["load_avg_after"] = load_before, os.getloadavg()
+    return result
+
+
+__all__ = ["VARIANTS", "add_overlap_arguments", "overlap_rank", "run_overlap"]
