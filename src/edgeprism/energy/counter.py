@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from edgeprism.energy.measurement import Clock, Measurement, Source, WindowBook
+from edgeprism.energy.measurement import Clock, Measurement, MeterIdentity, WindowBook
 
 ReadCounters = Callable[[], dict[str, int]]
 """Returns every counter's raw value now (integer counts), keyed by part name."""
@@ -26,7 +26,7 @@ def counter_delta(start: int, end: int, wrap_range: int | None) -> int:
     return end + wrap_range - start
 
 
-class CounterMeter:
+class CounterMeter(MeterIdentity):
     """A `PowerMeter` over energy counters.
 
     joules_per_count: 1e-6 for RAPL's µJ, 1e-3 for NVML's mJ.
@@ -53,17 +53,6 @@ class CounterMeter:
         self.joules_per_count = joules_per_count
         self.wrap_ranges = dict(wrap_ranges or {})
         self._book = WindowBook(clock, sync)
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def source(self) -> Source:
-        return "metered"
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.source})"
 
     def begin_window(self, name: str) -> None:
         if name in self._book.names:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from edgeprism.energy.measurement import Clock, Measurement, Source, WindowBook
+from edgeprism.energy.measurement import Clock, Measurement, MeterIdentity, Source, WindowBook
 
 
-class FakeMeter:
+class FakeMeter(MeterIdentity):
     """Draws a constant `power_w` (default 10 W) over the clock's time; labelled as `source` says."""
 
     def __init__(self, power_w: float = 10.0, *, clock: Clock = time.monotonic, source: Source = "metered",
@@ -17,17 +17,6 @@ class FakeMeter:
         self._name = name
         self._book = WindowBook(clock)
         self.ended: list[Measurement] = []
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def source(self) -> Source:
-        return self._source
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.source})"
 
     def begin_window(self, name: str) -> None:
         self._book.open(name, self._book.now())

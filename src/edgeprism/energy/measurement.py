@@ -95,6 +95,26 @@ class PowerMeter(Protocol):
         ...
 
 
+class MeterIdentity:
+    """What a `PowerMeter` says about itself, the same for every meter here: its `name` (set `_name`), its
+    `source` (`_source`: "metered" unless a meter models its energy) and a repr of both. A base class of
+    the meters, not part of the protocol."""
+
+    _name: str
+    _source: Source = "metered"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def source(self) -> Source:
+        return self._source
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.source})"
+
+
 class WindowBook:
     """Open-window bookkeeping shared by the meters: names, start times, and the per-window state.
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from edgeprism.energy.measurement import Clock, Measurement, Source, WindowBook
+from edgeprism.energy.measurement import Clock, Measurement, MeterIdentity, Source, WindowBook
 
 logger = logging.getLogger(__name__)
 
@@ -219,13 +219,15 @@ def modelled_measurement(
     )
 
 
-class ModelledMeter:
+class ModelledMeter(MeterIdentity):
     """A `PowerMeter` that models energy from phase times reported while windows are open.
 
     The caller times its phases (as it does anyway for the staging/network/compute split) and
     reports each with `add_phase("compute_s", seconds)`; it counts in every open window. At
     `end_window` the rest of the window's wall time counts as idle.
     """
+
+    _source: Source = "modelled"
 
     def __init__(
         self,
@@ -240,13 +242,6 @@ class ModelledMeter:
     @property
     def name(self) -> str:
         return f"model:{self.power_model.name}"
-
-    @property
-    def source(self) -> Source:
-        return "modelled"
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.source})"
 
     def begin_window(self, name: str) -> None:
         self._book.open(name, self._book.now(), dict.fromkeys(PHASES[:-1], 0.0))

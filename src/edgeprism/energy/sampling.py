@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from edgeprism.energy.measurement import Clock, Measurement, Source, WindowBook, trapezoid_energy_j
+from edgeprism.energy.measurement import Clock, Measurement, MeterIdentity, WindowBook, trapezoid_energy_j
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ ReadPowerW = Callable[[], dict[str, float]]
 """Returns the power of every rail now, in W, keyed by rail name."""
 
 
-class SampledMeter:
+class SampledMeter(MeterIdentity):
     """A `PowerMeter` that integrates sampled power.
 
     read_power_w: one reading of every rail, in W.
@@ -62,17 +62,6 @@ class SampledMeter:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread_error: BaseException | None = None
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def source(self) -> Source:
-        return "metered"
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.source})"
 
     def sample(self, *, at_edge: bool = False) -> int:
         """Take one sample now; returns its index. Clock and reading happen under one lock so

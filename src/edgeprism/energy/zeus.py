@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from edgeprism.energy.measurement import Measurement, MeterNotFoundError, Source
+from edgeprism.energy.measurement import Measurement, MeterIdentity, MeterNotFoundError
 
 
 def import_zeus_monitor() -> ModuleType:
@@ -24,24 +24,15 @@ def import_zeus_monitor() -> ModuleType:
     return zeus.monitor
 
 
-class ZeusMeter:
+class ZeusMeter(MeterIdentity):
     """A metered `PowerMeter` over one `zeus.monitor.ZeusMonitor` (kwargs go to it)."""
+
+    _name = "zeus"
 
     def __init__(self, *, zeus_monitor: ModuleType | None = None, **monitor_kwargs: object) -> None:
         module = zeus_monitor if zeus_monitor is not None else import_zeus_monitor()
         self._monitor = module.ZeusMonitor(**monitor_kwargs)
         self._open: set[str] = set()
-
-    @property
-    def name(self) -> str:
-        return "zeus"
-
-    @property
-    def source(self) -> Source:
-        return "metered"
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.source})"
 
     def begin_window(self, name: str) -> None:
         if name in self._open:
