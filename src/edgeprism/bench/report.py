@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 COLORS = {"local": "#555555", "full_exchange": "#d62728", "segment_means": "#1f77b4", "adaptive": "#2ca02c",
           "oracle": "#9467bd"}
+
+
+def pyplot(what: str) -> Any | None:
+    """matplotlib.pyplot on the file-only Agg backend, or None with one warning that `what` is not drawn
+    (matplotlib is optional: the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'edgeprism[plot]'): %s not drawn", what)
+        return None
+    return plt
+
+
+def save_figure(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay `fig` out, write it to `path` at 110 dpi and close it; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_markdown(path: Path, report: dict) -> None:
@@ -52,13 +75,8 @@ def write_markdown(path: Path, report: dict) -> None:
 
 def write_plots(out_dir: Path, rows: list[dict], table: list[dict]) -> list[Path]:
     """PNG plots; returns the files written (none, with one warning, if matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'edgeprism[plot]'): no plots drawn")
+    plt = pyplot("the demo's plots")
+    if plt is None:
         return []
     written = []
     for phase in sorted({r["phase"] for r in table}):
@@ -80,11 +98,7 @@ def write_plots(out_dir: Path, rows: list[dict], table: list[dict]) -> list[Path
             ax.set_ylabel(unit)
             ax.set_title(f"{metric.split('_')[0]} vs batch, link {link}")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out_dir / f"{metric.split('_')[0]}_vs_batch_{link}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(save_figure(plt, fig, out_dir / f"{metric.split('_')[0]}_vs_batch_{link}.png"))
     measured = [r for r in rows if r["strategy"] != "oracle"]
     if measured:
         fig, ax = plt.subplots(figsize=(5.2, 5.0))
@@ -102,11 +116,7 @@ def write_plots(out_dir: Path, rows: list[dict], table: list[dict]) -> list[Path
         ax.set_xlabel("predicted latency (ms)")
         ax.set_ylabel("measured latency (ms)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "predicted_vs_measured.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, out_dir / "predicted_vs_measured.png"))
         adaptive = [r for r in measured if r["strategy"] == "adaptive"]
         if adaptive:
             fig, ax = plt.subplots(figsize=(7.5, 3.8))
@@ -122,11 +132,7 @@ def write_plots(out_dir: Path, rows: list[dict], table: list[dict]) -> list[Path
             ax.set_ylabel("latency (ms)")
             ax.set_title("adaptive plan timeline across the link change")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out_dir / "plan_timeline.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(save_figure(plt, fig, out_dir / "plan_timeline.png"))
     return written
 
 
@@ -142,13 +148,8 @@ def _crossover(table: list[dict], phase: int) -> int | None:
 
 def write_frontier_plot(path: Path, rows: list[dict]) -> Path | None:
     """Fidelity vs traffic per codec (one panel per evaluation set and metric), from `edgeprism eval` rows."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'edgeprism[plot]'): no frontier plot drawn")
+    plt = pyplot("the frontier plot")
+    if plt is None:
         return None
     panels = sorted({(r["eval_set"], r["metric"]) for r in rows})
     if not panels:
@@ -170,7 +171,4 @@ def write_frontier_plot(path: Path, rows: list[dict]) -> Path | None:
         ax.set_ylabel(metric)
         ax.set_title(eval_set, fontsize=10)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)

@@ -10,13 +10,11 @@ Definitions: docs/METHODOLOGY.md.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 
+from edgeprism.bench.report import pyplot, save_figure
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
-
-log = logging.getLogger(__name__)
 
 PEERS = ("local", "transformers", "full_exchange", "pipeline", "tensor_parallel")
 GOAL_ORACLE = 1.05
@@ -343,13 +341,8 @@ def markdown(summary: list[dict], table: list[dict], checks: list[dict], command
 def write_plots(summary: list[dict], out_dir: str | Path) -> list[Path]:
     """Median latency (with its 25th–75th percentile) per strategy against batch, one figure per
     (model, devices, link). Needs matplotlib; without it, warns once and draws nothing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("no plots: matplotlib is not installed (pip install 'edgeprism[plot]')")
+    plt = pyplot("the benchmark's plots")
+    if plt is None:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -374,11 +367,7 @@ def write_plots(summary: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("latency (ms, median; bars: 25th–75th pct)")
         ax.set_title(f"{model}, {world} devices, {link}")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"latency-{model.replace('@', '-')}-w{world}-{link}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(plt, fig, out_dir / f"latency-{model.replace('@', '-')}-w{world}-{link}.png"))
     return paths
 
 
