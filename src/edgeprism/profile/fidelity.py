@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeprism.profile.jsondata import read_data_file
 from edgeprism.profile.schema import CodecFidelity
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,7 @@ _REQUIRED = ("codec", "metric", "value", "reference_value")
 def load_fidelity_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of an `edgeprism eval --out` file (JSON lines); ValueError naming the line for anything malformed."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ValueError(f"fidelity file {path} does not exist (write one with `edgeprism eval --out FILE`)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read fidelity file {path}: {err}") from None
+    text = read_data_file(path, "fidelity file", " (write one with `edgeprism eval --out FILE`)")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

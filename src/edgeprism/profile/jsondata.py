@@ -4,7 +4,8 @@
 parsed JSON, refusing unknown fields, missing required ones and values of the wrong type, with the
 path in the message. A field the class derives itself (`init=False`, e.g. `Plan.token_ranges`) may be
 absent (older files); where present it must equal what the class derives. Profile (`profile/schema.py`)
-and Plan (`plan/types.py`) both use it.
+and Plan (`plan/types.py`) both use it. `read_data_file(path, what)` reads such a file's text with the
+user's error (missing, unreadable) naming it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 T = typing.TypeVar("T")
@@ -20,6 +22,17 @@ T = typing.TypeVar("T")
 def to_json_dict(obj: Any) -> dict[str, Any]:
     """A dataclass instance as plain JSON-ready data (tuples become lists when dumped)."""
     return dataclasses.asdict(obj)
+
+
+def read_data_file(path: Path, what: str, how_to_make: str = "") -> str:
+    """The text of `path`; a ValueError naming `what` and the path when it is missing (with `how_to_make`, a
+    hint appended to the message) or unreadable."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist{how_to_make}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
 
 
 def from_json_dict(cls: Any, data: Any, where: str) -> Any:
@@ -96,4 +109,4 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise AssertionError(f"no JSON conversion for {tp!r} at {where}")
 
 
-__all__ = ["from_json_dict", "to_json_dict"]
+__all__ = ["from_json_dict", "read_data_file", "to_json_dict"]

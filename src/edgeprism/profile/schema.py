@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprism.models.config import ModelConfig
-from edgeprism.profile.jsondata import from_json_dict, to_json_dict
+from edgeprism.profile.jsondata import from_json_dict, read_data_file, to_json_dict
 from edgeprism.profile.sealing import SealingCost
 from edgeprism.profile.tables import (
     CodecFidelity,
@@ -160,12 +160,7 @@ class Profile:
              expect_world_size: int | None = None) -> Profile:
         """Read and check a profile. Every bad case is a ValueError naming the file and the numbers."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ValueError(f"profile {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read profile {path}: {err}") from None
+        text = read_data_file(path, "profile")
         try:
             profile = cls.from_json(text)
         except ValueError as err:
