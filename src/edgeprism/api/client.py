@@ -105,8 +105,8 @@ class FailoverClient:
             if now - first_failure > self.retry_for_s or sends == self.max_attempts:  # the budget is spent
                 if reply is not None:
                     return reply
-                raise ConnectionError(f"no coordinator answered {method} {path} in {sends} sends over "
-                                      f"{now - first_failure:.1f} s: {tried}")
+                raise ConnectionError(f"no coordinator answered {method} {path} in {sends} "
+                                      f"send{'s' * (sends != 1)} over {now - first_failure:.1f} s: {tried}")
             if reply is not None:
                 log.info("%s answered %d; sending again", url, reply.status)
                 time.sleep(self.pause_s)
