@@ -1,14 +1,15 @@
-"""Where one layer's compute goes on one rank of a 2-way split, against half of one device's layer (a printout, not a
-test; one process, one thread, no link): issue 16 item 3, "find where the extra compute at batch 1 goes".
+"""Where one layer's compute goes on one rank of a P-way split (default 2), against 1/P of one device's layer (a
+printout, not a test; one process, one thread, no link): issue 16 item 3, "find where the extra compute at batch 1
+goes", and issue 17's question of what a 4-way split costs each rank.
 
-    python scripts/bench_layer.py [--model vit-base-patch16-224] [--codec int8] [--batch 1] [--repeats 40]
+    python scripts/bench_layer.py [--model vit-base-patch16-224] [--codec int8] [--batch 1] [--repeats 40] [--ranks 2]
 
 Times, interleaved and each the median of --repeats: the reference block over all N tokens (one device's layer),
-the block over a rank's n = N/2 own tokens with the other half as keys/values (what the profile's compute table
+the block over a rank's n = ceil(N/P) own tokens with the others as keys/values (what the profile's compute table
 measures for a full-exchange split), and the overlapped split's steps one by one (what it sends: LN; the codec's
 encode + pack; the own-key part: Q/K/V projections and attention; unpack + decode; the rest: the received
 vectors' K/V projection, their attention part, the merge, the output projection and the MLP). Prints each in ms
-and as a share of the split layer's excess over half a device's layer, with the host load.
+and as a share of the split layer's excess over 1/P of one device's layer, with the host load.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--codec", default="int8")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--ranks", type=int, default=2, help="P: the rank timed owns ceil(N/P) tokens")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core per device, as on the testbed
     model = load_model(args.model, seed=0)
@@ -43,7 +45,9 @@ def main() -> None:
         inputs = synthetic_inputs(model.config, args.batch, seed=0)
         full = model.embed(inputs, 0, model.validate_input(inputs))  # (B, N, d)
     batch, num_tokens, d = full.shape
-    num_own = (num_tokens + 1) // 2
+    if not 2 <= args.ranks <= num_tokens:
+        raise SystemExit(f"--ranks must be in 2..{num_tokens} (the tokens), got {args.ranks}")
+    num_own = -(-num_tokens // args.ranks)
     own, other = full[:, :num_own], full[:, num_own:]  # (B, n, d), (B, N - n, d)
     valid = torch.ones(batch, num_own, dtype=torch.bool)
     anchor = torch.zeros_like(valid)
@@ -95,13 +99,13 @@ def main() -> None:
                         for i, key in enumerate(names):
                             step_times[key].append(marks[i + 1] - marks[i])
     med = {k: statistics.median(v) * 1e3 for k, v in {**times, **step_times}.items()}
-    half = med["one device (N tokens)"] / 2
+    half = med["one device (N tokens)"] / args.ranks
     excess = med["split layer"] - half
     print(f"{args.model} B={batch} N={num_tokens} n={num_own} codec {codec.name}, 1 thread, {args.repeats} repeats; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for key in times:
         print(f"  {key:<28} {med[key]:7.2f} ms")
-    print(f"  half of one device's layer    {half:7.2f} ms; split layer excess {excess:+.2f} ms ({excess / half:+.0%})")
+    print(f"  one device's layer / {args.ranks:<6} {half:7.2f} ms; split layer excess {excess:+.2f} ms ({excess / half:+.0%})")
     for key in names:
         print(f"    {key:<28} {med[key]:7.2f} ms")
 
