@@ -7,16 +7,19 @@ planner."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from edgeprism.compress.registry import get_codec
 from edgeprism.evaluate.eval_sets import synthetic_set
 from edgeprism.evaluate.fidelity import evaluate
+from edgeprism.models.config import get_config
 from edgeprism.plan import Limits, Request, choose_plan, codec_exclusion
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.plan.types import LinkEstimate
 from edgeprism.profile.fidelity import codec_entries, select_rows
+from edgeprism.profile.profiler import ProfileOptions, fidelity_entries
 from edgeprism.profile.schema import Profile
 
 CODECS = ("fp16", "int8", "int4")
@@ -91,3 +94,15 @@ def test_a_perplexity_only_profile_counts_as_unmeasured_and_the_plan_says_why(ro
     assert "int4 (perplexity)" in plan.reason and "int8 (perplexity)" in plan.reason
     opted_in = _plan(profile, Limits(allow_unmeasured_codecs=True))
     assert opted_in.codec == "int4" and opted_in.fidelity_loss is None  # an opt-in, and the plan says unmeasured
+
+
+def test_profile_note_names_codecs_measured_by_perplexity_only(rows, tmp_path):
+    """What `edgeprism profile --fidelity FILE` records from an old perplexity-only file: the note says which
+    codecs the planner will count as unmeasured (the lossless ones stay exact)."""
+    path = tmp_path / "old.rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["metric"] == "perplexity"))
+    options = ProfileOptions("llama-tiny", codecs=CODECS, fidelity_file=str(path))
+    entries, note = fidelity_entries(options, get_config("llama-tiny"), [get_codec(n) for n in CODECS],
+                                     lambda message: None)
+    assert "measured only by a metric no budget applies to: int8 (perplexity), int4 (perplexity)" in note
+    assert [e.fidelity_loss for e in entries] == [0.0, None, None]  # fp16 exact, int8 and int4 unmeasured
