@@ -42,6 +42,7 @@ from edgeprism.models.base import Inputs, ReferenceModel
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class DataItem:
     """One line of the user's file: a text or an image path, and an optional label."""
