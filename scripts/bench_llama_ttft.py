@@ -14,13 +14,18 @@ in an order rotated by one per repeat, rank 0 runs every strategy once:
 TTFT = wall time of a request for 1 new token from the token ids (no tokenisation; rule 6's decode: the last rank
 sends rank 0 the token). Decode tokens/s (strategies of `--decode-for`): a second request for 1 + K tokens right
 after; rate = K / (its time - the TTFT of the same repeat): the last rank decodes from its cache, nothing more
-crosses the link. Rows (one per strategy, length, repeat) go to OUT/rows-LINK.jsonl; medians, spreads and the
-ratios against our one device to OUT/tables.md (drawn from all rows files in OUT).
+crosses the link. Every row of ours carries the plan's measured `fidelity_loss` and its `fidelity_metric` (for a
+decoder 1 - next-token agreement, `evaluate.metrics`; null: unmeasured), and every row
+`first_token_equals_one_device` (against `ours 1 device` of the same length and repeat). The planner's budget is
+the engine's default (1 %) unless `--max-fidelity-loss` says otherwise. Rows (one per strategy, length, repeat) go
+to OUT/rows-LINK.jsonl; medians, spreads and the ratios against our one device to OUT/tables.md (drawn from all
+rows files in OUT).
 
     sudo python scripts/bench_llama_ttft.py --links wifi4,lan --lengths 512,1024,2048 --repeats 3 \\
         --profile 'PROFILES/smollm2-{link}.json' --out benchmarks/results/llama-ttft
-    # a profile per link: edgeprism profile --model smollm2-135m --checkpoint ~/.cache/edgeprism/smollm2-135m \\
-    #     --world-size 2 --link wifi4 --seq-lens 512,1024,2048 --batches 1 --no-eval --out PROFILES/smollm2-wifi4.json
+    # a profile per link, its fidelity from `edgeprism eval --data` rows (benchmarks/results/llama-ttft/README.md):
+    #   edgeprism profile --model smollm2-135m --checkpoint ~/.cache/edgeprism/smollm2-135m --world-size 2 \\
+    #     --link wifi4 --seq-lens 512,1024,2048 --batches 1 --fidelity ROWS.jsonl --out PROFILES/smollm2-wifi4.json
     # --profile synthetic: the planner decides on the synthetic profile's numbers (smoke runs only; rows say so).
 """
 
@@ -36,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 
 STORE_PORT = 29410
 LOCAL, PLANNER, HF, LLAMA_CPP = "ours 1 device", "ours 2 devices planner", "transformers 1 core", "llama.cpp 1 core"
@@ -55,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-for", default=f"{LOCAL},{PLANNER},fp16,{HF},{LLAMA_CPP}",
                    help="strategies (names, or a codec for its 2-device plan) whose decode rate is measured")
     p.add_argument("--profile", default="synthetic", help="profile path; '{link}' is replaced; or 'synthetic'")
-    p.add_argument("--max-fidelity-loss", type=float, default=None, help="the planner's fidelity budget")
+    p.add_argument("--max-fidelity-loss", type=float, default=DEFAULT_MAX_FIDELITY_LOSS,
+                   help="the planner's fidelity budget (default: the engine's, 1 %%: next-token agreement >= 0.99)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -224,6 +232,9 @@ def inner(args) -> int:
                         decode = args.decode_tokens / (total_s - ttft_s) if total_s > ttft_s else None
                     if repeat < 0:
                         continue
+                    if strategy not in (HF, LLAMA_CPP):
+                        codec = about.pop("codec")
+                        about["fidelity_metric"] = profile.codec(codec).metric if codec else None
                     rows.append({**facts, "strategy": strategy, "num_tokens": length, "repeat": repeat,
                                  "ttft_s": ttft_s, "ttft_plus_decode_s": total_s, "decode_tokens_per_s": decode,
                                  "decode_tokens": args.decode_tokens if total_s else 0, "first_token": first, **about,
@@ -231,6 +242,7 @@ def inner(args) -> int:
                     print(f"[{link}] {length} tokens, repeat {repeat}: {strategy}: TTFT {ttft_s * 1e3:.0f} ms"
                           + (f", decode {decode:.1f} tok/s" if decode else "") + f" {about.get('plan', '')}",
                           file=sys.stderr, flush=True)
+        mark_first_tokens(rows)
         with open(Path(args.out) / f"rows-{link}.jsonl", "w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
@@ -251,9 +263,27 @@ def timed(engine, peers: Peers, strategy: str, ids: list[int], inputs, plans: di
     seconds = time.perf_counter() - start
     m = result.metrics
     about = {"plan": "local" if m.mode == "local" else f"{m.plan.get('codec')} x{len(m.plan.get('ranks', []))}",
+             "codec": m.plan.get("codec") or "", "fidelity_loss": m.fidelity_loss,
              "token_counts": m.plan.get("token_counts"), "bytes_exchanged": m.bytes_exchanged,
              "predicted_ttft_s": m.predicted_latency_s, "fallback": getattr(m, "fallback", "")}
     return seconds, int(result.outputs["tokens"][0, 0]), about
+
+
+def mark_first_tokens(rows: list[dict]) -> None:
+    """Set each row's `first_token_equals_one_device`: its first token against `ours 1 device`'s for the same
+    length and repeat (None where that row is missing)."""
+    local = {(r["num_tokens"], r["repeat"]): r["first_token"] for r in rows if r["strategy"] == LOCAL}
+    for row in rows:
+        reference = local.get((row["num_tokens"], row["repeat"]))
+        row["first_token_equals_one_device"] = None if reference is None else row["first_token"] == reference
+
+
+def _loss(rows: list[dict]) -> str:
+    """The worst measured `fidelity_loss` of our rows ("unmeasured" if any is null; "-" for the 1-core peers)."""
+    if any("fidelity_loss" not in r for r in rows):
+        return "-"
+    losses = [r["fidelity_loss"] for r in rows]
+    return "unmeasured" if any(loss is None for loss in losses) else f"{max(losses):.2%}"
 
 
 def _decode_rate(rows: list[dict]) -> str:
@@ -283,10 +313,11 @@ def table(rows: list[dict]) -> str:
         lines += [f"## {mine[0]['emulation']}", "",
                   f"profile: {mine[0]['profile']}; host load (1 min) {min(loads):.1f}-{max(loads):.1f}", "",
                   "| strategy | " + " | ".join(f"{n} tokens: TTFT s | vs 1 device | decode tok/s" for n in lengths)
-                  + " | plans | first token = 1 device |",
-                  "|---|" + "---|---|---|" * len(lengths) + "---|---|"]
+                  + " | plans | fidelity loss | first token = 1 device |",
+                  "|---|" + "---|---|---|" * len(lengths) + "---|---|---|"]
         for strategy in dict.fromkeys(r["strategy"] for r in mine):
             cells, plans, agree = [], set(), []
+            ours = [r for r in mine if r["strategy"] == strategy]
             for n in lengths:
                 here = [r for r in mine if r["strategy"] == strategy and r["num_tokens"] == n]
                 base = [r["ttft_s"] for r in mine if r["strategy"] == LOCAL and r["num_tokens"] == n]
@@ -300,7 +331,7 @@ def table(rows: list[dict]) -> str:
                 local_first = {r["repeat"]: r["first_token"] for r in mine
                                if r["strategy"] == LOCAL and r["num_tokens"] == n}
                 agree += [r["first_token"] == local_first.get(r["repeat"]) for r in here]
-            lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {', '.join(sorted(plans))} | "
+            lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {', '.join(sorted(plans))} | {_loss(ours)} | "
                          f"{sum(agree)}/{len(agree)} |")
         lines.append("")
     return "\n".join(lines)

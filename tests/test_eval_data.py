@@ -57,15 +57,17 @@ def test_decoder_rows_choose_settings_on_calibration_and_import_into_the_profile
     assert exact["perplexity"]["value"] == pytest.approx(exact["perplexity"]["reference_value"], rel=1e-5)
     assert 1 < exact["perplexity"]["reference_value"] < 257 * 4  # a random byte-level model: near uniform
 
-    # what `edgeprism profile --fidelity FILE` does with them: the worst row per codec, the budget applies
+    # what `edgeprism profile --fidelity FILE` does with them: a decoder's budget is on next-token agreement
+    # (perplexity is reported, never budgeted on), and the budget applies
     lossy = next(iter(chosen))
     entries = {e.codec: e for e in codec_entries([get_codec("fp32"), get_codec(lossy)], 32,
                                                  select_rows(load_fidelity_rows(out), "my-gpt2", 2), num_layers=2)}
-    worst = max(r["loss"] for r in rows if r["codec"] == lossy)
-    assert entries["fp32"].loss == 0.0 and entries[lossy].loss == pytest.approx(worst)
+    agreement = next(r for r in rows if r["codec"] == lossy and r["metric"] == "next_token_agreement")
+    assert entries["fp32"].loss == 0.0 and entries[lossy].metric == "next_token_agreement"
+    assert entries[lossy].fidelity_loss == pytest.approx(1 - agreement["value"])
     assert codec_exclusion(entries["fp32"], Limits(max_fidelity_loss=0.0)) is None
-    if worst > 0:
-        assert codec_exclusion(entries[lossy], Limits(max_fidelity_loss=worst / 2)) is not None
+    if agreement["loss"] > 0:
+        assert codec_exclusion(entries[lossy], Limits(max_fidelity_loss=agreement["loss"] / 2)) is not None
 
 
 def test_classifier_rows_count_near_ties_and_score_labels(tmp_path, capsys):

@@ -2,7 +2,8 @@
 evaluation set for the distributed path (`evaluate.fidelity`, loopback transport).
 
 - gpt2-shakespeare: calibration windows from the six committed plays (all in the fixture's training
-  set); evaluation: held-out per-byte perplexity on *Twelfth Night* (never seen), as `edgeprism eval`.
+  set); evaluation: held-out per-byte perplexity and next-byte agreement (the decoder budget metric) on
+  *Twelfth Night* (never seen), as `edgeprism eval`.
 - vit-fmnist-tiny: a tiny ViT trained here from scratch on Fashion-MNIST train (weights to the cache);
   calibration batches from the train split; evaluation: accuracy on the test split.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgeprism.evaluate.fidelity import EvalSet, MetricValue, perplexity_score
+from edgeprism.evaluate.fidelity import EvalSet, MetricValue, next_token_score
 from edgeprism.models.base import Inputs, ReferenceModel
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,14 @@ def load_gpt2_shakespeare() -> ReferenceModel:
 
 
 def gpt2_heldout_set(model: ReferenceModel, limit: int = 64, window: int = 256, batch_size: int = 8) -> EvalSet:
-    """Held-out perplexity windows, exactly as `evaluate.eval_sets.gpt2_set` builds them, for any weights."""
+    """Held-out windows scored by next-byte agreement and perplexity, exactly as `evaluate.eval_sets.gpt2_set`
+    builds them, for any weights."""
     from edgeprism.assets.datasets import gpt2_heldout_bytes
 
     data = torch.tensor(list(gpt2_heldout_bytes()), dtype=torch.long)
     windows = data[: (len(data) // window) * window].view(-1, window)[:limit]
     batches = [{"input_ids": windows[s:s + batch_size]} for s in range(0, len(windows), batch_size)]
-    return EvalSet("gpt2-heldout", model, batches, perplexity_score(model, [b["input_ids"] for b in batches]),
+    return EvalSet("gpt2-heldout", model, batches, next_token_score(model, batches),
                    gather_hidden=True, description=f"{len(windows)} windows of {window} held-out bytes")
 
 

@@ -2,7 +2,8 @@
 
 - minilm-l6: all-MiniLM-L6-v2 + the CLINC150 intent head; passages of 128-256 tokens and short queries.
 - dinov2-s14: DINOv2-S/14 + a linear probe fitted on Fashion-MNIST train features (single device).
-- gpt2-shakespeare: the project's byte-level GPT-2 fixture; held-out perplexity.
+- gpt2-shakespeare: the project's byte-level GPT-2 fixture; held-out next-byte agreement (the budget
+  metric of decoders, `evaluate.metrics`) and perplexity.
 - *-test presets: random weights and synthetic inputs (fast; for tests of the harness itself).
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from edgeprism.evaluate.fidelity import EvalSet, embedding_score, fit_linear_probe, perplexity_score, probe_score
+from edgeprism.evaluate.fidelity import EvalSet, embedding_score, fit_linear_probe, next_token_score, probe_score
 from edgeprism.models.base import Inputs
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def gpt2_set(limit: int = 64, window: int = 256, batch_size: int = 8, checkpoint
     data = torch.tensor(list(gpt2_heldout_bytes()), dtype=torch.long)
     windows = data[: (len(data) // window) * window].view(-1, window)[:limit]
     batches = [{"input_ids": windows[s:s + batch_size]} for s in range(0, len(windows), batch_size)]
-    return [EvalSet("gpt2-heldout", model, batches, perplexity_score(model, [b["input_ids"] for b in batches]),
+    return [EvalSet("gpt2-heldout", model, batches, next_token_score(model, batches),
                     gather_hidden=True, description=f"{len(windows)} windows of {window} held-out bytes")]
 
 
@@ -128,9 +129,8 @@ def synthetic_set(model_name: str, batches: int = 4, batch_size: int = 2, seq_le
     model = build_model(model_name, seed=11)
     inputs = [synthetic_inputs(model.config, batch_size, seq_len=seq_len, padded=pads_rows(model.config),
                                seed=100 + i) for i in range(batches)]
-    if model.config.causal:  # a decoder: next-token perplexity
-        return [EvalSet(f"{model_name}-synthetic", model, inputs,
-                        perplexity_score(model, [b["input_ids"] for b in inputs]), gather_hidden=True)]
+    if model.config.causal:  # a decoder: next-token agreement (its budget metric) and perplexity
+        return [EvalSet(f"{model_name}-synthetic", model, inputs, next_token_score(model, inputs), gather_hidden=True)]
 
     def cosine(reference, candidate):
         key = "mean"

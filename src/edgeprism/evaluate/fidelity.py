@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.base import Codec
 from edgeprism.compress.registry import get_codec
+from edgeprism.evaluate.metrics import DECODER_BUDGET_METRIC
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.partition.ranges import equal_shares, split_tokens
 from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE, PositionWise
@@ -27,12 +28,20 @@ log = logging.getLogger(__name__)
 Outputs = dict[str, torch.Tensor]
 
 
+NEAR_TIE_MARGIN = 0.01
+"""Top-2 softmax margin of the single-device answer below which an item counts as near-tied."""
+
+
 @dataclass(frozen=True)
 class MetricValue:
     metric: str
     value: float
     reference_value: float
     higher_is_better: bool = True
+    near_ties: int | None = None
+    """For a top-1 metric: items whose single-device top-2 margin is below `NEAR_TIE_MARGIN` (None: not one)."""
+    items: int | None = None
+    """For a top-1 metric: the items it was counted over."""
 
     @property
     def loss(self) -> float:
@@ -81,9 +90,17 @@ class FidelityRow:
     traffic_vs_fp32: float
     """Measured layer bytes over what full fp32 exchange sends for the same requests."""
     num_requests: int
+    near_ties: int | None = None
+    """Of a top-1 metric's `items`, those near-tied on one device (`MetricValue.near_ties`)."""
+    items: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The `edgeprism eval --out` row (`near_ties`/`items` only where the metric counts them)."""
+        row = asdict(self)
+        for key in ("near_ties", "items"):
+            if row[key] is None:
+                del row[key]
+        return row
 
 
 def codec_cr(codec: Codec) -> int:
@@ -166,6 +183,8 @@ def evaluate(eval_set: EvalSet, codecs: list[str], world_size: int, shares: tupl
                     nbytes / eval_set.num_requests,
                     nbytes / full_bytes,
                     eval_set.num_requests,
+                    metric.near_ties,
+                    metric.items,
                 )
             )
         if progress:
@@ -208,23 +227,42 @@ def probe_score(
     return score
 
 
-def perplexity_score(model, targets: list[torch.Tensor]) -> Callable[[list[Outputs], list[Outputs]], list[MetricValue]]:
-    """Next-token perplexity over every position of the (gathered) hidden states; `targets` are the
-    batches' input ids."""
+def next_token_logits(model: ReferenceModel, outputs: Outputs, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V) at every real position that has a next token, their targets (N,))."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    keep = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1): position t predicts token t+1, both real
+    logits = model.logits(outputs["hidden"][:, :-1])  # (B, T-1, V)
+    return logits[keep].float(), ids[:, 1:][keep]
+
+
+def top2_margins(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 softmax probability per row of (N, classes) logits."""
+    top = logits.softmax(-1).topk(min(2, logits.shape[-1]), dim=-1).values
+    return top[:, 0] - top[:, 1] if top.shape[1] > 1 else torch.ones(top.shape[0])
+
+
+def next_token_score(model: ReferenceModel,
+                     batches: list[Inputs]) -> Callable[[list[Outputs], list[Outputs]], list[MetricValue]]:
+    """A decoder's fidelity over every real position of `batches` (outputs gathered with `gather_hidden`):
+    `next_token_agreement` (the greedy token equals one device's; with its near ties), the budget metric
+    (`evaluate.metrics`), and `perplexity` of the text's next tokens, reported beside it."""
 
     @torch.no_grad()
-    def nll(outputs: list[Outputs]) -> float:
-        total, count = 0.0, 0
-        for out, ids in zip(outputs, targets):
-            logits = model.logits(out["hidden"][:, :-1])  # (B, T-1, V)
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum"))
-            count += ids[:, 1:].numel()
-        return total / count
+    def answers(outputs: list[Outputs]) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [next_token_logits(model, o, b) for o, b in zip(outputs, batches)]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])  # (N, V), (N,)
 
     def score(reference: list[Outputs], candidate: list[Outputs]) -> list[MetricValue]:
-        return [MetricValue("perplexity", math.exp(nll(candidate)), math.exp(nll(reference)),
-                            higher_is_better=False)]
+        (ref_logits, targets), (got_logits, _) = answers(reference), answers(candidate)
+        if targets.numel() == 0:
+            raise ValueError(f"{len(batches)} batches have no position with a real next token (each text needs "
+                             f"2 tokens or more)")
+        agree = float((ref_logits.argmax(-1) == got_logits.argmax(-1)).float().mean())
+        ties = int((top2_margins(ref_logits) < NEAR_TIE_MARGIN).sum())
+        return [MetricValue(DECODER_BUDGET_METRIC, agree, 1.0, near_ties=ties, items=int(targets.numel())),
+                MetricValue("perplexity", math.exp(float(F.cross_entropy(got_logits, targets))),
+                            math.exp(float(F.cross_entropy(ref_logits, targets))), higher_is_better=False)]
 
     return score
 

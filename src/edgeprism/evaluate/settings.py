@@ -4,9 +4,11 @@ What a codec name leaves open and the data can decide is its low-bit formats' ou
 rotation (`lb<B>[o<K>][r]`, compress/lowbit.py, inside plain, Segment Means and delta codecs alike):
 the bits stay as the user wrote them, and the variants tried are K in `OUTLIER_CHOICES` (plus the K
 written) with and without the rotation, the same for every low-bit format of the codec. The variant
-with the least loss of the task's primary metric (`user_data.PRIMARY_METRIC`) on the calibration split
-wins (signed: a variant scoring better than the single device ranks first); ties go to the fewer bytes,
-then to the name as written. Codecs with no low-bit format run as written.
+with the least loss of the task's primary metric (`user_data.PRIMARY_METRIC`: a decoder's next-token
+agreement, an encoder's pooled cosine) on the calibration split wins (signed: a variant scoring better than
+the single device ranks first); ties go to the least loss of the task's secondary metric where it has one
+(a decoder's perplexity), then to the fewer bytes, then to the name as written. Codecs with no low-bit
+format run as written.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from edgeprism.compress.registry import get_codec
 from edgeprism.evaluate.fidelity import evaluate
 from edgeprism.evaluate.user_data import (
     PRIMARY_METRIC,
+    SECONDARY_METRIC,
     DataItem,
     Progress,
     encode_batches,
@@ -71,7 +74,7 @@ def evaluate_user_data(model: ReferenceModel, io: ModelIO, items: Sequence[DataI
     codec's settings are first chosen on them; without, every codec runs as written."""
     chosen: dict[str, str] = {}
     report: dict[str, Any] = {}
-    metric = PRIMARY_METRIC[io.task]
+    metric, tie_break = PRIMARY_METRIC[io.task], SECONDARY_METRIC.get(io.task)
     if calibration:
         batches, order = encode_batches(io, calibration, batch_size)
         calib_set, _ = user_eval_set(f"{data_name}:calibration", model, io, batches,
@@ -83,8 +86,9 @@ def evaluate_user_data(model: ReferenceModel, io: ModelIO, items: Sequence[DataI
                 continue
             rows = evaluate(calib_set, variants, world_size, shares, progress=progress)
             losses = {v: _signed_loss(rows, v, metric) for v in variants}
+            second = {v: _signed_loss(rows, v, tie_break) if tie_break else 0.0 for v in variants}
             nbytes = {r.codec: r.bytes_per_request for r in rows}
-            chosen[name] = min(variants, key=lambda v: (losses[v], nbytes[v], v != variants[0]))
+            chosen[name] = min(variants, key=lambda v: (losses[v], second[v], nbytes[v], v != variants[0]))
             report[name] = {"chosen": chosen[name], "metric": metric, "losses": losses,
                             "num_items": len(calibration)}
             log.info("%s: %s chosen on %d calibration items (%s loss %.3g)", name, chosen[name], len(calibration),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edgeprism.evaluate.fidelity import EvalSet, MetricValue, Outputs
+from edgeprism.evaluate.fidelity import (
+    NEAR_TIE_MARGIN,
+    EvalSet,
+    MetricValue,
+    Outputs,
+    next_token_logits,
+    next_token_score,
+    top2_margins,
+)
+from edgeprism.evaluate.metrics import DECODER_BUDGET_METRIC
 from edgeprism.inputs.io import ModelIO
 from edgeprism.models.base import Inputs, ReferenceModel
 
 log = logging.getLogger(__name__)
-
-NEAR_TIE_MARGIN = 0.01
-"""Top-2 softmax margin of the single-device answer below which an item counts as near-tied."""
 
 
 @dataclass(frozen=True)
@@ -148,42 +153,23 @@ def _class_logits(io: ModelIO, outputs: Outputs, inputs: Inputs) -> torch.Tensor
     return F.linear(features.float(), io.classifier.weight, io.classifier.bias)  # (B, classes)
 
 
-def _next_token_logits(model: ReferenceModel, outputs: Outputs, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, V) at every real position that has a next token, their targets (N,))."""
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask", torch.ones_like(ids))
-    keep = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1): position t predicts token t+1, both real
-    logits = model.logits(outputs["hidden"][:, :-1])  # (B, T-1, V)
-    return logits[keep].float(), ids[:, 1:][keep]
-
-
-def _margins(logits: torch.Tensor) -> torch.Tensor:
-    top = logits.softmax(-1).topk(min(2, logits.shape[-1]), dim=-1).values
-    return top[:, 0] - top[:, 1] if top.shape[1] > 1 else torch.ones(top.shape[0])
-
-
 def user_eval_set(name: str, model: ReferenceModel, io: ModelIO, batches: list[Inputs],
                   labels: torch.Tensor | None) -> tuple[EvalSet, dict[str, int]]:
     """The evaluation set of the user's batches, and `near_ties`/`items` of its top-1 metric (they depend
     on the single-device answers alone, so they are the same for every codec)."""
     decoder = io.task == "text-decoder"
+    decoder_score = next_token_score(model, batches)
 
     def answers(outputs: list[Outputs]) -> list[torch.Tensor]:
         with torch.no_grad():
             if decoder:
-                return [_next_token_logits(model, o, b)[0] for o, b in zip(outputs, batches)]
+                return [next_token_logits(model, o, b)[0] for o, b in zip(outputs, batches)]
             return [_class_logits(io, o, b) for o, b in zip(outputs, batches)]
 
     def score(reference: list[Outputs], candidate: list[Outputs]) -> list[MetricValue]:
-        metrics = []
         if decoder:
-            ref_logits, got_logits = torch.cat(answers(reference)), torch.cat(answers(candidate))
-            targets = torch.cat([_next_token_logits(model, o, b)[1] for o, b in zip(reference, batches)])
-            agree = (ref_logits.argmax(-1) == got_logits.argmax(-1)).float().mean()
-            metrics.append(MetricValue("next_token_agreement", float(agree), 1.0))
-            metrics.append(MetricValue("perplexity", math.exp(float(F.cross_entropy(got_logits, targets))),
-                                       math.exp(float(F.cross_entropy(ref_logits, targets))), higher_is_better=False))
-            return metrics
+            return decoder_score(reference, candidate)
+        metrics = []
         ref_pooled = torch.cat([io.embeddings(o, b) for o, b in zip(reference, batches)])
         got_pooled = torch.cat([io.embeddings(o, b) for o, b in zip(candidate, batches)])
         metrics.append(MetricValue("pooled_cosine", float(F.cosine_similarity(ref_pooled, got_pooled, dim=-1).mean()),
@@ -202,13 +188,19 @@ def user_eval_set(name: str, model: ReferenceModel, io: ModelIO, batches: list[I
             reference_answers = torch.cat(answers([model(b) for b in batches]))
         if decoder and reference_answers.shape[0] == 0:
             raise ValueError(f"{name}: no text has 2 tokens or more, so there is no next token to score")
-        ties = {"near_ties": int((_margins(reference_answers) < NEAR_TIE_MARGIN).sum()),
+        ties = {"near_ties": int((top2_margins(reference_answers) < NEAR_TIE_MARGIN).sum()),
                 "items": int(reference_answers.shape[0])}
     return EvalSet(name, model, batches, score, gather_hidden=decoder, description=f"{len(batches)} batches"), ties
 
 
-PRIMARY_METRIC = {"text-decoder": "perplexity", "text-encoder": "pooled_cosine", "image-encoder": "pooled_cosine"}
-"""The metric each codec's settings are chosen by on the calibration split (continuous, so it ranks
-settings that a top-1 agreement of a small split would call equal)."""
+PRIMARY_METRIC = {"text-decoder": DECODER_BUDGET_METRIC, "text-encoder": "pooled_cosine",
+                  "image-encoder": "pooled_cosine"}
+"""The metric each codec's settings are chosen by on the calibration split. Encoders: the continuous
+pooled cosine (it ranks settings that a top-1 agreement of a small split would call equal). Decoders: the
+metric their budget is on (`evaluate.metrics`), counted over every prompt position (thousands, not a few
+items); perplexity breaks its ties (`SECONDARY_METRIC`)."""
+
+SECONDARY_METRIC = {"text-decoder": "perplexity"}
+"""Where a task has one: the metric that breaks ties of `PRIMARY_METRIC` among a codec's settings."""
 
 Progress = Callable[[str], None]

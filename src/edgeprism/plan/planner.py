@@ -3,7 +3,9 @@
 Pure: the decision is a function of (profile, request, live link estimate, objective, limits) only.
 
 Faithful by default: `Limits()` admits only codecs whose loss for this model was measured within 1 %
-(lossless float wires count as 0); a codec of unmeasured fidelity needs `allow_unmeasured_codecs`.
+(lossless float wires count as 0); a codec of unmeasured fidelity needs `allow_unmeasured_codecs`. A loss
+measured by a metric no budget applies to (a decoder's perplexity: its budget is on next-token agreement,
+`evaluate.metrics`) counts as unmeasured, and the plan's reason says so.
 
 Candidates are local, and for every group size k = 2..healthy ranks and every profiled codec, the
 distributed plan over rank 0 plus the k-1 fastest other healthy ranks, each with the token splits of
@@ -108,6 +110,10 @@ def codec_exclusion(codec: CodecFidelity, limits: Limits) -> str | None:
         return None
     if limits.codecs is not None and codec.codec not in limits.codecs:
         return f"{codec.codec}: not among the allowed codecs ({', '.join(limits.codecs)})"
+    if loss is None and codec.report_only_metric:
+        return (f"{codec.codec}: measured by {codec.report_only_metric} only ({codec.loss:.2%} loss), which no "
+                f"budget applies to: a decoder's budget is on next-token agreement (measure it with `edgeprism eval "
+                f"--out`, import with `edgeprism profile --fidelity`, or opt in with --allow-unmeasured-codecs)")
     if loss is None:
         return (f"{codec.codec}: fidelity not measured for this model (measure it with `edgeprism profile`, "
                 f"or opt in with --allow-unmeasured-codecs)")
@@ -154,6 +160,8 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     losses = [c.fidelity_loss for c in listed]
     num_over_budget = sum(1 for loss in losses if loss is not None and not limits.admits(loss))
     num_unmeasured = sum(1 for loss in losses if loss is None and not limits.admits(None))
+    report_only = sorted({f"{c.codec} ({c.report_only_metric})" for c in listed
+                          if c.fidelity_loss is None and c.report_only_metric and not limits.admits(None)})
     num_fidelity_excluded = num_over_budget + num_unmeasured + num_unlisted
     num_admissible = len(profile.codecs) - num_fidelity_excluded
 
@@ -225,6 +233,9 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
         notes.append(f"{num_unlisted} codec(s) not among the allowed ones")
     if num_unmeasured:
         notes.append(f"{num_unmeasured} codec(s) of unmeasured fidelity (no --allow-unmeasured-codecs)")
+    if report_only:
+        notes.append(f"of them measured only by a metric no budget applies to: {', '.join(report_only)} (a "
+                     f"decoder's budget is on next-token agreement; measure it with `edgeprism eval --out`)")
     if num_over_ceiling:
         notes.append(f"some over the {ceiling * 1e3:.1f} ms ceiling")  # type: ignore[operator]
     tail = f"; excluded: {', '.join(notes)}" if notes else ""

@@ -80,8 +80,9 @@ class LinkEstimate:
 
 
 DEFAULT_MAX_FIDELITY_LOSS = 0.01
-"""The default fidelity budget: a codec may lose at most 1 % of the model's metric (top-1 agreement >= 0.99),
-as measured for this model (issue 16: faithful by default)."""
+"""The default fidelity budget: a codec may lose at most 1 % of the model's metric (top-1 agreement >= 0.99;
+a decoder's next-token agreement >= 0.99, never its perplexity), as measured for this model (issue 16:
+faithful by default)."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ the user's fidelity budget says.
 
 One codec may have several rows (several evaluation sets and metrics): the profile keeps the worst
 (largest loss) of the rows measured with the runtime's defaults (`partition.transform.DEFAULT_SIZE_AWARE`
-and `DEFAULT_AVERAGE`) — a budget must hold on every set.
+and `DEFAULT_AVERAGE`) — a budget must hold on every set. Rows of a metric that is only reported
+(`evaluate.metrics.SECONDARY_METRICS`: a decoder's perplexity) are kept only when a codec has no other: its
+entry then records that loss, and the planner treats the codec as unmeasured and says why.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeprism.evaluate.metrics import is_budget_metric
 from edgeprism.profile.jsondata import read_data_file
 from edgeprism.profile.schema import CodecFidelity
 
@@ -53,7 +56,8 @@ def load_fidelity_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def select_rows(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: int) -> dict[str, Mapping[str, Any]]:
-    """codec name → its worst row for this model and world size (rows with the runtime's defaults preferred)."""
+    """codec name → its worst row for this model and world size (rows of a budget metric first, then rows with
+    the runtime's defaults)."""
     from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE
 
     def runtime_default(row: Mapping[str, Any]) -> bool:
@@ -74,9 +78,9 @@ def select_rows(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: 
         if best is None:
             chosen[name] = row
             continue
-        # Rows with the runtime's default weighting win; among equals, the larger loss.
-        key_new = (runtime_default(row), loss)
-        key_old = (runtime_default(best), _row_loss(best))
+        # Rows of a budget metric win, then rows with the runtime's default weighting; among equals, the larger loss.
+        key_new = (is_budget_metric(str(row["metric"])), runtime_default(row), loss)
+        key_old = (is_budget_metric(str(best["metric"])), runtime_default(best), _row_loss(best))
         if key_new > key_old:
             chosen[name] = row
     return chosen

@@ -308,6 +308,11 @@ def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Seque
     unmeasured = [e.codec for e in entries if e.loss is None]
     if rows and unmeasured:
         fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"
+    report_only = [f"{e.codec} ({e.report_only_metric})" for e in entries
+                   if e.report_only_metric and e.fidelity_loss is None]
+    if report_only:
+        fidelity_note += (f"; measured only by a metric no budget applies to: {', '.join(report_only)} (unmeasured "
+                          f"for the planner; measure next-token agreement with `edgeprism eval --out`)")
     return tuple(entries), fidelity_note
 
 

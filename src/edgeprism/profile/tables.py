@@ -10,6 +10,7 @@ from typing import Literal
 
 from edgeprism.compress.base import Codec
 from edgeprism.compress.registry import get_codec, is_lossless, mean_nbytes
+from edgeprism.evaluate.metrics import SECONDARY_METRICS
 
 EnergySource = Literal["metered", "modelled"]
 LinkMedium = Literal["switched", "shared"]
@@ -232,10 +233,18 @@ class CodecFidelity:
     @property
     def fidelity_loss(self) -> float | None:
         """The loss the planner budgets for: the measured `loss`; 0 for an unmeasured lossless float wire
-        (`compress.registry.LOSSLESS_CODECS`); None when unmeasured (used only by explicit opt-in)."""
-        if self.loss is not None:
+        (`compress.registry.LOSSLESS_CODECS`); None when unmeasured (used only by explicit opt-in). A loss
+        measured by a metric that is only reported (`report_only_metric`: a decoder's perplexity) counts
+        as unmeasured."""
+        if self.loss is not None and self.report_only_metric is None:
             return self.loss
         return 0.0 if is_lossless(self.codec) else None
+
+    @property
+    def report_only_metric(self) -> str | None:
+        """The metric of the recorded loss when a budget may not use it (`evaluate.metrics.SECONDARY_METRICS`:
+        a decoder measured by perplexity alone, as profiles before next-token agreement were), else None."""
+        return self.metric if self.loss is not None and self.metric in SECONDARY_METRICS else None
 
     def num_vectors(self, num_tokens: int) -> int:
         """Vectors (K/V rows) a receiver attends to per row from a sender of `num_tokens` tokens: asked of
