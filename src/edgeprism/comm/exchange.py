@@ -54,6 +54,9 @@ class ExchangeStats:
     emulated_delay_s: float = 0.0
     sealing_s: float = 0.0
     """Of staging_s: sealing and opening messages (0 when the lane is not sealed)."""
+    hidden_s: float = 0.0
+    """Of emulated_delay_s + collective_s: what background exchanges (`start_all_gather_bytes`) spent on the link
+    while the caller computed, not waited for; the caller was blocked on the link for the rest."""
     per_kind_nbytes: dict[str, int] = field(default_factory=dict)
     per_kind_messages: dict[str, int] = field(default_factory=dict)
     """Operations per kind ("control", "scatter", "layer", "output"), sent or received."""
@@ -144,7 +147,9 @@ class _Gather:
         ex._wait(lambda: [ex._pg.allgather([self.outputs], [self.staged])], f"all-gather of {self.kind}")
         return delay_s, time.perf_counter() - start
 
-    def finish(self, delay_s: float, collective_s: float) -> list[Tensor]:
+    def finish(self, delay_s: float, collective_s: float, waited_s: float | None = None) -> list[Tensor]:
+        """`waited_s`: of a background exchange, the seconds the caller blocked for it; the rest was hidden (the
+        caller waits in the order started, so the exchanges ahead of this one were done: waited <= its own time)."""
         ex = self.exchanger
         rank, world = ex.ctx.group_rank, ex.ctx.world_size
         cut = [self.outputs[i][: self.sizes[i]] for i in range(world)]
@@ -154,6 +159,8 @@ class _Gather:
         ex.stats.add(self.kind, sent=self.max_size, received=self.max_size * (world - 1),
                      staging_s=self.stage_out_s + stage_in_s + ex._take_seal_s(), collective_s=collective_s,
                      delay_s=delay_s)
+        if waited_s is not None:
+            ex.stats.hidden_s += max(0.0, delay_s + collective_s - waited_s)
         return received
 
 
@@ -276,7 +283,13 @@ class Exchanger:
         if self._background is None:
             self._background = _Background()
         future = self._background.submit(gather.run)
-        return PendingExchange(lambda: gather.finish(*future.result()))
+
+        def finish() -> list[Tensor]:
+            start = time.perf_counter()
+            delay_s, collective_s = future.result()
+            return gather.finish(delay_s, collective_s, waited_s=time.perf_counter() - start)
+
+        return PendingExchange(finish)
 
     def close(self) -> None:
         """Stop the background thread (if `start_all_gather_bytes` made one); the exchanger is not used after
