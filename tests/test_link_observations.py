@@ -66,6 +66,10 @@ def test_skewed_overlapped_exchanges_read_as_the_link(k, micro_batches):
         found = observations(per_rank, k, NUM_LAYERS)
         assert [(o.nbytes, o.hops) for o in found] == [((k - 1) * nbytes, k - 1)]
         assert found[0].seconds == pytest.approx(transfer_s, rel=1e-9), (k, micro_batches, seed)
+    # a rank that recorded fewer layer exchanges (padded with zeros) leaves those layers out, not read as free
+    short = RankTelemetry(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, layers=per_rank[-1].layers[:4] + (LayerExchange(0, 0, 0),) * 8)
+    (found,) = observations([*per_rank[:-1], short], k, NUM_LAYERS)
+    assert found.seconds == pytest.approx(transfer_s, rel=1e-9)
 
 
 def test_the_estimate_stays_on_the_link_over_skewed_requests_and_follows_a_sag():

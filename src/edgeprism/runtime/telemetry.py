@@ -100,19 +100,21 @@ def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int) -> 
     rule before (the mean of the least and the greatest time, for layers that looked balanced) assumed the
     late rank's peer bytes were already there, so that the two times summed to twice the transfer: under
     rendezvous they sum to twice the transfer plus the skew, and the estimate read the ranks' compute skew as
-    a slower link — more of it with overlapped, micro-batched exchanges and with more ranks (measured on the
-    netns testbed, 4 x 0.5 core over wifi4, 300 KB messages: the old rule read 170 -> 253 ms as the per-layer
-    skew grew to 0.3 s, the least time 161 -> 171 ms; docs/TESTBED.md). Delays are in the times, not only
-    the waits: the loopback fallback's rate is a sleep before sending, counted with the delay. The times
-    are the collective's own (issue to completion), also for an exchange in the background beside compute.
-    Rank 0's sends (the scatter) are never observations: a send returns once the kernel's socket buffer
+    a slower link — more of it with overlapped, micro-batched exchanges and with more ranks
+    (`scripts/bench_link_skew.py`, 4 x 0.5 core over wifi4, 300 KB per rank: as the skew bound grew from 0 to
+    0.3 s the rule before read 173 -> 249 ms, the least time 163 -> 164 ms; docs/TESTBED.md). Delays are in the
+    times, not only the waits: the loopback fallback's rate is a sleep before sending, counted with the delay.
+    The times are the collective's own (issue to completion), also for an exchange in the background beside
+    compute. Rank 0's sends (the scatter) are never observations: a send returns once the kernel's socket buffer
     holds the bytes, long before they arrive."""
     by_size: dict[float, list[float]] = {}
     for i in range(num_layers):
         sent = max(r.layers[i].nbytes for r in per_rank)
         if sent <= 0:
             continue
-        by_size.setdefault(sent, []).append(min(r.layers[i].delay_s + r.layers[i].wait_s for r in per_rank))
+        least_s = min(r.layers[i].delay_s + r.layers[i].wait_s for r in per_rank)
+        if least_s > 0:  # 0: a rank recorded fewer layer exchanges (its padding), which says nothing
+            by_size.setdefault(sent, []).append(least_s)
     return [LinkObservation((k - 1) * sent, k - 1, statistics.median(t)) for sent, t in by_size.items()]
 
 
