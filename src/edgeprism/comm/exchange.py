@@ -147,9 +147,15 @@ class _Gather:
         ex._wait(lambda: [ex._pg.allgather([self.outputs], [self.staged])], f"all-gather of {self.kind}")
         return delay_s, time.perf_counter() - start
 
-    def finish(self, delay_s: float, collective_s: float, waited_s: float | None = None) -> list[Tensor]:
-        """`waited_s`: of a background exchange, the seconds the caller blocked for it; the rest was hidden (the
-        caller waits in the order started, so the exchanges ahead of this one were done: waited <= its own time)."""
+    def finish_after(self, future: Future) -> list[Tensor]:
+        """`finish` of a background run: what the caller waited for it was not hidden behind its compute (it waits
+        in the order started, so the runs ahead of this one are done: it waits for at most this run's own time)."""
+        start = time.perf_counter()
+        delay_s, collective_s = future.result()
+        self.exchanger.stats.hidden_s += max(0.0, delay_s + collective_s - (time.perf_counter() - start))
+        return self.finish(delay_s, collective_s)
+
+    def finish(self, delay_s: float, collective_s: float) -> list[Tensor]:
         ex = self.exchanger
         rank, world = ex.ctx.group_rank, ex.ctx.world_size
         cut = [self.outputs[i][: self.sizes[i]] for i in range(world)]
@@ -159,8 +165,6 @@ class _Gather:
         ex.stats.add(self.kind, sent=self.max_size, received=self.max_size * (world - 1),
                      staging_s=self.stage_out_s + stage_in_s + ex._take_seal_s(), collective_s=collective_s,
                      delay_s=delay_s)
-        if waited_s is not None:
-            ex.stats.hidden_s += max(0.0, delay_s + collective_s - waited_s)
         return received
 
 
@@ -283,13 +287,7 @@ class Exchanger:
         if self._background is None:
             self._background = _Background()
         future = self._background.submit(gather.run)
-
-        def finish() -> list[Tensor]:
-            start = time.perf_counter()
-            delay_s, collective_s = future.result()
-            return gather.finish(delay_s, collective_s, waited_s=time.perf_counter() - start)
-
-        return PendingExchange(finish)
+        return PendingExchange(lambda: gather.finish_after(future))
 
     def close(self) -> None:
         """Stop the background thread (if `start_all_gather_bytes` made one); the exchanger is not used after
