@@ -72,6 +72,21 @@ def test_skewed_overlapped_exchanges_read_as_the_link(k, micro_batches):
     assert found.seconds == pytest.approx(transfer_s, rel=1e-9)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_decoder_forward_sends_are_timed_by_the_last_rank(k):
+    # Decoders send forward: rank p's message (100 KB) to the k - 1 - p ranks after it. A send returns once the
+    # socket holds the bytes (rank 0: the delay and a little more); the last rank receives all k - 1 messages.
+    message, delay_s = 100_000.0, 3e-3
+    receive_s = delay_s + 8 * (k - 1) * message / 50e6
+    layers = [[LayerExchange(message * (k - 1 - p), delay_s, 1e-4 if p == 0 else 0.01 * p) for _ in range(NUM_LAYERS)]
+              for p in range(k - 1)]
+    layers.append([LayerExchange(0.0, delay_s, receive_s - delay_s)] * NUM_LAYERS)
+    per_rank = [RankTelemetry(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, layers=tuple(x)) for x in layers]
+    (found,) = observations(per_rank, k, NUM_LAYERS, causal=True)
+    assert (found.nbytes, found.hops) == ((k - 1) * message, 1)  # as the cost model prices a decoder layer
+    assert found.seconds == pytest.approx(receive_s)
+
+
 def test_the_estimate_stays_on_the_link_over_skewed_requests_and_follows_a_sag():
     k, latency_s = 4, 3e-3
     estimator = OnlineLinkEstimator(bandwidth_bps=40e6, latency_s=3.6e-3)  # the profile's, a little off

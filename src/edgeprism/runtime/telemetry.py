@@ -88,7 +88,8 @@ def telemetry(exchanger, stats, wall_s: float, num_layers: int) -> list[RankTele
     return [RankTelemetry.from_values(g.clone().view(torch.float64).tolist()) for g in gathered]
 
 
-def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int) -> list[LinkObservation]:
+def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int,
+                 causal: bool = False) -> list[LinkObservation]:
     """Link observations of one request: per message size, the median over its layer exchanges of the least of
     the ranks' times (emulated delay + collective), on the ring's k - 1 hops and (k - 1) x the message.
 
@@ -106,16 +107,25 @@ def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int) -> 
     times, not only the waits: the loopback fallback's rate is a sleep before sending, counted with the delay.
     The times are the collective's own (issue to completion), also for an exchange in the background beside
     compute. Rank 0's sends (the scatter) are never observations: a send returns once the kernel's socket buffer
-    holds the bytes, long before they arrive."""
+    holds the bytes, long before they arrive.
+
+    `causal` (decoders: rank p sends its message forward to the k - 1 - p ranks after it): for the same reason only
+    the last rank is timed — it receives the other k - 1 messages, the forward exchange the cost model prices (one
+    hop, (k - 1) x the largest message); a send-only rank 0 would read as a link with no transfer time."""
     by_size: dict[float, list[float]] = {}
+    timed = per_rank[-1:] if causal else per_rank
     for i in range(num_layers):
-        sent = max(r.layers[i].nbytes for r in per_rank)
+        if causal:  # a rank's recorded bytes are its message times its receivers
+            sent = max(r.layers[i].nbytes / (k - 1 - p) for p, r in enumerate(per_rank[:-1]))
+        else:
+            sent = max(r.layers[i].nbytes for r in per_rank)
         if sent <= 0:
             continue
-        least_s = min(r.layers[i].delay_s + r.layers[i].wait_s for r in per_rank)
+        least_s = min(r.layers[i].delay_s + r.layers[i].wait_s for r in timed)
         if least_s > 0:  # 0: a rank recorded fewer layer exchanges (its padding), which says nothing
             by_size.setdefault(sent, []).append(least_s)
-    return [LinkObservation((k - 1) * sent, k - 1, statistics.median(t)) for sent, t in by_size.items()]
+    hops = 1 if causal else k - 1
+    return [LinkObservation((k - 1) * sent, hops, statistics.median(t)) for sent, t in by_size.items()]
 
 
 __all__ = ["TELEMETRY_HEAD", "LayerExchange", "RankTelemetry", "observations", "probe_exchanges", "sync", "telemetry"]
