@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from edgeprism.bench.link_skew import paired_seconds
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.runtime.groups import start_recording
@@ -70,6 +71,16 @@ def test_skewed_overlapped_exchanges_read_as_the_link(k, micro_batches):
     short = RankTelemetry(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, layers=per_rank[-1].layers[:4] + (LayerExchange(0, 0, 0),) * 8)
     (found,) = observations([*per_rank[:-1], short], k, NUM_LAYERS)
     assert found.seconds == pytest.approx(transfer_s, rel=1e-9)
+
+
+def test_the_rule_before_read_the_skew_as_link_time():
+    # what scripts/bench_link_skew.py prints beside the observation: the pairing rule, on the same requests
+    k, micro_batches, batch_bytes = 4, 2, 600_000
+    transfer_s = 3e-3 * (k - 1) + 8 * (k - 1) * (batch_bytes / micro_batches) / 50e6
+    for seed in range(3):
+        per_rank = _request(k, 3e-3, 50e6, batch_bytes, micro_batches, skew_s=2 * transfer_s, seed=seed)
+        assert paired_seconds(per_rank, NUM_LAYERS) > 1.15 * transfer_s
+        assert observations(per_rank, k, NUM_LAYERS)[0].seconds == pytest.approx(transfer_s)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
