@@ -130,9 +130,9 @@ def test_compute_is_wall_less_staging_and_the_link_time_waited_for():
 
 def test_a_background_exchange_waited_for_late_counts_as_hidden(tmp_path):
     """Two ranks (threads) over a real GLOO group and an emulated link (transport mode: the rate is a sleep on the
-    exchanger's background thread): one exchange waited for right away, one after the caller worked 0.5 s. The
-    second's link time ran beside the work: hidden, so the work reads as compute (taking the whole collective
-    time off, as before, read it as 0.5 s less the exchange)."""
+    exchanger's background thread): a blocking exchange, then one in the background waited for after the caller
+    worked 0.5 s. The second's link time ran beside the work: hidden, so the work reads as compute (taking the
+    whole collective time off, as before, read it as 0.5 s less the exchange)."""
     link_file = tmp_path / "link.json"
     write_link_file(link_file, LinkPreset("test-8mbit", rate_bps=8e6, delay_s=0.01, source="test"), "transport")
     store = dist.HashStore()
