@@ -67,25 +67,6 @@ def test_burst_is_not_read_as_a_faster_link():
         OnlineLinkEstimator(bandwidth_bps=1e6, latency_s=0.0, burst_bytes=-1.0)
 
 
-def test_layer_observations_pair_the_least_and_greatest_wait():
-    from edgeprism.runtime.telemetry import TELEMETRY_HEAD, RankTelemetry, observations
-
-    delay, transfer, skew = 3e-3, 40e-3, 10e-3  # rank 1 arrives 10 ms late and waits only 30 ms
-    # three layers with the skew below the transfer; one where rank 1 came 60 ms late and waited for nothing
-    early = [0.0] * TELEMETRY_HEAD + [100_000, delay, skew + transfer] * 3 + [100_000, delay, 60e-3 + transfer]
-    late = [0.0] * TELEMETRY_HEAD + [100_000, delay, transfer - skew] * 3 + [100_000, delay, 0.0]
-    found = observations([RankTelemetry.from_values(early), RankTelemetry.from_values(late)], k=2, num_layers=4)
-    assert [(o.nbytes, o.hops) for o in found] == [(100_000, 1)]  # one message size: one observation
-    assert found[0].seconds == pytest.approx(delay + transfer)
-    # the uninformative layer alone gives no observation (the late rank alone would say: no transfer time)
-    assert observations([RankTelemetry.from_values(early[:TELEMETRY_HEAD] + early[-3:]),
-                         RankTelemetry.from_values(late[:TELEMETRY_HEAD] + late[-3:])], 2, 1) == []
-    # from one message size the estimator learns that size's time (the late rank alone would say 33 ms)
-    estimator = OnlineLinkEstimator(bandwidth_bps=50e6, latency_s=delay)
-    estimator.update(found)
-    assert estimator.predict_s(found[0]) == pytest.approx(delay + transfer, rel=1e-6)
-
-
 def test_one_size_after_a_sag_scales_both_terms_and_never_reaches_the_ceiling():
     # a 50 -> 15 Mbit/s sag seen through requests of one message size each, growing: the estimate must
     # follow each size's time and not explain it all by latency with an infinitely fast link

@@ -54,6 +54,9 @@ class ExchangeStats:
     emulated_delay_s: float = 0.0
     sealing_s: float = 0.0
     """Of staging_s: sealing and opening messages (0 when the lane is not sealed)."""
+    hidden_s: float = 0.0
+    """Of emulated_delay_s + collective_s: what background exchanges (`start_all_gather_bytes`) spent on the link
+    while the caller computed, not waited for; the caller was blocked on the link for the rest."""
     per_kind_nbytes: dict[str, int] = field(default_factory=dict)
     per_kind_messages: dict[str, int] = field(default_factory=dict)
     """Operations per kind ("control", "scatter", "layer", "output"), sent or received."""
@@ -143,6 +146,14 @@ class _Gather:
         start = time.perf_counter()
         ex._wait(lambda: [ex._pg.allgather([self.outputs], [self.staged])], f"all-gather of {self.kind}")
         return delay_s, time.perf_counter() - start
+
+    def finish_after(self, future: Future) -> list[Tensor]:
+        """`finish` of a background run: what the caller waited for it was not hidden behind its compute (it waits
+        in the order started, so the runs ahead of this one are done: it waits for at most this run's own time)."""
+        start = time.perf_counter()
+        delay_s, collective_s = future.result()
+        self.exchanger.stats.hidden_s += max(0.0, delay_s + collective_s - (time.perf_counter() - start))
+        return self.finish(delay_s, collective_s)
 
     def finish(self, delay_s: float, collective_s: float) -> list[Tensor]:
         ex = self.exchanger
@@ -276,7 +287,7 @@ class Exchanger:
         if self._background is None:
             self._background = _Background()
         future = self._background.submit(gather.run)
-        return PendingExchange(lambda: gather.finish(*future.result()))
+        return PendingExchange(lambda: gather.finish_after(future))
 
     def close(self) -> None:
         """Stop the background thread (if `start_all_gather_bytes` made one); the exchanger is not used after

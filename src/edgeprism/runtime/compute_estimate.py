@@ -1,8 +1,11 @@
 """Online per-device compute speed: noticing a straggler from the ranks' own timings, and taking it back.
 
 After every distributed request each plan rank reports its wall, staging, collective and emulated-delay
-seconds (`telemetry.RankTelemetry`); what is left is the rank's compute. The cost model says what that
-compute would take at speed 1.0 for the rank's tokens (`plan.cost.rank_compute_s`), so
+seconds and how much of the link time ran beside compute (`telemetry.RankTelemetry`); its wall less staging
+and the link time it waited for is the rank's compute (`RankTelemetry.compute_s`: under overlap and micro-batches
+the exchanges run on a background thread, and taking their whole time off read a link-bound rank's compute near
+zero, its speed as anything). The cost model says what that compute would take at speed 1.0 for the rank's
+tokens (`plan.cost.rank_compute_s`), so
 
     observed speed_p = predicted_p(speed 1) / measured compute_p.
 

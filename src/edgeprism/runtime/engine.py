@@ -364,7 +364,7 @@ class Engine(Rank0Side, WorkerSide):
         finally:
             lane.exchanger.deadline = None
         if len(per_rank) == len(plan.ranks) and self.config.learn_link:
-            self.estimator.update(observations(per_rank, len(plan.ranks), self.model.config.num_layers))
+            self.estimator.update(observations(per_rank, len(plan.ranks), len(per_rank[0].layers), self.model.causal))
         if (plan.mode, tuple(plan.ranks), plan.codec) in self._seen_plans:  # a first request pays set-up
             self._learn_speeds(plan, request, per_rank, decoded=bool(want.generate))
         rank0 = per_rank[0]

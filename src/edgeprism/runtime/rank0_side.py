@@ -171,7 +171,7 @@ class Rank0Side:
         self.compute_bias.update(plan.mode, row.compute_s, predicted)
 
     def _learn_speeds(self, plan: Plan, request: Request, per_rank, decoded: bool = False) -> None:
-        """Fold each plan rank's compute seconds (wall less staging and link) into the per-device speed
+        """Fold each plan rank's compute seconds (`RankTelemetry.compute_s`) into the per-device speed
         estimate (`runtime.compute_estimate`); a local request only ages the devices' last observations.
         `decoded`: the plan's last rank also decoded new tokens alone after the prefill, which its prediction
         does not hold, so it is left out of this request."""
@@ -181,7 +181,7 @@ class Rank0Side:
             self.speed_estimator.update((), (), ())
             return
         predicted = rank_compute_s(self.profile, request.batch, plan.token_counts, self.profile.codec(plan.codec))
-        measured = [r.wall_s - r.staging_s - r.collective_s - r.emulated_delay_s for r in per_rank]
+        measured = [r.compute_s for r in per_rank]
         self.speed_estimator.update(plan.ranks, predicted, measured, exclude=(plan.ranks[-1],) if decoded else ())
 
     def _energy(self, request_id: str, phases: list[tuple[float, float, float, float]]) -> tuple[float, str]:

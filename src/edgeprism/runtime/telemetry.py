@@ -11,8 +11,8 @@ import torch
 
 from edgeprism.runtime.link_estimate import LinkObservation
 
-TELEMETRY_HEAD = 6
-"""Values before the per-layer triples on the wire: the six scalar fields of `RankTelemetry`."""
+TELEMETRY_HEAD = 7
+"""Values before the per-layer triples on the wire: the seven scalar fields of `RankTelemetry`."""
 
 
 class LayerExchange(NamedTuple):
@@ -22,7 +22,8 @@ class LayerExchange(NamedTuple):
     delay_s: float
     """Emulated one-way delay (and loopback rate sleep) charged to the exchange."""
     wait_s: float
-    """Seconds the rank waited in the collective."""
+    """Seconds the collective took on this rank, from issuing it to its completion (on the exchanger's background
+    thread for an overlapped exchange: the transfer as that thread saw it, not what the compute thread waited)."""
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,30 @@ class RankTelemetry:
     staging_s: float
     collective_s: float
     emulated_delay_s: float
+    hidden_s: float = 0.0
+    """Of collective_s + emulated_delay_s: link seconds spent beside compute (overlapped exchanges), not waited for."""
     layers: tuple[LayerExchange, ...] = ()
 
     @classmethod
     def of(cls, stats, wall_s: float, num_layers: int = 0) -> RankTelemetry:
-        """This rank's numbers from its exchanger's stats (the first `num_layers` layer exchanges)."""
+        """This rank's numbers from its exchanger's stats (the first `num_layers` layer exchanges; with micro-batches
+        those of the first layers of every slice)."""
         layers = [LayerExchange(float(sent), delay_s, wait_s)
                   for kind, sent, delay_s, wait_s in stats.events if kind == "layer"][:num_layers]
         layers += [LayerExchange(0.0, 0.0, 0.0)] * (num_layers - len(layers))
         return cls(wall_s, float(stats.nbytes_sent), float(stats.per_kind_nbytes.get("layer", 0)), stats.staging_s,
-                   stats.collective_s, stats.emulated_delay_s, tuple(layers))
+                   stats.collective_s, stats.emulated_delay_s, stats.hidden_s, tuple(layers))
+
+    @property
+    def compute_s(self) -> float:
+        """The rank's own work: its wall time less staging and the link seconds it waited for. An overlapped
+        exchange's link time ran beside compute (`hidden_s`), so only its waited part is taken off: taking
+        the whole collective time off (as before) read an overlapped, link-bound rank's compute near zero."""
+        return self.wall_s - self.staging_s - (self.collective_s + self.emulated_delay_s - self.hidden_s)
 
     def to_values(self) -> list[float]:
         return [self.wall_s, self.nbytes_sent, self.layer_nbytes, self.staging_s, self.collective_s,
-                self.emulated_delay_s] + [x for layer in self.layers for x in layer]
+                self.emulated_delay_s, self.hidden_s] + [x for layer in self.layers for x in layer]
 
     @classmethod
     def from_values(cls, values: Sequence[float]) -> RankTelemetry:
@@ -77,41 +88,44 @@ def telemetry(exchanger, stats, wall_s: float, num_layers: int) -> list[RankTele
     return [RankTelemetry.from_values(g.clone().view(torch.float64).tolist()) for g in gathered]
 
 
-BALANCED = 0.1
-"""A layer exchange informs the link estimate when the rank that finished it soonest waited at least
-this fraction of the wait of the rank that took longest (see `observations`)..."""
-SKEW_FLOOR_S = 1e-3
-"""...or when no rank waited longer than this (the skew is then at most this too)."""
+def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int,
+                 causal: bool = False) -> list[LinkObservation]:
+    """Link observations of one request: per message size, the median over its layer exchanges of the least of
+    the ranks' times (emulated delay + collective), on the ring's k - 1 hops and (k - 1) x the message.
 
+    Why the least: GLOO sends by rendezvous — no byte of a message moves before its receiver has posted the
+    receive (gloo's tcp pair: "sends cannot execute until the remote side is ready to receive"). So the rank
+    that issues an all-gather last waits for the whole transfer, and every other rank for that plus its own
+    lead: the least time is the transfer, however skewed the ranks arrived, at 2 ranks and around a ring of k
+    (each hop waits for its receiver; the last rank's chunks still cross k - 1 hops after it arrives). The
+    rule before (the mean of the least and the greatest time, for layers that looked balanced) assumed the
+    late rank's peer bytes were already there, so that the two times summed to twice the transfer: under
+    rendezvous they sum to twice the transfer plus the skew, and the estimate read the ranks' compute skew as
+    a slower link — more of it with overlapped, micro-batched exchanges and with more ranks
+    (`scripts/bench_link_skew.py`, 4 x 0.5 core over wifi4, 300 KB per rank: as the skew bound grew from 0 to
+    0.3 s the rule before read 173 -> 249 ms, the least time 163 -> 164 ms; docs/TESTBED.md). Delays are in the
+    times, not only the waits: the loopback fallback's rate is a sleep before sending, counted with the delay.
+    The times are the collective's own (issue to completion), also for an exchange in the background beside
+    compute. Rank 0's sends (the scatter) are never observations: a send returns once the kernel's socket buffer
+    holds the bytes, long before they arrive.
 
-def observations(per_rank: Sequence[RankTelemetry], k: int, num_layers: int) -> list[LinkObservation]:
-    """Link observations of one request: per message size, the median over its informative layer
-    exchanges of (least + greatest) / 2 of the ranks' times (emulated delay + wait).
-
-    Why: a rank that reaches an all-gather s seconds before its peer takes s + t (t: delay + transfer),
-    the later one max(delay, t - s), its peer's bytes being there already. When the later one waited
-    at all, the two times sum to exactly 2t whatever the skew; when it did not (s >= transfer), the
-    layer says only that the transfer is below s and is left out (the times then measure the other
-    rank's compute, not the link: the soonest alone reads as a link with no transfer time, the mean
-    as a slower link than it is). So a layer counts when the soonest rank's wait is at least
-    `BALANCED` x the longest one's (skew below ~0.8 x the transfer), or when the two times differ by
-    at most `BALANCED` x the longer (their difference is twice the skew), or when no wait exceeds
-    `SKEW_FLOOR_S`. Delays are compared in the times, not the waits: the loopback fallback's rate is a
-    sleep before sending, counted with the delay. For k > 2 ranks (a ring) the same pairing is an
-    approximation. Rank 0's sends (the scatter) are never observations: a send returns once the
-    kernel's socket buffer holds the bytes, long before they arrive."""
+    `causal` (decoders: rank p sends its message forward to the k - 1 - p ranks after it): for the same reason only
+    the last rank is timed — it receives the other k - 1 messages, the forward exchange the cost model prices (one
+    hop, (k - 1) x the largest message); a send-only rank 0 would read as a link with no transfer time."""
     by_size: dict[float, list[float]] = {}
+    timed = per_rank[-1:] if causal else per_rank
     for i in range(num_layers):
-        sent = max(r.layers[i].nbytes for r in per_rank)
+        if causal:  # a rank's recorded bytes are its message times its receivers
+            sent = max(r.layers[i].nbytes / (k - 1 - p) for p, r in enumerate(per_rank[:-1]))
+        else:
+            sent = max(r.layers[i].nbytes for r in per_rank)
         if sent <= 0:
             continue
-        exchanges = [r.layers[i] for r in per_rank]
-        times = [(x.delay_s + x.wait_s, x.wait_s) for x in exchanges]  # (delay + wait, wait)
-        (soonest, soonest_wait), (longest, longest_wait) = min(times), max(times)
-        if (longest_wait <= SKEW_FLOOR_S or soonest_wait >= BALANCED * longest_wait
-                or longest - soonest <= BALANCED * longest):
-            by_size.setdefault(sent, []).append((soonest + longest) / 2)
-    return [LinkObservation((k - 1) * sent, k - 1, statistics.median(t)) for sent, t in by_size.items()]
+        least_s = min(r.layers[i].delay_s + r.layers[i].wait_s for r in timed)
+        if least_s > 0:  # 0: a rank recorded fewer layer exchanges (its padding), which says nothing
+            by_size.setdefault(sent, []).append(least_s)
+    hops = 1 if causal else k - 1
+    return [LinkObservation((k - 1) * sent, hops, statistics.median(t)) for sent, t in by_size.items()]
 
 
 __all__ = ["TELEMETRY_HEAD", "LayerExchange", "RankTelemetry", "observations", "probe_exchanges", "sync", "telemetry"]
