@@ -37,6 +37,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "refused": {"reason": str},
     "leave": {},
     "tamper": {"epoch": int, "rank": int},
+    "stall": {"epoch": int, "request_id": str, "layers_done": int, "compute_s": _NUMBER},
 }
 """Every control op and its required fields with their JSON types (extra fields are refused)."""
 

@@ -123,6 +123,7 @@ class Engine(Rank0Side, WorkerSide):
         self.estimator = OnlineLinkEstimator.from_profile(profile)
         self.compute_bias = ComputeBiasEstimator()
         self.speed_estimator = ComputeSpeedEstimator(ctx.world_size)
+        self._stalled: tuple | None = None  # a failed request's progress, until its stall reports are in
         self._dtype = next(self.model.parameters()).dtype
         self._lanes: dict = {}
         self._epoch = 0
@@ -383,6 +384,7 @@ class Engine(Rank0Side, WorkerSide):
         reason = (f"distributed over ranks {list(plan.ranks)} failed after {spent_s:.2f} s "
                   f"({err}); rerun on rank 0")
         log.warning("request %s: %s", request_id, reason)
+        self._note_stall(plan, request, request_id)
         self._end_epoch(f"request {request_id} failed", self.config.stall_s(plan.predicted_latency_s))
         self._blame(err, plan)
         if self.meter is not None:  # the window restarts with the rerun; the failed part is in latency_s only

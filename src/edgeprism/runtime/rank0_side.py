@@ -25,10 +25,14 @@ from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, 
 from edgeprism.runtime.joining import admission_key
 from edgeprism.runtime.link_estimate import LinkObservation
 from edgeprism.runtime.metrics import MetricsRow
+from edgeprism.runtime.stall_reports import progress_of, read_stall_reports
 from edgeprism.runtime.tamper import read_reports
 from edgeprism.runtime.telemetry import probe_exchanges
 
 log = logging.getLogger("edgeprism.runtime.engine")  # one logger for every side of the engine
+
+STALL_WAIT = 3
+"""Calls of `maintain` (one per request, more while idle) a failed request's missing stall reports are awaited."""
 
 
 class Rank0Side:
@@ -40,6 +44,7 @@ class Rank0Side:
         Never waits for a peer longer than `regroup_timeout_s` (building groups)."""
         if self._membership is None or self._closed:
             return
+        self._learn_from_stall()
         membership = self._membership
         changed = False
         now = time.monotonic()
@@ -169,6 +174,42 @@ class Rank0Side:
         link = replace(self.estimator.estimate(), local_compute_scale=1.0)  # the profile's own prediction
         predicted = predict(self.profile, request, plan, link).compute_s
         self.compute_bias.update(plan.mode, row.compute_s, predicted)
+
+    def _note_stall(self, plan: Plan, request: Request, request_id: str) -> None:
+        """A distributed request failed: keep rank 0's progress in it, to learn the ranks' speeds from their
+        stall reports as they arrive (`_learn_from_stall`; runtime/stall_reports.py)."""
+        lane = self._lanes.get(tuple(plan.ranks))
+        if lane is None or not self.config.learn_speeds:
+            return
+        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap,
+                                   self.config.micro_batches)
+        self._stalled = (request_id, self._epoch, plan, request, progress_of(transform.timeline), STALL_WAIT)
+
+    def _learn_from_stall(self) -> None:
+        """Between requests: fold the failed request's per-layer compute rates (rank 0's own and those the
+        workers reported) into the speed estimate; a slowed device that made the request miss its deadline
+        is then learned as one that finished in time would be. Reports are awaited for `STALL_WAIT` calls."""
+        if self._stalled is None:
+            return
+        request_id, epoch, plan, request, (own_layers, own_s), waits = self._stalled
+        reports = {rank: r for rank, r in read_stall_reports(self._store, self._control.sessions).items()
+                   if r.epoch == epoch and r.request_id == request_id and rank in plan.ranks}
+        if len(reports) < len(plan.ranks) - 1 and waits > 1:
+            self._stalled = (request_id, epoch, plan, request, (own_layers, own_s), waits - 1)
+            return  # some reports may still be on their way (a straggler is still computing)
+        self._stalled = None
+        done = {0: (own_layers, own_s), **{rank: (r.layers_done, r.compute_s) for rank, r in reports.items()}}
+        per_request = rank_compute_s(self.profile, request.batch, plan.token_counts, self.profile.codec(plan.codec))
+        num_layers = self.model.config.num_layers
+        ranks = [rank for rank in plan.ranks if done.get(rank, (0, 0.0))[0] > 0]
+        if 0 not in ranks or len(ranks) < 2:
+            return
+        index = {rank: i for i, rank in enumerate(plan.ranks)}
+        predicted = [per_request[index[rank]] * done[rank][0] / num_layers for rank in ranks]
+        measured = [done[rank][1] for rank in ranks]
+        log.info("request %s stalled: layers done %s, compute %s s; learning speeds from them", request_id,
+                 [done[rank][0] for rank in ranks], [round(m, 3) for m in measured])
+        self.speed_estimator.update(ranks, predicted, measured)
 
     def _learn_speeds(self, plan: Plan, request: Request, per_rank, decoded: bool = False) -> None:
         """Fold each plan rank's compute seconds (`RankTelemetry.compute_s`) into the per-device speed

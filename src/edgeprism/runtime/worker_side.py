@@ -16,6 +16,7 @@ from edgeprism.runtime.cluster_jobs import lane_job_context, run_job_here
 from edgeprism.runtime.control import ControlError, Mailbox
 from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, start_digests, start_recording
 from edgeprism.runtime.joining import acknowledge, admission_key, describe_self, join_cluster
+from edgeprism.runtime.stall_reports import report_stall
 from edgeprism.runtime.tamper import report_tamper
 from edgeprism.runtime.telemetry import probe_exchanges, sync, telemetry
 
@@ -114,6 +115,7 @@ class WorkerSide:
             return 0  # not in this plan: straight back to waiting
         exchanger = lane.exchanger
         exchanger.deadline = time.monotonic() + float(message["stall_s"])
+        transform = None
         try:
             if message["op"] == "probe":
                 probe_exchanges(exchanger, message["nbytes"])
@@ -134,6 +136,12 @@ class WorkerSide:
                         self._epoch, err)
             if isinstance(err, TamperError):  # rank 0 drops the sender (docs/SECURITY.md)
                 report_tamper(self._store, self._mailbox.session, self._epoch, lane.ranks[err.src])
+            elif transform is not None:  # how far we got: a straggler is learned from a stall too
+                try:
+                    report_stall(self._store, self._mailbox.session, self._epoch, message["request_id"],
+                                 transform.timeline)
+                except (RuntimeError, OSError) as store_err:
+                    log.warning("rank %d: could not report the stall (%s)", self.ctx.group_rank, store_err)
             retire_lanes(self._lanes, self.config.group_timeout_s + 1.0)
             return 0
         finally:

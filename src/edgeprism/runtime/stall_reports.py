@@ -1,0 +1,66 @@
+"""What each rank had computed when a distributed request ran out of time, so that a device slowed far enough to
+miss the request's deadline still teaches the speed estimate (issue 17: stragglers).
+
+A request that completes tells rank 0 every rank's compute seconds in its telemetry
+(`runtime.telemetry`); one that stalls — a device slowed to a quarter of its speed can take longer than the
+deadline, max(min_stall_s, stall_factor x predicted) — is rerun on rank 0 and tells nothing, so the next
+request planned over the same ranks stalls again. Here each rank of the failed request says how many layers it
+finished and their compute seconds (its `partition.timeline.Timeline`: encode + compute, never waits): a
+worker writes `stall/{slot}` (its join slot) sealed with its session key, as `runtime.tamper` does;
+rank 0 reads the reports between requests (`read_stall_reports`) and folds the per-layer rates into
+`runtime.compute_estimate` (`Rank0Side._learn_from_stall`), its own rate from its own timeline.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from edgeprism.comm.auth import seal
+from edgeprism.runtime.control import ControlError, Session, decode_control, encode_control
+
+log = logging.getLogger(__name__)
+
+
+class StallReport(NamedTuple):
+    """One rank's part of a request that failed: layers finished and their compute seconds."""
+
+    epoch: int
+    request_id: str
+    layers_done: int
+    compute_s: float
+
+
+def progress_of(timeline) -> tuple[int, float]:
+    """(layers finished, their encode + compute seconds) of a `partition.timeline.Timeline`."""
+    layers = timeline.layers
+    return len(layers), float(sum(layer.encode_s + layer.compute_s for layer in layers))
+
+
+def report_stall(store, session: Session, epoch: int, request_id: str, timeline) -> None:
+    """Worker: our progress in request `request_id` of `epoch` when it failed."""
+    layers_done, compute_s = progress_of(timeline)
+    body = encode_control({"op": "stall", "epoch": epoch, "request_id": request_id, "layers_done": layers_done,
+                           "compute_s": compute_s})
+    store.set(f"stall/{session.slot}", seal(session.key, b"stall", session.slot, body))
+
+
+def read_stall_reports(store, sessions: dict[int, Session]) -> dict[int, StallReport]:
+    """Rank 0: rank -> its authentic report since the last call (each is read once)."""
+    found = {}
+    for rank, session in sorted(sessions.items()):
+        key = f"stall/{session.slot}"
+        if not store.check([key]):
+            continue
+        blob = store.get(key)
+        store.delete_key(key)
+        try:
+            message = decode_control(session.key, b"stall", session.slot, blob)
+            found[rank] = StallReport(int(message["epoch"]), str(message["request_id"]),
+                                      int(message["layers_done"]), float(message["compute_s"]))
+        except (ControlError, KeyError, TypeError, ValueError) as err:
+            log.warning("a stall report for rank %d's session was refused: %s", rank, err)
+    return found
+
+
+__all__ = ["StallReport", "progress_of", "read_stall_reports", "report_stall"]
