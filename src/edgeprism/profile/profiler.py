@@ -7,7 +7,8 @@
 
 Measures; decides nothing (docs/ARCHITECTURE.md, "Rooms"). Each phase lives in its own module:
 `compute` (one block per grid point, pinned to one core), `staging`, `link` (the testbed's link test
-through the runtime's collectives), `energy`, `fidelity`.
+through the runtime's collectives), `energy`, `fidelity`, `codec_timing` (each codec's encode and decode
+seconds per vector, one thread of this process).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from edgeprism.models.base import ReferenceModel
 from edgeprism.models.config import ModelConfig
 from edgeprism.models.loading import load_model, model_config
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.profile.codec_timing import timed_entries
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
 from edgeprism.profile.compute_job import measure_on_session
 from edgeprism.profile.energy import measure_energy
@@ -262,6 +264,11 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     entries, fidelity_note = fidelity_entries(options, config, codecs, say)
     phases["fidelity_s"] = time.perf_counter() - mark
     say(f"fidelity: {fidelity_note}")
+    mark = time.perf_counter()
+    entries = timed_entries(entries, codecs, config.exchange_width, config.num_layers)
+    phases["codec_timing_s"] = time.perf_counter() - mark
+    say("codec timing: encode + decode per vector, one thread: "
+        + ", ".join(f"{e.codec} {(e.encode_s_per_vector + e.decode_s_per_vector) * 1e6:.2f} us" for e in entries))
     sealing = measure_sealing(codec_messages(entries, token_counts[0], options.world_size))
     say(f"sealing: {sealing.per_message_s * 1e6:.1f} us per message + {sealing.per_byte_s * 1e9:.2f} ns per byte "
         f"(seal + open, {len(sealing.samples)} codecs)")
