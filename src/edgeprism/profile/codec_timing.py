@@ -42,6 +42,9 @@ DEFAULT_TARGET_VECTORS = 2048
 """Vectors a timed pass covers (rows of `DEFAULT_TOKENS_PER_MESSAGE` tokens, or layers of a session)."""
 
 
+_NOTE = "codec encode/decode seconds per vector measured"
+
+
 @dataclasses.dataclass(frozen=True)
 class CodecTiming:
     """One codec's measured compute at speed 1.0: seconds per vector sent (encode) and received (decode)."""
@@ -149,9 +152,10 @@ def refresh_codec_timings(profile: Profile, codec_names: Sequence[str] | None = 
             log.info("codec timing %s", timing)
             entry = with_timing(entry, timing)
         entries.append(entry)
-    note = (f"codec encode/decode seconds per vector measured {time.strftime('%Y-%m-%d', time.gmtime())} on one "
-            f"thread of the profiling process (profile/codec_timing.py), the rest as before")
-    notes = "; ".join(part for part in (profile.notes, note) if part)
+    note = (f"{_NOTE} {time.strftime('%Y-%m-%d', time.gmtime())} on one thread of the profiling process "
+            f"(profile/codec_timing.py), the rest as before")
+    kept = [part for part in profile.notes.split("; ") if part and not part.startswith(_NOTE)]  # an earlier refresh's
+    notes = "; ".join([*kept, note])
     return dataclasses.replace(profile, codecs=tuple(entries), notes=notes)
 
 

@@ -7,8 +7,8 @@
 
 Measures; decides nothing (docs/ARCHITECTURE.md, "Rooms"). Each phase lives in its own module:
 `compute` (one block per grid point, pinned to one core), `staging`, `link` (the testbed's link test
-through the runtime's collectives), `energy`, `fidelity`, `codec_timing` (each codec's encode and decode
-seconds per vector, one thread of this process).
+through the runtime's collectives), `energy`, `fidelity` (with `codec_timing`: each codec's encode and
+decode seconds per vector, on one thread of this process).
 """
 
 from __future__ import annotations
@@ -264,11 +264,6 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     entries, fidelity_note = fidelity_entries(options, config, codecs, say)
     phases["fidelity_s"] = time.perf_counter() - mark
     say(f"fidelity: {fidelity_note}")
-    mark = time.perf_counter()
-    entries = timed_entries(entries, codecs, config.exchange_width, config.num_layers)
-    phases["codec_timing_s"] = time.perf_counter() - mark
-    say("codec timing: encode + decode per vector, one thread: "
-        + ", ".join(f"{e.codec} {(e.encode_s_per_vector + e.decode_s_per_vector) * 1e6:.2f} us" for e in entries))
     sealing = measure_sealing(codec_messages(entries, token_counts[0], options.world_size))
     say(f"sealing: {sealing.per_message_s * 1e6:.1f} us per message + {sealing.per_byte_s * 1e9:.2f} ns per byte "
         f"(seal + open, {len(sealing.samples)} codecs)")
@@ -300,7 +295,8 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
 
 def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Sequence,
                      say: Callable[[str], None]) -> tuple[tuple, str]:
-    """Each codec's wire cost and fidelity (imported rows, the model's evaluation set, or unmeasured) → (entries,
+    """Each codec's wire cost, own compute (encode/decode seconds per vector, timed here on one thread:
+    profile/codec_timing.py) and fidelity (imported rows, the model's evaluation set, or unmeasured) → (entries,
     note)."""
     if options.fidelity_file:
         rows = load_fidelity_rows(options.fidelity_file)
@@ -312,6 +308,9 @@ def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Seque
         rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
     selected = select_rows(rows, config.name, options.world_size)
     entries = codec_entries(codecs, config.exchange_width, selected, num_layers=config.num_layers)
+    entries = timed_entries(entries, codecs, config.exchange_width, config.num_layers)
+    say("codec timing: encode + decode per vector, one thread: "
+        + ", ".join(f"{e.codec} {(e.encode_s_per_vector + e.decode_s_per_vector) * 1e6:.2f} us" for e in entries))
     unmeasured = [e.codec for e in entries if e.loss is None]
     if rows and unmeasured:
         fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"
