@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS_PER_MESSAGE = 512
 """Tokens per encoded message while timing: a rank's share of a few hundred to a thousand tokens (the per-vector
-cost grows once a message outgrows the caches: SmolLM2's lb6o4r ~35 us at 1,024 vectors, ~80 at 4,096)."""
+cost grows once a pass outgrows the caches: lb6o4r at 384 features, encode + decode ~40-50 us a vector at 1,024
+vectors a pass, ~85 at 4,096, on a loaded 2-core host)."""
 DEFAULT_TARGET_VECTORS = 2048
 """Vectors a timed pass covers (rows of `DEFAULT_TOKENS_PER_MESSAGE` tokens, or layers of a session)."""
 
