@@ -276,6 +276,7 @@ def test_run_profile_builds_a_valid_profile_for_a_vit(tmp_path):
     assert profile.world_size == 2 and profile.device_speeds == (1.0, 1.0)
     assert [c.codec for c in profile.codecs] == ["fp32", "int8", "sm4a+int8"]
     assert all(c.loss is None for c in profile.codecs)
+    assert all(c.encode_s_per_vector > 0 and c.decode_s_per_vector > 0 for c in profile.codecs)  # codec timing
     assert profile.link.bandwidth_bps == 3.0e7 and profile.staging.present is False
     assert profile.energy.source == "modelled" and profile.host.device_kind == "cpu"
     # float32 pixels of one 8x8 patch, plus the grid shape (two int64) spread over the 8 tokens rank 1 gets

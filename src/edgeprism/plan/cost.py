@@ -9,7 +9,10 @@ Distributed over k ranks owning n_p tokens, per layer:
                                                       (Segment Means: ceil(n_q / cr) + anchor slots)
     msg_q    = B · (wire_bytes_per_row + n_q · wire_bytes_per_token)
     kv_p     = n_p + sum_{q != p} S_q                 (decoders: q < p only — partition-aware causal mask)
-    compute  = max_p t_layer(B, n_p, kv_p) / speed_p
+    codec_p  = B · (encode_s · S_p + decode_s · (kv_p - n_p))   the codec's own compute: rank p encodes its
+                                                      message and decodes each one it reads (the profile's
+                                                      `encode_s_per_vector` / `decode_s_per_vector`, at speed 1)
+    compute  = max_p (t_layer(B, n_p, kv_p) + codec_p) / speed_p
     staging  = max_p d2h(msg_p) + h2d(sum_{q != p} msg_q)      (0 where the profile has no staging)
     network  = 8 · max(0, (k-1) · max_q msg_q - credit) / bandwidth
                                                          (GLOO all-gather pads every message to the largest;
@@ -76,6 +79,8 @@ class GroupTerms(NamedTuple):
     """Per rank: the layer's own-key seconds, what may run beside the exchange (plan/pipeline.py `own_key_s`)."""
     layer_latency_s: float = 0.0
     """One layer's exchange hops × link latency."""
+    speeds: tuple[float, ...] = ()
+    """Per rank: its speed (the codec's own compute is charged at it, `codec_compute_s`)."""
 
 
 class CodecTerms(NamedTuple):
@@ -172,8 +177,23 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
     setup_wire_bytes = max(batch * in_bytes * max(counts[1:]), gather_bytes)
     return GroupTerms(tuple(counts), base, slope, min(counts), max(counts), num_tokens, overhead_s, setup_network_s,
                       latency_s, setup_wire_bytes, min_total_s, min_energy_j, setup_seal_s,
-                      fixed=tuple(a / speed for speed in speeds), layer_latency_s=layer_latency_s,
+                      fixed=tuple(a / speed for speed in speeds), layer_latency_s=layer_latency_s, speeds=tuple(speeds),
                       own=tuple(own_key_s(b_kv, b_tok_kv, batch, n) / speed for n, speed in zip(counts, speeds)))
+
+
+def codec_compute_s(codec: CodecFidelity, batch: int, segments: Sequence[int], speeds: Sequence[float],
+                    causal: bool) -> list[float]:
+    """Per rank, one layer's seconds of the codec's own compute: encoding its message of `segments[p]` vectors
+    per row and decoding those it reads (decoders: from ranks q < p; encoders: from every other rank), at
+    the rank's speed. All zeros for a profile entry without measured encode/decode seconds."""
+    enc_s, dec_s = batch * codec.encode_s_per_vector, batch * codec.decode_s_per_vector
+    total = sum(segments)
+    out, seen = [], 0
+    for sent, speed in zip(segments, speeds):
+        received = seen if causal else total - sent
+        seen += sent
+        out.append((enc_s * sent + dec_s * received) / speed)
+    return out
 
 
 def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: CodecFidelity, bandwidth_bps: float,
@@ -222,13 +242,15 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     num_vectors = codec.num_vectors
     segments = [num_vectors(n) for n in counts]  # vectors each rank's message carries per row, per the codec
     total_segments = sum(segments)
+    coded = (codec_compute_s(codec, batch, segments, g.speeds, causal)
+             if codec.encode_s_per_vector or codec.decode_s_per_vector else [])
     max_layer_s = 0.0
     sum_layer_s = 0.0
     seen = 0
     for p in range(k):
         kv = counts[p] + (seen if causal else total_segments - segments[p])
         seen += segments[p]
-        layer_s = base[p] + slope[p] * kv
+        layer_s = base[p] + slope[p] * kv + (coded[p] if coded else 0.0)
         sum_layer_s += layer_s
         if layer_s > max_layer_s:
             max_layer_s = layer_s
@@ -241,7 +263,7 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
         m = min(c.micro_batches, batch)
         max_layer_s, sum_layer_s, layer_hidden_s = pipelined_layers(
             g.base, g.slope, g.fixed, g.own if c.overlap else (), counts, segments, m, layer_network_s,
-            g.layer_latency_s)
+            g.layer_latency_s, coded)
         latency_s += num_layers * (m - 1) * g.layer_latency_s  # every micro-batch pays its hops
     compute_s = num_layers * max_layer_s + overhead_s
     staging_s = num_layers * layer_staging_s + g.setup_seal_s
@@ -275,17 +297,18 @@ def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], cou
 
 def rank_compute_s(profile: Profile, batch: int, counts: Sequence[int], codec: CodecFidelity) -> list[float]:
     """Predicted compute seconds of each rank of a plan at speed 1.0 (the same layer formula as
-    `codec_terms`; rank 0 also pays the request overhead). Measured seconds over these give a device's
-    live speed (`runtime.compute_estimate`)."""
+    `codec_terms`, the codec's own encode/decode included; rank 0 also pays the request overhead). Measured
+    seconds over these give a device's live speed (`runtime.compute_estimate`)."""
     constants = profile_constants(profile)
     k = len(counts)
     group = group_terms(constants, batch, [1.0] * k, counts, 1.0, 0.0)
     segments = [codec.num_vectors(n) for n in counts]
+    coded = codec_compute_s(codec, batch, segments, [1.0] * k, constants.causal)
     out, seen = [], 0
     for p in range(k):
         kv = counts[p] + (seen if constants.causal else sum(segments) - segments[p])
         seen += segments[p]
-        out.append(constants.num_layers * (group.base[p] + group.slope[p] * kv)
+        out.append(constants.num_layers * (group.base[p] + group.slope[p] * kv + coded[p])
                    + (constants.request_overhead_s if p == 0 else 0.0))
     return out
 
@@ -344,6 +367,7 @@ __all__ = [
     "CostConstants",
     "GroupTerms",
     "apportion",
+    "codec_compute_s",
     "codec_terms",
     "distributed_prediction",
     "distributed_terms",

@@ -79,12 +79,13 @@ def _groups(profile: Profile, link: LinkEstimate) -> list[tuple[int, ...]]:
 
 
 def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
-    """`a` costs no more than `b` in every term of the cost model (fewer or equal vectors and bytes) and
-    loses no more fidelity, so whenever `b` is admissible `a` is too and predicts no worse."""
+    """`a` costs no more than `b` in every term of the cost model (fewer or equal vectors, bytes and codec
+    seconds per vector) and loses no more fidelity, so whenever `b` is admissible `a` is too and predicts no worse."""
     loss_a = _INF if a.fidelity_loss is None else a.fidelity_loss
     loss_b = _INF if b.fidelity_loss is None else b.fidelity_loss
     return (a.cr >= b.cr and a.extra_vectors_per_row <= b.extra_vectors_per_row
             and a.wire_bytes_per_token <= b.wire_bytes_per_token and a.wire_bytes_per_row <= b.wire_bytes_per_row
+            and a.encode_s_per_vector <= b.encode_s_per_vector and a.decode_s_per_vector <= b.decode_s_per_vector
             and loss_a <= loss_b)
 
 

@@ -7,7 +7,8 @@
 
 Measures; decides nothing (docs/ARCHITECTURE.md, "Rooms"). Each phase lives in its own module:
 `compute` (one block per grid point, pinned to one core), `staging`, `link` (the testbed's link test
-through the runtime's collectives), `energy`, `fidelity`.
+through the runtime's collectives), `energy`, `fidelity` (with `codec_timing`: each codec's encode and
+decode seconds per vector, on one thread of this process).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from edgeprism.models.base import ReferenceModel
 from edgeprism.models.config import ModelConfig
 from edgeprism.models.loading import load_model, model_config
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.profile.codec_timing import timed_entries
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
 from edgeprism.profile.compute_job import measure_on_session
 from edgeprism.profile.energy import measure_energy
@@ -293,7 +295,8 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
 
 def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Sequence,
                      say: Callable[[str], None]) -> tuple[tuple, str]:
-    """Each codec's wire cost and fidelity (imported rows, the model's evaluation set, or unmeasured) → (entries,
+    """Each codec's wire cost, own compute (encode/decode seconds per vector, timed here on one thread:
+    profile/codec_timing.py) and fidelity (imported rows, the model's evaluation set, or unmeasured) → (entries,
     note)."""
     if options.fidelity_file:
         rows = load_fidelity_rows(options.fidelity_file)
@@ -305,6 +308,9 @@ def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Seque
         rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
     selected = select_rows(rows, config.name, options.world_size)
     entries = codec_entries(codecs, config.exchange_width, selected, num_layers=config.num_layers)
+    entries = timed_entries(entries, codecs, config.exchange_width, config.num_layers)
+    say("codec timing: encode + decode per vector, one thread: "
+        + ", ".join(f"{e.codec} {(e.encode_s_per_vector + e.decode_s_per_vector) * 1e6:.2f} us" for e in entries))
     unmeasured = [e.codec for e in entries if e.loss is None]
     if rows and unmeasured:
         fidelity_note += f"; no rows for {', '.join(unmeasured)} (unmeasured)"

@@ -20,13 +20,15 @@ JSON sketch (schema_version 1)::
                 "meter": "…"},
      "codecs": [{"codec": "fp32", "cr": 1, "wire_dtype": "float32", "wire_bytes_per_token": 3073.0,
                  "wire_bytes_per_row": 0.0, "metric": "top1_agreement", "value": 1.0,
-                 "reference_value": 1.0, "loss": 0.0}, …],
+                 "reference_value": 1.0, "loss": 0.0, "encode_s_per_vector": 1e-7,
+                 "decode_s_per_vector": 1e-7}, …],
      "input_bytes_per_token": 3072.0, "output_bytes_per_row": 3072.0, "notes": "",
      "devices": [{"rank": 0, "device_kind": "cpu", "num_cores": 4, "device": "cpu", "host_id": "…8 hex…",
                   "cpu_model": "…", "staging": "…", "energy": {…EnergyModel…} or null}, …]}
 
 `devices` is optional (a profile of a joined cluster has one entry per rank; older files have none, and
-a profile without devices writes no `devices` key, so its hash is what it always was). `sealing` likewise:
+a profile without devices writes no `devices` key, so its hash is what it always was). A codec entry's
+`encode_s_per_vector` / `decode_s_per_vector` likewise (absent: 0, not measured). `sealing` likewise:
 `{"overhead_bytes": 28, "per_message_s": …, "per_byte_s": …, "samples": [{"codec": "fp32",
 "message_bytes": …, "seal_open_s": …}, …], "method": "…"}` (profile/sealing.py).
 """
@@ -129,6 +131,10 @@ class Profile:
             del data["devices"]  # an older profile's JSON (and hash) stays what it was
         if self.sealing is None:
             del data["sealing"]  # likewise
+        for entry in data["codecs"]:  # likewise for codec entries without measured encode/decode seconds
+            for key in ("encode_s_per_vector", "decode_s_per_vector"):
+                if not entry[key]:
+                    del entry[key]
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -194,7 +194,9 @@ class CodecFidelity:
     `wire_bytes_per_token` is bytes per own token per layer (codec.nbytes / (B·n) at the profiled
     size; for codecs whose message changes by layer, the mean over the model's layers); `wire_bytes_per_row`
     is a fixed part per batch row (anchors, scales). `loss` is
-    (reference_value - value) / reference_value clamped to [0, 1]; None when fidelity was not measured."""
+    (reference_value - value) / reference_value clamped to [0, 1]; None when fidelity was not measured.
+    `encode_s_per_vector` / `decode_s_per_vector`: the codec's own compute at speed 1.0 per vector sent /
+    received (profile/codec_timing.py); 0 when not measured (older profiles), which charges nothing."""
 
     codec: str
     cr: int
@@ -208,12 +210,15 @@ class CodecFidelity:
     value: float | None = None
     reference_value: float | None = None
     loss: float | None = None
+    encode_s_per_vector: float = 0.0
+    decode_s_per_vector: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cr < 1:
             raise ValueError(f"codec {self.codec!r}: cr must be >= 1, got {self.cr}")
         check_nonneg(f"codec {self.codec!r}", wire_bytes_per_token=self.wire_bytes_per_token,
-                      wire_bytes_per_row=self.wire_bytes_per_row)
+                      wire_bytes_per_row=self.wire_bytes_per_row, encode_s_per_vector=self.encode_s_per_vector,
+                      decode_s_per_vector=self.decode_s_per_vector)
         if self.loss is not None and not 0.0 <= self.loss <= 1.0:
             raise ValueError(f"codec {self.codec!r}: loss must be in [0, 1], got {self.loss}")
 
