@@ -17,7 +17,7 @@ from edgeprism.runtime.control import Session
 from edgeprism.runtime.stall_reports import StallReport, progress_of, read_stall_reports, report_stall
 from edgeprism.testbed.emulation import write_link_file
 from edgeprism.testbed.presets import LinkPreset
-from tests.test_reliability import CONFIG, LARGE, _exact, _profile
+from test_reliability import CONFIG, LARGE, _exact, _profile
 
 
 def _timeline(*compute_s: float) -> Timeline:
