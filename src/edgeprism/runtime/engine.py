@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from edgeprism.comm.auth import load_secret
 from edgeprism.comm.context import DistContext
@@ -51,12 +50,12 @@ from edgeprism.profile.schema import Profile
 from edgeprism.runtime.compute_estimate import ComputeSpeedEstimator
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.control import ControlChannel, Mailbox
-from edgeprism.runtime.groups import retire_lanes, start_digests, start_recording
+from edgeprism.runtime.groups import default_store, retire_lanes, start_digests, start_recording
 from edgeprism.runtime.joining import describe_self, join_cluster
 from edgeprism.runtime.link_estimate import ComputeBiasEstimator, OnlineLinkEstimator
 from edgeprism.runtime.membership import Membership
 from edgeprism.runtime.metrics import MetricsRow, Result
-from edgeprism.runtime.rank0_side import Rank0Side
+from edgeprism.runtime.rank0_side import Rank0Side, as_local_plan
 from edgeprism.runtime.requests import check_inputs
 from edgeprism.runtime.telemetry import RankTelemetry, observations, sync, telemetry
 from edgeprism.runtime.worker_side import WorkerSide
@@ -72,19 +71,6 @@ class Want(NamedTuple):
     gather_hidden: bool
     generate: int
     """Greedy tokens to decode after the prefill (0: none)."""
-
-
-def default_store(ctx: DistContext):
-    """The launcher's rendezvous store (torchrun's, or the default group's), under `edgeprism/`, and under
-    torchrun's restart count as well: the elastic agent's store outlives a restart, and keys of the
-    previous attempt (boot nonce, join slots) must not be read by the next."""
-    import os
-
-    store = dist.distributed_c10d._get_default_store()
-    while isinstance(store, dist.PrefixStore):
-        store = store.underlying_store
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
-    return dist.PrefixStore(f"edgeprism/{attempt}/" if attempt else "edgeprism/", store)
 
 
 class Engine(Rank0Side, WorkerSide):
@@ -246,7 +232,7 @@ class Engine(Rank0Side, WorkerSide):
             if plan.mode == "distributed" and tuple(plan.ranks) not in self._lanes:
                 log.warning("plan over ranks %s has no process group (healthy: %s); running locally",
                             list(plan.ranks), list(self._members))
-                plan = _local_plan(plan, request)
+                plan = as_local_plan(plan, request)
             if self.meter is not None:
                 self.meter.begin_window(request_id)
             if plan.mode == "local":
@@ -378,21 +364,6 @@ class Engine(Rank0Side, WorkerSide):
                         rank0.emulated_delay_s + control.emulated_delay_s, timeline=transform.timeline.to_rows())
         return outputs, row
 
-    def _fall_back(self, err: PeerError, inputs, plan, request, link, request_id, want: Want, spent_s: float):
-        """A distributed request failed: end the epoch, rerun it locally (the exact answer), say so in the row."""
-        self.failures += 1
-        reason = (f"distributed over ranks {list(plan.ranks)} failed after {spent_s:.2f} s "
-                  f"({err}); rerun on rank 0")
-        log.warning("request %s: %s", request_id, reason)
-        self._note_stall(plan, request, request_id)
-        self._end_epoch(f"request {request_id} failed", self.config.stall_s(plan.predicted_latency_s))
-        self._blame(err, plan)
-        if self.meter is not None:  # the window restarts with the rerun; the failed part is in latency_s only
-            self.meter.end_window(request_id)
-            self.meter.begin_window(request_id)
-        return self._run_local(inputs, _local_plan(plan, request), request, link, request_id, want,
-                               fallback=reason, spent_s=spent_s)
-
     def close(self) -> None:
         """Rank 0: tell the workers to stop, stop a local cluster, leave the process group if ours."""
         if self._closed:
@@ -409,11 +380,6 @@ class Engine(Rank0Side, WorkerSide):
                 from edgeprism.comm.context import shutdown
 
                 shutdown(self.ctx)
-
-
-def _local_plan(plan: Plan, request: Request) -> Plan:
-    return replace(plan, mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(request.num_tokens,), codec="",
-                   cr=1, wire_dtype="", fidelity_loss=0.0)
 
 
 __all__ = ["Engine", "EngineConfig", "default_store"]

@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,17 @@ class RecordingStats(ExchangeStats):
     def add(self, kind: str, sent: int, received: int, staging_s: float, collective_s: float, delay_s: float) -> None:
         super().add(kind, sent, received, staging_s, collective_s, delay_s)
         self.events.append((kind, sent, delay_s, collective_s))
+
+
+def default_store(ctx: DistContext):
+    """The launcher's rendezvous store (torchrun's, or the default group's), under `edgeprism/`, and under
+    torchrun's restart count as well: the elastic agent's store outlives a restart, and keys of the
+    previous attempt (boot nonce, join slots) must not be read by the next."""
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+    return dist.PrefixStore(f"edgeprism/{attempt}/" if attempt else "edgeprism/", store)
 
 
 def start_recording(exchanger) -> RecordingStats:
@@ -286,6 +298,7 @@ __all__ = [
     "RecordingStats",
     "build_epoch_lanes",
     "candidate_subsets",
+    "default_store",
     "gloo_group",
     "make_control",
     "make_lanes",

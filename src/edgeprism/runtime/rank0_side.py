@@ -175,6 +175,21 @@ class Rank0Side:
         predicted = predict(self.profile, request, plan, link).compute_s
         self.compute_bias.update(plan.mode, row.compute_s, predicted)
 
+    def _fall_back(self, err: PeerError, inputs, plan, request, link, request_id, want, spent_s: float):
+        """A distributed request failed: end the epoch, rerun it locally (the exact answer), say so in the row."""
+        self.failures += 1
+        reason = (f"distributed over ranks {list(plan.ranks)} failed after {spent_s:.2f} s "
+                  f"({err}); rerun on rank 0")
+        log.warning("request %s: %s", request_id, reason)
+        self._note_stall(plan, request, request_id)
+        self._end_epoch(f"request {request_id} failed", self.config.stall_s(plan.predicted_latency_s))
+        self._blame(err, plan)
+        if self.meter is not None:  # the window restarts with the rerun; the failed part is in latency_s only
+            self.meter.end_window(request_id)
+            self.meter.begin_window(request_id)
+        return self._run_local(inputs, as_local_plan(plan, request), request, link, request_id, want,
+                               fallback=reason, spent_s=spent_s)
+
     def _note_stall(self, plan: Plan, request: Request, request_id: str) -> None:
         """A distributed request failed: keep rank 0's progress in it, to learn the ranks' speeds from their
         stall reports as they arrive (`_learn_from_stall`; runtime/stall_reports.py)."""
@@ -309,4 +324,10 @@ class Rank0Side:
                 "last_errors": [{"time": t, "what": what} for t, what in events[-10:]]}
 
 
-__all__ = ["Rank0Side"]
+def as_local_plan(plan: Plan, request: Request) -> Plan:
+    """`plan` turned into rank 0 alone (a fallback, or a plan over ranks with no process group)."""
+    return replace(plan, mode="local", ranks=(0,), token_shares=(1.0,), token_counts=(request.num_tokens,), codec="",
+                   cr=1, wire_dtype="", fidelity_loss=0.0)
+
+
+__all__ = ["Rank0Side", "as_local_plan"]
