@@ -11,7 +11,8 @@ import torch
 
 from edgeprism.compress import get_codec, pack, request_nbytes, spec_nbytes, unpack
 from edgeprism.compress.calibrated import TransformCodec, fit_codec, fit_layer, gaussian_levels, packed_code_bytes
-from edgeprism.compress.calibrated_state import load_calibrated, save
+from edgeprism import assets
+from edgeprism.compress.calibrated_state import calibration_dir, load_calibrated, save
 from edgeprism.compress.lowbit import LLOYD_MAX_GAUSSIAN
 from edgeprism.evaluate.calibrated import calibrate_codec, code_bytes_for_ratio, exchanged_vectors, layer_budgets
 from edgeprism.evaluate.fidelity import run_distributed
@@ -103,7 +104,7 @@ def test_state_file_round_trip_by_name_and_tamper_check(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEPRISM_HOME", str(tmp_path))
     codec = fit_codec([_activations(2000), _activations(2000, seed=4)], 24, delta=True, description="test")
     path = save(codec)
-    assert path.parent == tmp_path / "codecs"
+    assert path.parent == tmp_path / "codecs" == calibration_dir() == assets.cache_dir() / "codecs"  # one home
     loaded = get_codec(codec.name)
     assert isinstance(loaded, TransformCodec) and loaded == codec and loaded.delta and loaded.description == "test"
     assert all(torch.equal(a.basis, b.basis) and a.levels[0].equal(b.levels[0])

@@ -8,7 +8,6 @@ refuses a file whose content does not hash to its name.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,13 +20,12 @@ from edgeprism.compress.calibrated import (
     TransformCodec,
     state_digest,
 )
+from edgeprism.home import home_dir
 
 
 def calibration_dir() -> Path:
-    """`$EDGEPRISM_HOME/codecs` or `~/.cache/edgeprism/codecs` (the assets cache: `assets.cache_dir`, which
-    this lowest room may not import, resolves the home the same way)."""
-    home = os.environ.get("EDGEPRISM_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".cache" / "edgeprism") / "codecs"
+    """`$EDGEPRISM_HOME/codecs` or `~/.cache/edgeprism/codecs` (`edgeprism.home.home_dir`, as the assets cache)."""
+    return home_dir() / "codecs"
 
 
 def save(codec: TransformCodec, folder: str | Path | None = None) -> Path:
