@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
+from edgeprism import assets
 from edgeprism.compress import get_codec, pack, request_nbytes, spec_nbytes, unpack
 from edgeprism.compress.calibrated import TransformCodec, fit_codec, fit_layer, gaussian_levels, packed_code_bytes
-from edgeprism import assets
 from edgeprism.compress.calibrated_state import calibration_dir, load_calibrated, save
 from edgeprism.compress.lowbit import LLOYD_MAX_GAUSSIAN
 from edgeprism.evaluate.calibrated import calibrate_codec, code_bytes_for_ratio, exchanged_vectors, layer_budgets
