@@ -42,6 +42,8 @@ def save(codec: TransformCodec, folder: str | Path | None = None) -> Path:
         tensors[f"{i}.sigma"] = layer.sigma.contiguous()
         tensors[f"{i}.bits"] = torch.tensor(layer.bits, dtype=torch.uint8)
         tensors[f"{i}.outliers"] = torch.tensor([layer.outliers], dtype=torch.int32)
+        if layer.inverse is not None:
+            tensors[f"{i}.inverse"] = layer.inverse.contiguous()
         for j, levels in enumerate(layer.levels):
             tensors[f"{i}.levels.{j}"] = levels.contiguous()
     path = folder / f"{codec.digest}.safetensors"
@@ -102,8 +104,9 @@ def load_calibrated(name_or_path: str | Path, folder: str | Path | None = None) 
             levels = tuple(handle.get_tensor(f"{i}.levels.{j}") for j in range(sum(f"{i}.levels.{j}" in keys
                                                                                    for j in range(MAX_BITS))))
             outliers = int(handle.get_tensor(f"{i}.outliers")[0])
+            inverse = handle.get_tensor(f"{i}.inverse") if f"{i}.inverse" in keys else None
             layers.append(LayerTransform(handle.get_tensor(f"{i}.mean"), handle.get_tensor(f"{i}.basis"),
-                                         handle.get_tensor(f"{i}.sigma"), bits, levels, outliers))
+                                         handle.get_tensor(f"{i}.sigma"), bits, levels, outliers, inverse))
     delta = meta.get("delta") == "1"
     digest = state_digest(tuple(layers), delta)
     if digest != path.stem:

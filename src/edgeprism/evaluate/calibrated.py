@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from torch import Tensor
 from edgeprism.compress.base import IdentityCodec, WireSpec, check_inputs
 from edgeprism.compress.calibrated import TransformCodec, fit_codec
 from edgeprism.evaluate.fidelity import run_distributed
-from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.models.base import Inputs, KVExchangeBlock, ReferenceModel, SplitAttention
+from edgeprism.partition.transform import DEFAULT_AVERAGE
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,12 @@ DEFAULT_OUTLIERS = 0
 """Exact components per vector (the ones the codes serve worst, 4 bytes each). With delta coding and levels
 fitted per component the tails are small: on MiniLM (40 pool passages, 8x) 0 outliers gave pooled cosine
 0.99982 / 0.99963 against 0.99978 / 0.99956 with 4 (passages / queries); stateless, 4 helps."""
+
+METRIC_VECTORS = 128
+"""At most this many calibration vectors per layer estimate the K/V error metric (`kv_metric`)."""
+
+RIDGE = 1e-6
+"""Added to an error metric, times its mean eigenvalue: keeps it positive definite (directions K/V do not read)."""
 
 SENSITIVITY_BATCHES = 16
 """Calibration batches the per-layer sensitivity is measured on (the first ones)."""
@@ -140,6 +148,81 @@ def layer_budgets(sensitivity: Sequence[float], mean_bytes: int, hidden_size: in
     return raw
 
 
+def kv_metric(model: ReferenceModel, layer: int, samples: Tensor, average: str = DEFAULT_AVERAGE) -> Tensor:
+    """The error metric (d, d) of layer `layer`'s exchanged vectors: E[J^T J] over (at most `METRIC_VECTORS`,
+    evenly strided) calibration vectors `samples` (N, d), J the Jacobian of the keys and values the receiver
+    computes from a received vector (as `partition.attend.block_with_remote` does: `kv_from_wire` for a
+    `KVExchangeBlock`, else `project_kv` of the vector, through `kv_input` first when the residual is sent).
+    e^T M e is then the squared error an error e of the vector puts into the K/V the attention consumes
+    (exactly, where that map is affine: a post-LN block, the "normed" exchange). A ridge of 1e-6 of the
+    mean eigenvalue keeps it positive definite (directions K/V do not read)."""
+    block = model.blocks[layer]
+
+    def keys_values(x: Tensor) -> Tensor:  # (d,) one received vector -> (2 · heads · head_dim,)
+        x = x.view(1, 1, -1)
+        if isinstance(block, KVExchangeBlock):
+            k, v = block.kv_from_wire(x)
+        else:
+            k, v = block.attn.project_kv(block.kv_input(x) if average == "residual" else x)
+        return torch.cat([k.flatten(), v.flatten()])
+
+    probe = samples[:: max(1, samples.shape[0] // METRIC_VECTORS)][:METRIC_VECTORS].to(torch.float32)
+    metric = torch.zeros(samples.shape[1], samples.shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        for chunk in probe.split(64):
+            jacobian = torch.func.vmap(torch.func.jacrev(keys_values))(chunk).to(torch.float64)  # (n, 2·H·hd, d)
+            metric += torch.einsum("nod,noe->de", jacobian, jacobian)
+    metric /= probe.shape[0]
+    return metric + RIDGE * float(metric.diagonal().mean()) * torch.eye(samples.shape[1], dtype=torch.float64)
+
+
+def attention_metric(model: ReferenceModel, layer: int, samples: Tensor, average: str = DEFAULT_AVERAGE) -> Tensor:
+    """The error metric (d, d) of layer `layer`'s exchanged vectors by what their error does to the attention
+    output of a query reading them, per head h (attention weight p on the received token, the same for both
+    terms and dropped; independent heads, cross terms dropped):
+
+        value error:  p · δv_h W_o,h                       -> J_v,h^T W_o,h W_o,h^T J_v,h
+        key error:    p · scale · (q_h · δk_h) (v_h - o_h) W_o,h
+                      -> scale^2 E|(v_h - mean v_h) W_o,h|^2 J_k,h^T E[q_h q_h^T] J_k,h
+
+    with J the Jacobians of the received K/V (as `kv_metric`), q_h the queries of the same calibration vectors
+    (a rank's own tokens come from the same distribution) and W_o,h head h's rows of the output projection.
+    A block whose attention does not declare `SplitAttention` (rotary: keys sent as they are) gets `kv_metric`."""
+    block = model.blocks[layer]
+    attn = getattr(block, "attn", None)
+    if isinstance(block, KVExchangeBlock) or not isinstance(attn, SplitAttention):
+        return kv_metric(model, layer, samples, average)
+    probe = samples[:: max(1, samples.shape[0] // METRIC_VECTORS)][:METRIC_VECTORS].to(torch.float32)
+    width = samples.shape[1]
+
+    def kv_heads(x: Tensor) -> Tensor:  # (d,) one received vector -> (2, heads, head_dim)
+        x = x.view(1, 1, -1)
+        return torch.stack(attn.project_kv(block.kv_input(x) if average == "residual" else x))[:, 0, :, 0]
+
+    with torch.no_grad():
+        x_in = (block.kv_input(probe.unsqueeze(0)) if average == "residual" else probe.unsqueeze(0))  # (1, N, d)
+        q = attn.project_q(x_in)[0].to(torch.float64)  # (heads, N, hd)
+        _, v = attn.project_kv(x_in)  # (1, heads, N, hd)
+        heads, head_dim = q.shape[0], q.shape[2]
+        eye = torch.eye(head_dim).expand(1, 1, head_dim, head_dim)
+        zero = attn.project_out(torch.zeros(1, heads, head_dim, head_dim))[0]  # (hd, d): the bias alone
+        out = torch.stack([attn.project_out(torch.cat([torch.zeros(1, h, head_dim, head_dim), eye,
+                                                       torch.zeros(1, heads - h - 1, head_dim, head_dim)], 1))[0]
+                           - zero for h in range(heads)]).to(torch.float64)  # (heads, hd, d): W_o,h
+        spread = torch.einsum("hna,hab->hnb", (v[0] - v[0].mean(1, keepdim=True)).to(torch.float64), out)
+        key_weight = attn.scale ** 2 * spread.pow(2).sum(-1).mean(-1)  # (heads,)
+        queries = torch.einsum("hna,hnb->hab", q, q) / q.shape[1]  # (heads, hd, hd)
+        metric = torch.zeros(width, width, dtype=torch.float64)
+        for chunk in probe.split(64):
+            jacobian = torch.func.vmap(torch.func.jacrev(kv_heads))(chunk).to(torch.float64)  # (n, 2, H, hd, d)
+            jk, jv = jacobian[:, 0], jacobian[:, 1]
+            value = torch.einsum("nhad,hae->nhde", jv, out)  # (n, heads, d, d_out)
+            metric += torch.einsum("nhde,nhfe->df", value, value)
+            metric += torch.einsum("h,nhad,hab,nhbe->de", key_weight, jk, queries, jk)
+    metric /= probe.shape[0]
+    return metric + RIDGE * float(metric.diagonal().mean()) * torch.eye(width, dtype=torch.float64)
+
+
 def code_bytes_for_ratio(hidden_size: int, ratio: float) -> int:
     """Code bytes per vector that keep a token at <= 1/`ratio` of its fp32 bytes (d·4 + 1 mask byte),
     after the 2-byte scale and up to 1 byte of bit-packed mask."""
@@ -152,9 +235,12 @@ def code_bytes_for_ratio(hidden_size: int, ratio: float) -> int:
 def calibrate_codec(model: ReferenceModel, batches: Sequence[Inputs], world_size: int, ratio: float = 8.0,
                     shares: tuple[float, ...] | None = None, layer_bytes: Sequence[int] | None = None,
                     outliers: int = DEFAULT_OUTLIERS, delta: bool = True, per_layer_bits: bool = True,
+                    error: Literal["attention", "kv", "hidden"] = "attention",
                     description: str = "") -> TransformCodec:
     """The calibrated codec for `model` over `world_size` ranks, fitted on `batches`, each layer's codes in
-    `code_bytes_for_ratio(d, ratio)` bytes per vector (or `layer_bytes`, one budget per layer)."""
+    `code_bytes_for_ratio(d, ratio)` bytes per vector (or `layer_bytes`, one budget per layer). `error`: what
+    each layer's fit minimises: "kv", the error of the keys and values the receiver computes (`kv_metric`),
+    or "hidden", the squared error of the exchanged vector itself."""
     vectors = exchanged_vectors(model, batches, world_size, shares)
     hidden_size = vectors[0].shape[1]
     budget: int | list[int] = code_bytes_for_ratio(hidden_size, ratio)
@@ -168,7 +254,9 @@ def calibrate_codec(model: ReferenceModel, batches: Sequence[Inputs], world_size
         budget = ([mean_bytes] + layer_budgets(sensitivity[1:], mean_bytes, hidden_size) if delta
                   else layer_budgets(sensitivity, mean_bytes, hidden_size))
         log.info("layer sensitivity %s -> code bytes per layer %s", [f"{a:.2e}" for a in sensitivity], budget)
-    codec = fit_codec(vectors, budget, outliers, delta, description)
+    metric_of = {"attention": attention_metric, "kv": kv_metric}.get(error)
+    metrics = [metric_of(model, i, x) for i, x in enumerate(vectors)] if metric_of is not None else None
+    codec = fit_codec(vectors, budget, outliers, delta, description, metrics)
     log.info("calibrated %s on %d vectors per layer (%d layers, d=%d)", codec.name, vectors[0].shape[0],
              len(vectors), hidden_size)
     return codec
