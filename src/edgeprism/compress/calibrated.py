@@ -13,6 +13,11 @@ a layer's exchanged vectors x (d values) are sent as
    that carry outliers on the calibration data (the high-variance directions) get up to 8 bits and
    the quiet ones 0-2 — the outlier channels are picked by the data, per layer.
 
+The error that counts need not be the vector's own: with a metric M per layer (`fit_layer`; what the
+receiver's attention makes of an error, `evaluate.calibrated.attention_metric`) steps 1-3 run on
+y = (x - mu) M^(1/2), so PCA, bits and levels minimise e^T M e, and the decoder maps back through M^(-1/2)
+(`LayerTransform.inverse`).
+
 Nothing is random: the same calibration vectors give the same mu, U (eigenvector signs fixed: the
 largest-|.| entry of each column positive), sigma and bits, hence the same bytes. The state is data
 (`LayerTransform`, one per exchange) identified by the SHA-256 of its canonical bytes; the codec's
@@ -115,7 +120,8 @@ def packed_code_bytes(bits: tuple[int, ...] | list[int]) -> int:
 
 @dataclass(frozen=True)
 class LayerTransform:
-    """One exchange's calibrated state: mean (d,), basis (d, d) orthogonal (columns = components), sigma (d,)
+    """One exchange's calibrated state: mean (d,), basis (d, d) (x - mean -> coordinates; columns = components;
+    orthogonal unless fitted in a metric, then `inverse` maps back), sigma (d,)
     calibration std per component, bits per component, `levels`: for each width w present (ascending), the
     reconstruction levels (n_w, 2^w) of its components (in units of sigma · the vector's scale), and
     `outliers`: per vector, the components the codes serve worst sent exact (fp16 value, int16 index).

@@ -31,8 +31,11 @@ DEFAULT_OUTLIERS = 0
 fitted per component the tails are small: on MiniLM (40 pool passages, 8x) 0 outliers gave pooled cosine
 0.99982 / 0.99963 against 0.99978 / 0.99956 with 4 (passages / queries); stateless, 4 helps."""
 
-METRIC_VECTORS = 128
-"""At most this many calibration vectors per layer estimate the K/V error metric (`kv_metric`)."""
+METRIC_VECTORS = 256
+"""At most this many calibration vectors (evenly strided) per layer estimate an error metric's statistics."""
+JACOBIAN_VECTORS = 32
+"""Of those, this many average the Jacobian of the received K/V (exact with one where the map is affine:
+post-LN blocks, the default "normed" exchange)."""
 
 RIDGE = 1e-6
 """Added to an error metric, times its mean eigenvalue: keeps it positive definite (directions K/V do not read)."""
@@ -149,7 +152,7 @@ def layer_budgets(sensitivity: Sequence[float], mean_bytes: int, hidden_size: in
 
 
 def kv_metric(model: ReferenceModel, layer: int, samples: Tensor, average: str = DEFAULT_AVERAGE) -> Tensor:
-    """The error metric (d, d) of layer `layer`'s exchanged vectors: E[J^T J] over (at most `METRIC_VECTORS`,
+    """The error metric (d, d) of layer `layer`'s exchanged vectors: E[J^T J] over (at most `JACOBIAN_VECTORS`,
     evenly strided) calibration vectors `samples` (N, d), J the Jacobian of the keys and values the receiver
     computes from a received vector (as `partition.attend.block_with_remote` does: `kv_from_wire` for a
     `KVExchangeBlock`, else `project_kv` of the vector, through `kv_input` first when the residual is sent).
@@ -166,10 +169,10 @@ def kv_metric(model: ReferenceModel, layer: int, samples: Tensor, average: str =
             k, v = block.attn.project_kv(block.kv_input(x) if average == "residual" else x)
         return torch.cat([k.flatten(), v.flatten()])
 
-    probe = samples[:: max(1, samples.shape[0] // METRIC_VECTORS)][:METRIC_VECTORS].to(torch.float32)
+    probe = samples[:: max(1, samples.shape[0] // JACOBIAN_VECTORS)][:JACOBIAN_VECTORS].to(torch.float32)
     metric = torch.zeros(samples.shape[1], samples.shape[1], dtype=torch.float64)
     with torch.no_grad():
-        for chunk in probe.split(64):
+        for chunk in probe.split(16):
             jacobian = torch.func.vmap(torch.func.jacrev(keys_values))(chunk).to(torch.float64)  # (n, 2·H·hd, d)
             metric += torch.einsum("nod,noe->de", jacobian, jacobian)
     metric /= probe.shape[0]
@@ -192,7 +195,7 @@ def attention_metric(model: ReferenceModel, layer: int, samples: Tensor, average
     attn = getattr(block, "attn", None)
     if isinstance(block, KVExchangeBlock) or not isinstance(attn, SplitAttention):
         return kv_metric(model, layer, samples, average)
-    probe = samples[:: max(1, samples.shape[0] // METRIC_VECTORS)][:METRIC_VECTORS].to(torch.float32)
+    probe = samples[:: max(1, samples.shape[0] // METRIC_VECTORS)][:METRIC_VECTORS].to(torch.float32)  # statistics
     width = samples.shape[1]
 
     def kv_heads(x: Tensor) -> Tensor:  # (d,) one received vector -> (2, heads, head_dim)
@@ -212,14 +215,15 @@ def attention_metric(model: ReferenceModel, layer: int, samples: Tensor, average
         spread = torch.einsum("hna,hab->hnb", (v[0] - v[0].mean(1, keepdim=True)).to(torch.float64), out)
         key_weight = attn.scale ** 2 * spread.pow(2).sum(-1).mean(-1)  # (heads,)
         queries = torch.einsum("hna,hnb->hab", q, q) / q.shape[1]  # (heads, hd, hd)
+        # per head, the (hd, hd) form each error meets: the output projection's for values, the queries' for keys
+        forms = torch.stack([out @ out.transpose(1, 2), key_weight[:, None, None] * queries])  # (2, heads, hd, hd)
         metric = torch.zeros(width, width, dtype=torch.float64)
-        for chunk in probe.split(64):
+        jacobian_probe = probe[:: max(1, probe.shape[0] // JACOBIAN_VECTORS)][:JACOBIAN_VECTORS]
+        for chunk in jacobian_probe.split(16):
             jacobian = torch.func.vmap(torch.func.jacrev(kv_heads))(chunk).to(torch.float64)  # (n, 2, H, hd, d)
-            jk, jv = jacobian[:, 0], jacobian[:, 1]
-            value = torch.einsum("nhad,hae->nhde", jv, out)  # (n, heads, d, d_out)
-            metric += torch.einsum("nhde,nhfe->df", value, value)
-            metric += torch.einsum("h,nhad,hab,nhbe->de", key_weight, jk, queries, jk)
-    metric /= probe.shape[0]
+            weighted = torch.matmul(forms.unsqueeze(0), jacobian)  # (n, 2, H, hd, d)
+            metric += torch.einsum("nkhad,nkhae->de", weighted, jacobian)
+    metric /= jacobian_probe.shape[0]
     return metric + RIDGE * float(metric.diagonal().mean()) * torch.eye(width, dtype=torch.float64)
 
 
