@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--calib-passages", type=int, default=60, help="pool passages per calibration sample")
     parser.add_argument("--ratio", type=float, default=8.0, help="calibrated codec: x less than fp32 per token")
-    parser.add_argument("--error", choices=("attention", "kv", "hidden"), default="attention",
+    parser.add_argument("--error", choices=("attention", "kv", "hidden"), default="kv",
                         help="calibrated codec: fit against the attention output's error (attention), the received "
                              "K/V's (kv) or the vector's own (hidden)")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -18,6 +18,7 @@ from edgeprism.evaluate.calibrated import calibrate_codec, code_bytes_for_ratio,
 from edgeprism.evaluate.fidelity import run_distributed
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.partition.ranges import equal_shares, split_tokens
 from edgeprism.plan import Limits, LinkEstimate, Request, choose_plan
 from edgeprism.plan.planner import codec_exclusion
 from edgeprism.plan.synthetic import synthetic_profile
@@ -208,3 +209,18 @@ def test_fit_in_a_metric_is_deterministic_saved_and_cuts_the_error_that_metric_c
     kv_error = {name: float((e @ projection).pow(2).sum()) for name, e in errors.items()}
     assert kv_error["kv"] < 0.7 * kv_error["plain"], kv_error
     assert float(errors["plain"].pow(2).sum()) < float(errors["kv"].pow(2).sum())
+
+
+def test_recorded_vectors_are_in_batch_then_rank_order_whatever_order_the_ranks_start_in():
+    """The ranks' threads make their sessions in any order; the calibration vectors (and so the codec's digest)
+    must not depend on it: batch by batch, rank 0's tokens first (layer 0 of a post-LN model: the embeddings)."""
+    model = build_model("bert-tiny-test", seed=3)
+    batches = [synthetic_inputs(model.config, 2, seq_len=9, seed=s) for s in (1, 2)]
+    [first, *_] = exchanged_vectors(model, batches, 2)
+    expected = []
+    for batch in batches:
+        with torch.no_grad():
+            embedded = model.embed(batch, 0, 9)  # (2, 9, d)
+        for part in split_tokens(9, equal_shares(2)):
+            expected.append(embedded[:, part.start:part.end].reshape(-1, embedded.shape[-1]))
+    assert torch.allclose(first, torch.cat(expected), atol=1e-6)

@@ -49,43 +49,57 @@ FP32_BYTES_PER_TOKEN = 4
 
 @dataclass(frozen=True)
 class RecordingCodec(IdentityCodec):
-    """fp32 exchange (exact) that also keeps, per layer, the valid vectors each rank sent (in `store`)."""
+    """fp32 exchange (exact) that also keeps the valid vectors each rank sent, per layer (`sessions`)."""
 
-    store: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
-    """layer -> list of (session number, (N, d) float32 tensor), filled by the sessions."""
+    sessions: list = field(default_factory=list, compare=False, repr=False, hash=False)
+    """Every session, in the order they were made (the ranks of one forward pass race for it)."""
 
     def session(self) -> _RecordingSession:
-        self.store.setdefault("sessions", 0)
-        self.store["sessions"] += 1  # sessions start one by one (a rank's forward pass), in order
-        return _RecordingSession(self, self.store["sessions"])
+        self.sessions.append(_RecordingSession(self, len(self.sessions)))
+        return self.sessions[-1]
 
 
 @dataclass
 class _RecordingSession:
     codec: RecordingCodec
     number: int
+    vectors: dict[int, Tensor] = field(default_factory=dict)
+    """layer -> (N, d) float32 valid vectors this rank sent."""
+    senders: set[int] = field(default_factory=set)
+    """Ranks this one received from: all but itself (encoders) or those before it (decoders)."""
+
+    @property
+    def rank(self) -> int:
+        """The least rank this session never received from: its own, for full and causal exchanges alike."""
+        return min(set(range(len(self.senders) + 1)) - self.senders)
 
     def wire_spec(self, layer: int, batch: int, num_tokens: int, hidden_size: int) -> WireSpec:
         return self.codec.wire_spec(batch, num_tokens, hidden_size)
 
     def encode(self, layer: int, hidden: Tensor, valid: Tensor, anchor: Tensor | None = None) -> list[Tensor]:
         check_inputs(hidden, valid, anchor, self.codec.name)
-        vectors = hidden[valid.to(torch.bool)].to(torch.float32).clone()  # (N, d)
-        self.codec.store.setdefault(layer, []).append((self.number, vectors))
+        self.vectors[layer] = hidden[valid.to(torch.bool)].to(torch.float32).clone()  # (N, d)
         return self.codec.encode(hidden, valid, anchor)
 
     def decode(self, layer: int, sender: int, wire: list[Tensor]) -> tuple[Tensor, Tensor]:
+        self.senders.add(sender)
         return self.codec.decode(wire)
 
 
 def exchanged_vectors(model: ReferenceModel, batches: Sequence[Inputs], world_size: int,
                       shares: tuple[float, ...] | None = None) -> list[Tensor]:
     """Per layer, the (N, d) vectors the ranks exchange for `batches` (valid tokens of every rank), the same
-    tokens in the same order at every layer."""
-    recorder = RecordingCodec()
-    run_distributed(model, list(batches), recorder, world_size, shares)
-    layers = sorted(key for key in recorder.store if isinstance(key, int))
-    return [torch.cat([v for _, v in sorted(recorder.store[layer], key=lambda item: item[0])]) for layer in layers]
+    tokens in the same order at every layer and in every run: batch by batch, rank by rank, and a rank's
+    sessions (one per micro-batch) in the order it made them. The ranks' threads make their sessions in
+    any order, so arrival order would make the codec's digest a race."""
+    per_layer: dict[int, list[Tensor]] = {}
+    for batch in batches:
+        recorder = RecordingCodec()
+        run_distributed(model, [batch], recorder, world_size, shares)
+        for session in sorted((s for s in recorder.sessions if s.vectors), key=lambda s: (s.rank, s.number)):
+            for layer, vectors in session.vectors.items():
+                per_layer.setdefault(layer, []).append(vectors)
+    return [torch.cat(per_layer[layer]) for layer in sorted(per_layer)]
 
 
 @dataclass(frozen=True)
@@ -239,7 +253,7 @@ def code_bytes_for_ratio(hidden_size: int, ratio: float) -> int:
 def calibrate_codec(model: ReferenceModel, batches: Sequence[Inputs], world_size: int, ratio: float = 8.0,
                     shares: tuple[float, ...] | None = None, layer_bytes: Sequence[int] | None = None,
                     outliers: int = DEFAULT_OUTLIERS, delta: bool = True, per_layer_bits: bool = True,
-                    error: Literal["attention", "kv", "hidden"] = "attention",
+                    error: Literal["attention", "kv", "hidden"] = "kv",
                     description: str = "") -> TransformCodec:
     """The calibrated codec for `model` over `world_size` ranks, fitted on `batches`, each layer's codes in
     `code_bytes_for_ratio(d, ratio)` bytes per vector (or `layer_bytes`, one budget per layer). `error`: what
