@@ -201,9 +201,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--calib-passages", type=int, default=60, help="pool passages per calibration sample")
     parser.add_argument("--ratio", type=float, default=8.0, help="calibrated codec: x less than fp32 per token")
-    parser.add_argument("--error", choices=("attention", "kv", "hidden"), default="kv",
-                        help="calibrated codec: fit against the attention output's error (attention), the received "
-                             "K/V's (kv) or the vector's own (hidden)")
+    parser.add_argument("--error", choices=("kv", "hidden"), default="kv",
+                        help="calibrated codec: fit against the receiver's K/V error (kv) or the vector's (hidden)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--baselines", default=",".join(BASELINES), type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--no-calibrated", action="store_true")

@@ -14,7 +14,7 @@ a layer's exchanged vectors x (d values) are sent as
    the quiet ones 0-2 — the outlier channels are picked by the data, per layer.
 
 The error that counts need not be the vector's own: with a metric M per layer (`fit_layer`; what the
-receiver's attention makes of an error, `evaluate.calibrated.attention_metric`) steps 1-3 run on
+receiver's keys and values make of an error, `evaluate.calibrated.kv_metric`) steps 1-3 run on
 y = (x - mu) M^(1/2), so PCA, bits and levels minimise e^T M e, and the decoder maps back through M^(-1/2)
 (`LayerTransform.inverse`).
 
