@@ -3,7 +3,8 @@
 The calibration vectors are what each rank's layer message carries on the real distributed path
 (PositionWise over the loopback group, full fp32 exchange): a recording codec stores every valid
 token's vector per layer. `calibrate_codec` fits one transform per layer on them. Deterministic: the
-same model, batches, world size and budget give the same codec (same digest, same bytes).
+same model, batches, world size, budget and thread count give the same codec (same digest, same bytes);
+another thread count can change the recorded vectors' last bits, and so the digest.
 """
 
 from __future__ import annotations
