@@ -122,13 +122,15 @@ def run(args) -> list[dict]:
     def calibrated(seed: int):
         chosen = sorted(random.Random(seed).sample(range(len(pool)), args.calib_passages))
         start = time.perf_counter()
-        codec = calibrate_codec(model, [pool[i] for i in chosen], WORLD_SIZE, ratio=args.ratio,
-                                description=f"minilm-l6 w2, {args.calib_passages} pool passages, sample seed {seed}")
+        codec = calibrate_codec(model, [pool[i] for i in chosen], WORLD_SIZE, ratio=args.ratio, error=args.error,
+                                description=f"minilm-l6 w2, {args.calib_passages} pool passages, sample seed {seed}, "
+                                            f"{args.error} error")
         log(f"calibrated {codec.name} (sample seed {seed}) in {time.perf_counter() - start:.1f} s -> {save(codec)}")
         return codec
 
     if not args.no_calibrated:
-        draws += [("tc (calibrated)", f"calibration sample seed {seed}", lambda seed=seed: calibrated(seed))
+        draws += [(f"tc (calibrated, {args.error} error)", f"calibration sample seed {seed}",
+                   lambda seed=seed: calibrated(seed))
                   for seed in range(args.draws)]
     rows = []
     for family, draw, make in draws:
@@ -199,6 +201,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--calib-passages", type=int, default=60, help="pool passages per calibration sample")
     parser.add_argument("--ratio", type=float, default=8.0, help="calibrated codec: x less than fp32 per token")
+    parser.add_argument("--error", choices=("kv", "hidden"), default="kv",
+                        help="calibrated codec: fit against the receiver's K/V error (kv) or the vector's (hidden)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--baselines", default=",".join(BASELINES), type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--no-calibrated", action="store_true")

@@ -9,14 +9,16 @@ import dataclasses
 import pytest
 import torch
 
+from edgeprism import assets
 from edgeprism.compress import get_codec, pack, request_nbytes, spec_nbytes, unpack
 from edgeprism.compress.calibrated import TransformCodec, fit_codec, fit_layer, gaussian_levels, packed_code_bytes
-from edgeprism.compress.calibrated_state import load_calibrated, save
+from edgeprism.compress.calibrated_state import calibration_dir, load_calibrated, save
 from edgeprism.compress.lowbit import LLOYD_MAX_GAUSSIAN
 from edgeprism.evaluate.calibrated import calibrate_codec, code_bytes_for_ratio, exchanged_vectors, layer_budgets
 from edgeprism.evaluate.fidelity import run_distributed
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.partition.ranges import equal_shares, split_tokens
 from edgeprism.plan import Limits, LinkEstimate, Request, choose_plan
 from edgeprism.plan.planner import codec_exclusion
 from edgeprism.plan.synthetic import synthetic_profile
@@ -103,7 +105,7 @@ def test_state_file_round_trip_by_name_and_tamper_check(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEPRISM_HOME", str(tmp_path))
     codec = fit_codec([_activations(2000), _activations(2000, seed=4)], 24, delta=True, description="test")
     path = save(codec)
-    assert path.parent == tmp_path / "codecs"
+    assert path.parent == tmp_path / "codecs" == calibration_dir() == assets.cache_dir() / "codecs"  # one home
     loaded = get_codec(codec.name)
     assert isinstance(loaded, TransformCodec) and loaded == codec and loaded.delta and loaded.description == "test"
     assert all(torch.equal(a.basis, b.basis) and a.levels[0].equal(b.levels[0])
@@ -186,3 +188,39 @@ def test_real_minilm_calibrated_codec_is_faithful_at_8x():
     cosine = torch.nn.functional.cosine_similarity(reference, torch.cat([o["mean"] for o in outputs]), dim=-1)
     assert fp32_exchange_bytes(model, batches["check"], 2) / nbytes >= 8.0
     assert float(cosine.min()) > 0.999, cosine
+
+
+def test_fit_in_a_metric_is_deterministic_saved_and_cuts_the_error_that_metric_counts(tmp_path):
+    """A fit against what a (d, 2d) projection W makes of the error (e^T W W^T e, as `kv_metric` gives for K/V):
+    same vectors, same codec; the state file keeps the decoder's matrix; that error is lower than the plain
+    fit's at the same bytes, while the plain fit keeps the lower squared error of the vector itself."""
+    train, test = _activations(3000, seed=21), _activations(800, seed=22).unsqueeze(0)
+    valid = torch.ones(test.shape[:2], dtype=torch.bool)
+    projection = torch.randn(64, 128, generator=torch.Generator().manual_seed(7)) * torch.logspace(1, -1, 64)[:, None]
+    metric = projection @ projection.T
+    codecs = [fit_codec([train], 28, metrics=[metric]) for _ in range(2)]
+    assert codecs[0] == codecs[1] and codecs[0].layers[0].inverse is not None
+    assert all(torch.equal(a, b) for a, b in zip(codecs[0].encode(test, valid), codecs[1].encode(test, valid)))
+    assert load_calibrated(save(codecs[0], tmp_path)) == codecs[0]  # the hash covers the decoder's matrix
+    plain = fit_codec([train], 28)
+    assert plain.name != codecs[0].name and plain.nbytes(1, 800, 64) == codecs[0].nbytes(1, 800, 64)
+    errors = {name: c.decode(c.encode(test, valid))[0][0] - test[0]
+              for name, c in (("kv", codecs[0]), ("plain", plain))}
+    kv_error = {name: float((e @ projection).pow(2).sum()) for name, e in errors.items()}
+    assert kv_error["kv"] < 0.7 * kv_error["plain"], kv_error
+    assert float(errors["plain"].pow(2).sum()) < float(errors["kv"].pow(2).sum())
+
+
+def test_recorded_vectors_are_in_batch_then_rank_order_whatever_order_the_ranks_start_in():
+    """The ranks' threads make their sessions in any order; the calibration vectors (and so the codec's digest)
+    must not depend on it: batch by batch, rank 0's tokens first (layer 0 of a post-LN model: the embeddings)."""
+    model = build_model("bert-tiny-test", seed=3)
+    batches = [synthetic_inputs(model.config, 2, seq_len=9, seed=s) for s in (1, 2)]
+    [first, *_] = exchanged_vectors(model, batches, 2)
+    expected = []
+    for batch in batches:
+        with torch.no_grad():
+            embedded = model.embed(batch, 0, 9)  # (2, 9, d)
+        for part in split_tokens(9, equal_shares(2)):
+            expected.append(embedded[:, part.start:part.end].reshape(-1, embedded.shape[-1]))
+    assert torch.allclose(first, torch.cat(expected), atol=1e-6)

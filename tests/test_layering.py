@@ -26,7 +26,9 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "edgeprism"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # 0. Leaves: import no other edgeprism package.
+    # -1. The machine's edgeprism folder (`$EDGEPRISM_HOME`): imports nothing of edgeprism; any room may use it.
+    ("home",),
+    # 0. Leaves: import no other edgeprism package but `home`.
     ("models", "compress", "energy", "testbed"),
     # 1. Process groups and the exchange (a testbed link is emulated in the transport); user inputs.
     ("comm", "inputs"),

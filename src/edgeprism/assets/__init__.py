@@ -15,10 +15,10 @@ Everything here is a path lookup: nothing heavy is imported at import time.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from edgeprism.assets.intent import IntentHead
+from edgeprism.home import home_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 GPT2_SHAKESPEARE_DIR = PACKAGE_DIR / "gpt2-shakespeare"
@@ -37,9 +37,9 @@ class AssetMissingError(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    """Folder for assets built at set-up time: ``$EDGEPRISM_HOME`` or ``~/.cache/edgeprism`` (not created here)."""
-    home = os.environ.get("EDGEPRISM_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "edgeprism"
+    """Folder for assets built at set-up time: ``$EDGEPRISM_HOME`` or ``~/.cache/edgeprism`` (not created here;
+    ``edgeprism.home.home_dir``)."""
+    return home_dir()
 
 
 def _cached(name: str, what: str) -> Path:

@@ -13,6 +13,11 @@ a layer's exchanged vectors x (d values) are sent as
    that carry outliers on the calibration data (the high-variance directions) get up to 8 bits and
    the quiet ones 0-2 — the outlier channels are picked by the data, per layer.
 
+The error that counts need not be the vector's own: with a metric M per layer (`fit_layer`; what the
+receiver's keys and values make of an error, `evaluate.calibrated.kv_metric`) steps 1-3 run on
+y = (x - mu) M^(1/2), so PCA, bits and levels minimise e^T M e, and the decoder maps back through M^(-1/2)
+(`LayerTransform.inverse`).
+
 Nothing is random: the same calibration vectors give the same mu, U (eigenvector signs fixed: the
 largest-|.| entry of each column positive), sigma and bits, hence the same bytes. The state is data
 (`LayerTransform`, one per exchange) identified by the SHA-256 of its canonical bytes; the codec's
@@ -115,7 +120,8 @@ def packed_code_bytes(bits: tuple[int, ...] | list[int]) -> int:
 
 @dataclass(frozen=True)
 class LayerTransform:
-    """One exchange's calibrated state: mean (d,), basis (d, d) orthogonal (columns = components), sigma (d,)
+    """One exchange's calibrated state: mean (d,), basis (d, d) (x - mean -> coordinates; columns = components;
+    orthogonal unless fitted in a metric, then `inverse` maps back), sigma (d,)
     calibration std per component, bits per component, `levels`: for each width w present (ascending), the
     reconstruction levels (n_w, 2^w) of its components (in units of sigma · the vector's scale), and
     `outliers`: per vector, the components the codes serve worst sent exact (fp16 value, int16 index).
@@ -127,6 +133,9 @@ class LayerTransform:
     bits: tuple[int, ...]
     levels: tuple[Tensor, ...]
     outliers: int = 0
+    inverse: Tensor | None = None
+    """Coordinates -> x - mean (d, d) when `basis` is not orthogonal (fitted in a metric, `fit_layer`); None:
+    basis.T."""
 
     @property
     def hidden_size(self) -> int:
@@ -178,7 +187,7 @@ class LayerTransform:
     def decode(self, wire: list[Tensor]) -> Tensor:
         *codes, scale, index, values = wire
         y = self._dequantise(codes, scale).scatter(-1, index.to(torch.int64), values.to(torch.float32))
-        return y @ self.basis.T + self.mean  # (B, S, d)
+        return y @ (self.basis.T if self.inverse is None else self.inverse) + self.mean  # (B, S, d)
 
 
 def quantise(values: Tensor, levels: Tensor) -> Tensor:
@@ -202,15 +211,30 @@ def fit_levels(samples: Tensor, bits: int, iterations: int = LLOYD_ITERATIONS) -
     return levels
 
 
-def fit_layer(samples: Tensor, code_bytes: int, outliers: int = 0) -> LayerTransform:
+def fit_layer(samples: Tensor, code_bytes: int, outliers: int = 0, metric: Tensor | None = None) -> LayerTransform:
     """One layer's transform from its calibration vectors (N, d): PCA, `outliers` exact components per vector
     (4 bytes each), bits for the rest of `code_bytes` (`allocate_bits`), and each component's levels fitted
-    to its calibration values (`fit_levels`)."""
+    to its calibration values (`fit_levels`).
+
+    `metric` (d, d) symmetric positive definite: the error that counts is e^T M e, not |e|^2 (e.g. what the
+    error does to the keys and values the receiver computes, `evaluate.calibrated.kv_metric`). The vectors
+    are then coded in the coordinates y = (x - mean) M^(1/2), whose squared error is that one: PCA, bits
+    and levels are fitted there, and the decoder maps back through M^(-1/2)."""
     if samples.dim() != 2 or samples.shape[0] < 2:
         raise ValueError(f"calibration vectors have shape {tuple(samples.shape)}; need (N >= 2, hidden)")
     x = samples.to(torch.float64)
     hidden = x.shape[1]
     mean = x.mean(0)
+    root = inverse_root = None
+    if metric is not None:
+        if metric.shape != (hidden, hidden):
+            raise ValueError(f"metric has shape {tuple(metric.shape)}; vectors have {hidden} features")
+        weights, axes = torch.linalg.eigh((metric.to(torch.float64) + metric.to(torch.float64).T) / 2)
+        if float(weights.min()) <= 0:
+            raise ValueError(f"metric is not positive definite (least eigenvalue {float(weights.min()):.3g})")
+        root = axes @ torch.diag(weights.sqrt()) @ axes.T  # M^(1/2), symmetric
+        inverse_root = axes @ torch.diag(weights.rsqrt()) @ axes.T
+        x = mean + (x - mean) @ root
     cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)  # (d, d)
     eigenvalues, vectors = torch.linalg.eigh(cov)  # ascending
     order = torch.argsort(eigenvalues, descending=True, stable=True)
@@ -219,11 +243,14 @@ def fit_layer(samples: Tensor, code_bytes: int, outliers: int = 0) -> LayerTrans
     vectors = vectors * torch.sign(vectors[pivot, torch.arange(hidden)]).unsqueeze(0)
     sigma = eigenvalues.clamp_min(max(float(eigenvalues[0]) * 1e-12, 1e-20)).sqrt()
     bits = allocate_bits(eigenvalues, code_bytes - OUTLIER_BYTES * outliers)
-    draft = LayerTransform(mean.float(), vectors.float(), sigma.float(), bits, (), outliers)
+    basis, inverse = vectors, None
+    if root is not None and inverse_root is not None:
+        basis, inverse = (root @ vectors).float(), (vectors.T @ inverse_root).float()
+    draft = LayerTransform(mean.float(), basis.float(), sigma.float(), bits, (), outliers, inverse)
     probe = samples[:: max(1, samples.shape[0] // FIT_VECTORS)].to(torch.float32).unsqueeze(0)  # (1, M, d)
     _, z, _ = draft._scaled(probe)
     levels = tuple(fit_levels(z[0][:, index], w) for w, index in draft.widths())
-    return LayerTransform(mean.float(), vectors.float(), sigma.float(), bits, levels, outliers)
+    return LayerTransform(mean.float(), basis.float(), sigma.float(), bits, levels, outliers, inverse)
 
 
 def state_digest(layers: tuple[LayerTransform, ...], delta: bool = False) -> str:
@@ -235,6 +262,8 @@ def state_digest(layers: tuple[LayerTransform, ...], delta: bool = False) -> str
         for levels in layer.levels:
             digest.update(levels.to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
         digest.update(bytes(layer.bits) + layer.outliers.to_bytes(4, "little"))
+        if layer.inverse is not None:  # absent: the same bytes as before the field existed
+            digest.update(b"inverse" + layer.inverse.to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
     return digest.hexdigest()
 
 
@@ -346,10 +375,11 @@ class TransformSession:
 
 
 def fit_codec(samples: list[Tensor], code_bytes: int | list[int], outliers: int = 0, delta: bool = False,
-              description: str = "") -> TransformCodec:
+              description: str = "", metrics: list[Tensor] | None = None) -> TransformCodec:
     """A calibrated codec from each exchange's calibration vectors (one (N, d) tensor per layer, the same
     tokens in the same order at every layer when `delta`) and the code bytes per vector (one number, or one
-    per layer). With `delta` each layer is fitted on the closed-loop residuals the layers before it leave."""
+    per layer). With `delta` each layer is fitted on the closed-loop residuals the layers before it leave.
+    `metrics`: one (d, d) error metric per layer (`fit_layer`), or None (squared error)."""
     per_layer = [code_bytes] * len(samples) if isinstance(code_bytes, int) else list(code_bytes)
     if len(per_layer) != len(samples):
         raise ValueError(f"{len(per_layer)} code-byte budgets for {len(samples)} layers; give one per layer")
@@ -357,9 +387,11 @@ def fit_codec(samples: list[Tensor], code_bytes: int | list[int], outliers: int 
         raise ValueError(f"delta calibration needs the same tokens at every layer; got {[x.shape[0] for x in samples]}")
     layers: list[LayerTransform] = []
     recon: Tensor | None = None
-    for x, budget in zip(samples, per_layer):
+    if metrics is not None and len(metrics) != len(samples):
+        raise ValueError(f"{len(metrics)} error metrics for {len(samples)} layers; give one per layer")
+    for i, (x, budget) in enumerate(zip(samples, per_layer)):
         target = x if recon is None or not delta else x - recon
-        layer = fit_layer(target, budget, outliers)
+        layer = fit_layer(target, budget, outliers, None if metrics is None else metrics[i])
         layers.append(layer)
         if delta:
             step = torch.cat([layer.decode(layer.encode(chunk.unsqueeze(0)))[0] for chunk in target.split(4096)])

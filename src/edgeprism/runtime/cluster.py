@@ -41,6 +41,7 @@ from edgeprism.comm.context import DistContext
 from edgeprism.comm.launch import WorkerError, core_assignment
 from edgeprism.models.loading import load_model, resolve_model
 from edgeprism.profile.schema import Profile
+from edgeprism.runtime.codec_states import publish_codec_states
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.coordinator import (
     PREFIX,
@@ -209,6 +210,11 @@ def launch_engine(world_size: int, model: str, profile, checkpoint: str | None =
         config = replace(config, wait_for_workers=False)
     publish_spec(prefixed, secret, boot_nonce, coordinator_spec(model, seed, checkpoint is not None, world_size,
                                                                 timeout_s, config, profile, coordinators, service))
+    try:
+        publish_codec_states(prefixed, secret, boot_nonce, profile)  # tc: codecs' state files (not pinned: MBs)
+    except ValueError:
+        tmp.cleanup()
+        raise
     cluster = None
     if local_workers:
         cluster = LocalCluster(world_size, address, os.path.abspath(checkpoint) if checkpoint else None,

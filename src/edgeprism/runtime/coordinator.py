@@ -44,6 +44,7 @@ from edgeprism.models.base import ReferenceModel
 from edgeprism.models.loading import load_model
 from edgeprism.profile.profiler import device_kind, usable_cores
 from edgeprism.profile.schema import Profile
+from edgeprism.runtime.codec_states import install_codec_states
 from edgeprism.runtime.config import EngineConfig
 from edgeprism.runtime.engine import Engine
 from edgeprism.runtime.groups import start_digests
@@ -339,13 +340,15 @@ class Device:
         if spec.checkpoint and options.checkpoint is None:
             raise ValueError(f"the coordinator serves {spec.model} with weights from a checkpoint; give this device "
                              f"its copy of the same checkpoint folder with --checkpoint DIR")
+        profile = Profile.from_dict(spec.profile)
+        for path in install_codec_states(prefixed, secret, profile, f"{self.host}:{self.port}"):
+            self.on_event(f"installed a calibrated codec's state from the coordinator: {path}")
         key = (spec.model, options.checkpoint, spec.seed)
         if key not in self._loaded:
             self.on_event(f"loading {spec.model}" + (f" from {options.checkpoint}" if options.checkpoint else
                                                     f" (seeded random weights, seed {spec.seed})"))
             self._loaded = {key: load_model(spec.model, options.checkpoint, seed=spec.seed)}
         model = self._loaded[key]
-        profile = Profile.from_dict(spec.profile)
         config = EngineConfig(**spec.config)
         try:
             session = join_cluster(prefixed, secret, options.rank, start_digests(model, profile),
