@@ -105,7 +105,8 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for key in times:
         print(f"  {key:<28} {med[key]:7.2f} ms")
-    print(f"  one device's layer / {args.ranks:<6} {half:7.2f} ms; split layer excess {excess:+.2f} ms ({excess / half:+.0%})")
+    print(f"  one device's layer / {args.ranks:<6} {half:7.2f} ms; "
+          f"split layer excess {excess:+.2f} ms ({excess / half:+.0%})")
     for key in names:
         print(f"    {key:<28} {med[key]:7.2f} ms")
 

@@ -27,6 +27,10 @@ from edgeprism.testbed.presets import get_preset
 
 
 def _waits_on(row: dict, rank: int) -> bool:
+    """The request waited on `rank`: it had a real share, or it stalled and was rerun locally ("fallback": its
+    plan was distributed over every device, the slowed one among them, and missed its deadline)."""
+    if row.get("fallback"):
+        return True
     if rank not in row["ranks"]:
         return False
     counts = dict(zip(row["ranks"], row["token_counts"]))
@@ -83,10 +87,11 @@ def main() -> None:
     for row in rows:
         scales = " ".join(f"{s:.2f}" for s in row["speed_scale"])
         print(f"{row['request']:>3} {row['phase']:<9} {row['latency_s'] * 1e3:8.1f} ms  ranks {row['ranks']} "
-              f"tokens {row['token_counts']} {row['codec']}  scales {scales}")
+              f"tokens {row['token_counts']} {row['codec']}  scales {scales}"
+              + ("  (stalled, rerun on rank 0)" if row.get("fallback") else ""))
     slowed = [r for r in rows if r["phase"] == "slowed"]
     # counted from the first slowed request that ran on the device (before it, nothing could be seen)
-    first = next((i for i, r in enumerate(slowed) if args.slow_rank in r["ranks"]), None)
+    first = next((i for i, r in enumerate(slowed) if args.slow_rank in r["ranks"] or r.get("fallback")), None)
     after = None if first is None else next(
         (i - first for i, r in enumerate(slowed) if i > first and not _waits_on(r, args.slow_rank)), None)
     restored = [r for r in rows if r["phase"] == "restored"]

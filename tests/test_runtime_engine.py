@@ -16,6 +16,7 @@ from edgeprism.comm import launch as comm_launch
 from edgeprism.comm.launch import WorkerError
 from edgeprism.models.config import get_config
 from edgeprism.models.synthetic import synthetic_inputs
+from edgeprism.plan import Limits
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
 from edgeprism.runtime import EngineConfig, launch_local
 from edgeprism.testbed.emulation import write_link_file
@@ -95,6 +96,9 @@ def test_subsets_exactness_idle_workers_and_bad_requests(monkeypatch):
                 reference = engine.model(inputs)
             for key, value in result.outputs.items():
                 assert torch.allclose(value, reference[key], atol=1e-5, rtol=0), key
+        # A request's own codec list holds (an engine's list would only narrow it): none allowed -> local.
+        assert engine.plan_for(large, limits=Limits(None, codecs=())).mode == "local"
+        assert engine.plan_for(large, limits=Limits(None, codecs=("fp32",))).codec == "fp32"
 
         # Bad requests: a clear ValueError each, nothing sent, and the next request is served.
         nan = small["pixel_values"].clone()

@@ -83,7 +83,8 @@ def straggler_rank(ctx: DistContext, args: dict, progress=None) -> list[dict] | 
         row = {"request": index, "phase": phase, "latency_s": m.latency_s,
                "predicted_latency_s": m.predicted_latency_s, "ranks": list(m.plan.get("ranks", [0])),
                "token_counts": list(m.plan.get("token_counts", [])), "codec": m.plan.get("codec") or "local",
-               "speed_scale": [engine.speed_estimator.scale(r) for r in range(ctx.world_size)]}
+               "speed_scale": [engine.speed_estimator.scale(r) for r in range(ctx.world_size)],
+               "fallback": m.fallback}
         rows.append(row)
         if progress:
             progress(json.dumps(row))

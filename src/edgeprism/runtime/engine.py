@@ -281,9 +281,12 @@ class Engine(Rank0Side, WorkerSide):
             return forced, request, link
         if limits is None:
             limits = self.config.limits
-        else:  # the engine's opt-in and codec list hold for a request's own budget
+        else:  # the engine's opt-in holds for a request's own budget; its codec list narrows the request's
+            engine_codecs = self.config.limits.codecs
+            codecs = limits.codecs if engine_codecs is None else tuple(
+                c for c in (limits.codecs if limits.codecs is not None else engine_codecs) if c in engine_codecs)
             limits = replace(limits, allow_unmeasured_codecs=limits.allow_unmeasured_codecs
-                             or self.config.allow_unmeasured_codecs, codecs=self.config.limits.codecs)
+                             or self.config.allow_unmeasured_codecs, codecs=codecs)
         plan = choose_plan(self.profile, request, link, objective or self.config.objective, limits)
         return plan, request, link
 
