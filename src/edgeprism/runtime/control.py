@@ -170,6 +170,29 @@ class Session:
         return f"ctl/{self.slot}/{sequence}"
 
 
+def post_report(store, session: Session, name: str, message: dict) -> None:
+    """Worker: a report to rank 0 at `{name}/{slot}`, sealed with the session key on channel `name` (the
+    report's op; a later report of the same name replaces an unread one)."""
+    store.set(f"{name}/{session.slot}", seal(session.key, name.encode(), session.slot, encode_control(message)))
+
+
+def take_reports(store, sessions: dict[int, Session], name: str) -> list[tuple[int, dict]]:
+    """Rank 0: (rank, message) of each admitted session's `name` report since the last call, each read once;
+    one that does not open or fit the schema is logged and dropped (a stranger on the store speaks for no one)."""
+    found = []
+    for rank, session in sorted(sessions.items()):
+        key = f"{name}/{session.slot}"
+        if not store.check([key]):
+            continue
+        blob = store.get(key)
+        store.delete_key(key)
+        try:
+            found.append((rank, decode_control(session.key, name.encode(), session.slot, blob)))
+        except ControlError as err:
+            log.warning("a %s report for rank %d's session was refused: %s", name, rank, err)
+    return found
+
+
 class ControlChannel:
     """Rank 0's side: post sealed messages to the admitted workers' mailboxes."""
 
@@ -252,6 +275,8 @@ __all__ = [
     "Session",
     "decode_control",
     "encode_control",
+    "post_report",
+    "take_reports",
     "validate_control",
     "validate_split",
 ]

@@ -13,13 +13,9 @@ rank 0 reads the reports between requests (`read_stall_reports`) and folds the p
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
-from edgeprism.comm.auth import seal
-from edgeprism.runtime.control import ControlError, Session, decode_control, encode_control
-
-log = logging.getLogger(__name__)
+from edgeprism.runtime.control import Session, post_report, take_reports
 
 
 class StallReport(NamedTuple):
@@ -40,27 +36,14 @@ def progress_of(timeline) -> tuple[int, float]:
 def report_stall(store, session: Session, epoch: int, request_id: str, timeline) -> None:
     """Worker: our progress in request `request_id` of `epoch` when it failed."""
     layers_done, compute_s = progress_of(timeline)
-    body = encode_control({"op": "stall", "epoch": epoch, "request_id": request_id, "layers_done": layers_done,
-                           "compute_s": compute_s})
-    store.set(f"stall/{session.slot}", seal(session.key, b"stall", session.slot, body))
+    post_report(store, session, "stall", {"op": "stall", "epoch": epoch, "request_id": request_id,
+                                          "layers_done": layers_done, "compute_s": compute_s})
 
 
 def read_stall_reports(store, sessions: dict[int, Session]) -> dict[int, StallReport]:
     """Rank 0: rank -> its authentic report since the last call (each is read once)."""
-    found = {}
-    for rank, session in sorted(sessions.items()):
-        key = f"stall/{session.slot}"
-        if not store.check([key]):
-            continue
-        blob = store.get(key)
-        store.delete_key(key)
-        try:
-            message = decode_control(session.key, b"stall", session.slot, blob)
-            found[rank] = StallReport(int(message["epoch"]), str(message["request_id"]),
-                                      int(message["layers_done"]), float(message["compute_s"]))
-        except (ControlError, KeyError, TypeError, ValueError) as err:
-            log.warning("a stall report for rank %d's session was refused: %s", rank, err)
-    return found
+    return {rank: StallReport(m["epoch"], m["request_id"], m["layers_done"], float(m["compute_s"]))
+            for rank, m in take_reports(store, sessions, "stall")}
 
 
 __all__ = ["StallReport", "progress_of", "read_stall_reports", "report_stall"]

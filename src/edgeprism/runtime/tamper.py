@@ -10,36 +10,17 @@ to rank 0 that is not safe; it joins again with a new session and, in the next e
 
 from __future__ import annotations
 
-import logging
-
-from edgeprism.comm.auth import seal
-from edgeprism.runtime.control import ControlError, Session, decode_control, encode_control
-
-log = logging.getLogger(__name__)
+from edgeprism.runtime.control import Session, post_report, take_reports
 
 
 def report_tamper(store, session: Session, epoch: int, rank: int) -> None:
     """Worker: the lane message from `rank` in `epoch` did not open."""
-    body = encode_control({"op": "tamper", "epoch": epoch, "rank": rank})
-    store.set(f"tamper/{session.slot}", seal(session.key, b"tamper", session.slot, body))
+    post_report(store, session, "tamper", {"op": "tamper", "epoch": epoch, "rank": rank})
 
 
 def read_reports(store, sessions: dict[int, Session]) -> list[tuple[int, int, int]]:
     """Rank 0: (reporting rank, blamed rank, epoch) of every authentic report since the last call."""
-    found = []
-    for rank, session in sorted(sessions.items()):
-        key = f"tamper/{session.slot}"
-        if not store.check([key]):
-            continue
-        blob = store.get(key)
-        store.delete_key(key)
-        try:
-            message = decode_control(session.key, b"tamper", session.slot, blob)
-        except ControlError as err:
-            log.warning("a tamper report for rank %d's session was refused: %s", rank, err)
-            continue
-        found.append((rank, message["rank"], message["epoch"]))
-    return found
+    return [(rank, message["rank"], message["epoch"]) for rank, message in take_reports(store, sessions, "tamper")]
 
 
 __all__ = ["read_reports", "report_tamper"]
