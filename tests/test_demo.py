@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from edgeprism.cli.demo import host_load
 from edgeprism.cli.main import main
 
 
@@ -65,3 +66,13 @@ def test_real_weights_demo_reports_probe_accuracy_and_stays_faithful(tmp_path, c
     assert report["probe_accuracy"]["local"] == report["probe_accuracy"]["full_exchange"]  # exact
     adaptive = [r for r in report["rows"] if r["strategy"] == "adaptive"]
     assert adaptive and all(r["fidelity_loss"] is not None and r["fidelity_loss"] <= 0.01 for r in adaptive)
+
+
+def test_host_load_counts_the_emulated_devices_as_the_runs_own_load(monkeypatch):
+    """4 devices on 2 cores leave a load of ~4 after the run: the run's own, not other work; a load beyond the cores
+    before the run, or beyond the cores plus the devices after it, is."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert "BUSY" not in host_load(0.7, 4.2, devices=4)
+    assert "BUSY" in host_load(0.7, 6.5, devices=4)
+    assert "BUSY" in host_load(2.5, 1.0, devices=4)
+    assert "BUSY" in host_load(0.5, 2.5)  # without devices: every process counts

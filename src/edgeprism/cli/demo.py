@@ -177,7 +177,7 @@ def handle(args) -> int:
               "codecs": list(args.codecs) or ("every-token codecs of the profile (no Segment Means)" if speeds
                                               else "any of the profile's"),
               "demo_seconds": time.perf_counter() - started, "rows": table, "ratios": gains,
-              "host_load": host_load(load_before, os.getloadavg()[0]),
+              "host_load": host_load(load_before, os.getloadavg()[0], world),
               "note": f"{world} emulated devices = {world} worker processes pinned to cores"
                       + (f" with CPU quotas {list(speeds)} (cgroups)" if speeds else ", one core each")
                       + " on this machine; energy is modelled from measured phase times unless energy_source says "
@@ -239,11 +239,14 @@ def _follow(session, spec, links, rows_file: Path, control: str) -> None:
         raise failure[0]
 
 
-def host_load(before: float, after: float) -> str:
-    """The 1-minute load average around the run, and whether the host was too busy for its numbers to stand."""
+def host_load(before: float, after: float, devices: int = 0) -> str:
+    """The 1-minute load average around the run, and whether the host was too busy for its numbers to stand. The
+    `devices` emulated devices are this run's own processes, each one runnable while it computes: the load after
+    the run holds them, so only a load beyond the cores plus them says that other work shared the cores."""
     cores = os.cpu_count() or 1
-    busy = max(before, after) > cores
+    busy = before > cores or after > cores + devices
     return (f"load average {before:.1f} before, {after:.1f} after, on {cores} cores"
+            + (f" (the {devices} emulated devices count in the load after)" if devices else "")
             + ("; BUSY: other work shared the cores, so latencies are slower and noisier than this host's own"
                if busy else ""))
 
