@@ -145,14 +145,10 @@ def refresh_codec_timings(profile: Profile, codec_names: Sequence[str] | None = 
     if unknown:
         raise ValueError(f"codecs {sorted(unknown)} are not in the profile; profiled: "
                          f"{', '.join(e.codec for e in profile.codecs)}")
-    width, num_layers = profile.model.exchange_width, profile.model.num_layers
-    entries = []
-    for entry in profile.codecs:
-        if entry.codec in names:
-            timing = measure_codec_timing(get_codec(entry.codec), width, num_layers, **options)
-            log.info("codec timing %s", timing)
-            entry = with_timing(entry, timing)
-        entries.append(entry)
+    chosen = [e for e in profile.codecs if e.codec in names]
+    timed = {e.codec: e for e in timed_entries(chosen, [get_codec(e.codec) for e in chosen],
+                                               profile.model.exchange_width, profile.model.num_layers, **options)}
+    entries = [timed.get(e.codec, e) for e in profile.codecs]
     note = (f"{_NOTE} {time.strftime('%Y-%m-%d', time.gmtime())} on one thread of the profiling process "
             f"(profile/codec_timing.py), the rest as before")
     kept = [part for part in profile.notes.split("; ") if part and not part.startswith(_NOTE)]  # an earlier refresh's
