@@ -29,7 +29,8 @@ def _timeline(*compute_s: float) -> Timeline:
 def test_a_report_round_trips_once_and_a_forged_one_is_refused():
     store = HashStore()
     sessions = {1: Session(1, 7, b"k" * 32), 2: Session(2, 9, b"q" * 32)}
-    assert progress_of(_timeline(0.2, 0.3)) == (2, pytest.approx(0.502))  # encode + compute, never the waits
+    # encode + compute, never the waits
+    assert progress_of(4, "r17", _timeline(0.2, 0.3)) == StallReport(4, "r17", 2, pytest.approx(0.502))
     report_stall(store, sessions[1], 4, "r17", _timeline(0.2, 0.3))
     forged = Session(2, 9, b"x" * 32)  # rank 2's slot, a key that is not its session's
     report_stall(store, forged, 4, "r17", _timeline(9.0))

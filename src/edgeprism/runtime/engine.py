@@ -57,6 +57,7 @@ from edgeprism.runtime.membership import Membership
 from edgeprism.runtime.metrics import MetricsRow, Result
 from edgeprism.runtime.rank0_side import Rank0Side, as_local_plan
 from edgeprism.runtime.requests import check_inputs
+from edgeprism.runtime.stall_reports import PendingStall
 from edgeprism.runtime.telemetry import RankTelemetry, observations, sync, telemetry
 from edgeprism.runtime.worker_side import WorkerSide
 
@@ -109,7 +110,7 @@ class Engine(Rank0Side, WorkerSide):
         self.estimator = OnlineLinkEstimator.from_profile(profile)
         self.compute_bias = ComputeBiasEstimator()
         self.speed_estimator = ComputeSpeedEstimator(ctx.world_size)
-        self._stalled: tuple | None = None  # a failed request's progress, until its stall reports are in
+        self._stalled: PendingStall | None = None  # a failed request, until its stall reports are in
         self._dtype = next(self.model.parameters()).dtype
         self._lanes: dict = {}
         self._epoch = 0
@@ -323,8 +324,7 @@ class Engine(Rank0Side, WorkerSide):
 
     def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
         lane = self._lanes[tuple(plan.ranks)]
-        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap,
-                                   self.config.micro_batches)
+        transform = self._split_of(lane, plan.codec)
         # The plan's ranges (the counts the cost model costed) and the request's one header: the workers
         # get everything the split needs in the control message below; nothing is broadcast again.
         split, parts = transform.split(inputs, plan.token_ranges, want.gather_hidden, want.generate)

@@ -25,7 +25,7 @@ from edgeprism.runtime.groups import LaneKeys, build_epoch_lanes, retire_lanes, 
 from edgeprism.runtime.joining import admission_key
 from edgeprism.runtime.link_estimate import LinkObservation
 from edgeprism.runtime.metrics import MetricsRow
-from edgeprism.runtime.stall_reports import progress_of, read_stall_reports
+from edgeprism.runtime.stall_reports import PendingStall, progress_of, read_stall_reports
 from edgeprism.runtime.tamper import read_reports
 from edgeprism.runtime.telemetry import probe_exchanges
 
@@ -190,40 +190,45 @@ class Rank0Side:
         return self._run_local(inputs, as_local_plan(plan, request), request, link, request_id, want,
                                fallback=reason, spent_s=spent_s)
 
+    def _split_of(self, lane, codec: str):
+        """The lane's `PositionWise` for `codec` with this engine's settings (built once, then reused)."""
+        return lane.transform(self.model, codec, self.config.size_aware, self.config.overlap,
+                              self.config.micro_batches)
+
     def _note_stall(self, plan: Plan, request: Request, request_id: str) -> None:
         """A distributed request failed: keep rank 0's progress in it, to learn the ranks' speeds from their
         stall reports as they arrive (`_learn_from_stall`; runtime/stall_reports.py)."""
         lane = self._lanes.get(tuple(plan.ranks))
         if lane is None or not self.config.learn_speeds:
             return
-        transform = lane.transform(self.model, plan.codec, self.config.size_aware, self.config.overlap,
-                                   self.config.micro_batches)
-        self._stalled = (request_id, self._epoch, plan, request, progress_of(transform.timeline), STALL_WAIT)
+        own = progress_of(self._epoch, request_id, self._split_of(lane, plan.codec).timeline)
+        self._stalled = PendingStall(plan, request, own, STALL_WAIT)
 
     def _learn_from_stall(self) -> None:
         """Between requests: fold the failed request's per-layer compute rates (rank 0's own and those the
         workers reported) into the speed estimate; a slowed device that made the request miss its deadline
         is then learned as one that finished in time would be. Reports are awaited for `STALL_WAIT` calls."""
-        if self._stalled is None:
+        pending = self._stalled
+        if pending is None:
             return
-        request_id, epoch, plan, request, (own_layers, own_s), waits = self._stalled
+        plan, own = pending.plan, pending.own
         reports = {rank: r for rank, r in read_stall_reports(self._store, self._control.sessions).items()
-                   if r.epoch == epoch and r.request_id == request_id and rank in plan.ranks}
-        if len(reports) < len(plan.ranks) - 1 and waits > 1:
-            self._stalled = (request_id, epoch, plan, request, (own_layers, own_s), waits - 1)
+                   if r.epoch == own.epoch and r.request_id == own.request_id and rank in plan.ranks}
+        if len(reports) < len(plan.ranks) - 1 and pending.waits > 1:
+            self._stalled = pending._replace(waits=pending.waits - 1)
             return  # some reports may still be on their way (a straggler is still computing)
         self._stalled = None
-        done = {0: (own_layers, own_s), **{rank: (r.layers_done, r.compute_s) for rank, r in reports.items()}}
-        per_request = rank_compute_s(self.profile, request.batch, plan.token_counts, self.profile.codec(plan.codec))
+        done = {0: own, **reports}
+        per_request = rank_compute_s(self.profile, pending.request.batch, plan.token_counts,
+                                     self.profile.codec(plan.codec))
         num_layers = self.model.config.num_layers
-        ranks = [rank for rank in plan.ranks if done.get(rank, (0, 0.0))[0] > 0]
+        ranks = [rank for rank in plan.ranks if rank in done and done[rank].layers_done > 0]
         if 0 not in ranks or len(ranks) < 2:
             return
-        index = {rank: i for i, rank in enumerate(plan.ranks)}
-        predicted = [per_request[index[rank]] * done[rank][0] / num_layers for rank in ranks]
-        measured = [done[rank][1] for rank in ranks]
-        log.info("request %s stalled: layers done %s, compute %s s; learning speeds from them", request_id,
-                 [done[rank][0] for rank in ranks], [round(m, 3) for m in measured])
+        predicted = [per_request[plan.ranks.index(rank)] * done[rank].layers_done / num_layers for rank in ranks]
+        measured = [done[rank].compute_s for rank in ranks]
+        log.info("request %s stalled: layers done %s, compute %s s; learning speeds from them", own.request_id,
+                 [done[rank].layers_done for rank in ranks], [round(m, 3) for m in measured])
         self.speed_estimator.update(ranks, predicted, measured)
 
     def _learn_speeds(self, plan: Plan, request: Request, per_rank, decoded: bool = False) -> None:

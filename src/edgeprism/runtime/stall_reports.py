@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from edgeprism.plan import Plan, Request
 from edgeprism.runtime.control import Session, post_report, take_reports
 
 
@@ -27,17 +28,27 @@ class StallReport(NamedTuple):
     compute_s: float
 
 
-def progress_of(timeline) -> tuple[int, float]:
-    """(layers finished, their encode + compute seconds) of a `partition.timeline.Timeline`."""
+class PendingStall(NamedTuple):
+    """Rank 0's side of a failed request while its workers' reports are awaited."""
+
+    plan: Plan
+    request: Request
+    own: StallReport
+    """Rank 0's own progress in it."""
+    waits: int
+    """Calls of `Rank0Side.maintain` left to wait for missing reports."""
+
+
+def progress_of(epoch: int, request_id: str, timeline) -> StallReport:
+    """This rank's progress in a request: the layers its `partition.timeline.Timeline` finished and their encode
+    + compute seconds."""
     layers = timeline.layers
-    return len(layers), float(sum(layer.encode_s + layer.compute_s for layer in layers))
+    return StallReport(epoch, request_id, len(layers), float(sum(layer.encode_s + layer.compute_s for layer in layers)))
 
 
 def report_stall(store, session: Session, epoch: int, request_id: str, timeline) -> None:
     """Worker: our progress in request `request_id` of `epoch` when it failed."""
-    layers_done, compute_s = progress_of(timeline)
-    post_report(store, session, "stall", {"op": "stall", "epoch": epoch, "request_id": request_id,
-                                          "layers_done": layers_done, "compute_s": compute_s})
+    post_report(store, session, "stall", {"op": "stall", **progress_of(epoch, request_id, timeline)._asdict()})
 
 
 def read_stall_reports(store, sessions: dict[int, Session]) -> dict[int, StallReport]:
@@ -46,4 +57,4 @@ def read_stall_reports(store, sessions: dict[int, Session]) -> dict[int, StallRe
             for rank, m in take_reports(store, sessions, "stall")}
 
 
-__all__ = ["StallReport", "progress_of", "read_stall_reports", "report_stall"]
+__all__ = ["PendingStall", "StallReport", "progress_of", "read_stall_reports", "report_stall"]
