@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--slow-at", type=int, default=6)
     parser.add_argument("--restore-at", type=int, default=14)
     parser.add_argument("--factor", type=float, default=0.25)
+    parser.add_argument("--codecs", help="plan only with these of the profile's codecs, comma-separated "
+                        "(default: any the fidelity budget admits)")
     parser.add_argument("--allow-unmeasured-codecs", action="store_true",
                         help="opt in to codecs of unmeasured fidelity (random weights); labelled in the output")
     args = parser.parse_args()
@@ -68,7 +70,8 @@ def main() -> None:
         print(f"profile {path}")
         spec = StragglerSpec(model=args.model, profile=str(path), batch=args.batch, requests=args.requests,
                              slow_rank=args.slow_rank, slow_at=args.slow_at, restore_at=args.restore_at,
-                             control_dir=control, allow_unmeasured_codecs=args.allow_unmeasured_codecs)
+                             control_dir=control, allow_unmeasured_codecs=args.allow_unmeasured_codecs,
+                             codecs=tuple(args.codecs.split(",")) if args.codecs else None)
         print("codecs: " + ("of unmeasured fidelity allowed (opted in: speed only)" if args.allow_unmeasured_codecs
                             else "faithful only (lossless, or measured within the budget)"))
         result: list = []

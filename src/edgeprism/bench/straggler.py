@@ -40,6 +40,8 @@ class StragglerSpec:
     allow_unmeasured_codecs: bool = False
     """Opt in to codecs of unmeasured fidelity (random weights: faithful codecs over wifi4 keep ViT-B local, and a
     local plan waits on no device, so the straggler would show nothing); the output says so."""
+    codecs: tuple[str, ...] | None = None
+    """Plan only with these of the profile's codecs (None: any the budget admits)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -63,7 +65,8 @@ def straggler_rank(ctx: DistContext, args: dict, progress=None) -> list[dict] | 
     # estimate would move plans too and hide what the speed estimate does).
     engine = Engine.from_profile(spec.model, spec.profile, seed=spec.seed, ctx=ctx,
                                  config=EngineConfig(max_batch=spec.batch, probe_every=0, learn_link=False,
-                                                     allow_unmeasured_codecs=spec.allow_unmeasured_codecs))
+                                                     allow_unmeasured_codecs=spec.allow_unmeasured_codecs,
+                                                     codecs=tuple(spec.codecs or ())))
     if not ctx.is_root:
         engine.serve_workers()
         return None
