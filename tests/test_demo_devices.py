@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from edgeprism.bench import tables
-from edgeprism.bench.demo import DemoSpec, add_oracle, phase_strategies, ratios, summarize
+from edgeprism.bench.demo import DemoSpec, add_oracle, every_token_codecs, phase_strategies, ratios, summarize
 from edgeprism.bench.demo_devices import (
     add_fast_alone,
     codec_class,
@@ -74,6 +74,25 @@ def test_world_sizes_in_the_oracle_and_faithful_codecs_only():
     rows[-2]["fidelity_loss"] = None  # the Segment Means baseline: unmeasured, never the target
     gains = ratios(summarize(add_oracle(rows)))[0]
     assert gains["oracle_plan"].startswith("world:3") and gains["adaptive_over_oracle"] == pytest.approx(3.6 / 3.5)
+
+
+def test_an_opted_in_run_holds_the_oracle_to_the_adaptive_plans_codecs():
+    # --allow-unmeasured-codecs --codecs fp16,int8: adaptive may pick int8 of unmeasured fidelity, so the static
+    # int8 split is a target too (it was left out, and adaptive "beat" an oracle of lossless plans: 0.80x);
+    # Segment Means, which the allow-list keeps from adaptive, is still no target
+    rows = [_row("local", 6.6), _row("equal_split", 4.07), _row("world:2", 5.3), _row("segment_means", 2.9),
+            _row("adaptive", 4.24)]
+    for row, codec in zip(rows, ("", "int8", "fp16", "sm16", "int8")):
+        row["codec"] = codec
+        row["fidelity_loss"] = None if codec in ("int8", "sm16") else 0.0
+    assert every_token_codecs(rows) == ("fp16", "int8")
+    lossless_only = ratios(summarize(add_oracle(rows)))[0]
+    assert lossless_only["oracle_plan"].startswith("world:2")
+    opted_in = ratios(summarize(add_oracle(rows, allow_unmeasured_codecs=True, codecs=("fp16", "int8"))))[0]
+    assert opted_in["oracle_plan"].startswith("equal_split")
+    assert opted_in["adaptive_over_oracle"] == pytest.approx(4.24 / 4.07)
+    any_codec = ratios(summarize(add_oracle(rows, allow_unmeasured_codecs=True)))[0]
+    assert any_codec["oracle_plan"].startswith("segment_means")
 
 
 def test_speeds_must_put_the_fastest_first(tmp_path, capsys):

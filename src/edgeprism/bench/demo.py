@@ -28,6 +28,7 @@ from edgeprism.bench.demo_devices import codec_class, device_codecs, device_plan
 from edgeprism.bench.limits import limit_fields
 from edgeprism.bench.tables import percentile
 from edgeprism.comm.context import DistContext
+from edgeprism.compress.registry import get_codec, num_vectors
 from edgeprism.plan import Request, static_plan
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS, Limits
 from edgeprism.runtime.engine import Engine, EngineConfig
@@ -203,22 +204,43 @@ def _plan_label(plan: dict) -> str:
     return f"{plan.get('codec')} x{len(plan.get('ranks', []))}"
 
 
-def _faithful(rows: list[dict], max_fidelity_loss: float | None) -> bool:
-    losses = [r.get("fidelity_loss", 0.0) for r in rows]
-    return all(loss is not None and (max_fidelity_loss is None or loss <= max_fidelity_loss) for loss in losses)
+def _admitted(rows: list[dict], max_fidelity_loss: float | None, allow_unmeasured_codecs: bool,
+              codecs: tuple[str, ...] | None) -> bool:
+    """Every row's answer is one the adaptive plan may give: lossless, measured within the budget, or (opted in)
+    of unmeasured fidelity with a codec the adaptive plan may use (`codecs`; None: any)."""
+    for row in rows:
+        loss = row.get("fidelity_loss", 0.0)
+        if loss == 0.0:
+            continue
+        if loss is None and not allow_unmeasured_codecs:
+            return False
+        if loss is not None and max_fidelity_loss is not None and loss > max_fidelity_loss:
+            return False
+        if codecs is not None and row.get("codec") not in codecs:
+            return False
+    return True
 
 
-def add_oracle(rows: list[dict], max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS) -> list[dict]:
+def every_token_codecs(rows: list[dict]) -> tuple[str, ...]:
+    """The rows' codecs that send every token (no Segment Means): what the adaptive plan may use with devices
+    when no codec list was given (`bench.demo_devices.device_codecs`)."""
+    return tuple(sorted({c for c in (r.get("codec") for r in rows) if c and num_vectors(get_codec(c), 64) == 64}))
+
+
+def add_oracle(rows: list[dict], max_fidelity_loss: float | None = DEFAULT_MAX_FIDELITY_LOSS,
+               allow_unmeasured_codecs: bool = False, codecs: tuple[str, ...] | None = None) -> list[dict]:
     """Per (phase, batch): the best static strategy in hindsight (median latency over repeats) among those whose
-    answers were measured within the fidelity budget — the adaptive plan is held to it, so is the oracle (a
-    Segment Means baseline of unmeasured or larger loss is shown, but is no target)."""
+    answers the adaptive plan was allowed to give — measured within the fidelity budget, or, when the run opted
+    in to codecs of unmeasured fidelity, with such a codec among `codecs` (the adaptive plan's allow-list; None:
+    any). The adaptive plan is held to those rules, so is the oracle (a Segment Means baseline it could not pick
+    is shown, but is no target)."""
     out = list(rows)
     keys = sorted({(r["phase"], r["link"], r["batch"]) for r in rows})
     for phase, _link, batch in keys:
         best = None
         for strategy in sorted({r["strategy"] for r in rows if _is_static(r["strategy"])}):
             mine = [r for r in rows if (r["phase"], r["batch"], r["strategy"]) == (phase, batch, strategy)]
-            if not mine or not _faithful(mine, max_fidelity_loss):
+            if not mine or not _admitted(mine, max_fidelity_loss, allow_unmeasured_codecs, codecs):
                 continue
             median = sorted(mine, key=lambda r: r["latency_s"])[len(mine) // 2]
             if best is None or median["latency_s"] < best["latency_s"]:

@@ -110,7 +110,7 @@ def _profile(args, session, link) -> str:
 
 
 def handle(args) -> int:
-    from edgeprism.bench.demo import DemoSpec, accuracy_by_strategy, add_oracle, ratios, summarize
+    from edgeprism.bench.demo import DemoSpec, accuracy_by_strategy, add_oracle, every_token_codecs, ratios, summarize
     from edgeprism.bench.demo_devices import add_fast_alone
     from edgeprism.models.config import get_config
     from edgeprism.plan.types import Limits
@@ -162,7 +162,9 @@ def handle(args) -> int:
                         share_step=args.share_step, codecs=args.codecs)
         _follow(session, spec, links, rows_file, control)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    rows = add_oracle(add_fast_alone(rows, speeds), args.max_fidelity_loss)
+    # the oracle is held to the adaptive plan's rules: its budget, its opt-in and its codec allow-list
+    allowed = args.codecs or (every_token_codecs(rows) if speeds else None)
+    rows = add_oracle(add_fast_alone(rows, speeds), args.max_fidelity_loss, args.allow_unmeasured_codecs, allowed)
     table = summarize(rows)
     gains = ratios(table)
     with open(out_dir / "rows.jsonl", "w") as handle_:
