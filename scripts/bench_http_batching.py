@@ -56,6 +56,7 @@ def inner(args) -> int:
     import torch
 
     from edgeprism.api import ApiConfig, serve_http
+    from edgeprism.api.auth import HttpAccess
     from edgeprism.api.load import LoadConfig, run_load
     from edgeprism.assets.datasets import short_queries, text_passages
     from edgeprism.inputs import load_io
@@ -73,7 +74,8 @@ def inner(args) -> int:
             stops[mode] = threading.Event()
             api = ApiConfig(dynamic_batching=mode == "batching", batch_window_s=args.batch_window_ms / 1e3)
             threading.Thread(target=serve_http, args=(engine, io, address, port, api),
-                             kwargs={"stop": stops[mode]}, daemon=True).start()
+                             # open on purpose: only the load generator beside it in host 0's namespace reaches it
+                             kwargs={"stop": stops[mode], "access": HttpAccess(insecure=True)}, daemon=True).start()
         time.sleep(2.0)
         if args.workload == "queries":
             texts = tuple(short_queries("shakespeare", limit=args.requests))
