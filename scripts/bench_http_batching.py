@@ -19,15 +19,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from edgeprism.bench.testbed_pair import HOST0_ARGS, Host0, joined_pair, rerun_in_host0
+
 HTTP_PORTS = {"batching": 8001, "no batching": 8002}
-STORE_PORT = 29400
 
 
 def parse_args(argv=None):
@@ -44,63 +43,39 @@ def parse_args(argv=None):
     p.add_argument("--max-fidelity-loss", type=float, default=0.01)
     p.add_argument("--batch-window-ms", type=float, default=5.0)
     p.add_argument("--out", required=True)
-    p.add_argument("--inner", nargs=4, metavar=("ADDR", "DEVICE_NETNS", "SECRET", "CORES"), help=argparse.SUPPRESS)
+    p.add_argument("--inner", nargs=len(HOST0_ARGS), metavar=HOST0_ARGS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def outer(args) -> int:
-    from edgeprism.comm.auth import new_secret, write_secret_file
-    from edgeprism.testbed.net import Testbed
-    from edgeprism.testbed.presets import get_preset
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="edgeprism-bench-http-") as tmp, \
-            Testbed(2, get_preset(args.link), backend="netns") as tb:
-        secret = write_secret_file(Path(tmp) / "cluster.secret", new_secret())
-        h0, h1 = tb.hosts
-        argv = [a for a in sys.argv[1:]]
-        cmd = ["ip", "netns", "exec", h0.netns, "taskset", "-c", ",".join(map(str, h0.cores)), sys.executable,
-               os.path.abspath(__file__), *argv, "--inner", h0.address, h1.netns, str(secret),
-               ",".join(map(str, h1.cores))]
-        env = {**os.environ, "EDGEPRISM_LINK_FILE": tb.link_file}
-        return subprocess.run(cmd, env=env).returncode
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return rerun_in_host0(__file__, sys.argv[1:], args.link)
 
 
 def inner(args) -> int:
     import torch
 
     from edgeprism.api import ApiConfig, serve_http
+    from edgeprism.api.auth import HttpAccess
     from edgeprism.api.load import LoadConfig, run_load
     from edgeprism.assets.datasets import short_queries, text_passages
     from edgeprism.inputs import load_io
     from edgeprism.profile.schema import Profile
-    from edgeprism.runtime import EngineConfig, launch_engine
+    from edgeprism.runtime import EngineConfig
 
-    address, device_netns, secret, device_cores = args.inner
+    host0 = Host0(*args.inner)
+    address = host0.address
     profile = Profile.load(args.profile)
     config = EngineConfig(max_fidelity_loss=args.max_fidelity_loss, max_batch=32)
-    engine = launch_engine(2, args.model, profile, checkpoint=args.checkpoint, config=config, local_workers=False,
-                           bind_addr=address, port=STORE_PORT, secret_file=secret,
-                           link_file=os.environ["EDGEPRISM_LINK_FILE"])
-    exe = str(Path(sys.executable).with_name("edgeprism"))
-    device = subprocess.Popen(["ip", "netns", "exec", device_netns, "taskset", "-c", device_cores, exe, "join",
-                               f"{address}:{STORE_PORT}", "--secret-file", secret, "--checkpoint", args.checkpoint,
-                               "--quiet"], env=os.environ)
-    try:
-        deadline = time.monotonic() + 120
-        while engine.cluster_status()["members"] != [0, 1]:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the device did not join within 120 s")
-            engine.tick()
-            time.sleep(0.2)
+    with joined_pair(host0, args.model, profile, args.checkpoint, config, join_within_s=120) as engine:
         io = load_io(engine.model.config, args.checkpoint)
         stops = {}
         for mode, port in HTTP_PORTS.items():
             stops[mode] = threading.Event()
             api = ApiConfig(dynamic_batching=mode == "batching", batch_window_s=args.batch_window_ms / 1e3)
             threading.Thread(target=serve_http, args=(engine, io, address, port, api),
-                             kwargs={"stop": stops[mode]}, daemon=True).start()
+                             # open on purpose: only the load generator beside it in host 0's namespace reaches it
+                             kwargs={"stop": stops[mode], "access": HttpAccess(insecure=True)}, daemon=True).start()
         time.sleep(2.0)
         if args.workload == "queries":
             texts = tuple(short_queries("shakespeare", limit=args.requests))
@@ -140,10 +115,6 @@ def inner(args) -> int:
         (out / f"tables-{args.workload}.md").write_text(table(rows, args))
         print(table(rows, args))
         return 0
-    finally:
-        engine.close()
-        device.terminate()
-        device.wait(timeout=30)
 
 
 def _passages(io, text_passages, count):
@@ -193,12 +164,7 @@ def table(rows, args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.inner:
-        return inner(args)
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
-        return 2
-    return outer(args)
+    return inner(args) if args.inner else outer(args)
 
 
 if __name__ == "__main__":

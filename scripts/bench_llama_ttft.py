@@ -36,12 +36,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from edgeprism.bench.testbed_pair import HOST0_ARGS, Host0, joined_pair, rerun_in_host0
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 
 STORE_PORT = 29410
@@ -67,8 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", required=True)
-    p.add_argument("--inner", nargs=5, metavar=("LINK", "ADDR", "DEVICE_NETNS", "SECRET", "CORES"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--inner", nargs=1 + len(HOST0_ARGS), metavar=("LINK", *HOST0_ARGS), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -77,23 +75,12 @@ def _names(text: str) -> list[str]:
 
 
 def outer(args) -> int:
-    from edgeprism.comm.auth import new_secret, write_secret_file
-    from edgeprism.testbed.net import Testbed
-    from edgeprism.testbed.presets import get_preset
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for link in _names(args.links):
-        with tempfile.TemporaryDirectory(prefix="edgeprism-bench-ttft-") as tmp, \
-                Testbed(2, get_preset(link), backend="netns") as tb:
-            secret = write_secret_file(Path(tmp) / "cluster.secret", new_secret())
-            h0, h1 = tb.hosts
-            cmd = ["ip", "netns", "exec", h0.netns, "taskset", "-c", ",".join(map(str, h0.cores)), sys.executable,
-                   os.path.abspath(__file__), *sys.argv[1:], "--inner", link, h0.address, h1.netns, str(secret),
-                   ",".join(map(str, h1.cores))]
-            done = subprocess.run(cmd, env={**os.environ, "EDGEPRISM_LINK_FILE": tb.link_file})
-            if done.returncode:
-                return done.returncode
+        returncode = rerun_in_host0(__file__, sys.argv[1:], link, inner=[link])
+        if returncode:
+            return returncode
     rows = [json.loads(line) for path in sorted(out.glob("rows-*.jsonl")) for line in path.read_text().splitlines()]
     (out / "tables.md").write_text(table(rows))
     print(table(rows))
@@ -167,10 +154,10 @@ def inner(args) -> int:
     from edgeprism.plan import Request, static_plan
     from edgeprism.plan.synthetic import synthetic_profile
     from edgeprism.profile.schema import Profile
-    from edgeprism.runtime import EngineConfig, launch_engine
+    from edgeprism.runtime import EngineConfig
     from edgeprism.testbed.presets import get_preset
 
-    link, address, device_netns, secret, device_cores = args.inner
+    link, *pair = args.inner
     torch.set_num_threads(1)
     folder = Path(args.checkpoint) if args.checkpoint else assets.smollm2_checkpoint_dir()
     lengths = [int(n) for n in _names(args.lengths)]
@@ -182,20 +169,8 @@ def inner(args) -> int:
     # A generous stall deadline: the engine's covers the prefill's prediction only, and this measures time, not
     # fault handling (a fallback would still show in the row's `fallback`).
     config = EngineConfig(max_fidelity_loss=args.max_fidelity_loss, max_batch=1, probe_every=0, min_stall_s=600.0)
-    engine = launch_engine(2, args.model, profile, checkpoint=str(folder), config=config, local_workers=False,
-                           bind_addr=address, port=STORE_PORT, secret_file=secret,
-                           link_file=os.environ["EDGEPRISM_LINK_FILE"])
-    exe = str(Path(sys.executable).with_name("edgeprism"))
-    device = subprocess.Popen(["ip", "netns", "exec", device_netns, "taskset", "-c", device_cores, exe, "join",
-                               f"{address}:{STORE_PORT}", "--secret-file", secret, "--checkpoint", str(folder),
-                               "--quiet"], env=os.environ)
-    try:
-        deadline = time.monotonic() + 180
-        while engine.cluster_status()["members"] != [0, 1]:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the device did not join within 180 s")
-            engine.tick()
-            time.sleep(0.2)
+    with joined_pair(Host0(*pair), args.model, profile, str(folder), config, join_within_s=180,
+                     store_port=STORE_PORT) as engine:
         hf_config = json.loads((folder / "config.json").read_text())
         tokenizer = load_tokenizer(folder, hf_config, args.model, hf_config["vocab_size"])
         peers = Peers(_names(args.peers), folder, Path(args.gguf) if args.gguf else smollm2_gguf_path(),
@@ -247,10 +222,6 @@ def inner(args) -> int:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
         return 0
-    finally:
-        engine.close()
-        device.terminate()
-        device.wait(timeout=30)
 
 
 def timed(engine, peers: Peers, strategy: str, ids: list[int], inputs, plans: dict, new_tokens: int):
@@ -339,12 +310,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.inner:
-        return inner(args)
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
-        return 2
-    return outer(args)
+    return inner(args) if args.inner else outer(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The one stdlib HTTP client (edgeprism.api.client.FailoverClient) in both of its uses, against a real
 HTTP server on loopback that answers from a script: moving to the next address when one does not answer
 (a cluster's client), and sending a 5xx again at most `attempts` times (the chaos run's load client,
-edgeprism.bench.chaos_client). The cluster behind them: tests/test_failover.py, tests/test_chaos_testbed.py."""
+edgeprism.bench.chaos_client); its failover rule (`Succession`) alone and under the asyncio load generator
+(edgeprism.api.load). The cluster behind them: tests/test_failover.py, tests/test_chaos_testbed.py."""
 
+import asyncio
 import json
 import socket
 import threading
@@ -10,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from edgeprism.api.client import FailoverClient
+from edgeprism.api.client import FailoverClient, Succession
+from edgeprism.api.load import LoadConfig, run_load
 from edgeprism.bench.chaos_client import get, one_request, plan_client
 
 EMBEDDING = [0.6, 0.8]
@@ -116,3 +119,28 @@ def test_the_chaos_get_writes_status_and_body(serve, tmp_path):
     get(server.url + "/v1/cluster", str(tmp_path / "get.json"))
     written = json.loads((tmp_path / "get.json").read_text())
     assert written["status"] == 200 and written["body"]["data"][0]["embedding"] == EMBEDDING
+
+
+def test_a_late_failure_does_not_move_the_succession_back():
+    succession = Succession(("http://a", "http://b", "http://c"), retry_for_s=10.0, pause_s=0.5)
+    first, late = succession.start(), succession.start()
+    assert first.url() == late.url() == "http://a"  # two requests in flight to a
+    assert first.failed("refused") == 0.0 and succession.current == 1
+    moved = succession.start()
+    assert moved.url() == "http://b" and moved.failed("refused") == 0.0 and succession.current == 2
+    assert late.failed("refused") == 0.0 and succession.current == 2  # a's second failure: c stays current
+    assert (late.url(), succession.failovers) == ("http://c", 3)
+    assert succession.start().failed("refused") == 0.5 and succession.current == 0  # a whole round: pause
+    once = Succession(("http://a",), retry_for_s=10.0, pause_s=0.0, max_attempts=1).start()
+    once.url()
+    assert once.failed("refused") is None and "in 1 send over" in str(once.gave_up("GET /"))
+
+
+def test_the_load_generator_moves_to_the_next_address_that_answers(serve):
+    pytest.importorskip("httpx")
+    server = serve([200])
+    report = asyncio.run(run_load(LoadConfig(url=f"{_closed_port_url()},{server.url}", endpoint="infer",
+                                             concurrency=2, requests=4, failover_s=10.0)))
+    assert (report.ok, report.errors, server.seen) == (4, 0, 4) and report.failovers >= 1, report
+    alone = asyncio.run(run_load(LoadConfig(url=_closed_port_url(), endpoint="infer", requests=2)))
+    assert (alone.ok, alone.errors, alone.failovers) == (0, 2, 0), alone  # one URL: no second send

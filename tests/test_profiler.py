@@ -26,7 +26,7 @@ from edgeprism.jobs.validate import (
 from edgeprism.models.loading import build_model
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.profile.compute import compute_grid, fit_overhead, fit_relative, measure_compute, pinned, sparse_batches
-from edgeprism.profile.energy import measure_energy
+from edgeprism.profile.energy import measure_energy, one_block
 from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
 from edgeprism.profile.link import link_section
 from edgeprism.profile.profiler import (
@@ -177,6 +177,15 @@ def test_energy_with_a_meter_is_metered_per_phase():
     assert energy.idle_w == pytest.approx(7.0) and energy.compute_w == pytest.approx(7.0)
     assert energy.network_w == pytest.approx(7.0 + 0.5 * (radio.radio_tx_w + radio.radio_rx_w))
     assert "fake" in energy.meter and "model:" in energy.meter  # the radio part says where it came from
+
+
+def test_the_metered_compute_window_runs_the_models_first_block_on_n_tokens():
+    model = build_model("vit-tiny-test")
+    shapes = []
+    model.blocks[0].register_forward_hook(lambda block, args, out: shapes.append(tuple(out.shape)))
+    energy = measure_energy(one_block(model, 5, torch.device("cpu")), torch.device("cpu"),
+                            meter=FakeMeter(power_w=7.0), window_s=0.05)
+    assert energy.source == "metered" and shapes and set(shapes) == {(1, 5, model.config.hidden_size)}
 
 
 # ---- fidelity ----

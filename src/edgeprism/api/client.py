@@ -18,6 +18,9 @@ Two knobs make it the load client of a fault run as well (`edgeprism.bench.chaos
 `retry_server_errors` a 5xx answer is sent again to the same URL, `pause_s` later (a 4xx stays final), and
 the last 5xx is returned when the budget is spent; `max_attempts` bounds the sends of one request (retries
 and moves to the next URL included) beside `retry_for_s`. `Reply.attempts` says how many sends it took.
+
+The rule itself (which URL a send goes to, when to move on, pause or give up) is `Succession`, apart from how a
+request is sent: the load generator (`edgeprism.api.load`, asyncio over one httpx pool) follows the same one.
 """
 
 from __future__ import annotations
@@ -46,6 +49,70 @@ class Reply:
     """Sends this request took: retries and moves to the next URL included."""
 
 
+class Succession:
+    """The failover rule over base URLs in the succession order, shared by the requests sent under it (see the
+    module docstring): `current` is the URL that answered last, `failovers` counts requests moved off a URL that
+    did not answer. A request's sends are an `Attempts` (`start()`). Times in seconds."""
+
+    def __init__(self, urls: tuple[str, ...], retry_for_s: float, pause_s: float,
+                 max_attempts: int | None = None) -> None:
+        if not (retry_for_s >= 0 and pause_s >= 0):
+            raise ValueError(f"retry_for_s {retry_for_s} and pause_s {pause_s} must be >= 0")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts {max_attempts} must be >= 1 (or None: bounded by retry_for_s alone)")
+        self.urls, self.retry_for_s, self.pause_s, self.max_attempts = urls, retry_for_s, pause_s, max_attempts
+        self.current = 0
+        self.failovers = 0
+
+    def start(self) -> Attempts:
+        return Attempts(self)
+
+
+class Attempts:
+    """One request's sends under a `Succession`: `url()` before each send, `failed(...)` after one that failed."""
+
+    def __init__(self, succession: Succession) -> None:
+        self.succession = succession
+        self.sends = 0
+        self.tried: dict[str, str] = {}
+        """Per URL, why its last send failed."""
+        self._index = succession.current
+        self._first_failure: float | None = None
+
+    def url(self) -> str:
+        """The base URL to send to now (counts the send)."""
+        self.sends += 1
+        self._index = self.succession.current
+        return self.succession.urls[self._index]
+
+    def failed(self, why: str, answered: bool = False) -> float | None:
+        """The last send failed: no answer, or (`answered`) an answer to send again to the same URL. -> seconds to
+        pause before the next send, or None: the budget is spent (`retry_for_s` since the first failure, or
+        `max_attempts` sends). A request that got no answer moves the succession on to the next URL (unless a
+        request beside it already has), pausing when a whole round failed: the successor may still be starting."""
+        rule = self.succession
+        url = rule.urls[self._index]
+        self.tried[url] = why
+        now = time.monotonic()
+        self._first_failure = now if self._first_failure is None else self._first_failure
+        if now - self._first_failure > rule.retry_for_s or self.sends == rule.max_attempts:
+            return None
+        if answered:
+            log.info("%s answered %s; sending again", url, why)
+            return rule.pause_s
+        rule.failovers += 1
+        if rule.current == self._index:  # a request beside this one may have moved on already
+            rule.current = (self._index + 1) % len(rule.urls)
+        log.info("%s did not answer (%s); trying %s", url, why, rule.urls[rule.current])
+        return rule.pause_s if rule.current == 0 else 0.0
+
+    def gave_up(self, what: str) -> ConnectionError:
+        """The error once the budget is spent without an answer; `what` is the request, e.g. "POST /infer"."""
+        spent_s = time.monotonic() - (self._first_failure or time.monotonic())
+        return ConnectionError(f"no coordinator answered {what} in {self.sends} send{'s' * (self.sends != 1)} "
+                               f"over {spent_s:.1f} s: {self.tried}")
+
+
 class FailoverClient:
     """POST/GET JSON against the first of `urls` that answers (see the module docstring). Times in seconds."""
 
@@ -59,22 +126,21 @@ class FailoverClient:
                 raise ValueError(f"base URL {url!r} must be an http(s) URL like http://127.0.0.1:8000")
         if not urls:
             raise ValueError("give at least one base URL")
-        if not (timeout_s > 0 and retry_for_s >= 0 and pause_s >= 0):
-            raise ValueError(f"timeout_s {timeout_s} must be > 0, retry_for_s {retry_for_s} and pause_s {pause_s} "
-                             f">= 0")
-        if max_attempts is not None and max_attempts < 1:
-            raise ValueError(f"max_attempts {max_attempts} must be >= 1 (or None: bounded by retry_for_s alone)")
-        self.urls, self.timeout_s, self.retry_for_s, self.pause_s = urls, timeout_s, retry_for_s, pause_s
-        self.retry_server_errors, self.max_attempts = retry_server_errors, max_attempts
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s {timeout_s} must be > 0")
+        self.succession = Succession(urls, retry_for_s, pause_s, max_attempts)
+        self.urls, self.timeout_s, self.retry_server_errors = urls, timeout_s, retry_server_errors
         if api_key is not None and (not api_key.strip() or any(c.isspace() for c in api_key.strip())):
             raise ValueError("api_key must be one word (the content of the server's --api-key-file)")
         self._headers = {"content-type": "application/json"}
         if api_key is not None:
             self._headers["authorization"] = f"Bearer {api_key.strip()}"
         self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        self.current = 0
-        """Index of the URL that answered last."""
-        self.failovers = 0
+
+    @property
+    def failovers(self) -> int:
+        """Requests moved to the next URL after one did not answer."""
+        return self.succession.failovers
 
     def post(self, path: str, body: Any) -> Reply:
         return self.request("POST", path, json.dumps(body).encode())
@@ -85,37 +151,23 @@ class FailoverClient:
     def request(self, method: str, path: str, data: bytes | None) -> Reply:
         """The first answer (with `retry_server_errors`: the first below 500, or the last 5xx once the budget
         is spent); ConnectionError naming every URL tried when none answered within the budget."""
-        first_failure: float | None = None
-        tried: dict[str, str] = {}
-        sends = 0
+        attempts = self.succession.start()
         while True:
-            url = self.urls[self.current]
-            sends += 1
+            url = attempts.url()
             reply: Reply | None = None
             try:
-                reply = self._send(url, method, path, data, sends)
+                reply = self._send(url, method, path, data, attempts.sends)
             except OSError as err:  # no answer: refused, reset, timed out (an HTTPError is an answer, returned)
-                tried[url] = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+                pause_s = attempts.failed(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
             else:
                 if not (self.retry_server_errors and reply.status >= 500):
                     return reply
-                tried[url] = f"HTTP {reply.status}"
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            if now - first_failure > self.retry_for_s or sends == self.max_attempts:  # the budget is spent
+                pause_s = attempts.failed(f"HTTP {reply.status}", answered=True)
+            if pause_s is None:  # the budget is spent
                 if reply is not None:
                     return reply
-                raise ConnectionError(f"no coordinator answered {method} {path} in {sends} "
-                                      f"send{'s' * (sends != 1)} over {now - first_failure:.1f} s: {tried}")
-            if reply is not None:
-                log.info("%s answered %d; sending again", url, reply.status)
-                time.sleep(self.pause_s)
-                continue
-            self.current = (self.current + 1) % len(self.urls)
-            self.failovers += 1
-            log.info("%s did not answer (%s); trying %s", url, tried[url], self.urls[self.current])
-            if self.current == 0:
-                time.sleep(self.pause_s)  # a whole round failed: the successor may still be starting
+                raise attempts.gave_up(f"{method} {path}")
+            time.sleep(pause_s)
 
     def _send(self, url: str, method: str, path: str, data: bytes | None, attempts: int) -> Reply:
         request = urllib.request.Request(url + path, data=data, method=method, headers=self._headers)
@@ -131,4 +183,4 @@ class FailoverClient:
         return Reply(url, status, body, attempts)
 
 
-__all__ = ["FailoverClient", "Reply"]
+__all__ = ["Attempts", "FailoverClient", "Reply", "Succession"]

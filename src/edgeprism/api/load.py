@@ -6,8 +6,9 @@
 `--concurrency` clients (asyncio + httpx, one connection pool) send at most `--requests` requests, and
 none after `--duration` seconds, only to `--url`. A cluster with a succession of coordinators
 (docs/DEPLOY.md) is given as several comma-separated URLs in the succession order: a request whose
-connection fails goes to the next one (round and round, for at most `--failover` seconds), its latency
-counted from its first send; the report counts these moves (`failovers`). Texts come from `--texts FILE`
+connection fails goes to the next one (round and round, for at most `--failover` seconds: the rule of
+`edgeprism.api.client.Succession`, which the blocking `FailoverClient` follows too), its latency counted from
+its first send; the report counts these moves (`failovers`). Texts come from `--texts FILE`
 (one per line, used in turn) or are synthetic: `--synthetic-tokens LOW-HIGH` words of a small vocabulary per text (about
 one token each), drawn with a fixed seed. A server started with `--api-key-file` is given the key with
 `--api-key-file FILE` (sent as `Authorization: Bearer <key>`); an https server with a self-signed
@@ -28,6 +29,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
+
+from edgeprism.api.client import Succession
 
 ENDPOINTS = {"embeddings": "/v1/embeddings", "completions": "/v1/completions", "infer": "/infer"}
 _WORDS = ("the quick brown fox jumps over lazy dog a model splits tokens across edge devices and each rank "
@@ -165,27 +168,21 @@ async def run_load(config: LoadConfig) -> LoadReport:
     issued = 0
     rows_done = 0
     urls = config.urls
-    current = 0  # the URL that answered last
-    failovers = 0
+    # One URL: a connection failure is the request's error, not a reason to send it again.
+    succession = Succession(urls, config.failover_s, pause_s=0.1, max_attempts=1 if len(urls) == 1 else None)
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
 
     async def post(client, path: str, body: dict):
         """POST to the current URL; on a connection failure move to the next (several URLs, `failover_s`)."""
-        nonlocal current, failovers
-        first_failure = None
+        attempts = succession.start()
         while True:
-            tried = current
             try:
-                return await client.post(urls[tried] + path, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError):
-                now = time.perf_counter()
-                first_failure = now if first_failure is None else first_failure
-                if len(urls) == 1 or now - first_failure > config.failover_s:
+                return await client.post(attempts.url() + path, json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as err:
+                pause_s = attempts.failed(f"{type(err).__name__}: {err}")
+                if pause_s is None:
                     raise
-                failovers += 1
-                if current == tried:  # another client may have moved on already
-                    current = (tried + 1) % len(urls)
-                await asyncio.sleep(0.1 if current == 0 else 0.0)
+                await asyncio.sleep(pause_s)
 
     headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits, headers=headers,
@@ -240,7 +237,7 @@ async def run_load(config: LoadConfig) -> LoadReport:
         latency_ms={"p50": percentile(ordered, 50), "p95": percentile(ordered, 95), "p99": percentile(ordered, 99),
                     "mean": sum(ordered) / len(ordered) if ordered else 0.0, "max": ordered[-1] if ordered else 0.0},
         batched_with_mean=sum(batched) / len(batched) if batched else None, plan_modes=dict(modes),
-        first_error=first_error[0] if first_error else None, failovers=failovers)
+        first_error=first_error[0] if first_error else None, failovers=succession.failovers)
 
 
 def _tls_context(ca_file: str | None):

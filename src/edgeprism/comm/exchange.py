@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from edgeprism.comm.background import BackgroundThread, PendingExchange
 from edgeprism.comm.context import DistContext
 
 log = logging.getLogger(__name__)
@@ -73,56 +71,6 @@ class ExchangeStats:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-class PendingExchange:
-    """An exchange in flight (`Exchanger.start_all_gather_bytes`): `wait()` blocks until it is done and returns
-    what the blocking call would have; the seconds it blocked are `waited_s`."""
-
-    def __init__(self, finish: Callable[[], list[Tensor]]) -> None:
-        self._finish = finish
-        self.waited_s = 0.0
-
-    def wait(self) -> list[Tensor]:
-        start = time.perf_counter()
-        try:
-            return self._finish()
-        finally:
-            self.waited_s = time.perf_counter() - start
-
-
-class _Background:
-    """One daemon thread that runs an exchange's emulated delay and collective while the caller computes.
-    (Daemon: a collective stuck without a deadline must not keep the process from exiting.)"""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="edgeprism-exchange", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, future = job
-            try:
-                future.set_result(fn())
-            except BaseException as err:  # handed to the waiting caller
-                future.set_exception(err)
-            # Drop the finished job before waiting for the next: its gather holds the exchanger, and with it the
-            # lane's process group, which would otherwise outlive the lane's retirement (its sockets, threads
-            # and buffers leaked once per broken epoch).
-            del job, fn, future
-
-    def submit(self, fn: Callable) -> Future:
-        future: Future = Future()
-        self._jobs.put((fn, future))
-        return future
-
-    def close(self) -> None:
-        """End the thread once the jobs already submitted are done (it holds nothing afterwards)."""
-        self._jobs.put(None)
 
 
 def _sync(device: torch.device) -> None:
@@ -181,7 +129,7 @@ class Exchanger:
         """time.monotonic() by which every collective must be done (None: the group's own timeout)."""
         self._buffers: dict[tuple[str, int], Tensor] = {}
         self._pin = ctx.device.type == "cuda"
-        self._background: _Background | None = None
+        self._background: BackgroundThread | None = None
         self._seal_s = 0.0
         self.sealer = None
         """A LaneSealer when this lane's messages are sealed (edgeprism.comm.sealing), else None."""
@@ -285,7 +233,7 @@ class Exchanger:
         in flight at once (micro-batches) take different slots and cross the link in the order started."""
         gather = self._stage_gather(payload, sizes, kind, slot)  # sealed and opened on the caller's thread, in order
         if self._background is None:
-            self._background = _Background()
+            self._background = BackgroundThread()
         future = self._background.submit(gather.run)
         return PendingExchange(lambda: gather.finish_after(future))
 

@@ -105,7 +105,7 @@ def launch_local(world_size: int, argv: list[str], cores_per_worker: int | None 
             time.sleep(0.02)
         if failed is not None or any(p.poll() is None for p, _, _ in procs):
             time.sleep(0.3)  # let the others notice and print their side
-            _kill_all(procs)
+            kill_process_groups([p for p, _, _ in procs])
         results = []
         for rank, (proc, out, err) in enumerate(procs):
             out.seek(0)
@@ -120,7 +120,7 @@ def launch_local(world_size: int, argv: list[str], cores_per_worker: int | None 
                               f"Rank 0's last output:\n{_tail(results[0].stderr)}")
         return results
     finally:
-        _kill_all(procs)
+        kill_process_groups([p for p, _, _ in procs])
         for _, out, err in procs:
             out.close()
             err.close()
@@ -138,16 +138,18 @@ def _root_cause(results: list[WorkerResult], first_seen: int) -> int:
     return first_seen
 
 
-def _kill_all(procs) -> None:
-    for proc, _, _ in procs:
+def kill_process_groups(procs: list[subprocess.Popen], reap_s: float = 5.0) -> None:
+    """SIGKILL the process group of every process still running (each started in its own session: its children
+    go with it), then reap them, waiting at most `reap_s` for each."""
+    for proc in procs:
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for proc, _, _ in procs:
+    for proc in procs:
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=reap_s)
         except subprocess.TimeoutExpired:
             pass
 

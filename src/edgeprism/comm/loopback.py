@@ -16,8 +16,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from edgeprism.comm.background import PendingExchange
 from edgeprism.comm.context import DistContext
-from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats, PendingExchange
+from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats
 
 T = TypeVar("T")
 

@@ -119,6 +119,18 @@ def message_rounds(num_layers: int, k: int, causal: bool) -> int:
     return 1 + (k - 1) + num_layers * layer_hops + output_hops
 
 
+def received_vectors(segments: Sequence[int], causal: bool) -> list[int]:
+    """Per rank p, the K/V vectors per row it reads from the others' messages of `segments[q]` vectors each:
+    decoders from ranks q < p only (the partition-aware causal mask), encoders from every other rank. A rank's
+    layer attends over its own tokens plus these: kv_p = n_p + received_p."""
+    total = sum(segments)
+    received, seen = [], 0
+    for sent in segments:
+        received.append(seen if causal else total - sent)
+        seen += sent
+    return received
+
+
 def group_bound(constants: CostConstants, batch: int, num_tokens: int, speeds: Sequence[float],
                 link_latency_s: float) -> tuple[float, float]:
     """Lower bounds of (latency_s, energy_j) of any plan over ranks of these speeds, before splitting tokens.
@@ -157,12 +169,8 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
         base.append((a + token_s * n) / speed)
         slope.append((kv_s + token_kv_s * n) / speed)
     fewest = [min((codec.num_vectors(n) for codec in codecs), default=0) for n in counts]  # per rank
-    all_fewest = sum(fewest)
-    own_layer_s = []  # a lower bound of each rank's layer seconds
-    seen = 0
-    for p in range(k):
-        own_layer_s.append(base[p] + slope[p] * (counts[p] + (seen if causal else all_fewest - fewest[p])))
-        seen += fewest[p]
+    # a lower bound of each rank's layer seconds
+    own_layer_s = [b + s * (n + r) for b, s, n, r in zip(base, slope, counts, received_vectors(fewest, causal))]
     overhead_s = overhead / speeds[0]
     scatter_bytes = batch * in_bytes * (num_tokens - counts[0]) + (k - 1) * c.seal_bytes
     gather_bytes = (batch * out_bytes + c.seal_bytes) * (k - 1)
@@ -181,19 +189,14 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
                       own=tuple(own_key_s(b_kv, b_tok_kv, batch, n) / speed for n, speed in zip(counts, speeds)))
 
 
-def codec_compute_s(codec: CodecFidelity, batch: int, segments: Sequence[int], speeds: Sequence[float],
-                    causal: bool) -> list[float]:
+def codec_compute_s(codec: CodecFidelity, batch: int, segments: Sequence[int], received: Sequence[int],
+                    speeds: Sequence[float]) -> list[float]:
     """Per rank, one layer's seconds of the codec's own compute: encoding its message of `segments[p]` vectors
-    per row and decoding those it reads (decoders: from ranks q < p; encoders: from every other rank), at
-    the rank's speed. All zeros for a profile entry without measured encode/decode seconds."""
+    per row and decoding the `received[p]` it reads (`received_vectors`), at the rank's speed. All zeros for a
+    profile entry without measured encode/decode seconds."""
     enc_s, dec_s = batch * codec.encode_s_per_vector, batch * codec.decode_s_per_vector
-    total = sum(segments)
-    out, seen = [], 0
-    for sent, speed in zip(segments, speeds):
-        received = seen if causal else total - sent
-        seen += sent
-        out.append((enc_s * sent + dec_s * received) / speed)
-    return out
+    return [(enc_s * sent + dec_s * num_received) / speed
+            for sent, num_received, speed in zip(segments, received, speeds)]
 
 
 def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: CodecFidelity, bandwidth_bps: float,
@@ -241,16 +244,13 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
 
     num_vectors = codec.num_vectors
     segments = [num_vectors(n) for n in counts]  # vectors each rank's message carries per row, per the codec
-    total_segments = sum(segments)
-    coded = (codec_compute_s(codec, batch, segments, g.speeds, causal)
+    received = received_vectors(segments, causal)
+    coded = (codec_compute_s(codec, batch, segments, received, g.speeds)
              if codec.encode_s_per_vector or codec.decode_s_per_vector else [])
     max_layer_s = 0.0
     sum_layer_s = 0.0
-    seen = 0
     for p in range(k):
-        kv = counts[p] + (seen if causal else total_segments - segments[p])
-        seen += segments[p]
-        layer_s = base[p] + slope[p] * kv + (coded[p] if coded else 0.0)
+        layer_s = base[p] + slope[p] * (counts[p] + received[p]) + (coded[p] if coded else 0.0)
         sum_layer_s += layer_s
         if layer_s > max_layer_s:
             max_layer_s = layer_s
@@ -262,7 +262,7 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     if c.pipelined:
         m = min(c.micro_batches, batch)
         max_layer_s, sum_layer_s, layer_hidden_s = pipelined_layers(
-            g.base, g.slope, g.fixed, g.own if c.overlap else (), counts, segments, m, layer_network_s,
+            g.base, g.slope, g.fixed, g.own if c.overlap else (), counts, received, m, layer_network_s,
             g.layer_latency_s, coded)
         latency_s += num_layers * (m - 1) * g.layer_latency_s  # every micro-batch pays its hops
     compute_s = num_layers * max_layer_s + overhead_s
@@ -303,14 +303,10 @@ def rank_compute_s(profile: Profile, batch: int, counts: Sequence[int], codec: C
     k = len(counts)
     group = group_terms(constants, batch, [1.0] * k, counts, 1.0, 0.0)
     segments = [codec.num_vectors(n) for n in counts]
-    coded = codec_compute_s(codec, batch, segments, [1.0] * k, constants.causal)
-    out, seen = [], 0
-    for p in range(k):
-        kv = counts[p] + (seen if constants.causal else sum(segments) - segments[p])
-        seen += segments[p]
-        out.append(constants.num_layers * (group.base[p] + group.slope[p] * kv + coded[p])
-                   + (constants.request_overhead_s if p == 0 else 0.0))
-    return out
+    received = received_vectors(segments, constants.causal)
+    coded = codec_compute_s(codec, batch, segments, received, [1.0] * k)
+    return [constants.num_layers * (group.base[p] + group.slope[p] * (counts[p] + received[p]) + coded[p])
+            + (constants.request_overhead_s if p == 0 else 0.0) for p in range(k)]
 
 
 def num_exchanges(profile: Profile) -> int:
@@ -379,5 +375,6 @@ __all__ = [
     "predict",
     "profile_constants",
     "rank_compute_s",
+    "received_vectors",
     "token_shares",
 ]

@@ -43,20 +43,20 @@ def own_key_s(per_kv_s: float, per_token_kv_s: float, batch: int, num_own: int) 
 
 
 def pipelined_layers(base: Sequence[float], slope: Sequence[float], fixed: Sequence[float], own: Sequence[float],
-                     counts: Sequence[int], segments: Sequence[int], micro_batches: int, network_s: float,
+                     counts: Sequence[int], received: Sequence[int], micro_batches: int, network_s: float,
                      hops_latency_s: float, codec_s: Sequence[float] = ()) -> tuple[float, float, float]:
-    """One layer of an encoder plan, per rank p layer seconds = base_p + slope_p · kv_p (plan/cost.py) plus
+    """One layer of an encoder plan, per rank p layer seconds = base_p + slope_p · kv_p (plan/cost.py; kv_p =
+    counts[p] + received[p], the vectors per row it reads from the others: `received_vectors`) plus
     (m - 1) · fixed_p plus `codec_s[p]` (the codec's own encode/decode, compute like the rest; empty: none);
     `own` per rank the own-key seconds that may run beside the exchange (empty: no overlap),
-    `segments` the vectors each rank sends per row, `network_s` the layer's wire seconds for the whole batch,
+    `network_s` the layer's wire seconds for the whole batch,
     `hops_latency_s` one exchange's hops × link latency -> (the slowest rank's layer compute, the ranks' summed
     layer compute, the seconds per layer hidden against the sequential model C + network + m · hops latency)."""
     m = micro_batches
     exchange_s = network_s / m + hops_latency_s  # one micro-batch's
-    total_segments = sum(segments)
     max_layer_s = sum_layer_s = critical_s = 0.0
     for p, n in enumerate(counts):
-        layer_s = base[p] + slope[p] * (n + total_segments - segments[p]) + (m - 1) * fixed[p]
+        layer_s = base[p] + slope[p] * (n + received[p]) + (m - 1) * fixed[p]
         if codec_s:
             layer_s += codec_s[p]
         own_s = min(own[p], layer_s) if own else 0.0

@@ -17,6 +17,7 @@ import torch
 from edgeprism.energy.detect import detect_meter
 from edgeprism.energy.measurement import PowerMeter
 from edgeprism.energy.model import PowerModel, get_power_model
+from edgeprism.models.base import ReferenceModel
 from edgeprism.profile.schema import EnergyModel
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,21 @@ def modelled_energy(power_model: PowerModel) -> EnergyModel:
     return EnergyModel(source="modelled", idle_w=power_model.idle_w, compute_w=power_model.compute_w,
                        staging_w=power_model.staging_w, network_w=phases["network_s"],
                        meter=f"model:{power_model.name} ({power_model.scope}); no meter on this host")
+
+
+def one_block(model: ReferenceModel, num_tokens: int, device: torch.device) -> Callable[[], None]:
+    """The compute body `measure_energy` repeats: the model's first block over a random (1, num_tokens, d) batch,
+    the device synchronized after it."""
+    block = model.blocks[0].to(device)
+    probe = torch.randn(1, num_tokens, model.config.hidden_size, device=device)  # (1, N, d)
+
+    def body() -> None:
+        with torch.no_grad():
+            block(probe)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return body
 
 
 def measure_energy(compute_body: Callable[[], None], device: torch.device, meter: PowerMeter | None = None,

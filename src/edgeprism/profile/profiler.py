@@ -35,7 +35,7 @@ from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.profile.codec_timing import timed_entries
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
 from edgeprism.profile.compute_job import measure_on_session
-from edgeprism.profile.energy import measure_energy
+from edgeprism.profile.energy import measure_energy, one_block
 from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
 from edgeprism.profile.link import LinkSession
 from edgeprism.profile.schema import HostFacts, Profile
@@ -247,16 +247,8 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     say(f"link: {link.latency_s * 1e3:.2f} ms per hop, {link.bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather")
 
     mark = time.perf_counter()
-    block = model.blocks[0].to(device)
-    probe = torch.randn(1, token_counts[0], config.hidden_size, device=device)
-
-    def one_block() -> None:
-        with torch.no_grad():
-            block(probe)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    energy = measure_energy(one_block, device, meter_kind=options.meter, power_model=options.power_model)
+    energy = measure_energy(one_block(model, token_counts[0], device), device, meter_kind=options.meter,
+                            power_model=options.power_model)
     phases["energy_s"] = time.perf_counter() - mark
     say(f"energy: {energy.source} ({energy.meter})")
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from edgeprism.comm.auth import NONCE_BYTES, SECRET_FILE_ENV, load_secret, new_secret, write_secret_file
 from edgeprism.comm.context import DistContext
-from edgeprism.comm.launch import WorkerError, core_assignment
+from edgeprism.comm.launch import WorkerError, core_assignment, kill_process_groups
 from edgeprism.models.loading import load_model, resolve_model
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.codec_states import publish_codec_states
@@ -149,13 +149,8 @@ class LocalCluster:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for proc, err in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+        kill_process_groups([proc for proc, _ in self.procs])
+        for _, err in self.procs:
             err.close()
         self.procs = []
 

@@ -48,7 +48,7 @@ from edgeprism.energy.model import get_power_model
 from edgeprism.models.base import ReferenceModel
 from edgeprism.profile.compute import ProgressFn
 from edgeprism.profile.compute_job import run_plan
-from edgeprism.profile.energy import measure_energy
+from edgeprism.profile.energy import measure_energy, one_block
 from edgeprism.profile.profiler import host_facts, usable_cores
 from edgeprism.profile.staging import measure_staging
 from edgeprism.testbed.linktest import measure_link
@@ -174,17 +174,10 @@ def _link(job: JobContext, args: dict) -> Callable[[], dict]:
 
 def _energy(job: JobContext, args: dict) -> Callable[[], dict]:
     device = job.ctx.device
-    block = job.model.blocks[0]
-    probe = torch.randn(1, args["num_tokens"], job.model.config.hidden_size, device=device)  # (1, N, d)
-
-    def one_block() -> None:
-        with torch.no_grad():
-            block(probe)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    body = one_block(job.model, args["num_tokens"], device)
 
     def run() -> dict:
-        energy = measure_energy(one_block, device, meter_kind=args["meter"], power_model=args["power_model"] or None,
+        energy = measure_energy(body, device, meter_kind=args["meter"], power_model=args["power_model"] or None,
                                 window_s=args["window_s"])
         return {"energy": dataclasses.asdict(energy)}
 

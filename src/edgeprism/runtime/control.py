@@ -176,20 +176,28 @@ def post_report(store, session: Session, name: str, message: dict) -> None:
     store.set(f"{name}/{session.slot}", seal(session.key, name.encode(), session.slot, encode_control(message)))
 
 
+def take_sealed(store, key: str, session: Session, channel: bytes, sequence: int) -> dict | None:
+    """The message sealed with the session's key on `channel` at `sequence` that waits at `key`, read once (the
+    key is deleted); None when there is none. ControlError when it does not open or fit the schema."""
+    if not store.check([key]):
+        return None
+    blob = store.get(key)
+    store.delete_key(key)
+    return decode_control(session.key, channel, sequence, blob)
+
+
 def take_reports(store, sessions: dict[int, Session], name: str) -> list[tuple[int, dict]]:
     """Rank 0: (rank, message) of each admitted session's `name` report since the last call, each read once;
     one that does not open or fit the schema is logged and dropped (a stranger on the store speaks for no one)."""
     found = []
     for rank, session in sorted(sessions.items()):
-        key = f"{name}/{session.slot}"
-        if not store.check([key]):
-            continue
-        blob = store.get(key)
-        store.delete_key(key)
         try:
-            found.append((rank, decode_control(session.key, name.encode(), session.slot, blob)))
+            message = take_sealed(store, f"{name}/{session.slot}", session, name.encode(), session.slot)
         except ControlError as err:
             log.warning("a %s report for rank %d's session was refused: %s", name, rank, err)
+            continue
+        if message is not None:
+            found.append((rank, message))
     return found
 
 
@@ -277,6 +285,7 @@ __all__ = [
     "encode_control",
     "post_report",
     "take_reports",
+    "take_sealed",
     "validate_control",
     "validate_split",
 ]

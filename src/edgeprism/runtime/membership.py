@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from edgeprism.comm.auth import NONCE_BYTES, AuthError, decode_join, open_sealed, seal, session_key
-from edgeprism.runtime.control import ControlChannel, ControlError, Session, decode_control, encode_control
+from edgeprism.runtime.control import ControlChannel, ControlError, Session, encode_control, take_sealed
 from edgeprism.runtime.joining import MAX_INFO_BYTES, UNAUTHENTICATED, admission_key
 
 log = logging.getLogger(__name__)
@@ -272,13 +272,9 @@ class Membership:
         """Ranks whose process said it is leaving (`leave/{slot}`, sealed); their sessions are dropped."""
         gone = []
         for rank, session in sorted(self.control.sessions.items()):
-            key = f"leave/{session.slot}"
-            if not self.store.check([key]):
-                continue
-            blob = self.store.get(key)
-            self.store.delete_key(key)
             try:
-                decode_control(session.key, b"leave", session.slot, blob)
+                if take_sealed(self.store, f"leave/{session.slot}", session, b"leave", session.slot) is None:
+                    continue
             except ControlError as err:
                 log.warning("a leave notice for rank %d was refused: %s", rank, err)
                 continue
@@ -327,14 +323,9 @@ class Membership:
             if session is None or session.slot != slot:  # gone, or taken over by a newer process
                 round_.acked.add(rank)
                 continue
-            key = f"ack/{round_.epoch}/{rank}"
-            if not self.store.check([key]):
-                continue
-            blob = self.store.get(key)
-            self.store.delete_key(key)
             try:
-                decode_control(session.key, b"ack", round_.epoch, blob)
-                round_.acked.add(rank)
+                if take_sealed(self.store, f"ack/{round_.epoch}/{rank}", session, b"ack", round_.epoch) is not None:
+                    round_.acked.add(rank)
             except ControlError as err:
                 log.warning("rank %d's answer to ping %d was refused: %s", rank, round_.epoch, err)
         if round_.acked != set(round_.asked) and time.monotonic() < round_.deadline:
