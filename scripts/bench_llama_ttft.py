@@ -310,7 +310,11 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return inner(args) if args.inner else outer(args)
+    try:
+        return inner(args) if args.inner else outer(args)
+    except PermissionError as err:  # not root: no namespaces to run in
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
