@@ -35,7 +35,8 @@ def normalise_images(images: Tensor) -> Tensor:
     (inputs/image.py `ImagePreprocessor.defaults`, after its resize): x * 1/255 in float64, cast to float32, then
     (x - mean) / std in float32 with ImageNet's statistics (their channel averages for other than 3 channels)."""
     channels = images.shape[1]
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     if channels != 3:
         mean, std = (sum(mean) / 3,) * channels, (sum(std) / 3,) * channels
     pixels = (images.to(torch.float64) * (1 / 255)).to(torch.float32)

@@ -92,7 +92,7 @@ def scatter_ratio(model: ReferenceModel, inputs: Inputs, num_tokens: int) -> flo
     if not model.pixel_channels() or num_tokens < 2:
         return None
     part = model.split_input({key: value[:1] for key, value in inputs.items()}, (num_tokens + 1) // 2, num_tokens)
-    spec, wire = wire_part(model, part)
+    spec, _ = wire_part(model, part)
     if all(len(s) == 2 for s in spec.values()):
         return None
     raw_bytes = sum(v.numel() * v.element_size() for v in part.values())
