@@ -17,6 +17,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -35,6 +36,16 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def _encode_all(model, parts: list) -> list:
+    """Rank 0's work in `PositionWise.split`: every other rank's part in its wire form."""
+    return [wire_part(model, part) for part in parts]
+
+
+def _decode(spec: dict, payload: torch.Tensor):
+    """A receiver's work in `PositionWise._scatter`: the packed message back to its part."""
+    return read_part(spec, unpack(payload, part_wire_spec(spec)))
 
 
 def _methods(values: torch.Tensor, channels: int) -> dict[str, Callable[[], object]]:
@@ -89,9 +100,10 @@ def main() -> None:
             sent = sum(spec_nbytes(part_wire_spec(spec)) for spec, _ in wired)
             spec, wire = wired[-1]  # the last rank's part: what one receiver reads
             payload = pack(wire_tensors(spec, wire))
-            encode_ms = _median_ms(lambda: [wire_part(model, part) for part in parts[1:]], args.repeats)
-            decode_ms = _median_ms(lambda: read_part(spec, unpack(payload, part_wire_spec(spec))), args.repeats)
-            print(f"{batch:>5} {world:>5} {raw:>11} {sent:>10} {sent / raw:>6.3f} {encode_ms:>10.2f} {decode_ms:>10.2f}")
+            encode_ms = _median_ms(partial(_encode_all, model, parts[1:]), args.repeats)
+            decode_ms = _median_ms(partial(_decode, spec, payload), args.repeats)
+            print(f"{batch:>5} {world:>5} {raw:>11} {sent:>10} {sent / raw:>6.3f} {encode_ms:>10.2f} "
+                  f"{decode_ms:>10.2f}")
     batch = max(batches)
     inputs = synthetic_inputs(model.config, batch, seed=batch)
     num_tokens = model.validate_input(inputs)
