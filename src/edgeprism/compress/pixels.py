@@ -53,7 +53,7 @@ def encode_levels(part: Tensor, channels: int) -> tuple[Tensor, Tensor] | None:
     probe_rows = math.ceil(_PROBE_VALUES / per_channel.shape[2])
     if any(torch.unique(per_channel[:probe_rows, c]).numel() > MAX_LEVELS for c in range(channels)):
         return None
-    codes = torch.empty(per_channel.shape, dtype=torch.uint8)  # (N, C, K)
+    codes = torch.empty(per_channel.shape, dtype=torch.uint8, device=part.device)  # (N, C, K)
     levels = []
     for c in range(channels):
         values, inverse = torch.unique(per_channel[:, c], return_inverse=True)  # sorted bit patterns (L_c,), (N, K)
@@ -62,7 +62,7 @@ def encode_levels(part: Tensor, channels: int) -> tuple[Tensor, Tensor] | None:
         codes[:, c] = inverse
         levels.append(values)
     width = max(v.numel() for v in levels)
-    table = torch.zeros(channels, width, dtype=bits)  # (C, L), unused slots 0
+    table = torch.zeros(channels, width, dtype=bits, device=part.device)  # (C, L), unused slots 0
     for c, values in enumerate(levels):
         table[c, :values.numel()] = values
     if codes.numel() + table.numel() * table.element_size() >= part.numel() * part.element_size():
