@@ -155,6 +155,11 @@ def test_the_cost_model_charges_the_scatter_at_the_request_s_size():
     eight_bit = synthetic_inputs(model.config, 2, image_size=96, seed=1)
     ratio = scatter_ratio(model, eight_bit, model.validate_input(eight_bit))
     assert ratio is not None and 1 / 4 < ratio < 1 / 3  # 72 patches of 192 codes + 3 x 256 levels, batch 1
+    second = split_tokens(model.validate_input(eight_bit), equal_shares(2))[1]
+    part = model.split_input(eight_bit, second.start, second.end)  # what a 2-rank split scatters (2 rows)
+    spec, _ = wire_part(model, part)
+    actual = spec_nbytes(part_wire_spec(spec)) / sum(v.numel() * v.element_size() for v in part.values())
+    assert ratio == pytest.approx(actual, rel=0.1)  # the prediction, from 16 tokens of row 0
     normal = normal_image_inputs(model.config, 2, torch.Generator().manual_seed(1), None, None, False)
     assert scatter_ratio(model, normal, 17) is None
     bert = build_model("bert-tiny-test")

@@ -20,6 +20,8 @@ from edgeprism.models.base import Inputs, ReferenceModel
 DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
                               torch.uint8, torch.bool)}
 """Part dtypes by the name the header carries."""
+PROBE_TOKENS = 16
+"""Tokens `scatter_ratio` encodes to predict a request's scatter (about 1 ms with ViT-B/16's split on one core)."""
 TABLE_SUFFIX = ".levels"
 """In a part's wire form, the key of a levels-form tensor's table (the key itself holds its codes)."""
 
@@ -86,18 +88,24 @@ def read_part(spec: dict[str, list], tensors: list[Tensor]) -> Inputs:
 
 
 def scatter_ratio(model: ReferenceModel, inputs: Inputs, num_tokens: int) -> float | None:
-    """Wire bytes over raw bytes of this request's scatter, probed on the first row's last half of the tokens
-    (where the profile's `input_bytes_per_token` was measured: profile/profiler.py); None when the model declares
-    no pixels or they would travel as they are. For the cost model (`plan.Request.input_bytes_per_token`)."""
+    """Wire bytes over raw bytes of this request's scatter, for the cost model (`plan.Request.input_bytes_per_token`):
+    probed on `PROBE_TOKENS` tokens of the first row from the middle on, each table charged once per last half of
+    the tokens (where the profile's `input_bytes_per_token` was measured: profile/profiler.py). None when the model
+    declares no pixels or the probe's would travel as they are. A prediction: `split` decides each part exactly."""
     if not model.pixel_channels() or num_tokens < 2:
         return None
-    part = model.split_input({key: value[:1] for key, value in inputs.items()}, (num_tokens + 1) // 2, num_tokens)
-    spec, _ = wire_part(model, part)
-    if all(len(s) == 2 for s in spec.values()):
+    start = (num_tokens + 1) // 2
+    end = min(num_tokens, start + PROBE_TOKENS)
+    part = model.split_input({key: value[:1] for key, value in inputs.items()}, start, end)
+    spec, wire = wire_part(model, part)
+    tables = [wire[key + TABLE_SUFFIX] for key in spec if len(spec[key]) == 3]
+    if not tables:
         return None
     raw_bytes = sum(v.numel() * v.element_size() for v in part.values())
-    return spec_nbytes(part_wire_spec(spec)) / raw_bytes
+    table_bytes = sum(t.numel() * t.element_size() for t in tables)
+    per_token_bytes = spec_nbytes(part_wire_spec(spec)) - table_bytes
+    return per_token_bytes / raw_bytes + table_bytes / (raw_bytes * (num_tokens - start) / (end - start))
 
 
-__all__ = ["DTYPES", "TABLE_SUFFIX", "part_wire_spec", "raw_spec", "read_part", "scatter_ratio", "wire_part",
-           "wire_tensors"]
+__all__ = ["DTYPES", "PROBE_TOKENS", "TABLE_SUFFIX", "part_wire_spec", "raw_spec", "read_part", "scatter_ratio",
+           "wire_part", "wire_tensors"]
