@@ -159,7 +159,7 @@ def test_the_cost_model_charges_the_scatter_at_the_request_s_size():
     part = model.split_input(eight_bit, second.start, second.end)  # what a 2-rank split scatters (2 rows)
     spec, _ = wire_part(model, part)
     actual = spec_nbytes(part_wire_spec(spec)) / sum(v.numel() * v.element_size() for v in part.values())
-    assert ratio == pytest.approx(actual, rel=0.1)  # the prediction, from 16 tokens of row 0
+    assert ratio == pytest.approx(actual, rel=0.03)  # the prediction, from 16 tokens of row 0
     normal = normal_image_inputs(model.config, 2, torch.Generator().manual_seed(1), None, None, False)
     assert scatter_ratio(model, normal, 17) is None
     bert = build_model("bert-tiny-test")

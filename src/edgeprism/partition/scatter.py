@@ -89,9 +89,10 @@ def read_part(spec: dict[str, list], tensors: list[Tensor]) -> Inputs:
 
 def scatter_ratio(model: ReferenceModel, inputs: Inputs, num_tokens: int) -> float | None:
     """Wire bytes over raw bytes of this request's scatter, for the cost model (`plan.Request.input_bytes_per_token`):
-    probed on `PROBE_TOKENS` tokens of the first row from the middle on, each table charged once per last half of
-    the tokens (where the profile's `input_bytes_per_token` was measured: profile/profiler.py). None when the model
-    declares no pixels or the probe's would travel as they are. A prediction: `split` decides each part exactly."""
+    probed on `PROBE_TOKENS` tokens of the first row from the middle on, each table charged once per the request's
+    rows of the last half of the tokens (where the profile's `input_bytes_per_token` was measured:
+    profile/profiler.py). None when the model declares no pixels or the probe's would travel as they are. A
+    prediction: `split` decides each part exactly."""
     if not model.pixel_channels() or num_tokens < 2:
         return None
     start = (num_tokens + 1) // 2
@@ -104,7 +105,8 @@ def scatter_ratio(model: ReferenceModel, inputs: Inputs, num_tokens: int) -> flo
     raw_bytes = sum(v.numel() * v.element_size() for v in part.values())
     table_bytes = sum(t.numel() * t.element_size() for t in tables)
     per_token_bytes = spec_nbytes(part_wire_spec(spec)) - table_bytes
-    return per_token_bytes / raw_bytes + table_bytes / (raw_bytes * (num_tokens - start) / (end - start))
+    batch = next(iter(inputs.values())).shape[0]  # request inputs are batch-first (models/base.py)
+    return per_token_bytes / raw_bytes + table_bytes / (raw_bytes * batch * (num_tokens - start) / (end - start))
 
 
 __all__ = ["DTYPES", "PROBE_TOKENS", "TABLE_SUFFIX", "part_wire_spec", "raw_spec", "read_part", "scatter_ratio",
