@@ -12,10 +12,10 @@ Layout: the part's last dimension holds its channels channel-major, `channels` e
 (C, P, P) flattened). The model declares which of its raw parts are such and how many channels they have
 (`models.base.ReferenceModel.pixel_channels`); nothing here guesses it.
 
-Method, measured (scripts/bench_pixels.py): `torch.unique` per channel over the float values sorts floats
-(~70 ms for a ViT-B/16 batch-8 half image, 602 k values, one core); over the same values viewed as int32 it
-is ~9 ms, and exact by construction (it returns the inverse indices, which are the codes). A sampled palette
-with `searchsorted` (~140 ms) and float `unique(sorted=False)` (~70 ms) were slower.
+Method, measured (scripts/bench_pixels.py, one thread, a busy 2-core host at load 3.5-6): for a ViT-B/16 batch-8
+half image (602 k values) `torch.unique` per channel over the float values took 32-74 ms, over the same values
+viewed as int32 6-9 ms, and that one is exact by construction (its inverse indices are the codes). Float
+`unique(sorted=False)` (33-69 ms) and a sampled palette with `searchsorted` (31-140 ms) were no faster.
 """
 
 from __future__ import annotations
