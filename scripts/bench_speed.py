@@ -23,7 +23,10 @@ from pathlib import Path
 
 from edgeprism.bench.overlap import VARIANTS, add_overlap_arguments, run_overlap
 from edgeprism.models.config import get_config
+from edgeprism.models.loading import build_model
+from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition.ranges import equal_shares, split_tokens
+from edgeprism.partition.scatter import scatter_ratio
 from edgeprism.plan import LinkEstimate, Request
 from edgeprism.plan.planner import static_plan
 from edgeprism.profile.schema import Profile
@@ -37,14 +40,17 @@ def _profile(args) -> Profile | None:
     return Profile.from_json(found[0].read_text()) if found else None
 
 
-def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, variant: str) -> float | None:
+def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, variant: str,
+                 scatter: float | None = None) -> float | None:
+    """`scatter`: wire over raw bytes of the request's scatter (8-bit pixels travel as levels; None: raw)."""
     if profile is None or all(c.codec != codec for c in profile.codecs):
         return None
     num_tokens = get_config(model).num_tokens()
     overlap, micro_batches = VARIANTS.get(variant, (False, 1))
     link = LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s, overlap=overlap,
                         micro_batches=micro_batches)
-    request = Request(profile.model.name, batch, num_tokens)
+    request = Request(profile.model.name, batch, num_tokens,
+                      None if scatter is None else scatter * profile.input_bytes_per_token)  # as Engine.request_of
     if variant == "local":
         return static_plan(profile, request, link, "local").predicted_latency_s
     counts = tuple(r.num_tokens for r in split_tokens(num_tokens, equal_shares(2)))  # as PositionWise splits
@@ -60,9 +66,13 @@ def main() -> None:
     names = args.variants.split(",")
     profile = _profile(args)
     result = run_overlap(args, names, on_progress=print)
+    model = build_model(args.model) if profile is not None else None
     for point in result["points"]:
+        # the requests run_overlap sent (bench/overlap.py): synthetic 8-bit images, whose scatter travels as levels
+        inputs = None if model is None else synthetic_inputs(model.config, point["batch"], seed=point["batch"])
+        scatter = None if model is None else scatter_ratio(model, inputs, model.validate_input(inputs))
         for name in names:
-            point[f"{name}_predicted_s"] = _predicted_s(profile, args.model, args.codec, point["batch"], name)
+            point[f"{name}_predicted_s"] = _predicted_s(profile, args.model, args.codec, point["batch"], name, scatter)
     if args.json:
         print(json.dumps(result))
         return

@@ -140,7 +140,7 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                 for repeat in range(spec.repeats):
                     inputs, labels = data.batch(batch, offset)  # new images per round, the same for every strategy
                     offset += batch
-                    request = request or Request(config.name, batch, engine.model.validate_input(inputs))
+                    request = request or engine.request_of(inputs, engine.model.validate_input(inputs))
                     strategies = phase_strategies(spec, phase)
                     shift = repeat % len(strategies)  # interleaved, the order rotated by one per round
                     for strategy in strategies[shift:] + strategies[:shift]:

@@ -31,7 +31,7 @@ from edgeprism.comm.exchange import Exchanger
 from edgeprism.comm.job import Progress
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
-from edgeprism.plan import Request, choose_plan, static_plan
+from edgeprism.plan import choose_plan, static_plan
 from edgeprism.runtime.engine import Engine, EngineConfig
 from edgeprism.runtime.groups import make_control
 
@@ -99,7 +99,7 @@ def drive(spec, engine, peers: dict, hf, control, emit: Progress) -> None:
     for batch in job.batches:
         inputs = synthetic_inputs(config, batch, seq_len=job.model.seq_len, seed=job.seed + batch)
         num_tokens = model.validate_input(inputs)
-        request = Request(config.name, batch, num_tokens)
+        request = engine.request_of(inputs, num_tokens)
         with torch.no_grad():
             reference = head_row(model, model(inputs)["hidden"])  # untimed: for max_abs_diff_vs_local
         strategies = list(job.strategies)

@@ -160,7 +160,9 @@ def spec_for(profile: Profile, point: ValidationPoint, checkpoint: str | None, w
 def compare(profile: Profile, point: ValidationPoint, result: dict[str, Any]) -> ValidationRow:
     counts = tuple(e - s for s, e in result["token_ranges"])
     plan = plan_for(profile, point, counts)
-    request = Request(profile.model.name, point.batch, point.num_tokens)
+    ratio = result.get("scatter_ratio")  # the run's scatter in the levels form, as Engine.request_of tells the planner
+    request = Request(profile.model.name, point.batch, point.num_tokens,
+                      None if ratio is None else ratio * profile.input_bytes_per_token)
     prediction = predict(profile, request, plan, LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s))
     return ValidationRow(point, float(result["latency_s"]), prediction.total_s, prediction.compute_s,
                          prediction.network_s, prediction.latency_s, float(result.get("compute_s", 0.0)),

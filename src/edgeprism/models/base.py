@@ -210,6 +210,13 @@ class ReferenceModel(nn.Module):
         """The raw input a rank owning tokens [token_start, token_end) needs (and nothing more)."""
         raise NotImplementedError
 
+    def pixel_channels(self) -> dict[str, int]:
+        """Raw parts (keys of `split_input`'s result) that hold pixels: key -> number of channels, laid out
+        channel-major in the part's last dimension (that many equal blocks). The scatter may send such a part
+        as 8-bit levels, losslessly (compress/pixels.py); parts not named here (token ids, grid sizes) travel
+        as they are. Text models name none."""
+        return {}
+
     def embed(self, part: Inputs, token_start: int, token_end: int) -> Tensor:
         """(B, token_end - token_start, d) embeddings with absolute positions added."""
         raise NotImplementedError

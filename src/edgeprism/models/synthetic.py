@@ -7,6 +7,7 @@ below serve the built-in families and any new one whose requests look like their
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from edgeprism.models.base import Inputs
 from edgeprism.models.config import ModelConfig
@@ -15,16 +16,48 @@ from edgeprism.models.registry import get_family
 
 def synthetic_inputs(config: ModelConfig, batch: int, seq_len: int | None = None, image_size: int | None = None,
                      padded: bool = False, seed: int = 0) -> Inputs:
-    """A request for `config`: random pixels, or random token ids (right-padded rows when `padded`)."""
+    """A request for `config`: random 8-bit images (normalised), or random token ids (right-padded rows when
+    `padded`)."""
     if batch < 1:
         raise ValueError(f"batch {batch} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
     return get_family(config.family).synthetic_inputs(config, batch, generator, seq_len, image_size, padded)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""inputs/image.py's ImageNet statistics, copied (models/ may not import inputs/: tests/test_layering.py);
+tests/test_pixels.py holds `normalise_images` equal to that preprocessing."""
+
+
+def normalise_images(images: Tensor) -> Tensor:
+    """(B, C, H, W) uint8 images -> float32 `pixel_values` as the default preprocessing makes them
+    (inputs/image.py `ImagePreprocessor.defaults`, after its resize): x * 1/255 in float64, cast to float32, then
+    (x - mean) / std in float32 with ImageNet's statistics (their channel averages for other than 3 channels)."""
+    channels = images.shape[1]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    if channels != 3:
+        mean, std = (sum(mean) / 3,) * channels, (sum(std) / 3,) * channels
+    pixels = (images.to(torch.float64) * (1 / 255)).to(torch.float32)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]  # (C, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (pixels - mean_t) / std_t
+
+
 def image_inputs(config: ModelConfig, batch: int, generator: torch.Generator, seq_len: int | None,
                  image_size: int | None, padded: bool) -> Inputs:
-    """{"pixel_values": (B, C, side, side)} standard-normal pixels (`padded` has no meaning for images)."""
+    """{"pixel_values": (B, C, side, side)}: random 8-bit images, normalised as the default preprocessing does
+    (users send images: each channel takes at most 256 values). `padded` has no meaning for images."""
+    side = image_size or config.image_size
+    images = torch.randint(0, 256, (batch, config.num_channels, side, side), generator=generator, dtype=torch.uint8)
+    return {"pixel_values": normalise_images(images)}
+
+
+def normal_image_inputs(config: ModelConfig, batch: int, generator: torch.Generator, seq_len: int | None,
+                        image_size: int | None, padded: bool) -> Inputs:
+    """{"pixel_values": (B, C, side, side)} standard-normal pixels: nearly every value distinct, unlike any image
+    a user sends (the scatter sends them as they are). Same signature as `image_inputs`."""
     side = image_size or config.image_size
     return {"pixel_values": torch.randn(batch, config.num_channels, side, side, generator=generator)}
 

@@ -52,6 +52,9 @@ class ViT(ReferenceModel):
         return {"patches": patches[:, first_patch:end_patch].contiguous(),
                 "grid_hw": torch.tensor([grid_h, grid_w])}
 
+    def pixel_channels(self) -> dict[str, int]:
+        return {"patches": self.config.num_channels}  # (B, n_patches, C*P*P): each patch (C, P, P) flattened
+
     def embed(self, part: Inputs, token_start: int, token_end: int) -> Tensor:
         if "pixel_values" in part:  # the whole request (reference path)
             part = self.split_input(part, token_start, token_end)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -31,6 +32,7 @@ from edgeprism.partition.decode import ShardState, greedy_decode
 from edgeprism.partition.microbatch import LayerSteps, interleave, row_slices
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
+from edgeprism.partition.scatter import part_wire_spec, raw_spec, read_part, wire_part, wire_tensors
 from edgeprism.partition.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,6 @@ DEFAULT_OVERLAP = True
 # computes. Measured (scripts/bench_speed.py, wifi4, 2 devices of one core, host shared, paired): at batch 8 0.60x
 # of the plain split's latency for ViT-B/16 fp16 (overlap alone 0.89x) and 0.58x for DINOv2-S fp16 (0.74x).
 DEFAULT_MICRO_BATCHES = 2
-
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                               torch.uint8, torch.bool)}
 
 
 class PositionWise:
@@ -93,6 +92,9 @@ class PositionWise:
         self.timeline = Timeline()
         """This rank's last request, layer by layer (partition/timeline.py)."""
         self._requests = 0
+        self.scatter_coding_s = 0.0
+        """This rank's seconds on the last request's scatter wire form: rank 0 encoding the other ranks' parts
+        (`split`), a receiver decoding its own (`_scatter`)."""
         self._warned_ratio = not warn_clamped_ratio
         """One warning when a CR exceeds a rank's tokens (off where the caller reports it, e.g. evaluations)."""
 
@@ -120,10 +122,11 @@ class PositionWise:
     # --- the request path ---
     def split(self, inputs: Inputs, ranges: tuple[TokenRange, ...], gather_hidden: bool = False,
               generate: int = 0) -> tuple[dict[str, Any], list[Inputs]]:
-        """Rank 0: the request's one header (its number, the ranges, the codec, the raw parts' shapes and
-        dtypes, what to return) and each rank's raw part. `inputs` are already checked by the caller; the
-        ranges come from the plan (`Plan.token_ranges`) or `split_tokens`. ValueError for a request this
-        split cannot serve (a range count other than the world's; a decode that does not fit the model)."""
+        """Rank 0: the request's one header (its number, the ranges, the codec, each part's shapes, dtypes and
+        wire form, what to return) and the parts: rank 0's own raw, every other rank's in its wire form (pixels
+        as lossless 8-bit levels where they allow it: partition/scatter.py). `inputs` are already checked by
+        the caller; the ranges come from the plan (`Plan.token_ranges`) or `split_tokens`. ValueError for a
+        request this split cannot serve (a range count other than the world's; a decode that does not fit)."""
         ctx, model = self.ctx, self.model
         if len(ranges) != ctx.world_size:
             raise ValueError(f"{len(ranges)} token ranges for a world of {ctx.world_size} ranks; give one per rank")
@@ -137,12 +140,15 @@ class PositionWise:
             if "attention_mask" in inputs and not bool(inputs["attention_mask"].bool().all()):
                 raise ValueError("generation needs unpadded prompts: give rows of equal length")
         parts = [model.split_input(inputs, r.start, r.end) for r in ranges]
+        start = time.perf_counter()
+        wired = [wire_part(model, part) for part in parts[1:]]  # what the scatter sends ranks 1..P-1
+        self.scatter_coding_s = time.perf_counter() - start
         self._warn_if_ratio_exceeds(ranges)
         self._requests += 1
         header = {"request": self._requests, "ranges": [[r.start, r.end] for r in ranges], "codec": self.codec.name,
                   "gather_hidden": gather_hidden, "generate": generate, "micro_batches": self.micro_batches,
-                  "parts": [{k: [list(v.shape), str(v.dtype)] for k, v in p.items()} for p in parts]}
-        return header, parts
+                  "parts": [raw_spec(parts[0])] + [spec for spec, _ in wired]}
+        return header, [parts[0]] + [wire for _, wire in wired]
 
     def _announce(self, inputs: Inputs | None, shares: tuple[float, ...] | None, gather_hidden: bool,
                   generate: int) -> tuple[dict[str, Any], list[Inputs] | None]:
@@ -215,18 +221,22 @@ class PositionWise:
                         "(as if CR were %d)", ratio, smallest, smallest)
 
     def _scatter(self, parts: list[Inputs] | None, specs: list[dict]) -> Inputs:
-        """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids) as one message."""
+        """Rank 0 sends each rank its raw slice (pixels of its patches / its token ids) as one message, in the
+        wire form `split` chose (the header's specs); a receiver reads it back bit for bit."""
         ctx = self.ctx
         if ctx.is_root:
             assert parts is not None, "rank 0 holds every rank's part"
             for q in range(1, ctx.world_size):
-                payload = pack([parts[q][key].contiguous() for key in sorted(parts[q])])
+                payload = pack(wire_tensors(specs[q], parts[q]))
                 self.exchanger.send_tensor(payload, dst=q, kind="scatter")
             return {k: v.to(ctx.device) for k, v in parts[0].items()}
         spec = specs[ctx.group_rank]
-        wire_spec = [(tuple(spec[key][0]), _DTYPES[spec[key][1]]) for key in sorted(spec)]
+        wire_spec = part_wire_spec(spec)
         payload = self.exchanger.recv_tensor((spec_nbytes(wire_spec),), torch.uint8, src=0, kind="scatter")
-        return {key: tensor.to(ctx.device) for key, tensor in zip(sorted(spec), unpack(payload, wire_spec))}
+        start = time.perf_counter()
+        part = read_part(spec, unpack(payload, wire_spec))
+        self.scatter_coding_s = time.perf_counter() - start
+        return {key: tensor.to(ctx.device) for key, tensor in part.items()}
 
     def forward_shard(self, part: Inputs, ranges: tuple[TokenRange, ...], keep_cache: bool = False,
                       micro_batches: int = 1) -> ShardState:

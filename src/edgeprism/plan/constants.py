@@ -75,4 +75,11 @@ def profile_constants(profile: Profile, sealed: bool = False, overlap: bool = Fa
         micro_batches=1 if profile.model.causal else max(1, micro_batches))
 
 
-__all__ = ["CostConstants", "profile_constants"]
+def request_constants(constants: CostConstants, input_bytes_per_token: float | None) -> CostConstants:
+    """`constants` with a request's own scatter bytes per token (`Request.input_bytes_per_token`) where it has them."""
+    if input_bytes_per_token is None:
+        return constants
+    return constants._replace(input_bytes_per_token=input_bytes_per_token)
+
+
+__all__ = ["CostConstants", "profile_constants", "request_constants"]

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from edgeprism.partition.ranges import apportion
-from edgeprism.plan.constants import CostConstants, profile_constants
+from edgeprism.plan.constants import CostConstants, profile_constants, request_constants
 from edgeprism.plan.pipeline import own_key_s, pipelined_layers
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
@@ -284,11 +284,13 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
 
 def distributed_terms(profile: Profile, batch: int, speeds: Sequence[float], counts: Sequence[int],
                       codec: CodecFidelity, bandwidth_bps: float, link_latency_s: float,
-                      sealed: bool = False, overlap: bool = False, micro_batches: int = 1) -> CodecTerms:
+                      sealed: bool = False, overlap: bool = False, micro_batches: int = 1,
+                      input_bytes_per_token: float | None = None) -> CodecTerms:
     """-> (compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes); speeds and counts are per
     rank of the plan, rank 0 (the coordinator) first; `sealed`: the lanes are sealed; `overlap`,
-    `micro_batches`: how the runtime hides the exchange (plan/pipeline.py)."""
-    constants = profile_constants(profile, sealed, overlap, micro_batches)
+    `micro_batches`: how the runtime hides the exchange (plan/pipeline.py); `input_bytes_per_token`: the
+    request's own scatter bytes (`Request.input_bytes_per_token`; None: the profile's)."""
+    constants = request_constants(profile_constants(profile, sealed, overlap, micro_batches), input_bytes_per_token)
     group = group_terms(constants, batch, speeds, counts, bandwidth_bps, link_latency_s)
     terms = codec_terms(constants, group, batch, codec, bandwidth_bps)
     assert terms is not None  # no objective, no pruning
@@ -334,7 +336,8 @@ def predict(profile: Profile, request: Request, plan: Plan, link: LinkEstimate) 
     live_speeds = link.effective_speeds(profile.device_speeds)
     speeds = [live_speeds[r] for r in plan.ranks]
     terms = distributed_terms(profile, request.batch, speeds, plan.token_counts, profile.codec(plan.codec),
-                              link.bandwidth_bps, link.latency_s, link.sealed, link.overlap, link.micro_batches)
+                              link.bandwidth_bps, link.latency_s, link.sealed, link.overlap, link.micro_batches,
+                              request.input_bytes_per_token)
     return distributed_prediction(terms, profile)
 
 

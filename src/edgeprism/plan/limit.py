@@ -60,7 +60,7 @@ def split_limit(profile: Profile, request: Request, plan: Plan, link: LinkEstima
     speeds = [profile.device_speeds[r] for r in plan.ranks]
     compute_s = one_device_s * profile.device_speeds[0] / sum(speeds)
     terms = distributed_terms(profile, request.batch, speeds, plan.token_counts, profile.codec(plan.codec),
-                              link.bandwidth_bps, link.latency_s)
+                              link.bandwidth_bps, link.latency_s, input_bytes_per_token=request.input_bytes_per_token)
     rounds = message_rounds(profile.model.num_layers, len(plan.ranks), profile.model.causal)
     return SplitLimit(compute_s, terms.network_s, rounds * link.latency_s)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from edgeprism.plan.constants import request_constants
 from edgeprism.plan.cost import (
     CodecTerms,
     CostConstants,
@@ -178,7 +179,7 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     else:
         num_over_ceiling += 1
     speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
-    constants = _constants(profile, live_link_estimate)
+    constants = _constants(profile, live_link_estimate, request)
     ends_memo = profile.derived(f"plan.split_ends.{_mode_key(live_link_estimate)}", _new_memo)
     for ranks in _groups(profile, live_link_estimate):
         if num_tokens < len(ranks):
@@ -270,7 +271,7 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
     out.append(Candidate(_plan(profile, objective, (0,), (num_tokens,), None, local_s, local_j, "local reference"),
                          local_prediction(local_s, local_j, source), over_ceiling(local_s)))
     speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
-    constants = _constants(profile, live_link_estimate)
+    constants = _constants(profile, live_link_estimate, request)
     for ranks in _groups(profile, live_link_estimate):
         speeds = [speeds_all[r] for r in ranks]
         if num_tokens < len(ranks):
@@ -301,11 +302,13 @@ def _mode_key(link: LinkEstimate) -> str:
     return f"sealed={link.sealed},overlap={link.overlap},micro_batches={link.micro_batches}"
 
 
-def _constants(profile: Profile, link: LinkEstimate) -> CostConstants:
+def _constants(profile: Profile, link: LinkEstimate, request: Request) -> CostConstants:
     """The profile's cost constants, memoised per profile, sealing (sealed lanes add bytes and time) and how the
-    runtime hides the exchange (overlap, micro-batches)."""
-    return profile.derived(f"plan.constants.{_mode_key(link)}",
-                           lambda p: profile_constants(p, link.sealed, link.overlap, link.micro_batches))
+    runtime hides the exchange (overlap, micro-batches); with the request's own scatter bytes where it has them."""
+    return request_constants(profile.derived(f"plan.constants.{_mode_key(link)}",
+                                             lambda p: profile_constants(p, link.sealed, link.overlap,
+                                                                         link.micro_batches)),
+                             request.input_bytes_per_token)
 
 
 def best_split(constants: CostConstants, batch: int, speeds: list[float], num_tokens: int, codec: CodecFidelity,
@@ -362,7 +365,8 @@ def _fixed_split_plan(profile: Profile, request: Request, link: LinkEstimate, co
     codec = profile.codec(codec_name)
     speeds = link.effective_speeds(profile.device_speeds)
     terms = distributed_terms(profile, request.batch, [speeds[r] for r in ranks], counts, codec,
-                              link.bandwidth_bps, link.latency_s, link.sealed, link.overlap, link.micro_batches)
+                              link.bandwidth_bps, link.latency_s, link.sealed, link.overlap, link.micro_batches,
+                              request.input_bytes_per_token)
     prediction = distributed_prediction(terms, profile)
     return _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
                  f"static split {list(counts)}: {prediction.explain()}")

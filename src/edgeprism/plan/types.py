@@ -23,12 +23,17 @@ class Request:
     model_name: str
     batch: int
     num_tokens: int
+    input_bytes_per_token: float | None = None
+    """Bytes per token and row rank 0's scatter sends for this request (8-bit pixels travel as levels, about a
+    quarter of float32: partition/scatter.py); None: the profile's `input_bytes_per_token`."""
 
     def __post_init__(self) -> None:
         if self.batch < 1:
             raise ValueError(f"request batch must be >= 1, got {self.batch}")
         if self.num_tokens < 1:
             raise ValueError(f"request num_tokens must be >= 1, got {self.num_tokens}")
+        if self.input_bytes_per_token is not None and not self.input_bytes_per_token >= 0:
+            raise ValueError(f"request input_bytes_per_token must be >= 0, got {self.input_bytes_per_token}")
 
 
 @dataclass(frozen=True)

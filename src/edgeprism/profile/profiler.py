@@ -134,7 +134,8 @@ def token_counts_for(config: ModelConfig, options: ProfileOptions) -> tuple[int,
 
 
 def input_bytes_per_token(model: ReferenceModel, num_tokens: int, world_size: int, image_size: int | None) -> float:
-    """Raw input bytes rank 0 scatters per token: what `split_input` gives a non-root rank."""
+    """Raw input bytes rank 0 scatters per token: what `split_input` gives a non-root rank, as it is (8-bit pixels
+    travel as levels, a request's own figure: partition/scatter.py `scatter_ratio`)."""
     config = model.config
     seq_len = None if config.modality == "image" else num_tokens
     inputs = synthetic_inputs(config, 1, seq_len=seq_len, image_size=image_size)

@@ -81,7 +81,8 @@ class Profile:
     energy: EnergyModel
     codecs: tuple[CodecFidelity, ...]
     input_bytes_per_token: float
-    """Raw input bytes scattered per token (ViT: patch pixels as float32; text: one int64 id)."""
+    """Raw input bytes scattered per token (ViT: patch pixels as float32; text: one int64 id). 8-bit pixels travel
+    in about a quarter of it (partition/scatter.py): such a request says so (`plan.Request.input_bytes_per_token`)."""
     output_bytes_per_row: float
     """Output bytes gathered to rank 0 per row from a rank holding an output position."""
     created_utc: str = ""

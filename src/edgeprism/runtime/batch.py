@@ -26,6 +26,7 @@ from edgeprism.models.gpt2 import greedy_generate
 from edgeprism.models.loading import load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition.ranges import equal_shares, split_tokens
+from edgeprism.partition.scatter import scatter_ratio
 from edgeprism.partition.transform import DEFAULT_SIZE_AWARE, PositionWise
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         "batch": spec.batch,
         "num_tokens": model.validate_input(inputs),
         "token_ranges": ranges,
+        # wire over raw bytes of the scatter (8-bit pixels travel as levels; None: raw), for predictions to match
+        "scatter_ratio": None if spec.mode == "local" else scatter_ratio(model, inputs, model.validate_input(inputs)),
         "codec": spec.codec if spec.mode != "local" else None,
         # No profile here: exact plans and lossless wires lose 0; any other codec, named by the user, is unmeasured.
         "fidelity_loss": 0.0 if spec.mode == "local" or is_lossless(spec.codec) else None,

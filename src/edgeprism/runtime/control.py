@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from edgeprism.comm.auth import AuthError, open_sealed, seal
 from edgeprism.comm.exchange import MAX_CONTROL_BYTES, ExchangeStats, PeerError
+from edgeprism.compress.pixels import MAX_LEVELS
 from edgeprism.plan import Plan
 from edgeprism.runtime.cluster_jobs import check_job
 
@@ -125,10 +126,16 @@ def validate_split(split: dict, plan: Plan) -> None:
         raise ControlError(f"request header: codec {split['codec'][:40]!r} is not the plan's {plan.codec!r}")
     for part in parts:
         if not isinstance(part, dict) or len(part) > 8 or not all(
-                isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], list) and len(spec[0]) <= 6
+                isinstance(spec, list) and len(spec) in (2, 3) and isinstance(spec[0], list) and len(spec[0]) <= 6
                 and all(type(n) is int and 0 <= n < 1 << 31 for n in spec[0]) and spec[1] in _PART_DTYPES
-                for spec in part.values()):
+                and (len(spec) == 2 or _levels_table(spec[2])) for spec in part.values()):
             raise ControlError(f"request header: a part {str(part)[:120]!r} is not named tensor shapes and dtypes")
+
+
+def _levels_table(shape: object) -> bool:
+    """A levels-form part's table (partition/scatter.py): [channels, levels], at most 256 levels."""
+    return (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int for n in shape)
+            and 1 <= shape[0] <= 64 and 1 <= shape[1] <= MAX_LEVELS)
 
 
 def encode_control(message: dict) -> bytes:

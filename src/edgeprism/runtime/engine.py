@@ -44,6 +44,7 @@ from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import PeerError
 from edgeprism.comm.sealing import lanes_sealed
 from edgeprism.models.base import Inputs, ReferenceModel
+from edgeprism.partition.scatter import scatter_ratio
 from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import Limits, Plan, Request, choose_plan
 from edgeprism.profile.schema import Profile
@@ -268,10 +269,17 @@ class Engine(Rank0Side, WorkerSide):
         inputs = {k: (v.to(self._dtype) if v.is_floating_point() else v).to(self.ctx.device) for k, v in inputs.items()}
         return inputs, self.model.validate_input(inputs)
 
+    def request_of(self, inputs: Inputs, num_tokens: int) -> Request:
+        """The planner's view of checked `inputs` of `num_tokens` tokens per row: rows, tokens, and the bytes per
+        token its scatter sends (8-bit pixels travel as levels, partition/scatter.py; else the profile's)."""
+        batch = next(iter(inputs.values())).shape[0]
+        ratio = scatter_ratio(self.model, inputs, num_tokens) if self.ctx.world_size > 1 else None
+        return Request(self.model.config.name, batch, num_tokens,
+                       None if ratio is None else ratio * self.profile.input_bytes_per_token)
+
     def _plan(self, inputs: Inputs, num_tokens: int, objective: str | None, limits: Limits | None,
               forced: Plan | None = None):
-        batch = next(iter(inputs.values())).shape[0]
-        request = Request(self.model.config.name, batch, num_tokens)
+        request = self.request_of(inputs, num_tokens)
         link = self.link_estimate
         if len(self._members) < self.ctx.world_size:
             link = replace(link, healthy_ranks=self._members)
