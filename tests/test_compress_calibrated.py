@@ -224,3 +224,29 @@ def test_recorded_vectors_are_in_batch_then_rank_order_whatever_order_the_ranks_
         for part in split_tokens(9, equal_shares(2)):
             expected.append(embedded[:, part.start:part.end].reshape(-1, embedded.shape[-1]))
     assert torch.allclose(first, torch.cat(expected), atol=1e-6)
+
+
+class _WordTokenizer:
+    """Whitespace words + [CLS]/[SEP], with the `encode_batch` of a `tokenizers.Tokenizer` (a test input)."""
+
+    def encode_batch(self, texts):
+        return [dataclasses.make_dataclass("Encoding", ["ids"])(ids=[0] * (len(t.split()) + 2)) for t in texts]
+
+
+def test_calibration_texts_follow_each_passage_with_its_own_short_sentences():
+    from edgeprism.evaluate.calibration_text import SHORT_PER_PASSAGE, calibration_texts, short_sentences
+
+    words = lambda n, w: " ".join([w] * n)
+    passage = "\n".join(f"{words(k, f's{k}')}." for k in range(1, 31))  # sentences of 1..30 words
+    tokenizer = _WordTokenizer()
+    short = short_sentences(passage, tokenizer)
+    lengths = [len(s.split()) + 2 for s in short]
+    assert len(short) == SHORT_PER_PASSAGE and all(6 <= n <= 24 for n in lengths)
+    assert lengths == sorted(lengths) and lengths[0] == 6 and len(set(lengths)) == SHORT_PER_PASSAGE  # strided
+    assert all(s in " ".join(passage.split()) for s in short)  # the passage's own text, nothing else
+    texts = calibration_texts([passage, "tiny. two words"], tokenizer)
+    assert texts == [passage, *short, "tiny. two words"]  # no sentence of 6-24 tokens in the second
+    assert calibration_texts([passage], tokenizer, per_passage=0) == [passage]  # the rule before
+    assert calibration_texts([passage], tokenizer) == texts[:SHORT_PER_PASSAGE + 1]  # deterministic
+    with pytest.raises(ValueError, match=r"\(9, 3\)"):
+        short_sentences(passage, tokenizer, tokens=(9, 3))
