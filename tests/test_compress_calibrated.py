@@ -250,3 +250,32 @@ def test_calibration_texts_follow_each_passage_with_its_own_short_sentences():
     assert calibration_texts([passage], tokenizer) == texts[:SHORT_PER_PASSAGE + 1]  # deterministic
     with pytest.raises(ValueError, match=r"\(9, 3\)"):
         short_sentences(passage, tokenizer, tokens=(9, 3))
+
+
+@pytest.mark.slow
+def test_real_minilm_short_sentences_in_the_calibration_cut_the_error_on_short_requests():
+    """Real MiniLM-L6 (skipped without `make assets`): calibrated on 4 pool passages with and without their short
+    sentences (`calibration_texts`), checked on short sentences of 4 other pool passages (none evaluated)."""
+    from edgeprism.evaluate.calibration_text import calibration_texts, short_sentences
+
+    try:
+        checkpoint, tokenizer = assets.minilm_checkpoint_dir(), assets.minilm_tokenizer(max_length=256)
+    except assets.AssetMissingError as err:
+        pytest.skip(f"MiniLM assets not prepared (make assets): {err}")
+    from edgeprism.assets.datasets import text_passages
+    from edgeprism.evaluate.eval_sets import _pad_batches
+    from edgeprism.models.loading import load_model
+
+    model = load_model("minilm-l6", checkpoint)
+    passages = text_passages(tokenizer, 128, 256, limit=208)
+    encode = lambda texts: [_pad_batches([e.ids], 1)[0] for e in tokenizer.encode_batch(texts)]
+    check = encode([s for p in passages[204:208] for s in short_sentences(p, tokenizer)])
+    with torch.no_grad():
+        reference = torch.cat([model(b)["mean"] for b in check])
+    error = {}
+    for per_passage in (0, 5):
+        codec = calibrate_codec(model, encode(calibration_texts(passages[200:204], tokenizer, per_passage)), 2)
+        outputs, _ = run_distributed(model, check, codec, 2)
+        cosine = torch.nn.functional.cosine_similarity(reference, torch.cat([o["mean"] for o in outputs]), dim=-1)
+        error[per_passage] = float(1 - cosine.mean())
+    assert error[5] < 0.8 * error[0], error
