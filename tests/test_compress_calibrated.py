@@ -250,6 +250,27 @@ def test_calibration_texts_follow_each_passage_with_its_own_short_sentences():
     assert calibration_texts([passage], tokenizer) == texts[:SHORT_PER_PASSAGE + 1]  # deterministic
     with pytest.raises(ValueError, match=r"\(9, 3\)"):
         short_sentences(passage, tokenizer, tokens=(9, 3))
+    extra = [f"extra {i}" for i in range(5)]  # passage k of n gets extra[k*E/n : (k+1)*E/n]
+    mixed = calibration_texts(["a b. c", "d e. f"], tokenizer, extra=extra)
+    assert mixed == ["a b. c", "extra 0", "extra 1", "d e. f", "extra 2", "extra 3", "extra 4"]
+
+
+def test_everyday_sentences_are_split_and_in_no_evaluated_set():
+    from pathlib import Path
+
+    from edgeprism.evaluate.calibration_text import everyday_sentences
+
+    calibration, dev = everyday_sentences("calibration"), everyday_sentences("dev")
+    assert len(calibration) >= 100 and len(dev) >= 100 and not set(calibration) & set(dev)
+    heldout = (Path(__file__).parent / "fixtures" / "heldout_licenses.txt").read_text()
+    assert not any(s in heldout for s in calibration + dev)
+    try:
+        queries = set(assets.intent_queries_path().read_text().splitlines())
+    except assets.AssetMissingError:
+        queries = set()
+    assert not queries & set(calibration + dev)
+    with pytest.raises(ValueError, match="'test'"):
+        everyday_sentences("test")  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
