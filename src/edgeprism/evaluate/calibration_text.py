@@ -1,5 +1,5 @@
 """What a calibrated codec (`tc:`, `evaluate.calibrated.calibrate_codec`) is fitted on, for text models:
-each calibration passage, then short sentences of that passage and of everyday English, as requests of their own.
+each calibration passage, then short sentences of that passage and of everyday English, as requests.
 
 Why: passages of 128-256 tokens alone are a poor sample of what a short request exchanges. A query of ~10
 tokens split over 2 ranks is ~5 tokens per rank, one of them [CLS] or [SEP] (20 % of its vectors against
@@ -14,7 +14,7 @@ of the committed everyday sentences (`everyday_sentences`, even lines; modern En
 Nothing random: the same passages give the same texts. Chosen on dev sets carved from the calibration
 sources only (MiniLM, 2 ranks, 8x, calibration samples 0-1; mean pooled cosine):
 
-| calibration requests | 150 short play questions in no pool passage | 100 everyday (odd lines) | 40 unused pool passages |
+| calibration requests | 150 short play questions (in no pool passage) | 100 everyday (odd lines) | 40 pool passages |
 |---|---|---|---|
 | passages only (before) | 0.99981 | - | 0.99992 (sample 0) |
 | + 5 own short sentences each | 0.99990 / 0.99991 | 0.99991 / 0.99992 | 0.99995 / 0.99995 |
