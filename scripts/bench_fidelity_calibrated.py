@@ -10,7 +10,10 @@ equal shares). Sets (none used for any choice but the calibration pool):
 - queries: the intent queries shipped with the CLINC150 head;
 - held-out: paragraphs of Debian's software licenses (tests/fixtures/heldout_licenses.txt), a domain
   nobody tuned on.
-The calibration pool is passages 200+ of the same generator (disjoint from the evaluated 200).
+The calibration pool is passages 200+ of the same generator (disjoint from the evaluated 200); a calibration
+request list is each sampled passage, then up to `--short-per-passage` of its own short sentences
+and its share of the committed everyday sentences (`evaluate.calibration_text`; `--short-per-passage 0
+--no-everyday`: passages only, the rule before).
 
 A draw is what is random in a codec: for the seeded-rotation codecs (`lb4o4r`, the delta codec) the
 rotation seed (the shipped seed, then 1-4); for the calibrated codec (`tc:`) the calibration sample
@@ -58,8 +61,10 @@ def load_sets(limit: int, batch_size: int):
     heldout = [line for line in HELDOUT.read_text().splitlines() if line and not line.startswith("#")]
     texts = {"passages": passages[:limit], "queries": short_queries("intent"), "heldout": heldout[:limit]}
     sets = {name: _pad_batches([e.ids for e in tokenizer.encode_batch(t)], batch_size) for name, t in texts.items()}
-    pool = _pad_batches([e.ids for e in tokenizer.encode_batch(passages[limit:])], 1)
-    return model, assets.intent_head(), sets, pool
+    pool_texts = passages[limit:]
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(pool_texts)]
+    pool = [pool_texts[i] for i in sorted(range(len(pool_texts)), key=lambda i: lengths[i])]  # as _pad_batches orders
+    return model, assets.intent_head(), sets, pool, tokenizer
 
 
 def embeddings(outputs) -> torch.Tensor:
@@ -105,10 +110,12 @@ def seeded_rotation(name: str, seed: int | None, hidden_size: int):
 def run(args) -> list[dict]:
     from edgeprism.compress.calibrated_state import save
     from edgeprism.evaluate.calibrated import calibrate_codec
+    from edgeprism.evaluate.calibration_text import calibration_texts, everyday_sentences
+    from edgeprism.evaluate.eval_sets import _pad_batches
     from edgeprism.evaluate.fidelity import fp32_exchange_bytes, run_distributed
 
     torch.manual_seed(0)
-    model, head, sets, pool = load_sets(args.limit, args.batch_size)
+    model, head, sets, pool, tokenizer = load_sets(args.limit, args.batch_size)
     d = model.config.hidden_size
     with torch.no_grad():
         refs = {name: embeddings([model(b) for b in batches]) for name, batches in sets.items()}
@@ -121,10 +128,15 @@ def run(args) -> list[dict]:
 
     def calibrated(seed: int):
         chosen = sorted(random.Random(seed).sample(range(len(pool)), args.calib_passages))
+        extra = () if args.no_everyday else everyday_sentences("calibration")
+        texts = calibration_texts([pool[i] for i in chosen], tokenizer, args.short_per_passage, extra=extra)
+        batches = [_pad_batches([ids], 1)[0] for ids in (e.ids for e in tokenizer.encode_batch(texts))]
         start = time.perf_counter()
-        codec = calibrate_codec(model, [pool[i] for i in chosen], WORLD_SIZE, ratio=args.ratio, error=args.error,
-                                description=f"minilm-l6 w2, {args.calib_passages} pool passages, sample seed {seed}, "
-                                            f"{args.error} error")
+        codec = calibrate_codec(model, batches, WORLD_SIZE, ratio=args.ratio, error=args.error,
+                                description=f"minilm-l6 w2, {args.calib_passages} pool passages + "
+                                            f"{len(texts) - args.calib_passages - len(extra)} of their short sentences + "
+                                            f"{len(extra)} everyday sentences, "
+                                            f"sample seed {seed}, {args.error} error")
         log(f"calibrated {codec.name} (sample seed {seed}) in {time.perf_counter() - start:.1f} s -> {save(codec)}")
         return codec
 
@@ -196,10 +208,16 @@ def write_fidelity_rows(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    from edgeprism.evaluate.calibration_text import SHORT_PER_PASSAGE
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=200, help="items per set (passages, held-out)")
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--calib-passages", type=int, default=60, help="pool passages per calibration sample")
+    parser.add_argument("--short-per-passage", type=int, default=SHORT_PER_PASSAGE,
+                        help="calibrated codec: short sentences of each passage mixed in (0: passages only)")
+    parser.add_argument("--no-everyday", action="store_true",
+                        help="calibrated codec: leave out the everyday sentences (evaluate.calibration_text)")
     parser.add_argument("--ratio", type=float, default=8.0, help="calibrated codec: x less than fp32 per token")
     parser.add_argument("--error", choices=("kv", "hidden"), default="kv",
                         help="calibrated codec: fit against the receiver's K/V error (kv) or the vector's (hidden)")

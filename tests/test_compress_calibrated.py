@@ -224,3 +224,79 @@ def test_recorded_vectors_are_in_batch_then_rank_order_whatever_order_the_ranks_
         for part in split_tokens(9, equal_shares(2)):
             expected.append(embedded[:, part.start:part.end].reshape(-1, embedded.shape[-1]))
     assert torch.allclose(first, torch.cat(expected), atol=1e-6)
+
+
+class _WordTokenizer:
+    """Whitespace words + [CLS]/[SEP], with the `encode_batch` of a `tokenizers.Tokenizer` (a test input)."""
+
+    def encode_batch(self, texts):
+        return [dataclasses.make_dataclass("Encoding", ["ids"])(ids=[0] * (len(t.split()) + 2)) for t in texts]
+
+
+def test_calibration_texts_follow_each_passage_with_its_own_short_sentences():
+    from edgeprism.evaluate.calibration_text import SHORT_PER_PASSAGE, calibration_texts, short_sentences
+
+    words = lambda n, w: " ".join([w] * n)
+    passage = "\n".join(f"{words(k, f's{k}')}." for k in range(1, 31))  # sentences of 1..30 words
+    tokenizer = _WordTokenizer()
+    short = short_sentences(passage, tokenizer)
+    lengths = [len(s.split()) + 2 for s in short]
+    assert len(short) == SHORT_PER_PASSAGE and all(6 <= n <= 24 for n in lengths)
+    assert lengths == sorted(lengths) and lengths[0] == 6 and len(set(lengths)) == SHORT_PER_PASSAGE  # strided
+    assert all(s in " ".join(passage.split()) for s in short)  # the passage's own text, nothing else
+    texts = calibration_texts([passage, "tiny. two words"], tokenizer)
+    assert texts == [passage, *short, "tiny. two words"]  # no sentence of 6-24 tokens in the second
+    assert calibration_texts([passage], tokenizer, per_passage=0) == [passage]  # the rule before
+    assert calibration_texts([passage], tokenizer) == texts[:SHORT_PER_PASSAGE + 1]  # deterministic
+    with pytest.raises(ValueError, match=r"\(9, 3\)"):
+        short_sentences(passage, tokenizer, tokens=(9, 3))
+    extra = [f"extra {i}" for i in range(5)]  # passage k of n gets extra[k*E/n : (k+1)*E/n]
+    mixed = calibration_texts(["a b. c", "d e. f"], tokenizer, extra=extra)
+    assert mixed == ["a b. c", "extra 0", "extra 1", "d e. f", "extra 2", "extra 3", "extra 4"]
+
+
+def test_everyday_sentences_are_split_and_in_no_evaluated_set():
+    from pathlib import Path
+
+    from edgeprism.evaluate.calibration_text import everyday_sentences
+
+    calibration, dev = everyday_sentences("calibration"), everyday_sentences("dev")
+    assert len(calibration) >= 100 and len(dev) >= 100 and not set(calibration) & set(dev)
+    heldout = (Path(__file__).parent / "fixtures" / "heldout_licenses.txt").read_text()
+    assert not any(s in heldout for s in calibration + dev)
+    try:
+        queries = set(assets.intent_queries_path().read_text().splitlines())
+    except assets.AssetMissingError:
+        queries = set()
+    assert not queries & set(calibration + dev)
+    with pytest.raises(ValueError, match="'test'"):
+        everyday_sentences("test")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_real_minilm_short_sentences_in_the_calibration_cut_the_error_on_short_requests():
+    """Real MiniLM-L6 (skipped without `make assets`): calibrated on 4 pool passages with and without their short
+    sentences (`calibration_texts`), checked on short sentences of 4 other pool passages (none evaluated)."""
+    from edgeprism.evaluate.calibration_text import calibration_texts, short_sentences
+
+    try:
+        checkpoint, tokenizer = assets.minilm_checkpoint_dir(), assets.minilm_tokenizer(max_length=256)
+    except assets.AssetMissingError as err:
+        pytest.skip(f"MiniLM assets not prepared (make assets): {err}")
+    from edgeprism.assets.datasets import text_passages
+    from edgeprism.evaluate.eval_sets import _pad_batches
+    from edgeprism.models.loading import load_model
+
+    model = load_model("minilm-l6", checkpoint)
+    passages = text_passages(tokenizer, 128, 256, limit=208)
+    encode = lambda texts: [_pad_batches([e.ids], 1)[0] for e in tokenizer.encode_batch(texts)]
+    check = encode([s for p in passages[204:208] for s in short_sentences(p, tokenizer)])
+    with torch.no_grad():
+        reference = torch.cat([model(b)["mean"] for b in check])
+    error = {}
+    for per_passage in (0, 5):
+        codec = calibrate_codec(model, encode(calibration_texts(passages[200:204], tokenizer, per_passage)), 2)
+        outputs, _ = run_distributed(model, check, codec, 2)
+        cosine = torch.nn.functional.cosine_similarity(reference, torch.cat([o["mean"] for o in outputs]), dim=-1)
+        error[per_passage] = float(1 - cosine.mean())
+    assert error[5] < 0.8 * error[0], error
