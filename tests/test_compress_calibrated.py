@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from edgeprism import assets
+from edgeprism.assets.datasets import text_passages
 from edgeprism.compress import get_codec, pack, request_nbytes, spec_nbytes, unpack
 from edgeprism.compress.calibrated import TransformCodec, fit_codec, fit_layer, gaussian_levels, packed_code_bytes
 from edgeprism.compress.calibrated_state import calibration_dir, load_calibrated, save
 from edgeprism.compress.lowbit import LLOYD_MAX_GAUSSIAN
 from edgeprism.evaluate.calibrated import calibrate_codec, code_bytes_for_ratio, exchanged_vectors, layer_budgets
-from edgeprism.evaluate.fidelity import run_distributed
-from edgeprism.models.loading import build_model
+from edgeprism.evaluate.eval_sets import _pad_batches
+from edgeprism.evaluate.fidelity import fp32_exchange_bytes, run_distributed
+from edgeprism.models.loading import build_model, load_model
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition.ranges import equal_shares, split_tokens
 from edgeprism.plan import Limits, LinkEstimate, Request, choose_plan
@@ -164,20 +166,18 @@ def test_layer_budgets_follow_sensitivity_and_keep_the_mean():
     assert dataclasses.is_dataclass(TransformCodec)
 
 
-def test_real_minilm_calibrated_codec_is_faithful_at_8x():
-    """Real MiniLM-L6 (skipped without `make assets`): calibrated on 4 passages, checked on 4 others."""
-    from edgeprism import assets
-
+def _real_minilm():
+    """(real MiniLM-L6, its tokenizer at 256 tokens); the test is skipped without `make assets`."""
     try:
         checkpoint, tokenizer = assets.minilm_checkpoint_dir(), assets.minilm_tokenizer(max_length=256)
     except assets.AssetMissingError as err:
         pytest.skip(f"MiniLM assets not prepared (make assets): {err}")
-    from edgeprism.assets.datasets import text_passages
-    from edgeprism.evaluate.eval_sets import _pad_batches
-    from edgeprism.evaluate.fidelity import fp32_exchange_bytes
-    from edgeprism.models.loading import load_model
+    return load_model("minilm-l6", checkpoint), tokenizer
 
-    model = load_model("minilm-l6", checkpoint)
+
+def test_real_minilm_calibrated_codec_is_faithful_at_8x():
+    """Real MiniLM-L6 (skipped without `make assets`): calibrated on 4 passages, checked on 4 others."""
+    model, tokenizer = _real_minilm()
     passages = text_passages(tokenizer, 128, 256, limit=204)
     batches = {name: _pad_batches([e.ids for e in tokenizer.encode_batch(texts)], 1)
                for name, texts in (("calibration", passages[200:204]), ("check", passages[:4]))}
@@ -279,15 +279,7 @@ def test_real_minilm_short_sentences_in_the_calibration_cut_the_error_on_short_r
     sentences (`calibration_texts`), checked on short sentences of 4 other pool passages (none evaluated)."""
     from edgeprism.evaluate.calibration_text import calibration_texts, short_sentences
 
-    try:
-        checkpoint, tokenizer = assets.minilm_checkpoint_dir(), assets.minilm_tokenizer(max_length=256)
-    except assets.AssetMissingError as err:
-        pytest.skip(f"MiniLM assets not prepared (make assets): {err}")
-    from edgeprism.assets.datasets import text_passages
-    from edgeprism.evaluate.eval_sets import _pad_batches
-    from edgeprism.models.loading import load_model
-
-    model = load_model("minilm-l6", checkpoint)
+    model, tokenizer = _real_minilm()
     passages = text_passages(tokenizer, 128, 256, limit=208)
     encode = lambda texts: [_pad_batches([e.ids], 1)[0] for e in tokenizer.encode_batch(texts)]
     check = encode([s for p in passages[204:208] for s in short_sentences(p, tokenizer)])
