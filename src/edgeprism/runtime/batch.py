@@ -98,6 +98,7 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         inputs = synthetic_inputs(model.config, spec.batch, seq_len=spec.seq_len, image_size=spec.image_size,
                                   padded=spec.padded, seed=spec.seed + 1)
         inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
+    num_tokens = model.validate_input(inputs) if ctx.is_root else 0  # rank 0 alone holds the request
     latencies: list[float] = []
     timeline: list[dict] = []
     outputs = prefill = None
@@ -113,7 +114,7 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
             if i >= spec.warmup:
                 latencies.append(time.perf_counter() - start)
         stats_rows = [[0.0, 0.0, 0.0, 0.0, 0.0]]
-        ranges = [[0, model.validate_input(inputs)]]
+        ranges = [[0, num_tokens]]
     else:
         engine = PositionWise(model, ctx, get_codec(spec.codec), size_aware=spec.size_aware)
         engine.verify_peers()
@@ -134,7 +135,6 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
             prefill = engine.forward(inputs, spec.shares, gather_hidden=True)
         ranges = None
         if ctx.is_root:
-            num_tokens = model.validate_input(inputs)
             ranges = [[r.start, r.end] for r in split_tokens(num_tokens, spec.shares or equal_shares(ctx.world_size))]
     if not ctx.is_root:
         return None
@@ -143,10 +143,10 @@ def run_batch(spec: BatchSpec, ctx: DistContext) -> dict | None:
         "model": spec.model,
         "world_size": ctx.world_size,
         "batch": spec.batch,
-        "num_tokens": model.validate_input(inputs),
+        "num_tokens": num_tokens,
         "token_ranges": ranges,
         # wire over raw bytes of the scatter (8-bit pixels travel as levels; None: raw), for predictions to match
-        "scatter_ratio": None if spec.mode == "local" else scatter_ratio(model, inputs, model.validate_input(inputs)),
+        "scatter_ratio": None if spec.mode == "local" else scatter_ratio(model, inputs, num_tokens),
         "codec": spec.codec if spec.mode != "local" else None,
         # No profile here: exact plans and lossless wires lose 0; any other codec, named by the user, is unmeasured.
         "fidelity_loss": 0.0 if spec.mode == "local" or is_lossless(spec.codec) else None,
