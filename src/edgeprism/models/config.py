@@ -13,6 +13,12 @@ from edgeprism.models.registry import Modality, get_family
 RopeType = Literal["default", "linear", "llama3"]
 """Rotary frequency scalings the Llama family reads (transformers' `rope_type`)."""
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet channel statistics of x / 255 (torchvision's and transformers' IMAGENET_DEFAULT_MEAN/STD): what
+DINOv2 and the default image preprocessing normalise with (inputs/image.py, assets/datasets.py,
+models/synthetic.py). Here, in the lowest layer, so that each of them reads the one definition."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:

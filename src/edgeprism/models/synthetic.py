@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from edgeprism.models.base import Inputs
-from edgeprism.models.config import ModelConfig
+from edgeprism.models.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from edgeprism.models.registry import get_family
 
 
@@ -22,12 +22,6 @@ def synthetic_inputs(config: ModelConfig, batch: int, seq_len: int | None = None
         raise ValueError(f"batch {batch} must be >= 1")
     generator = torch.Generator().manual_seed(seed)
     return get_family(config.family).synthetic_inputs(config, batch, generator, seq_len, image_size, padded)
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""inputs/image.py's ImageNet statistics, copied (models/ may not import inputs/: tests/test_layering.py);
-tests/test_pixels.py holds `normalise_images` equal to that preprocessing."""
 
 
 def normalise_images(images: Tensor) -> Tensor:
