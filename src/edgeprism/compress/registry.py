@@ -18,6 +18,8 @@ Grammar (case-insensitive, surrounding spaces ignored)::
                                      outlier channels, "r": fixed rotation (compress/lowbit.py); alone,
                                      the valid mask travels as bits (PackedMaskCodec)
 
+    kv<P>:<format>          P % (1..100) of each rank's tokens travel as their keys and values instead
+                            of hidden states, the rest as before, all in <format> (compress/kvshare.py)
     tc:<12 hex>             calibrated on data (compress/calibrated.py): PCA rotation, bits per
                             component and layer; read from calibration_dir()/<digest>.safetensors
 
@@ -41,6 +43,8 @@ from edgeprism.compress.calibrated_state import load_calibrated
 from edgeprism.compress.codecs import DEFAULT_MAX_ANCHORS, QuantizedCodec, SegmentMeansCodec
 from edgeprism.compress.delta import DeltaCodec
 from edgeprism.compress.formats import FloatFormat, Int4GroupFormat, Int8ChannelFormat, Int8TokenFormat, ValueFormat
+from edgeprism.compress.kvshare import NAME as KV_SHARE_NAME
+from edgeprism.compress.kvshare import KVShareCodec
 from edgeprism.compress.lowbit import LowBitFormat, PackedMaskCodec
 
 FINGERPRINT_VERSION = 1
@@ -83,8 +87,11 @@ profile measures. A measured loss, where the profile has one, is used instead.""
 
 
 def is_lossless(name: str) -> bool:
-    """True when codec `name` is one of `LOSSLESS_CODECS` (see there)."""
-    return name.strip().lower() in LOSSLESS_CODECS
+    """True when codec `name` is one of `LOSSLESS_CODECS` (see there), or sends a share of the tokens as keys and
+    values in one of them (kv50:fp16: the same attention in the same wire dtype)."""
+    text = name.strip().lower()
+    kv_share = KV_SHARE_NAME.fullmatch(text)
+    return (kv_share["inner"] if kv_share else text) in LOSSLESS_CODECS
 
 
 def list_formats() -> list[str]:
@@ -153,6 +160,9 @@ def get_codec(name: str) -> Codec:
         return codec
     if text.startswith("delta:"):
         return _parse_delta(text, name)
+    kv_share = KV_SHARE_NAME.fullmatch(text)
+    if kv_share:
+        return KVShareCodec(get_codec(kv_share["inner"]), int(kv_share["percent"]))
     parts = text.split("+")
     if len(parts) > 2:
         raise ValueError(f"codec {name!r} has {len(parts)} stages; at most two: Segment Means then one format, "

@@ -56,21 +56,28 @@ def merge_parts(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor]) -> 
 class OwnPart:
     """A block's attention over a rank's own tokens, computed before the received vectors arrive.
 
-    `kv_in` (B, n_own, d) is `block.kv_input(hidden)` (also the queries' input); `own_bias` (B, 1, n_own, n_own)."""
+    `kv_in` (B, n_own, d) is `block.kv_input(hidden)` (also the queries' input); `own_bias` (B, 1, n_own, n_own);
+    `kv`: the own keys and values if already projected (each (B, heads, n_own, head_dim); compress/kvshare.py
+    sends some of them)."""
 
-    def __init__(self, block: SplitBlock, kv_in: Tensor, own_bias: Tensor) -> None:
+    def __init__(self, block: SplitBlock, kv_in: Tensor, own_bias: Tensor,
+                 kv: tuple[Tensor, Tensor] | None = None) -> None:
         attn = block.attn
         self.block = block
         self.q = attn.project_q(kv_in)  # (B, heads, n_own, head_dim)
-        self.kv = attn.project_kv(kv_in)  # each (B, heads, n_own, head_dim)
+        self.kv = kv if kv is not None else attn.project_kv(kv_in)  # each (B, heads, n_own, head_dim)
         self.part = attention_part(self.q, self.kv[0], self.kv[1], own_bias, attn.scale)
 
-    def finish(self, hidden: Tensor, remote_kv_in: Tensor, remote_bias: Tensor,
-               keep_kv: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Fold in the received vectors' K/V inputs (B, S_remote, d) with their bias (B, 1, 1, S_remote) ->
-        (the block's output for `hidden` (B, n_own, d), (k, v) over [own ; remote] if `keep_kv`, else None)."""
+    def finish(self, hidden: Tensor, remote_kv_in: Tensor, remote_bias: Tensor, keep_kv: bool = False,
+               remote_kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Fold in the received vectors' K/V inputs (B, S_in, d) and the keys and values that arrived as such
+        (`remote_kv`, each (B, heads, S_kv, head_dim); None: none), with their bias (B, 1, 1, S_in + S_kv) in
+        that order -> (the block's output for `hidden` (B, n_own, d), (k, v) over [own ; remote] if `keep_kv`,
+        else None)."""
         attn = self.block.attn
-        k_remote, v_remote = attn.project_kv(remote_kv_in)  # each (B, heads, S_remote, head_dim)
+        k_remote, v_remote = attn.project_kv(remote_kv_in)  # each (B, heads, S_in, head_dim)
+        if remote_kv is not None:
+            k_remote, v_remote = torch.cat([k_remote, remote_kv[0]], dim=2), torch.cat([v_remote, remote_kv[1]], dim=2)
         remote = attention_part(self.q, k_remote, v_remote, remote_bias, attn.scale)
         heads = merge_parts(self.part, remote)  # (B, heads, n_own, head_dim)
         kv = (torch.cat([self.kv[0], k_remote], dim=2), torch.cat([self.kv[1], v_remote], dim=2)) if keep_kv else None

@@ -20,6 +20,7 @@ from torch import Tensor
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
+from edgeprism.compress.kvshare import KVShareCodec, kv_message, kv_split, rows_to_heads
 from edgeprism.models.base import (
     Inputs,
     KVExchangeBlock,
@@ -87,6 +88,8 @@ class PositionWise:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches if self.overlap else 1
+        if isinstance(self.codec, KVShareCodec):
+            self._check_kv_share(self.codec)
         """Rows run as this many micro-batches, one exchanging while another computes (partition/microbatch.py;
         only on the overlapped path). Rank 0's value travels in the request's header."""
         self.timeline = Timeline()
@@ -97,6 +100,18 @@ class PositionWise:
         (`split`), a receiver decoding its own (`_scatter`)."""
         self._warned_ratio = not warn_clamped_ratio
         """One warning when a CR exceeds a rank's tokens (off where the caller reports it, e.g. evaluations)."""
+
+    def _check_kv_share(self, codec: KVShareCodec) -> None:
+        """ValueError unless this model and path can send keys and values for a share of the tokens
+        (compress/kvshare.py): an encoder on the overlapped path, averaging the normalised input, whose keys and
+        values are as wide as its hidden states."""
+        config = self.model.config
+        why = ("its blocks do not split their attention (or it is a decoder, whose blocks exchange keys and values "
+               "already)" if not self.overlap else "it averages the residual stream (average='residual')"
+               if self.average != "normed" else "its keys and values are narrower than its hidden states"
+               if config.kv_heads * config.head_dim != config.hidden_size else None)
+        if why:
+            raise ValueError(f"codec {codec.name} cannot run on {config.name}: {why}; use {codec.inner.name}")
 
     # --- start-up check ---
     def settings(self) -> dict:
@@ -295,23 +310,49 @@ class PositionWise:
         batch, width = hidden.shape[0], self.model.config.exchange_width
         session = self.codec.session() if hasattr(self.codec, "session") else None  # per micro-batch
         specs = [self.codec.wire_spec(batch, r.num_tokens, width) for r in ranges]
+        share = self.codec if isinstance(self.codec, KVShareCodec) else None  # checked in __init__
         for layer, block in enumerate(self.model.block_list()):
             sent = exchanged_states(block, hidden, self.average)  # (B_slice, n_own, d)
             if session is not None:
                 specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
             sizes = [spec_nbytes(s) for s in specs]
-            pending = self.exchanger.start_all_gather_bytes(self._encode(sent, valid, anchor, session, layer), sizes,
-                                                            slot=slot)
             split = cast(SplitBlock, block)  # `self.overlap` checked every block once
-            own = OwnPart(split, sent if self.average == "normed" else block.kv_input(hidden), own_bias)
+            own_kv, message, message_valid = None, sent, valid
+            if share is not None:  # the own keys and values first: a share of them travels
+                own_kv = split.attn.project_kv(sent)  # each (B_slice, heads, n_own, head_dim)
+                message, message_valid = kv_message(share, sent, own_kv, valid)  # (B_slice, m + 2k, d)
+            pending = self.exchanger.start_all_gather_bytes(
+                self._encode(message, message_valid, anchor, session, layer), sizes, slot=slot)
+            own = OwnPart(split, sent if self.average == "normed" else block.kv_input(hidden), own_bias, kv=own_kv)
             yield
             with self.timeline.waiting():
                 received = pending.wait()
-            remote, counts = self._readable(received, specs, sent, session, layer)
+            remote_kv = None
+            if share is not None:
+                remote, counts, keys, values, kv_counts = self._readable_kv(share, received, specs, ranges, sent)
+                heads = own.kv[0].shape[1]
+                remote_kv = rows_to_heads(keys, heads), rows_to_heads(values, heads)
+                counts = torch.cat([counts, kv_counts], dim=1)
+            else:
+                remote, counts = self._readable(received, specs, sent, session, layer)
             remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B_slice, 1, 1, S_remote)
             remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
-            hidden, _ = own.finish(hidden, remote_kv_in, remote_bias)  # encoders keep no cache
+            hidden, _ = own.finish(hidden, remote_kv_in, remote_bias, remote_kv=remote_kv)  # encoders keep no cache
         return hidden
+
+    def _readable_kv(self, codec: KVShareCodec, received: Sequence[Tensor | None], specs: list,
+                     ranges: tuple[TokenRange, ...], sent: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The others' messages of a kv-share codec -> (K/V inputs (B, S_in, d), their counts (B, S_in), keys and
+        values in the heads-merged layout (B, S_kv, d) each, their counts (B, S_kv)), senders in rank order."""
+        parts: list[list[Tensor]] = [[], [], [], [], []]
+        for q, buffer in enumerate(received):
+            if q == self.ctx.group_rank or buffer is None:
+                continue
+            rows, counts = codec.decode(unpack(buffer, specs[q]))
+            for bucket, piece in zip(parts, kv_split(codec, rows.to(sent.dtype), counts, ranges[q].num_tokens)):
+                bucket.append(piece)
+        inputs, in_counts, keys, values, kv_counts = (torch.cat(bucket, dim=1) for bucket in parts)
+        return inputs, in_counts, keys, values, kv_counts
 
     def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session, layer: int) -> Tensor:
         with self.timeline.encoding():
