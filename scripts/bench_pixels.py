@@ -6,6 +6,7 @@ largest batch, the exact methods considered for finding each channel's levels, s
 
     python scripts/bench_pixels.py                                  # ViT-B/16 224 px, batches 1,8, worlds 2,4
     python scripts/bench_pixels.py --model dinov2-s14 --batches 1,8,32 --worlds 2,3,4
+    python scripts/bench_pixels.py --model dinov2-s14 --data fashion-mnist --image-size 224   # the demo's images
 
 Prints the host load before and after: a busy host makes every time longer (the byte counts are exact).
 """
@@ -21,6 +22,7 @@ from functools import partial
 
 import torch
 
+from edgeprism.assets.datasets import fashion_mnist, to_dinov2_input
 from edgeprism.compress.base import pack, spec_nbytes, unpack
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
@@ -72,11 +74,22 @@ def _methods(values: torch.Tensor, channels: int) -> dict[str, Callable[[], obje
     }
 
 
+def _inputs(model, data: str, batch: int, image_size: int | None) -> dict[str, torch.Tensor]:
+    """Synthetic 8-bit images, or Fashion-MNIST test images as the DINOv2 demo sends them (`to_dinov2_input`)."""
+    if data == "synthetic":
+        return synthetic_inputs(model.config, batch, image_size=image_size, seed=batch)
+    images, _ = fashion_mnist("test", limit=batch)
+    return {"pixel_values": to_dinov2_input(images, image_size or 224)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit-base-patch16-224")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--worlds", default="2,4")
+    parser.add_argument("--data", choices=("synthetic", "fashion-mnist"), default="synthetic")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels (default: the model's; 224 for "
+                        "fashion-mnist)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: one emulated device's core)")
     args = parser.parse_args()
@@ -85,12 +98,12 @@ def main() -> None:
     channels = model.pixel_channels()
     if not channels:
         raise SystemExit(f"{args.model} declares no pixel parts (ReferenceModel.pixel_channels): nothing to measure")
-    print(f"load before: {os.getloadavg()}  threads={args.threads}  model={args.model}")
+    print(f"load before: {os.getloadavg()}  threads={args.threads}  model={args.model}  data={args.data}")
     print(f"{'batch':>5} {'world':>5} {'float32 B':>11} {'levels B':>10} {'ratio':>6} {'encode ms':>10} "
           f"{'decode ms':>10}")
     batches = [int(b) for b in args.batches.split(",")]
     for batch in batches:
-        inputs = synthetic_inputs(model.config, batch, seed=batch)
+        inputs = _inputs(model, args.data, batch, args.image_size)
         num_tokens = model.validate_input(inputs)
         for world in (int(w) for w in args.worlds.split(",")):
             ranges = split_tokens(num_tokens, equal_shares(world))
@@ -105,7 +118,7 @@ def main() -> None:
             print(f"{batch:>5} {world:>5} {raw:>11} {sent:>10} {sent / raw:>6.3f} {encode_ms:>10.2f} "
                   f"{decode_ms:>10.2f}")
     batch = max(batches)
-    inputs = synthetic_inputs(model.config, batch, seed=batch)
+    inputs = _inputs(model, args.data, batch, args.image_size)
     num_tokens = model.validate_input(inputs)
     half = split_tokens(num_tokens, equal_shares(2))[1]
     key, count = next(iter(channels.items()))

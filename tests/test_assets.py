@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from edgeprism import assets
 from edgeprism.assets import IntentHead, convert, datasets, onnx_dinov2
@@ -60,11 +61,29 @@ def test_fashion_mnist_from_a_synthetic_root(tmp_path):
 def test_to_dinov2_input_shape_and_normalisation():
     images = np.full((2, 28, 28), 255, dtype=np.uint8)
     x = datasets.to_dinov2_input(images, image_size=224)
-    assert tuple(x.shape) == (2, 3, 224, 224)
+    assert tuple(x.shape) == (2, 3, 224, 224) and x.dtype == torch.float32
     expected = [(1 - m) / s for m, s in zip(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)]
     np.testing.assert_allclose(x[0, :, 100, 100].numpy(), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="multiple of DINOv2's patch size 14"):
         datasets.to_dinov2_input(images, image_size=100)
+
+
+def test_to_dinov2_input_is_an_8_bit_resize_as_pil_makes_it():
+    """The resize happens on the uint8 image (bit-identical to PIL's BILINEAR resize at 28 -> 224), then the
+    default normalisation: each channel takes at most 256 values (the scatter's levels form), unlike a float
+    resize."""
+    pil = pytest.importorskip("PIL.Image")
+    from edgeprism.models.synthetic import normalise_images
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    x = datasets.to_dinov2_input(images, image_size=224)
+    resized = np.stack([np.asarray(pil.fromarray(a).resize((224, 224), pil.BILINEAR)) for a in images])
+    want = normalise_images(torch.from_numpy(resized)[:, None].expand(-1, 3, -1, -1))
+    assert torch.equal(x.view(torch.int32), want.view(torch.int32))
+    assert all(x[:, c].unique().numel() <= 256 for c in range(3))
+    fingerprint = datasets.dinov2_input_fingerprint(224)
+    assert len(fingerprint) == 12 and fingerprint == datasets.dinov2_input_fingerprint(224)
+    assert fingerprint != datasets.dinov2_input_fingerprint(112)  # probe caches key on it
 
 
 # ---------------------------------------------------------------------------------------------------- text

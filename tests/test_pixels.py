@@ -3,9 +3,11 @@ plus each channel's levels and come back bit for bit; anything else travels as i
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from edgeprism.assets.datasets import to_dinov2_input
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.base import pack, spec_nbytes, unpack
 from edgeprism.compress.pixels import MAX_LEVELS, decode_levels, encode_levels
@@ -100,6 +102,24 @@ def test_wire_part_reads_back_bit_for_bit(name):
         assert all(back[k].dtype == part[k].dtype and torch.equal(back[k].view(-1).view(torch.uint8),
                                                                   part[k].contiguous().view(-1).view(torch.uint8))
                    for k in part)
+
+
+def test_dinov2_demo_images_travel_as_levels_bit_for_bit():
+    """Grey 28 x 28 images as the DINOv2 demo and eval prepare them (`to_dinov2_input`: an 8-bit resize, then the
+    normalisation) travel in the levels form, under a third of float32, and come back bit for bit."""
+    model = build_model("dinov2-tiny-test")  # patch 7: 56 px = 8 x 8 patches
+    images = np.random.default_rng(4).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    inputs = {"pixel_values": to_dinov2_input(images, 56)}
+    second = split_tokens(model.validate_input(inputs), equal_shares(2))[1]
+    part = model.split_input(inputs, second.start, second.end)  # what rank 0 scatters to rank 1
+    spec, wire = wire_part(model, part)
+    assert len(spec["patches"]) == 3  # codes + levels (`grid_hw`, two ints, goes as it is)
+    raw_bytes = sum(v.numel() * v.element_size() for v in part.values())
+    assert spec_nbytes(part_wire_spec(spec)) < raw_bytes / 3
+    back = read_part(spec, unpack(pack(wire_tensors(spec, wire)), part_wire_spec(spec)))
+    assert all(back[k].dtype == part[k].dtype and torch.equal(back[k].view(-1).view(torch.uint8),
+                                                              part[k].contiguous().view(-1).view(torch.uint8))
+               for k in part)
 
 
 @pytest.mark.parametrize(("name", "world", "shares"), [

@@ -7,6 +7,7 @@ Only numpy at import; torch is imported by the one function that makes tensors.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import random
@@ -223,19 +224,31 @@ def fashion_mnist(
 
 
 def to_dinov2_input(images: np.ndarray, image_size: int = 224):
-    """(N, H, W) uint8 grey images → (N, 3, image_size, image_size) float32 torch tensor for DINOv2: bilinear
-    resize, grey replicated to RGB, ImageNet mean/std normalisation. ``image_size`` must be a multiple of 14."""
-    import torch
+    """(N, H, W) uint8 grey images → (N, 3, image_size, image_size) float32 torch tensor for DINOv2, as an image
+    pipeline delivers them: bilinear resize of the uint8 image (torch's uint8 kernel: the same bytes as PIL's
+    ``Image.resize(size, BILINEAR)`` at whole scale factors such as 28 → 224, within 2 levels at others), grey
+    replicated to RGB, then x * 1/255 and ImageNet mean/std (`models.synthetic.normalise_images`, inputs/image.py's
+    arithmetic). So each channel takes at most 256 values and the scatter sends them as 8-bit levels
+    (compress/pixels.py), not float32. ``image_size`` must be a multiple of 14."""
+    import torch  # torch and what needs it on first use: this module imports only numpy
     import torch.nn.functional as F
+
+    from edgeprism.models.synthetic import normalise_images
 
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"expected (N, H, W) uint8 grey images; got {images.dtype} of shape {images.shape}")
     if image_size % 14:
         raise ValueError(f"image_size {image_size} is not a multiple of DINOv2's patch size 14")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, H, W)
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = x.expand(-1, 3, -1, -1)  # (N, 3, S, S)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    grey = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # (N, 1, H, W) uint8
+    # antialias=True is the PIL-equivalent kernel (it differs from False only when shrinking); uint8 in, uint8 out
+    grey = F.interpolate(grey, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return normalise_images(grey.expand(-1, 3, -1, -1)).contiguous()  # (N, 3, S, S) float32
+
+
+def dinov2_input_fingerprint(image_size: int = 224) -> str:
+    """12 hex digits naming what `to_dinov2_input` makes of a fixed pattern at ``image_size``. Caches of anything
+    computed from its output (the Fashion-MNIST probe, a demo profile's measured fidelity) carry it in their key,
+    so a change of the preprocessing fits them afresh instead of reusing stale ones."""
+    pattern = (np.arange(2 * 28 * 28) * 37 % 256).astype(np.uint8).reshape(2, 28, 28)  # every value, sharp edges
+    return hashlib.sha256(to_dinov2_input(pattern, image_size).numpy().tobytes()).hexdigest()[:12]

@@ -76,18 +76,20 @@ def dinov2_set(limit: int = 200, train_limit: int = 1000, image_size: int = 224,
 def _cached_probe(model, train_limit: int, image_size: int, batch_size: int,
                   progress: Callable[[str], None] | None) -> torch.nn.Linear:
     """The Fashion-MNIST linear probe on single-device [CLS] features, fitted once and kept in the cache
-    (keyed by the weights' fingerprint, the training-set size and the image size)."""
+    (keyed by the weights' fingerprint, the training-set size, the image size and the preprocessing's
+    fingerprint: a probe fitted on other inputs is never reused)."""
     import hashlib
 
     from safetensors.torch import load_file, save_file
 
     from edgeprism import assets
-    from edgeprism.assets.datasets import fashion_mnist, to_dinov2_input
+    from edgeprism.assets.datasets import dinov2_input_fingerprint, fashion_mnist, to_dinov2_input
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items())[:8]:
         digest.update(name.encode() + tensor.numpy().tobytes()[:4096])
-    path = assets.cache_dir() / "probes" / f"fmnist-{digest.hexdigest()[:12]}-{train_limit}-{image_size}.safetensors"
+    name = f"fmnist-{digest.hexdigest()[:12]}-{train_limit}-{image_size}-{dinov2_input_fingerprint(image_size)}"
+    path = assets.cache_dir() / "probes" / f"{name}.safetensors"
     probe = torch.nn.Linear(model.config.hidden_size, 10)
     if path.exists():
         probe.load_state_dict(load_file(str(path)))
