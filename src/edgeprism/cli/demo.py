@@ -75,12 +75,15 @@ def _say(text: str) -> None:
 def _profile(args, session, link) -> str:
     """A cached profile for (model, 2 ranks, link, emulation), or a fresh one (< 2 min)."""
     from edgeprism.assets import cache_dir
+    from edgeprism.assets.datasets import dinov2_input_fingerprint
     from edgeprism.profile.profiler import ProfileOptions, run_profile
 
     if args.profile:
         return args.profile
     real = args.data != "synthetic"
-    suffix = f"-{args.data}-{args.image_size}-e{args.eval_limit}" if real else ""
+    # the fidelity measured on real images holds for their preprocessing: a new one measures afresh
+    suffix = (f"-{args.data}-{args.image_size}-e{args.eval_limit}-{dinov2_input_fingerprint(args.image_size)}"
+              if real else "")
     world = session.world_size
     quotas = "" if not args.speeds else "-s" + "_".join(f"{s:g}" for s in args.speeds)
     path = (cache_dir() / "profiles"
