@@ -7,11 +7,17 @@ Local (rank 0 alone):
 Distributed over k ranks owning n_p tokens, per layer:
     S_q      = codec.num_vectors(n_q)                 vectors rank q sends per row, asked of the codec
                                                       (Segment Means: ceil(n_q / cr) + anchor slots)
-    msg_q    = B · (wire_bytes_per_row + n_q · wire_bytes_per_token)
+    K_q      = codec.kv_tokens(n_q)                   of them, tokens sent as keys and values (a kv share,
+                                                      compress/kvshare.py; 0 for every other codec)
+    W_q      = S_q + K_q                              vectors on the wire (a key and a value per K_q token)
+    msg_q    = B · (wire_bytes_per_row + n_q · wire_bytes_per_token)   (a kv share: W_q · n_ref / W(n_ref)
+                                                      in place of n_q, its rounding of K_q per message)
     kv_p     = n_p + sum_{q != p} S_q                 (decoders: q < p only — partition-aware causal mask)
-    codec_p  = B · (encode_s · S_p + decode_s · (kv_p - n_p))   the codec's own compute: rank p encodes its
-                                                      message and decodes each one it reads (the profile's
-                                                      `encode_s_per_vector` / `decode_s_per_vector`, at speed 1)
+    spared_p = per_kv_s · B · sum_{q != p} K_q        the received tokens' K/V projections a kv share spares
+    codec_p  = B · (encode_s · W_p + decode_s · sum_{q != p} W_q) - spared_p   the codec's own compute: rank p
+                                                      encodes its message and decodes each one it reads (the
+                                                      profile's `encode_s_per_vector` / `decode_s_per_vector`,
+                                                      at speed 1), less what it spares
     compute  = max_p (t_layer(B, n_p, kv_p) + codec_p) / speed_p
     staging  = max_p d2h(msg_p) + h2d(sum_{q != p} msg_q)      (0 where the profile has no staging)
     network  = 8 · max(0, (k-1) · max_q msg_q - credit) / bandwidth
@@ -28,8 +34,12 @@ Overlap (`CostConstants.overlap`, `micro_batches`; plan/pipeline.py): per layer 
     max(C, (C - own) / m + x, m · x)    instead of C + network + latency,
 C the slowest rank's layer compute (m micro-batches pay the fixed cost m times), own its own-key work
 (Q/K/V projections of its n_own tokens and their attention: B · n_own · (1.5 · per_kv_s + per_token_kv_s ·
-n_own); 0 without overlap), x one micro-batch's exchange (network / m + hops · link latency). What
-this hides comes off network_s first, then off latency_s (both stay critical-path seconds).
+n_own); 0 without overlap; a kv share projects its own K/V before the send: 0.5 · per_kv_s), x one
+micro-batch's exchange (network / m + hops · link latency). What this hides comes off network_s first, then off
+latency_s (both stay critical-path seconds). Kv-share codecs run only there (encoders, overlap on:
+`CostConstants.kv_share`); the planner skips them elsewhere.
+The planner prunes with lower bounds (`group_bound`, `GroupTerms.min_total_s`): per rank base + slope · n plus
+the least any candidate codec adds (`codec_received_s`: its received vectors less what a kv share spares).
 Sealed lanes (`LinkEstimate.sealed`, with the profile's measured `sealing` cost): every message carries
 `overhead_bytes` more (msg_q += overhead), and each rank seals its message and opens the k - 1 it
 receives per layer — half of (per_message_s · k + per_byte_s · sum_q msg_q), the profile having measured
@@ -168,9 +178,13 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
     for n, speed in zip(counts, speeds):
         base.append((a + token_s * n) / speed)
         slope.append((kv_s + token_kv_s * n) / speed)
-    fewest = [min((codec.num_vectors(n) for codec in codecs), default=0) for n in counts]  # per rank
-    # a lower bound of each rank's layer seconds
-    own_layer_s = [b + s * (n + r) for b, s, n, r in zip(base, slope, counts, received_vectors(fewest, causal))]
+    # a lower bound of each rank's layer seconds: the least any codec adds to base + slope · n (its received
+    # vectors, less the K/V projections a kv share spares; encode/decode seconds are >= 0)
+    least = [0.0] * k
+    for i, codec in enumerate(codecs):
+        added = codec_received_s(codec, kv_s, slope, counts, speeds, causal)
+        least = added if i == 0 else [min(x, y) for x, y in zip(least, added)]
+    own_layer_s = [b + s * n + x for b, s, n, x in zip(base, slope, counts, least)]
     overhead_s = overhead / speeds[0]
     scatter_bytes = batch * in_bytes * (num_tokens - counts[0]) + (k - 1) * c.seal_bytes
     gather_bytes = (batch * out_bytes + c.seal_bytes) * (k - 1)
@@ -187,6 +201,35 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
                       latency_s, setup_wire_bytes, min_total_s, min_energy_j, setup_seal_s,
                       fixed=tuple(a / speed for speed in speeds), layer_latency_s=layer_latency_s, speeds=tuple(speeds),
                       own=tuple(own_key_s(b_kv, b_tok_kv, batch, n) / speed for n, speed in zip(counts, speeds)))
+
+
+def codec_received_s(codec: CodecFidelity, kv_s: float, slope: Sequence[float], counts: Sequence[int],
+                     speeds: Sequence[float], causal: bool) -> list[float]:
+    """Per rank, one layer's seconds for the vectors it reads with `codec` (`GroupTerms.slope` each), less the
+    K/V projections (`kv_s` = per_kv_s · B each, at the rank's speed) of the received tokens that arrive as keys
+    and values (a kv share, `CodecFidelity.kv_tokens`)."""
+    received = received_vectors([codec.num_vectors(n) for n in counts], causal)
+    if not codec.kv_share:
+        return [s * r for s, r in zip(slope, received)]
+    spared = received_vectors([codec.kv_tokens(n) for n in counts], causal)
+    return [s * r - kv_s * t / speed for s, r, t, speed in zip(slope, received, spared, speeds)]
+
+
+def codec_layer_s(codec: CodecFidelity, per_kv_s: float, batch: int, counts: Sequence[int],
+                  segments: Sequence[int], received: Sequence[int], speeds: Sequence[float],
+                  causal: bool) -> list[float]:
+    """Per rank, what `codec` adds to one layer's compute besides the vectors it reads: its encode and decode
+    per wire vector (`codec_compute_s` over `CodecFidelity.wire_vectors`), less the K/V projections of the
+    received tokens that a kv share sends as keys and values (per_kv_s · B each). Empty when both are 0."""
+    if not codec.kv_share:
+        if not (codec.encode_s_per_vector or codec.decode_s_per_vector):
+            return []
+        return codec_compute_s(codec, batch, segments, received, speeds)
+    kv_sent = [codec.kv_tokens(n) for n in counts]
+    wire = [s + t for s, t in zip(segments, kv_sent)]
+    coded = codec_compute_s(codec, batch, wire, received_vectors(wire, causal), speeds)
+    spared = received_vectors(kv_sent, causal)
+    return [x - per_kv_s * batch * t / speed for x, t, speed in zip(coded, spared, speeds)]
 
 
 def codec_compute_s(codec: CodecFidelity, batch: int, segments: Sequence[int], received: Sequence[int],
@@ -214,16 +257,22 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     k = len(counts)
     row_bytes = batch * codec.wire_bytes_per_row + c.seal_bytes  # per message: sealing's nonce and tag too
     token_bytes = batch * codec.wire_bytes_per_token
+    kv_share = codec.kv_share
+    if kv_share:  # its keys-and-values tokens are rounded per message: weigh each message exactly
+        wire_tokens = codec.wire_tokens
+        w_min, w_max, w_all = wire_tokens(n_min), wire_tokens(n_max), sum(wire_tokens(n) for n in counts)
+    else:
+        w_min, w_max, w_all = n_min, n_max, num_tokens
 
-    total_message = k * row_bytes + token_bytes * num_tokens
+    total_message = k * row_bytes + token_bytes * w_all
     # GLOO's all-gather takes equal shapes: every message travels padded to the largest one.
-    max_received = (k - 1) * (row_bytes + token_bytes * n_max)
+    max_received = (k - 1) * (row_bytes + token_bytes * w_max)
     air = k if shared else 1
     # with the whole burst as credit: a lower bound, refined below once the layer's compute is known
     layer_network_s = 8.0 * air * max(0.0, max_received - burst) / bandwidth_bps
     if staged:
         # d2h(msg_p) + h2d(total - msg_p) is linear in msg_p: its maximum is at the smallest or largest message
-        small, large = row_bytes + token_bytes * n_min, row_bytes + token_bytes * n_max
+        small, large = row_bytes + token_bytes * w_min, row_bytes + token_bytes * w_max
         layer_staging_s = stage_lat_s + max(d2h_s_per_byte * small + h2d_s_per_byte * (total_message - small),
                                             d2h_s_per_byte * large + h2d_s_per_byte * (total_message - large))
         sum_staging_s = num_layers * (k * stage_lat_s + d2h_s_per_byte * total_message
@@ -245,8 +294,7 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     num_vectors = codec.num_vectors
     segments = [num_vectors(n) for n in counts]  # vectors each rank's message carries per row, per the codec
     received = received_vectors(segments, causal)
-    coded = (codec_compute_s(codec, batch, segments, received, g.speeds)
-             if codec.encode_s_per_vector or codec.decode_s_per_vector else [])
+    coded = codec_layer_s(codec, c.per_kv_s, batch, counts, segments, received, g.speeds, causal)
     max_layer_s = 0.0
     sum_layer_s = 0.0
     for p in range(k):
@@ -261,9 +309,11 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     layer_hidden_s = 0.0
     if c.pipelined:
         m = min(c.micro_batches, batch)
+        own: Sequence[float] = g.own if c.overlap else ()
+        if own and kv_share:  # the own K/V projections run before the send (plan/pipeline.py `own_key_s`)
+            own = [o - c.per_kv_s * batch * n / speed for o, n, speed in zip(own, counts, g.speeds)]
         max_layer_s, sum_layer_s, layer_hidden_s = pipelined_layers(
-            g.base, g.slope, g.fixed, g.own if c.overlap else (), counts, received, m, layer_network_s,
-            g.layer_latency_s, coded)
+            g.base, g.slope, g.fixed, own, counts, received, m, layer_network_s, g.layer_latency_s, coded)
         latency_s += num_layers * (m - 1) * g.layer_latency_s  # every micro-batch pays its hops
     compute_s = num_layers * max_layer_s + overhead_s
     staging_s = num_layers * layer_staging_s + g.setup_seal_s
@@ -306,7 +356,8 @@ def rank_compute_s(profile: Profile, batch: int, counts: Sequence[int], codec: C
     group = group_terms(constants, batch, [1.0] * k, counts, 1.0, 0.0)
     segments = [codec.num_vectors(n) for n in counts]
     received = received_vectors(segments, constants.causal)
-    coded = codec_compute_s(codec, batch, segments, received, [1.0] * k)
+    coded = codec_layer_s(codec, constants.per_kv_s, batch, counts, segments, received, [1.0] * k,
+                          constants.causal) or [0.0] * k
     return [constants.num_layers * (group.base[p] + group.slope[p] * (counts[p] + received[p]) + coded[p])
             + (constants.request_overhead_s if p == 0 else 0.0) for p in range(k)]
 
@@ -367,6 +418,8 @@ __all__ = [
     "GroupTerms",
     "apportion",
     "codec_compute_s",
+    "codec_layer_s",
+    "codec_received_s",
     "codec_terms",
     "distributed_prediction",
     "distributed_terms",

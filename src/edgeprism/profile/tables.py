@@ -256,6 +256,30 @@ class CodecFidelity:
         the codec, whatever its shape (`Codec.num_vectors`)."""
         return self.exchange_codec.num_vectors(num_tokens)
 
+    @property
+    def kv_share(self) -> bool:
+        """The codec sends a share of the tokens as keys and values (compress/kvshare.py: it has `kv_tokens`)."""
+        return hasattr(self.exchange_codec, "kv_tokens")
+
+    def kv_tokens(self, num_tokens: int) -> int:
+        """Of a sender's `num_tokens` tokens, how many travel as keys and values (each two vectors on the wire,
+        nothing for a receiver to project): asked of the codec; 0 for every codec but a kv share."""
+        kv_tokens = getattr(self.exchange_codec, "kv_tokens", None)
+        return 0 if kv_tokens is None else int(kv_tokens(num_tokens))
+
+    def wire_vectors(self, num_tokens: int) -> int:
+        """Vectors per row a sender of `num_tokens` tokens encodes and each receiver decodes: `num_vectors` plus
+        a kv share's second vector (the value) per token sent as keys and values."""
+        return self.num_vectors(num_tokens) + self.kv_tokens(num_tokens)
+
+    def wire_tokens(self, num_tokens: int) -> float:
+        """What a message of `num_tokens` tokens weighs in units of `wire_bytes_per_token`: `num_tokens`, except
+        that a kv share rounds its keys-and-values tokens per message (`kv_tokens`), which the per-token mean
+        (its share of a hundred tokens) does not."""
+        if not self.kv_share:
+            return float(num_tokens)
+        return self.wire_vectors(num_tokens) * 100 / self.wire_vectors(100)
+
     @classmethod
     def from_codec(cls, codec: Codec, hidden_size: int, metric: str | None = None, value: float | None = None,
                    reference_value: float | None = None, num_layers: int | None = None) -> CodecFidelity:
@@ -266,7 +290,8 @@ class CodecFidelity:
         message changes by layer (delta coding: a key frame at layer 0, smaller residuals after), which
         need `num_layers`; for every other codec the mean is `nbytes` and `num_layers` changes nothing.
         The byte count is affine in n over whole segments (and whole bytes of a bit-packed mask), so two
-        probes at multiples of 8·ratio give the per-token slope and the per-row intercept exactly. A
+        probes at multiples of 8·ratio give the per-token slope and the per-row intercept exactly (a kv share's
+        at multiples of 800, where its P % is whole tokens too; `wire_tokens` has its rounding per message). A
         constant per message (the 2-byte width of a low-bit format) lands in the per-row part: exact for
         one row, 2 bytes per extra row and message over."""
         if num_layers is None:
@@ -275,7 +300,8 @@ class CodecFidelity:
                                  f"give num_layers (the model's block count) to charge the mean per layer")
             num_layers = 1
         cr = int(codec.ratio)
-        probe = 64 * cr
+        # a kv share sends round(P · n / 100) of n tokens as keys and values: exact (and whole mask bytes) at 800
+        probe = 800 * cr if hasattr(codec, "kv_tokens") else 64 * cr
         small = mean_nbytes(codec, num_layers, 1, probe, hidden_size)
         per_token = (mean_nbytes(codec, num_layers, 1, 2 * probe, hidden_size) - small) / probe
         values = getattr(codec, "values", None)
