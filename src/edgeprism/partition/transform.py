@@ -121,9 +121,10 @@ class PositionWise:
         """ValueError unless this model and path can send keys and values for a share of the tokens
         (compress/kvshare.py): an encoder on the overlapped path, averaging the normalised input, whose keys and
         values are as wide as its hidden states."""
-        why = kv_share_refusal(self.model.config, self.overlap, self.average)
+        config = self.model.config
+        why = kv_share_refusal(config, self.overlap, self.average)
         if why:
-            raise ValueError(f"codec {codec.name} cannot run on {self.model.config.name}: {why}; use {codec.inner.name}")
+            raise ValueError(f"codec {codec.name} cannot run on {config.name}: {why}; use {codec.inner.name}")
 
     # --- start-up check ---
     def settings(self) -> dict:

@@ -82,7 +82,8 @@ def _groups(profile: Profile, link: LinkEstimate) -> list[tuple[int, ...]]:
 
 def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
     """`a` costs no more than `b` in every term of the cost model (fewer or equal vectors, bytes and codec
-    seconds per vector, the same kv share) and loses no more fidelity, so whenever `b` is admissible `a` is too and predicts no worse."""
+    seconds per vector, the same kv share) and loses no more fidelity, so whenever `b` is admissible `a` is too
+    and predicts no worse."""
     loss_a = _INF if a.fidelity_loss is None else a.fidelity_loss
     loss_b = _INF if b.fidelity_loss is None else b.fidelity_loss
     return (a.cr >= b.cr and a.extra_vectors_per_row <= b.extra_vectors_per_row

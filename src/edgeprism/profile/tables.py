@@ -304,11 +304,12 @@ class CodecFidelity:
         probe = 800 * cr if hasattr(codec, "kv_tokens") else 64 * cr
         small = mean_nbytes(codec, num_layers, 1, probe, hidden_size)
         per_token = (mean_nbytes(codec, num_layers, 1, 2 * probe, hidden_size) - small) / probe
-        values = getattr(codec, "values", None)
+        inner = getattr(codec, "inner", codec) if hasattr(codec, "kv_tokens") else codec  # a kv share's format
+        values = getattr(inner, "values", None)
         loss = None
         if value is not None and reference_value is not None:
             loss = cls.normalised_loss(value, reference_value)
-        return cls(codec=codec.name, cr=cr, wire_dtype=getattr(values, "name", codec.name),
+        return cls(codec=codec.name, cr=cr, wire_dtype=getattr(values, "name", inner.name),
                    wire_bytes_per_token=per_token, wire_bytes_per_row=small - probe * per_token,
                    extra_vectors_per_row=int(codec.extra_vectors), metric=metric, value=value,
                    reference_value=reference_value, loss=loss)
