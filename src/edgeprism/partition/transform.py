@@ -62,7 +62,7 @@ def kv_share_refusal(config: ModelConfig, overlap: bool = True, average: str = D
     whose blocks split their attention, on the overlapped path, averaging the normalised input, with keys and values
     as wide as its hidden states. The planner (plan/constants.py) and the profiler ask it too."""
     if config.causal or config.exchanges_kv:
-        return "it is a decoder, whose blocks exchange keys and values already"
+        return "its blocks do not split their attention (a decoder: they exchange keys and values already)"
     if not overlap:
         return "the exchange is not overlapped (overlap off, or its blocks do not split their attention)"
     if average != "normed":

@@ -52,7 +52,7 @@ def pipelined_layers(base: Sequence[float], slope: Sequence[float], fixed: Seque
     """One layer of an encoder plan, per rank p layer seconds = base_p + slope_p · kv_p (plan/cost.py; kv_p =
     counts[p] + received[p], the vectors per row it reads from the others: `received_vectors`) plus
     (m - 1) · fixed_p plus `codec_s[p]` (the codec's own encode/decode, compute like the rest, less the K/V
-    projections a kv share spares the receiver: `plan.cost.codec_layer_s`; empty: none);
+    projections a kv share spares the receiver: `plan.vectors.codec_layer_s`; empty: none);
     `own` per rank the own-key seconds that may run beside the exchange (empty: no overlap),
     `network_s` the layer's wire seconds for the whole batch,
     `hops_latency_s` one exchange's hops × link latency -> (the slowest rank's layer compute, the ranks' summed

@@ -87,7 +87,8 @@ def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
     loss_a = _INF if a.fidelity_loss is None else a.fidelity_loss
     loss_b = _INF if b.fidelity_loss is None else b.fidelity_loss
     return (a.cr >= b.cr and a.extra_vectors_per_row <= b.extra_vectors_per_row
-            and a.kv_tokens(100) == b.kv_tokens(100)  # a kv share trades wire bytes for compute: same shares only
+            and a.kv_share == b.kv_share  # a kv share trades wire bytes for compute: the same share only
+            and (not a.kv_share or a.kv_tokens(100) == b.kv_tokens(100))
             and a.wire_bytes_per_token <= b.wire_bytes_per_token and a.wire_bytes_per_row <= b.wire_bytes_per_row
             and a.encode_s_per_vector <= b.encode_s_per_vector and a.decode_s_per_vector <= b.decode_s_per_vector
             and loss_a <= loss_b)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgeprism.compress.base import Codec
+from edgeprism.compress.kvshare import NAME as KV_SHARE_NAME
 from edgeprism.compress.registry import get_codec, is_lossless, mean_nbytes
 from edgeprism.evaluate.metrics import SECONDARY_METRICS
 
@@ -258,14 +259,15 @@ class CodecFidelity:
 
     @property
     def kv_share(self) -> bool:
-        """The codec sends a share of the tokens as keys and values (compress/kvshare.py: it has `kv_tokens`)."""
-        return hasattr(self.exchange_codec, "kv_tokens")
+        """The codec sends a share of the tokens as keys and values (compress/kvshare.py, `kv<P>:<format>`)."""
+        return KV_SHARE_NAME.fullmatch(self.codec.strip().lower()) is not None
 
     def kv_tokens(self, num_tokens: int) -> int:
         """Of a sender's `num_tokens` tokens, how many travel as keys and values (each two vectors on the wire,
         nothing for a receiver to project): asked of the codec; 0 for every codec but a kv share."""
-        kv_tokens = getattr(self.exchange_codec, "kv_tokens", None)
-        return 0 if kv_tokens is None else int(kv_tokens(num_tokens))
+        if not self.kv_share:
+            return 0
+        return int(self.exchange_codec.kv_tokens(num_tokens))  # type: ignore[attr-defined]
 
     def wire_vectors(self, num_tokens: int) -> int:
         """Vectors per row a sender of `num_tokens` tokens encodes and each receiver decodes: `num_vectors` plus
