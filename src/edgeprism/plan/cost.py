@@ -169,10 +169,14 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
         slope.append((kv_s + token_kv_s * n) / speed)
     # a lower bound of each rank's layer seconds: the least any codec adds to base + slope · n (its received
     # vectors, less the K/V projections a kv share spares; encode/decode seconds are >= 0)
-    least = [0.0] * k
-    for i, codec in enumerate(codecs):
-        added = codec_received_s(codec, kv_s, slope, counts, speeds, causal)
-        least = added if i == 0 else [min(x, y) for x, y in zip(least, added)]
+    plain = [codec for codec in codecs if not codec.kv_share]
+    fewest = [min((codec.num_vectors(n) for codec in plain), default=0) for n in counts]  # per sender
+    least = [s * r for s, r in zip(slope, received_vectors(fewest, causal))] if plain or not codecs else None
+    for codec in codecs:
+        if codec.kv_share:
+            added = codec_received_s(codec, kv_s, slope, counts, speeds, causal)
+            least = added if least is None else [min(x, y) for x, y in zip(least, added)]
+    assert least is not None
     own_layer_s = [b + s * n + x for b, s, n, x in zip(base, slope, counts, least)]
     overhead_s = overhead / speeds[0]
     scatter_bytes = batch * in_bytes * (num_tokens - counts[0]) + (k - 1) * c.seal_bytes

@@ -260,7 +260,11 @@ class CodecFidelity:
     @property
     def kv_share(self) -> bool:
         """The codec sends a share of the tokens as keys and values (compress/kvshare.py, `kv<P>:<format>`)."""
-        return KV_SHARE_NAME.fullmatch(self.codec.strip().lower()) is not None
+        kv_share = self.__dict__.get("_kv_share")
+        if kv_share is None:
+            kv_share = KV_SHARE_NAME.fullmatch(self.codec.strip().lower()) is not None
+            object.__setattr__(self, "_kv_share", kv_share)  # a cache, not data (the planner's hot loop asks)
+        return kv_share
 
     def kv_tokens(self, num_tokens: int) -> int:
         """Of a sender's `num_tokens` tokens, how many travel as keys and values (each two vectors on the wire,
