@@ -265,7 +265,8 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
         m = min(c.micro_batches, batch)
         own: Sequence[float] = g.own if c.overlap else ()
         if own and kv_share:  # the own K/V projections run before the send (plan/pipeline.py `own_key_s`)
-            own = [o - c.per_kv_s * batch * n / speed for o, n, speed in zip(own, counts, g.speeds)]
+            own = [own_key_s(c.per_kv_s, c.per_token_kv_s, batch, n, kv_share=True) / speed
+                   for n, speed in zip(counts, g.speeds)]
         max_layer_s, sum_layer_s, layer_hidden_s = pipelined_layers(
             g.base, g.slope, g.fixed, own, counts, received, m, layer_network_s, g.layer_latency_s, coded)
         latency_s += num_layers * (m - 1) * g.layer_latency_s  # every micro-batch pays its hops
