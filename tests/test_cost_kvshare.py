@@ -14,6 +14,7 @@ from edgeprism.plan import LinkEstimate, Plan, Request, choose_plan, predict, to
 from edgeprism.plan.constants import profile_constants
 from edgeprism.plan.cost import codec_terms, group_bound, group_terms, rank_compute_s
 from edgeprism.plan.planner import enumerate_candidates
+from edgeprism.plan.shares import candidate_splits
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.profile import CodecFidelity, ComputeTable
 from edgeprism.profile.codec_timing import measure_codec_timing
@@ -163,3 +164,18 @@ def test_kv_shares_are_never_chosen_where_the_runtime_cannot_run_them():
 def test_a_kv_share_is_timed_per_wire_vector():
     timing = measure_codec_timing(get_codec("kv50:int8"), 64, target_vectors=256, repeats=1, num_tokens=64)
     assert timing.encode_s_per_vector > 0 and timing.decode_s_per_vector > 0 and timing.vectors_per_pass == 256
+
+
+def test_the_balanced_split_of_a_kv_share_levels_its_own_layer_times():
+    # receivers of a kv share pay less per received token: balanced for it, the split differs from the
+    # hidden-state codec's, and the slowest rank's predicted layer comes down
+    profile, speeds = _four_rank_encoder(), (1.0, 0.5, 2.0, 0.9)
+    constants = profile_constants(profile, overlap=True)
+    kv, fp16 = profile.codec("kv100:fp16"), profile.codec("fp16")
+
+    def slowest_s(counts):
+        return max(t / s for t, s in zip(rank_compute_s(profile, 4, counts, kv), speeds))
+
+    own = candidate_splits(constants, 4, speeds, 197, kv, blends=False)[0]
+    borrowed = candidate_splits(constants, 4, speeds, 197, fp16, blends=False)[0]
+    assert own != borrowed and slowest_s(own) < slowest_s(borrowed)
