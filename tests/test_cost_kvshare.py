@@ -5,14 +5,15 @@ them. Terms by hand, the pruning bound over random configurations, the planner's
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 
 import pytest
 
 from edgeprism.compress import get_codec
-from edgeprism.plan import LinkEstimate, Plan, Request, choose_plan, predict, token_shares
+from edgeprism.plan import Limits, LinkEstimate, Plan, Request, choose_plan, predict, token_shares
 from edgeprism.plan.constants import profile_constants
-from edgeprism.plan.cost import codec_terms, group_bound, group_terms, rank_compute_s
+from edgeprism.plan.cost import codec_terms, group_bound, group_terms, objective_score, rank_compute_s
 from edgeprism.plan.planner import enumerate_candidates
 from edgeprism.plan.shares import candidate_splits
 from edgeprism.plan.synthetic import synthetic_profile
@@ -179,3 +180,23 @@ def test_the_balanced_split_of_a_kv_share_levels_its_own_layer_times():
     own = candidate_splits(constants, 4, speeds, 197, kv, blends=False)[0]
     borrowed = candidate_splits(constants, 4, speeds, 197, fp16, blends=False)[0]
     assert own != borrowed and slowest_s(own) < slowest_s(borrowed)
+
+
+def test_pruning_never_loses_a_kv_share_that_wins():
+    # bounds, dominance and blends only skip what cannot win, kv shares among the codecs: brute force agrees
+    base = synthetic_profile(MODEL, world_size=6, device_speeds=(1.0, 0.5, 2.0, 0.9, 1.1, 0.7))
+    shares = tuple(_entry(name, loss=loss, metric="m", value=1 - loss, reference_value=1.0)
+                   for name, loss in (("kv50:int8", 0.01), ("kv100:fp16", 0.0), ("kv25:fp32", 0.0)))
+    profile = dataclasses.replace(base, codecs=base.codecs + shares)
+    limits = Limits(max_fidelity_loss=None, allow_unmeasured_codecs=True)
+    chosen = []
+    for objective, batch, bandwidth, micro_batches in itertools.product(
+            ("latency", "energy", "edp"), (8, 32), (1e9, 1e11), (1, 2)):
+        request = Request(MODEL, batch, 197)
+        link = LinkEstimate(bandwidth, 1e-3, overlap=True, micro_batches=micro_batches)
+        plan = choose_plan(profile, request, link, objective, limits)
+        allowed = [c for c in enumerate_candidates(profile, request, link, objective, limits) if c.excluded is None]
+        best = min(objective_score(objective, c.prediction.total_s, c.prediction.energy_j) for c in allowed)
+        assert objective_score(objective, plan.predicted_latency_s, plan.predicted_energy_j) == pytest.approx(best)
+        chosen.append(plan.codec)
+    assert any(codec.startswith("kv") for codec in chosen), chosen
