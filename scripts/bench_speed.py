@@ -1,10 +1,12 @@
 """Where a split request's time goes, measured against the cost model (issue 16 items 2, 3, 5; a printout, not a
-test): 2 emulated devices of one core over one link preset, per batch the same requests run on rank 0 alone
-("local") and split with the exchange after compute ("plain"), overlapped with own-key attention ("overlap") and
-overlapped with 2 micro-batches ("mb2"), interleaved request by request (each variant first in turn).
+test): 2 emulated devices of one core (or one per `--speeds` entry, a CPU quota each) over one link preset, per
+batch the same requests run on rank 0 alone ("local") and split with the exchange after compute ("plain"),
+overlapped with own-key attention ("overlap") and overlapped with 2 micro-batches ("mb2"), interleaved request by
+request (each variant first in turn).
 
     python scripts/bench_speed.py                       # ViT-B/16, int8, wifi4, batches 1,8, 3 repeats
     python scripts/bench_speed.py --model dinov2-s14 --codec fp16 --batches 1,8 --repeats 5
+    python scripts/bench_speed.py --speeds 0.5,0.5,0.5,0.5 --codec int8,kv50:int8 --variants local,mb2 --batches 8
 
 Prints per variant the median latency with min-max, the paired ratio to "plain" (same round), the cost model's
 prediction for that variant (the profile's compute and link; overlap and micro-batches as run) and its error,
@@ -36,13 +38,17 @@ def _profile(args) -> Profile | None:
     if args.profile:
         return Profile.from_json(Path(args.profile).read_text())
     folder = Path.home() / ".cache" / "edgeprism" / "profiles"
-    found = sorted(folder.glob(f"{args.model}-w2-{args.link}-netns+tbf*.json"), key=lambda p: len(p.name))
+    world = f"w{len(args.speeds)}-s{'_'.join(f'{s:g}' for s in args.speeds)}" if args.speeds else "w2"
+    found = sorted(folder.glob(f"{args.model}-{world}-{args.link}-netns+tbf*.json"), key=lambda p: len(p.name))
     return Profile.from_json(found[0].read_text()) if found else None
 
 
-def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, variant: str,
+def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, name: str,
                  scatter: float | None = None) -> float | None:
-    """`scatter`: wire over raw bytes of the request's scatter (8-bit pixels travel as levels; None: raw)."""
+    """`name`: a variant, or "variant codec" with several codecs; `scatter`: wire over raw bytes of the request's
+    scatter (8-bit pixels travel as levels; None: raw)."""
+    variant, _, named_codec = name.partition(" ")
+    codec = named_codec or codec
     if profile is None or all(c.codec != codec for c in profile.codecs):
         return None
     num_tokens = get_config(model).num_tokens()
@@ -53,7 +59,7 @@ def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, va
                       None if scatter is None else scatter * profile.input_bytes_per_token)  # as Engine.request_of
     if variant == "local":
         return static_plan(profile, request, link, "local").predicted_latency_s
-    counts = tuple(r.num_tokens for r in split_tokens(num_tokens, equal_shares(2)))  # as PositionWise splits
+    counts = tuple(r.num_tokens for r in split_tokens(num_tokens, equal_shares(profile.world_size)))  # as run
     return static_plan(profile, request, link, "distributed", codec=codec, token_counts=counts).predicted_latency_s
 
 
@@ -62,10 +68,13 @@ def main() -> None:
     add_overlap_arguments(parser, codec="int8", repeats=3)
     parser.add_argument("--variants", default="local,plain,overlap,mb2")
     parser.add_argument("--profile", default="", help="profile JSON for the predictions (default: see above)")
+    parser.add_argument("--speeds", default="", help="one emulated device per speed, a CPU quota in cores each "
+                        "(root), e.g. 0.5,0.5,0.5,0.5; default: 2 devices of one core")
     args = parser.parse_args()
-    names = args.variants.split(",")
+    args.speeds = [float(s) for s in args.speeds.split(",")] if args.speeds else None
     profile = _profile(args)
-    result = run_overlap(args, names, on_progress=print)
+    result = run_overlap(args, args.variants.split(","), on_progress=print)
+    names = [key[:-len("_median_s")] for key in result["points"][0] if key.endswith("_median_s")]  # as run
     model = build_model(args.model) if profile is not None else None
     for point in result["points"]:
         # the requests run_overlap sent (bench/overlap.py): synthetic 8-bit images, whose scatter travels as levels
@@ -79,7 +88,8 @@ def main() -> None:
     print(f"{result['model']} x{result['world_size']}, codec {result['codec']}, {result['emulation']}; load "
           f"{result['load_avg_before'][0]:.1f} -> {result['load_avg_after'][0]:.1f} on {os.cpu_count()} cores; "
           f"{args.repeats} repeats; profile {'none' if profile is None else profile.link.emulation}")
-    print(f"{'batch':>5} {'variant':>8} {'median ms':>10} {'min-max ms':>15} {'/plain':>7} {'pred ms':>8} "
+    width = max(8, *(len(name) for name in names))
+    print(f"{'batch':>5} {'variant':>{width}} {'median ms':>10} {'min-max ms':>15} {'/plain':>7} {'pred ms':>8} "
           f"{'err':>6}  {'timeline encode/wait/compute ms':>31}")
     for p in result["points"]:
         for name in names:
@@ -87,7 +97,8 @@ def main() -> None:
             median, predicted = p[f"{name}_median_s"], p[f"{name}_predicted_s"]
             ratio = p.get(f"{name}_over_plain_median")
             timeline = p.get(f"{name}_timeline_s")
-            print(f"{p['batch']:>5} {name:>8} {median * 1e3:>10.1f} {min(times) * 1e3:>7.1f}-{max(times) * 1e3:<7.1f} "
+            print(f"{p['batch']:>5} {name:>{width}} {median * 1e3:>10.1f} "
+                  f"{min(times) * 1e3:>7.1f}-{max(times) * 1e3:<7.1f} "
                   f"{'' if ratio is None else f'{ratio:.3f}':>7} "
                   f"{'' if predicted is None else f'{predicted * 1e3:.1f}':>8} "
                   f"{'' if predicted is None else f'{(predicted - median) / median:+.0%}':>6}  "

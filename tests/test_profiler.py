@@ -300,6 +300,19 @@ def test_run_profile_builds_a_valid_profile_for_a_vit(tmp_path):
     assert summary["profile_seconds"] > 0 and "latency_samples_s" not in summary["link_test"]
 
 
+def test_run_profile_measures_a_kv_share_through_the_evaluate_path():
+    # the split model's fidelity over the loopback group (PositionWise on the overlapped path), its wire bytes from
+    # the codec (a key and a value per token sent as such), its timing per wire vector of its inner format
+    options = ProfileOptions(model="vit-tiny-test", batches=(1, 2), codecs=("int8", "kv50:int8"), warmup=0,
+                             repeats=1, eval_limit=4, meter="modelled", compute_on="here")
+    report = run_profile(options, FakeSession())
+    int8, kv = report.profile.codec("int8"), report.profile.codec("kv50:int8")
+    assert kv.metric == "embedding_cosine" and kv.loss is not None and kv.loss < 0.01
+    assert kv.kv_tokens(100) == 50 and kv.wire_dtype == "int8" and kv.cr == 1
+    assert kv.wire_bytes_per_token == pytest.approx(1.5 * int8.wire_bytes_per_token)
+    assert kv.encode_s_per_vector > 0 and kv.decode_s_per_vector > 0
+
+
 def test_run_profile_for_a_text_model_times_each_sequence_length(tmp_path):
     rows = _rows_file(tmp_path, [{"model": "bert-tiny-test", "world_size": 2, "codec": "sm2", "metric": "cos",
                                   "value": 0.95, "reference_value": 1.0}])
@@ -338,6 +351,12 @@ def test_bad_options_fail_before_measuring(change, match):
 def test_token_counts_that_do_not_fit_the_model_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         validate_options(ProfileOptions(**change))
+
+
+def test_a_kv_share_for_a_decoder_is_refused_naming_the_fix():
+    with pytest.raises(ValueError, match=r"kv50:int8.*gpt2-tiny-test.*decoder.*profile int8 instead"):
+        validate_options(ProfileOptions(model="gpt2-tiny-test", codecs=("fp16", "kv50:int8")))
+    validate_options(ProfileOptions(model="vit-tiny-test", codecs=("fp16", "kv50:int8")))
 
 
 # ---- validation bookkeeping ----

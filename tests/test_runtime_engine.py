@@ -14,10 +14,12 @@ import torch.distributed as dist
 
 from edgeprism.comm import launch as comm_launch
 from edgeprism.comm.launch import WorkerError
+from edgeprism.compress import get_codec
 from edgeprism.models.config import get_config
 from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.plan import Limits
 from edgeprism.plan.synthetic import synthetic_codecs, synthetic_profile
+from edgeprism.profile import CodecFidelity
 from edgeprism.runtime import EngineConfig, launch_local
 from edgeprism.testbed.emulation import write_link_file
 from edgeprism.testbed.presets import LinkPreset
@@ -251,3 +253,19 @@ def test_llama_generates_after_an_uneven_three_rank_prefill_as_one_device():
         counts = split.metrics.plan["token_counts"]
         assert len(set(counts)) == 3, counts  # uneven shares, by speed
         assert torch.equal(split.outputs["tokens"], reference)
+
+
+def test_the_engine_runs_a_kv_share_the_planner_chose_exactly():
+    """A kv share end to end: the planner picks it (compute-bound ranks, a fast link, the engine's overlapped
+    path), the workers run it, and at fp32 the answer is the one-device model's."""
+    codecs = (FP32_ONLY[0], CodecFidelity.from_codec(get_codec("kv100:fp32"), VIT.hidden_size, num_layers=2))
+    profile = replace(_profile((1.0, 1.0, 1.0)), codecs=codecs)
+    inputs = synthetic_inputs(VIT, 2, image_size=64, seed=3)  # 65 tokens over three ranks
+    config = EngineConfig(max_batch=2, learn_compute=False, learn_link=False, learn_speeds=False)
+    with launch_local(3, "vit-tiny-test", profile, config=config) as engine:
+        result = engine.infer(inputs, gather_hidden=True)
+        assert result.metrics.mode == "distributed" and result.metrics.plan["codec"] == "kv100:fp32"
+        with torch.no_grad():
+            reference = engine.model(inputs)
+        for key, value in result.outputs.items():
+            assert torch.allclose(value, reference[key], atol=1e-5, rtol=0), key

@@ -27,15 +27,19 @@ VARIANTS: dict[str, tuple[bool, int]] = {"plain": (False, 1), "overlap": (True, 
 
 
 def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict | None:
-    """Rank function (`edgeprism.comm.job`): args {model, codec, batches, repeats, warmup, variants (default
-    overlap, plain; any of VARIANTS and "local")}. Rank 0 returns per batch each variant's latencies (s), its
-    paired ratios over "plain" (same round) and the median per-layer timeline totals of rank 0 (s)."""
+    """Rank function (`edgeprism.comm.job`): args {model, codec (one name, or several comma-separated: every
+    variant then runs with each, named "variant codec"), batches, repeats, warmup, variants (default overlap,
+    plain; any of VARIANTS and "local")}. Rank 0 returns per batch each variant's latencies (s), its paired ratios
+    over "plain" (same round, one codec) and the median per-layer timeline totals of rank 0 (s)."""
     model = load_model(args["model"], seed=0).to(ctx.device)
-    codec = get_codec(args["codec"])
-    names = list(args.get("variants") or ["overlap", "plain"])
-    variants = {name: PositionWise(model, ctx, codec, overlap=VARIANTS[name][0], micro_batches=VARIANTS[name][1])
-                for name in names if name != "local"}
-    out: dict[str, Any] = {"model": args["model"], "codec": codec.name, "world_size": ctx.world_size, "points": []}
+    codecs = [get_codec(name) for name in args["codec"].split(",")]
+    wanted = list(args.get("variants") or ["overlap", "plain"])
+    variants = {name if len(codecs) == 1 else f"{name} {codec.name}":
+                PositionWise(model, ctx, codec, overlap=VARIANTS[name][0], micro_batches=VARIANTS[name][1])
+                for name in wanted if name != "local" for codec in codecs}
+    names = (["local"] if "local" in wanted else []) + list(variants)
+    out: dict[str, Any] = {"model": args["model"], "codec": ",".join(c.name for c in codecs),
+                           "world_size": ctx.world_size, "points": []}
     for batch in args["batches"]:
         inputs = synthetic_inputs(model.config, batch, seed=batch) if ctx.is_root else None
         times: dict[str, list[float]] = {name: [] for name in names}
@@ -91,15 +95,18 @@ def add_overlap_arguments(parser: argparse.ArgumentParser, codec: str, repeats: 
 def run_overlap(args: argparse.Namespace, variants: Sequence[str] | None = None,
                 on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`overlap_rank` on 2 emulated devices of one core over the link preset `args.link`, with the options of
-    `add_overlap_arguments` (`variants`: None runs overlap and plain). Its result, plus the job's `emulation` and
-    the host's load averages before and after (`load_avg_before`, `load_avg_after`): a busy host makes every
-    number slower and the ratios noisier."""
+    `add_overlap_arguments` (`variants`: None runs overlap and plain; `args.speeds`, where given: one device per
+    speed, each a CPU quota of that many cores). Its result, plus the job's `emulation` and the host's load
+    averages before and after (`load_avg_before`, `load_avg_after`): a busy host makes every number slower and the
+    ratios noisier."""
     load_before = os.getloadavg()
     job = {"model": args.model, "codec": args.codec, "repeats": args.repeats, "warmup": args.warmup,
            "batches": [int(b) for b in args.batches.split(",")]}
     if variants is not None:
         job["variants"] = list(variants)
-    with JobSession(2, get_preset(args.link), backend=args.backend, timeout_s=1800) as session:
+    speeds = getattr(args, "speeds", None)
+    with JobSession(len(speeds) if speeds else 2, get_preset(args.link), backend=args.backend, timeout_s=1800,
+                    speeds=speeds) as session:
         result = session.run(overlap_rank, job, on_progress=on_progress)
         result["emulation"] = session.emulation
     result["load_avg_before"], result["load_avg_after"] = load_before, os.getloadavg()

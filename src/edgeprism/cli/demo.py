@@ -76,7 +76,9 @@ def _profile(args, session, link) -> str:
     """A cached profile for (model, 2 ranks, link, emulation), or a fresh one (< 2 min)."""
     from edgeprism.assets import cache_dir
     from edgeprism.assets.datasets import dinov2_input_fingerprint
+    from edgeprism.compress.registry import list_codecs
     from edgeprism.profile.profiler import ProfileOptions, run_profile
+    from edgeprism.profile.schema import Profile
 
     if args.profile:
         return args.profile
@@ -89,12 +91,17 @@ def _profile(args, session, link) -> str:
     path = (cache_dir() / "profiles"
             / f"{args.model}-w{world}{quotas}-{link.name}-{session.testbed.emulation}{suffix}.json")
     if path.exists() and not args.reprofile:
-        _say(f"profile: using cached {path} (--reprofile to measure again)")
-        return str(path)
+        missing = set(args.codecs) - {c.codec for c in Profile.load(path).codecs}
+        if not missing:
+            _say(f"profile: using cached {path} (--reprofile to measure again)")
+            return str(path)
+        _say(f"profile: cached {path} lacks the codecs {sorted(missing)}: measuring again")
     _say(f"profile: measuring {args.model} on {world} devices over {link} ({session.emulation}) ...")
     # Real weights: every codec's fidelity is measured on the model's evaluation set, so the adaptive plan can
     # use what is faithful; random weights measure nothing (only lossless codecs, or --allow-unmeasured-codecs).
     codecs = tuple(dict.fromkeys((*DEMO_CODECS, args.segment_means_codec))) if real else ()
+    if args.codecs:  # --codecs beyond the default family (kv50:int8) must be in the profile too
+        codecs = tuple(dict.fromkeys((*(codecs or list_codecs()), args.segment_means_codec, *args.codecs)))
     options = ProfileOptions(model=args.model, world_size=world, link=link, link_backend=args.backend,
                              batches=tuple(sorted(set(args.batches))), evaluate=real, checkpoint=args.checkpoint,
                              image_size=args.image_size, codecs=codecs, eval_limit=args.eval_limit)

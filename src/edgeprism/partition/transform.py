@@ -28,6 +28,7 @@ from edgeprism.models.base import (
     SplitBlock,
     check_blocks,
 )
+from edgeprism.models.config import ModelConfig
 from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias, remote_key_bias
 from edgeprism.partition.decode import ShardState, greedy_decode
 from edgeprism.partition.microbatch import LayerSteps, interleave, row_slices
@@ -54,6 +55,21 @@ DEFAULT_OVERLAP = True
 # computes. Measured (scripts/bench_speed.py, wifi4, 2 devices of one core, host shared, paired): at batch 8 0.60x
 # of the plain split's latency for ViT-B/16 fp16 (overlap alone 0.89x) and 0.58x for DINOv2-S fp16 (0.74x).
 DEFAULT_MICRO_BATCHES = 2
+
+
+def kv_share_refusal(config: ModelConfig, overlap: bool = True, average: str = DEFAULT_AVERAGE) -> str | None:
+    """Why a kv-share codec (compress/kvshare.py) cannot run on this model and path, or None if it can: an encoder
+    whose blocks split their attention, on the overlapped path, averaging the normalised input, with keys and values
+    as wide as its hidden states. The planner (plan/constants.py) and the profiler ask it too."""
+    if config.causal or config.exchanges_kv:
+        return "its blocks do not split their attention (a decoder: they exchange keys and values already)"
+    if not overlap:
+        return "the exchange is not overlapped (overlap off, or its blocks do not split their attention)"
+    if average != "normed":
+        return "it averages the residual stream (average='residual')"
+    if config.kv_heads * config.head_dim != config.hidden_size:
+        return "its keys and values are narrower than its hidden states"
+    return None
 
 
 class PositionWise:
@@ -106,10 +122,7 @@ class PositionWise:
         (compress/kvshare.py): an encoder on the overlapped path, averaging the normalised input, whose keys and
         values are as wide as its hidden states."""
         config = self.model.config
-        why = ("its blocks do not split their attention (or it is a decoder, whose blocks exchange keys and values "
-               "already)" if not self.overlap else "it averages the residual stream (average='residual')"
-               if self.average != "normed" else "its keys and values are narrower than its hidden states"
-               if config.kv_heads * config.head_dim != config.hidden_size else None)
+        why = kv_share_refusal(config, self.overlap, self.average)
         if why:
             raise ValueError(f"codec {codec.name} cannot run on {config.name}: {why}; use {codec.inner.name}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from edgeprism.partition.transform import kv_share_refusal
 from edgeprism.profile.schema import Profile
 
 
@@ -43,6 +44,9 @@ class CostConstants(NamedTuple):
     """The runtime overlaps each layer's exchange with its own-key attention (encoders only)."""
     micro_batches: int = 1
     """The runtime splits a batch into this many micro-batches (at most one per row; encoders only)."""
+    kv_share: bool = False
+    """The runtime can run kv-share codecs (compress/kvshare.py): an encoder on the overlapped path
+    (`partition.transform.kv_share_refusal`). Elsewhere the planner never chooses one."""
 
     @property
     def pipelined(self) -> bool:
@@ -55,7 +59,7 @@ def profile_constants(profile: Profile, sealed: bool = False, overlap: bool = Fa
                       micro_batches: int = 1) -> CostConstants:
     """The profile's numbers the hot loop needs, read once per planner call; `sealed`: the lanes are sealed
     (charged when the profile measured what that costs); `overlap`, `micro_batches`: how the runtime hides the
-    exchange (plan/pipeline.py; decoders do neither)."""
+    exchange (plan/pipeline.py; decoders do neither); kv-share codecs need `overlap` on an encoder."""
     c, st, e, seal = profile.compute, profile.staging, profile.energy, profile.sealing
     charged = sealed and seal is not None
     return CostConstants(
@@ -72,7 +76,8 @@ def profile_constants(profile: Profile, sealed: bool = False, overlap: bool = Fa
         seal_message_s=seal.per_message_s if charged else 0.0,  # type: ignore[union-attr]
         seal_byte_s=seal.per_byte_s if charged else 0.0,  # type: ignore[union-attr]
         overlap=overlap and not profile.model.causal,
-        micro_batches=1 if profile.model.causal else max(1, micro_batches))
+        micro_batches=1 if profile.model.causal else max(1, micro_batches),
+        kv_share=kv_share_refusal(profile.model, overlap) is None)
 
 
 def request_constants(constants: CostConstants, input_bytes_per_token: float | None) -> CostConstants:

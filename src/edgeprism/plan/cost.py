@@ -7,11 +7,17 @@ Local (rank 0 alone):
 Distributed over k ranks owning n_p tokens, per layer:
     S_q      = codec.num_vectors(n_q)                 vectors rank q sends per row, asked of the codec
                                                       (Segment Means: ceil(n_q / cr) + anchor slots)
-    msg_q    = B · (wire_bytes_per_row + n_q · wire_bytes_per_token)
+    K_q      = codec.kv_tokens(n_q)                   of them, tokens sent as keys and values (a kv share,
+                                                      compress/kvshare.py; 0 for every other codec)
+    W_q      = S_q + K_q                              vectors on the wire (a key and a value per K_q token)
+    msg_q    = B · (wire_bytes_per_row + n_q · wire_bytes_per_token)   (a kv share: W_q · n_ref / W(n_ref)
+                                                      in place of n_q, its rounding of K_q per message)
     kv_p     = n_p + sum_{q != p} S_q                 (decoders: q < p only — partition-aware causal mask)
-    codec_p  = B · (encode_s · S_p + decode_s · (kv_p - n_p))   the codec's own compute: rank p encodes its
-                                                      message and decodes each one it reads (the profile's
-                                                      `encode_s_per_vector` / `decode_s_per_vector`, at speed 1)
+    spared_p = per_kv_s · B · sum_{q != p} K_q        the received tokens' K/V projections a kv share spares
+    codec_p  = B · (encode_s · W_p + decode_s · sum_{q != p} W_q) - spared_p   the codec's own compute: rank p
+                                                      encodes its message and decodes each one it reads (the
+                                                      profile's `encode_s_per_vector` / `decode_s_per_vector`,
+                                                      at speed 1), less what it spares
     compute  = max_p (t_layer(B, n_p, kv_p) + codec_p) / speed_p
     staging  = max_p d2h(msg_p) + h2d(sum_{q != p} msg_q)      (0 where the profile has no staging)
     network  = 8 · max(0, (k-1) · max_q msg_q - credit) / bandwidth
@@ -28,8 +34,12 @@ Overlap (`CostConstants.overlap`, `micro_batches`; plan/pipeline.py): per layer 
     max(C, (C - own) / m + x, m · x)    instead of C + network + latency,
 C the slowest rank's layer compute (m micro-batches pay the fixed cost m times), own its own-key work
 (Q/K/V projections of its n_own tokens and their attention: B · n_own · (1.5 · per_kv_s + per_token_kv_s ·
-n_own); 0 without overlap), x one micro-batch's exchange (network / m + hops · link latency). What
-this hides comes off network_s first, then off latency_s (both stay critical-path seconds).
+n_own); 0 without overlap; a kv share projects its own K/V before the send: 0.5 · per_kv_s), x one
+micro-batch's exchange (network / m + hops · link latency). What this hides comes off network_s first, then off
+latency_s (both stay critical-path seconds). Kv-share codecs run only there (encoders, overlap on:
+`CostConstants.kv_share`); the planner skips them elsewhere.
+The planner prunes with lower bounds (`group_bound`, `GroupTerms.min_total_s`): per rank base + slope · n plus
+the least any candidate codec adds (`codec_received_s`: its received vectors less what a kv share spares).
 Sealed lanes (`LinkEstimate.sealed`, with the profile's measured `sealing` cost): every message carries
 `overhead_bytes` more (msg_q += overhead), and each rank seals its message and opens the k - 1 it
 receives per layer — half of (per_message_s · k + per_byte_s · sum_q msg_q), the profile having measured
@@ -50,6 +60,7 @@ from edgeprism.partition.ranges import apportion
 from edgeprism.plan.constants import CostConstants, profile_constants, request_constants
 from edgeprism.plan.pipeline import own_key_s, pipelined_layers
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
+from edgeprism.plan.vectors import codec_compute_s, codec_layer_s, codec_received_s, received_vectors
 from edgeprism.profile.schema import CodecFidelity, Profile
 
 
@@ -119,18 +130,6 @@ def message_rounds(num_layers: int, k: int, causal: bool) -> int:
     return 1 + (k - 1) + num_layers * layer_hops + output_hops
 
 
-def received_vectors(segments: Sequence[int], causal: bool) -> list[int]:
-    """Per rank p, the K/V vectors per row it reads from the others' messages of `segments[q]` vectors each:
-    decoders from ranks q < p only (the partition-aware causal mask), encoders from every other rank. A rank's
-    layer attends over its own tokens plus these: kv_p = n_p + received_p."""
-    total = sum(segments)
-    received, seen = [], 0
-    for sent in segments:
-        received.append(seen if causal else total - sent)
-        seen += sent
-    return received
-
-
 def group_bound(constants: CostConstants, batch: int, num_tokens: int, speeds: Sequence[float],
                 link_latency_s: float) -> tuple[float, float]:
     """Lower bounds of (latency_s, energy_j) of any plan over ranks of these speeds, before splitting tokens.
@@ -168,9 +167,17 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
     for n, speed in zip(counts, speeds):
         base.append((a + token_s * n) / speed)
         slope.append((kv_s + token_kv_s * n) / speed)
-    fewest = [min((codec.num_vectors(n) for codec in codecs), default=0) for n in counts]  # per rank
-    # a lower bound of each rank's layer seconds
-    own_layer_s = [b + s * (n + r) for b, s, n, r in zip(base, slope, counts, received_vectors(fewest, causal))]
+    # a lower bound of each rank's layer seconds: the least any codec adds to base + slope · n (its received
+    # vectors, less the K/V projections a kv share spares; encode/decode seconds are >= 0)
+    plain = [codec for codec in codecs if not codec.kv_share]
+    fewest = [min((codec.num_vectors(n) for codec in plain), default=0) for n in counts]  # per sender
+    least = [s * r for s, r in zip(slope, received_vectors(fewest, causal))] if plain or not codecs else None
+    for codec in codecs:
+        if codec.kv_share:
+            added = codec_received_s(codec, kv_s, slope, counts, speeds, causal)
+            least = added if least is None else [min(x, y) for x, y in zip(least, added)]
+    assert least is not None
+    own_layer_s = [b + s * n + x for b, s, n, x in zip(base, slope, counts, least)]
     overhead_s = overhead / speeds[0]
     scatter_bytes = batch * in_bytes * (num_tokens - counts[0]) + (k - 1) * c.seal_bytes
     gather_bytes = (batch * out_bytes + c.seal_bytes) * (k - 1)
@@ -189,16 +196,6 @@ def group_terms(constants: CostConstants, batch: int, speeds: Sequence[float], c
                       own=tuple(own_key_s(b_kv, b_tok_kv, batch, n) / speed for n, speed in zip(counts, speeds)))
 
 
-def codec_compute_s(codec: CodecFidelity, batch: int, segments: Sequence[int], received: Sequence[int],
-                    speeds: Sequence[float]) -> list[float]:
-    """Per rank, one layer's seconds of the codec's own compute: encoding its message of `segments[p]` vectors
-    per row and decoding the `received[p]` it reads (`received_vectors`), at the rank's speed. All zeros for a
-    profile entry without measured encode/decode seconds."""
-    enc_s, dec_s = batch * codec.encode_s_per_vector, batch * codec.decode_s_per_vector
-    return [(enc_s * sent + dec_s * num_received) / speed
-            for sent, num_received, speed in zip(segments, received, speeds)]
-
-
 def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: CodecFidelity, bandwidth_bps: float,
                 objective: str | None = None, beat: float = float("inf")) -> CodecTerms | None:
     """-> (compute_s, staging_s, network_s, latency_s, energy_j, wire_bytes) of one group with one codec.
@@ -214,16 +211,22 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     k = len(counts)
     row_bytes = batch * codec.wire_bytes_per_row + c.seal_bytes  # per message: sealing's nonce and tag too
     token_bytes = batch * codec.wire_bytes_per_token
+    kv_share = codec.kv_share
+    if kv_share:  # its keys-and-values tokens are rounded per message: weigh each message exactly
+        wire_tokens = codec.wire_tokens
+        w_min, w_max, w_all = wire_tokens(n_min), wire_tokens(n_max), sum(wire_tokens(n) for n in counts)
+    else:
+        w_min, w_max, w_all = n_min, n_max, num_tokens
 
-    total_message = k * row_bytes + token_bytes * num_tokens
+    total_message = k * row_bytes + token_bytes * w_all
     # GLOO's all-gather takes equal shapes: every message travels padded to the largest one.
-    max_received = (k - 1) * (row_bytes + token_bytes * n_max)
+    max_received = (k - 1) * (row_bytes + token_bytes * w_max)
     air = k if shared else 1
     # with the whole burst as credit: a lower bound, refined below once the layer's compute is known
     layer_network_s = 8.0 * air * max(0.0, max_received - burst) / bandwidth_bps
     if staged:
         # d2h(msg_p) + h2d(total - msg_p) is linear in msg_p: its maximum is at the smallest or largest message
-        small, large = row_bytes + token_bytes * n_min, row_bytes + token_bytes * n_max
+        small, large = row_bytes + token_bytes * w_min, row_bytes + token_bytes * w_max
         layer_staging_s = stage_lat_s + max(d2h_s_per_byte * small + h2d_s_per_byte * (total_message - small),
                                             d2h_s_per_byte * large + h2d_s_per_byte * (total_message - large))
         sum_staging_s = num_layers * (k * stage_lat_s + d2h_s_per_byte * total_message
@@ -245,8 +248,7 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     num_vectors = codec.num_vectors
     segments = [num_vectors(n) for n in counts]  # vectors each rank's message carries per row, per the codec
     received = received_vectors(segments, causal)
-    coded = (codec_compute_s(codec, batch, segments, received, g.speeds)
-             if codec.encode_s_per_vector or codec.decode_s_per_vector else [])
+    coded = codec_layer_s(codec, c.per_kv_s, batch, counts, segments, received, g.speeds, causal)
     max_layer_s = 0.0
     sum_layer_s = 0.0
     for p in range(k):
@@ -261,9 +263,12 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     layer_hidden_s = 0.0
     if c.pipelined:
         m = min(c.micro_batches, batch)
+        own: Sequence[float] = g.own if c.overlap else ()
+        if own and kv_share:  # the own K/V projections run before the send (plan/pipeline.py `own_key_s`)
+            own = [own_key_s(c.per_kv_s, c.per_token_kv_s, batch, n, kv_share=True) / speed
+                   for n, speed in zip(counts, g.speeds)]
         max_layer_s, sum_layer_s, layer_hidden_s = pipelined_layers(
-            g.base, g.slope, g.fixed, g.own if c.overlap else (), counts, received, m, layer_network_s,
-            g.layer_latency_s, coded)
+            g.base, g.slope, g.fixed, own, counts, received, m, layer_network_s, g.layer_latency_s, coded)
         latency_s += num_layers * (m - 1) * g.layer_latency_s  # every micro-batch pays its hops
     compute_s = num_layers * max_layer_s + overhead_s
     staging_s = num_layers * layer_staging_s + g.setup_seal_s
@@ -306,7 +311,8 @@ def rank_compute_s(profile: Profile, batch: int, counts: Sequence[int], codec: C
     group = group_terms(constants, batch, [1.0] * k, counts, 1.0, 0.0)
     segments = [codec.num_vectors(n) for n in counts]
     received = received_vectors(segments, constants.causal)
-    coded = codec_compute_s(codec, batch, segments, received, [1.0] * k)
+    coded = codec_layer_s(codec, constants.per_kv_s, batch, counts, segments, received, [1.0] * k,
+                          constants.causal) or [0.0] * k
     return [constants.num_layers * (group.base[p] + group.slope[p] * (counts[p] + received[p]) + coded[p])
             + (constants.request_overhead_s if p == 0 else 0.0) for p in range(k)]
 
@@ -367,6 +373,8 @@ __all__ = [
     "GroupTerms",
     "apportion",
     "codec_compute_s",
+    "codec_layer_s",
+    "codec_received_s",
     "codec_terms",
     "distributed_prediction",
     "distributed_terms",

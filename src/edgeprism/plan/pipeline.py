@@ -7,7 +7,9 @@ The runtime can hide a layer's exchange two ways (partition/overlap.py, partitio
   run beside the exchange is the layer's own-key work, `own_key_s`: the own tokens' K/V projections and
   their attention over each other (per_kv_s and per_token_kv_s in the cost model's layer formula, at kv =
   n_own) plus their Q projection — a third GEMM of the same size as K's or V's, so half of what per_kv_s
-  prices per token (the profile does not time Q apart: it sits in per_token_s with the MLP).
+  prices per token (the profile does not time Q apart: it sits in per_token_s with the MLP). A kv-share codec
+  (compress/kvshare.py) sends some own keys and values, so the rank projects its K/V before the send: only the
+  Q projection and the own attention remain beside the exchange.
 - **Micro-batches** (`micro_batches` = m >= 2): the batch runs as m slices in turn, layer by layer, so one
   slice's exchange travels while the others compute. Each slice pays the per-call fixed cost again and its
   own link hops; its bytes are 1/m of the batch's.
@@ -36,10 +38,12 @@ def pipelined_layer_s(compute_s: float, own_s: float, exchange_s: float, micro_b
     return max(compute_s, (compute_s - own_s) / m + exchange_s, m * exchange_s)
 
 
-def own_key_s(per_kv_s: float, per_token_kv_s: float, batch: int, num_own: int) -> float:
+def own_key_s(per_kv_s: float, per_token_kv_s: float, batch: int, num_own: int, kv_share: bool = False) -> float:
     """A layer's own-key work at speed 1 (see the module docstring): K/V projections and the attention of the
-    own tokens over each other, and their Q projection, half of what the K/V projections cost."""
-    return batch * num_own * (1.5 * per_kv_s + per_token_kv_s * num_own)
+    own tokens over each other, and their Q projection, half of what the K/V projections cost. `kv_share`: a
+    kv-share codec sends some own keys and values (compress/kvshare.py), so the rank projects them all before
+    its send: only the Q projection and the attention run beside the exchange."""
+    return batch * num_own * ((0.5 if kv_share else 1.5) * per_kv_s + per_token_kv_s * num_own)
 
 
 def pipelined_layers(base: Sequence[float], slope: Sequence[float], fixed: Sequence[float], own: Sequence[float],
@@ -47,7 +51,8 @@ def pipelined_layers(base: Sequence[float], slope: Sequence[float], fixed: Seque
                      hops_latency_s: float, codec_s: Sequence[float] = ()) -> tuple[float, float, float]:
     """One layer of an encoder plan, per rank p layer seconds = base_p + slope_p · kv_p (plan/cost.py; kv_p =
     counts[p] + received[p], the vectors per row it reads from the others: `received_vectors`) plus
-    (m - 1) · fixed_p plus `codec_s[p]` (the codec's own encode/decode, compute like the rest; empty: none);
+    (m - 1) · fixed_p plus `codec_s[p]` (the codec's own encode/decode, compute like the rest, less the K/V
+    projections a kv share spares the receiver: `plan.vectors.codec_layer_s`; empty: none);
     `own` per rank the own-key seconds that may run beside the exchange (empty: no overlap),
     `network_s` the layer's wire seconds for the whole batch,
     `hops_latency_s` one exchange's hops × link latency -> (the slowest rank's layer compute, the ranks' summed

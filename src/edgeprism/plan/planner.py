@@ -7,7 +7,8 @@ Faithful by default: `Limits()` admits only codecs whose loss for this model was
 measured by a metric no budget applies to (a decoder's perplexity: its budget is on next-token agreement,
 `evaluate.metrics`) counts as unmeasured, and the plan's reason says so.
 
-Candidates are local, and for every group size k = 2..healthy ranks and every profiled codec, the
+Candidates are local, and for every group size k = 2..healthy ranks and every profiled codec the runtime can
+run (kv-share codecs only on an encoder's overlapped path: `path_exclusion`), the
 distributed plan over rank 0 plus the k-1 fastest other healthy ranks, each with the token splits of
 `plan.shares.candidate_splits` (balanced to the devices' speeds, and blends towards equal shares). Speeds
 are the profile's times the live per-device scale (`LinkEstimate.device_speed_scale`: a straggler slowed
@@ -81,10 +82,13 @@ def _groups(profile: Profile, link: LinkEstimate) -> list[tuple[int, ...]]:
 
 def _dominates(a: CodecFidelity, b: CodecFidelity) -> bool:
     """`a` costs no more than `b` in every term of the cost model (fewer or equal vectors, bytes and codec
-    seconds per vector) and loses no more fidelity, so whenever `b` is admissible `a` is too and predicts no worse."""
+    seconds per vector, the same kv share) and loses no more fidelity, so whenever `b` is admissible `a` is too
+    and predicts no worse."""
     loss_a = _INF if a.fidelity_loss is None else a.fidelity_loss
     loss_b = _INF if b.fidelity_loss is None else b.fidelity_loss
     return (a.cr >= b.cr and a.extra_vectors_per_row <= b.extra_vectors_per_row
+            and a.kv_share == b.kv_share  # a kv share trades wire bytes for compute: the same share only
+            and (not a.kv_share or a.kv_tokens(100) == b.kv_tokens(100))
             and a.wire_bytes_per_token <= b.wire_bytes_per_token and a.wire_bytes_per_row <= b.wire_bytes_per_row
             and a.encode_s_per_vector <= b.encode_s_per_vector and a.decode_s_per_vector <= b.decode_s_per_vector
             and loss_a <= loss_b)
@@ -123,6 +127,14 @@ def codec_exclusion(codec: CodecFidelity, limits: Limits) -> str | None:
             f"{limits.max_fidelity_loss:.2%}")
 
 
+def path_exclusion(codec: CodecFidelity, constants: CostConstants) -> str | None:
+    """Why the runtime cannot run `codec` the way it will run this plan (`CostConstants.kv_share`), or None."""
+    if codec.kv_share and not constants.kv_share:
+        return (f"{codec.codec}: keys and values travel only on an encoder's overlapped path (overlap on; "
+                f"partition.transform.kv_share_refusal)")
+    return None
+
+
 def _plan(profile: Profile, objective: str, ranks: tuple[int, ...], counts: tuple[int, ...],
           codec: CodecFidelity | None, latency_s: float, energy_j: float, reason: str, within: bool = True) -> Plan:
     if codec is None:
@@ -157,15 +169,17 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     # Dominance is taken among the listed codecs only: an unlisted codec must not hide a listed one it dominates.
     candidates = (profile.derived("plan.undominated_codecs", _undominated_codecs) if limits.codecs is None
                   else _undominated(listed))
-    codecs = tuple(c for c in candidates if limits.admits(c.fidelity_loss))
+    constants = _constants(profile, live_link_estimate, request)
+    codecs = tuple(c for c in candidates if limits.admits(c.fidelity_loss) and not path_exclusion(c, constants))
     num_unlisted = len(profile.codecs) - len(listed)
     losses = [c.fidelity_loss for c in listed]
     num_over_budget = sum(1 for loss in losses if loss is not None and not limits.admits(loss))
     num_unmeasured = sum(1 for loss in losses if loss is None and not limits.admits(None))
     report_only = sorted({f"{c.codec} ({c.report_only_metric})" for c in listed
                           if c.fidelity_loss is None and c.report_only_metric and not limits.admits(None)})
+    num_off_path = sum(1 for c in listed if limits.admits(c.fidelity_loss) and path_exclusion(c, constants))
     num_fidelity_excluded = num_over_budget + num_unmeasured + num_unlisted
-    num_admissible = len(profile.codecs) - num_fidelity_excluded
+    num_admissible = len(profile.codecs) - num_fidelity_excluded - num_off_path
 
     local_s, local_j = local_terms(profile, batch, num_tokens, _local_scale(profile, live_link_estimate))
     # An option: (score, latency_s, energy_j, ranks, counts, codec or None for local).
@@ -179,7 +193,6 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     else:
         num_over_ceiling += 1
     speeds_all = live_link_estimate.effective_speeds(profile.device_speeds)
-    constants = _constants(profile, live_link_estimate, request)
     ends_memo = profile.derived(f"plan.split_ends.{_mode_key(live_link_estimate)}", _new_memo)
     for ranks in _groups(profile, live_link_estimate):
         if num_tokens < len(ranks):
@@ -238,6 +251,8 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
     if report_only:
         notes.append(f"of them measured only by a metric no budget applies to: {', '.join(report_only)} (a "
                      f"decoder's budget is on next-token agreement; measure it with `edgeprism eval --out`)")
+    if num_off_path:
+        notes.append(f"{num_off_path} kv-share codec(s) (keys and values travel only on an encoder's overlapped path)")
     if num_over_ceiling:
         notes.append(f"some over the {ceiling * 1e3:.1f} ms ceiling")  # type: ignore[operator]
     tail = f"; excluded: {', '.join(notes)}" if notes else ""
@@ -284,7 +299,8 @@ def enumerate_candidates(profile: Profile, request: Request, live_link_estimate:
             prediction = distributed_prediction(terms, profile)
             plan = _plan(profile, objective, ranks, counts, codec, prediction.total_s, prediction.energy_j,
                          prediction.explain())
-            out.append(Candidate(plan, prediction, codec_exclusion(codec, limits) or over_ceiling(prediction.total_s)))
+            out.append(Candidate(plan, prediction, codec_exclusion(codec, limits) or path_exclusion(codec, constants)
+                                 or over_ceiling(prediction.total_s)))
     return out
 
 
@@ -328,7 +344,7 @@ def best_split(constants: CostConstants, batch: int, speeds: list[float], num_to
     return best[1], best[2]
 
 
-__all__ = ["best_split", "choose_plan", "codec_exclusion", "enumerate_candidates"]
+__all__ = ["best_split", "choose_plan", "codec_exclusion", "enumerate_candidates", "path_exclusion"]
 
 
 def static_plan(profile: Profile, request: Request, live_link_estimate: LinkEstimate, mode: str,

@@ -8,11 +8,13 @@ cost model's own layer formula (`plan.cost`):
     t_p(n) = (a + b_tok·B·n + (b_kv·B + b_tok_kv·B·n) · kv(n)) / speed_p,
     kv(n)  = n + rho · (N - n)        (rho = vectors the codec sends per token: 1 at CR 1, ~1/cr with Segment Means)
 
-so t_p is a quadratic in n; the level T with sum_p n_p(T) = N is found by bisection and each n_p(T) in
-closed form (a rank whose fixed cost alone exceeds T gets ~0 and is rounded up to one token; dropping it
-altogether is the planner's choice of rank group). GLOO's all-gather pads every message to the largest,
-so the network favours equal shares; `candidate_splits` therefore also offers blends of the balanced
-split towards the equal one, and the planner keeps whichever its cost model scores best.
+(a kv share, whose receivers do not project the K/V of the fraction f of the others' tokens that arrives as
+keys and values, takes b_kv·B·f·(N - n) off), so t_p is a quadratic in n; the level T with sum_p n_p(T) = N is
+found by bisection and each n_p(T) in closed form (a rank whose fixed cost alone exceeds T gets ~0 and is
+rounded up to one token; dropping it altogether is the planner's choice of rank group). GLOO's all-gather pads
+every message to the largest, so the network favours equal shares; `candidate_splits` therefore also offers
+blends of the balanced split towards the equal one, and the planner keeps whichever its cost model scores
+best.
 
 Decoders (causal) see only earlier ranks' vectors; the same formula with rho halved stands for the
 average rank. Pure arithmetic, like the rest of `plan`.
@@ -45,7 +47,7 @@ class SplitCache:
     profile instance (`Profile.derived`), so a stream of alike requests solves them once."""
 
     ends: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-    by_rho: dict[float, list[tuple[int, ...]]] = field(default_factory=dict)
+    by_rho: dict[float | tuple[float, float, bool], list[tuple[int, ...]]] = field(default_factory=dict)
     ends_memo: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] | None = None
 
 
@@ -66,14 +68,15 @@ def _tokens_at(level_s: float, speed: float, c0: float, c1: float, c2: float) ->
 
 
 def balanced_weights(constants: CostConstants, batch: int, speeds: Sequence[float], num_tokens: int,
-                     rho: float) -> tuple[float, ...]:
+                     rho: float, spared: float = 0.0) -> tuple[float, ...]:
     """Real token counts per rank (summing to `num_tokens`) that give every rank the same predicted layer
-    time; see the module docstring. All speeds equal: the equal split."""
+    time; see the module docstring. `spared`: of another rank's tokens, the fraction that arrives as keys and
+    values (a kv share: no K/V projection for them). All speeds equal: the equal split."""
     c = constants
     n_all = float(num_tokens)
     # t(n) · speed = c0 + c1 n + c2 n²
-    c0 = c.fixed_s + c.per_kv_s * batch * rho * n_all
-    c1 = batch * (c.per_token_s + c.per_kv_s * (1 - rho) + c.per_token_kv_s * rho * n_all)
+    c0 = c.fixed_s + c.per_kv_s * batch * (rho - spared) * n_all
+    c1 = batch * (c.per_token_s + c.per_kv_s * (1 - rho + spared) + c.per_token_kv_s * rho * n_all)
     c2 = batch * c.per_token_kv_s * (1 - rho)
     if c1 <= 0 and c2 <= 0:
         return tuple(n_all * s / sum(speeds) for s in speeds)
@@ -101,22 +104,27 @@ def candidate_splits(constants: CostConstants, batch: int, speeds: Sequence[floa
     # rho to 1/50: the split moves by less than a token between neighbours, and codecs of about one
     # ratio (sm4, sm4a, sm4+int8) share one entry
     rho = round(visible_fraction(codec, num_tokens, constants.causal) * RHO_STEPS) / RHO_STEPS
-    key = rho if blends else -1.0 - rho
+    # a kv share: the fraction of the others' tokens whose K/V arrive projected (plan/cost.py)
+    spared = 0.0 if codec is None else codec.kv_tokens(num_tokens) / num_tokens / (2 if constants.causal else 1)
+    key: float | tuple[float, float, bool] = (rho if blends else -1.0 - rho) if not spared else (rho, spared, blends)
     if key in cache.by_rho:
         return cache.by_rho[key]
-    # The two ends solved once per group, codecs in between interpolated: exact at CR 1 and close
-    # elsewhere (the rounding to whole tokens is coarser than the difference).
-    if cache.ends is None:
-        memo_key = (tuple(speeds), batch, num_tokens)
-        cache.ends = None if cache.ends_memo is None else cache.ends_memo.get(memo_key)
+    if spared:  # solved on its own, not interpolated between the ends
+        balanced = list(balanced_weights(constants, batch, speeds, num_tokens, rho, spared))
+    else:
+        # The two ends solved once per group, codecs in between interpolated: exact at CR 1 and close
+        # elsewhere (the rounding to whole tokens is coarser than the difference).
         if cache.ends is None:
-            cache.ends = (balanced_weights(constants, batch, speeds, num_tokens, 0.0),
-                          balanced_weights(constants, batch, speeds, num_tokens, 1.0))
-            if cache.ends_memo is not None:
-                if len(cache.ends_memo) >= ENDS_MEMO_SIZE:
-                    cache.ends_memo.clear()
-                cache.ends_memo[memo_key] = cache.ends
-    balanced = [(1 - rho) * w0 + rho * w1 for w0, w1 in zip(*cache.ends)]
+            memo_key = (tuple(speeds), batch, num_tokens)
+            cache.ends = None if cache.ends_memo is None else cache.ends_memo.get(memo_key)
+            if cache.ends is None:
+                cache.ends = (balanced_weights(constants, batch, speeds, num_tokens, 0.0),
+                              balanced_weights(constants, batch, speeds, num_tokens, 1.0))
+                if cache.ends_memo is not None:
+                    if len(cache.ends_memo) >= ENDS_MEMO_SIZE:
+                        cache.ends_memo.clear()
+                    cache.ends_memo[memo_key] = cache.ends
+        balanced = [(1 - rho) * w0 + rho * w1 for w0, w1 in zip(*cache.ends)]
     k = len(speeds)
     splits: list[tuple[int, ...]] = []
     for blend in SPLIT_BLENDS if blends else SPLIT_BLENDS[:1]:

@@ -9,7 +9,10 @@ transforms: those with `session()`) are driven through a session over the model'
 drives them, so the figure is the mean over layers (a key frame at layer 0, residuals after).
 
 Per vector means per vector sent (encode: the `num_vectors(n)` a message carries for n tokens) and per vector
-received (decode); for codecs that send every token both are per token. Each figure is the median of
+received (decode); for codecs that send every token both are per token. A kv share (kv50:int8) is timed on a
+message of random vectors, as its inner format encodes the keys-and-values message: its figures are per vector on
+the wire (`CodecFidelity.wire_vectors`: a key and a value per token sent as such), as the cost model charges them.
+Each figure is the median of
 `repeats` timed passes after `warmup` untimed ones; a pass covers about `target_vectors` vectors, so the whole
 measurement stays near a second per codec even for the slowest codecs here (~40 µs per vector).
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgeprism.compress.base import Codec
+from edgeprism.compress.kvshare import NAME as KV_SHARE_NAME
 from edgeprism.compress.registry import get_codec, is_lossless, mean_nbytes
 from edgeprism.evaluate.metrics import SECONDARY_METRICS
 
@@ -256,6 +257,35 @@ class CodecFidelity:
         the codec, whatever its shape (`Codec.num_vectors`)."""
         return self.exchange_codec.num_vectors(num_tokens)
 
+    @property
+    def kv_share(self) -> bool:
+        """The codec sends a share of the tokens as keys and values (compress/kvshare.py, `kv<P>:<format>`)."""
+        kv_share = self.__dict__.get("_kv_share")
+        if kv_share is None:
+            kv_share = KV_SHARE_NAME.fullmatch(self.codec.strip().lower()) is not None
+            object.__setattr__(self, "_kv_share", kv_share)  # a cache, not data (the planner's hot loop asks)
+        return kv_share
+
+    def kv_tokens(self, num_tokens: int) -> int:
+        """Of a sender's `num_tokens` tokens, how many travel as keys and values (each two vectors on the wire,
+        nothing for a receiver to project): asked of the codec; 0 for every codec but a kv share."""
+        if not self.kv_share:
+            return 0
+        return int(self.exchange_codec.kv_tokens(num_tokens))  # type: ignore[attr-defined]
+
+    def wire_vectors(self, num_tokens: int) -> int:
+        """Vectors per row a sender of `num_tokens` tokens encodes and each receiver decodes: `num_vectors` plus
+        a kv share's second vector (the value) per token sent as keys and values."""
+        return self.num_vectors(num_tokens) + self.kv_tokens(num_tokens)
+
+    def wire_tokens(self, num_tokens: int) -> float:
+        """What a message of `num_tokens` tokens weighs in units of `wire_bytes_per_token`: `num_tokens`, except
+        that a kv share rounds its keys-and-values tokens per message (`kv_tokens`), which the per-token mean
+        (its share of a hundred tokens) does not."""
+        if not self.kv_share:
+            return float(num_tokens)
+        return self.wire_vectors(num_tokens) * 100 / self.wire_vectors(100)
+
     @classmethod
     def from_codec(cls, codec: Codec, hidden_size: int, metric: str | None = None, value: float | None = None,
                    reference_value: float | None = None, num_layers: int | None = None) -> CodecFidelity:
@@ -266,7 +296,8 @@ class CodecFidelity:
         message changes by layer (delta coding: a key frame at layer 0, smaller residuals after), which
         need `num_layers`; for every other codec the mean is `nbytes` and `num_layers` changes nothing.
         The byte count is affine in n over whole segments (and whole bytes of a bit-packed mask), so two
-        probes at multiples of 8·ratio give the per-token slope and the per-row intercept exactly. A
+        probes at multiples of 8·ratio give the per-token slope and the per-row intercept exactly (a kv share's
+        at multiples of 800, where its P % is whole tokens too; `wire_tokens` has its rounding per message). A
         constant per message (the 2-byte width of a low-bit format) lands in the per-row part: exact for
         one row, 2 bytes per extra row and message over."""
         if num_layers is None:
@@ -275,14 +306,16 @@ class CodecFidelity:
                                  f"give num_layers (the model's block count) to charge the mean per layer")
             num_layers = 1
         cr = int(codec.ratio)
-        probe = 64 * cr
+        # a kv share sends round(P · n / 100) of n tokens as keys and values: exact (and whole mask bytes) at 800
+        probe = 800 * cr if hasattr(codec, "kv_tokens") else 64 * cr
         small = mean_nbytes(codec, num_layers, 1, probe, hidden_size)
         per_token = (mean_nbytes(codec, num_layers, 1, 2 * probe, hidden_size) - small) / probe
-        values = getattr(codec, "values", None)
+        inner = getattr(codec, "inner", codec) if hasattr(codec, "kv_tokens") else codec  # a kv share's format
+        values = getattr(inner, "values", None)
         loss = None
         if value is not None and reference_value is not None:
             loss = cls.normalised_loss(value, reference_value)
-        return cls(codec=codec.name, cr=cr, wire_dtype=getattr(values, "name", codec.name),
+        return cls(codec=codec.name, cr=cr, wire_dtype=getattr(values, "name", inner.name),
                    wire_bytes_per_token=per_token, wire_bytes_per_row=small - probe * per_token,
                    extra_vectors_per_row=int(codec.extra_vectors), metric=metric, value=value,
                    reference_value=reference_value, loss=loss)
