@@ -127,8 +127,4 @@ def kv_split(codec: KVShareCodec, rows: Tensor, counts: Tensor, num_tokens: int
     return rows[:, :m], counts[:, :m], rows[:, m:m + k], rows[:, m + k:], counts[:, m:m + k]
 
 
-def is_kv_share(codec: object) -> bool:
-    return isinstance(codec, KVShareCodec)
-
-
-__all__ = ["NAME", "KVShareCodec", "heads_to_rows", "is_kv_share", "kv_message", "kv_split", "rows_to_heads"]
+__all__ = ["NAME", "KVShareCodec", "heads_to_rows", "kv_message", "kv_split", "rows_to_heads"]

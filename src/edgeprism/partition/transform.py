@@ -104,10 +104,10 @@ class PositionWise:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches if self.overlap else 1
-        if isinstance(self.codec, KVShareCodec):
-            self._check_kv_share(self.codec)
         """Rows run as this many micro-batches, one exchanging while another computes (partition/microbatch.py;
         only on the overlapped path). Rank 0's value travels in the request's header."""
+        if isinstance(self.codec, KVShareCodec):
+            self._check_kv_share(self.codec)
         self.timeline = Timeline()
         """This rank's last request, layer by layer (partition/timeline.py)."""
         self._requests = 0
