@@ -104,3 +104,18 @@ def test_models_and_paths_that_cannot_use_it_are_refused_with_the_fix(name, aver
     with pytest.raises(ValueError, match=f"{match}.*use int8"):
         LoopbackGroup(1).run(lambda ctx, exchanger: PositionWise(model, ctx, get_codec("kv50:int8"),
                                                                  exchanger=exchanger, average=average))
+
+
+def test_accounting_counts_the_projections_a_kv_share_spares():
+    from edgeprism.models.config import get_config
+    from edgeprism.plan.accounting import exchange_cost, layer_flops
+
+    config = get_config("vit-base-patch16-224")
+    d = config.hidden_size
+    plain = exchange_cost(config, (99, 98), "int8", batch=2)
+    shared = exchange_cost(config, (99, 98), "kv100:int8", batch=2)
+    # every received token arrives projected: rank 0 skips 98 tokens' K and V, rank 1 99 tokens'
+    spared = [plain.flops_per_layer_per_rank[p] - shared.flops_per_layer_per_rank[p] for p in range(2)]
+    assert spared == [2 * 2 * 2 * 98 * d * d, 2 * 2 * 2 * 99 * d * d]
+    assert shared.message_bytes_per_rank[0] > plain.message_bytes_per_rank[0]
+    assert layer_flops(config, 10, 5, 1) == layer_flops(config, 10, 5, 1, num_remote_projected=5)

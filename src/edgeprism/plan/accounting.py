@@ -18,7 +18,7 @@ attends to r remote vectors, batch B; single device: n = N, r = 0):
     Q projection        2·B·n·d²
     K, V projections    2·2·B·(n + r)·d·d_kv     (d_kv = kv_heads·head_dim, d without grouped-query attention;
                                                   n alone where blocks exchange rotated K/V: received rows
-                                                  arrive projected)
+                                                  arrive projected; a kv share's projected rows likewise)
     scores QKᵀ, A·V     2·2·B·n·(n + r)·d        (dense: a causal mask does not skip work)
     output projection   2·B·n·d²
     MLP                 2·m·B·n·d·d_mlp          (m = 2 matrices; 3 for SwiGLU)
@@ -52,11 +52,16 @@ Flow = Literal["all_gather", "to_higher_ranks"]
 FLOWS: tuple[Flow, ...] = ("all_gather", "to_higher_ranks")
 
 
-def layer_flops(config: ModelConfig, num_own_tokens: int, num_remote_vectors: int = 0, batch: int = 1) -> int:
-    """Matmul FLOPs of one block for `num_own_tokens` queries over own + remote keys (module convention)."""
+def layer_flops(config: ModelConfig, num_own_tokens: int, num_remote_vectors: int = 0, batch: int = 1,
+                num_remote_projected: int | None = None) -> int:
+    """Matmul FLOPs of one block for `num_own_tokens` queries over own + remote keys (module convention);
+    `num_remote_projected`: of the remote vectors, those this rank projects itself (None: all, or none where blocks
+    exchange rotated K/V; a kv share, compress/kvshare.py, sends the rest projected)."""
     d, d_mlp, d_kv = config.hidden_size, config.intermediate_size, config.kv_heads * config.head_dim
     n, kv = num_own_tokens, num_own_tokens + num_remote_vectors
-    projected = n if config.exchanges_kv else kv  # K/V rows this rank projects
+    if num_remote_projected is None:
+        num_remote_projected = 0 if config.exchanges_kv else num_remote_vectors
+    projected = n + num_remote_projected  # K/V rows this rank projects
     q_and_out = 2 * 2 * n * d * d
     k_and_v = 2 * 2 * projected * d * d_kv
     attention = 2 * 2 * n * kv * d
@@ -175,7 +180,10 @@ def exchange_cost(config: ModelConfig, token_shares: tuple[int, ...] | list[int]
     vectors = [num_vectors(codec, n) for n in shares]
     remote = [sum(vectors[q] for q in senders_to(p) if q != p) for p in range(ranks)]
     received = [sum(messages[q] for q in senders_to(p) if q != p) for p in range(ranks)]
-    layer = [layer_flops(config, n, r, batch) for n, r in zip(shares, remote)]
+    kv_sent = [getattr(codec, "kv_tokens", lambda _n: 0)(n) for n in shares]  # a kv share's projected tokens
+    projected = [r - sum(kv_sent[q] for q in senders_to(p) if q != p) for p, r in enumerate(remote)]
+    layer = [layer_flops(config, n, r, batch, None if config.exchanges_kv else m)
+             for n, r, m in zip(shares, remote, projected)]
     full = message_bytes(IdentityCodec(torch.float32))
     return ExchangeCost(
         model=config.name, codec=codec.name, flow=flow, batch=batch, token_shares=shares,
