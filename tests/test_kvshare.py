@@ -119,3 +119,12 @@ def test_accounting_counts_the_projections_a_kv_share_spares():
     assert spared == [2 * 2 * 2 * 98 * d * d, 2 * 2 * 2 * 99 * d * d]
     assert shared.message_bytes_per_rank[0] > plain.message_bytes_per_rank[0]
     assert layer_flops(config, 10, 5, 1) == layer_flops(config, 10, 5, 1, num_remote_projected=5)
+
+
+def test_the_refusal_rule_defaults_to_the_transforms_averaging():
+    import inspect
+
+    from edgeprism.partition.kvwire import kv_share_refusal
+    from edgeprism.partition.transform import DEFAULT_AVERAGE
+
+    assert inspect.signature(kv_share_refusal).parameters["average"].default == DEFAULT_AVERAGE

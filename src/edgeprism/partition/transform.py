@@ -20,7 +20,7 @@ from torch import Tensor
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
-from edgeprism.compress.kvshare import KVShareCodec, kv_message, kv_split, rows_to_heads
+from edgeprism.compress.kvshare import KVShareCodec, kv_message, rows_to_heads
 from edgeprism.models.base import (
     Inputs,
     KVExchangeBlock,
@@ -28,9 +28,9 @@ from edgeprism.models.base import (
     SplitBlock,
     check_blocks,
 )
-from edgeprism.models.config import ModelConfig
 from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias, remote_key_bias
 from edgeprism.partition.decode import ShardState, greedy_decode
+from edgeprism.partition.kvwire import decoded_messages, kv_share_refusal, read_kv_messages
 from edgeprism.partition.microbatch import LayerSteps, interleave, row_slices
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
@@ -55,21 +55,6 @@ DEFAULT_OVERLAP = True
 # computes. Measured (scripts/bench_speed.py, wifi4, 2 devices of one core, host shared, paired): at batch 8 0.60x
 # of the plain split's latency for ViT-B/16 fp16 (overlap alone 0.89x) and 0.58x for DINOv2-S fp16 (0.74x).
 DEFAULT_MICRO_BATCHES = 2
-
-
-def kv_share_refusal(config: ModelConfig, overlap: bool = True, average: str = DEFAULT_AVERAGE) -> str | None:
-    """Why a kv-share codec (compress/kvshare.py) cannot run on this model and path, or None if it can: an encoder
-    whose blocks split their attention, on the overlapped path, averaging the normalised input, with keys and values
-    as wide as its hidden states. The planner (plan/constants.py) and the profiler ask it too."""
-    if config.causal or config.exchanges_kv:
-        return "its blocks do not split their attention (a decoder: they exchange keys and values already)"
-    if not overlap:
-        return "the exchange is not overlapped (overlap off, or its blocks do not split their attention)"
-    if average != "normed":
-        return "it averages the residual stream (average='residual')"
-    if config.kv_heads * config.head_dim != config.hidden_size:
-        return "its keys and values are narrower than its hidden states"
-    return None
 
 
 class PositionWise:
@@ -106,8 +91,10 @@ class PositionWise:
         self.micro_batches = micro_batches if self.overlap else 1
         """Rows run as this many micro-batches, one exchanging while another computes (partition/microbatch.py;
         only on the overlapped path). Rank 0's value travels in the request's header."""
-        if isinstance(self.codec, KVShareCodec):
-            self._check_kv_share(self.codec)
+        why = kv_share_refusal(model.config, self.overlap, average) if isinstance(self.codec, KVShareCodec) else None
+        if why:  # compress/kvshare.py: an encoder on the overlapped path only
+            raise ValueError(f"codec {self.codec.name} cannot run on {model.config.name}: {why}; use "
+                             f"{cast(KVShareCodec, self.codec).inner.name}")
         self.timeline = Timeline()
         """This rank's last request, layer by layer (partition/timeline.py)."""
         self._requests = 0
@@ -116,15 +103,6 @@ class PositionWise:
         (`split`), a receiver decoding its own (`_scatter`)."""
         self._warned_ratio = not warn_clamped_ratio
         """One warning when a CR exceeds a rank's tokens (off where the caller reports it, e.g. evaluations)."""
-
-    def _check_kv_share(self, codec: KVShareCodec) -> None:
-        """ValueError unless this model and path can send keys and values for a share of the tokens
-        (compress/kvshare.py): an encoder on the overlapped path, averaging the normalised input, whose keys and
-        values are as wide as its hidden states."""
-        config = self.model.config
-        why = kv_share_refusal(config, self.overlap, self.average)
-        if why:
-            raise ValueError(f"codec {codec.name} cannot run on {config.name}: {why}; use {codec.inner.name}")
 
     # --- start-up check ---
     def settings(self) -> dict:
@@ -342,7 +320,8 @@ class PositionWise:
                 received = pending.wait()
             remote_kv = None
             if share is not None:
-                remote, counts, keys, values, kv_counts = self._readable_kv(share, received, specs, ranges, sent)
+                remote, counts, keys, values, kv_counts = read_kv_messages(share, received, specs, self.ctx.group_rank,
+                                                                           ranges, sent.dtype)
                 heads = own.kv[0].shape[1]
                 remote_kv = rows_to_heads(keys, heads), rows_to_heads(values, heads)
                 counts = torch.cat([counts, kv_counts], dim=1)
@@ -352,20 +331,6 @@ class PositionWise:
             remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
             hidden, _ = own.finish(hidden, remote_kv_in, remote_bias, remote_kv=remote_kv)  # encoders keep no cache
         return hidden
-
-    def _readable_kv(self, codec: KVShareCodec, received: Sequence[Tensor | None], specs: list,
-                     ranges: tuple[TokenRange, ...], sent: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The others' messages of a kv-share codec -> (K/V inputs (B, S_in, d), their counts (B, S_in), keys and
-        values in the heads-merged layout (B, S_kv, d) each, their counts (B, S_kv)), senders in rank order."""
-        parts: list[list[Tensor]] = [[], [], [], [], []]
-        for q, buffer in enumerate(received):
-            if q == self.ctx.group_rank or buffer is None:
-                continue
-            rows, counts = codec.decode(unpack(buffer, specs[q]))
-            for bucket, piece in zip(parts, kv_split(codec, rows.to(sent.dtype), counts, ranges[q].num_tokens)):
-                bucket.append(piece)
-        inputs, in_counts, keys, values, kv_counts = (torch.cat(bucket, dim=1) for bucket in parts)
-        return inputs, in_counts, keys, values, kv_counts
 
     def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session, layer: int) -> Tensor:
         with self.timeline.encoding():
@@ -398,11 +363,9 @@ class PositionWise:
         rank = self.ctx.group_rank
         batch, _, d = hidden.shape
         vectors, counts = [], []
-        for q, buffer in enumerate(received):
-            if q == rank or buffer is None:
-                continue
-            wire = unpack(buffer, specs[q])
-            v, c = session.decode(layer, q, wire) if session is not None else self.codec.decode(wire)
+        decode = (lambda q, wire: session.decode(layer, q, wire)) if session is not None else (
+            lambda _q, wire: self.codec.decode(wire))
+        for _q, v, c in decoded_messages(received, specs, rank, decode):
             vectors.append(v.to(hidden.dtype))
             counts.append(c)
         if not vectors:  # rank 0 of a causal model reads nobody

@@ -45,6 +45,7 @@ import torch
 
 from edgeprism.compress.base import Codec, IdentityCodec
 from edgeprism.compress.codecs import SegmentMeansCodec
+from edgeprism.compress.kvshare import KVShareCodec
 from edgeprism.compress.registry import get_codec, num_vectors, request_nbytes
 from edgeprism.models.config import ModelConfig
 
@@ -180,7 +181,7 @@ def exchange_cost(config: ModelConfig, token_shares: tuple[int, ...] | list[int]
     vectors = [num_vectors(codec, n) for n in shares]
     remote = [sum(vectors[q] for q in senders_to(p) if q != p) for p in range(ranks)]
     received = [sum(messages[q] for q in senders_to(p) if q != p) for p in range(ranks)]
-    kv_sent = [getattr(codec, "kv_tokens", lambda _n: 0)(n) for n in shares]  # a kv share's projected tokens
+    kv_sent = [codec.kv_tokens(n) if isinstance(codec, KVShareCodec) else 0 for n in shares]  # sent projected
     projected = [r - sum(kv_sent[q] for q in senders_to(p) if q != p) for p, r in enumerate(remote)]
     layer = [layer_flops(config, n, r, batch, None if config.exchanges_kv else m)
              for n, r, m in zip(shares, remote, projected)]

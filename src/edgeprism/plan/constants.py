@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from edgeprism.partition.transform import kv_share_refusal
+from edgeprism.partition.kvwire import kv_share_refusal
 from edgeprism.profile.schema import Profile
 
 
@@ -46,7 +46,7 @@ class CostConstants(NamedTuple):
     """The runtime splits a batch into this many micro-batches (at most one per row; encoders only)."""
     kv_share: bool = False
     """The runtime can run kv-share codecs (compress/kvshare.py): an encoder on the overlapped path
-    (`partition.transform.kv_share_refusal`). Elsewhere the planner never chooses one."""
+    (`partition.kvwire.kv_share_refusal`). Elsewhere the planner never chooses one."""
 
     @property
     def pipelined(self) -> bool:

@@ -131,7 +131,7 @@ def path_exclusion(codec: CodecFidelity, constants: CostConstants) -> str | None
     """Why the runtime cannot run `codec` the way it will run this plan (`CostConstants.kv_share`), or None."""
     if codec.kv_share and not constants.kv_share:
         return (f"{codec.codec}: keys and values travel only on an encoder's overlapped path (overlap on; "
-                f"partition.transform.kv_share_refusal)")
+                f"partition.kvwire.kv_share_refusal)")
     return None
 
 

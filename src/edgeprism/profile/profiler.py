@@ -23,16 +23,17 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from edgeprism.compress.kvshare import KVShareCodec
 from edgeprism.compress.registry import get_codec, list_codecs
 from edgeprism.models.base import ReferenceModel
 from edgeprism.models.config import ModelConfig
 from edgeprism.models.loading import load_model, model_config
 from edgeprism.models.synthetic import synthetic_inputs
-from edgeprism.partition.transform import kv_share_refusal
+from edgeprism.partition.kvwire import kv_share_refusal
 from edgeprism.profile.codec_timing import timed_entries
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
 from edgeprism.profile.compute_job import measure_on_session
@@ -199,10 +200,10 @@ def validate_options(options: ProfileOptions) -> None:
         raise ValueError(f"--eval-limit {options.eval_limit} must be >= 1")
     for name in options.codec_names():
         codec = get_codec(name)
-        why = kv_share_refusal(config) if hasattr(codec, "kv_tokens") else None
+        why = kv_share_refusal(config) if isinstance(codec, KVShareCodec) else None
         if why:
             raise ValueError(f"--codecs {name}: a kv-share codec cannot run on {config.name}: {why}; profile "
-                             f"{getattr(codec, 'inner', codec).name} instead")
+                             f"{cast(KVShareCodec, codec).inner.name} instead")
     if options.fidelity_file:
         load_fidelity_rows(options.fidelity_file)  # malformed rows fail now, not after minutes of measuring
     if options.device.startswith("cuda") and not torch.cuda.is_available():

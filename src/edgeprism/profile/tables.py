@@ -10,6 +10,7 @@ from typing import Literal
 
 from edgeprism.compress.base import Codec
 from edgeprism.compress.kvshare import NAME as KV_SHARE_NAME
+from edgeprism.compress.kvshare import KVShareCodec
 from edgeprism.compress.registry import get_codec, is_lossless, mean_nbytes
 from edgeprism.evaluate.metrics import SECONDARY_METRICS
 
@@ -307,10 +308,10 @@ class CodecFidelity:
             num_layers = 1
         cr = int(codec.ratio)
         # a kv share sends round(P · n / 100) of n tokens as keys and values: exact (and whole mask bytes) at 800
-        probe = 800 * cr if hasattr(codec, "kv_tokens") else 64 * cr
+        probe = 800 * cr if isinstance(codec, KVShareCodec) else 64 * cr
         small = mean_nbytes(codec, num_layers, 1, probe, hidden_size)
         per_token = (mean_nbytes(codec, num_layers, 1, 2 * probe, hidden_size) - small) / probe
-        inner = getattr(codec, "inner", codec) if hasattr(codec, "kv_tokens") else codec  # a kv share's format
+        inner: Codec = codec.inner if isinstance(codec, KVShareCodec) else codec  # a kv share's format
         values = getattr(inner, "values", None)
         loss = None
         if value is not None and reference_value is not None:
