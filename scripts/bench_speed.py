@@ -90,7 +90,7 @@ def main() -> None:
           f"{args.repeats} repeats; profile {'none' if profile is None else profile.link.emulation}")
     width = max(8, *(len(name) for name in names))
     print(f"{'batch':>5} {'variant':>{width}} {'median ms':>10} {'min-max ms':>15} {'/plain':>7} {'pred ms':>8} "
-          f"{'err':>6}  {'timeline encode/wait/compute ms':>31}")
+          f"{'err':>6} {'cpu ms':>7} {'main ms':>7}  {'timeline encode/wait/compute ms':>31}")
     for p in result["points"]:
         for name in names:
             times = p[f"{name}_s"]
@@ -101,7 +101,8 @@ def main() -> None:
                   f"{min(times) * 1e3:>7.1f}-{max(times) * 1e3:<7.1f} "
                   f"{'' if ratio is None else f'{ratio:.3f}':>7} "
                   f"{'' if predicted is None else f'{predicted * 1e3:.1f}':>8} "
-                  f"{'' if predicted is None else f'{(predicted - median) / median:+.0%}':>6}  "
+                  f"{'' if predicted is None else f'{(predicted - median) / median:+.0%}':>6} "
+                  f"{p[f'{name}_cpu_s'] * 1e3:>7.1f} {p[f'{name}_main_thread_cpu_s'] * 1e3:>7.1f}  "
                   + ("" if timeline is None else "{:.1f} / {:.1f} / {:.1f}".format(
                       *(timeline[k] * 1e3 for k in ("encode_s", "wait_s", "compute_s")))))
 

@@ -71,7 +71,20 @@ def test_compute_grid_covers_local_equal_and_uneven_shares():
     kinds = {(s.kind, s.num_own_tokens, s.num_kv_vectors) for s in shapes}
     # local; equal share seeing everything; equal share seeing the fewest vectors (sm16: ceil(98/16) = 7); uneven
     assert kinds == {("local", 197, 197), ("equal-cr1", 99, 197), ("equal-max-cr", 99, 106), ("uneven", 49, 197)}
-    assert len(shapes) == 8 and all(s.num_kv_vectors >= s.num_own_tokens for s in shapes)
+    assert all(s.num_kv_vectors >= s.num_own_tokens for s in shapes)
+    # batches 1 and 8 at each pair, then the equal share at batch 8's micro-batch slices 4 and 2
+    assert [(s.batch, s.kind) for s in shapes[8:]] == [(4, "equal-cr1"), (2, "equal-cr1")] and len(shapes) == 10
+
+
+def test_compute_grid_times_the_micro_batch_slices_that_identify_the_fixed_cost():
+    """A grid of one batch size cannot tell the per-call fixed cost from the per-token terms: the slices a
+    micro-batched plan runs (B/2, B/4) give the same (n, kv) at other batch sizes."""
+    shapes = compute_grid([197], [8], 4, [get_codec("fp32")])
+    equal = sorted(s.batch for s in shapes if s.kind == "equal-cr1")
+    assert equal == [2, 4, 8]
+    assert sorted(s.batch for s in compute_grid([197], [1, 2, 4], 2, [get_codec("fp32")])
+                  if s.kind == "equal-cr1") == [1, 2, 4]  # 2 and 1 already sampled: nothing added
+    assert {s.batch for s in compute_grid([4], [1], 2, [get_codec("fp32")])} == {1}  # batch 1: no slices
 
 
 def test_fit_relative_recovers_a_known_table():

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from edgeprism.bench.demo_data import DemoData
 from edgeprism.bench.demo_devices import codec_class, device_codecs, device_plan, share_sweep, world_sizes
-from edgeprism.bench.limits import limit_fields
+from edgeprism.bench.limits import limit_fields, plan_label
 from edgeprism.bench.tables import percentile
 from edgeprism.comm.context import DistContext
 from edgeprism.compress.registry import get_codec, num_vectors
@@ -163,7 +163,7 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                                "strategy": strategy, "latency_s": m.latency_s, "energy_j": m.energy_j,
                                "energy_source": m.energy_source, "predicted_latency_s": m.predicted_latency_s,
                                "predicted_energy_j": m.predicted_energy_j, "mode": m.mode,
-                               "codec": m.plan.get("codec") or "", "plan": _plan_label(m.plan),
+                               "codec": m.plan.get("codec") or "", "plan": plan_label(m.plan),
                                "bytes_exchanged": m.bytes_exchanged, "fidelity_loss": m.fidelity_loss,
                                "codec_class": codec_class(m.plan, m.fidelity_loss, spec.max_fidelity_loss),
                                "world_size": len(m.plan.get("ranks", [0])),
@@ -196,12 +196,6 @@ def phase_strategies(spec: DemoSpec, phase: int) -> tuple[str, ...]:
 
 def _is_static(strategy: str) -> bool:
     return strategy in STATIC or strategy == "equal_split" or strategy.startswith(("split:", "world:"))
-
-
-def _plan_label(plan: dict) -> str:
-    if plan.get("mode") == "local":
-        return "local"
-    return f"{plan.get('codec')} x{len(plan.get('ranks', []))}"
 
 
 def _admitted(rows: list[dict], max_fidelity_loss: float | None, allow_unmeasured_codecs: bool,

@@ -1,4 +1,4 @@
-"""Row fields that put a measured latency beside the physical limit of its plan (`plan.limit`)."""
+"""Row fields: the measured latency beside the physical limit of its plan (`plan.limit`), and the plan's label."""
 
 from __future__ import annotations
 
@@ -18,4 +18,13 @@ def limit_fields(profile, request: Request, plan: dict[str, Any], link: LinkEsti
             "achieved_over_limit": limit.limit_s / latency_s if latency_s > 0 else None}
 
 
-__all__ = ["limit_fields"]
+def plan_label(plan: dict[str, Any]) -> str:
+    """A served plan (its dict) in a row: "local", or "<codec> x<ranks>" with " mb<m>" where it ran its batch as
+    m > 1 micro-batches (plan/micro.py)."""
+    if plan.get("mode") == "local":
+        return "local"
+    micro = int(plan.get("micro_batches") or 1)
+    return f"{plan.get('codec')} x{len(plan.get('ranks') or [])}" + (f" mb{micro}" if micro > 1 else "")
+
+
+__all__ = ["limit_fields", "plan_label"]

@@ -22,7 +22,8 @@ from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition.transform import PositionWise
 from edgeprism.testbed.presets import get_preset
 
-VARIANTS: dict[str, tuple[bool, int]] = {"plain": (False, 1), "overlap": (True, 1), "mb2": (True, 2)}
+VARIANTS: dict[str, tuple[bool, int]] = {"plain": (False, 1), "overlap": (True, 1), "mb2": (True, 2), "mb3": (True, 3),
+                                        "mb4": (True, 4), "mb8": (True, 8)}
 """name -> (overlap, micro_batches); "local" is rank 0 running the reference model alone."""
 
 
@@ -44,10 +45,11 @@ def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict 
         inputs = synthetic_inputs(model.config, batch, seed=batch) if ctx.is_root else None
         times: dict[str, list[float]] = {name: [] for name in names}
         timelines: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         for repeat in range(-args["warmup"], args["repeats"]):
             shift = repeat % len(names)
             for name in names[shift:] + names[:shift]:  # interleaved, each variant first in turn
-                start = time.perf_counter()
+                start, cpu_start, main_start = time.perf_counter(), time.process_time(), time.thread_time()
                 if name == "local":
                     if ctx.is_root:
                         with torch.no_grad():
@@ -56,6 +58,7 @@ def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict 
                     variants[name].forward(inputs)
                 if repeat >= 0:
                     times[name].append(time.perf_counter() - start)
+                    cpu[name].append((time.process_time() - cpu_start, time.thread_time() - main_start))
                     if name in variants:
                         timelines[name].append(variants[name].timeline.totals())
         if ctx.is_root:
@@ -63,6 +66,8 @@ def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict 
             for name in names:
                 point[f"{name}_s"] = times[name]
                 point[f"{name}_median_s"] = statistics.median(times[name])
+                point[f"{name}_cpu_s"] = statistics.median(c[0] for c in cpu[name])
+                point[f"{name}_main_thread_cpu_s"] = statistics.median(c[1] for c in cpu[name])
                 if name in timelines:
                     point[f"{name}_timeline_s"] = {key: statistics.median(t[key] for t in timelines[name])
                                                    for key in timelines[name][0]}

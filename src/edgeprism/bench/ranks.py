@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from edgeprism.bench.limits import limit_fields
+from edgeprism.bench.limits import limit_fields, plan_label
 from edgeprism.bench.peers import head_row, input_layout
 from edgeprism.bench.pipeline import PipelinePeer
 from edgeprism.bench.scenarios import JobSpec
@@ -191,7 +191,7 @@ def _serve(strategy, inputs, request, batch, engine, peers, hf, followers, energ
     result = engine.infer(inputs, plan=plan)  # the user-visible call: checks, planning, serving, telemetry
     latency_s = time.perf_counter() - start
     m = result.metrics
-    label = "local" if m.mode == "local" else f"{m.plan.get('codec')} x{len(m.plan.get('ranks', []))}"
+    label = plan_label(m.plan)
     return {"latency_s": latency_s, "engine_latency_s": m.latency_s, "energy_j": m.energy_j,
             "energy_source": m.energy_source, "mode": m.mode,
             "plan": label, "codec": m.plan.get("codec") or "", "bytes_exchanged": m.bytes_exchanged,

@@ -8,6 +8,7 @@ import sys
 
 from edgeprism.cli.budget import add_budget_arguments
 from edgeprism.plan import OBJECTIVES, Limits, LinkEstimate, Request, choose_plan, codec_exclusion, enumerate_candidates
+from edgeprism.plan.micro import with_micro_batches
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.config import EngineConfig
 
@@ -84,11 +85,10 @@ def _healthy(text: str | None, world_size: int) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> int:
     profile = _load_profile(args)
     request = Request(profile.model.name, args.batch, _num_tokens(profile, args))
-    link = LinkEstimate(
+    link = with_micro_batches(LinkEstimate(  # costed as the engine serves by default
         args.bandwidth_bps if args.bandwidth_bps is not None else profile.link.bandwidth_bps,
         args.latency_s if args.latency_s is not None else profile.link.latency_s,
-        _healthy(args.healthy_ranks, profile.world_size),
-        overlap=SERVED.overlap, micro_batches=SERVED.micro_batches)  # costed as the engine serves by default
+        _healthy(args.healthy_ranks, profile.world_size), overlap=SERVED.overlap), SERVED.micro_batches)
     limits = Limits(args.max_fidelity_loss, args.max_latency_s, args.allow_unmeasured_codecs)
     candidates = enumerate_candidates(profile, request, link, args.objective, limits)
     plan = choose_plan(profile, request, link, args.objective, limits)

@@ -45,6 +45,7 @@ from edgeprism.plan.cost import (
     objective_score,
     profile_constants,
 )
+from edgeprism.plan.micro import best_over_micro_batches
 from edgeprism.plan.shares import SplitCache, candidate_splits
 from edgeprism.plan.types import OBJECTIVES, Candidate, Limits, LinkEstimate, Plan, Request
 from edgeprism.profile.schema import CodecFidelity, Profile
@@ -159,7 +160,15 @@ def choose_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
 
     If no candidate meets `limits.max_latency_s`, the fastest fidelity-admissible one is returned with
     `within_limits=False` (local is always admissible: it is the exact reference). Tables derived from
-    the profile alone are computed on the first call and kept on the profile instance."""
+    the profile alone are computed on the first call and kept on the profile instance. Where the link
+    estimate offers several micro-batch counts, the plan is chosen at each and the best kept (plan/micro.py)."""
+    return best_over_micro_batches(lambda link: _choose_at(profile, request, link, objective, limits),
+                                   live_link_estimate, request.batch, profile.model.causal, objective)
+
+
+def _choose_at(profile: Profile, request: Request, live_link_estimate: LinkEstimate, objective: str,
+               limits: Limits) -> Plan:
+    """`choose_plan` at the link estimate's one micro-batch count."""
     _check(profile, request, objective)
     batch, num_tokens = request.batch, request.num_tokens
     bandwidth_bps, link_latency_s = live_link_estimate.bandwidth_bps, live_link_estimate.latency_s
@@ -352,7 +361,15 @@ def static_plan(profile: Profile, request: Request, live_link_estimate: LinkEsti
                 token_counts: tuple[int, ...] | None = None) -> Plan:
     """The plan a *static* strategy would run (local, or distributed with a fixed codec over fixed ranks,
     split as the planner would or as `token_counts` says), with the cost model's prediction — for
-    baselines in the demo and benchmarks, not for serving."""
+    baselines in the demo and benchmarks, not for serving. Micro-batches as `choose_plan` picks them."""
+    return best_over_micro_batches(
+        lambda link: _static_at(profile, request, link, mode, codec, ranks, objective, token_counts),
+        live_link_estimate, request.batch, profile.model.causal, objective)
+
+
+def _static_at(profile: Profile, request: Request, live_link_estimate: LinkEstimate, mode: str,
+               codec: str | None, ranks: tuple[int, ...] | None, objective: str,
+               token_counts: tuple[int, ...] | None) -> Plan:
     if mode not in ("local", "distributed"):
         raise ValueError(f"mode {mode!r} must be 'local' or 'distributed'")
     wanted_ranks = tuple(ranks) if ranks is not None else tuple(range(profile.world_size))

@@ -60,6 +60,8 @@ class LinkEstimate:
     model credits what that hides (plan/pipeline.py). False: the sequential model."""
     micro_batches: int = 1
     """The runtime runs a batch as this many micro-batches (`EngineConfig.micro_batches`; plan/pipeline.py)."""
+    micro_batch_choices: tuple[int, ...] = ()
+    """The counts the runtime may run, the planner choosing per request (plan/micro.py); empty: `micro_batches`."""
 
     def effective_speeds(self, profile_speeds: tuple[float, ...]) -> tuple[float, ...]:
         """The profile's device speeds times the live scale (the profile's alone when there is none)."""
@@ -74,8 +76,8 @@ class LinkEstimate:
         if self.device_speed_scale is not None and not all(
                 math.isfinite(f) and f > 0 for f in self.device_speed_scale):
             raise ValueError(f"device_speed_scale must be finite and > 0, got {self.device_speed_scale}")
-        if self.micro_batches < 1:
-            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.micro_batches < 1 or any(m < 1 for m in self.micro_batch_choices):
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches} {list(self.micro_batch_choices)}")
         if not (math.isfinite(self.local_compute_scale) and self.local_compute_scale > 0):
             raise ValueError(f"local_compute_scale must be > 0, got {self.local_compute_scale}")
         if not (math.isfinite(self.bandwidth_bps) and self.bandwidth_bps > 0):
@@ -187,9 +189,15 @@ class Plan:
     fidelity_loss: float | None = 0.0
     """The codec's measured fidelity loss for this model (`CodecFidelity.fidelity_loss`): 0 for a local plan
     and lossless codecs, None when unmeasured (a plan only an explicit opt-in allows)."""
+    micro_batches: int = 1
+    """The batch runs as this many micro-batches (plan/pipeline.py), as costed: chosen per request where the
+    engine leaves the count open (plan/micro.py); 1 for a local plan. Plan JSON written before this field
+    loads as 1."""
 
     def __post_init__(self) -> None:
         # No counts at all: a candidate the planner could not split (`enumerate_candidates` lists it as excluded).
+        if self.micro_batches < 1:
+            raise ValueError(f"plan micro_batches must be >= 1, got {self.micro_batches}")
         if self.token_counts and len(self.token_counts) != len(self.ranks):
             raise ValueError(f"plan has {len(self.token_counts)} token counts {list(self.token_counts)} for "
                              f"{len(self.ranks)} ranks {list(self.ranks)}; give one per rank")
@@ -201,7 +209,8 @@ class Plan:
         else:
             loss = "unmeasured" if self.fidelity_loss is None else f"{self.fidelity_loss:.2%}"
             how = (f"distributed ranks={list(self.ranks)} tokens={list(self.token_counts)} codec={self.codec} "
-                   f"cr={self.cr} wire={self.wire_dtype} fidelity loss {loss}")
+                   f"cr={self.cr} wire={self.wire_dtype} fidelity loss {loss}"
+                   + (f" micro-batches {self.micro_batches}" if self.micro_batches > 1 else ""))
         return (f"Plan[{how}; predicts {self.predicted_latency_s * 1e3:.1f} ms, {self.predicted_energy_j:.2f} J "
                 f"({self.energy_source}); {self.reason}]")
 

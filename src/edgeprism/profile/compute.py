@@ -87,7 +87,11 @@ def fewest_remote_vectors(codecs: Sequence, num_tokens: int, world_size: int) ->
 
 def compute_grid(token_counts: Sequence[int], batches: Sequence[int], world_size: int,
                  codecs: Sequence) -> list[Shape]:
-    """The shapes to time: for each token count N and each sampled batch B, up to four (n, kv) pairs."""
+    """The shapes to time: for each token count N and each sampled batch B, up to four (n, kv) pairs; and the
+    equal share seeing everything at the micro-batch slices of the largest batch (B/2, B/4 rounded up, where
+    not sampled): a micro-batched plan runs those, and without rows of several batch sizes at one (n, kv) the
+    fitted fixed cost per call — what each extra micro-batch pays (plan/pipeline.py) — is not identified (a
+    grid of batch 8 alone fitted 89 ms per layer call at half a core; an extra call cost about 9 ms)."""
     shapes: list[Shape] = []
     for num_tokens in token_counts:
         pairs = [(num_tokens, num_tokens, "local")]
@@ -103,6 +107,11 @@ def compute_grid(token_counts: Sequence[int], batches: Sequence[int], world_size
             for n, kv, kind in pairs:
                 if (batch, n, kv) not in seen:
                     seen.add((batch, n, kv))
+                    shapes.append(Shape(batch, n, kv, kind))
+        largest = max(batches, default=1)
+        for batch in sorted({-(-largest // 2), -(-largest // 4)} - set(batches), reverse=True):
+            if batch < largest:  # the largest batch's micro-batch slices
+                for n, kv, kind in pairs[1:2]:  # the equal share at CR 1
                     shapes.append(Shape(batch, n, kv, kind))
     return shapes
 

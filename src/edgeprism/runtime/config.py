@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from edgeprism.partition.transform import DEFAULT_MICRO_BATCHES, DEFAULT_OVERLAP, DEFAULT_SIZE_AWARE
+from edgeprism.partition.transform import DEFAULT_OVERLAP, DEFAULT_SIZE_AWARE
 from edgeprism.plan import DEFAULT_MAX_FIDELITY_LOSS, Limits
 
 
@@ -36,9 +36,11 @@ class EngineConfig:
     profile's link alone, e.g. a fixed wired link or a test that must not depend on this host's noise)."""
     overlap: bool = DEFAULT_OVERLAP
     """Overlap each encoder layer's exchange with the own-token attention (partition/overlap.py; exact)."""
-    micro_batches: int = DEFAULT_MICRO_BATCHES
+    micro_batches: int | None = None
     """Run an encoder's batch as this many micro-batches, one exchanging while another computes
-    (partition/microbatch.py; exact; with `overlap` only). The cost model costs it (plan/pipeline.py)."""
+    (partition/microbatch.py; exact; with `overlap` only). None: per request, the count of
+    `plan.micro.MICRO_BATCH_CHOICES` (1, 2, 4, at most the batch) the cost model finds best (plan/pipeline.py,
+    plan/micro.py); the plan records it."""
     learn_speeds: bool = True
     """Estimate each device's compute speed from its timings in every distributed request, so that a
     device slowed since profiling (a straggler) is re-shared or left out, and taken back once restored
@@ -79,7 +81,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch {self.max_batch} must be >= 1")
-        if self.micro_batches < 1:
+        if self.micro_batches is not None and self.micro_batches < 1:
             raise ValueError(f"micro_batches {self.micro_batches} must be >= 1")
         if self.blow_factor <= 1:
             raise ValueError(f"blow_factor {self.blow_factor} must be > 1")

@@ -47,6 +47,7 @@ from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.partition.scatter import scatter_ratio
 from edgeprism.partition.transform import PositionWise
 from edgeprism.plan import Limits, Plan, Request, choose_plan
+from edgeprism.plan.micro import with_micro_batches
 from edgeprism.profile.schema import Profile
 from edgeprism.runtime.compute_estimate import ComputeSpeedEstimator
 from edgeprism.runtime.config import EngineConfig
@@ -185,9 +186,9 @@ class Engine(Rank0Side, WorkerSide):
         """What the planner is given for the next request: the live link estimate with the live compute and
         device-speed corrections, sealing, and how this engine hides the exchange (overlap, micro-batches), so
         that a plan made outside (a benchmark's static strategy) is costed as the engine's own are."""
-        return replace(self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale,
-                       sealed=self.sealed, device_speed_scale=self.speed_estimator.scales(),
-                       overlap=self.config.overlap, micro_batches=self.config.micro_batches)
+        return with_micro_batches(replace(
+            self.estimator.estimate(), local_compute_scale=self.compute_bias.local_compute_scale, sealed=self.sealed,
+            device_speed_scale=self.speed_estimator.scales(), overlap=self.config.overlap), self.config.micro_batches)
 
     @property
     def healthy_ranks(self) -> tuple[int, ...]:
@@ -332,7 +333,7 @@ class Engine(Rank0Side, WorkerSide):
 
     def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
         lane = self._lanes[tuple(plan.ranks)]
-        transform = self._split_of(lane, plan.codec)
+        transform = self._split_of(lane, plan.codec, plan.micro_batches)
         # The plan's ranges (the counts the cost model costed) and the request's one header: the workers
         # get everything the split needs in the control message below; nothing is broadcast again.
         split, parts = transform.split(inputs, plan.token_ranges, want.gather_hidden, want.generate)

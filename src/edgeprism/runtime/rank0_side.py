@@ -190,10 +190,10 @@ class Rank0Side:
         return self._run_local(inputs, as_local_plan(plan, request), request, link, request_id, want,
                                fallback=reason, spent_s=spent_s)
 
-    def _split_of(self, lane, codec: str):
-        """The lane's `PositionWise` for `codec` with this engine's settings (built once, then reused)."""
-        return lane.transform(self.model, codec, self.config.size_aware, self.config.overlap,
-                              self.config.micro_batches)
+    def _split_of(self, lane, codec: str, micro_batches: int):
+        """The lane's `PositionWise` for `codec` and the plan's micro-batch count with this engine's settings
+        (built once, then reused)."""
+        return lane.transform(self.model, codec, self.config.size_aware, self.config.overlap, micro_batches)
 
     def _note_stall(self, plan: Plan, request: Request, request_id: str) -> None:
         """A distributed request failed: keep rank 0's progress in it, to learn the ranks' speeds from their
@@ -201,7 +201,7 @@ class Rank0Side:
         lane = self._lanes.get(tuple(plan.ranks))
         if lane is None or not self.config.learn_speeds:
             return
-        own = progress_of(self._epoch, request_id, self._split_of(lane, plan.codec).timeline)
+        own = progress_of(self._epoch, request_id, self._split_of(lane, plan.codec, plan.micro_batches).timeline)
         self._stalled = PendingStall(plan, request, own, STALL_WAIT)
 
     def _learn_from_stall(self) -> None:
