@@ -127,7 +127,7 @@ def test_serve_without_profile_profiles_first_and_refuses_an_unlike_device(tmp_p
 
 
 def test_the_job_registry_refuses_unknown_names_and_arguments():
-    assert set(JOBS) == {"compute", "link", "energy"}
+    assert set(JOBS) == {"compute", "link", "exchange_cost", "energy"}
     with pytest.raises(ValueError, match="unknown job 'os.system'"):
         check_job("os.system", {})
     link = {"latency_repeats": 5, "bandwidth_target_s": 0.1, "timeout_s": 60}
@@ -136,6 +136,10 @@ def test_the_job_registry_refuses_unknown_names_and_arguments():
         check_job("link", {**link, "code": "import os"})
     with pytest.raises(ValueError, match="latency_repeats"):
         check_job("link", {**link, "latency_repeats": 10 ** 9})
+    cost = {"nbytes": 1 << 20, "width": 768, "rounds": 3, "workload_s": 1.5, "timeout_s": 60}
+    check_job("exchange_cost", cost)
+    with pytest.raises(ValueError, match="nbytes"):
+        check_job("exchange_cost", {**cost, "nbytes": 1 << 40})
     with pytest.raises(ValueError, match="grid shape"):
         check_job("compute", {"shapes": [[1, 2, 1, "local"]], "overhead": [], "warmup": 0, "repeats": 1,
                               "timeout_s": 60})

@@ -94,6 +94,7 @@ def test_subsets_exactness_idle_workers_and_bad_requests(monkeypatch):
             result = engine.infer(inputs, gather_hidden=True)
             assert result.metrics.mode == "distributed" and result.metrics.plan["ranks"] == ranks
             assert result.metrics.bytes_exchanged > result.metrics.layer_nbytes > 0
+            assert 0 < result.metrics.cpu_s  # rank 0's process CPU over the request
             with torch.no_grad():
                 reference = engine.model(inputs)
             for key, value in result.outputs.items():
@@ -119,6 +120,7 @@ def test_subsets_exactness_idle_workers_and_bad_requests(monkeypatch):
         engine.estimator.latency_s = 10.0
         result = engine.infer(small)
         assert result.metrics.mode == "local" and result.metrics.bytes_exchanged == 0
+        assert 0 < result.metrics.cpu_s
         assert counter.calls == []
         engine.estimator.latency_s = 1e-4
         monkeypatch.undo()

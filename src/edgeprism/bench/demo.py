@@ -168,7 +168,7 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                                "codec_class": codec_class(m.plan, m.fidelity_loss, spec.max_fidelity_loss),
                                "world_size": len(m.plan.get("ranks", [0])),
                                "staging_s": m.staging_s,
-                               "collective_s": m.collective_s, "compute_s": m.compute_s,
+                               "collective_s": m.collective_s, "compute_s": m.compute_s, "cpu_s": m.cpu_s,
                                "link_bandwidth_bps": m.link_bandwidth_bps, "link_latency_s": m.link_latency_s,
                                "request_id": m.request_id, "time_s": time.time(), "data": spec.data,
                                "probe_correct": data.correct(result.outputs, labels),

@@ -44,6 +44,9 @@ class CostConstants(NamedTuple):
     """The runtime overlaps each layer's exchange with its own-key attention (encoders only)."""
     micro_batches: int = 1
     """The runtime splits a batch into this many micro-batches (at most one per row; encoders only)."""
+    exchange_s_per_byte: float = 0.0
+    """Compute seconds a rank loses per byte it receives in a layer's all-gather, at speed 1
+    (`LinkMeasurement.exchange_compute_s_per_byte`; 0: not measured)."""
     kv_share: bool = False
     """The runtime can run kv-share codecs (compress/kvshare.py): an encoder on the overlapped path
     (`partition.kvwire.kv_share_refusal`). Elsewhere the planner never chooses one."""
@@ -77,7 +80,8 @@ def profile_constants(profile: Profile, sealed: bool = False, overlap: bool = Fa
         seal_byte_s=seal.per_byte_s if charged else 0.0,  # type: ignore[union-attr]
         overlap=overlap and not profile.model.causal,
         micro_batches=1 if profile.model.causal else max(1, micro_batches),
-        kv_share=kv_share_refusal(profile.model, overlap) is None)
+        kv_share=kv_share_refusal(profile.model, overlap) is None,
+        exchange_s_per_byte=profile.link.exchange_compute_s_per_byte)
 
 
 def request_constants(constants: CostConstants, input_bytes_per_token: float | None) -> CostConstants:

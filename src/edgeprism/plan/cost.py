@@ -249,6 +249,9 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
     segments = [num_vectors(n) for n in counts]  # vectors each rank's message carries per row, per the codec
     received = received_vectors(segments, causal)
     coded = codec_layer_s(codec, c.per_kv_s, batch, counts, segments, received, g.speeds, causal)
+    if c.exchange_s_per_byte:  # the network stack's share of each rank's cores (profile/exchange_cost.py)
+        lost = c.exchange_s_per_byte * max_received
+        coded = [(coded[p] if coded else 0.0) + lost / g.speeds[p] for p in range(k)]
     max_layer_s = 0.0
     sum_layer_s = 0.0
     for p in range(k):
@@ -313,6 +316,10 @@ def rank_compute_s(profile: Profile, batch: int, counts: Sequence[int], codec: C
     received = received_vectors(segments, constants.causal)
     coded = codec_layer_s(codec, constants.per_kv_s, batch, counts, segments, received, [1.0] * k,
                           constants.causal) or [0.0] * k
+    if constants.exchange_s_per_byte and k > 1:  # as codec_terms: every rank receives the padded messages
+        widest = codec.wire_tokens(max(counts)) if codec.kv_share else max(counts)
+        received_bytes = (k - 1) * batch * (codec.wire_bytes_per_row + codec.wire_bytes_per_token * widest)
+        coded = [x + constants.exchange_s_per_byte * received_bytes for x in coded]
     return [constants.num_layers * (group.base[p] + group.slope[p] * (counts[p] + received[p]) + coded[p])
             + (constants.request_overhead_s if p == 0 else 0.0) for p in range(k)]
 

@@ -13,6 +13,7 @@ decode seconds per vector, on one thread of this process).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -38,6 +39,7 @@ from edgeprism.profile.codec_timing import timed_entries
 from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, sparse_batches
 from edgeprism.profile.compute_job import measure_on_session
 from edgeprism.profile.energy import measure_energy, one_block
+from edgeprism.profile.exchange_cost import exchange_cost_rank, message_bytes, seconds_per_byte
 from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
 from edgeprism.profile.link import LinkSession
 from edgeprism.profile.schema import HostFacts, Profile
@@ -252,6 +254,14 @@ def run_profile(options: ProfileOptions, session: LinkSession, progress: Progres
     link, raw_link = session.measure_link()
     phases["link_s"] = time.perf_counter() - mark
     say(f"link: {link.latency_s * 1e3:.2f} ms per hop, {link.bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather")
+    if options.compute_on == "devices" and options.world_size > 1:
+        nbytes = message_bytes(max(sampled), max(token_counts), options.world_size, config.exchange_width)
+        raw_cost = session.run(exchange_cost_rank, {"nbytes": nbytes, "width": config.hidden_size})
+        link = dataclasses.replace(link, exchange_compute_s_per_byte=seconds_per_byte(raw_cost, speeds))
+        raw_link = {**raw_link, "exchange_cost": raw_cost}
+        say(f"link: compute lost to exchanging {link.exchange_compute_s_per_byte * 1e9:.2f} ns per byte received "
+            f"({raw_cost['allgathers']} all-gathers of {nbytes} B beside a {raw_cost['alone_s'][0]:.2f} s workload; "
+            f"per rank {[round(x * 1e9, 2) for x in raw_cost['seconds_per_byte']]} ns)")
 
     mark = time.perf_counter()
     energy = measure_energy(one_block(model, token_counts[0], device), device, meter_kind=options.meter,

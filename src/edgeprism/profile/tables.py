@@ -164,10 +164,14 @@ class LinkMeasurement:
     """Emulated link, e.g. "tc netem rate 50mbit delay 3ms"; empty for a real link."""
     burst_bytes: float = 0.0
     """Bytes a message sends at line rate after an idle gap (a token bucket's depth; 0: no credit)."""
+    exchange_compute_s_per_byte: float = 0.0
+    """Seconds of compute a device loses per byte it receives in an all-gather (it forwards about as many), at
+    speed 1: on a CPU-only device the network stack runs on the cores that compute (profile/exchange_cost.py).
+    0: not measured (a profile from before it, or one process)."""
 
     def __post_init__(self) -> None:
         check_nonneg("link", latency_s=self.latency_s, bandwidth_bps=self.bandwidth_bps,
-                      burst_bytes=self.burst_bytes)
+                      burst_bytes=self.burst_bytes, exchange_compute_s_per_byte=self.exchange_compute_s_per_byte)
         if self.bandwidth_bps <= 0:
             raise ValueError(f"link.bandwidth_bps must be > 0, got {self.bandwidth_bps}")
 

@@ -49,6 +49,7 @@ from edgeprism.models.base import ReferenceModel
 from edgeprism.profile.compute import ProgressFn
 from edgeprism.profile.compute_job import run_plan
 from edgeprism.profile.energy import measure_energy, one_block
+from edgeprism.profile.exchange_cost import exchange_cost_rank
 from edgeprism.profile.profiler import host_facts, usable_cores
 from edgeprism.profile.staging import measure_staging
 from edgeprism.testbed.linktest import measure_link
@@ -172,6 +173,21 @@ def _link(job: JobContext, args: dict) -> Callable[[], dict]:
     return run
 
 
+def _check_exchange_cost(args: dict) -> None:
+    _within(args, "nbytes", 1, MAX_RESULT_BYTES)
+    _within(args, "width", 1, MAX_TOKENS)
+    _within(args, "rounds", 1, 20)
+    _within(args, "workload_s", 0.05, 30.0)
+
+
+def _exchange_cost(job: JobContext, args: dict) -> Callable[[], dict]:
+    def run() -> dict:
+        raw = exchange_cost_rank(job.ctx, {key: args[key] for key in ("nbytes", "width", "rounds", "workload_s")})
+        return {"exchange_cost": raw} if job.ctx.group_rank == 0 else {}
+
+    return run
+
+
 def _energy(job: JobContext, args: dict) -> Callable[[], dict]:
     device = job.ctx.device
     body = one_block(job.model, args["num_tokens"], device)
@@ -190,6 +206,9 @@ JOBS: Mapping[str, Job] = MappingProxyType({
                    "the compute grid on every device at once, each device's staging and description"),
     "link": Job("link", {"latency_repeats": int, "bandwidth_target_s": _NUMBER, "timeout_s": _NUMBER},
                 _check_link, _link, "the link test over the lane's group"),
+    "exchange_cost": Job("exchange_cost", {"nbytes": int, "width": int, "rounds": int, "workload_s": _NUMBER,
+                                           "timeout_s": _NUMBER}, _check_exchange_cost, _exchange_cost,
+                         "the compute each device loses to a background all-gather, per byte"),
     "energy": Job("energy", {"meter": str, "power_model": str, "num_tokens": int, "window_s": _NUMBER,
                              "timeout_s": _NUMBER}, _check_energy, _energy,
                   "each device's power per phase with its own meter"),

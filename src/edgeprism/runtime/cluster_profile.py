@@ -33,6 +33,7 @@ from edgeprism.models.loading import load_model
 from edgeprism.plan.synthetic import synthetic_profile
 from edgeprism.profile.compute import ProgressFn, compute_grid, fit_errors, sparse_batches
 from edgeprism.profile.compute_job import fit_result, grid_plan
+from edgeprism.profile.exchange_cost import WORKLOAD_S, message_bytes, seconds_per_byte
 from edgeprism.profile.link import link_section
 from edgeprism.profile.profiler import (
     ProfileOptions,
@@ -128,8 +129,14 @@ def profile_cluster(engine: Engine, options: ProfileOptions, say: Callable[[str]
                                        "timeout_s": JOB_TIMEOUT_S})[0]["link"]
     emulated = engine.ctx.link.describe() if engine.ctx.link is not None else ""
     link = link_section(raw_link, f"emulated in the transport: {emulated}" if emulated else "")
+    nbytes = message_bytes(max(sampled), max(token_counts), world, config.exchange_width)
+    cost_job = {"nbytes": nbytes, "width": config.hidden_size, "rounds": 3, "workload_s": WORKLOAD_S,
+                "timeout_s": JOB_TIMEOUT_S}
+    raw_cost = engine.run_job("exchange_cost", cost_job)[0]["exchange_cost"]
+    link = dataclasses.replace(link, exchange_compute_s_per_byte=seconds_per_byte(raw_cost, speeds))
     phases["link_s"] = time.perf_counter() - mark
-    say(f"link: {link.latency_s * 1e3:.2f} ms per hop, {link.bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather")
+    say(f"link: {link.latency_s * 1e3:.2f} ms per hop, {link.bandwidth_bps / 1e6:.2f} Mbit/s per rank in all-gather; "
+        f"compute lost to exchanging {link.exchange_compute_s_per_byte * 1e9:.2f} ns per byte received")
 
     mark = time.perf_counter()
     energies = [EnergyModel(**r["energy"]) for r in engine.run_job(

@@ -313,7 +313,7 @@ class Engine(Rank0Side, WorkerSide):
 
     def _run_local(self, inputs, plan, request, link, request_id, want: Want, fallback: str = "",
                    spent_s: float = 0.0):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.no_grad():
             if want.generate:  # one rank, the same cached decode as a split prefill's last rank
                 one = DistContext(group_rank=0, world_size=1, backend="gloo", device=self.ctx.device,
@@ -328,7 +328,8 @@ class Engine(Rank0Side, WorkerSide):
         if not want.gather_hidden:
             outputs.pop("hidden", None)
         energy_j, source = self._energy(request_id, [(latency_s, 0.0, 0.0, 0.0)])
-        row = self._row(request_id, plan, request, link, latency_s, energy_j, source, 0, 0, 0.0, 0.0, 0.0, fallback)
+        row = self._row(request_id, plan, request, link, latency_s, energy_j, source, 0, 0, 0.0, 0.0, 0.0, fallback,
+                        cpu_s=time.process_time() - cpu_start)
         return outputs, row
 
     def _run_distributed(self, inputs, plan, request, link, request_id, want: Want):
@@ -342,7 +343,7 @@ class Engine(Rank0Side, WorkerSide):
         stats = start_recording(lane.exchanger)
         header = {"op": "infer", "request_id": request_id, "epoch": self._epoch, "plan": plan.to_dict(),
                   "stall_s": stall_s, "split": split}
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         lane.exchanger.deadline = time.monotonic() + stall_s
         try:
             self._control.broadcast_json(header, ranks=plan.ranks[1:])
@@ -354,7 +355,7 @@ class Engine(Rank0Side, WorkerSide):
             except ValueError as err:  # the workers are mid-request: this is no longer one bad request
                 raise RuntimeError(f"request {request_id} failed after the workers started it: {err}") from err
             sync(self.ctx.device)
-            latency_s = time.perf_counter() - start
+            latency_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
             try:
                 per_rank = telemetry(lane.exchanger, stats, latency_s, self.model.config.num_layers)
             except PeerError as err:  # the answer is in: keep it, but this epoch is over
@@ -373,7 +374,8 @@ class Engine(Rank0Side, WorkerSide):
         energy_j, source = self._energy(request_id, phases)
         row = self._row(request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
                         rank0.staging_s, rank0.collective_s + control.collective_s,
-                        rank0.emulated_delay_s + control.emulated_delay_s, timeline=transform.timeline.to_rows())
+                        rank0.emulated_delay_s + control.emulated_delay_s, timeline=transform.timeline.to_rows(),
+                        cpu_s=cpu_s)
         return outputs, row
 
     def close(self) -> None:

@@ -50,6 +50,11 @@ class MetricsRow:
     timeline: list[dict[str, float]] = field(default_factory=list)
     """Rank 0's layers of a distributed request: {layer, encode_s, exchange_s, wait_s, compute_s} each
     (partition/timeline.py; exchange_s may overlap compute, wait_s is what it did not hide); [] when local."""
+    cpu_s: float | None = None
+    """Rank 0's process CPU seconds over the request (`time.process_time`: the compute thread, the exchange's
+    background thread, kernel networking charged to them). Beside latency_s it tells a rank that computed from
+    one that waited; on a device with a CPU quota, CPU seconds over the quota are wall seconds. None: not
+    measured (a row from before this field)."""
     fallback: str = ""
     """Why a distributed plan was rerun on rank 0 (a peer died, hung or was cut off); "" when it was not.
     latency_s then includes the failed attempt; `plan` and `mode` say what answered (local)."""

@@ -260,7 +260,8 @@ class Rank0Side:
         return measurement.energy_j + sum(modelled[1:]), f"{measurement.source} rank 0 + modelled others"
 
     def _row(self, request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
-             staging_s, collective_s, delay_s, fallback: str = "", timeline: list | None = None) -> MetricsRow:
+             staging_s, collective_s, delay_s, fallback: str = "", timeline: list | None = None,
+             cpu_s: float | None = None) -> MetricsRow:
         return MetricsRow(
             request_id=request_id, plan=json.loads(plan.to_json()), mode=plan.mode, batch=request.batch,
             num_tokens=request.num_tokens, predicted_latency_s=plan.predicted_latency_s, latency_s=latency_s,
@@ -270,7 +271,7 @@ class Rank0Side:
             emulated_delay_s=delay_s, link_bandwidth_bps=link.bandwidth_bps, link_latency_s=link.latency_s,
             blew_prediction=latency_s > self.config.blow_factor * plan.predicted_latency_s,
             fidelity_loss=0.0 if plan.mode == "local" else plan.fidelity_loss, fallback=fallback,
-            timeline=timeline or [])
+            timeline=timeline or [], cpu_s=cpu_s)
 
     def _probe(self) -> None:
         """Measure the link over the largest lane: a synchronising exchange, then a small and a large one."""
