@@ -18,15 +18,18 @@ from edgeprism.runtime import EngineConfig, launch_local
 OPEN = Limits(allow_unmeasured_codecs=True)
 
 
-def _link(profile, count):
-    return with_micro_batches(LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s, overlap=True), count)
+def _link(profile, count, offered=None):
+    link = with_micro_batches(LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s, overlap=True), count)
+    return link if offered is None else dataclasses.replace(link, micro_batch_choices=offered)
 
 
 def test_the_options_follow_the_batch_the_overlap_and_the_model_kind():
     link = with_micro_batches(LinkEstimate(50e6, 3e-3, overlap=True), None)
-    assert micro_batch_options(link, 8, causal=False) == MICRO_BATCH_CHOICES == (1, 2, 4)
-    assert micro_batch_options(link, 3, causal=False) == (1, 2)  # a slice holds a row at least
+    assert micro_batch_options(link, 8, causal=False) == MICRO_BATCH_CHOICES == (2, 4)
+    assert micro_batch_options(link, 3, causal=False) == (2,)  # a slice holds a row at least
     assert micro_batch_options(link, 1, causal=False) == (1,)
+    offered = dataclasses.replace(link, micro_batch_choices=(1, 2, 4))
+    assert micro_batch_options(offered, 3, causal=False) == (1, 2)
     assert micro_batch_options(link, 8, causal=True) == (1,)  # decoders run unsliced
     assert micro_batch_options(dataclasses.replace(link, overlap=False), 8, causal=False) == (1,)
     assert micro_batch_options(with_micro_batches(link, 2), 8, causal=False) == (2,)  # a fixed count is kept
@@ -35,8 +38,8 @@ def test_the_options_follow_the_batch_the_overlap_and_the_model_kind():
 def test_the_chosen_plan_is_the_best_of_the_plans_at_each_count():
     profile = synthetic_profile("vit-base-patch16-224", world_size=4, bandwidth_bps=300e6)
     request = Request(profile.model.name, 8, 197)
-    chosen = choose_plan(profile, request, _link(profile, None), limits=OPEN)
-    at = {m: choose_plan(profile, request, _link(profile, m), limits=OPEN) for m in MICRO_BATCH_CHOICES}
+    chosen = choose_plan(profile, request, _link(profile, None, (1, 2, 4)), limits=OPEN)
+    at = {m: choose_plan(profile, request, _link(profile, m), limits=OPEN) for m in (1, 2, 4)}
     assert chosen.mode == "distributed"
     best = min(at, key=lambda m: (at[m].predicted_latency_s, m))
     assert chosen.micro_batches == best
@@ -47,13 +50,13 @@ def test_the_chosen_plan_is_the_best_of_the_plans_at_each_count():
 
 
 def test_more_micro_batches_win_only_when_they_hide_more_than_they_cost():
-    """A slow link hides behind more slices; a free link has nothing to hide, and every slice costs its
-    fixed cost and hops, so one is best."""
+    """Offered 1, 2 or 4: a slow link hides behind more slices; a free link has nothing to hide, and every
+    slice costs its fixed cost and hops, so one is best."""
     slow = synthetic_profile("vit-base-patch16-224", world_size=2, bandwidth_bps=100e6, latency_s=1e-4)
     fast = synthetic_profile("vit-base-patch16-224", world_size=2, bandwidth_bps=1e12, latency_s=1e-3)
     request = Request(slow.model.name, 8, 197)
-    on_slow = choose_plan(slow, request, _link(slow, None), limits=OPEN)
-    on_fast = choose_plan(fast, request, _link(fast, None), limits=OPEN)
+    on_slow = choose_plan(slow, request, _link(slow, None, (1, 2, 4)), limits=OPEN)
+    on_fast = choose_plan(fast, request, _link(fast, None, (1, 2, 4)), limits=OPEN)
     assert on_slow.mode == on_fast.mode == "distributed"
     assert on_slow.micro_batches > 1 and on_fast.micro_batches == 1
 
