@@ -28,7 +28,8 @@ def test_demo_json_rows_and_report(tmp_path, capsys, monkeypatch):
     assert {r["energy_source"] for r in report["rows"]} == {"modelled"}
     assert report["emulation"] == "loopback-transport"
     full = [r for r in report["rows"] if r["strategy"] == "full_exchange"]
-    assert all(r["plan"] == "fp32 x2" for r in full)
+    # batch 1 runs unsliced; batch 2 as 2 micro-batches (plan/micro.py)
+    assert sorted({(r["batch"], r["plan"]) for r in full}) == [(1, "fp32 x2"), (2, "fp32 x2 mb2")]
     assert (out / "summary.md").exists() and (out / "rows.jsonl").exists()
     # Faithful by default (issue 16): random weights measure no fidelity, so the adaptive engine may use only
     # lossless codecs; the forced Segment Means baseline is labelled unmeasured, exact plans 0.

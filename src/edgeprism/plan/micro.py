@@ -2,12 +2,12 @@
 
 More micro-batches hide more of each layer's exchange (one slice's bytes travel while the others compute) but
 each pays the layer's per-call cost again and its own link hops (plan/pipeline.py). Which count is best depends
-on the batch, the devices and the link: on 4 devices of half a core over wifi4 at batch 8, 4 slices ran 5 % faster
-than 2 in one interleaved run and 13 % slower in the next (`scripts/bench_speed.py --variants mb2,mb4`,
-benchmarks/results/devices/README.md); at batch 1 there is nothing to slice. So where the engine leaves the count open (`EngineConfig.micro_batches` None), the link
-estimate carries the counts it may run (`LinkEstimate.micro_batch_choices`), the planner costs each plan at
-every one of them and keeps the best, and the plan says which (`Plan.micro_batches`): rank 0 runs it and
-sends it to the workers in the request header.
+on the batch, the devices and the link: on 4 devices of half a core over wifi4 at batch 8, 4 slices ran 5 %
+faster than 2 in one interleaved run and 13 % slower in the next (`scripts/bench_speed.py --variants mb2,mb4`,
+benchmarks/results/devices/README.md); at batch 1 there is nothing to slice. So where the engine leaves the count
+open (`EngineConfig.micro_batches` None), the link estimate carries the counts it may run
+(`LinkEstimate.micro_batch_choices`), the planner costs each plan at every one of them and keeps the best, and
+the plan says which (`Plan.micro_batches`): rank 0 runs it and sends it to the workers in the request header.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ class EngineConfig:
     micro_batches: int | None = None
     """Run an encoder's batch as this many micro-batches, one exchanging while another computes
     (partition/microbatch.py; exact; with `overlap` only). None: per request, the count of
-    `plan.micro.MICRO_BATCH_CHOICES` (2 or 4, at most the batch; 1 at batch 1) the cost model finds best (plan/pipeline.py,
-    plan/micro.py); the plan records it."""
+    `plan.micro.MICRO_BATCH_CHOICES` (2 or 4, at most the batch; 1 at batch 1) the cost model finds best
+    (plan/pipeline.py, plan/micro.py); the plan records it."""
     learn_speeds: bool = True
     """Estimate each device's compute speed from its timings in every distributed request, so that a
     device slowed since profiling (a straggler) is re-shared or left out, and taken back once restored
