@@ -33,6 +33,7 @@ def test_the_options_follow_the_batch_the_overlap_and_the_model_kind():
     assert micro_batch_options(link, 8, causal=True) == (1,)  # decoders run unsliced
     assert micro_batch_options(dataclasses.replace(link, overlap=False), 8, causal=False) == (1,)
     assert micro_batch_options(with_micro_batches(link, 2), 8, causal=False) == (2,)  # a fixed count is kept
+    assert link.micro_batches == 2  # where one count is costed (`edgeprism plan`'s candidate list)
 
 
 def test_the_chosen_plan_is_the_best_of_the_plans_at_each_count():

@@ -28,8 +28,9 @@ were planned unsliced and ran 1.5–2× slower than sliced; benchmarks/results/d
 
 def with_micro_batches(link: LinkEstimate, count: int | None) -> LinkEstimate:
     """`link` costed as a runtime that runs `count` micro-batches (None: the planner's choice of
-    `MICRO_BATCH_CHOICES`) — what `EngineConfig.micro_batches` means."""
-    return dataclasses.replace(link, micro_batches=count or 1,
+    `MICRO_BATCH_CHOICES`, the first of them where one count is costed, as `enumerate_candidates` does) — what
+    `EngineConfig.micro_batches` means."""
+    return dataclasses.replace(link, micro_batches=count or MICRO_BATCH_CHOICES[0],
                                micro_batch_choices=MICRO_BATCH_CHOICES if count is None else ())
 
 
