@@ -60,7 +60,13 @@ from edgeprism.partition.ranges import apportion
 from edgeprism.plan.constants import CostConstants, profile_constants, request_constants
 from edgeprism.plan.pipeline import own_key_s, pipelined_layers
 from edgeprism.plan.types import LinkEstimate, Plan, Prediction, Request
-from edgeprism.plan.vectors import codec_compute_s, codec_layer_s, codec_received_s, received_vectors
+from edgeprism.plan.vectors import (
+    codec_compute_s,
+    codec_layer_s,
+    codec_received_s,
+    padded_received_bytes,
+    received_vectors,
+)
 from edgeprism.profile.schema import CodecFidelity, Profile
 
 
@@ -219,8 +225,7 @@ def codec_terms(constants: CostConstants, group: GroupTerms, batch: int, codec: 
         w_min, w_max, w_all = n_min, n_max, num_tokens
 
     total_message = k * row_bytes + token_bytes * w_all
-    # GLOO's all-gather takes equal shapes: every message travels padded to the largest one.
-    max_received = (k - 1) * (row_bytes + token_bytes * w_max)
+    max_received = padded_received_bytes(codec, batch, w_max, k, c.seal_bytes)
     air = k if shared else 1
     # with the whole burst as credit: a lower bound, refined below once the layer's compute is known
     layer_network_s = 8.0 * air * max(0.0, max_received - burst) / bandwidth_bps
@@ -316,10 +321,9 @@ def rank_compute_s(profile: Profile, batch: int, counts: Sequence[int], codec: C
     received = received_vectors(segments, constants.causal)
     coded = codec_layer_s(codec, constants.per_kv_s, batch, counts, segments, received, [1.0] * k,
                           constants.causal) or [0.0] * k
-    if constants.exchange_s_per_byte and k > 1:  # as codec_terms: every rank receives the padded messages
-        widest = codec.wire_tokens(max(counts)) if codec.kv_share else max(counts)
-        received_bytes = (k - 1) * batch * (codec.wire_bytes_per_row + codec.wire_bytes_per_token * widest)
-        coded = [x + constants.exchange_s_per_byte * received_bytes for x in coded]
+    if constants.exchange_s_per_byte:  # as codec_terms: every rank receives the padded messages
+        lost = constants.exchange_s_per_byte * padded_received_bytes(codec, batch, codec.wire_tokens(max(counts)), k)
+        coded = [x + lost for x in coded]
     return [constants.num_layers * (group.base[p] + group.slope[p] * (counts[p] + received[p]) + coded[p])
             + (constants.request_overhead_s if p == 0 else 0.0) for p in range(k)]
 

@@ -59,4 +59,12 @@ def codec_compute_s(codec: CodecFidelity, batch: int, segments: Sequence[int], r
             for sent, num_received, speed in zip(segments, received, speeds)]
 
 
-__all__ = ["codec_compute_s", "codec_layer_s", "codec_received_s", "received_vectors"]
+def padded_received_bytes(codec: CodecFidelity, batch: int, widest: float, ranks: int,
+                          seal_bytes: float = 0.0) -> float:
+    """Bytes each of `ranks` ranks receives in one layer's all-gather: every other message padded to the widest
+    (GLOO's all-gather takes equal shapes), `widest` in `CodecFidelity.wire_tokens` units; `seal_bytes` per message
+    where the lanes are sealed."""
+    return (ranks - 1) * (batch * codec.wire_bytes_per_row + seal_bytes + batch * codec.wire_bytes_per_token * widest)
+
+
+__all__ = ["codec_compute_s", "codec_layer_s", "codec_received_s", "padded_received_bytes", "received_vectors"]
