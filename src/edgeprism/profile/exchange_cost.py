@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from edgeprism.comm.exchange import Exchanger
+from edgeprism.testbed.linktest import agree
 
 DEFAULT_ROUNDS = 3
 WORKLOAD_S = 1.5
@@ -56,13 +57,6 @@ def _workload(width: int, target_s: float):
     return run, run()
 
 
-def _agree(value: float, op, group) -> float:
-    """The same number on every rank (a tensor collective: no objects cross the wire)."""
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=op, group=group)
-    return float(tensor.item())
-
-
 def _exchange(exchanger: Exchanger, payload: torch.Tensor, sizes: list[int], count: int,
               finished: list[float]) -> None:
     """`count` all-gathers in a row, noting when each finished (the busy turn's background thread)."""
@@ -86,8 +80,8 @@ def exchange_cost_rank(ctx: Any, args: dict[str, Any], progress: Any = None) -> 
     dist.barrier(group=group)
     start = time.perf_counter()
     exchanger.all_gather_bytes(payload, sizes, kind="probe")
-    allgather_s = _agree(time.perf_counter() - start, dist.ReduceOp.MAX, group)
-    count = int(_agree(max(1.0, 0.6 * alone_s / max(allgather_s, 1e-6)), dist.ReduceOp.MIN, group))
+    allgather_s = agree(time.perf_counter() - start, dist.ReduceOp.MAX, group)
+    count = int(agree(max(1.0, 0.6 * alone_s / max(allgather_s, 1e-6)), dist.ReduceOp.MIN, group))
     received_per_allgather = (world - 1) * nbytes
     alone, busy, costs, counted = [], [], [], []
     for _ in range(rounds):

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from edgeprism.testbed.emulation import EmulatedLink
 
-__all__ = ["LinkMeasurement", "link_test_rank", "measure_link"]
+__all__ = ["LinkMeasurement", "agree", "link_test_rank", "measure_link"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +131,14 @@ def _idle_broadcast(nbytes: int, group_rank: int, link: EmulatedLink | None, gro
 
 def _agree_max(value_s: float, group: dist.ProcessGroup | None) -> float:
     """The largest of the ranks' values, so every rank takes the same branch (untimed)."""
-    t = torch.tensor([value_s], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return agree(value_s, dist.ReduceOp.MAX, group)
+
+
+def agree(value: float, op, group: dist.ProcessGroup | None = None) -> float:
+    """`op` (a `dist.ReduceOp`) of the ranks' values, the same number on every rank (a tensor collective: no
+    objects cross the wire)."""
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=group)
     return float(t.item())
 
 
