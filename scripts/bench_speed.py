@@ -52,7 +52,7 @@ def _predicted_s(profile: Profile | None, model: str, codec: str, batch: int, na
     if profile is None or all(c.codec != codec for c in profile.codecs):
         return None
     num_tokens = get_config(model).num_tokens()
-    overlap, micro_batches = VARIANTS.get(variant, (False, 1))
+    overlap, micro_batches, _chunks = VARIANTS.get(variant, (False, 1, 1))
     link = LinkEstimate(profile.link.bandwidth_bps, profile.link.latency_s, overlap=overlap,
                         micro_batches=micro_batches)
     request = Request(profile.model.name, batch, num_tokens,

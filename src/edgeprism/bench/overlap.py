@@ -22,9 +22,11 @@ from edgeprism.models.synthetic import synthetic_inputs
 from edgeprism.partition.transform import PositionWise
 from edgeprism.testbed.presets import get_preset
 
-VARIANTS: dict[str, tuple[bool, int]] = {"plain": (False, 1), "overlap": (True, 1), "mb2": (True, 2), "mb3": (True, 3),
-                                        "mb4": (True, 4), "mb8": (True, 8)}
-"""name -> (overlap, micro_batches); "local" is rank 0 running the reference model alone."""
+VARIANTS: dict[str, tuple[bool, int, int]] = {
+    "plain": (False, 1, 1), "overlap": (True, 1, 1), "mb2": (True, 2, 1), "mb3": (True, 3, 1), "mb4": (True, 4, 1),
+    "mb8": (True, 8, 1), "chunk2": (True, 1, 2), "chunk3": (True, 1, 3), "chunk4": (True, 1, 4)}
+"""name -> (overlap, micro_batches, token chunks where partition/overlapped.py's rule allows them: a codec that
+splits by token, one micro-batch); "local" is rank 0 running the reference model alone."""
 
 
 def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict | None:
@@ -36,7 +38,8 @@ def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict 
     codecs = [get_codec(name) for name in args["codec"].split(",")]
     wanted = list(args.get("variants") or ["overlap", "plain"])
     variants = {name if len(codecs) == 1 else f"{name} {codec.name}":
-                PositionWise(model, ctx, codec, overlap=VARIANTS[name][0], micro_batches=VARIANTS[name][1])
+                PositionWise(model, ctx, codec, overlap=VARIANTS[name][0], micro_batches=VARIANTS[name][1],
+                             token_chunks=VARIANTS[name][2])
                 for name in wanted if name != "local" for codec in codecs}
     names = (["local"] if "local" in wanted else []) + list(variants)
     out: dict[str, Any] = {"model": args["model"], "codec": ",".join(c.name for c in codecs),

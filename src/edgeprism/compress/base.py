@@ -132,6 +132,16 @@ class IdentityCodec(EveryTokenCodec):
         return values.to(torch.float32), valid.to(torch.float32)
 
 
+def splits_by_token(codec: object) -> bool:
+    """Whether encoding any contiguous split of the tokens, piece by piece, sends what encoding them whole sends,
+    vector for vector (up to the float rounding of a rotated format's matrix product over fewer rows): a stateless codec (no `session`) that sends every token each on its own (the identity,
+    or `values` in a per-vector format: `tokenwise`). A rank may then send its vectors in token chunks as it
+    produces them (partition/overlapped.py)."""
+    if hasattr(codec, "session") or not isinstance(codec, EveryTokenCodec):
+        return False
+    return isinstance(codec, IdentityCodec) or bool(getattr(getattr(codec, "values", None), "tokenwise", False))
+
+
 def pack(wire: list[Tensor]) -> Tensor:
     """Concatenate wire tensors into one flat uint8 tensor (one collective per exchange)."""
     return (

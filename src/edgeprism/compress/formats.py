@@ -74,6 +74,9 @@ def _quantise(values: Tensor, scale: Tensor, qmax: int) -> Tensor:
 class FloatFormat:
     """Plain float wire (fp32 / fp16 / bf16)."""
 
+    tokenwise = True
+    """Each vector is encoded on its own (`compress.base.splits_by_token`)."""
+
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -100,6 +103,9 @@ class FloatFormat:
 @dataclass(frozen=True)
 class Int8TokenFormat:
     """int8 with one absmax scale per vector: |error| <= scale/2 = absmax/254 per element."""
+
+    tokenwise = True
+    """One scale per vector: each is encoded on its own."""
 
     scale_dtype: torch.dtype = torch.float16
 
@@ -135,6 +141,9 @@ class Int8ChannelFormat:
     same for every token: those channels get their own coarse scale instead of crushing the
     resolution of all other channels of every token. |error| <= channel absmax / 254.
     """
+
+    tokenwise = False
+    """One scale per channel across the vectors: a vector's code depends on the others."""
 
     scale_dtype: torch.dtype = torch.float16
 
@@ -176,6 +185,9 @@ class Int4GroupFormat:
     from the wire alone (real nibbles are never 0). The last group may be
     shorter when d is not a multiple of the group size. |error| <= group absmax / 14.
     """
+
+    tokenwise = True
+    """Groups of channels within a vector: each vector is encoded on its own."""
 
     group_size: int = 32
     scale_dtype: torch.dtype = torch.float16

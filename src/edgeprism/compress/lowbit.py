@@ -76,6 +76,9 @@ class LowBitFormat:
     makes decode exact for every d (the packed code width alone is ambiguous when 8 ∤ d·bits).
     """
 
+    tokenwise = True
+    """One scale, outliers and rotation per vector: each is encoded on its own."""
+
     bits: int = 3
     outliers: int = 0
     rotate: bool = False

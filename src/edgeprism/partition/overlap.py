@@ -74,6 +74,13 @@ class OwnPart:
         (`remote_kv`, each (B, heads, S_kv, head_dim); None: none), with their bias (B, 1, 1, S_in + S_kv) in
         that order -> (the block's output for `hidden` (B, n_own, d), (k, v) over [own ; remote] if `keep_kv`,
         else None)."""
+        attended, kv = self.attend(remote_kv_in, remote_bias, keep_kv, remote_kv)
+        return self.block.after_attention(hidden, attended), kv
+
+    def attend(self, remote_kv_in: Tensor, remote_bias: Tensor, keep_kv: bool = False,
+               remote_kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """`finish` up to the attention's output projection -> (attended (B, n_own, d), kv as `finish`): the rest
+        of the block (`block.after_attention`) is per token, so a caller may run it on slices of the own tokens."""
         attn = self.block.attn
         k_remote, v_remote = attn.project_kv(remote_kv_in)  # each (B, heads, S_in, head_dim)
         if remote_kv is not None:
@@ -81,7 +88,7 @@ class OwnPart:
         remote = attention_part(self.q, k_remote, v_remote, remote_bias, attn.scale)
         heads = merge_parts(self.part, remote)  # (B, heads, n_own, head_dim)
         kv = (torch.cat([self.kv[0], k_remote], dim=2), torch.cat([self.kv[1], v_remote], dim=2)) if keep_kv else None
-        return self.block.after_attention(hidden, attn.project_out(heads)), kv
+        return attn.project_out(heads), kv
 
 
 __all__ = ["OwnPart", "attention_part", "merge_parts"]

@@ -20,7 +20,7 @@ from torch import Tensor
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.exchange import Exchanger
 from edgeprism.compress.base import Codec, IdentityCodec, pack, spec_nbytes, unpack
-from edgeprism.compress.kvshare import KVShareCodec, kv_message, rows_to_heads
+from edgeprism.compress.kvshare import KVShareCodec
 from edgeprism.models.base import (
     Inputs,
     KVExchangeBlock,
@@ -28,11 +28,11 @@ from edgeprism.models.base import (
     SplitBlock,
     check_blocks,
 )
-from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias, remote_key_bias
+from edgeprism.partition.attend import block_with_remote, exchanged_states, own_key_bias
 from edgeprism.partition.decode import ShardState, greedy_decode
-from edgeprism.partition.kvwire import decoded_messages, kv_share_refusal, read_kv_messages
-from edgeprism.partition.microbatch import LayerSteps, interleave, row_slices
-from edgeprism.partition.overlap import OwnPart
+from edgeprism.partition.kvwire import kv_share_refusal
+from edgeprism.partition.microbatch import interleave, row_slices
+from edgeprism.partition.overlapped import DEFAULT_TOKEN_CHUNKS, chunks_for, overlapped_layers, read_chunks
 from edgeprism.partition.ranges import TokenRange, equal_shares, split_tokens
 from edgeprism.partition.scatter import part_wire_spec, raw_spec, read_part, wire_part, wire_tensors
 from edgeprism.partition.timeline import Timeline
@@ -70,7 +70,8 @@ class PositionWise:
     def __init__(self, model: ReferenceModel, ctx: DistContext, codec: Codec | None = None,
                  size_aware: bool = DEFAULT_SIZE_AWARE, exchanger: Exchanger | None = None,
                  average: Literal["residual", "normed"] = DEFAULT_AVERAGE, warn_clamped_ratio: bool = True,
-                 overlap: bool = DEFAULT_OVERLAP, micro_batches: int = DEFAULT_MICRO_BATCHES) -> None:
+                 overlap: bool = DEFAULT_OVERLAP, micro_batches: int = DEFAULT_MICRO_BATCHES,
+                 token_chunks: int = DEFAULT_TOKEN_CHUNKS) -> None:
         check_blocks(model)  # the declared contract (models.base.Block), checked before any collective
         self.model = model
         self.ctx = ctx
@@ -91,6 +92,11 @@ class PositionWise:
         self.micro_batches = micro_batches if self.overlap else 1
         """Rows run as this many micro-batches, one exchanging while another computes (partition/microbatch.py;
         only on the overlapped path). Rank 0's value travels in the request's header."""
+        if token_chunks < 1:
+            raise ValueError(f"token_chunks must be >= 1, got {token_chunks}")
+        self.token_chunks = token_chunks
+        """Token chunks per exchange of a one-micro-batch request whose codec splits by token (partition/overlapped.py;
+        every rank must use the same: it is in `settings`)."""
         why = kv_share_refusal(model.config, self.overlap, average) if isinstance(self.codec, KVShareCodec) else None
         if why:  # compress/kvshare.py: an encoder on the overlapped path only
             raise ValueError(f"codec {self.codec.name} cannot run on {model.config.name}: {why}; use "
@@ -110,7 +116,7 @@ class PositionWise:
 
         return {"model": self.model.config.name, "config_hash": self.model.config.config_hash(),
                 "codec": codec_fingerprint(self.codec), "size_aware": self.size_aware,
-                "average": self.average}
+                "average": self.average, "token_chunks": self.token_chunks}
 
     def verify_peers(self) -> None:
         """All ranks compare settings (model, codec, weighting) before any request; a mismatch raises
@@ -269,8 +275,9 @@ class PositionWise:
             clock = self.timeline = Timeline()
             if self.overlap and self.ctx.world_size > 1:  # encoders: exchanges hidden behind compute
                 rows = row_slices(batch, micro_batches)
+                chunks = chunks_for(codec, ranges, len(rows), self.token_chunks)
                 hidden = torch.cat(interleave(
-                    [self._overlapped_layers(hidden[r], own_bias[r], valid[r], anchor[r], ranges, slot)
+                    [overlapped_layers(self, hidden[r], own_bias[r], valid[r], anchor[r], ranges, slot, chunks)
                      for slot, r in enumerate(rows)], len(model.block_list()), clock, self.exchanger.stats))
                 state.hidden = model.finish(hidden)
                 return state
@@ -292,45 +299,6 @@ class PositionWise:
                     state.remote_bias = remote_bias
             state.hidden = model.finish(hidden)
         return state
-
-    def _overlapped_layers(self, hidden: Tensor, own_bias: Tensor, valid: Tensor, anchor: Tensor,
-                           ranges: tuple[TokenRange, ...], slot: int) -> LayerSteps:
-        """An encoder's blocks for these rows (B_slice, n_own, d), each with its all-gather in flight while the own-
-        token attention runs (partition/overlap.py); yields once per layer with the exchange started, for
-        `interleave` to run another micro-batch meanwhile (partition/microbatch.py) -> the last hidden states."""
-        batch, width = hidden.shape[0], self.model.config.exchange_width
-        session = self.codec.session() if hasattr(self.codec, "session") else None  # per micro-batch
-        specs = [self.codec.wire_spec(batch, r.num_tokens, width) for r in ranges]
-        share = self.codec if isinstance(self.codec, KVShareCodec) else None  # checked in __init__
-        for layer, block in enumerate(self.model.block_list()):
-            sent = exchanged_states(block, hidden, self.average)  # (B_slice, n_own, d)
-            if session is not None:
-                specs = [session.wire_spec(layer, batch, r.num_tokens, width) for r in ranges]
-            sizes = [spec_nbytes(s) for s in specs]
-            split = cast(SplitBlock, block)  # `self.overlap` checked every block once
-            own_kv, message, message_valid = None, sent, valid
-            if share is not None:  # the own keys and values first: a share of them travels
-                own_kv = split.attn.project_kv(sent)  # each (B_slice, heads, n_own, head_dim)
-                message, message_valid = kv_message(share, sent, own_kv, valid)  # (B_slice, m + 2k, d)
-            pending = self.exchanger.start_all_gather_bytes(
-                self._encode(message, message_valid, anchor, session, layer), sizes, slot=slot)
-            own = OwnPart(split, sent if self.average == "normed" else block.kv_input(hidden), own_bias, kv=own_kv)
-            yield
-            with self.timeline.waiting():
-                received = pending.wait()
-            remote_kv = None
-            if share is not None:
-                remote, counts, keys, values, kv_counts = read_kv_messages(share, received, specs, self.ctx.group_rank,
-                                                                           ranges, sent.dtype)
-                heads = own.kv[0].shape[1]
-                remote_kv = rows_to_heads(keys, heads), rows_to_heads(values, heads)
-                counts = torch.cat([counts, kv_counts], dim=1)
-            else:
-                remote, counts = self._readable(received, specs, sent, session, layer)
-            remote_bias = remote_key_bias(counts, self.size_aware, hidden.dtype)  # (B_slice, 1, 1, S_remote)
-            remote_kv_in = block.kv_input(remote) if self.average == "residual" else remote
-            hidden, _ = own.finish(hidden, remote_kv_in, remote_bias, remote_kv=remote_kv)  # encoders keep no cache
-        return hidden
 
     def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session, layer: int) -> Tensor:
         with self.timeline.encoding():
@@ -360,17 +328,7 @@ class PositionWise:
     def _readable(self, received: Sequence[Tensor | None], specs: list, hidden: Tensor, session,
                   layer: int) -> tuple[Tensor, Tensor]:
         """What this rank may read of the received payloads → (B, S_remote, d), (B, S_remote)."""
-        rank = self.ctx.group_rank
-        batch, _, d = hidden.shape
-        vectors, counts = [], []
-        decode = (lambda q, wire: session.decode(layer, q, wire)) if session is not None else (
-            lambda _q, wire: self.codec.decode(wire))
-        for _q, v, c in decoded_messages(received, specs, rank, decode):
-            vectors.append(v.to(hidden.dtype))
-            counts.append(c)
-        if not vectors:  # rank 0 of a causal model reads nobody
-            return hidden.new_zeros(batch, 0, d), hidden.new_zeros(batch, 0)
-        return torch.cat(vectors, dim=1), torch.cat(counts, dim=1)
+        return read_chunks(self, [received], [specs], hidden, session, layer)
 
     def _collect(self, state: ShardState, ranges: tuple[TokenRange, ...], gather_hidden: bool) -> dict | None:
         """Output rows to rank 0: [CLS] (rank 0 has it), pooled mean by exact sum, or the last position."""
