@@ -121,3 +121,26 @@ def test_modelled_meter_overlapping_phases_warn(caplog):
     assert m.parts_j["idle_j"] == 0.0 and m.energy_j == pytest.approx(20.0)
     with pytest.raises(ValueError, match="unknown phase 'gpu_s'"):
         meter.add_phase("gpu_s", 1.0)
+
+
+def test_an_overlapped_rank_is_charged_for_its_compute_and_its_whole_link_time():
+    """A rank's request energy (runtime/rank0_side.py `_energy`, fed `RankTelemetry.compute_s`): a link-bound rank whose
+    exchange ran beside its compute is busy computing for everything but the link time it waited for; charging
+    compute only for wall - link (as before) read an overlapped split as cheaper than one device."""
+    from types import SimpleNamespace
+
+    from edgeprism.plan.synthetic import synthetic_profile
+    from edgeprism.runtime.rank0_side import Rank0Side
+    from edgeprism.runtime.telemetry import RankTelemetry
+
+    profile = synthetic_profile("vit-tiny-test")
+    e = profile.energy
+    rank = RankTelemetry(wall_s=1.0, nbytes_sent=0.0, layer_nbytes=0.0, staging_s=0.0, collective_s=0.8,
+                         emulated_delay_s=0.0, hidden_s=0.7)
+    assert rank.compute_s == pytest.approx(0.9)
+    engine = SimpleNamespace(profile=profile, meter=None)
+    energy_j, source = Rank0Side._energy(engine, "r", [(rank.compute_s, rank.staging_s, 0.8)])
+    assert source == "modelled"
+    assert energy_j == pytest.approx(e.compute_w * 0.9 + e.network_w * 0.8)
+    local_j, _ = Rank0Side._energy(engine, "r", [(1.0, 0.0, 0.0)])
+    assert local_j == pytest.approx(e.compute_w * 1.0)

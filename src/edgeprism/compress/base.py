@@ -134,9 +134,10 @@ class IdentityCodec(EveryTokenCodec):
 
 def splits_by_token(codec: object) -> bool:
     """Whether encoding any contiguous split of the tokens, piece by piece, sends what encoding them whole sends,
-    vector for vector (up to the float rounding of a rotated format's matrix product over fewer rows): a stateless codec (no `session`) that sends every token each on its own (the identity,
-    or `values` in a per-vector format: `tokenwise`). A rank may then send its vectors in token chunks as it
-    produces them (partition/overlapped.py)."""
+    vector for vector (up to the float rounding of a rotated format's matrix product over fewer rows): a
+    stateless codec (no `session`) that sends every token each on its own (the identity, or `values` in a
+    per-vector format: `tokenwise`). A rank may then send its vectors in token chunks as it produces them
+    (partition/overlapped.py)."""
     if hasattr(codec, "session") or not isinstance(codec, EveryTokenCodec):
         return False
     return isinstance(codec, IdentityCodec) or bool(getattr(getattr(codec, "values", None), "tokenwise", False))

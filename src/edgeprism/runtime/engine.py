@@ -327,7 +327,7 @@ class Engine(Rank0Side, WorkerSide):
         latency_s = time.perf_counter() - start + spent_s
         if not want.gather_hidden:
             outputs.pop("hidden", None)
-        energy_j, source = self._energy(request_id, [(latency_s, 0.0, 0.0, 0.0)])
+        energy_j, source = self._energy(request_id, [(latency_s, 0.0, 0.0)])
         row = self._row(request_id, plan, request, link, latency_s, energy_j, source, 0, 0, 0.0, 0.0, 0.0, fallback,
                         cpu_s=time.process_time() - cpu_start)
         return outputs, row
@@ -370,7 +370,7 @@ class Engine(Rank0Side, WorkerSide):
         rank0 = per_rank[0]
         bytes_exchanged = int(sum(r.nbytes_sent for r in per_rank)) + control.nbytes_sent
         layer_nbytes = int(sum(r.layer_nbytes for r in per_rank))
-        phases = [(r.wall_s, r.staging_s, r.collective_s + r.emulated_delay_s, 0.0) for r in per_rank]
+        phases = [(r.compute_s, r.staging_s, r.collective_s + r.emulated_delay_s) for r in per_rank]
         energy_j, source = self._energy(request_id, phases)
         row = self._row(request_id, plan, request, link, latency_s, energy_j, source, bytes_exchanged, layer_nbytes,
                         rank0.staging_s, rank0.collective_s + control.collective_s,

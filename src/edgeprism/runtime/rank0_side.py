@@ -245,13 +245,15 @@ class Rank0Side:
         measured = [r.compute_s for r in per_rank]
         self.speed_estimator.update(plan.ranks, predicted, measured, exclude=(plan.ranks[-1],) if decoded else ())
 
-    def _energy(self, request_id: str, phases: list[tuple[float, float, float, float]]) -> tuple[float, str]:
-        """Measured energy of the plan's ranks. Modelled from each rank's (wall, staging, link) seconds with
-        the profile's power model, exactly as the cost model charges them; with a meter, rank 0's part
-        is metered instead (the others stay modelled, and the source says so)."""
+    def _energy(self, request_id: str, phases: list[tuple[float, float, float]]) -> tuple[float, str]:
+        """Energy of the plan's ranks. Modelled from each rank's (compute, staging, link) seconds with the profile's
+        power model, as the cost model charges them: compute is the rank's own work (`RankTelemetry.compute_s`: an
+        overlapped exchange's link time ran beside it, so it is not taken off), and the link draws its power for
+        all of its time, hidden or not. With a meter, rank 0's part is metered instead (the others stay modelled,
+        and the source says so)."""
         e = self.profile.energy
-        modelled = [e.compute_w * max(0.0, wall - staging - net) + e.staging_w * staging + e.network_w * net
-                    for wall, staging, net, _ in phases]
+        modelled = [e.compute_w * max(0.0, compute) + e.staging_w * staging + e.network_w * link
+                    for compute, staging, link in phases]
         if self.meter is None:
             return sum(modelled), "modelled"
         measurement = self.meter.end_window(request_id)
