@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgeprism.bench.order import round_order
 from edgeprism.bench.testbed_pair import HOST0_ARGS, Host0, joined_pair, rerun_in_host0
 from edgeprism.plan.types import DEFAULT_MAX_FIDELITY_LOSS
 
@@ -198,8 +199,7 @@ def inner(args) -> int:
             plans.update({f"ours 2 devices {c}": static_plan(profile, request, engine.link_estimate, "distributed",
                                                              c) for c in codecs})
             for repeat in range(-args.warmup, args.repeats):
-                shift = repeat % len(strategies)
-                for strategy in strategies[shift:] + strategies[:shift]:
+                for strategy in round_order(strategies, repeat):  # a new order per round
                     ttft_s, first, about = timed(engine, peers, strategy, ids, inputs, plans, 1)
                     total_s = decode = None
                     if args.decode_tokens and strategy in decode_for:

@@ -1,8 +1,9 @@
 """Where a split request's time goes, measured against the cost model (issue 16 items 2, 3, 5; a printout, not a
 test): 2 emulated devices of one core (or one per `--speeds` entry, a CPU quota each) over one link preset, per
 batch the same requests run on rank 0 alone ("local") and split with the exchange after compute ("plain"),
-overlapped with own-key attention ("overlap") and overlapped with 2 micro-batches ("mb2"), interleaved request by
-request (each variant first in turn).
+overlapped with own-key attention ("overlap") and overlapped with 2 micro-batches ("mb2") (and the other variants of
+`bench.overlap.VARIANTS`: mb3/mb4/mb8, token chunks chunk2/3/4), interleaved request by request (a new order per
+round: bench/order.py).
 
     python scripts/bench_speed.py                       # ViT-B/16, int8, wifi4, batches 1,8, 3 repeats
     python scripts/bench_speed.py --model dinov2-s14 --codec fp16 --batches 1,8 --repeats 5

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from edgeprism.bench.demo_data import DemoData
 from edgeprism.bench.demo_devices import codec_class, device_codecs, device_plan, share_sweep, world_sizes
 from edgeprism.bench.limits import limit_fields, plan_label
+from edgeprism.bench.order import round_order
 from edgeprism.bench.tables import percentile
 from edgeprism.comm.context import DistContext
 from edgeprism.compress.registry import get_codec, num_vectors
@@ -58,7 +59,7 @@ class DemoSpec:
     allow_unmeasured_codecs: bool = False
     """The adaptive engine may use codecs of unmeasured fidelity (explicit opt-in; rows then say so)."""
     repeats: int = 3
-    """Rounds per (phase, batch): every strategy serves each round's images once, in a rotated order."""
+    """Rounds per (phase, batch): every strategy serves each round's images once, in an order drawn per round."""
     full_exchange_phases: int = 1
     """Static full exchange runs in this many leading phases only: on a sagging link it takes minutes per
     request and is never the best choice, so later phases compare local, Segment Means and adaptive."""
@@ -142,8 +143,7 @@ def drive(engine, spec: DemoSpec, progress=None) -> list[dict]:
                     offset += batch
                     request = request or engine.request_of(inputs, engine.model.validate_input(inputs))
                     strategies = phase_strategies(spec, phase)
-                    shift = repeat % len(strategies)  # interleaved, the order rotated by one per round
-                    for strategy in strategies[shift:] + strategies[:shift]:
+                    for strategy in round_order(strategies, repeat):  # interleaved, a new order per round
                         link = engine.link_estimate
                         plan = None
                         if strategy == "local":

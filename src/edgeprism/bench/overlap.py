@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from edgeprism.bench.order import round_order
 from edgeprism.comm.context import DistContext
 from edgeprism.comm.launch import JobSession
 from edgeprism.compress.registry import get_codec
@@ -50,8 +51,7 @@ def overlap_rank(ctx: DistContext, args: dict[str, Any], progress=None) -> dict 
         timelines: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         for repeat in range(-args["warmup"], args["repeats"]):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:  # interleaved, each variant first in turn
+            for name in round_order(names, repeat):  # interleaved, a new order per round (bench/order.py)
                 start, cpu_start, main_start = time.perf_counter(), time.process_time(), time.thread_time()
                 if name == "local":
                     if ctx.is_root:

@@ -5,8 +5,8 @@ is one JSON row, reported by rank 0 as a progress line. `check_peers_rank` runs 
 and returns their largest difference from the local model.
 
 Every strategy runs in this one job, on the same ranks, cores and link, interleaved request by request:
-for each batch, each repeat serves the request once per strategy, in an order rotated by one each
-repeat. Rank 0 tells the others what comes next over a dedicated long-timeout control group:
+for each batch, each repeat serves the request once per strategy, in an order drawn for that repeat
+(`bench.order.round_order`). Rank 0 tells the others what comes next over a dedicated long-timeout control group:
 `{"op": "engine"}` (serve edgeprism's engine until it releases them), `{"op": "pipeline"}`,
 `{"op": "tensor_parallel"}`, `{"op": "done"}`. `transformers` runs on rank 0 alone.
 """
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from edgeprism.bench.limits import limit_fields, plan_label
+from edgeprism.bench.order import round_order
 from edgeprism.bench.peers import head_row, input_layout
 from edgeprism.bench.pipeline import PipelinePeer
 from edgeprism.bench.scenarios import JobSpec
@@ -123,8 +124,7 @@ def drive(spec, engine, peers: dict, hf, control, emit: Progress) -> None:
                              else f"wire time alone > skip_slower_than_s = {job.skip_slower_than_s} s"}))
         active = [s for s in strategies if s not in skipped]
         for repeat in range(-job.warmup, job.repeats):
-            shift = repeat % len(active) if active else 0
-            for strategy in active[shift:] + active[:shift]:
+            for strategy in round_order(active, repeat):  # a new order per round (bench/order.py)
                 row = _serve(strategy, inputs, request, batch, engine, peers, hf, followers, energy)
                 if repeat < 0:
                     continue  # warm-up

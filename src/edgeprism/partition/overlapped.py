@@ -17,7 +17,7 @@ DEFAULT_TOKEN_CHUNKS).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -30,9 +30,22 @@ from edgeprism.partition.kvwire import decoded_messages, read_kv_messages
 from edgeprism.partition.microbatch import LayerSteps
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange
+from edgeprism.partition.timeline import Timeline
 
-if TYPE_CHECKING:
-    from edgeprism.partition.transform import PositionWise
+
+class PositionWise(Protocol):
+    """What the overlapped layers use of their `partition.transform.PositionWise` (named alike; a protocol here,
+    since the transform imports this module)."""
+
+    codec: Any
+    model: Any
+    ctx: Any
+    exchanger: Any
+    average: Literal["residual", "normed"]
+    size_aware: bool
+    timeline: Timeline
+
+    def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session: Any, layer: int) -> Tensor: ...
 
 DEFAULT_TOKEN_CHUNKS = 1
 """Token chunks per exchange where `chunks_for` allows them: 1 (off) by default. Measured (docs/METHODOLOGY.md,
