@@ -9,9 +9,9 @@ rank may run that tail in `chunks` slices of its own tokens and start the next l
 as soon as it is done: the first slices cross the link while the rank still computes the last ones, and only the
 last slice's wire is left to hide behind the own-key attention. What travels is byte for byte what one message
 would carry (the slices' encodings concatenated), so the answer is the unchunked one up to the float rounding of
-the smaller GEMMs. It pays where nothing else hides the wire: a request of one row (micro-batches need rows);
-`chunks_for` is the rule every rank applies alike (`PositionWise(token_chunks=...)`, off by default: see
-DEFAULT_TOKEN_CHUNKS).
+the smaller GEMMs. It is for where nothing else hides the wire: a request of one row (micro-batches need rows).
+`chunks_for` is the rule every rank applies alike (`PositionWise(token_chunks=...)`); off by default, since on
+CPU-only devices it gained little (DEFAULT_TOKEN_CHUNKS).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from edgeprism.partition.ranges import TokenRange
 from edgeprism.partition.timeline import Timeline
 
 
-class PositionWise(Protocol):
-    """What the overlapped layers use of their `partition.transform.PositionWise` (named alike; a protocol here,
-    since the transform imports this module)."""
+class TransformView(Protocol):
+    """What the overlapped layers use of their `partition.transform.PositionWise` (a protocol: the transform imports
+    this module)."""
 
     codec: Any
     model: Any
@@ -46,6 +46,7 @@ class PositionWise(Protocol):
     timeline: Timeline
 
     def _encode(self, hidden: Tensor, valid: Tensor, anchor: Tensor, session: Any, layer: int) -> Tensor: ...
+
 
 DEFAULT_TOKEN_CHUNKS = 1
 """Token chunks per exchange where `chunks_for` allows them: 1 (off) by default. Measured (docs/METHODOLOGY.md,
@@ -68,7 +69,7 @@ def chunk_slices(num_tokens: int, chunks: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(chunks)]
 
 
-def overlapped_layers(pw: PositionWise, hidden: Tensor, own_bias: Tensor, valid: Tensor, anchor: Tensor,
+def overlapped_layers(pw: TransformView, hidden: Tensor, own_bias: Tensor, valid: Tensor, anchor: Tensor,
                       ranges: tuple[TokenRange, ...], slot: int, chunks: int = 1) -> LayerSteps:
     """An encoder's blocks for these rows (B_slice, n_own, d) on `pw`'s rank, each with its all-gather in flight
     while the own-token attention runs; yields once per layer with the exchange started, for `interleave` to run
@@ -132,7 +133,7 @@ def overlapped_layers(pw: PositionWise, hidden: Tensor, own_bias: Tensor, valid:
     return hidden
 
 
-def read_chunks(pw: PositionWise, received: Sequence[Sequence[Tensor | None]], specs: Sequence[Sequence[WireSpec]],
+def read_chunks(pw: TransformView, received: Sequence[Sequence[Tensor | None]], specs: Sequence[Sequence[WireSpec]],
                 hidden: Tensor, session, layer: int) -> tuple[Tensor, Tensor]:
     """What `pw`'s rank may read of one exchange received in chunks (per chunk, every rank's payload or None, and
     its wire spec) -> (B, S_remote, d), (B, S_remote): senders in rank order, each sender's chunks in order."""
