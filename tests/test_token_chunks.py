@@ -12,7 +12,8 @@ from edgeprism.compress import get_codec
 from edgeprism.compress.base import splits_by_token
 from edgeprism.models.loading import build_model
 from edgeprism.models.synthetic import synthetic_inputs
-from edgeprism.partition.overlapped import chunk_slices, chunks_for
+from edgeprism.partition.microbatch import row_slices
+from edgeprism.partition.overlapped import chunks_for
 from edgeprism.partition.ranges import TokenRange
 from edgeprism.partition.transform import PositionWise
 
@@ -37,13 +38,13 @@ def test_a_split_encoded_in_pieces_is_the_whole_encoding():
     for name in ("fp16", "int8", "int4", "lb4o4r"):
         codec = get_codec(name)
         whole, _ = codec.decode(codec.encode(hidden, valid))
-        pieces = [codec.decode(codec.encode(hidden[:, s], valid[:, s]))[0] for s in chunk_slices(11, 3)]
+        pieces = [codec.decode(codec.encode(hidden[:, s], valid[:, s]))[0] for s in row_slices(11, 3)]
         assert (torch.cat(pieces, dim=1) - whole).abs().max() <= 1e-6, name
 
 
-def test_chunk_slices_cover_the_tokens_in_order():
-    assert chunk_slices(7, 3) == [slice(0, 2), slice(2, 4), slice(4, 7)]
-    assert chunk_slices(5, 1) == [slice(0, 5)]
+def test_token_chunks_cover_the_tokens_in_order():
+    assert row_slices(7, 3) == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    assert row_slices(5, 1) == [slice(0, 5)]
 
 
 def test_the_rule_every_rank_applies():

@@ -22,7 +22,8 @@ LayerSteps = Generator[None, None, Tensor]
 
 
 def row_slices(batch: int, micro_batches: int) -> list[slice]:
-    """The rows of each micro-batch: min(micro_batches, batch) contiguous slices, sizes differing by at most 1."""
+    """The rows of each micro-batch: min(micro_batches, batch) contiguous slices, sizes differing by at most 1 (also a
+    rank's own tokens in token chunks: partition/overlapped.py)."""
     m = max(1, min(micro_batches, batch))
     bounds = [batch * i // m for i in range(m + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(m)]

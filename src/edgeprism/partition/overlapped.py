@@ -27,7 +27,7 @@ from edgeprism.compress.kvshare import KVShareCodec, kv_message, rows_to_heads
 from edgeprism.models.base import SplitBlock
 from edgeprism.partition.attend import exchanged_states, remote_key_bias
 from edgeprism.partition.kvwire import decoded_messages, read_kv_messages
-from edgeprism.partition.microbatch import LayerSteps
+from edgeprism.partition.microbatch import LayerSteps, row_slices
 from edgeprism.partition.overlap import OwnPart
 from edgeprism.partition.ranges import TokenRange
 from edgeprism.partition.timeline import Timeline
@@ -63,12 +63,6 @@ def chunks_for(codec: object, ranges: Sequence[TokenRange], micro_batches: int, 
     return max(1, min(token_chunks, min(r.num_tokens for r in ranges)))
 
 
-def chunk_slices(num_tokens: int, chunks: int) -> list[slice]:
-    """A rank's own token positions [0, num_tokens) in `chunks` contiguous slices, sizes differing by at most 1."""
-    bounds = [num_tokens * i // chunks for i in range(chunks + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(chunks)]
-
-
 def overlapped_layers(pw: TransformView, hidden: Tensor, own_bias: Tensor, valid: Tensor, anchor: Tensor,
                       ranges: tuple[TokenRange, ...], slot: int, chunks: int = 1) -> LayerSteps:
     """An encoder's blocks for these rows (B_slice, n_own, d) on `pw`'s rank, each with its all-gather in flight
@@ -80,7 +74,7 @@ def overlapped_layers(pw: TransformView, hidden: Tensor, own_bias: Tensor, valid
     session = codec.session() if hasattr(codec, "session") else None  # per micro-batch
     share = codec if isinstance(codec, KVShareCodec) else None  # checked in PositionWise.__init__
     assert chunks == 1 or (session is None and share is None), "chunks need a codec that splits by token"
-    pieces = [chunk_slices(r.num_tokens, chunks) for r in ranges]  # per rank, its token chunks
+    pieces = [row_slices(r.num_tokens, chunks) for r in ranges]  # per rank, its token chunks (chunks_for: <= n)
     mine = pieces[rank]
 
     def chunk_specs(layer: int) -> list[list[WireSpec]]:
@@ -123,7 +117,8 @@ def overlapped_layers(pw: TransformView, hidden: Tensor, own_bias: Tensor, valid
         remote_kv_in = block.kv_input(remote) if pw.average == "residual" else remote
         attended, _ = own.attend(remote_kv_in, remote_bias, remote_kv=remote_kv)  # encoders keep no cache
         last = layer + 1 == len(blocks)
-        specs = specs if last else chunk_specs(layer + 1)
+        if session is not None and not last:  # a stateless codec's wire shapes are the same at every layer
+            specs = chunk_specs(layer + 1)
         outputs, started = [], []
         for c, cut in enumerate(mine):  # the tail per token chunk, each chunk's next exchange started at once
             outputs.append(split.after_attention(hidden[:, cut], attended[:, cut]))
@@ -151,4 +146,4 @@ def read_chunks(pw: TransformView, received: Sequence[Sequence[Tensor | None]], 
     return torch.cat([v for v, _ in pairs], dim=1), torch.cat([c for _, c in pairs], dim=1)
 
 
-__all__ = ["DEFAULT_TOKEN_CHUNKS", "chunk_slices", "chunks_for", "overlapped_layers", "read_chunks"]
+__all__ = ["DEFAULT_TOKEN_CHUNKS", "chunks_for", "overlapped_layers", "read_chunks"]
