@@ -81,13 +81,26 @@ def answers(ref: torch.Tensor, head) -> dict:
             "nearest": sim.argmax(-1), "nearest_ties": int((sim_top[:, 0] - sim_top[:, 1] < NEAR_TIE).sum())}
 
 
-def score(ref: torch.Tensor, got: torch.Tensor, reference: dict, head) -> dict:
-    intent = head.logits(got).argmax(-1)
+def score(ref: torch.Tensor, got: torch.Tensor, reference: dict, head, guard_margin: float) -> dict:
+    from edgeprism.evaluate.fidelity import label_shift, top2_margins
+
+    logits = head.logits(got)
+    intent = logits.argmax(-1)
+    margins = top2_margins(logits)
+    flipped = (intent != reference["intent"]).nonzero().flatten().tolist()
+    # The near-tie guard (runtime/guard.py): rows answered with a margin under guard_margin are rerun on one
+    # device, whose answer is the reference's.
+    rerun = margins < guard_margin
+    guarded = torch.where(rerun, reference["intent"], intent)
     nearest = (got @ got.T - 2 * torch.eye(got.shape[0])).argmax(-1)
     cosine = (ref * got).sum(-1)
     return {"cosine_mean": float(cosine.mean()), "cosine_item_min": float(cosine.min()),
             "intent_agreement": float((intent == reference["intent"]).float().mean()),
-            "intent_flips": int((intent != reference["intent"]).sum()),
+            "intent_flips": len(flipped), "flipped_margins": [round(float(margins[i]), 4) for i in flipped],
+            "label_shift": label_shift(head.logits(ref), logits).value, "guard_margin": guard_margin,
+            "guard_rows": int(rerun.sum()),
+            "guarded_intent_agreement": float((guarded == reference["intent"]).float().mean()),
+            "guarded_intent_flips": int((guarded != reference["intent"]).sum()),
             "retrieval_agreement": float((nearest == reference["nearest"]).float().mean()),
             "retrieval_flips": int((nearest != reference["nearest"]).sum())}
 
@@ -112,7 +125,8 @@ def run(args) -> list[dict]:
     from edgeprism.evaluate.calibrated import calibrate_codec
     from edgeprism.evaluate.calibration_text import calibration_texts, everyday_sentences
     from edgeprism.evaluate.eval_sets import _pad_batches
-    from edgeprism.evaluate.fidelity import fp32_exchange_bytes, run_distributed
+    from edgeprism.evaluate.fidelity import fp32_exchange_bytes, label_shift, run_distributed
+    from edgeprism.runtime.guard import GUARD_HEADROOM
 
     torch.manual_seed(0)
     model, head, sets, pool, tokenizer = load_sets(args.limit, args.batch_size)
@@ -121,6 +135,12 @@ def run(args) -> list[dict]:
         refs = {name: embeddings([model(b) for b in batches]) for name, batches in sets.items()}
     reference = {name: answers(ref, head) for name, ref in refs.items()}
     full = {name: fp32_exchange_bytes(model, batches, WORLD_SIZE) for name, batches in sets.items()}
+    # The guard's dev set (what a profile's evaluation would measure the codec's label shift on; none of the
+    # evaluated sets): the last 40 pool passages and the everyday file's dev sentences.
+    dev_texts = pool[-40:] + everyday_sentences("dev")
+    dev = _pad_batches([e.ids for e in tokenizer.encode_batch(dev_texts)], args.batch_size)
+    with torch.no_grad():
+        dev_ref = head.logits(embeddings([model(b) for b in dev]))
     draws: list[tuple[str, str, object]] = []
     for name in args.baselines:
         draws += [(name, f"rotation seed {seed if seed is not None else 'shipped'}",
@@ -147,15 +167,22 @@ def run(args) -> list[dict]:
     rows = []
     for family, draw, make in draws:
         codec = make()
+        dev_outputs, _ = run_distributed(model, dev, codec, WORLD_SIZE)
+        dev_shift = label_shift(dev_ref, head.logits(embeddings(dev_outputs))).value
+        margin = args.guard_margin if args.guard_margin is not None else min(0.999, GUARD_HEADROOM * dev_shift)
+        log(f"{codec.name} [{draw}]: label shift on the guard's dev set ({len(dev_texts)} texts) {dev_shift:.4f} "
+            f"-> guard margin {margin:.4f}")
         for set_name, batches in sets.items():
             outputs, nbytes = run_distributed(model, batches, codec, WORLD_SIZE)
             row = {"family": family, "codec": codec.name, "draw": draw, "set": set_name, "items": len(refs[set_name]),
                    "x_vs_fp32": full[set_name] / nbytes, "intent_near_ties": reference[set_name]["intent_ties"],
-                   "retrieval_near_ties": reference[set_name]["nearest_ties"],
-                   **score(refs[set_name], embeddings(outputs), reference[set_name], head)}
+                   "retrieval_near_ties": reference[set_name]["nearest_ties"], "guard_dev_shift": dev_shift,
+                   **score(refs[set_name], embeddings(outputs), reference[set_name], head, margin)}
             rows.append(row)
             log(f"{codec.name} [{draw}] {set_name}: {row['x_vs_fp32']:.2f}x cos {row['cosine_mean']:.5f} intent "
-                f"{row['intent_agreement']:.3f} ({row['intent_flips']} flips) retrieval {row['retrieval_agreement']:.3f}")
+                f"{row['intent_agreement']:.3f} ({row['intent_flips']} flips at margins {row['flipped_margins']}) "
+                f"guarded {row['guarded_intent_agreement']:.3f} ({row['guard_rows']} rows rerun; label shift "
+                f"{row['label_shift']:.4f}) retrieval {row['retrieval_agreement']:.3f}")
     return rows
 
 
@@ -184,6 +211,35 @@ def write_tables(rows: list[dict], path: Path, command: str) -> None:
         names = sorted({r["codec"] for r in mine})
         label = family if len(names) == 1 else f"{family}: {', '.join(names)}"
         out.append(f"| `{label}` | {len({r['draw'] for r in mine})} | " + " | ".join(cells) + " |")
+    guarded = [r for r in rows if "guarded_intent_agreement" in r]
+    if guarded:
+        out += ["", "With the near-tie guard (runtime/guard.py; rows from runs that measured it): intent rows the "
+                "split answered with a top-2 probability margin under the guard's are rerun on one device. The "
+                "guard's margin per draw is 1.5 × the codec's label shift (largest change of two labels' "
+                "probability difference) on the guard's dev set — 40 pool passages and the everyday dev sentences, "
+                "none of the evaluated sets — as a profile sets it. Per cell: worst draw's agreement with the guard "
+                "(flips), the most rows rerun in a draw, the largest label shift on the set (any draw), and the "
+                "margins the split answered its flipped items with (all draws).", "",
+                "| codec | guard margin (draws) | " + " | ".join(
+                    f"{s}: agr. worst with guard (flips) | {s}: rows rerun, most | {s}: label shift, largest | "
+                    f"{s}: flipped at margin" for s in sets) + " |", "|---|---|" + "---|---|---|---|" * len(sets)]
+        for family in dict.fromkeys(r["family"] for r in guarded):
+            mine = [r for r in guarded if r["family"] == family]
+            margins = [r["guard_margin"] for r in mine]
+            cells = []
+            for s in sets:
+                cell = [r for r in mine if r["set"] == s]
+                if not cell:
+                    cells.append(" | | | ")
+                    continue
+                worst = min(cell, key=lambda r: (r["guarded_intent_agreement"], -r["guarded_intent_flips"]))
+                flipped = sorted(m for r in cell for m in r["flipped_margins"])
+                items = worst["items"]
+                cells.append(f"{worst['guarded_intent_agreement']:.3f} ({worst['guarded_intent_flips']}/{items}) | "
+                             f"{max(r['guard_rows'] for r in cell)}/{items} | "
+                             f"{max(r['label_shift'] for r in cell):.4f} | "
+                             + (", ".join(f"{m:.4f}" for m in flipped) or "—"))
+            out.append(f"| `{family}` | {min(margins):.4f}–{max(margins):.4f} | " + " | ".join(cells) + " |")
     out += ["", "Per draw (intent flips per set):", "", "| codec | draw | " + " | ".join(sets) + " |",
             "|---|---|" + "---|" * len(sets)]
     for (codec, draw) in dict.fromkeys((r["codec"], r["draw"]) for r in rows):
@@ -221,6 +277,10 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=8.0, help="calibrated codec: x less than fp32 per token")
     parser.add_argument("--error", choices=("kv", "hidden"), default="kv",
                         help="calibrated codec: fit against the receiver's K/V error (kv) or the vector's (hidden)")
+    parser.add_argument("--guard-margin", type=float, default=None,
+                        help="near-tie guard: intent rows answered with a top-2 margin under this are rerun on one "
+                             "device (runtime/guard.py); default: per draw, GUARD_HEADROOM x the codec's label shift "
+                             "on the guard's dev set, as a profile sets it; reported beside the unguarded agreement")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--baselines", default=",".join(BASELINES), type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--no-calibrated", action="store_true")

@@ -53,7 +53,8 @@ def _plan(profile: Profile, limits: Limits = Limits()):
 
 
 def test_decoder_rows_report_agreement_with_near_ties_and_perplexity(rows):
-    assert {r["metric"] for r in rows} == {"next_token_agreement", "perplexity"}
+    assert {r["metric"] for r in rows} == {"next_token_agreement", "perplexity", "label_shift"}
+    assert _row(rows, "int4", "label_shift")["value"] > _row(rows, "fp16", "label_shift")["value"]
     agreement = _row(rows, "int4", "next_token_agreement")
     assert agreement["items"] == 4 * 2 * 31  # every real position that has a next token: 4 batches of 2 x 32
     assert 0 <= agreement["near_ties"] <= agreement["items"]

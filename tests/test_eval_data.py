@@ -48,7 +48,7 @@ def test_decoder_rows_choose_settings_on_calibration_and_import_into_the_profile
     rows = json.loads(capsys.readouterr().out)["rows"]
     chosen = {r["codec"] for r in rows} - {"fp32"}
     assert len(chosen) == 1 and next(iter(chosen)) in codec_variants("lb2")
-    assert {r["metric"] for r in rows} == {"next_token_agreement", "perplexity"}
+    assert {r["metric"] for r in rows} == {"next_token_agreement", "perplexity", "label_shift"}
     for row in rows:
         assert row["model"] == "my-gpt2" and row["split"] == "report" and row["num_requests"] == 6
         assert ("chosen_from" in row) == (row["codec"] != "fp32")
@@ -77,7 +77,8 @@ def test_classifier_rows_count_near_ties_and_score_labels(tmp_path, capsys):
     assert main(["eval", "--model", str(folder), "--data", str(data), "--codec", "fp32,sm4", "--json"]) == 0
     rows = {(r["codec"], r["metric"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert set(rows) == {(c, m) for c in ("fp32", "sm4") for m in ("pooled_cosine", "top1_agreement",
-                                                                   "label_accuracy")}
+                                                                   "label_accuracy", "label_shift")}
+    assert rows["fp32", "label_shift"]["value"] < 1e-5 < rows["sm4", "label_shift"]["value"]
     assert rows["fp32", "top1_agreement"]["value"] == 1.0
     assert rows["fp32", "pooled_cosine"]["value"] == pytest.approx(1.0, abs=1e-6)
 

@@ -31,6 +31,10 @@ class ApiConfig:
     """What POST /infer returns of the outputs: shapes (and logits argmax), every value, or nothing."""
     top_k: int = 5
     """Labels per row when a classifier answers (/v1/classify, `labels` on /v1/embeddings)."""
+    guard_margin: float | None = None
+    """Labelled rows that a split over a reduced-precision wire answered with a top-2 score margin under this are
+    rerun on one device before they are returned (runtime/guard.py); 0 turns the guard off. None: per codec,
+    `GUARD_HEADROOM` × its label shift measured in the profile, `DEFAULT_GUARD_MARGIN` where unmeasured."""
     store_watch_s: float = 5.0
     """How often a fresh client probes the engine's rendezvous store for /metrics (api.store_watch); 0: never."""
     store_stall_s: float = 1.0
@@ -53,6 +57,9 @@ class ApiConfig:
             raise ValueError(f"max_body_bytes {self.max_body_bytes} must be >= 1")
         if self.max_completion_tokens < 1 or self.top_k < 1:
             raise ValueError(f"max_completion_tokens {self.max_completion_tokens} and top_k {self.top_k} must be >= 1")
+        if self.guard_margin is not None and not 0 <= self.guard_margin < 1:
+            raise ValueError(f"guard_margin {self.guard_margin} must be in [0, 1): a difference of two probabilities "
+                             f"(0 turns the near-tie guard off)")
         if self.outputs_mode not in ("summary", "full", "none"):
             raise ValueError(f"outputs_mode {self.outputs_mode!r} must be summary, full or none")
         if self.model_name is not None and not self.model_name.strip():

@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from edgeprism.api.batching import Job, JobResult
 from edgeprism.api.errors import bad_request
+from edgeprism.api.guard import guarded_labels
 from edgeprism.api.reading import boolean, check_keys, integer, read_images, read_json_object, string_list
 from edgeprism.api.service import ApiService
 from edgeprism.runtime.requests import check_inputs
@@ -80,16 +81,23 @@ async def embeddings(service: ApiService, request: Request, request_id: str):
     if dimensions is not None and dimensions != vectors.shape[-1]:
         raise bad_request(f"'dimensions' {dimensions!r}: {service.model_name} gives {vectors.shape[-1]}-dimensional "
                           f"embeddings and does not shorten them", "invalid_value", param="dimensions")
-    labels = io.classify(result.outputs, result.inputs, config.top_k) if want_labels else None
+    labels, rerun, results = None, [], [result]
+    if want_labels:
+        guarded = await guarded_labels(service, result, config.top_k, ("encode",), merge="pad")
+        labels, rerun, results = guarded.labels, guarded.rerun_rows, guarded.results
+        if rerun:  # the rows answered again on one device: their embeddings too
+            vectors = await run_in_threadpool(io.embeddings, guarded.outputs, result.inputs)
     data = []
     for index, vector in enumerate(vectors.detach().to("cpu", torch.float32)):
         item: dict[str, Any] = {"object": "embedding", "index": index, "embedding": _vector(vector, encoding)}
         if want_labels:  # null where the model has no classifier
             item["labels"] = _labels(labels[index]) if labels is not None else None
+        if index in rerun:
+            item["near_tie_rerun"] = True
         data.append(item)
     tokens = _token_count(result.inputs)
     return {"object": "list", "data": data, "model": service.model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, [result]
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, results
 
 
 def _encode_texts(service: ApiService, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -210,14 +218,17 @@ async def classify(service: ApiService, request: Request, request_id: str):
     shape = tuple(inputs["pixel_values"].shape[1:])
     result = await service.run(Job(("image", shape), inputs, lambda x, rid: engine.infer(x, request_id=rid),
                                    request_id))
-    labels = await run_in_threadpool(io.classify, result.outputs, result.inputs, top_k)
+    guarded = await guarded_labels(service, result, top_k, ("image", shape))
     data: list[dict[str, Any]] = []
-    if labels is not None:
-        data = [{"object": "classification", "index": i, "labels": _labels(pairs)} for i, pairs in enumerate(labels)]
+    if guarded.labels is not None:
+        data = [{"object": "classification", "index": i, "labels": _labels(pairs),
+                 **({"near_tie_rerun": True} if i in guarded.rerun_rows else {})}
+                for i, pairs in enumerate(guarded.labels)]
     else:
         vectors = io.embeddings(result.outputs, result.inputs).detach().to("cpu", torch.float32)
         data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
-    return {"object": "list", "data": data, "model": service.model_name, "usage": {"images": len(blobs)}}, [result]
+    return ({"object": "list", "data": data, "model": service.model_name, "usage": {"images": len(blobs)}},
+            guarded.results)
 
 
 def _encode_images(service: ApiService, blobs: list[bytes]) -> dict[str, torch.Tensor]:

@@ -140,7 +140,8 @@ def serve_promoted(engine, spec: ClusterSpec, stop: threading.Event, own: str, h
         say(f"only POST /infer (tensor requests) is served: {err}")
         io = None
     config = ApiConfig(model_name=service.get("served_model_name"), dynamic_batching=service["dynamic_batching"],
-                       batch_window_s=service["batch_window_s"], outputs_mode=service["outputs"])
+                       batch_window_s=service["batch_window_s"], outputs_mode=service["outputs"],
+                       guard_margin=service.get("guard_margin"))
     access = HttpAccess.from_service(service.get("access"))  # the same key / TLS file paths, read on this machine
     scheme = "https" if access.tls else "http"
     serve_http(engine, io, host, port, config, stop=stop, access=access,

@@ -65,6 +65,10 @@ def add_parser(subparsers) -> None:
                    help="--http: one engine call per request (default: concurrent requests are batched)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
                    help="--http: how long a request waits for others to batch with (default 5 ms)")
+    p.add_argument("--guard-margin", type=float, default=None, metavar="P",
+                   help="--http: labelled rows a reduced-precision split answered with a top-2 score margin under P "
+                        "are rerun on one device (default: 1.5 x the codec's label shift in the profile, 0.05 where "
+                        "unmeasured; 0: off; docs/API.md, the near-tie guard)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="--http: the model name clients send (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="--http address (default 127.0.0.1, this machine only; another "
@@ -132,6 +136,9 @@ def handle(args) -> int:
                           max_latency_s=args.max_latency, max_batch=args.max_batch, stall_factor=args.stall_factor,
                           min_stall_s=args.min_stall, learn_compute=args.learn_compute,
                           learn_link=not args.fixed_link, seal_lanes=args.seal_lanes)
+    if args.guard_margin is not None and not 0 <= args.guard_margin < 1:
+        raise ValueError(f"--guard-margin {args.guard_margin} must be in [0, 1): a difference of two label "
+                         f"probabilities (0 turns the near-tie guard off)")
     access = _access(args)
     if args.secret_file:
         from edgeprism.comm.auth import SECRET_FILE_ENV, load_secret
@@ -206,7 +213,8 @@ def _serve_succession(args, config, profile, access) -> int:
     model, checkpoint = resolve_model(args.model, args.checkpoint)
     service = {"http_port": args.port, "served_model_name": args.served_model_name,
                "dynamic_batching": not args.no_batching, "batch_window_s": args.batch_window_ms / 1e3,
-               "outputs": args.outputs, "access": access.to_service(),  # file paths, never the key
+               "outputs": args.outputs, "guard_margin": args.guard_margin,
+               "access": access.to_service(),  # file paths, never the key
                "store_allow": ",".join(str(n) for n in _store_allow(args))}
     spec = coordinator_spec(model, args.seed, checkpoint is not None, args.world_size, args.timeout,
                             replace(config, wait_for_workers=False), profile, succession.addresses, service)
@@ -252,7 +260,8 @@ def _serve_http(engine, args, write, access) -> None:
         print(f"edgeprism serve: only POST /infer (tensor requests) is served: {err}", file=sys.stderr, flush=True)
         io = None
     config = ApiConfig(model_name=args.served_model_name, dynamic_batching=not args.no_batching,
-                       batch_window_s=args.batch_window_ms / 1e3, outputs_mode=args.outputs)
+                       batch_window_s=args.batch_window_ms / 1e3, outputs_mode=args.outputs,
+                       guard_margin=args.guard_margin)
 
     def ready(host: str, port: int) -> None:
         scheme = "https" if access.tls else "http"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from edgeprism.comm.loopback import LoopbackGroup
 from edgeprism.compress.base import Codec
 from edgeprism.compress.registry import get_codec
-from edgeprism.evaluate.metrics import DECODER_BUDGET_METRIC
+from edgeprism.evaluate.metrics import DECODER_BUDGET_METRIC, LABEL_SHIFT_METRIC
 from edgeprism.models.base import Inputs, ReferenceModel
 from edgeprism.partition.ranges import equal_shares, split_tokens
 from edgeprism.partition.transform import DEFAULT_AVERAGE, DEFAULT_SIZE_AWARE, PositionWise
@@ -204,8 +204,9 @@ def embedding_score(head=None) -> Callable[[list[Outputs], list[Outputs]], list[
         got = F.normalize(torch.cat([c["mean"] for c in candidate]), dim=-1)
         metrics = [MetricValue("embedding_cosine", float((ref * got).sum(-1).mean()), 1.0)]
         if head is not None:
-            agree = (head.predict_index(ref.numpy()) == head.predict_index(got.numpy())).mean()
-            metrics.append(MetricValue("intent_agreement", float(agree), 1.0))
+            ref_logits, got_logits = head.logits(ref), head.logits(got)
+            agree = (ref_logits.argmax(-1) == got_logits.argmax(-1)).float().mean()
+            metrics += [MetricValue("intent_agreement", float(agree), 1.0), label_shift(ref_logits, got_logits)]
         return metrics
 
     return score
@@ -218,11 +219,13 @@ def probe_score(
 
     def score(reference: list[Outputs], candidate: list[Outputs]) -> list[MetricValue]:
         with torch.no_grad():
-            ref_pred = probe(torch.cat([r["pooled"] for r in reference])).argmax(-1)
-            got_pred = probe(torch.cat([c["pooled"] for c in candidate])).argmax(-1)
+            ref_logits = probe(torch.cat([r["pooled"] for r in reference]))
+            got_logits = probe(torch.cat([c["pooled"] for c in candidate]))
+        ref_pred, got_pred = ref_logits.argmax(-1), got_logits.argmax(-1)
         return [MetricValue("probe_accuracy", float((got_pred == labels).float().mean()),
                             float((ref_pred == labels).float().mean())),
-                MetricValue("top1_agreement", float((got_pred == ref_pred).float().mean()), 1.0)]
+                MetricValue("top1_agreement", float((got_pred == ref_pred).float().mean()), 1.0),
+                label_shift(ref_logits, got_logits)]
 
     return score
 
@@ -234,6 +237,14 @@ def next_token_logits(model: ReferenceModel, outputs: Outputs, inputs: Inputs) -
     keep = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1): position t predicts token t+1, both real
     logits = model.logits(outputs["hidden"][:, :-1])  # (B, T-1, V)
     return logits[keep].float(), ids[:, 1:][keep]
+
+
+def label_shift(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> MetricValue:
+    """`evaluate.metrics.LABEL_SHIFT_METRIC` of (N, classes) logits: the largest change in the difference of any
+    two labels' probabilities (0 for no item)."""
+    delta = candidate_logits.float().softmax(-1) - reference_logits.float().softmax(-1)
+    shift = float((delta.max(-1).values - delta.min(-1).values).max()) if delta.numel() else 0.0
+    return MetricValue(LABEL_SHIFT_METRIC, shift, 0.0, higher_is_better=False, items=int(delta.shape[0]))
 
 
 def top2_margins(logits: torch.Tensor) -> torch.Tensor:
@@ -262,7 +273,8 @@ def next_token_score(model: ReferenceModel,
         ties = int((top2_margins(ref_logits) < NEAR_TIE_MARGIN).sum())
         return [MetricValue(DECODER_BUDGET_METRIC, agree, 1.0, near_ties=ties, items=int(targets.numel())),
                 MetricValue("perplexity", math.exp(float(F.cross_entropy(got_logits, targets))),
-                            math.exp(float(F.cross_entropy(ref_logits, targets))), higher_is_better=False)]
+                            math.exp(float(F.cross_entropy(ref_logits, targets))), higher_is_better=False),
+                label_shift(ref_logits, got_logits)]
 
     return score
 

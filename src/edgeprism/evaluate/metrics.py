@@ -11,7 +11,13 @@ No torch here: `profile/` and `plan/` read these declarations without loading th
 
 from __future__ import annotations
 
-SECONDARY_METRICS: frozenset[str] = frozenset({"perplexity"})
+LABEL_SHIFT_METRIC = "label_shift"
+"""The largest change the split made, over a set's items, in the difference of any two labels' softmax
+probabilities (max over labels of the change minus min over labels of the change, then max over items). A
+label flips only where that change exceeds the margin the split answered with, so a near-tie guard above it
+(runtime/guard.py) reruns every row that could have flipped on this set. Reported, never budgeted."""
+
+SECONDARY_METRICS: frozenset[str] = frozenset({"perplexity", LABEL_SHIFT_METRIC})
 """Metrics reported beside a budget metric and never budgeted on: a codec measured by these alone counts as
 unmeasured (the planner says so in its notes; `--allow-unmeasured-codecs` is the opt-in)."""
 
@@ -24,4 +30,4 @@ def is_budget_metric(metric: str | None) -> bool:
     return metric is not None and metric not in SECONDARY_METRICS
 
 
-__all__ = ["DECODER_BUDGET_METRIC", "SECONDARY_METRICS", "is_budget_metric"]
+__all__ = ["DECODER_BUDGET_METRIC", "LABEL_SHIFT_METRIC", "SECONDARY_METRICS", "is_budget_metric"]

@@ -32,6 +32,7 @@ from edgeprism.evaluate.fidelity import (
     EvalSet,
     MetricValue,
     Outputs,
+    label_shift,
     next_token_logits,
     next_token_score,
     top2_margins,
@@ -175,8 +176,10 @@ def user_eval_set(name: str, model: ReferenceModel, io: ModelIO, batches: list[I
         metrics.append(MetricValue("pooled_cosine", float(F.cosine_similarity(ref_pooled, got_pooled, dim=-1).mean()),
                                    1.0))
         if io.classifier is not None:
-            ref_pred, got_pred = torch.cat(answers(reference)).argmax(-1), torch.cat(answers(candidate)).argmax(-1)
-            metrics.append(MetricValue("top1_agreement", float((ref_pred == got_pred).float().mean()), 1.0))
+            ref_logits, got_logits = torch.cat(answers(reference)), torch.cat(answers(candidate))
+            ref_pred, got_pred = ref_logits.argmax(-1), got_logits.argmax(-1)
+            metrics += [MetricValue("top1_agreement", float((ref_pred == got_pred).float().mean()), 1.0),
+                        label_shift(ref_logits, got_logits)]
             if labels is not None:
                 metrics.append(MetricValue("label_accuracy", float((got_pred == labels).float().mean()),
                                            float((ref_pred == labels).float().mean())))

@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgeprism.evaluate.metrics import is_budget_metric
+from edgeprism.evaluate.metrics import LABEL_SHIFT_METRIC, is_budget_metric
 from edgeprism.profile.jsondata import read_data_file
 from edgeprism.profile.schema import CodecFidelity
 
@@ -86,6 +87,18 @@ def select_rows(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: 
     return chosen
 
 
+def label_shifts(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: int) -> dict[str, float]:
+    """codec name → the largest `evaluate.metrics.LABEL_SHIFT_METRIC` over its rows for this model and world size
+    (over every set: the near-tie guard must cover the worst)."""
+    shifts: dict[str, float] = {}
+    for row in rows:
+        if (row["metric"] == LABEL_SHIFT_METRIC and row.get("model", model_name) == model_name
+                and int(row.get("world_size", world_size)) == world_size):
+            name = str(row["codec"])
+            shifts[name] = max(shifts.get(name, 0.0), float(row["value"]))
+    return shifts
+
+
 def _row_loss(row: Mapping[str, Any]) -> float:
     if row.get("loss") is not None:
         return min(1.0, max(0.0, float(row["loss"])))
@@ -93,18 +106,20 @@ def _row_loss(row: Mapping[str, Any]) -> float:
 
 
 def codec_entries(codecs: Sequence[Any], hidden_size: int, rows: Mapping[str, Mapping[str, Any]] | None = None,
-                  num_layers: int | None = None) -> tuple[CodecFidelity, ...]:
+                  num_layers: int | None = None,
+                  shifts: Mapping[str, float] | None = None) -> tuple[CodecFidelity, ...]:
     """One profile entry per codec: wire bytes from the codec itself (per layer, the mean over the model's
-    `num_layers` exchanges: needed for stateful codecs such as delta), fidelity from `rows` where present."""
+    `num_layers` exchanges: needed for stateful codecs such as delta), fidelity from `rows` where present, the
+    label shift from `shifts` (`label_shifts`) where measured."""
     out = []
     for codec in codecs:
         row = (rows or {}).get(codec.name)
         entry = CodecFidelity.from_codec(codec, hidden_size, num_layers=num_layers)
         if row is not None:
-            entry = CodecFidelity(entry.codec, entry.cr, entry.wire_dtype, entry.wire_bytes_per_token,
-                                  entry.wire_bytes_per_row, entry.extra_vectors_per_row, metric=str(row["metric"]),
-                                  value=float(row["value"]), reference_value=float(row["reference_value"]),
-                                  loss=_row_loss(row))
+            entry = replace(entry, metric=str(row["metric"]), value=float(row["value"]),
+                            reference_value=float(row["reference_value"]), loss=_row_loss(row))
+        if shifts and codec.name in shifts:
+            entry = replace(entry, label_shift=min(2.0, shifts[codec.name]))
         out.append(entry)
     return tuple(out)
 
@@ -128,4 +143,4 @@ def evaluate_fidelity(model_name: str, codec_names: Sequence[str], world_size: i
     return rows, f"fidelity measured on {names}, {limit or 'all'} requests per set{synthetic}"
 
 
-__all__ = ["codec_entries", "evaluate_fidelity", "load_fidelity_rows", "select_rows"]
+__all__ = ["codec_entries", "evaluate_fidelity", "label_shifts", "load_fidelity_rows", "select_rows"]

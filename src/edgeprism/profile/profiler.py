@@ -40,7 +40,7 @@ from edgeprism.profile.compute import ProgressFn, fit_errors, measure_compute, s
 from edgeprism.profile.compute_job import measure_on_session
 from edgeprism.profile.energy import measure_energy, one_block
 from edgeprism.profile.exchange_cost import exchange_cost_rank, message_bytes, seconds_per_byte
-from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, load_fidelity_rows, select_rows
+from edgeprism.profile.fidelity import codec_entries, evaluate_fidelity, label_shifts, load_fidelity_rows, select_rows
 from edgeprism.profile.link import LinkSession
 from edgeprism.profile.schema import HostFacts, Profile
 from edgeprism.profile.sealing import codec_messages, measure_sealing
@@ -316,7 +316,8 @@ def fidelity_entries(options: ProfileOptions, config: ModelConfig, codecs: Seque
     else:
         rows, fidelity_note = [], "fidelity not measured (evaluation switched off)"
     selected = select_rows(rows, config.name, options.world_size)
-    entries = codec_entries(codecs, config.exchange_width, selected, num_layers=config.num_layers)
+    entries = codec_entries(codecs, config.exchange_width, selected, num_layers=config.num_layers,
+                            shifts=label_shifts(rows, config.name, options.world_size))
     entries = timed_entries(entries, codecs, config.exchange_width, config.num_layers)
     say("codec timing: encode + decode per vector, one thread: "
         + ", ".join(f"{e.codec} {(e.encode_s_per_vector + e.decode_s_per_vector) * 1e6:.2f} us" for e in entries))

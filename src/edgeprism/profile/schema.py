@@ -28,7 +28,8 @@ JSON sketch (schema_version 1)::
 
 `devices` is optional (a profile of a joined cluster has one entry per rank; older files have none, and
 a profile without devices writes no `devices` key, so its hash is what it always was). A codec entry's
-`encode_s_per_vector` / `decode_s_per_vector` likewise (absent: 0, not measured). `sealing` likewise:
+`encode_s_per_vector` / `decode_s_per_vector` likewise (absent: 0, not measured), and `label_shift` (absent: not
+measured; the near-tie guard's margin, runtime/guard.py). `sealing` likewise:
 `{"overhead_bytes": 28, "per_message_s": …, "per_byte_s": …, "samples": [{"codec": "fp32",
 "message_bytes": …, "seal_open_s": …}, …], "method": "…"}` (profile/sealing.py).
 """
@@ -136,6 +137,8 @@ class Profile:
             for key in ("encode_s_per_vector", "decode_s_per_vector"):
                 if not entry[key]:
                     del entry[key]
+            if entry["label_shift"] is None:
+                del entry["label_shift"]
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -218,8 +218,15 @@ class CodecFidelity:
     loss: float | None = None
     encode_s_per_vector: float = 0.0
     decode_s_per_vector: float = 0.0
+    label_shift: float | None = None
+    """The largest change this codec made in the difference of two labels' probabilities on the model's
+    evaluation sets (`evaluate.metrics.LABEL_SHIFT_METRIC`): the near-tie guard's measured margin
+    (runtime/guard.py). None: not measured (no classifier, or an older profile)."""
 
     def __post_init__(self) -> None:
+        if self.label_shift is not None and not 0.0 <= self.label_shift <= 2.0:
+            raise ValueError(f"codec {self.codec!r}: label_shift must be in [0, 2] (a change of a difference of two "
+                             f"probabilities), got {self.label_shift}")
         if self.cr < 1:
             raise ValueError(f"codec {self.codec!r}: cr must be >= 1, got {self.cr}")
         check_nonneg(f"codec {self.codec!r}", wire_bytes_per_token=self.wire_bytes_per_token,
