@@ -165,7 +165,7 @@ def test_cli_calibrates_gpt2_and_writes_a_loadable_checkpoint(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     variants = {(r["variant"], r["codec"]) for r in summary["rows"]}
     assert variants == {(v, c) for v in ("as-shipped", "calibrated") for c in ("fp32", "sm16")}
-    assert {r["metric"] for r in summary["rows"]} == {"perplexity", "next_token_agreement"}
+    assert {r["metric"] for r in summary["rows"]} == {"perplexity", "next_token_agreement", "label_shift"}
     assert all(r["value"] > 1 for r in summary["rows"] if r["metric"] == "perplexity")
     assert summary["result"]["settings"]["steps"] == 2
     model = load_checkpoint(build_model("gpt2-shakespeare", seed=None), out)
