@@ -288,20 +288,28 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
+    record(args, "bench_fidelity_calibrated.py", run, write_tables)
+    write_fidelity_rows([json.loads(line) for line in (Path(args.out_dir) / "rows.jsonl").read_text().splitlines()
+                         if line.strip()], Path(args.out_dir) / "fidelity-rows.jsonl")
+
+
+def record(args, script: str, run, write_tables) -> None:
+    """Run `run(args)` (unless --tables-only), append its rows with the run's facts to `<out-dir>/rows.jsonl`, and
+    write `tables.md` from every row there (also used by scripts/bench_guard_probe.py)."""
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows_path = out_dir / "rows.jsonl"
-    command = "python scripts/bench_fidelity_calibrated.py " + " ".join(sys.argv[1:])
+    command = f"python scripts/{script} " + " ".join(sys.argv[1:])
     if not args.tables_only:
-        common = {"torch_version": torch.__version__, "threads": args.threads, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "load_1min": round(os.getloadavg()[0], 2), "command": command}
+        common = {"torch_version": torch.__version__, "threads": args.threads,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_1min": round(os.getloadavg()[0], 2),
+                  "command": command}
         with rows_path.open("a") as handle:
             for row in run(args):
                 handle.write(json.dumps({**common, **row}) + "\n")
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
     write_tables(rows, out_dir / "tables.md", rows[-1].get("command", command) if rows else command)
-    write_fidelity_rows(rows, out_dir / "fidelity-rows.jsonl")
     log(f"wrote {out_dir / 'tables.md'}")
 
 

@@ -14,8 +14,6 @@ over the loopback group (the real distributed path, equal shares), as `edgeprism
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +22,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "fidelity-guard"
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from bench_fidelity_calibrated import log, record  # noqa: E402  (the same rows.jsonl / tables.md routine)
+
 CODECS = ("fp16", "bf16", "int8", "lb4o4r")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run(args) -> list[dict]:
@@ -112,21 +109,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows_path = out_dir / "rows.jsonl"
-    command = "python scripts/bench_guard_probe.py " + " ".join(sys.argv[1:])
-    if not args.tables_only:
-        common = {"torch_version": torch.__version__, "threads": args.threads,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_1min": round(os.getloadavg()[0], 2),
-                  "command": command}
-        with rows_path.open("a") as handle:
-            for row in run(args):
-                handle.write(json.dumps({**common, **row}) + "\n")
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    write_tables(rows, out_dir / "tables.md", rows[-1].get("command", command) if rows else command)
-    log(f"wrote {out_dir / 'tables.md'}")
+    record(args, "bench_guard_probe.py", run, write_tables)
 
 
 if __name__ == "__main__":
