@@ -326,6 +326,20 @@ def test_run_profile_measures_a_kv_share_through_the_evaluate_path():
     assert kv.encode_s_per_vector > 0 and kv.decode_s_per_vector > 0
 
 
+def test_run_profile_records_each_codecs_label_shift_for_the_near_tie_guard(tmp_path):
+    # a decoder's evaluation scores next tokens: its label shift (runtime/guard.py) lands in the profile, 0 for
+    # exact fp32 and more for a coarse codec, and survives the file
+    options = ProfileOptions(model="gpt2-tiny-test", batches=(1,), codecs=("fp32", "int4"), warmup=0, repeats=1,
+                             eval_limit=2, meter="modelled", compute_on="here")
+    profile = run_profile(options, FakeSession()).profile
+    fp32, int4 = profile.codec("fp32"), profile.codec("int4")
+    assert fp32.label_shift is not None and int4.label_shift is not None
+    assert fp32.label_shift < 1e-5 < int4.label_shift <= 2.0
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert Profile.load(path).codec("int4").label_shift == int4.label_shift
+
+
 def test_run_profile_for_a_text_model_times_each_sequence_length(tmp_path):
     rows = _rows_file(tmp_path, [{"model": "bert-tiny-test", "world_size": 2, "codec": "sm2", "metric": "cos",
                                   "value": 0.95, "reference_value": 1.0}])
