@@ -86,12 +86,18 @@ and bf16 only round each value to the wire dtype (relative error <= 2^-11 / 2^-8
 profile measures. A measured loss, where the profile has one, is used instead."""
 
 
+def wire_format_name(name: str) -> str:
+    """Codec `name` normalised, with a kv share's wrapper taken off (kv50:fp16 -> fp16: the same wire dtype for
+    the vectors and for the keys and values)."""
+    text = name.strip().lower()
+    kv_share = KV_SHARE_NAME.fullmatch(text)
+    return kv_share["inner"] if kv_share else text
+
+
 def is_lossless(name: str) -> bool:
     """True when codec `name` is one of `LOSSLESS_CODECS` (see there), or sends a share of the tokens as keys and
     values in one of them (kv50:fp16: the same attention in the same wire dtype)."""
-    text = name.strip().lower()
-    kv_share = KV_SHARE_NAME.fullmatch(text)
-    return (kv_share["inner"] if kv_share else text) in LOSSLESS_CODECS
+    return wire_format_name(name) in LOSSLESS_CODECS
 
 
 def list_formats() -> list[str]:

@@ -65,8 +65,7 @@ def select_rows(rows: Sequence[Mapping[str, Any]], model_name: str, world_size: 
         return (bool(row.get("size_aware", False)) == DEFAULT_SIZE_AWARE
                 and row.get("average", "residual") == DEFAULT_AVERAGE)
 
-    usable = [r for r in rows if r.get("model", model_name) == model_name
-              and int(r.get("world_size", world_size)) == world_size]
+    usable = [r for r in rows if _for(r, model_name, world_size)]
     skipped = len(rows) - len(usable)
     if skipped:
         log.warning("%d fidelity row(s) are for another model or world size than %s over %d ranks; ignored",
@@ -92,11 +91,15 @@ def label_shifts(rows: Sequence[Mapping[str, Any]], model_name: str, world_size:
     (over every set: the near-tie guard must cover the worst)."""
     shifts: dict[str, float] = {}
     for row in rows:
-        if (row["metric"] == LABEL_SHIFT_METRIC and row.get("model", model_name) == model_name
-                and int(row.get("world_size", world_size)) == world_size):
+        if row["metric"] == LABEL_SHIFT_METRIC and _for(row, model_name, world_size):
             name = str(row["codec"])
             shifts[name] = max(shifts.get(name, 0.0), float(row["value"]))
     return shifts
+
+
+def _for(row: Mapping[str, Any], model_name: str, world_size: int) -> bool:
+    """Whether a fidelity row was measured for this model and world size (a row without them counts for any)."""
+    return row.get("model", model_name) == model_name and int(row.get("world_size", world_size)) == world_size
 
 
 def _row_loss(row: Mapping[str, Any]) -> float:

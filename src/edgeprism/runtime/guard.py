@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from edgeprism.compress.kvshare import NAME as KV_SHARE_NAME
+from edgeprism.compress.registry import wire_format_name
 from edgeprism.plan.planner import static_plan
 from edgeprism.runtime.metrics import MetricsRow, Result
 
@@ -52,9 +52,7 @@ def exact_answer(metrics: MetricsRow) -> bool:
     """True when the answer came from one device or from a split that exchanged fp32 (float rounding only)."""
     if metrics.mode == "local" or metrics.fallback:
         return True
-    codec = str(metrics.plan.get("codec") or "").strip().lower()
-    kv_share = KV_SHARE_NAME.fullmatch(codec)
-    return (kv_share["inner"] if kv_share else codec) == "fp32"
+    return wire_format_name(str(metrics.plan.get("codec") or "")) == "fp32"
 
 
 def label_margins(labels: Sequence[Sequence[tuple[str, float]]]) -> list[float]:
